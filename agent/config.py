@@ -1,0 +1,59 @@
+"""Agent configuration: a TOML file, overridden by command-line flags."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+import uuid
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+
+@dataclass
+class AgentConfig:
+    node: str = field(default_factory=socket.gethostname)
+    metrics_address: str = "0.0.0.0:9835"
+    events_address: str = "127.0.0.1:9836"
+    interval_s: float = 5.0
+    gpu_backend: str = "auto"  # auto | nvml | simulated | none
+    gpus: int = 8  # simulated GPUs
+    seed: int = 0
+    expected_gpus: int | None = None
+    collector_url: str | None = None
+    collector_token: str | None = None
+    agent_id: str | None = None
+    disable_sources: list[str] = field(default_factory=list)
+    exclude_interfaces: str = r"^lo$"
+
+    def __post_init__(self) -> None:
+        if self.gpu_backend not in ("auto", "nvml", "simulated", "none"):
+            raise ValueError(f"gpu_backend must be one of auto, nvml, simulated, none; got {self.gpu_backend!r}")
+        if self.interval_s <= 0:
+            raise ValueError(f"interval_s must be positive, got {self.interval_s}")
+        if self.collector_token is None:
+            self.collector_token = os.environ.get("FLEETSCOPE_INGEST_TOKEN")
+        if self.agent_id is None:
+            # One id per agent process: with the batch sequence number it makes each batch unique.
+            self.agent_id = f"{self.node}-{uuid.uuid4().hex[:12]}"
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, **overrides: object) -> "AgentConfig":
+        values: dict[str, object] = {}
+        if path is not None:
+            with open(path, "rb") as fh:
+                values.update(tomllib.load(fh).get("agent", {}))
+            known = {f.name for f in fields(cls)}
+            unknown = sorted(set(values) - known)
+            if unknown:
+                raise ValueError(f"{path}: unknown setting(s) in [agent]: {', '.join(unknown)}")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def split_address(address: str, default_host: str = "0.0.0.0") -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    try:
+        return (host or default_host, int(port))
+    except ValueError:
+        raise ValueError(f"address {address!r} is not host:port") from None

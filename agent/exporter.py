@@ -1,0 +1,90 @@
+"""Prometheus exposition of the latest snapshot plus the agent's own health; a scrape never touches a source."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Iterable, Protocol, Sequence
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from agent.sampler import Sampler
+from agent.sources.base import Family, Reading
+
+
+class Provider(Protocol):
+    """Anything with metric families and current readings (the listener, the shipper)."""
+
+    families: tuple[Family, ...]
+
+    def readings(self) -> Iterable[Reading]: ...
+
+
+AGENT_FAMILIES = (
+    Family("fleetscope_agent_build_info", "gauge", "The agent's version; the value is always 1.", ("version",)),
+    Family("fleetscope_agent_source_up", "gauge", "1 when the source's last collection succeeded, 0 when it failed or had no data.", ("source",)),
+    Family("fleetscope_agent_source_duration_seconds", "gauge", "How long the source's last collection took.", ("source",)),
+    Family("fleetscope_agent_last_sample_timestamp_seconds", "gauge", "Unix time of the latest snapshot."),
+)
+
+
+def build_families(families: Sequence[Family], readings: Iterable[Reading]) -> list[Metric]:
+    """Group readings into Prometheus metric families; families with no reading are left out."""
+    by_name: dict[str, list[Reading]] = defaultdict(list)
+    for r in readings:
+        by_name[r.name].append(r)
+    out: list[Metric] = []
+    for fam in families:
+        rows = by_name.get(fam.name)
+        if not rows:
+            continue
+        if fam.kind == "counter":
+            metric: Metric = CounterMetricFamily(fam.name.removesuffix("_total"), fam.help, labels=fam.labels)
+        else:
+            metric = GaugeMetricFamily(fam.name, fam.help, labels=fam.labels)
+        for r in rows:
+            labels = dict(r.labels)
+            metric.add_metric([labels.get(name, "") for name in fam.labels], r.value)
+        out.append(metric)
+    return out
+
+
+class AgentCollector:
+    """A prometheus_client custom collector over the sampler's latest snapshot."""
+
+    def __init__(self, sampler: Sampler, providers: Sequence[Provider] = (), version: str = "") -> None:
+        self.sampler = sampler
+        self.providers = list(providers)
+        self.version = version
+        self.families: list[Family] = list(AGENT_FAMILIES)
+        seen = {f.name for f in self.families}
+        for source in sampler.sources:
+            for fam in source.families:
+                if fam.name not in seen:
+                    seen.add(fam.name)
+                    self.families.append(fam)
+        for provider in self.providers:
+            self.families.extend(provider.families)
+
+    def _own_readings(self) -> Iterable[Reading]:
+        yield Reading("fleetscope_agent_build_info", 1.0, (("version", self.version),))
+        snapshot = self.sampler.latest
+        if snapshot is None:
+            return
+        yield Reading("fleetscope_agent_last_sample_timestamp_seconds", snapshot.ts)
+        for name, st in snapshot.status.items():
+            yield Reading("fleetscope_agent_source_up", 1.0 if st.up else 0.0, (("source", name),))
+            yield Reading("fleetscope_agent_source_duration_seconds", st.duration_s, (("source", name),))
+        yield from snapshot.readings
+
+    def collect(self) -> Iterable[Metric]:
+        readings = list(self._own_readings())
+        for provider in self.providers:
+            readings.extend(provider.readings())
+        return build_families(self.families, readings)
+
+
+def make_registry(collector: AgentCollector) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    return registry

@@ -1,0 +1,90 @@
+"""Assembles and runs the agent: sources, sampler, exporter, listener and shipper."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+from prometheus_client import start_http_server
+
+import fleetscope
+from agent.config import AgentConfig, split_address
+from agent.exporter import AgentCollector, make_registry
+from agent.listener import Listener
+from agent.sampler import Sampler
+from agent.shipper import Shipper
+from agent.sources import build_sources
+from agent.sources.gpu import GpuSource
+
+log = logging.getLogger("fleetscope.agent")
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.sources = build_sources(config)
+        self.sampler = Sampler(self.sources, config.interval_s)
+        self.shipper: Shipper | None = None
+        if config.collector_url:
+            if not config.collector_token:
+                raise ValueError("a collector URL needs an ingest token: --collector-token or FLEETSCOPE_INGEST_TOKEN")
+            self.shipper = Shipper(config.collector_url, config.collector_token, agent_id=config.agent_id, node=config.node)
+            self.sampler.subscribe(self.shipper.enqueue_snapshot)
+        host, port = split_address(config.events_address, "127.0.0.1")
+        self.listener = Listener(host, port, node=config.node, deliver=self._deliver, gpu_lookup=self._gpu_for)
+        providers = [self.listener] + ([self.shipper] if self.shipper else [])
+        self.registry = make_registry(AgentCollector(self.sampler, providers, version=fleetscope.__version__))
+        self._http = None
+        self._stopped = threading.Event()
+
+    def _deliver(self, event) -> None:
+        if self.shipper is not None:
+            self.shipper.enqueue_event(event)
+
+    def _gpu_for(self, pid: int, local_rank: int) -> str | None:
+        """The GPU an event ran on: the GPU holding the process, else the torchrun convention local rank = GPU index."""
+        snapshot = self.sampler.latest
+        if snapshot is None or not snapshot.gpus:
+            return None
+        for gpu in snapshot.gpus:
+            if pid and pid in gpu.pids:
+                return gpu.uuid
+        if 0 <= local_rank < len(snapshot.gpus):
+            return snapshot.gpus[local_rank].uuid
+        return None
+
+    def start(self) -> None:
+        self.sampler.sample_once()  # so the first scrape already has data
+        self.sampler.start()
+        self.listener.start()
+        if self.shipper is not None:
+            self.shipper.start()
+        host, port = split_address(self.config.metrics_address)
+        self._http = start_http_server(port, addr=host, registry=self.registry)
+        log.info(
+            "agent on node %s: metrics on http://%s:%d/metrics, events on udp://%s:%d, shipping to %s",
+            self.config.node, host, port, *self.listener.address, self.config.collector_url or "(nowhere)",
+        )
+
+    def stop(self) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.listener.stop()
+        self.sampler.stop()
+        if self.shipper is not None:
+            self.shipper.stop()
+        if self._http is not None:
+            server, thread = self._http
+            server.shutdown()
+            server.server_close()
+        log.info("agent stopped")
+
+    def run_forever(self) -> None:
+        done = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: done.set())
+        self.start()
+        done.wait()
+        self.stop()

@@ -1,0 +1,32 @@
+"""Sources: one module per subsystem, each registering itself by name."""
+
+from __future__ import annotations
+
+import logging
+
+from agent.sources import cpu, gpu, memory, network, storage  # noqa: F401 - registration
+from agent.sources.base import REGISTRY, NoData, Reading, Source
+
+log = logging.getLogger("fleetscope.agent.sources")
+
+__all__ = ["REGISTRY", "NoData", "Reading", "Source", "build_sources"]
+
+
+def build_sources(config) -> list[Source]:
+    """Instantiate every enabled source; one that fails to start is logged and left out."""
+    unknown = set(config.disable_sources) - set(REGISTRY)
+    if unknown:
+        raise ValueError(f"unknown source(s) to disable: {', '.join(sorted(unknown))}; known: {', '.join(sorted(REGISTRY))}")
+    sources: list[Source] = []
+    for name, reg in REGISTRY.items():
+        if name in config.disable_sources or not reg.default_enabled:
+            continue
+        kwargs: dict[str, object] = {"exclude_interfaces": config.exclude_interfaces}
+        if name == "gpu":
+            kwargs["backend"] = gpu.make_backend(config.gpu_backend, gpus=config.gpus, seed=config.seed, node=config.node)
+            kwargs["expected_gpus"] = config.expected_gpus
+        try:
+            sources.append(reg.factory(**kwargs))
+        except Exception:
+            log.exception("source %s failed to start; it stays disabled", name)
+    return sources

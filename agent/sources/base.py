@@ -1,0 +1,67 @@
+"""What every source shares: readings, metric families, NoData, and the registry of sources by name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Literal
+
+Kind = Literal["gauge", "counter"]
+Labels = tuple[tuple[str, str], ...]
+
+
+class NoData(Exception):
+    """The library or device a source reads is absent: not an error, logged at debug."""
+
+
+@dataclass(frozen=True, slots=True)
+class Family:
+    """One metric family a source may emit; counters are named with their `_total` suffix."""
+
+    name: str
+    kind: Kind
+    help: str
+    labels: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    name: str
+    value: float
+    labels: Labels = ()
+
+
+def reading(metric: str, value: float, /, **labels: object) -> Reading:
+    return Reading(metric, float(value), tuple((k, str(v)) for k, v in labels.items()))
+
+
+class Source:
+    """A subsystem the sampler reads once per interval. `collect()` returns its readings."""
+
+    name: str = ""
+    families: tuple[Family, ...] = ()
+
+    def collect(self) -> Iterable[Reading]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Registration:
+    name: str
+    factory: Callable[..., Source]
+    default_enabled: bool
+
+
+REGISTRY: dict[str, Registration] = {}
+
+
+def register(name: str, *, default_enabled: bool = True) -> Callable[[Callable[..., Source]], Callable[..., Source]]:
+    """Register a source factory under `name` (enabled or disabled by that name in config)."""
+
+    def wrap(factory: Callable[..., Source]) -> Callable[..., Source]:
+        REGISTRY[name] = Registration(name, factory, default_enabled)
+        return factory
+
+    return wrap

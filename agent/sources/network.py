@@ -1,0 +1,49 @@
+"""Network interfaces: bytes, packets, errors, drops, link state and speed."""
+
+from __future__ import annotations
+
+import re
+
+import psutil
+
+from agent.sources.base import Family, Source, reading, register
+
+_COUNTERS = (
+    ("receive_bytes", "bytes_recv", "Bytes received."),
+    ("transmit_bytes", "bytes_sent", "Bytes transmitted."),
+    ("receive_packets", "packets_recv", "Packets received."),
+    ("transmit_packets", "packets_sent", "Packets transmitted."),
+    ("receive_errs", "errin", "Receive errors."),
+    ("transmit_errs", "errout", "Transmit errors."),
+    ("receive_drop", "dropin", "Received packets dropped."),
+    ("transmit_drop", "dropout", "Transmitted packets dropped."),
+)
+
+
+@register("network")
+class NetworkSource(Source):
+    name = "network"
+    families = tuple(
+        Family(f"fleetscope_network_{name}_total", "counter", help_, ("device",)) for name, _, help_ in _COUNTERS
+    ) + (
+        Family("fleetscope_network_up", "gauge", "1 when the interface is administratively and operationally up.", ("device",)),
+        Family("fleetscope_network_speed_bytes", "gauge", "Link speed in bytes per second, where the driver reports it.", ("device",)),
+        Family("fleetscope_network_mtu_bytes", "gauge", "Interface MTU.", ("device",)),
+    )
+
+    def __init__(self, *, exclude_interfaces: str = r"^lo$", **_: object) -> None:
+        self.exclude = re.compile(exclude_interfaces) if exclude_interfaces else None
+
+    def collect(self):
+        stats = psutil.net_if_stats()
+        for device, io in psutil.net_io_counters(pernic=True).items():
+            if self.exclude and self.exclude.search(device):
+                continue
+            for name, attr, _ in _COUNTERS:
+                yield reading(f"fleetscope_network_{name}_total", getattr(io, attr), device=device)
+            st = stats.get(device)
+            if st is not None:
+                yield reading("fleetscope_network_up", 1 if st.isup else 0, device=device)
+                if st.speed > 0:  # psutil reports 0 when the speed is unknown: omit, never 0
+                    yield reading("fleetscope_network_speed_bytes", st.speed * 1_000_000 / 8, device=device)
+                yield reading("fleetscope_network_mtu_bytes", st.mtu, device=device)

@@ -1,0 +1,1 @@
+"""fleetscope collector: ingests agents' batches, stores them, and answers questions about the fleet."""

@@ -1,0 +1,65 @@
+"""create_app(settings): the collector's FastAPI application and its background persistence."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from contextlib import asynccontextmanager
+
+import msgspec
+from fastapi import FastAPI
+
+import fleetscope
+from collector.api.routes import fleet, health, ingest, jobs, services
+from collector.metrics import CollectorMetrics
+from collector.settings import Settings
+from collector.store import Store
+from fleetscope.schema import Batch
+
+log = logging.getLogger("fleetscope.collector")
+
+
+def create_app(settings: Settings, store: Store | None = None) -> FastAPI:
+    store = store if store is not None else Store(settings.data_dir, window_s=settings.window_s)
+
+    async def persist_forever() -> None:
+        while True:
+            await asyncio.sleep(settings.persist_interval_s)
+            try:
+                await asyncio.to_thread(store.persist)
+            except Exception:
+                log.exception("writing Parquet partitions failed; rows stay queued for the next try")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        task = asyncio.create_task(persist_forever())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            store.persist()
+
+    app = FastAPI(title="fleetscope collector", version=fleetscope.__version__, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.store = store
+    app.state.metrics = CollectorMetrics(store)
+    for module in (ingest, fleet, jobs, services, health):
+        app.include_router(module.router)
+
+    default_openapi = app.openapi
+
+    def openapi() -> dict:
+        # The ingest body is decoded by msgspec, not pydantic: publish its JSON Schema ourselves.
+        if app.openapi_schema is None:
+            schema = default_openapi()
+            (_, components) = msgspec.json.schema_components([Batch], ref_template="#/components/schemas/{name}")
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(components)
+            schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app

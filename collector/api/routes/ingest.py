@@ -1,0 +1,55 @@
+"""POST /v1/ingest: strict decoding, a body-size limit, once-only application per (agent_id, seq)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, HTTPException, Request
+from pydantic import BaseModel
+
+from collector.api.deps import IngestAuth, MetricsDep, SettingsDep, StoreDep
+from fleetscope.schema import MalformedError, SchemaError, decode_batch
+
+router = APIRouter(tags=["ingest"])
+
+
+class IngestReply(BaseModel):
+    agent_id: str
+    seq: int
+    events: int
+    frames: int
+    duplicate: bool
+
+
+@router.post(
+    "/v1/ingest",
+    dependencies=[IngestAuth],
+    response_model=IngestReply,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Batch"}}},
+        }
+    },
+)
+async def ingest(request: Request, store: StoreDep, settings: SettingsDep, metrics: MetricsDep) -> IngestReply:
+    limit = settings.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        metrics.rejected("too_large")
+        raise HTTPException(413, f"body of {declared} bytes exceeds the limit of {limit}; send smaller batches")
+    body = bytearray()
+    async for chunk in request.stream():
+        body.extend(chunk)
+        if len(body) > limit:
+            metrics.rejected("too_large")
+            raise HTTPException(413, f"body exceeds the limit of {limit} bytes; send smaller batches")
+    try:
+        batch = decode_batch(bytes(body))
+    except MalformedError as exc:
+        metrics.rejected("malformed")
+        raise HTTPException(400, str(exc)) from None
+    except SchemaError as exc:
+        metrics.rejected("schema")
+        raise HTTPException(422, str(exc)) from None
+    result = store.ingest(batch)
+    metrics.ingested(batch, result.duplicate)
+    return IngestReply(agent_id=batch.agent_id, seq=batch.seq, events=result.events, frames=result.frames, duplicate=result.duplicate)

@@ -1,0 +1,36 @@
+"""GET /v1/jobs, /v1/jobs/{job} (step-time quantiles per rank) and /v1/jobs/{job}/steps (over time)."""
+
+from __future__ import annotations
+
+import polars as pl
+from fastapi import APIRouter, HTTPException, Query
+
+from collector.api.deps import ReadAuth, StoreDep
+from collector.training import jobs_overview, rank_step_quantiles, step_series
+
+router = APIRouter(tags=["training"], dependencies=[ReadAuth])
+
+
+def _job_steps(store, job: str) -> pl.DataFrame:
+    steps = store.frame("steps")
+    if steps.filter(pl.col("job") == job).height == 0:
+        raise HTTPException(404, f"no job {job!r} has reported a step")
+    return steps
+
+
+@router.get("/v1/jobs")
+def list_jobs(store: StoreDep) -> dict:
+    return {"jobs": jobs_overview(store.frame("steps")).to_dicts()}
+
+
+@router.get("/v1/jobs/{job}")
+def get_job(job: str, store: StoreDep) -> dict:
+    steps = _job_steps(store, job)
+    overview = jobs_overview(steps.filter(pl.col("job") == job)).to_dicts()[0]
+    return {"job": overview, "ranks": rank_step_quantiles(steps, job).to_dicts()}
+
+
+@router.get("/v1/jobs/{job}/steps")
+def get_job_steps(job: str, store: StoreDep, last: int = Query(500, ge=1, le=100_000)) -> dict:
+    steps = _job_steps(store, job)
+    return {"job": job, "steps": step_series(steps, job, last=last).to_dicts()}

@@ -1,0 +1,176 @@
+"""Wire schema: every record that crosses a process boundary, as strict msgspec structs (v1).
+
+The workload client writes `StepEvent` / `RequestEvent` datagrams (without the fields the agent
+adds: node, gpu_uuid); the agent ships them to the collector inside a `Batch` together with
+`HostFrame`s. Decoding is strict: a wrong type, a missing field, an unknown field or a value out of
+range is an error that names the field, and an unknown version is refused before anything else.
+Only the agent and the collector import this module (it needs msgspec); the client does not.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+import msgspec
+from msgspec import Meta, Struct
+
+SCHEMA_VERSION = 1
+
+# Names are what operators read in labels and URLs: printable, bounded.
+Name = Annotated[str, Meta(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f]+$")]
+Seconds = Annotated[float, Meta(gt=0, le=7 * 24 * 3600)]
+NonNegSeconds = Annotated[float, Meta(ge=0, le=7 * 24 * 3600)]
+Count = Annotated[int, Meta(ge=0, le=2**53)]
+UnixTime = Annotated[float, Meta(ge=0)]
+Ratio = Annotated[float, Meta(ge=0, le=1)]
+
+
+class StepEvent(Struct, tag="step", tag_field="kind", forbid_unknown_fields=True, omit_defaults=True):
+    """One training step of one rank."""
+
+    v: Literal[1]
+    job: Name
+    rank: Count
+    world_size: Annotated[int, Meta(ge=1, le=2**24)]
+    step: Count
+    ts: UnixTime  # wall-clock start of the step
+    duration_s: Seconds
+    local_rank: Count = 0
+    pid: Count = 0
+    tokens: Count | None = None
+    samples: Count | None = None
+    phases: dict[Name, NonNegSeconds] = {}
+    metrics: dict[Name, float] = {}
+    failed: bool = False
+    # Added by the agent.
+    node: Name | None = None
+    gpu_uuid: Name | None = None
+
+
+class RequestEvent(Struct, tag="request", tag_field="kind", forbid_unknown_fields=True, omit_defaults=True):
+    """One inference request served by one replica."""
+
+    v: Literal[1]
+    service: Name
+    model: Name
+    ts: UnixTime
+    e2e_s: Seconds
+    status: Literal["ok", "error", "cancelled"] = "ok"
+    pid: Count = 0
+    queue_s: NonNegSeconds | None = None
+    ttft_s: NonNegSeconds | None = None
+    tpot_s: NonNegSeconds | None = None
+    input_tokens: Count | None = None
+    output_tokens: Count | None = None
+    node: Name | None = None
+    gpu_uuid: Name | None = None
+
+
+Event = Union[StepEvent, RequestEvent]
+
+
+class GpuFrame(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """The state of one GPU at one sample; an unsupported field is absent, never 0."""
+
+    index: Count
+    uuid: Name
+    name: Name | None = None
+    up: bool = True
+    utilization_ratio: Ratio | None = None
+    memory_used_bytes: Count | None = None
+    memory_total_bytes: Count | None = None
+    temperature_celsius: float | None = None
+    power_watts: Annotated[float, Meta(ge=0)] | None = None
+    power_limit_watts: Annotated[float, Meta(ge=0)] | None = None
+    sm_clock_hertz: Annotated[float, Meta(ge=0)] | None = None
+
+
+class HostFrame(Struct, tag="host", tag_field="kind", forbid_unknown_fields=True, omit_defaults=True):
+    """A node's state at one sample, as the agent's sampler saw it."""
+
+    v: Literal[1]
+    node: Name
+    ts: UnixTime
+    cpu_utilization_ratio: Ratio | None = None
+    memory_used_bytes: Count | None = None
+    memory_total_bytes: Count | None = None
+    load1: Annotated[float, Meta(ge=0)] | None = None
+    gpus: list[GpuFrame] = []
+    sources_down: list[Name] = []
+
+
+class Batch(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """What an agent POSTs to /v1/ingest: events and frames, applied once per (agent_id, seq)."""
+
+    v: Literal[1]
+    agent_id: Name
+    seq: Count
+    node: Name
+    sent_ts: UnixTime
+    events: list[Event] = []
+    frames: list[HostFrame] = []
+
+
+class _Envelope(Struct):
+    """Just enough of a record to refuse an unknown version and to name the batch in an error."""
+
+    v: int | None = None
+    agent_id: object = None
+    seq: object = None
+
+
+class SchemaError(ValueError):
+    """A record that does not match the wire schema; the message names the field."""
+
+
+class MalformedError(SchemaError):
+    """A body that is not JSON at all."""
+
+
+_envelope_decoder = msgspec.json.Decoder(_Envelope)
+_batch_decoder = msgspec.json.Decoder(Batch)
+_event_decoder = msgspec.json.Decoder(Event)
+_encoder = msgspec.json.Encoder()
+
+
+def _check_version(data: bytes, what: str) -> str:
+    """Refuse a body that is not JSON or not our version; return how to name it in errors."""
+    try:
+        envelope = _envelope_decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        raise SchemaError(f"{what}: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise MalformedError(f"{what}: {exc}") from None
+    if isinstance(envelope.seq, int) and isinstance(envelope.agent_id, str):
+        what = f"{what} {envelope.seq} from agent {envelope.agent_id[:100]}"
+    if envelope.v is None:
+        raise SchemaError(f'{what}: missing required field "v" (the schema version; this side speaks {SCHEMA_VERSION})')
+    if envelope.v != SCHEMA_VERSION:
+        raise SchemaError(f"{what}: unsupported schema version {envelope.v} (this side speaks {SCHEMA_VERSION})")
+    return what
+
+
+def decode_batch(data: bytes) -> Batch:
+    """Decode and validate an ingest body; raises SchemaError naming the field at fault."""
+    what = _check_version(data, "batch")
+    try:
+        return _batch_decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise SchemaError(f"{what}: {exc}") from None
+
+
+def decode_event(data: bytes) -> Event:
+    """Decode and validate one client datagram."""
+    what = _check_version(data, "event")
+    try:
+        return _event_decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise SchemaError(f"{what}: {exc}") from None
+
+
+def encode(record: Struct) -> bytes:
+    return _encoder.encode(record)
+
+
+def to_builtins(record: Struct) -> dict:
+    return msgspec.to_builtins(record)
