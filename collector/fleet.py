@@ -26,3 +26,8 @@ def nodes_overview(hosts: pl.DataFrame, gpus: pl.DataFrame, now: float) -> pl.Da
 def node_gpus(gpus: pl.DataFrame, node: str) -> pl.DataFrame:
     """The latest state of each GPU of one node."""
     return latest_per(gpus.filter(pl.col("node") == node), "index").sort("index")
+
+
+def fleet_gpus(gpus: pl.DataFrame) -> pl.DataFrame:
+    """The latest state of every GPU in the fleet."""
+    return latest_per(gpus, "node", "index").sort("node", "index")

@@ -1,4 +1,4 @@
-"""GET /v1/nodes and /v1/nodes/{node}: the latest state of each node and its GPUs."""
+"""GET /v1/nodes, /v1/nodes/{node} and /v1/gpus: the latest state of each node and GPU."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 from fastapi import APIRouter, HTTPException
 
 from collector.api.deps import ReadAuth, StoreDep
-from collector.fleet import node_gpus, nodes_overview
+from collector.fleet import fleet_gpus, node_gpus, nodes_overview
 
 router = APIRouter(tags=["fleet"], dependencies=[ReadAuth])
 
@@ -16,6 +16,11 @@ router = APIRouter(tags=["fleet"], dependencies=[ReadAuth])
 def list_nodes(store: StoreDep) -> dict:
     nodes = nodes_overview(store.frame("hosts"), store.frame("gpus"), time.time())
     return {"nodes": nodes.to_dicts()}
+
+
+@router.get("/v1/gpus")
+def list_gpus(store: StoreDep) -> dict:
+    return {"gpus": fleet_gpus(store.frame("gpus")).to_dicts()}
 
 
 @router.get("/v1/nodes/{node}")

@@ -1,0 +1,51 @@
+# The README's two commands: `make demo` and `make test`. Both create .venv and install what is missing.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test venv system-deps bench lint clean
+
+demo: $(STAMP)
+	$(PY) -m fleetscope demo $(DEMO_ARGS)
+
+test: $(STAMP) system-deps
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+venv: $(STAMP)
+
+# A fresh Debian has python3 without venv/ensurepip: install python3-venv when we may.
+$(VENV)/bin/python:
+	@if ! $(PYTHON) -m venv $(VENV) 2>/dev/null; then \
+	  rm -rf $(VENV); \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv && $(PYTHON) -m venv $(VENV); \
+	  else echo "make: '$(PYTHON) -m venv' failed; install python3-venv (Debian) and retry" >&2; exit 1; fi; \
+	fi
+
+$(STAMP): $(VENV)/bin/python pyproject.toml
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[all,test]'
+	touch $(STAMP)
+
+# Debian's Prometheus and Alertmanager (promtool comes with prometheus) and Chromium for the
+# browser tests; installed only when running as root on a machine with apt. Tests that need
+# them skip with a message saying so when they are absent.
+system-deps:
+	@missing=""; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	command -v prometheus-alertmanager >/dev/null || command -v alertmanager >/dev/null || missing="$$missing prometheus-alertmanager"; \
+	command -v chromium >/dev/null || missing="$$missing chromium chromium-driver"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing:$$missing"; \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	  else echo "not root or no apt: tests that need$$missing will skip"; fi; \
+	fi
+
+bench: $(STAMP)
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) .fleetscope .pytest_cache test-artifacts

@@ -1,0 +1,1 @@
+"""The Streamlit operator console; it reads only the collector's HTTP API."""

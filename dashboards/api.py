@@ -1,0 +1,37 @@
+"""The console's only way to data: the collector's read API, with a read token."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import httpx
+import polars as pl
+
+
+class CollectorError(Exception):
+    """The collector could not answer; the message says what to check."""
+
+
+class Collector:
+    def __init__(self, url: str | None = None, token: str | None = None, timeout_s: float = 5.0) -> None:
+        self.url = (url or os.environ.get("FLEETSCOPE_COLLECTOR_URL") or "http://127.0.0.1:9837").rstrip("/")
+        token = token if token is not None else os.environ.get("FLEETSCOPE_READ_TOKEN", "")
+        self.client = httpx.Client(base_url=self.url, timeout=timeout_s, headers={"Authorization": f"Bearer {token}"})
+
+    def get(self, path: str, **params: Any) -> dict:
+        try:
+            resp = self.client.get(path, params=params or None)
+        except httpx.HTTPError as exc:
+            raise CollectorError(f"cannot reach the collector at {self.url} ({exc}); is it running?") from None
+        if resp.status_code in (401, 403):
+            raise CollectorError(f"the collector refused the read token ({resp.status_code}): set FLEETSCOPE_READ_TOKEN")
+        if resp.status_code == 404:
+            return {}
+        if resp.status_code >= 400:
+            raise CollectorError(f"collector answered {resp.status_code} to {path}: {resp.text[:300]}")
+        return resp.json()
+
+    def frame(self, path: str, key: str, **params: Any) -> pl.DataFrame:
+        rows = self.get(path, **params).get(key) or []
+        return pl.DataFrame(rows, infer_schema_length=None) if rows else pl.DataFrame()

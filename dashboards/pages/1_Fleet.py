@@ -1,0 +1,68 @@
+"""Fleet: every node and GPU, with utilisation, temperature and power."""
+
+from __future__ import annotations
+
+import altair as alt
+import polars as pl
+import streamlit as st
+
+from dashboards.api import Collector, CollectorError
+
+st.set_page_config(page_title="fleetscope · Fleet", layout="wide")
+st.title("Fleet")
+
+collector = Collector()
+try:
+    nodes = collector.frame("/v1/nodes", "nodes")
+    gpus = collector.frame("/v1/gpus", "gpus")
+except CollectorError as exc:
+    st.error(str(exc))
+    st.stop()
+
+if nodes.height == 0:
+    st.info("No node has reported yet. Start an agent with --collector-url pointing here.")
+    st.stop()
+
+STALE_S = 30
+stale = nodes.filter(pl.col("age_s") > STALE_S)
+cols = st.columns(4)
+cols[0].metric("Nodes", nodes.height)
+cols[1].metric("Nodes not reporting", stale.height, help=f"no frame for more than {STALE_S} s")
+cols[2].metric("GPUs", gpus.height)
+cols[3].metric("GPUs down", int(gpus.filter(~pl.col("up")).height) if gpus.height else 0)
+
+st.subheader("Nodes")
+st.dataframe(
+    nodes.select(
+        "node",
+        pl.col("age_s").round(1).alias("last frame (s ago)"),
+        (pl.col("cpu_utilization_ratio") * 100).round(1).alias("CPU %"),
+        (pl.col("memory_used_bytes") / 2**30).round(1).alias("memory used GiB"),
+        "gpu_count",
+        (pl.col("gpu_utilization_mean_ratio") * 100).round(1).alias("GPU util mean %"),
+        pl.col("gpu_temperature_max_celsius").alias("GPU temp max °C"),
+        pl.col("gpu_power_watts").round(0).alias("GPU power W"),
+        "sources_down",
+    ),
+    hide_index=True,
+    use_container_width=True,
+)
+
+if gpus.height:
+    st.subheader("GPUs")
+    measure = st.radio(
+        "Colour by", ["utilization", "temperature", "power"], horizontal=True, key="gpu_measure"
+    )
+    column = {"utilization": "utilization_ratio", "temperature": "temperature_celsius", "power": "power_watts"}[measure]
+    heat = gpus.select("node", pl.col("index").cast(pl.String).alias("gpu"), column, "uuid", "name").to_pandas()
+    chart = (
+        alt.Chart(heat)
+        .mark_rect()
+        .encode(
+            x=alt.X("gpu:O", title="GPU"),
+            y=alt.Y("node:N", title="node"),
+            color=alt.Color(f"{column}:Q", title=measure, scale=alt.Scale(scheme="orangered")),
+            tooltip=["node", "gpu", column, "uuid", "name"],
+        )
+    )
+    st.altair_chart(chart, use_container_width=True)

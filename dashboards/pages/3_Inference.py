@@ -1,0 +1,34 @@
+"""Inference: latency quantiles (end to end, queue, TTFT, time per output token) per service and model."""
+
+from __future__ import annotations
+
+import polars as pl
+import streamlit as st
+
+from dashboards.api import Collector, CollectorError
+
+st.set_page_config(page_title="fleetscope · Inference", layout="wide")
+st.title("Inference")
+
+collector = Collector()
+try:
+    services = collector.frame("/v1/services", "services")
+except CollectorError as exc:
+    st.error(str(exc))
+    st.stop()
+
+if services.height == 0:
+    st.info("No inference service has reported a request yet. Instrument one with `fleetscope.inference(...)`.")
+    st.stop()
+
+st.dataframe(services, hide_index=True, use_container_width=True)
+service = st.selectbox("Service", services["service"].unique().sort().to_list(), key="service")
+models = pl.DataFrame(collector.get(f"/v1/services/{service}").get("models") or [])
+for row in models.iter_rows(named=True):
+    st.subheader(f"{service} · {row['model']}")
+    cols = st.columns(4)
+    for col, (label, key) in zip(cols, [("e2e", "e2e"), ("queue", "queue"), ("TTFT", "ttft"), ("time per output token", "tpot")]):
+        p50, p99 = row.get(f"{key}_p50_s"), row.get(f"{key}_p99_s")
+        col.metric(f"{label} p50", f"{p50 * 1000:.1f} ms" if p50 is not None else "–",
+                   help=f"p99 {p99 * 1000:.1f} ms" if p99 is not None else None)
+    st.caption(f"{row['requests']} requests, error ratio {row['error_ratio']:.2%}")

@@ -1,0 +1,216 @@
+"""`fleetscope demo`: the whole platform on one machine, fed by a simulated fleet and real workloads.
+
+Starts the collector, one agent per simulated node (simulated GPUs), a synchronous training job
+across the nodes and an inference service (both reporting through the real client), the
+Streamlit console, and Prometheus + Alertmanager when they are installed. Prints the URLs and
+stops everything it started on Ctrl-C or after --duration seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+COLLECTOR_PORT, CONSOLE_PORT, PROMETHEUS_PORT, ALERTMANAGER_PORT = 9837, 8501, 9090, 9093
+
+
+def agent_ports(i: int) -> tuple[int, int]:
+    """(metrics, events) ports of the i-th simulated node; node 0 gets the defaults."""
+    return (9835, 9836) if i == 0 else (9900 + 2 * i, 9901 + 2 * i)
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen
+    log: Path
+
+
+class Demo:
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.logs = workdir / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.children: list[Child] = []
+
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
+        log = self.logs / f"{name}.log"
+        fh = open(log, "ab")
+        proc = subprocess.Popen(
+            argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})}, start_new_session=True,  # we stop them, in order
+        )
+        fh.close()
+        child = Child(name, proc, log)
+        self.children.append(child)
+        return child
+
+    def stop_all(self) -> None:
+        # Workloads first, then agents (they flush to the collector), then the rest.
+        for child in reversed(self.children):
+            if child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
+                try:
+                    child.proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    child.proc.kill()
+                    child.proc.wait()
+
+    def dead(self) -> list[Child]:
+        return [c for c in self.children if c.proc.poll() is not None]
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        # As the servers do: a port left in TIME_WAIT by a previous run is free to bind.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def wait_http(url: str, timeout: float = 30.0, headers: dict[str, str] | None = None) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            req = urllib.request.Request(url, headers=headers or {})
+            with urllib.request.urlopen(req, timeout=2) as resp:
+                if resp.status < 500:
+                    return True
+        except Exception:
+            time.sleep(0.3)
+    return False
+
+
+def prometheus_config(n_nodes: int, read_token: str, rules: list[Path]) -> str:
+    agents = ", ".join(f"'127.0.0.1:{agent_ports(i)[0]}'" for i in range(n_nodes))
+    rule_lines = "".join(f"  - '{r}'\n" for r in rules)
+    return f"""# Written by `fleetscope demo`.
+global:
+  scrape_interval: 5s
+  evaluation_interval: 5s
+rule_files:
+{rule_lines or '  []'}
+alerting:
+  alertmanagers:
+    - static_configs:
+        - targets: ['127.0.0.1:{ALERTMANAGER_PORT}']
+scrape_configs:
+  - job_name: fleetscope-agent
+    static_configs:
+      - targets: [{agents}]
+  - job_name: fleetscope-collector
+    authorization:
+      credentials: '{read_token}'
+    static_configs:
+      - targets: ['127.0.0.1:{COLLECTOR_PORT}']
+"""
+
+
+ALERTMANAGER_CONFIG = """# Written by `fleetscope demo`: alerts are visible in the Alertmanager UI, sent nowhere.
+route:
+  receiver: demo
+  group_by: [alertname]
+  group_wait: 5s
+receivers:
+  - name: demo
+"""
+
+
+def main(args) -> int:
+    py = sys.executable
+    workdir = Path(args.workdir).resolve()
+    demo = Demo(workdir)
+    ingest_token, read_token = secrets.token_urlsafe(16), secrets.token_urlsafe(16)
+    tokens = {"FLEETSCOPE_INGEST_TOKEN": ingest_token, "FLEETSCOPE_READ_TOKEN": read_token}
+
+    prom, am = shutil.which("prometheus"), shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
+    want_prom = bool(prom) and not args.no_prometheus
+    needed = [COLLECTOR_PORT] + [p for i in range(args.nodes) for p in agent_ports(i)]
+    needed += [] if args.no_console else [CONSOLE_PORT]
+    needed += [PROMETHEUS_PORT, ALERTMANAGER_PORT] if want_prom else []
+    busy = [p for p in needed if not port_free(p)]
+    if busy:
+        print(f"fleetscope demo: port(s) {', '.join(map(str, busy))} already in use; stop what holds them and retry", file=sys.stderr)
+        return 2
+
+    collector_url = f"http://127.0.0.1:{COLLECTOR_PORT}"
+    try:
+        demo.start("collector", [py, "-m", "fleetscope", "collector", "--listen", f"127.0.0.1:{COLLECTOR_PORT}",
+                                 "--data-dir", str(workdir / "collector")], tokens)
+        if not wait_http(f"{collector_url}/healthz"):
+            print(f"fleetscope demo: the collector did not start; see {workdir / 'logs/collector.log'}", file=sys.stderr)
+            return 1
+        event_addrs = []
+        for i in range(args.nodes):
+            metrics_port, events_port = agent_ports(i)
+            event_addrs.append(f"127.0.0.1:{events_port}")
+            demo.start(f"agent-node-{i:02d}", [
+                py, "-m", "fleetscope", "agent", "--node", f"node-{i:02d}", "--gpu-backend", "simulated",
+                "--gpus", str(args.gpus), "--seed", str(i), "--interval", "2",
+                "--metrics-address", f"127.0.0.1:{metrics_port}", "--events-address", f"127.0.0.1:{events_port}",
+                "--collector-url", collector_url,
+            ], tokens)
+        for i in range(args.nodes):
+            wait_http(f"http://127.0.0.1:{agent_ports(i)[0]}/metrics")
+        if want_prom:
+            rules = sorted((REPO / "alerts").glob("*.rules.yml"))
+            (workdir / "prometheus.yml").write_text(prometheus_config(args.nodes, read_token, rules))
+            demo.start("prometheus", [prom, f"--config.file={workdir / 'prometheus.yml'}",
+                                      f"--storage.tsdb.path={workdir / 'prometheus-data'}",
+                                      f"--web.listen-address=127.0.0.1:{PROMETHEUS_PORT}"])
+            if am:
+                (workdir / "alertmanager.yml").write_text(ALERTMANAGER_CONFIG)
+                demo.start("alertmanager", [am, f"--config.file={workdir / 'alertmanager.yml'}",
+                                            f"--storage.path={workdir / 'alertmanager-data'}",
+                                            f"--web.listen-address=127.0.0.1:{ALERTMANAGER_PORT}", "--cluster.listen-address="])
+        demo.start("training", [py, "-m", "fleetscope.sim.training", "--job", "demo-llama-8b",
+                                "--agents", ",".join(event_addrs), "--gpus-per-node", str(args.gpus)])
+        demo.start("inference", [py, "-m", "fleetscope.sim.inference", "--service", "chat", "--model", "llama3-8b",
+                                 "--agent", event_addrs[0]])
+        if not args.no_console:
+            demo.start("console", [py, "-m", "fleetscope", "dashboard", "--address", "127.0.0.1", "--port", str(CONSOLE_PORT),
+                                   "--collector-url", collector_url], tokens)
+
+        print("fleetscope demo is running:")
+        if not args.no_console:
+            print(f"  console        http://127.0.0.1:{CONSOLE_PORT}")
+        print(f"  collector API  {collector_url}/docs   (read token: {read_token})")
+        for i in range(args.nodes):
+            print(f"  agent node-{i:02d}  http://127.0.0.1:{agent_ports(i)[0]}/metrics")
+        if want_prom:
+            print(f"  Prometheus     http://127.0.0.1:{PROMETHEUS_PORT}")
+            if am:
+                print(f"  Alertmanager   http://127.0.0.1:{ALERTMANAGER_PORT}")
+        elif not args.no_prometheus:
+            print("  (Prometheus is not installed; `make test` as root installs it)")
+        print(f"  logs in {demo.logs}")
+        print("Ctrl-C stops everything." if args.duration is None else f"Stopping after {args.duration:.0f} s.")
+        sys.stdout.flush()
+
+        deadline = None if args.duration is None else time.monotonic() + args.duration
+        reported: set[str] = set()
+        while deadline is None or time.monotonic() < deadline:
+            time.sleep(0.5)
+            for child in demo.dead():
+                if child.name not in reported:
+                    reported.add(child.name)
+                    print(f"fleetscope demo: {child.name} exited with code {child.proc.returncode}; see {child.log}", file=sys.stderr)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("fleetscope demo: stopping...")
+        demo.stop_all()
+    return 0
