@@ -159,7 +159,7 @@ class Shipper:
         item = self._next_batch()
         if item is None:
             return True
-        batch, body, n_events, _ = item
+        batch, body, n_events, n_frames = item
         try:
             resp = self.client.post(self.url, content=body)
         except httpx.HTTPError as exc:
@@ -176,10 +176,11 @@ class Shipper:
         self.failures += 1
         if resp.status_code in (400, 413, 422):
             # The collector will never accept this batch; keeping it would block every later one.
-            log.error("collector refused batch %d for good (%d): %s; %d events dropped", batch.seq, resp.status_code, resp.text[:500], n_events)
+            log.error("collector refused batch %d for good (%d): %s; %d events and %d frames dropped",
+                      batch.seq, resp.status_code, resp.text[:500], n_events, n_frames)
             with self._lock:
                 self.pending = None
-                self.dropped["rejected"] += n_events
+                self.dropped["rejected"] += n_events + n_frames
             return True
         log.warning("collector answered %d to batch %d: %s; will retry", resp.status_code, batch.seq, resp.text[:300])
         return False

@@ -140,7 +140,7 @@ def _check_version(data: bytes, what: str) -> str:
     except msgspec.ValidationError as exc:
         raise SchemaError(f"{what}: {exc}") from None
     except msgspec.DecodeError as exc:
-        raise MalformedError(f"{what}: {exc}") from None
+        raise MalformedError(f"{what}: body is not valid JSON ({exc})") from None
     if isinstance(envelope.seq, int) and isinstance(envelope.agent_id, str):
         what = f"{what} {envelope.seq} from agent {envelope.agent_id[:100]}"
     if envelope.v is None:

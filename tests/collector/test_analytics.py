@@ -1,0 +1,65 @@
+"""Pure polars analytics on small literal frames."""
+
+from __future__ import annotations
+
+import polars as pl
+from polars.testing import assert_frame_equal
+
+from collector.fleet import nodes_overview
+from collector.inference import services_overview
+from collector.tables import SCHEMAS
+from collector.training import jobs_overview, step_series
+
+
+def steps(rows):
+    base = {c: None for c in SCHEMAS["steps"]}
+    return pl.DataFrame([{**base, "phases": [], "metrics": [], "failed": False, **r} for r in rows], schema=SCHEMAS["steps"])
+
+
+def test_step_series_spreads_across_ranks():
+    frame = steps([
+        {"job": "j", "rank": 0, "step": 0, "ts": 10.0, "duration_s": 1.0},
+        {"job": "j", "rank": 1, "step": 0, "ts": 10.1, "duration_s": 3.0},
+        {"job": "j", "rank": 0, "step": 1, "ts": 11.0, "duration_s": 2.0},
+        {"job": "other", "rank": 0, "step": 0, "ts": 0.0, "duration_s": 9.0},
+    ])
+    got = step_series(frame, "j")
+    expected = pl.DataFrame(
+        {"step": [0, 1], "ts": [10.0, 11.0], "ranks": [2, 1], "step_time_p50_s": [2.0, 2.0],
+         "step_time_p95_s": [2.9, 2.0], "step_time_max_s": [3.0, 2.0]},
+        schema_overrides={"ranks": pl.UInt32},
+    )
+    assert_frame_equal(got, expected)
+
+
+def test_tokens_per_second_is_null_when_no_tokens_were_reported():
+    frame = steps([
+        {"job": "a", "rank": 0, "step": 0, "ts": 0.0, "duration_s": 1.0, "tokens": 100},
+        {"job": "a", "rank": 0, "step": 1, "ts": 1.0, "duration_s": 1.0, "tokens": 100},
+        {"job": "b", "rank": 0, "step": 0, "ts": 0.0, "duration_s": 1.0},
+    ])
+    got = jobs_overview(frame).select("job", "tokens_per_s")
+    assert_frame_equal(got, pl.DataFrame({"job": ["a", "b"], "tokens_per_s": [100.0, None]}))
+
+
+def test_services_overview_counts_errors():
+    frame = pl.DataFrame(
+        {"ts": [1.0, 2.0, 3.0], "service": ["s"] * 3, "model": ["m"] * 3, "status": ["ok", "error", "ok"],
+         "e2e_s": [1.0, 9.0, 3.0], "ttft_s": [0.1, None, 0.3], "node": ["n"] * 3},
+    )
+    got = services_overview(frame)
+    assert got.row(0, named=True) | {"nodes": None} == {
+        "service": "s", "model": "m", "requests": 3, "error_ratio": 1 / 3, "e2e_p50_s": 3.0, "ttft_p50_s": 0.2,
+        "last_request_ts": 3.0, "nodes": None,
+    }
+
+
+def test_nodes_overview_uses_each_nodes_latest_frame():
+    hosts = pl.DataFrame({"ts": [1.0, 2.0, 1.5], "node": ["a", "a", "b"], "gpu_count": [1, 1, 0], "agent_id": ["x"] * 3})
+    gpus = pl.DataFrame({"ts": [1.0, 2.0], "node": ["a", "a"], "index": [0, 0], "utilization_ratio": [0.1, 0.9],
+                         "temperature_celsius": [30.0, 80.0], "power_watts": [100.0, 600.0], "up": [True, True]})
+    got = nodes_overview(hosts, gpus, now=10.0).select("node", "ts", "age_s", "gpu_utilization_mean_ratio", "gpus_down")
+    expected = pl.DataFrame({"node": ["a", "b"], "ts": [2.0, 1.5], "age_s": [8.0, 8.5],
+                             "gpu_utilization_mean_ratio": [0.9, None], "gpus_down": [0, None]},
+                            schema_overrides={"gpus_down": pl.UInt32})
+    assert_frame_equal(got, expected)

@@ -1,0 +1,188 @@
+"""The collector's HTTP API: ingest, auth, bad input, queries, persistence."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+from fastapi.testclient import TestClient
+
+from collector.api import create_app
+from collector.settings import Settings
+from collector.store import Store
+
+INGEST, READ = "ingest-secret", "read-secret"
+W = {"Authorization": f"Bearer {INGEST}"}
+R = {"Authorization": f"Bearer {READ}"}
+
+
+def settings(tmp_path, **kw) -> Settings:
+    return Settings(data_dir=tmp_path / "data", ingest_tokens=frozenset({INGEST}), read_tokens=frozenset({READ}), **kw)
+
+
+@pytest.fixture
+def client(tmp_path):
+    with TestClient(create_app(settings(tmp_path))) as c:
+        yield c
+
+
+def step(job, rank, n, duration, **kw):
+    return {"v": 1, "kind": "step", "job": job, "rank": rank, "world_size": 2, "step": n,
+            "ts": 1_800_000_000.0 + n, "duration_s": duration, "node": f"node-{rank}", **kw}
+
+
+def request(service, model, e2e, ttft, status="ok"):
+    return {"v": 1, "kind": "request", "service": service, "model": model, "ts": 1_800_000_000.0,
+            "e2e_s": e2e, "ttft_s": ttft, "status": status, "output_tokens": 10}
+
+
+def batch(seq, events=(), frames=(), agent="agent-a"):
+    return {"v": 1, "agent_id": agent, "seq": seq, "node": "node-0", "sent_ts": 1_800_000_000.0,
+            "events": list(events), "frames": list(frames)}
+
+
+def post(client, body, headers=W):
+    return client.post("/v1/ingest", content=json.dumps(body), headers=headers)
+
+
+def test_step_quantiles_per_rank_are_exact(client):
+    durations = {0: [1.0, 1.1, 1.2, 1.3, 5.0], 1: [2.0, 2.0, 2.0, 2.0, 2.0]}
+    events = [step("llm", r, n, d) for r, ds in durations.items() for n, d in enumerate(ds)]
+    assert post(client, batch(0, events)).json() == {"agent_id": "agent-a", "seq": 0, "events": 10, "frames": 0, "duplicate": False}
+    body = client.get("/v1/jobs/llm", headers=R).json()
+    ranks = {r["rank"]: r for r in body["ranks"]}
+    assert ranks[0]["step_time_p50_s"] == pytest.approx(statistics.median(durations[0]))
+    # linear interpolation, as numpy's default: p95 of [1, 1.1, 1.2, 1.3, 5] = 1.3 + 0.8 * 3.7
+    assert ranks[0]["step_time_p95_s"] == pytest.approx(1.3 + 0.8 * 3.7)
+    assert ranks[1]["step_time_p99_s"] == pytest.approx(2.0)
+    assert ranks[0]["node"] == "node-0" and ranks[1]["steps"] == 5
+    jobs = client.get("/v1/jobs", headers=R).json()["jobs"]
+    assert [j["job"] for j in jobs] == ["llm"] and jobs[0]["ranks"] == 2 and jobs[0]["last_step"] == 4
+    series = client.get("/v1/jobs/llm/steps", headers=R).json()["steps"]
+    assert [s["step"] for s in series] == [0, 1, 2, 3, 4]
+    assert series[4]["step_time_max_s"] == 5.0
+
+
+def test_service_latency_quantiles_exclude_failed_requests(client):
+    events = [request("chat", "m", e2e, e2e / 4) for e2e in (0.1, 0.2, 0.3, 0.4)]
+    events.append(request("chat", "m", 30.0, 29.0, status="error"))
+    post(client, batch(0, events))
+    (model,) = client.get("/v1/services/chat", headers=R).json()["models"]
+    assert model["requests"] == 5 and model["error_ratio"] == pytest.approx(0.2)
+    assert model["e2e_p50_s"] == pytest.approx(0.25)
+    assert model["ttft_p99_s"] == pytest.approx(0.075 + 0.97 * 0.025)  # TTFTs of the ok requests: 0.025 .. 0.1
+    assert client.get("/v1/services", headers=R).json()["services"][0]["requests"] == 5
+
+
+def test_a_batch_is_applied_once(client):
+    assert post(client, batch(7, [step("j", 0, 0, 1.0)])).json()["duplicate"] is False
+    assert post(client, batch(7, [step("j", 0, 0, 1.0)])).json()["duplicate"] is True
+    assert post(client, batch(7, [step("j", 0, 0, 1.0)], agent="agent-b")).json()["duplicate"] is False
+    assert client.get("/v1/jobs/j", headers=R).json()["ranks"][0]["steps"] == 2
+
+
+def test_nodes_and_gpus_from_host_frames(client):
+    frame = {"v": 1, "kind": "host", "node": "node-0", "ts": 1_800_000_000.0, "cpu_utilization_ratio": 0.5,
+             "memory_used_bytes": 10, "memory_total_bytes": 100,
+             "gpus": [{"index": 0, "uuid": "GPU-a", "utilization_ratio": 0.9, "temperature_celsius": 70.0, "power_watts": 500.0},
+                      {"index": 1, "uuid": "GPU-b", "up": False}]}
+    later = {**frame, "ts": frame["ts"] + 5, "gpus": [{**frame["gpus"][0], "temperature_celsius": 75.0}, frame["gpus"][1]]}
+    post(client, batch(0, frames=[frame, later]))
+    (node,) = client.get("/v1/nodes", headers=R).json()["nodes"]
+    assert node["node"] == "node-0" and node["gpu_count"] == 1 and node["gpus_down"] == 1
+    assert node["gpu_temperature_max_celsius"] == 75.0  # from the latest frame only
+    detail = client.get("/v1/nodes/node-0", headers=R).json()
+    assert [g["uuid"] for g in detail["gpus"]] == ["GPU-a", "GPU-b"]
+    assert len(client.get("/v1/gpus", headers=R).json()["gpus"]) == 2
+    assert client.get("/v1/nodes/nope", headers=R).status_code == 404
+
+
+@pytest.mark.parametrize(
+    "headers, status",
+    [({}, 401), ({"Authorization": "Bearer wrong"}, 401), ({"Authorization": "Basic abc"}, 401), (R, 403)],
+)
+def test_ingest_needs_an_ingest_token(client, headers, status):
+    resp = post(client, batch(0, [step("j", 0, 0, 1.0)]), headers=headers)
+    assert resp.status_code == status and resp.json()["detail"]
+    assert client.get("/v1/jobs", headers=R).json()["jobs"] == []
+
+
+@pytest.mark.parametrize("path", ["/v1/jobs", "/v1/nodes", "/v1/services", "/v1/gpus", "/metrics"])
+def test_reads_need_a_read_token(client, path):
+    assert client.get(path).status_code == 401
+    assert client.get(path, headers=W).status_code == 403  # an ingest token cannot read the fleet
+    assert client.get(path, headers=R).status_code == 200
+
+
+def test_healthz_needs_no_token(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize(
+    "body, status, words",
+    [
+        (b'{"v": 1, "agent_id": ', 400, ["not valid JSON"]),
+        (json.dumps(batch(3, [step("j", 0, 0, -1.0)])).encode(), 422, ["batch 3 from agent agent-a", "$.events[0].duration_s"]),
+        (json.dumps(batch(3, [step("j", "zero", 0, 1.0)])).encode(), 422, ["$.events[0].rank", "int"]),
+        (json.dumps({**batch(3), "v": 2}).encode(), 422, ["unsupported schema version 2"]),
+        (json.dumps({k: v for k, v in batch(3).items() if k != "node"}).encode(), 422, ["node"]),
+    ],
+)
+def test_bad_input_gets_a_clear_4xx_and_nothing_is_stored(client, body, status, words):
+    resp = client.post("/v1/ingest", content=body, headers=W)
+    assert resp.status_code == status
+    for word in words:
+        assert word in resp.json()["detail"]
+    assert client.get("/v1/jobs", headers=R).json()["jobs"] == []
+    metrics = client.get("/metrics", headers=R).text
+    assert 'fleetscope_collector_events_ingested_total{kind="step"} 0.0' in metrics
+
+
+def test_an_oversized_body_is_refused(tmp_path):
+    with TestClient(create_app(settings(tmp_path, max_body_bytes=1000))) as c:
+        big = batch(0, [step("j", 0, n, 1.0) for n in range(50)])
+        resp = post(c, big)
+        assert resp.status_code == 413 and "limit of 1000" in resp.json()["detail"]
+        # without a Content-Length header (chunked), the limit still holds
+        resp = c.post("/v1/ingest", content=iter([json.dumps(big).encode()]), headers=W)
+        assert resp.status_code == 413
+        assert c.get("/v1/jobs", headers=R).json()["jobs"] == []
+
+
+def test_rows_are_persisted_as_parquet_and_read_back_on_restart(tmp_path):
+    s = settings(tmp_path)
+    with TestClient(create_app(s)) as c:
+        post(c, batch(0, [step("persisted", 0, n, 1.0 + n) for n in range(3)]))
+    # shutdown persisted them
+    files = list((tmp_path / "data" / "kind=steps").glob("date=*/hour=*/*.parquet"))
+    assert files, "no Parquet partition written"
+    store = Store(s.data_dir, window_s=10 * 365 * 86400)
+    assert sorted(store.frame("steps")["step"].to_list()) == [0, 1, 2]
+
+
+def test_collector_metrics_pass_promtool(client):
+    import subprocess
+
+    from tests.conftest import require_binary
+
+    promtool = require_binary("promtool")
+    post(client, batch(0, [step("j", 0, 0, 1.0), request("chat", "m", 0.2, 0.1)]))
+    text = client.get("/metrics", headers=R).text
+    assert 'fleetscope_training_last_step{job="j"} 0.0' in text
+    result = subprocess.run([promtool, "check", "metrics"], input=text.encode(), capture_output=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_openapi_documents_the_ingest_body(client):
+    spec = client.get("/openapi.json").json()
+    assert "Batch" in spec["components"]["schemas"] and "StepEvent" in spec["components"]["schemas"]
+    body = spec["paths"]["/v1/ingest"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/Batch"}
+
+
+def test_settings_refuse_to_run_without_tokens(tmp_path, monkeypatch):
+    monkeypatch.delenv("FLEETSCOPE_INGEST_TOKEN", raising=False)
+    monkeypatch.delenv("FLEETSCOPE_READ_TOKEN", raising=False)
+    with pytest.raises(ValueError, match="no ingest token"):
+        Settings(data_dir=tmp_path)

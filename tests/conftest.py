@@ -1,0 +1,53 @@
+"""Shared test helpers: free ports, required system binaries, waiting for servers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import time
+import urllib.request
+from typing import Callable
+
+import pytest
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def require_binary(*names: str) -> str:
+    """Path of the first of `names` on PATH; skip (or fail in CI) when none is installed."""
+    for name in names:
+        path = shutil.which(name)
+        if path:
+            return path
+    message = f"{' / '.join(names)} not installed (make test installs it when run as root)"
+    if os.environ.get("FLEETSCOPE_REQUIRE_SYSTEM_DEPS"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 30.0, interval: float = 0.2, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:  # the server may not be up yet
+            last_exc = exc
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}" + (f" (last error: {last_exc})" if last_exc else ""))
+
+
+def http_get(url: str, token: str | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()

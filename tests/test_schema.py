@@ -1,0 +1,68 @@
+"""The wire schema refuses bad records with a message that names the field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fleetscope.schema import MalformedError, RequestEvent, SchemaError, StepEvent, decode_batch, decode_event, encode
+
+STEP = {"v": 1, "kind": "step", "job": "j", "rank": 0, "world_size": 2, "step": 3, "ts": 1.7e9, "duration_s": 0.5}
+
+
+def raw(obj) -> bytes:
+    return json.dumps(obj).encode()
+
+
+def test_a_valid_step_and_request_round_trip():
+    step = decode_event(raw({**STEP, "phases": {"forward": 0.2}, "tokens": 10}))
+    assert isinstance(step, StepEvent) and step.phases == {"forward": 0.2} and step.tokens == 10
+    assert decode_event(encode(step)) == step
+    req = decode_event(raw({"v": 1, "kind": "request", "service": "s", "model": "m", "ts": 1.0, "e2e_s": 0.1, "ttft_s": 0.05}))
+    assert isinstance(req, RequestEvent) and req.status == "ok"
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"duration_s": -3}, "$.duration_s"),
+        ({"duration_s": 0}, "$.duration_s"),
+        ({"rank": "zero"}, "$.rank"),
+        ({"rank": -1}, "$.rank"),
+        ({"job": ""}, "$.job"),
+        ({"world_size": 0}, "$.world_size"),
+        ({"phases": {"forward": -1}}, "$.phases"),
+        ({"surprise": 1}, "surprise"),
+    ],
+)
+def test_bad_fields_are_named(change, field):
+    with pytest.raises(SchemaError) as err:
+        decode_event(raw({**STEP, **change}))
+    assert field in str(err.value)
+
+
+def test_missing_field_is_named():
+    body = dict(STEP)
+    del body["duration_s"]
+    with pytest.raises(SchemaError, match="duration_s"):
+        decode_event(raw(body))
+
+
+def test_unknown_version_is_refused_before_anything_else():
+    with pytest.raises(SchemaError, match="unsupported schema version 2"):
+        decode_event(raw({"v": 2, "kind": "step", "anything": "goes"}))
+    with pytest.raises(SchemaError, match='missing required field "v"'):
+        decode_event(raw({"kind": "step"}))
+
+
+def test_malformed_json_is_its_own_error():
+    with pytest.raises(MalformedError):
+        decode_batch(b'{"v": 1,')
+
+
+def test_batch_errors_name_the_batch_and_the_agent():
+    batch = {"v": 1, "agent_id": "gpu-012", "seq": 17, "node": "gpu-012", "sent_ts": 1.0, "events": [{**STEP, "duration_s": -3}]}
+    with pytest.raises(SchemaError) as err:
+        decode_batch(raw(batch))
+    assert "batch 17 from agent gpu-012" in str(err.value) and "$.events[0].duration_s" in str(err.value)
