@@ -7,6 +7,7 @@ from typing import Any
 
 import httpx
 import polars as pl
+import streamlit as st
 
 
 class CollectorError(Exception):
@@ -35,3 +36,14 @@ class Collector:
     def frame(self, path: str, key: str, **params: Any) -> pl.DataFrame:
         rows = self.get(path, **params).get(key) or []
         return pl.DataFrame(rows, infer_schema_length=None) if rows else pl.DataFrame()
+
+
+@st.cache_resource(show_spinner=False)
+def _shared(url: str, token: str) -> Collector:
+    return Collector(url, token)
+
+
+def get_collector() -> Collector:
+    """One client (one connection pool) per console process, for the configured collector and token."""
+    url = os.environ.get("FLEETSCOPE_COLLECTOR_URL") or "http://127.0.0.1:9837"
+    return _shared(url, os.environ.get("FLEETSCOPE_READ_TOKEN", ""))

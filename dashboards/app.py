@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboards.api import Collector, CollectorError
+from dashboards.api import CollectorError, get_collector
 
 st.set_page_config(page_title="fleetscope", layout="wide")
 st.title("fleetscope")
 st.caption("GPU fleet, training jobs and inference services, from the collector's API.")
 
-collector = Collector()
+collector = get_collector()
 try:
     nodes = collector.frame("/v1/nodes", "nodes")
     jobs = collector.frame("/v1/jobs", "jobs")

@@ -6,12 +6,12 @@ import altair as alt
 import polars as pl
 import streamlit as st
 
-from dashboards.api import Collector, CollectorError
+from dashboards.api import CollectorError, get_collector
 
 st.set_page_config(page_title="fleetscope · Fleet", layout="wide")
 st.title("Fleet")
 
-collector = Collector()
+collector = get_collector()
 try:
     nodes = collector.frame("/v1/nodes", "nodes")
     gpus = collector.frame("/v1/gpus", "gpus")
@@ -45,7 +45,7 @@ st.dataframe(
         "sources_down",
     ),
     hide_index=True,
-    use_container_width=True,
+    width="stretch",
 )
 
 if gpus.height:
@@ -65,4 +65,4 @@ if gpus.height:
             tooltip=["node", "gpu", column, "uuid", "name"],
         )
     )
-    st.altair_chart(chart, use_container_width=True)
+    st.altair_chart(chart, width="stretch")

@@ -5,12 +5,12 @@ from __future__ import annotations
 import polars as pl
 import streamlit as st
 
-from dashboards.api import Collector, CollectorError
+from dashboards.api import CollectorError, get_collector
 
 st.set_page_config(page_title="fleetscope · Training", layout="wide")
 st.title("Training")
 
-collector = Collector()
+collector = get_collector()
 try:
     jobs = collector.frame("/v1/jobs", "jobs")
 except CollectorError as exc:
@@ -50,4 +50,4 @@ if series.height:
 st.subheader("Ranks")
 ranks = pl.DataFrame(detail.get("ranks") or [])
 if ranks.height:
-    st.dataframe(ranks, hide_index=True, use_container_width=True)
+    st.dataframe(ranks, hide_index=True, width="stretch")

@@ -5,12 +5,12 @@ from __future__ import annotations
 import polars as pl
 import streamlit as st
 
-from dashboards.api import Collector, CollectorError
+from dashboards.api import CollectorError, get_collector
 
 st.set_page_config(page_title="fleetscope · Inference", layout="wide")
 st.title("Inference")
 
-collector = Collector()
+collector = get_collector()
 try:
     services = collector.frame("/v1/services", "services")
 except CollectorError as exc:
@@ -21,7 +21,7 @@ if services.height == 0:
     st.info("No inference service has reported a request yet. Instrument one with `fleetscope.inference(...)`.")
     st.stop()
 
-st.dataframe(services, hide_index=True, use_container_width=True)
+st.dataframe(services, hide_index=True, width="stretch")
 service = st.selectbox("Service", services["service"].unique().sort().to_list(), key="service")
 models = pl.DataFrame(collector.get(f"/v1/services/{service}").get("models") or [])
 for row in models.iter_rows(named=True):

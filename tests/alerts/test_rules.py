@@ -1,0 +1,59 @@
+"""Alert rules are valid, their promtool unit tests pass, and every rule carries what on-call needs."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import require_binary
+
+ALERTS = Path(__file__).resolve().parents[2] / "alerts"
+RULE_FILES = sorted(ALERTS.glob("*.rules.yml"))
+
+
+def rules():
+    for path in RULE_FILES:
+        for group in yaml.safe_load(path.read_text())["groups"]:
+            for rule in group["rules"]:
+                if "alert" in rule:
+                    yield rule
+
+
+def test_there_are_rule_files():
+    assert RULE_FILES
+
+
+def test_promtool_check_rules():
+    promtool = require_binary("promtool")
+    result = subprocess.run([promtool, "check", "rules", *map(str, RULE_FILES)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_promtool_unit_tests():
+    promtool = require_binary("promtool")
+    tests = sorted((ALERTS / "tests").glob("*.test.yml"))
+    assert tests
+    result = subprocess.run([promtool, "test", "rules", *map(str, tests)], capture_output=True, text=True, cwd=ALERTS / "tests")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_alert_has_a_unit_test():
+    tested = set()
+    for path in (ALERTS / "tests").glob("*.test.yml"):
+        for case in yaml.safe_load(path.read_text())["tests"]:
+            tested |= {t["alertname"] for t in case.get("alert_rule_test", []) if t.get("exp_alerts")}
+    assert {r["alert"] for r in rules()} <= tested
+
+
+@pytest.mark.parametrize("rule", list(rules()), ids=lambda r: r["alert"])
+def test_every_alert_says_for_how_long_how_bad_what_and_where_to_read_more(rule):
+    assert rule.get("for"), "a rule without `for` pages on one bad scrape"
+    assert rule["labels"]["severity"] in ("page", "ticket")
+    annotations = rule["annotations"]
+    assert annotations["summary"] and annotations["description"]
+    runbook = annotations["runbook_url"]
+    assert runbook == f"alerts/runbooks/{rule['alert']}.md"
+    assert (ALERTS.parent / runbook).is_file()

@@ -1,0 +1,72 @@
+"""`fleetscope demo` (what `make demo` runs) starts the whole platform, feeds it, and stops it all."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+from fleetscope.demo import ALERTMANAGER_PORT, COLLECTOR_PORT, CONSOLE_PORT, PROMETHEUS_PORT, agent_ports, port_free
+from tests.conftest import http_get, wait_until
+
+
+def test_demo_runs_every_part_and_stops_them(tmp_path):
+    ports = [COLLECTOR_PORT, CONSOLE_PORT, *agent_ports(0), *agent_ports(1)]
+    with_prometheus = bool(shutil.which("prometheus"))
+    if with_prometheus:
+        ports += [PROMETHEUS_PORT, ALERTMANAGER_PORT]
+    assert all(port_free(p) for p in ports), "the demo's ports must be free for this test"
+
+    out = (tmp_path / "demo.out").open("w+")
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "fleetscope", "demo", "--duration", "45", "--nodes", "2", "--gpus", "4",
+         "--workdir", str(tmp_path / "demo")],
+        stdout=out, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        def printed():
+            out.flush()
+            return (tmp_path / "demo.out").read_text()
+
+        token = wait_until(lambda: re.search(r"read token: (\S+)\)", printed()), timeout=60, what="the demo's URLs").group(1)
+        text = printed()
+        assert f"http://127.0.0.1:{CONSOLE_PORT}" in text and f"127.0.0.1:{agent_ports(1)[0]}/metrics" in text
+
+        base = f"http://127.0.0.1:{COLLECTOR_PORT}"
+
+        def get(path):
+            status, body = http_get(base + path, token)
+            return json.loads(body) if status == 200 else None
+
+        job = wait_until(lambda: (j := get("/v1/jobs/demo-llama-8b")) and j["job"]["ranks"] == 8 and j, timeout=60,
+                         what="all 8 ranks of the demo job")
+        assert sorted(job["job"]["nodes"]) == ["node-00", "node-01"]
+        # synchronous ranks: every rank's median step is close to the job's
+        p50s = [r["step_time_p50_s"] for r in job["ranks"]]
+        assert max(p50s) / min(p50s) < 1.2
+        service = wait_until(lambda: get("/v1/services/chat"), timeout=30, what="the inference service")
+        assert service["models"][0]["requests"] > 0
+        nodes = wait_until(lambda: (n := get("/v1/nodes")) and len(n["nodes"]) == 2 and n, timeout=30, what="both nodes")
+        assert all(n["gpu_count"] == 4 for n in nodes["nodes"])
+
+        assert wait_until(lambda: http_get(f"http://127.0.0.1:{CONSOLE_PORT}/_stcore/health")[0] == 200,
+                          timeout=60, what="the console")
+        if with_prometheus:
+            def targets_up():
+                status, body = http_get(f"http://127.0.0.1:{PROMETHEUS_PORT}/api/v1/query?query=up")
+                result = json.loads(body)["data"]["result"] if status == 200 else []
+                return len(result) == 3 and all(r["value"][1] == "1" for r in result)
+
+            wait_until(targets_up, timeout=60, what="Prometheus scraping both agents and the collector")
+            status, body = http_get(f"http://127.0.0.1:{PROMETHEUS_PORT}/api/v1/rules")
+            assert {g["name"] for g in json.loads(body)["data"]["groups"]} >= {"fleetscope-agent", "fleetscope-gpu"}
+    finally:
+        code = demo.wait(timeout=120)
+        log = (tmp_path / "demo.out").read_text()
+    assert code == 0, log
+    assert "exited with code" not in log, log  # no part died during the run
+    time.sleep(1)
+    assert all(port_free(p) for p in ports), "the demo left a process behind"
