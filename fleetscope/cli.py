@@ -74,7 +74,7 @@ def _dashboard(args: argparse.Namespace) -> int:
     argv = [
         sys.executable, "-m", "streamlit", "run", str(app),
         "--server.port", str(args.port), "--server.address", args.address,
-        "--server.headless", "true", "--browser.gatherUsageStats", "false",
+        "--server.headless", "true", "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal",
     ]
     os.execve(sys.executable, argv, env)
     return 0  # not reached

@@ -53,16 +53,21 @@ if gpus.height:
     measure = st.radio(
         "Colour by", ["utilization", "temperature", "power"], horizontal=True, key="gpu_measure"
     )
-    column = {"utilization": "utilization_ratio", "temperature": "temperature_celsius", "power": "power_watts"}[measure]
+    column, domain = {
+        # Fixed scales, so a glance compares against what is normal, not against the neighbours.
+        "utilization": ("utilization_ratio", [0, 1]),
+        "temperature": ("temperature_celsius", [20, 95]),
+        "power": ("power_watts", [0, max(700.0, float(gpus["power_watts"].max() or 0))]),
+    }[measure]
     heat = gpus.select("node", pl.col("index").cast(pl.String).alias("gpu"), column, "uuid", "name").to_pandas()
     chart = (
         alt.Chart(heat)
-        .mark_rect()
+        .mark_rect(stroke="white")
         .encode(
             x=alt.X("gpu:O", title="GPU"),
             y=alt.Y("node:N", title="node"),
-            color=alt.Color(f"{column}:Q", title=measure, scale=alt.Scale(scheme="orangered")),
+            color=alt.Color(f"{column}:Q", title=measure, scale=alt.Scale(scheme="orangered", domain=domain)),
             tooltip=["node", "gpu", column, "uuid", "name"],
         )
     )
-    st.altair_chart(chart, width="stretch")
+    st.altair_chart(chart.properties(height=max(120, 28 * nodes.height)), width="stretch")
