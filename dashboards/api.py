@@ -47,3 +47,20 @@ def get_collector() -> Collector:
     """One client (one connection pool) per console process, for the configured collector and token."""
     url = os.environ.get("FLEETSCOPE_COLLECTOR_URL") or "http://127.0.0.1:9837"
     return _shared(url, os.environ.get("FLEETSCOPE_READ_TOKEN", ""))
+
+
+def page(title: str) -> Collector:
+    """Start a console page: its config and heading, and the collector client."""
+    st.set_page_config(page_title=f"fleetscope · {title}" if title != "fleetscope" else title, layout="wide")
+    st.title(title)
+    return get_collector()
+
+
+def frames(collector: Collector, *queries: tuple[str, str]) -> list[pl.DataFrame]:
+    """Fetch (path, key) tables; on failure show why and stop the page."""
+    try:
+        return [collector.frame(path, key) for path, key in queries]
+    except CollectorError as exc:
+        st.error(str(exc))
+        st.stop()
+        raise  # not reached: st.stop() ends the script run

@@ -4,20 +4,11 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboards.api import CollectorError, get_collector
+from dashboards.api import frames, page
 
-st.set_page_config(page_title="fleetscope", layout="wide")
-st.title("fleetscope")
+collector = page("fleetscope")
 st.caption("GPU fleet, training jobs and inference services, from the collector's API.")
-
-collector = get_collector()
-try:
-    nodes = collector.frame("/v1/nodes", "nodes")
-    jobs = collector.frame("/v1/jobs", "jobs")
-    services = collector.frame("/v1/services", "services")
-except CollectorError as exc:
-    st.error(str(exc))
-    st.stop()
+nodes, jobs, services = frames(collector, ("/v1/nodes", "nodes"), ("/v1/jobs", "jobs"), ("/v1/services", "services"))
 
 cols = st.columns(4)
 cols[0].metric("Nodes reporting", nodes.height)

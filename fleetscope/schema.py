@@ -150,22 +150,22 @@ def _check_version(data: bytes, what: str) -> str:
     return what
 
 
-def decode_batch(data: bytes) -> Batch:
-    """Decode and validate an ingest body; raises SchemaError naming the field at fault."""
-    what = _check_version(data, "batch")
+def _decode(data: bytes, decoder: msgspec.json.Decoder, what: str):
+    what = _check_version(data, what)
     try:
-        return _batch_decoder.decode(data)
+        return decoder.decode(data)
     except msgspec.DecodeError as exc:
         raise SchemaError(f"{what}: {exc}") from None
+
+
+def decode_batch(data: bytes) -> Batch:
+    """Decode and validate an ingest body; raises SchemaError naming the field at fault."""
+    return _decode(data, _batch_decoder, "batch")
 
 
 def decode_event(data: bytes) -> Event:
     """Decode and validate one client datagram."""
-    what = _check_version(data, "event")
-    try:
-        return _event_decoder.decode(data)
-    except msgspec.DecodeError as exc:
-        raise SchemaError(f"{what}: {exc}") from None
+    return _decode(data, _event_decoder, "event")
 
 
 def encode(record: Struct) -> bytes:

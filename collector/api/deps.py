@@ -42,23 +42,22 @@ def _bearer(request: Request) -> str:
     return token.strip()
 
 
-def require_ingest(request: Request, settings: SettingsDep) -> None:
+def _require(request: Request, allowed: frozenset[str], other: frozenset[str], refusal: str) -> None:
     token = _bearer(request)
-    if _matches(token, settings.ingest_tokens):
+    if _matches(token, allowed):
         return
-    if _matches(token, settings.read_tokens):
-        raise HTTPException(403, "this token may only read; ingest needs an ingest token")
+    if _matches(token, other):
+        raise HTTPException(403, refusal)
     raise HTTPException(401, "unknown token", headers={"WWW-Authenticate": "Bearer"})
+
+
+def require_ingest(request: Request, settings: SettingsDep) -> None:
+    _require(request, settings.ingest_tokens, settings.read_tokens, "this token may only read; ingest needs an ingest token")
 
 
 def require_read(request: Request, settings: SettingsDep) -> None:
-    token = _bearer(request)
     # An ingest token does not read: a compromised node must not see the whole fleet.
-    if _matches(token, settings.read_tokens):
-        return
-    if _matches(token, settings.ingest_tokens):
-        raise HTTPException(403, "this token may only ingest; reading needs a read token")
-    raise HTTPException(401, "unknown token", headers={"WWW-Authenticate": "Bearer"})
+    _require(request, settings.read_tokens, settings.ingest_tokens, "this token may only ingest; reading needs a read token")
 
 
 IngestAuth = Depends(require_ingest)

@@ -6,18 +6,10 @@ import altair as alt
 import polars as pl
 import streamlit as st
 
-from dashboards.api import CollectorError, get_collector
+from dashboards.api import frames, page
 
-st.set_page_config(page_title="fleetscope · Fleet", layout="wide")
-st.title("Fleet")
-
-collector = get_collector()
-try:
-    nodes = collector.frame("/v1/nodes", "nodes")
-    gpus = collector.frame("/v1/gpus", "gpus")
-except CollectorError as exc:
-    st.error(str(exc))
-    st.stop()
+collector = page("Fleet")
+nodes, gpus = frames(collector, ("/v1/nodes", "nodes"), ("/v1/gpus", "gpus"))
 
 if nodes.height == 0:
     st.info("No node has reported yet. Start an agent with --collector-url pointing here.")

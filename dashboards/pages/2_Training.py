@@ -5,17 +5,10 @@ from __future__ import annotations
 import polars as pl
 import streamlit as st
 
-from dashboards.api import CollectorError, get_collector
+from dashboards.api import CollectorError, frames, page
 
-st.set_page_config(page_title="fleetscope · Training", layout="wide")
-st.title("Training")
-
-collector = get_collector()
-try:
-    jobs = collector.frame("/v1/jobs", "jobs")
-except CollectorError as exc:
-    st.error(str(exc))
-    st.stop()
+collector = page("Training")
+(jobs,) = frames(collector, ("/v1/jobs", "jobs"))
 
 if jobs.height == 0:
     st.info("No training job has reported a step yet. Instrument one with `fleetscope.training(job=...)`.")

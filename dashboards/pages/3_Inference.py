@@ -5,17 +5,10 @@ from __future__ import annotations
 import polars as pl
 import streamlit as st
 
-from dashboards.api import CollectorError, get_collector
+from dashboards.api import frames, page
 
-st.set_page_config(page_title="fleetscope · Inference", layout="wide")
-st.title("Inference")
-
-collector = get_collector()
-try:
-    services = collector.frame("/v1/services", "services")
-except CollectorError as exc:
-    st.error(str(exc))
-    st.stop()
+collector = page("Inference")
+(services,) = frames(collector, ("/v1/services", "services"))
 
 if services.height == 0:
     st.info("No inference service has reported a request yet. Instrument one with `fleetscope.inference(...)`.")
