@@ -4,10 +4,56 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# Clock-event (throttle) reasons: NVML's bit values, and our label for each.
+CLOCK_EVENT_REASONS = {
+    0x0000000000000001: "gpu_idle",
+    0x0000000000000002: "applications_clocks_setting",
+    0x0000000000000004: "sw_power_cap",
+    0x0000000000000008: "hw_slowdown",
+    0x0000000000000010: "sync_boost",
+    0x0000000000000020: "sw_thermal_slowdown",
+    0x0000000000000040: "hw_thermal_slowdown",
+    0x0000000000000080: "hw_power_brake_slowdown",
+    0x0000000000000100: "display_clock_setting",
+}
+
+
+def clock_event_names(mask: int) -> list[str]:
+    return [name for bit, name in CLOCK_EVENT_REASONS.items() if mask & bit]
+
+
+@dataclass(frozen=True, slots=True)
+class PcieState:
+    tx_bytes_per_second: float | None = None
+    rx_bytes_per_second: float | None = None
+    replays: int | None = None
+    generation: int | None = None
+    generation_max: int | None = None
+    width: int | None = None
+    width_max: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NvLinkState:
+    link: int
+    up: bool
+    crc_flit_errors: int | None = None
+    crc_data_errors: int | None = None
+    replay_errors: int | None = None
+    recovery_errors: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RemappedRows:
+    correctable: int
+    uncorrectable: int
+    pending: bool
+    failure: bool
+
 
 @dataclass(frozen=True, slots=True)
 class GpuState:
-    """A field the GPU does not support is None, never 0."""
+    """A field the GPU does not support is None (or empty), never 0."""
 
     index: int
     uuid: str
@@ -15,19 +61,38 @@ class GpuState:
     name: str | None = None
     serial: str | None = None
     pci_bus_id: str | None = None
+    vbios: str | None = None
     utilization_ratio: float | None = None
     memory_utilization_ratio: float | None = None
     memory_used_bytes: int | None = None
     memory_free_bytes: int | None = None
     memory_total_bytes: int | None = None
+    memory_reserved_bytes: int | None = None
     temperature_celsius: float | None = None
+    memory_temperature_celsius: float | None = None
+    temperature_slowdown_celsius: float | None = None
+    temperature_shutdown_celsius: float | None = None
     power_watts: float | None = None
-    power_limit_watts: float | None = None
+    power_limit_watts: float | None = None  # enforced
+    power_management_limit_watts: float | None = None  # configured
     energy_joules: float | None = None
     sm_clock_hertz: float | None = None
     sm_clock_max_hertz: float | None = None
     memory_clock_hertz: float | None = None
+    memory_clock_max_hertz: float | None = None
+    graphics_clock_hertz: float | None = None
     fan_speed_ratio: float | None = None
     pstate: int | None = None
+    clock_event_mask: int | None = None
+    # (error type "corrected"/"uncorrected", counter "volatile"/"aggregate") -> count
+    ecc_errors: dict[tuple[str, str], int] = field(default_factory=dict)
+    # cause "multiple_single_bit"/"double_bit" -> pages
+    retired_pages: dict[str, int] = field(default_factory=dict)
+    retired_pages_pending: bool | None = None
+    remapped_rows: RemappedRows | None = None
+    pcie: PcieState | None = None
+    nvlinks: tuple[NvLinkState, ...] = ()
+    # XID code -> count since the agent started; None when this GPU's XIDs cannot be watched.
+    xid_counts: dict[int, int] | None = None
     # Processes with a CUDA context on this GPU, for attributing workload events to it.
-    pids: tuple[int, ...] = field(default=())
+    pids: tuple[int, ...] = ()

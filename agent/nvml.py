@@ -3,27 +3,34 @@
 Every call goes through `Nvml._query`, which maps NVML's "not supported"-type errors to None and
 lets a lost GPU surface, as nvitop's `nvmlQuery` does. The pynvml module can be passed in, so tests
 drive this code through a fake at the pynvml function boundary.
+
+XID errors arrive as NVML events: each GPU gets its own event set, drained without waiting at
+every sample, and the agent keeps a count per GPU and XID code (a counter, unlike
+dcgm-exporter's last-value gauge, so a repeat of the same XID is visible).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
 from types import ModuleType
 from typing import Any, Callable
 
-from agent.gpustate import GpuState
+from agent.gpustate import GpuState, NvLinkState, PcieState, RemappedRows
 
 log = logging.getLogger("fleetscope.agent.nvml")
 
-MIB = 1024 * 1024
+MAX_EVENTS_PER_SAMPLE = 1000  # a storm must not stall the sampler; the rest waits for the next sample
 
 
 class NvmlUnavailable(Exception):
     """NVML could not be initialised (no driver, no library, no GPU)."""
 
 
-def _text(value: Any) -> str:
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
@@ -37,11 +44,15 @@ class Nvml:
         self._lock = threading.Lock()
         self._initialized = False
         self.driver_version: str | None = None
+        self.cuda_driver_version: str | None = None
         # uuid of each index as last seen, so a GPU that falls off the bus keeps its identity
         self._uuids: dict[int, str] = {}
+        self._event_sets: dict[int, Any] = {}  # index -> event set, for GPUs whose XIDs we can watch
+        self._xids: dict[int, Counter[int]] = {}
         self._not_supported = tuple(
             getattr(lib, name)
-            for name in ("NVMLError_NotSupported", "NVMLError_NoPermission", "NVMLError_NotFound", "NVMLError_FunctionNotFound")
+            for name in ("NVMLError_NotSupported", "NVMLError_NoPermission", "NVMLError_NotFound",
+                         "NVMLError_FunctionNotFound", "NVMLError_InvalidArgument")
             if hasattr(lib, name)
         )
 
@@ -54,13 +65,50 @@ class Nvml:
             except self.lib.NVMLError as exc:
                 raise NvmlUnavailable(f"NVML did not initialise: {exc}") from exc
             self._initialized = True
-            self.driver_version = self._query(self.lib.nvmlSystemGetDriverVersion)
-            if self.driver_version is not None:
-                self.driver_version = _text(self.driver_version)
+            self.driver_version = _text(self._query(self.lib.nvmlSystemGetDriverVersion))
+            cuda = self._query(self.lib.nvmlSystemGetCudaDriverVersion)
+            if cuda:  # 12040 means 12.4
+                self.cuda_driver_version = f"{cuda // 1000}.{cuda % 1000 // 10}"
+            self._watch_xids()
+
+    def _watch_xids(self) -> None:
+        lib = self.lib
+        for index in range(lib.nvmlDeviceGetCount()):
+            try:
+                handle = lib.nvmlDeviceGetHandleByIndex(index)
+                event_set = lib.nvmlEventSetCreate()
+                lib.nvmlDeviceRegisterEvents(handle, lib.nvmlEventTypeXidCriticalError, event_set)
+            except lib.NVMLError as exc:
+                log.warning("GPU %d: XID errors cannot be watched (%s); its XID counters are left out", index, exc)
+                continue
+            self._event_sets[index] = event_set
+            self._xids[index] = Counter()
+
+    def _drain_xids(self) -> None:
+        lib = self.lib
+        for index, event_set in self._event_sets.items():
+            for _ in range(MAX_EVENTS_PER_SAMPLE):
+                try:
+                    data = lib.nvmlEventSetWait_v2(event_set, 0)
+                except lib.NVMLError_Timeout:
+                    break  # nothing pending
+                except lib.NVMLError as exc:
+                    log.debug("GPU %d: reading XID events failed: %s", index, exc)
+                    break
+                if data.eventType & lib.nvmlEventTypeXidCriticalError:
+                    xid = int(data.eventData)
+                    self._xids[index][xid] += 1
+                    log.error("GPU %d: XID %d", index, xid)
 
     def shutdown(self) -> None:
         with self._lock:
             if self._initialized:
+                for event_set in self._event_sets.values():
+                    try:
+                        self.lib.nvmlEventSetFree(event_set)
+                    except self.lib.NVMLError:
+                        pass
+                self._event_sets.clear()
                 try:
                     self.lib.nvmlShutdown()
                 except self.lib.NVMLError:
@@ -77,65 +125,140 @@ class Nvml:
         """One state per GPU index; a GPU that is lost is reported with up=False."""
         self.init()
         lib = self.lib
+        self._drain_xids()
         states = []
         for index in range(lib.nvmlDeviceGetCount()):
+            xids = dict(self._xids[index]) if index in self._xids else None
             try:
-                states.append(self._read_device(index))
+                states.append(self._read_device(index, xids))
             except lib.NVMLError_GpuIsLost:
                 log.error("GPU %d has fallen off the bus (NVML: GPU is lost)", index)
-                states.append(GpuState(index=index, uuid=self._uuids.get(index, f"index-{index}"), up=False))
+                states.append(GpuState(index=index, uuid=self._uuids.get(index, f"index-{index}"), up=False, xid_counts=xids))
         return states
 
-    def _read_device(self, index: int) -> GpuState:
+    def _read_device(self, index: int, xids: dict[int, int] | None) -> GpuState:
         lib, q = self.lib, self._query
         handle = lib.nvmlDeviceGetHandleByIndex(index)
-        uuid = _text(lib.nvmlDeviceGetUUID(handle))
+        uuid = _text(lib.nvmlDeviceGetUUID(handle)) or f"index-{index}"
         self._uuids[index] = uuid
-        fields: dict[str, Any] = {"index": index, "uuid": uuid}
+        f: dict[str, Any] = {"index": index, "uuid": uuid, "xid_counts": xids}
 
-        name = q(lib.nvmlDeviceGetName, handle)
-        fields["name"] = _text(name) if name is not None else None
-        serial = q(lib.nvmlDeviceGetSerial, handle)
-        fields["serial"] = _text(serial) if serial is not None else None
+        f["name"] = _text(q(lib.nvmlDeviceGetName, handle))
+        f["serial"] = _text(q(lib.nvmlDeviceGetSerial, handle))
+        f["vbios"] = _text(q(lib.nvmlDeviceGetVbiosVersion, handle))
         pci = q(lib.nvmlDeviceGetPciInfo, handle)
         if pci is not None:
-            fields["pci_bus_id"] = _text(pci.busId)
+            f["pci_bus_id"] = _text(pci.busId)
 
         util = q(lib.nvmlDeviceGetUtilizationRates, handle)
         if util is not None:
-            fields["utilization_ratio"] = util.gpu / 100.0
-            fields["memory_utilization_ratio"] = util.memory / 100.0
-        mem = q(lib.nvmlDeviceGetMemoryInfo, handle)
+            f["utilization_ratio"] = util.gpu / 100.0
+            f["memory_utilization_ratio"] = util.memory / 100.0
+        mem = q(lib.nvmlDeviceGetMemoryInfo, handle, lib.nvmlMemory_v2) or q(lib.nvmlDeviceGetMemoryInfo, handle)
         if mem is not None:
-            fields.update(memory_used_bytes=int(mem.used), memory_free_bytes=int(mem.free), memory_total_bytes=int(mem.total))
-        temp = q(lib.nvmlDeviceGetTemperature, handle, lib.NVML_TEMPERATURE_GPU)
-        if temp is not None:
-            fields["temperature_celsius"] = float(temp)
-        power = q(lib.nvmlDeviceGetPowerUsage, handle)  # milliwatts
-        if power is not None:
-            fields["power_watts"] = power / 1000.0
-        limit = q(lib.nvmlDeviceGetEnforcedPowerLimit, handle)
-        if limit is not None:
-            fields["power_limit_watts"] = limit / 1000.0
-        energy = q(lib.nvmlDeviceGetTotalEnergyConsumption, handle)  # millijoules since driver load
-        if energy is not None:
-            fields["energy_joules"] = energy / 1000.0
-        sm = q(lib.nvmlDeviceGetClockInfo, handle, lib.NVML_CLOCK_SM)  # MHz
-        if sm is not None:
-            fields["sm_clock_hertz"] = sm * 1e6
-        sm_max = q(lib.nvmlDeviceGetMaxClockInfo, handle, lib.NVML_CLOCK_SM)
-        if sm_max is not None:
-            fields["sm_clock_max_hertz"] = sm_max * 1e6
-        memclk = q(lib.nvmlDeviceGetClockInfo, handle, lib.NVML_CLOCK_MEM)
-        if memclk is not None:
-            fields["memory_clock_hertz"] = memclk * 1e6
-        fan = q(lib.nvmlDeviceGetFanSpeed, handle)  # percent; GPUs without fans say NotSupported
-        if fan is not None:
-            fields["fan_speed_ratio"] = fan / 100.0
+            f.update(memory_used_bytes=int(mem.used), memory_free_bytes=int(mem.free), memory_total_bytes=int(mem.total))
+            if getattr(mem, "reserved", None) is not None:
+                f["memory_reserved_bytes"] = int(mem.reserved)
+
+        f["temperature_celsius"] = _float(q(lib.nvmlDeviceGetTemperature, handle, lib.NVML_TEMPERATURE_GPU))
+        f["memory_temperature_celsius"] = self._field(handle, lib.NVML_FI_DEV_MEMORY_TEMP)
+        f["temperature_slowdown_celsius"] = _float(
+            q(lib.nvmlDeviceGetTemperatureThreshold, handle, lib.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN))
+        f["temperature_shutdown_celsius"] = _float(
+            q(lib.nvmlDeviceGetTemperatureThreshold, handle, lib.NVML_TEMPERATURE_THRESHOLD_SHUTDOWN))
+
+        f["power_watts"] = _scaled(q(lib.nvmlDeviceGetPowerUsage, handle), 1e-3)  # milliwatts
+        f["power_limit_watts"] = _scaled(q(lib.nvmlDeviceGetEnforcedPowerLimit, handle), 1e-3)
+        f["power_management_limit_watts"] = _scaled(q(lib.nvmlDeviceGetPowerManagementLimit, handle), 1e-3)
+        f["energy_joules"] = _scaled(q(lib.nvmlDeviceGetTotalEnergyConsumption, handle), 1e-3)  # mJ since driver load
+
+        f["sm_clock_hertz"] = _scaled(q(lib.nvmlDeviceGetClockInfo, handle, lib.NVML_CLOCK_SM), 1e6)  # MHz
+        f["sm_clock_max_hertz"] = _scaled(q(lib.nvmlDeviceGetMaxClockInfo, handle, lib.NVML_CLOCK_SM), 1e6)
+        f["memory_clock_hertz"] = _scaled(q(lib.nvmlDeviceGetClockInfo, handle, lib.NVML_CLOCK_MEM), 1e6)
+        f["memory_clock_max_hertz"] = _scaled(q(lib.nvmlDeviceGetMaxClockInfo, handle, lib.NVML_CLOCK_MEM), 1e6)
+        f["graphics_clock_hertz"] = _scaled(q(lib.nvmlDeviceGetClockInfo, handle, lib.NVML_CLOCK_GRAPHICS), 1e6)
+        f["fan_speed_ratio"] = _scaled(q(lib.nvmlDeviceGetFanSpeed, handle), 0.01)  # GPUs without fans: NotSupported
         pstate = q(lib.nvmlDeviceGetPerformanceState, handle)
-        if pstate is not None:
-            fields["pstate"] = int(pstate)
+        f["pstate"] = int(pstate) if pstate is not None else None
+        reasons = q(lib.nvmlDeviceGetCurrentClocksEventReasons, handle)
+        f["clock_event_mask"] = int(reasons) if reasons is not None else None
+
+        f.update(self._memory_health(handle))
+        f["pcie"] = self._pcie(handle)
+        f["nvlinks"] = self._nvlinks(handle)
         procs = q(lib.nvmlDeviceGetComputeRunningProcesses, handle)
         if procs:
-            fields["pids"] = tuple(int(p.pid) for p in procs)
-        return GpuState(**fields)
+            f["pids"] = tuple(int(p.pid) for p in procs)
+        return GpuState(**f)
+
+    def _field(self, handle: Any, field_id: int, scope: int | None = None) -> float | None:
+        """One NVML field value, or None when the GPU does not report it."""
+        lib = self.lib
+        values = self._query(lib.nvmlDeviceGetFieldValues, handle, [(field_id, scope) if scope is not None else field_id])
+        if not values or values[0].nvmlReturn != lib.NVML_SUCCESS:
+            return None
+        v = values[0]
+        kinds = {lib.NVML_VALUE_TYPE_DOUBLE: "dVal", lib.NVML_VALUE_TYPE_UNSIGNED_INT: "uiVal",
+                 lib.NVML_VALUE_TYPE_UNSIGNED_LONG: "ulVal", lib.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG: "ullVal",
+                 lib.NVML_VALUE_TYPE_SIGNED_LONG_LONG: "sllVal"}
+        attr = kinds.get(v.valueType)
+        return float(getattr(v.value, attr)) if attr else None
+
+    def _memory_health(self, handle: Any) -> dict[str, Any]:
+        lib, q = self.lib, self._query
+        out: dict[str, Any] = {"ecc_errors": {}, "retired_pages": {}}
+        for etype, ename in ((lib.NVML_MEMORY_ERROR_TYPE_CORRECTED, "corrected"), (lib.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, "uncorrected")):
+            for ctype, cname in ((lib.NVML_VOLATILE_ECC, "volatile"), (lib.NVML_AGGREGATE_ECC, "aggregate")):
+                count = q(lib.nvmlDeviceGetTotalEccErrors, handle, etype, ctype)
+                if count is not None:
+                    out["ecc_errors"][(ename, cname)] = int(count)
+        for cause, cname in ((lib.NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS, "multiple_single_bit"),
+                             (lib.NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR, "double_bit")):
+            pages = q(lib.nvmlDeviceGetRetiredPages, handle, cause)
+            if pages is not None:
+                out["retired_pages"][cname] = len(pages)
+        pending = q(lib.nvmlDeviceGetRetiredPagesPendingStatus, handle)
+        out["retired_pages_pending"] = bool(pending) if pending is not None else None
+        rows = q(lib.nvmlDeviceGetRemappedRows, handle)  # Ampere and newer; older GPUs retire pages instead
+        if rows is not None:
+            corr, unc, pending_rows, failure = rows
+            out["remapped_rows"] = RemappedRows(int(corr), int(unc), bool(pending_rows), bool(failure))
+        return out
+
+    def _pcie(self, handle: Any) -> PcieState | None:
+        lib, q = self.lib, self._query
+        pcie = PcieState(
+            tx_bytes_per_second=_scaled(q(lib.nvmlDeviceGetPcieThroughput, handle, lib.NVML_PCIE_UTIL_TX_BYTES), 1024),  # KB/s
+            rx_bytes_per_second=_scaled(q(lib.nvmlDeviceGetPcieThroughput, handle, lib.NVML_PCIE_UTIL_RX_BYTES), 1024),
+            replays=q(lib.nvmlDeviceGetPcieReplayCounter, handle),
+            generation=q(lib.nvmlDeviceGetCurrPcieLinkGeneration, handle),
+            generation_max=q(lib.nvmlDeviceGetMaxPcieLinkGeneration, handle),
+            width=q(lib.nvmlDeviceGetCurrPcieLinkWidth, handle),
+            width_max=q(lib.nvmlDeviceGetMaxPcieLinkWidth, handle),
+        )
+        return None if pcie == PcieState() else pcie
+
+    def _nvlinks(self, handle: Any) -> tuple[NvLinkState, ...]:
+        lib, q = self.lib, self._query
+        links = []
+        for link in range(lib.NVML_NVLINK_MAX_LINKS):
+            state = q(lib.nvmlDeviceGetNvLinkState, handle, link)
+            if state is None:  # no such link on this GPU (PCIe-only GPUs have none)
+                continue
+            errors = {
+                name: q(lib.nvmlDeviceGetNvLinkErrorCounter, handle, link, counter)
+                for name, counter in (("crc_flit_errors", lib.NVML_NVLINK_ERROR_DL_CRC_FLIT),
+                                      ("crc_data_errors", lib.NVML_NVLINK_ERROR_DL_CRC_DATA),
+                                      ("replay_errors", lib.NVML_NVLINK_ERROR_DL_REPLAY),
+                                      ("recovery_errors", lib.NVML_NVLINK_ERROR_DL_RECOVERY))
+            }
+            links.append(NvLinkState(link=link, up=bool(state), **errors))
+        return tuple(links)
+
+
+def _float(value: Any) -> float | None:
+    return float(value) if value is not None else None
+
+
+def _scaled(value: Any, factor: float) -> float | None:
+    return value * factor if value is not None else None

@@ -32,6 +32,7 @@ def _agent(args: argparse.Namespace) -> int:
             gpu_backend=args.gpu_backend,
             gpus=args.gpus,
             seed=args.seed,
+            scenario=args.scenario,
             expected_gpus=args.expected_gpus,
             collector_url=args.collector_url,
             collector_token=args.collector_token,
@@ -100,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-backend", choices=["auto", "nvml", "simulated", "none"])
     p.add_argument("--gpus", type=int, help="number of simulated GPUs (default 8)")
     p.add_argument("--seed", type=int, help="seed of the simulated GPUs")
+    p.add_argument("--scenario", help="TOML fault scenario for simulated GPUs (see agent/scenario.py)")
     p.add_argument("--expected-gpus", type=int, help="GPUs this node should have")
     p.add_argument("--collector-url", help="collector base URL, e.g. http://collector:9837")
     p.add_argument("--collector-token", help="ingest token (default: $FLEETSCOPE_INGEST_TOKEN)")

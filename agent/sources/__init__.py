@@ -23,7 +23,10 @@ def build_sources(config) -> list[Source]:
             continue
         kwargs: dict[str, object] = {"exclude_interfaces": config.exclude_interfaces}
         if name == "gpu":
-            kwargs["backend"] = gpu.make_backend(config.gpu_backend, gpus=config.gpus, seed=config.seed, node=config.node)
+            if config.scenario and config.gpu_backend != "simulated":
+                raise ValueError("a fault scenario plays on simulated GPUs only: add --gpu-backend simulated")
+            kwargs["backend"] = gpu.make_backend(config.gpu_backend, gpus=config.gpus, seed=config.seed, node=config.node,
+                                                 scenario=config.scenario)
             kwargs["expected_gpus"] = config.expected_gpus
         try:
             sources.append(reg.factory(**kwargs))

@@ -1,15 +1,21 @@
-"""GPUs: identity, utilisation, memory, temperature, power, energy and clocks, from NVML or the simulator."""
+"""GPUs: identity, utilisation, memory, thermals, power, clocks and clock events, memory errors, PCIe,
+NVLink, XIDs and a health verdict, from NVML or the simulator."""
 
 from __future__ import annotations
 
 import logging
+import time
+from collections import deque
 
-from agent.gpustate import GpuState
+from agent.gpustate import CLOCK_EVENT_REASONS, GpuState, clock_event_names
+from agent.health import STATES, verdict
 from agent.sources.base import Family, NoData, Source, reading, register
+from agent.xid import CATALOGUE
 
 log = logging.getLogger("fleetscope.agent.gpu")
 
 G = ("gpu", "uuid")
+XID_WINDOW_S = 3600.0  # an XID keeps its GPU's verdict down for an hour (or until the agent restarts)
 
 # (GpuState field, metric, kind, help)
 _FIELDS = (
@@ -18,26 +24,44 @@ _FIELDS = (
     ("memory_used_bytes", "fleetscope_gpu_memory_used_bytes", "gauge", "Device memory in use."),
     ("memory_free_bytes", "fleetscope_gpu_memory_free_bytes", "gauge", "Device memory free."),
     ("memory_total_bytes", "fleetscope_gpu_memory_total_bytes", "gauge", "Device memory installed."),
+    ("memory_reserved_bytes", "fleetscope_gpu_memory_reserved_bytes", "gauge", "Device memory reserved by the driver and firmware."),
     ("temperature_celsius", "fleetscope_gpu_temperature_celsius", "gauge", "GPU core temperature."),
+    ("memory_temperature_celsius", "fleetscope_gpu_memory_temperature_celsius", "gauge", "HBM temperature."),
+    ("temperature_slowdown_celsius", "fleetscope_gpu_temperature_slowdown_celsius", "gauge", "Temperature at which the GPU slows its clocks."),
+    ("temperature_shutdown_celsius", "fleetscope_gpu_temperature_shutdown_celsius", "gauge", "Temperature at which the GPU shuts down."),
     ("power_watts", "fleetscope_gpu_power_watts", "gauge", "Power draw."),
     ("power_limit_watts", "fleetscope_gpu_power_limit_watts", "gauge", "Enforced power limit."),
+    ("power_management_limit_watts", "fleetscope_gpu_power_management_limit_watts", "gauge", "Configured power management limit."),
     ("energy_joules", "fleetscope_gpu_energy_joules_total", "counter", "Energy consumed since the driver loaded."),
     ("sm_clock_hertz", "fleetscope_gpu_sm_clock_hertz", "gauge", "SM clock."),
     ("sm_clock_max_hertz", "fleetscope_gpu_sm_clock_max_hertz", "gauge", "Maximum SM clock."),
     ("memory_clock_hertz", "fleetscope_gpu_memory_clock_hertz", "gauge", "Memory clock."),
+    ("memory_clock_max_hertz", "fleetscope_gpu_memory_clock_max_hertz", "gauge", "Maximum memory clock."),
+    ("graphics_clock_hertz", "fleetscope_gpu_graphics_clock_hertz", "gauge", "Graphics clock."),
     ("fan_speed_ratio", "fleetscope_gpu_fan_speed_ratio", "gauge", "Fan speed as a share of its maximum (0-1)."),
     ("pstate", "fleetscope_gpu_pstate", "gauge", "Performance state (0 is the fastest, 15 the slowest)."),
 )
+_PCIE = (
+    ("tx_bytes_per_second", "fleetscope_gpu_pcie_transmit_bytes_per_second", "gauge", "PCIe transmit throughput, as NVML samples it."),
+    ("rx_bytes_per_second", "fleetscope_gpu_pcie_receive_bytes_per_second", "gauge", "PCIe receive throughput, as NVML samples it."),
+    ("replays", "fleetscope_gpu_pcie_replays_total", "counter", "PCIe replays (retransmissions after link errors)."),
+    ("generation", "fleetscope_gpu_pcie_link_generation", "gauge", "Current PCIe link generation (drops at idle to save power)."),
+    ("generation_max", "fleetscope_gpu_pcie_link_generation_max", "gauge", "Maximum PCIe link generation of the GPU and its slot."),
+    ("width", "fleetscope_gpu_pcie_link_width", "gauge", "Current PCIe link width in lanes."),
+    ("width_max", "fleetscope_gpu_pcie_link_width_max", "gauge", "Maximum PCIe link width in lanes."),
+)
+_NVLINK_ERRORS = (("crc_flit_errors", "crc_flit"), ("crc_data_errors", "crc_data"), ("replay_errors", "replay"), ("recovery_errors", "recovery"))
 
 
-def make_backend(kind: str, *, gpus: int = 8, seed: int = 0, node: str = "sim"):
+def make_backend(kind: str, *, gpus: int = 8, seed: int = 0, node: str = "sim", scenario: str | None = None):
     """Return a GPU backend for `kind` (auto, nvml, simulated, none), or None for no GPUs."""
     if kind == "none":
         return None
     if kind == "simulated":
         from agent.gpusim import SimulatedGpus
+        from agent.scenario import load_scenario
 
-        return SimulatedGpus(gpus, seed=seed, node=node)
+        return SimulatedGpus(gpus, seed=seed, node=node, faults=load_scenario(scenario) if scenario else ())
     from agent.nvml import Nvml, NvmlUnavailable
 
     try:
@@ -63,43 +87,130 @@ def make_backend(kind: str, *, gpus: int = 8, seed: int = 0, node: str = "sim"):
 class GpuSource(Source):
     name = "gpu"
     families = (
-        Family("fleetscope_gpu_info", "gauge", "GPU identity; the value is always 1.", ("gpu", "uuid", "name", "serial", "pci_bus_id", "driver")),
+        Family("fleetscope_gpu_info", "gauge", "GPU identity; the value is always 1.",
+               ("gpu", "uuid", "name", "serial", "pci_bus_id", "vbios", "driver", "cuda_driver")),
         Family("fleetscope_gpu_up", "gauge", "1 when the GPU answers; 0 when it has fallen off the bus.", G),
-        Family("fleetscope_gpus_present", "gauge", "GPUs the driver reports on this node."),
+        Family("fleetscope_gpus_present", "gauge", "GPUs that answer on this node."),
         Family("fleetscope_gpus_expected", "gauge", "GPUs this node should have, from the agent's configuration."),
-    ) + tuple(Family(metric, kind, help_, G) for _, metric, kind, help_ in _FIELDS)
+        *(Family(metric, kind, help_, G) for _, metric, kind, help_ in _FIELDS),
+        Family("fleetscope_gpu_clock_event_active", "gauge", "1 while this clock-event (throttle) reason holds the clocks down.", G + ("reason",)),
+        Family("fleetscope_gpu_clock_event_seconds_total", "counter", "Time this clock-event reason was active, as sampled by the agent.", G + ("reason",)),
+        Family("fleetscope_gpu_ecc_errors_total", "counter", "ECC memory errors; volatile counts reset with the driver, aggregate ones never.", G + ("type", "counter")),
+        Family("fleetscope_gpu_retired_pages_total", "counter", "Memory pages retired, by cause (GPUs before Ampere).", G + ("cause",)),
+        Family("fleetscope_gpu_retired_pages_pending", "gauge", "1 when a page retirement waits for the next GPU reset.", G),
+        Family("fleetscope_gpu_remapped_rows_total", "counter", "Memory rows remapped, by the error that caused it (Ampere and newer).", G + ("type",)),
+        Family("fleetscope_gpu_row_remap_pending", "gauge", "1 when a row remapping waits for the next GPU reset.", G),
+        Family("fleetscope_gpu_row_remap_failure", "gauge", "1 when a row remapping failed: the GPU needs replacing.", G),
+        *(Family(metric, kind, help_, G) for _, metric, kind, help_ in _PCIE),
+        Family("fleetscope_gpu_nvlink_up", "gauge", "1 when the NVLink is active.", G + ("link",)),
+        Family("fleetscope_gpu_nvlink_errors_total", "counter", "NVLink data-link errors, by type.", G + ("link", "type")),
+        Family("fleetscope_gpu_xid_errors_total", "counter", "XID errors seen since the agent started, by code.", G + ("xid",)),
+        Family("fleetscope_gpu_xid_catalogue_info", "gauge", "What each XID code means and whether it pages; the value is always 1.",
+               ("xid", "name", "severity")),
+        Family("fleetscope_gpu_health", "gauge", "1 for the GPU's current verdict (healthy, degraded, unhealthy), 0 for the others.", G + ("state",)),
+        Family("fleetscope_gpu_health_reason", "gauge", "1 for each reason behind a degraded or unhealthy verdict.", G + ("reason",)),
+    )
 
-    def __init__(self, *, backend=None, expected_gpus: int | None = None, **_: object) -> None:
+    def __init__(self, *, backend=None, expected_gpus: int | None = None, clock=time.monotonic, **_: object) -> None:
         self.backend = backend
         self.expected = expected_gpus
+        self.clock = clock
         self.latest: tuple[GpuState, ...] = ()
+        self._last_t: float | None = None
+        self._event_seconds: dict[tuple[str, str], float] = {}
+        self._xid_history: dict[str, deque[tuple[float, dict[int, int]]]] = {}
 
     def collect(self):
         if self.backend is None:
             self.latest = ()
             raise NoData("no GPU backend")
         states = self.backend.read()
+        now = self.clock()
+        dt = 0.0 if self._last_t is None else now - self._last_t
+        self._last_t = now
         self.latest = tuple(states)
-        return list(self.readings(states))
+        return list(self._readings(states, now, dt))
 
-    def readings(self, states: list[GpuState]):
+    def _recent_xids(self, gpu: GpuState, now: float) -> dict[int, int]:
+        """XIDs of this GPU within the last XID_WINDOW_S."""
+        if gpu.xid_counts is None:
+            return {}
+        history = self._xid_history.setdefault(gpu.uuid, deque())
+        history.append((now, dict(gpu.xid_counts)))
+        while len(history) > 1 and history[1][0] <= now - XID_WINDOW_S:
+            history.popleft()
+        # Counts that existed before the first kept sample are older than the window, or from before we watched.
+        base = history[0][1] if history[0][0] <= now - XID_WINDOW_S else {}
+        return {code: n - base.get(code, 0) for code, n in gpu.xid_counts.items() if n - base.get(code, 0) > 0}
+
+    def _readings(self, states: list[GpuState], now: float, dt: float):
         driver = getattr(self.backend, "driver_version", None) or ""
+        cuda = getattr(self.backend, "cuda_driver_version", None) or ""
         yield reading("fleetscope_gpus_present", sum(1 for s in states if s.up))
         if self.expected is not None:
             yield reading("fleetscope_gpus_expected", self.expected)
+        for x in CATALOGUE.values():
+            yield reading("fleetscope_gpu_xid_catalogue_info", 1, xid=x.code, name=x.name, severity=x.severity)
         for s in states:
             ids = {"gpu": s.index, "uuid": s.uuid}
             yield reading("fleetscope_gpu_up", 1 if s.up else 0, **ids)
+            if s.xid_counts is not None:
+                # Every catalogued code starts at 0, so the first XID is an increase Prometheus can see.
+                for code in sorted(set(CATALOGUE) | set(s.xid_counts)):
+                    yield reading("fleetscope_gpu_xid_errors_total", s.xid_counts.get(code, 0), **ids, xid=code)
+            health = verdict(s, self._recent_xids(s, now))
+            for state in STATES:
+                yield reading("fleetscope_gpu_health", 1 if state == health.state else 0, **ids, state=state)
+            for reason in health.reasons:
+                yield reading("fleetscope_gpu_health_reason", 1, **ids, reason=reason)
             if not s.up:
                 continue
-            yield reading(
-                "fleetscope_gpu_info", 1, **ids, name=s.name or "", serial=s.serial or "", pci_bus_id=s.pci_bus_id or "", driver=driver
-            )
+            yield reading("fleetscope_gpu_info", 1, **ids, name=s.name or "", serial=s.serial or "",
+                          pci_bus_id=s.pci_bus_id or "", vbios=s.vbios or "", driver=driver, cuda_driver=cuda)
             for field, metric, _, _ in _FIELDS:
                 value = getattr(s, field)
                 if value is not None:
                     yield reading(metric, value, **ids)
+            yield from self._clock_events(s, ids, dt)
+            yield from _memory_errors(s, ids)
+            if s.pcie is not None:
+                for field, metric, _, _ in _PCIE:
+                    value = getattr(s.pcie, field)
+                    if value is not None:
+                        yield reading(metric, value, **ids)
+            for link in s.nvlinks:
+                yield reading("fleetscope_gpu_nvlink_up", 1 if link.up else 0, **ids, link=link.link)
+                for field, kind in _NVLINK_ERRORS:
+                    value = getattr(link, field)
+                    if value is not None:
+                        yield reading("fleetscope_gpu_nvlink_errors_total", value, **ids, link=link.link, type=kind)
+
+    def _clock_events(self, s: GpuState, ids: dict, dt: float):
+        if s.clock_event_mask is None:
+            return
+        active = set(clock_event_names(s.clock_event_mask))
+        for reason in CLOCK_EVENT_REASONS.values():
+            key = (s.uuid, reason)
+            if reason in active:
+                self._event_seconds[key] = self._event_seconds.get(key, 0.0) + dt
+            yield reading("fleetscope_gpu_clock_event_active", 1 if reason in active else 0, **ids, reason=reason)
+            yield reading("fleetscope_gpu_clock_event_seconds_total", self._event_seconds.get(key, 0.0), **ids, reason=reason)
 
     def close(self) -> None:
         if self.backend is not None:
             self.backend.shutdown()
+
+
+def _memory_errors(s: GpuState, ids: dict):
+    for (etype, counter), n in sorted(s.ecc_errors.items()):
+        yield reading("fleetscope_gpu_ecc_errors_total", n, **ids, type=etype, counter=counter)
+    for cause, n in sorted(s.retired_pages.items()):
+        yield reading("fleetscope_gpu_retired_pages_total", n, **ids, cause=cause)
+    if s.retired_pages_pending is not None:
+        yield reading("fleetscope_gpu_retired_pages_pending", 1 if s.retired_pages_pending else 0, **ids)
+    rows = s.remapped_rows
+    if rows is not None:
+        yield reading("fleetscope_gpu_remapped_rows_total", rows.correctable, **ids, type="correctable")
+        yield reading("fleetscope_gpu_remapped_rows_total", rows.uncorrectable, **ids, type="uncorrectable")
+        yield reading("fleetscope_gpu_row_remap_pending", 1 if rows.pending else 0, **ids)
+        yield reading("fleetscope_gpu_row_remap_failure", 1 if rows.failure else 0, **ids)

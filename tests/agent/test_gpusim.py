@@ -38,7 +38,7 @@ def test_values_stay_physical():
         for g in sample:
             assert 0 <= g.utilization_ratio <= 1
             assert 0 <= g.memory_used_bytes <= g.memory_total_bytes
-            assert g.memory_used_bytes + g.memory_free_bytes == g.memory_total_bytes
+            assert g.memory_used_bytes + g.memory_free_bytes + g.memory_reserved_bytes == g.memory_total_bytes
             assert IDLE_W * 0.8 <= g.power_watts <= TDP_W
             assert g.sm_clock_hertz <= g.sm_clock_max_hertz
 

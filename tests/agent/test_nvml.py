@@ -89,3 +89,97 @@ def test_auto_backend_without_nvml_runs_without_gpus(caplog):
     reg, sampler = registry_for(None)
     assert reg.get_sample_value("fleetscope_agent_source_up", {"source": "gpu"}) == 0
     assert sampler.latest.status["gpu"].error.startswith("no data")
+
+
+def sample(fake, expected=None, clock=None):
+    source = GpuSource(backend=Nvml(fake), expected_gpus=expected, **({"clock": clock} if clock else {}))
+    sampler = Sampler([source])
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(AgentCollector(sampler))
+    return reg, sampler
+
+
+G0 = {"gpu": "0", "uuid": "GPU-fake-0"}
+
+
+def test_identity_thresholds_clocks_and_memory_health():
+    reg, sampler = sample(FakeNvml([device(0)]))
+    sampler.sample_once()
+    v = reg.get_sample_value
+    assert v("fleetscope_gpu_info", {**G0, "name": "NVIDIA H100 80GB HBM3", "serial": "1650923001234",
+                                     "pci_bus_id": "00000000:18:00.0", "vbios": "96.00.74.00.0D",
+                                     "driver": "570.124.06", "cuda_driver": "12.8"}) == 1
+    assert v("fleetscope_gpu_memory_reserved_bytes", G0) == 2**30
+    assert v("fleetscope_gpu_memory_temperature_celsius", G0) == 78
+    assert v("fleetscope_gpu_temperature_slowdown_celsius", G0) == 87
+    assert v("fleetscope_gpu_temperature_shutdown_celsius", G0) == 92
+    assert v("fleetscope_gpu_graphics_clock_hertz", G0) == 1.98e9
+    assert v("fleetscope_gpu_memory_clock_max_hertz", G0) == 2.619e9
+    assert v("fleetscope_gpu_ecc_errors_total", {**G0, "type": "corrected", "counter": "aggregate"}) == 10
+    assert v("fleetscope_gpu_ecc_errors_total", {**G0, "type": "uncorrected", "counter": "aggregate"}) == 1
+    assert v("fleetscope_gpu_remapped_rows_total", {**G0, "type": "correctable"}) == 2
+    assert v("fleetscope_gpu_row_remap_pending", G0) == 0
+    # Hopper does not retire pages: absent, not 0
+    assert v("fleetscope_gpu_retired_pages_total", {**G0, "cause": "double_bit"}) is None
+    assert v("fleetscope_gpu_retired_pages_pending", G0) is None
+    assert v("fleetscope_gpu_pcie_transmit_bytes_per_second", G0) == 1_000_000 * 1024
+    assert v("fleetscope_gpu_pcie_replays_total", G0) == 5
+    assert v("fleetscope_gpu_pcie_link_width", G0) == 16
+    assert v("fleetscope_gpu_nvlink_up", {**G0, "link": "17"}) == 1
+    assert v("fleetscope_gpu_nvlink_up", {**G0, "link": "18"}) is None  # no such link
+    assert v("fleetscope_gpu_health", {**G0, "state": "healthy"}) == 1
+
+
+def test_clock_events_are_a_state_and_an_accumulated_time():
+    fake = FakeNvml([device(0)])
+    t = [100.0]
+    reg, sampler = sample(fake, clock=lambda: t[0])
+    sampler.sample_once()
+    fake.devices[0]["clock_events"] = pynvml.nvmlClocksEventReasonHwThermalSlowdown | pynvml.nvmlClocksEventReasonSwThermalSlowdown
+    for _ in range(3):
+        t[0] += 5
+        sampler.sample_once()
+    hw = {**G0, "reason": "hw_thermal_slowdown"}
+    assert reg.get_sample_value("fleetscope_gpu_clock_event_active", hw) == 1
+    assert reg.get_sample_value("fleetscope_gpu_clock_event_active", {**G0, "reason": "sw_power_cap"}) == 0
+    assert reg.get_sample_value("fleetscope_gpu_clock_event_seconds_total", hw) == 15
+    assert reg.get_sample_value("fleetscope_gpu_health", {**G0, "state": "degraded"}) == 1
+    assert reg.get_sample_value("fleetscope_gpu_health_reason", {**G0, "reason": "hw_thermal_slowdown"}) == 1
+
+
+def test_xids_are_counted_per_code_and_a_repeat_is_visible():
+    fake = FakeNvml([device(0), device(1)])
+    reg, sampler = sample(fake)
+    sampler.sample_once()
+    xid = lambda gpu, code: reg.get_sample_value(  # noqa: E731
+        "fleetscope_gpu_xid_errors_total", {"gpu": str(gpu), "uuid": f"GPU-fake-{gpu}", "xid": str(code)})
+    assert xid(0, 48) == 0 and xid(1, 79) == 0  # catalogued codes start at 0
+    fake.xid(1, 13)
+    fake.xid(1, 13)
+    fake.xid(1, 48)
+    fake.xid(0, 999)  # not in the catalogue: still counted
+    sampler.sample_once()
+    assert xid(1, 13) == 2 and xid(1, 48) == 1 and xid(0, 999) == 1 and xid(0, 13) == 0
+    g1 = {"gpu": "1", "uuid": "GPU-fake-1"}
+    assert reg.get_sample_value("fleetscope_gpu_health", {**g1, "state": "unhealthy"}) == 1
+    assert reg.get_sample_value("fleetscope_gpu_health_reason", {**g1, "reason": "xid_48"}) == 1
+    assert reg.get_sample_value("fleetscope_gpu_xid_catalogue_info", {"xid": "79", "name": "GPU has fallen off the bus", "severity": "page"}) == 1
+
+
+def test_a_gpu_whose_xids_cannot_be_watched_has_no_xid_counters():
+    reg, sampler = sample(FakeNvml([device(0, events_supported=False)]))
+    sampler.sample_once()
+    assert reg.get_sample_value("fleetscope_gpu_xid_errors_total", {**G0, "xid": "48"}) is None
+    assert reg.get_sample_value("fleetscope_gpu_up", G0) == 1
+
+
+def test_old_bytes_and_missing_fields_do_not_break_a_sample():
+    fake = FakeNvml([device(0, vbios=NotSupported, mem_temp=NotSupported, remapped_rows=NotSupported, nvlinks=[],
+                            clock_events=NotSupported, pcie_tx_kb=NotSupported, pcie_rx_kb=NotSupported,
+                            pcie_replay=NotSupported, pcie_gen=NotSupported, pcie_width=NotSupported)])
+    reg, sampler = sample(fake)
+    sampler.sample_once()
+    assert reg.get_sample_value("fleetscope_agent_source_up", {"source": "gpu"}) == 1
+    for metric in ("fleetscope_gpu_memory_temperature_celsius", "fleetscope_gpu_row_remap_pending", "fleetscope_gpu_pcie_link_width"):
+        assert reg.get_sample_value(metric, G0) is None, metric
+    assert reg.get_sample_value("fleetscope_gpu_clock_event_active", {**G0, "reason": "gpu_idle"}) is None
