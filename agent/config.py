@@ -25,11 +25,15 @@ class AgentConfig:
     collector_token: str | None = None
     agent_id: str | None = None
     disable_sources: list[str] = field(default_factory=list)
+    compat: list[str] = field(default_factory=list)  # "dcgm": also emit dcgm-exporter's names
     exclude_interfaces: str = r"^lo$"
 
     def __post_init__(self) -> None:
         if self.gpu_backend not in ("auto", "nvml", "simulated", "none"):
             raise ValueError(f"gpu_backend must be one of auto, nvml, simulated, none; got {self.gpu_backend!r}")
+        unknown_compat = set(self.compat) - {"dcgm"}
+        if unknown_compat:
+            raise ValueError(f"compat must name only known exporters (dcgm); got {', '.join(sorted(unknown_compat))}")
         if self.interval_s <= 0:
             raise ValueError(f"interval_s must be positive, got {self.interval_s}")
         if self.collector_token is None:

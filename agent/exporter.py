@@ -40,11 +40,17 @@ def build_families(families: Sequence[Family], readings: Iterable[Reading]) -> l
             continue
         if fam.kind == "counter":
             metric: Metric = CounterMetricFamily(fam.name.removesuffix("_total"), fam.help, labels=fam.labels)
+        elif fam.kind == "untyped":
+            metric = Metric(fam.name, fam.help, "unknown")
         else:
             metric = GaugeMetricFamily(fam.name, fam.help, labels=fam.labels)
         for r in rows:
             labels = dict(r.labels)
-            metric.add_metric([labels.get(name, "") for name in fam.labels], r.value)
+            values = [labels.get(name, "") for name in fam.labels]
+            if fam.kind == "untyped":
+                metric.add_sample(fam.name, dict(zip(fam.labels, values)), r.value)
+            else:
+                metric.add_metric(values, r.value)
         out.append(metric)
     return out
 

@@ -50,6 +50,7 @@ class _Gpu:
         self.phase_s = self.rng.uniform(0, self.period_s)
         self.lost = False
         self.xids: dict[int, int] = {}
+        self.last_xid: int | None = None
         self.ecc_uncorrected = 0
         self.ecc_corrected = 0
         self.rows_uncorrectable = 0
@@ -84,6 +85,7 @@ class _Gpu:
 
     def _xid(self, code: int) -> None:
         self.xids[code] = self.xids.get(code, 0) + 1
+        self.last_xid = code
         if code == 79:
             self.lost = True
         elif code in (48, 94, 95):
@@ -99,7 +101,7 @@ class _Gpu:
 
     def state(self, t: float, faults: list[Fault]) -> GpuState:
         if self.lost:
-            return GpuState(index=self.index, uuid=self.uuid, up=False, xid_counts=dict(self.xids))
+            return GpuState(index=self.index, uuid=self.uuid, up=False, xid_counts=dict(self.xids), last_xid=self.last_xid)
         limit = self.power_limit(t, faults)
         mask = 0
         if self.util < 0.05:
@@ -154,6 +156,7 @@ class _Gpu:
             nvlinks=tuple(NvLinkState(link=i, up=True, crc_flit_errors=int(self.nvlink_crc[i]), crc_data_errors=0,
                                       replay_errors=0, recovery_errors=0) for i in range(NVLINKS)),
             xid_counts=dict(self.xids),
+            last_xid=self.last_xid,
         )
 
 

@@ -94,5 +94,6 @@ class GpuState:
     nvlinks: tuple[NvLinkState, ...] = ()
     # XID code -> count since the agent started; None when this GPU's XIDs cannot be watched.
     xid_counts: dict[int, int] | None = None
+    last_xid: int | None = None
     # Processes with a CUDA context on this GPU, for attributing workload events to it.
     pids: tuple[int, ...] = ()

@@ -49,6 +49,7 @@ class Nvml:
         self._uuids: dict[int, str] = {}
         self._event_sets: dict[int, Any] = {}  # index -> event set, for GPUs whose XIDs we can watch
         self._xids: dict[int, Counter[int]] = {}
+        self._last_xid: dict[int, int] = {}
         self._not_supported = tuple(
             getattr(lib, name)
             for name in ("NVMLError_NotSupported", "NVMLError_NoPermission", "NVMLError_NotFound",
@@ -98,6 +99,7 @@ class Nvml:
                 if data.eventType & lib.nvmlEventTypeXidCriticalError:
                     xid = int(data.eventData)
                     self._xids[index][xid] += 1
+                    self._last_xid[index] = xid
                     log.error("GPU %d: XID %d", index, xid)
 
     def shutdown(self) -> None:
@@ -130,18 +132,19 @@ class Nvml:
         for index in range(lib.nvmlDeviceGetCount()):
             xids = dict(self._xids[index]) if index in self._xids else None
             try:
-                states.append(self._read_device(index, xids))
+                states.append(self._read_device(index, xids, self._last_xid.get(index)))
             except lib.NVMLError_GpuIsLost:
                 log.error("GPU %d has fallen off the bus (NVML: GPU is lost)", index)
-                states.append(GpuState(index=index, uuid=self._uuids.get(index, f"index-{index}"), up=False, xid_counts=xids))
+                states.append(GpuState(index=index, uuid=self._uuids.get(index, f"index-{index}"), up=False, xid_counts=xids,
+                                       last_xid=self._last_xid.get(index)))
         return states
 
-    def _read_device(self, index: int, xids: dict[int, int] | None) -> GpuState:
+    def _read_device(self, index: int, xids: dict[int, int] | None, last_xid: int | None) -> GpuState:
         lib, q = self.lib, self._query
         handle = lib.nvmlDeviceGetHandleByIndex(index)
         uuid = _text(lib.nvmlDeviceGetUUID(handle)) or f"index-{index}"
         self._uuids[index] = uuid
-        f: dict[str, Any] = {"index": index, "uuid": uuid, "xid_counts": xids}
+        f: dict[str, Any] = {"index": index, "uuid": uuid, "xid_counts": xids, "last_xid": last_xid}
 
         f["name"] = _text(q(lib.nvmlDeviceGetName, handle))
         f["serial"] = _text(q(lib.nvmlDeviceGetSerial, handle))

@@ -37,6 +37,7 @@ def _agent(args: argparse.Namespace) -> int:
             collector_url=args.collector_url,
             collector_token=args.collector_token,
             disable_sources=args.disable_source or None,
+            compat=args.compat or None,
         )
         agent = Agent(config)
     except (ValueError, OSError) as exc:
@@ -105,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expected-gpus", type=int, help="GPUs this node should have")
     p.add_argument("--collector-url", help="collector base URL, e.g. http://collector:9837")
     p.add_argument("--collector-token", help="ingest token (default: $FLEETSCOPE_INGEST_TOKEN)")
+    p.add_argument("--compat", action="append", choices=["dcgm"], help="also emit another exporter's metric names (dcgm)")
     p.add_argument("--disable-source", action="append", help="source to disable (cpu, memory, storage, network, gpu)")
     p.set_defaults(func=_agent)
 

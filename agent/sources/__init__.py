@@ -28,6 +28,8 @@ def build_sources(config) -> list[Source]:
             kwargs["backend"] = gpu.make_backend(config.gpu_backend, gpus=config.gpus, seed=config.seed, node=config.node,
                                                  scenario=config.scenario)
             kwargs["expected_gpus"] = config.expected_gpus
+            kwargs["compat_dcgm"] = "dcgm" in config.compat
+            kwargs["hostname"] = config.node
         try:
             sources.append(reg.factory(**kwargs))
         except Exception:

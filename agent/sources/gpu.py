@@ -7,6 +7,7 @@ import logging
 import time
 from collections import deque
 
+from agent import compat_dcgm as dcgm
 from agent.gpustate import CLOCK_EVENT_REASONS, GpuState, clock_event_names
 from agent.health import STATES, verdict
 from agent.sources.base import Family, NoData, Source, reading, register
@@ -111,8 +112,13 @@ class GpuSource(Source):
         Family("fleetscope_gpu_health_reason", "gauge", "1 for each reason behind a degraded or unhealthy verdict.", G + ("reason",)),
     )
 
-    def __init__(self, *, backend=None, expected_gpus: int | None = None, clock=time.monotonic, **_: object) -> None:
+    def __init__(self, *, backend=None, expected_gpus: int | None = None, clock=time.monotonic,
+                 compat_dcgm: bool = False, hostname: str = "", **_: object) -> None:
         self.backend = backend
+        self.compat_dcgm = compat_dcgm
+        self.hostname = hostname
+        if compat_dcgm:
+            self.families = GpuSource.families + dcgm.FAMILIES
         self.expected = expected_gpus
         self.clock = clock
         self.latest: tuple[GpuState, ...] = ()
@@ -129,7 +135,10 @@ class GpuSource(Source):
         dt = 0.0 if self._last_t is None else now - self._last_t
         self._last_t = now
         self.latest = tuple(states)
-        return list(self._readings(states, now, dt))
+        readings = list(self._readings(states, now, dt))
+        if self.compat_dcgm:
+            readings.extend(dcgm.dcgm_readings(states, self.hostname, getattr(self.backend, "driver_version", None) or ""))
+        return readings
 
     def _recent_xids(self, gpu: GpuState, now: float) -> dict[int, int]:
         """XIDs of this GPU within the last XID_WINDOW_S."""

@@ -88,3 +88,37 @@ def test_full_exposition_passes_promtool_check_metrics():
     assert b"fleetscope_gpu_utilization_ratio{" in text and b"fleetscope_cpu_seconds_total{" in text
     result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True)
     assert result.returncode == 0 and not result.stdout.strip() and not result.stderr.strip(), result.stdout + result.stderr
+
+
+def test_compat_dcgm_emits_dcgm_exporter_names_units_and_labels():
+    promtool = require_binary("promtool")
+    sim = SimulatedGpus(2, seed=3)
+    reg, sampler = make([GpuSource(backend=sim, compat_dcgm=True, hostname="gpu-012")])
+    sampler.sample_once()
+    g = sampler.latest.gpus[0]
+    labels = {"gpu": "0", "UUID": g.uuid, "device": "nvidia0", "modelName": g.name, "Hostname": "gpu-012",
+              "DCGM_FI_DRIVER_VERSION": sim.driver_version, "pci_bus_id": g.pci_bus_id}
+    assert reg.get_sample_value("DCGM_FI_DEV_FB_USED", labels) == g.memory_used_bytes / 2**20
+    assert reg.get_sample_value("DCGM_FI_DEV_GPU_UTIL", labels) == g.utilization_ratio * 100
+    assert reg.get_sample_value("DCGM_FI_DEV_SM_CLOCK", labels) == g.sm_clock_hertz / 1e6
+    assert reg.get_sample_value("DCGM_FI_DEV_XID_ERRORS", labels) == 0
+    assert reg.get_sample_value("DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION", labels) == g.energy_joules * 1000
+    # our own names are still there
+    assert reg.get_sample_value("fleetscope_gpu_memory_used_bytes", {"gpu": "0", "uuid": g.uuid}) == g.memory_used_bytes
+    text = generate_latest(reg)
+    assert b"# TYPE DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION untyped" in text
+    result = subprocess.run([promtool, "check", "metrics"], input=text.decode(), capture_output=True, text=True)
+    # dcgm-exporter's own names break two of promtool's style rules (camelCase labels modelName, UUID,
+    # Hostname; a name with "COUNTER" in it). Dashboards query those exact names, so compat keeps them;
+    # those findings, on DCGM names only, are the only ones allowed.
+    allowed = ("label names should be written in 'snake_case' not 'camelCase'", "metric name should not include type 'counter'")
+    findings = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert findings, "expected promtool to name dcgm-exporter's camelCase labels"
+    for line in findings:
+        assert line.startswith("DCGM_FI_DEV_") and line.endswith(allowed), line
+
+
+def test_without_compat_there_are_no_dcgm_names():
+    reg, sampler = make([GpuSource(backend=SimulatedGpus(1))])
+    sampler.sample_once()
+    assert b"DCGM_FI" not in generate_latest(reg)
