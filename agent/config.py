@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import tomllib
 import uuid
@@ -27,6 +28,9 @@ class AgentConfig:
     disable_sources: list[str] = field(default_factory=list)
     compat: list[str] = field(default_factory=list)  # "dcgm": also emit dcgm-exporter's names
     exclude_interfaces: str = r"^lo$"
+    procfs: str = "/proc"  # roots, so a containerised agent can read the host's (/host/proc)
+    sysfs: str = "/sys"
+    labels: dict[str, str] = field(default_factory=dict)  # cluster, rack, ...: on fleetscope_node_info and frames
 
     def __post_init__(self) -> None:
         if self.gpu_backend not in ("auto", "nvml", "simulated", "none"):
@@ -34,6 +38,9 @@ class AgentConfig:
         unknown_compat = set(self.compat) - {"dcgm"}
         if unknown_compat:
             raise ValueError(f"compat must name only known exporters (dcgm); got {', '.join(sorted(unknown_compat))}")
+        for key in self.labels:
+            if not re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", key) or key.startswith("__"):
+                raise ValueError(f"label {key!r} is not a Prometheus label name (letters, digits, _; not starting with __)")
         if self.interval_s <= 0:
             raise ValueError(f"interval_s must be positive, got {self.interval_s}")
         if self.collector_token is None:

@@ -58,11 +58,17 @@ def build_families(families: Sequence[Family], readings: Iterable[Reading]) -> l
 class AgentCollector:
     """A prometheus_client custom collector over the sampler's latest snapshot."""
 
-    def __init__(self, sampler: Sampler, providers: Sequence[Provider] = (), version: str = "") -> None:
+    def __init__(self, sampler: Sampler, providers: Sequence[Provider] = (), version: str = "",
+                 labels: dict[str, str] | None = None) -> None:
         self.sampler = sampler
         self.providers = list(providers)
         self.version = version
+        self.labels = dict(sorted((labels or {}).items()))
         self.families: list[Family] = list(AGENT_FAMILIES)
+        if self.labels:
+            self.families.append(Family("fleetscope_node_info", "gauge",
+                                        "The node's place in the fleet, from the agent's configuration; the value is always 1.",
+                                        tuple(self.labels)))
         seen = {f.name for f in self.families}
         for source in sampler.sources:
             for fam in source.families:
@@ -74,6 +80,8 @@ class AgentCollector:
 
     def _own_readings(self) -> Iterable[Reading]:
         yield Reading("fleetscope_agent_build_info", 1.0, (("version", self.version),))
+        if self.labels:
+            yield Reading("fleetscope_node_info", 1.0, tuple(self.labels.items()))
         snapshot = self.sampler.latest
         if snapshot is None:
             return

@@ -29,12 +29,13 @@ class Agent:
         if config.collector_url:
             if not config.collector_token:
                 raise ValueError("a collector URL needs an ingest token: --collector-token or FLEETSCOPE_INGEST_TOKEN")
-            self.shipper = Shipper(config.collector_url, config.collector_token, agent_id=config.agent_id, node=config.node)
+            self.shipper = Shipper(config.collector_url, config.collector_token, agent_id=config.agent_id, node=config.node,
+                                   labels=config.labels)
             self.sampler.subscribe(self.shipper.enqueue_snapshot)
         host, port = split_address(config.events_address, "127.0.0.1")
         self.listener = Listener(host, port, node=config.node, deliver=self._deliver, gpu_lookup=self._gpu_for)
         providers = [self.listener] + ([self.shipper] if self.shipper else [])
-        self.registry = make_registry(AgentCollector(self.sampler, providers, version=fleetscope.__version__))
+        self.registry = make_registry(AgentCollector(self.sampler, providers, version=fleetscope.__version__, labels=config.labels))
         self._http = None
         self._stopped = threading.Event()
 

@@ -22,7 +22,7 @@ from fleetscope.schema import Batch, Event, GpuFrame, HostFrame, encode
 log = logging.getLogger("fleetscope.agent.shipper")
 
 
-def host_frame(snapshot: Snapshot, node: str) -> HostFrame:
+def host_frame(snapshot: Snapshot, node: str, labels: dict[str, str] | None = None) -> HostFrame:
     """The collector's view of one snapshot: a few host figures and every GPU's state."""
 
     def opt(name: str) -> float | None:
@@ -58,6 +58,7 @@ def host_frame(snapshot: Snapshot, node: str) -> HostFrame:
         load1=load1,
         gpus=gpus,
         sources_down=sorted(name for name, st in snapshot.status.items() if not st.up),
+        labels=dict(labels or {}),
     )
 
 
@@ -84,7 +85,9 @@ class Shipper:
         max_queue_frames: int = 720,
         timeout_s: float = 5.0,
         transport: httpx.BaseTransport | None = None,
+        labels: dict[str, str] | None = None,
     ) -> None:
+        self.labels = dict(labels or {})
         self.url = url.rstrip("/") + "/v1/ingest"
         self.agent_id = agent_id
         self.node = node
@@ -120,7 +123,7 @@ class Shipper:
             self._wake.set()
 
     def enqueue_snapshot(self, snapshot: Snapshot) -> None:
-        frame = host_frame(snapshot, self.node)
+        frame = host_frame(snapshot, self.node, self.labels)
         with self._lock:
             if len(self.frames) == self.frames.maxlen:
                 self.dropped["frames_queue_full"] += 1

@@ -24,7 +24,7 @@ SCHEMAS: dict[str, dict[str, pl.DataType]] = {
     "hosts": {
         "ts": pl.Float64, "node": pl.String, "cpu_utilization_ratio": pl.Float64, "memory_used_bytes": pl.Int64,
         "memory_total_bytes": pl.Int64, "load1": pl.Float64, "gpu_count": pl.Int64, "sources_down": pl.List(pl.String),
-        "agent_id": pl.String,
+        "cluster": pl.String, "rack": pl.String, "agent_id": pl.String,
     },
     "gpus": {
         "ts": pl.Float64, "node": pl.String, "index": pl.Int64, "uuid": pl.String, "name": pl.String, "up": pl.Boolean,
@@ -63,7 +63,8 @@ def batch_rows(batch: Batch) -> dict[str, list[dict]]:
         rows["hosts"].append({
             "ts": fr.ts, "node": fr.node, "cpu_utilization_ratio": fr.cpu_utilization_ratio,
             "memory_used_bytes": fr.memory_used_bytes, "memory_total_bytes": fr.memory_total_bytes, "load1": fr.load1,
-            "gpu_count": sum(1 for g in fr.gpus if g.up), "sources_down": list(fr.sources_down), "agent_id": batch.agent_id,
+            "gpu_count": sum(1 for g in fr.gpus if g.up), "sources_down": list(fr.sources_down),
+            "cluster": fr.labels.get("cluster"), "rack": fr.labels.get("rack"), "agent_id": batch.agent_id,
         })
         for g in fr.gpus:
             rows["gpus"].append({

@@ -18,6 +18,18 @@ def _logging(verbose: bool) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
+def _labels(pairs: list[str] | None) -> dict[str, str] | None:
+    if not pairs:
+        return None
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.isidentifier():
+            raise SystemExit(f"fleetscope agent: --label {pair!r} is not KEY=VALUE")
+        out[key] = value
+    return out
+
+
 def _agent(args: argparse.Namespace) -> int:
     from agent.config import AgentConfig
     from agent.main import Agent
@@ -38,6 +50,7 @@ def _agent(args: argparse.Namespace) -> int:
             collector_token=args.collector_token,
             disable_sources=args.disable_source or None,
             compat=args.compat or None,
+            labels=_labels(args.label),
         )
         agent = Agent(config)
     except (ValueError, OSError) as exc:
@@ -106,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expected-gpus", type=int, help="GPUs this node should have")
     p.add_argument("--collector-url", help="collector base URL, e.g. http://collector:9837")
     p.add_argument("--collector-token", help="ingest token (default: $FLEETSCOPE_INGEST_TOKEN)")
+    p.add_argument("--label", action="append", metavar="KEY=VALUE", help="the node's place in the fleet, e.g. cluster=a rack=r12")
     p.add_argument("--compat", action="append", choices=["dcgm"], help="also emit another exporter's metric names (dcgm)")
     p.add_argument("--disable-source", action="append", help="source to disable (cpu, memory, storage, network, gpu)")
     p.set_defaults(func=_agent)

@@ -97,6 +97,7 @@ class HostFrame(Struct, tag="host", tag_field="kind", forbid_unknown_fields=True
     load1: Annotated[float, Meta(ge=0)] | None = None
     gpus: list[GpuFrame] = []
     sources_down: list[Name] = []
+    labels: dict[Name, Name] = {}  # the node's place in the fleet: cluster, rack, ...
 
 
 class Batch(Struct, forbid_unknown_fields=True, omit_defaults=True):

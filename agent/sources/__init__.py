@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from agent.sources import cpu, gpu, memory, network, storage  # noqa: F401 - registration
+from agent.sources import cpu, gpu, hwmon, infiniband, memory, network, pressure, storage  # noqa: F401 - registration
 from agent.sources.base import REGISTRY, NoData, Reading, Source
 
 log = logging.getLogger("fleetscope.agent.sources")
@@ -21,7 +21,7 @@ def build_sources(config) -> list[Source]:
     for name, reg in REGISTRY.items():
         if name in config.disable_sources or not reg.default_enabled:
             continue
-        kwargs: dict[str, object] = {"exclude_interfaces": config.exclude_interfaces}
+        kwargs: dict[str, object] = {"exclude_interfaces": config.exclude_interfaces, "procfs": config.procfs, "sysfs": config.sysfs}
         if name == "gpu":
             if config.scenario and config.gpu_backend != "simulated":
                 raise ValueError("a fault scenario plays on simulated GPUs only: add --gpu-backend simulated")

@@ -1,38 +1,52 @@
-"""Memory and swap, in bytes."""
+"""Memory, swap and huge pages in bytes, and OOM kills, from /proc/meminfo and /proc/vmstat."""
 
 from __future__ import annotations
 
-import psutil
+from pathlib import Path
 
-from agent.sources.base import Family, Source, reading, register
+from agent.procfs import parse_keyed, read_text
+from agent.sources.base import Family, NoData, Source, reading, register
 
-_FIELDS = {
-    "total": "Physical memory.",
-    "available": "Memory available to new work without swapping (MemAvailable).",
-    "used": "Memory in use (total minus free, buffers and cache).",
-    "free": "Memory not used at all.",
-    "cached": "Page cache.",
-    "buffers": "Kernel buffers.",
-}
+# (meminfo key, metric, help)
+_MEMINFO = (
+    ("MemTotal", "fleetscope_memory_total_bytes", "Physical memory."),
+    ("MemAvailable", "fleetscope_memory_available_bytes", "Memory available to new work without swapping (MemAvailable)."),
+    ("MemFree", "fleetscope_memory_free_bytes", "Memory not used at all."),
+    ("Cached", "fleetscope_memory_cached_bytes", "Page cache."),
+    ("Buffers", "fleetscope_memory_buffers_bytes", "Kernel buffers."),
+    ("Shmem", "fleetscope_memory_shared_bytes", "Shared memory (tmpfs, /dev/shm: NCCL and DataLoader buffers live here)."),
+    ("SwapTotal", "fleetscope_memory_swap_total_bytes", "Swap space."),
+    ("SwapFree", "fleetscope_memory_swap_free_bytes", "Swap space free."),
+    ("HugePages_Total", "fleetscope_memory_hugepages", "Huge pages configured."),
+    ("HugePages_Free", "fleetscope_memory_hugepages_free", "Huge pages not in use."),
+    ("Hugepagesize", "fleetscope_memory_hugepage_size_bytes", "Size of one huge page."),
+    ("AnonHugePages", "fleetscope_memory_anon_hugepages_bytes", "Transparent huge pages in anonymous memory."),
+)
 
 
 @register("memory")
 class MemorySource(Source):
     name = "memory"
-    families = tuple(Family(f"fleetscope_memory_{k}_bytes", "gauge", h) for k, h in _FIELDS.items()) + (
-        Family("fleetscope_memory_swap_total_bytes", "gauge", "Swap space."),
-        Family("fleetscope_memory_swap_used_bytes", "gauge", "Swap space in use."),
+    families = tuple(Family(metric, "gauge", help_) for _, metric, help_ in _MEMINFO) + (
+        Family("fleetscope_memory_used_bytes", "gauge", "Memory in use: total minus available."),
+        Family("fleetscope_memory_oom_kills_total", "counter", "Processes the kernel's OOM killer ended."),
     )
 
-    def __init__(self, **_: object) -> None:
-        pass
+    def __init__(self, *, procfs: str = "/proc", **_: object) -> None:
+        self.procfs = Path(procfs)
 
     def collect(self):
-        vm = psutil.virtual_memory()
-        for key in _FIELDS:
-            value = getattr(vm, key, None)
-            if value is not None:  # not every platform has every field
-                yield reading(f"fleetscope_memory_{key}_bytes", value)
-        swap = psutil.swap_memory()
-        yield reading("fleetscope_memory_swap_total_bytes", swap.total)
-        yield reading("fleetscope_memory_swap_used_bytes", swap.used)
+        text = read_text(self.procfs / "meminfo")
+        if text is None:
+            raise NoData(f"no {self.procfs / 'meminfo'}")
+        info = parse_keyed(text)
+        for key, metric, _ in _MEMINFO:
+            if key in info:  # older kernels lack some keys: omitted, never 0
+                yield reading(metric, info[key])
+        if "MemTotal" in info and "MemAvailable" in info:
+            yield reading("fleetscope_memory_used_bytes", info["MemTotal"] - info["MemAvailable"])
+        vmstat = read_text(self.procfs / "vmstat")
+        if vmstat is not None:
+            oom = parse_keyed(vmstat).get("oom_kill")  # since Linux 4.13
+            if oom is not None:
+                yield reading("fleetscope_memory_oom_kills_total", oom)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import psutil
 
+from agent.procfs import read_text
 from agent.sources.base import Family, Source, reading, register
 
 _COUNTERS = (
@@ -29,10 +31,12 @@ class NetworkSource(Source):
         Family("fleetscope_network_up", "gauge", "1 when the interface is administratively and operationally up.", ("device",)),
         Family("fleetscope_network_speed_bytes", "gauge", "Link speed in bytes per second, where the driver reports it.", ("device",)),
         Family("fleetscope_network_mtu_bytes", "gauge", "Interface MTU.", ("device",)),
+        Family("fleetscope_network_carrier_changes_total", "counter", "Times the link went up or down (a flapping cable or port).", ("device",)),
     )
 
-    def __init__(self, *, exclude_interfaces: str = r"^lo$", **_: object) -> None:
+    def __init__(self, *, exclude_interfaces: str = r"^lo$", sysfs: str = "/sys", **_: object) -> None:
         self.exclude = re.compile(exclude_interfaces) if exclude_interfaces else None
+        self.sysfs = Path(sysfs)
 
     def collect(self):
         stats = psutil.net_if_stats()
@@ -47,3 +51,6 @@ class NetworkSource(Source):
                 if st.speed > 0:  # psutil reports 0 when the speed is unknown: omit, never 0
                     yield reading("fleetscope_network_speed_bytes", st.speed * 1_000_000 / 8, device=device)
                 yield reading("fleetscope_network_mtu_bytes", st.mtu, device=device)
+            changes = read_text(self.sysfs / "class" / "net" / device / "carrier_changes")
+            if changes is not None and changes.strip().isdigit():
+                yield reading("fleetscope_network_carrier_changes_total", int(changes), device=device)

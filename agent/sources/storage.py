@@ -1,12 +1,14 @@
-"""Filesystems (size, free, available, inodes) and block-device I/O."""
+"""Filesystems (size, free, available, inodes, read-only) and block-device I/O from /proc/diskstats."""
 
 from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 import psutil
 
+from agent.procfs import parse_diskstats, read_text
 from agent.sources.base import Family, Source, reading, register
 
 # Virtual devices whose I/O is counted again on the real device underneath.
@@ -30,10 +32,13 @@ class StorageSource(Source):
         Family("fleetscope_disk_read_time_seconds_total", "counter", "Time spent reading.", ("device",)),
         Family("fleetscope_disk_write_time_seconds_total", "counter", "Time spent writing.", ("device",)),
         Family("fleetscope_disk_io_time_seconds_total", "counter", "Time the device had I/O in flight.", ("device",)),
+        Family("fleetscope_disk_io_time_weighted_seconds_total", "counter",
+               "I/O time weighted by the requests in flight (its rate is the average queue length).", ("device",)),
+        Family("fleetscope_disk_io_now", "gauge", "I/O requests in flight.", ("device",)),
     )
 
-    def __init__(self, **_: object) -> None:
-        pass
+    def __init__(self, *, procfs: str = "/proc", **_: object) -> None:
+        self.procfs = Path(procfs)
 
     def collect(self):
         seen: set[str] = set()
@@ -52,15 +57,16 @@ class StorageSource(Source):
             yield reading("fleetscope_filesystem_files", st.f_files, **labels)
             yield reading("fleetscope_filesystem_files_free", st.f_ffree, **labels)
             yield reading("fleetscope_filesystem_readonly", 1 if st.f_flag & os.ST_RDONLY else 0, **labels)
-        for device, io in (psutil.disk_io_counters(perdisk=True) or {}).items():
-            if _SKIP_DISKS.match(device):
+        text = read_text(self.procfs / "diskstats")
+        for d in parse_diskstats(text or ""):
+            if _SKIP_DISKS.match(d.device):
                 continue
-            yield reading("fleetscope_disk_read_bytes_total", io.read_bytes, device=device)
-            yield reading("fleetscope_disk_written_bytes_total", io.write_bytes, device=device)
-            yield reading("fleetscope_disk_reads_completed_total", io.read_count, device=device)
-            yield reading("fleetscope_disk_writes_completed_total", io.write_count, device=device)
-            yield reading("fleetscope_disk_read_time_seconds_total", io.read_time / 1000.0, device=device)
-            yield reading("fleetscope_disk_write_time_seconds_total", io.write_time / 1000.0, device=device)
-            busy = getattr(io, "busy_time", None)
-            if busy is not None:
-                yield reading("fleetscope_disk_io_time_seconds_total", busy / 1000.0, device=device)
+            yield reading("fleetscope_disk_read_bytes_total", d.read_bytes, device=d.device)
+            yield reading("fleetscope_disk_written_bytes_total", d.written_bytes, device=d.device)
+            yield reading("fleetscope_disk_reads_completed_total", d.reads, device=d.device)
+            yield reading("fleetscope_disk_writes_completed_total", d.writes, device=d.device)
+            yield reading("fleetscope_disk_read_time_seconds_total", d.read_seconds, device=d.device)
+            yield reading("fleetscope_disk_write_time_seconds_total", d.write_seconds, device=d.device)
+            yield reading("fleetscope_disk_io_time_seconds_total", d.io_seconds, device=d.device)
+            yield reading("fleetscope_disk_io_time_weighted_seconds_total", d.weighted_io_seconds, device=d.device)
+            yield reading("fleetscope_disk_io_now", d.in_progress, device=d.device)

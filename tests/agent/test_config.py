@@ -28,6 +28,29 @@ def test_unknown_settings_and_bad_values_are_refused(tmp_path):
 
 def test_sources_are_disabled_by_name():
     names = [s.name for s in build_sources(AgentConfig(gpu_backend="none", disable_sources=["storage", "network"]))]
-    assert names == ["cpu", "gpu", "memory"]
+    assert "storage" not in names and "network" not in names
+    assert {"cpu", "gpu", "memory", "pressure", "infiniband", "hwmon"} <= set(names)
     with pytest.raises(ValueError, match="unknown source.*nope"):
         build_sources(AgentConfig(disable_sources=["nope"]))
+
+
+def test_labels_must_be_prometheus_label_names():
+    with pytest.raises(ValueError, match="not a Prometheus label name"):
+        AgentConfig(labels={"rack-id": "r1"})
+    assert AgentConfig(labels={"cluster": "a", "rack": "r12"}).labels == {"cluster": "a", "rack": "r12"}
+
+
+def test_node_labels_are_an_info_metric_and_travel_in_frames():
+    from prometheus_client import CollectorRegistry
+
+    from agent.exporter import AgentCollector
+    from agent.sampler import Sampler
+    from agent.shipper import host_frame
+    from agent.sources.cpu import CpuSource
+
+    sampler = Sampler([CpuSource()])
+    snapshot = sampler.sample_once()
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(AgentCollector(sampler, labels={"rack": "r12", "cluster": "a"}))
+    assert reg.get_sample_value("fleetscope_node_info", {"cluster": "a", "rack": "r12"}) == 1
+    assert host_frame(snapshot, "n1", {"cluster": "a"}).labels == {"cluster": "a"}

@@ -9,13 +9,14 @@ from agent.sources.base import REGISTRY
 from agent.sources.cpu import CpuSource
 from agent.sources.memory import MemorySource
 from agent.sources.network import NetworkSource
+from agent.sources.pressure import PressureSource
 from agent.sources.storage import StorageSource
 
-HOST_SOURCES = [CpuSource, MemorySource, StorageSource, NetworkSource]
+HOST_SOURCES = [CpuSource, MemorySource, StorageSource, NetworkSource, PressureSource]
 
 
 def test_every_subsystem_registers_itself_by_name():
-    assert {"cpu", "memory", "storage", "network", "gpu"} <= set(REGISTRY)
+    assert {"cpu", "memory", "storage", "network", "gpu", "pressure", "infiniband", "hwmon"} <= set(REGISTRY)
 
 
 @pytest.mark.parametrize("cls", HOST_SOURCES, ids=lambda c: c.name)

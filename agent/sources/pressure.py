@@ -1,0 +1,40 @@
+"""Pressure stall information (PSI): time tasks waited for CPU, memory and I/O."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from agent.procfs import parse_pressure, read_text
+from agent.sources.base import Family, NoData, Source, reading, register
+
+RESOURCES = ("cpu", "memory", "io")
+
+
+@register("pressure")
+class PressureSource(Source):
+    name = "pressure"
+    families = tuple(
+        Family(f"fleetscope_pressure_{res}_{kind}_seconds_total", "counter", help_)
+        for res in RESOURCES
+        for kind, help_ in (("waiting", f"Time at least one task waited for {res}."),
+                            ("stalled", f"Time all non-idle tasks were stalled on {res}."))
+    )
+
+    def __init__(self, *, procfs: str = "/proc", **_: object) -> None:
+        self.root = Path(procfs) / "pressure"
+
+    def collect(self):
+        found = False
+        for res in RESOURCES:
+            text = read_text(self.root / res)
+            if text is None:
+                continue
+            found = True
+            values = parse_pressure(text)
+            if "some" in values:
+                yield reading(f"fleetscope_pressure_{res}_waiting_seconds_total", values["some"])
+            # The kernel reports "full" for cpu as 0 before 5.13 and on the root cgroup: meaningless, left out.
+            if "full" in values and res != "cpu":
+                yield reading(f"fleetscope_pressure_{res}_stalled_seconds_total", values["full"])
+        if not found:
+            raise NoData("no /proc/pressure (kernel without PSI, or psi=0)")
