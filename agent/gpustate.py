@@ -52,6 +52,14 @@ class RemappedRows:
 
 
 @dataclass(frozen=True, slots=True)
+class GpuProcess:
+    pid: int
+    used_memory_bytes: int | None = None
+    sm_utilization_ratio: float | None = None
+    memory_utilization_ratio: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class GpuState:
     """A field the GPU does not support is None (or empty), never 0."""
 
@@ -95,5 +103,9 @@ class GpuState:
     # XID code -> count since the agent started; None when this GPU's XIDs cannot be watched.
     xid_counts: dict[int, int] | None = None
     last_xid: int | None = None
-    # Processes with a CUDA context on this GPU, for attributing workload events to it.
-    pids: tuple[int, ...] = ()
+    # Processes with a CUDA context on this GPU.
+    processes: tuple[GpuProcess, ...] = ()
+
+    @property
+    def pids(self) -> tuple[int, ...]:
+        return tuple(p.pid for p in self.processes)

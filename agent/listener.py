@@ -41,6 +41,8 @@ class Listener:
         self.gpu_lookup = gpu_lookup
         self.received: Counter[str] = Counter()
         self.rejected: Counter[str] = Counter()
+        # pid -> (training job, rank), so the GPU source can name the job a GPU process belongs to
+        self.workloads: dict[int, tuple[str, str]] = {}
         self._last_log = 0.0
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         # A burst of steps from 8 ranks must not overflow the kernel buffer while we enrich.
@@ -67,6 +69,10 @@ class Listener:
         local_rank = getattr(event, "local_rank", -1)
         event = msgspec.structs.replace(event, node=self.node, gpu_uuid=self.gpu_lookup(event.pid, local_rank))
         self.received[type(event).__struct_config__.tag] += 1
+        if event.pid and hasattr(event, "job"):
+            self.workloads[event.pid] = (event.job, str(event.rank))
+            if len(self.workloads) > 65536:  # bounded: drop the oldest pids
+                del self.workloads[next(iter(self.workloads))]
         self.deliver(event)
         return event
 

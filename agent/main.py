@@ -34,6 +34,9 @@ class Agent:
             self.sampler.subscribe(self.shipper.enqueue_snapshot)
         host, port = split_address(config.events_address, "127.0.0.1")
         self.listener = Listener(host, port, node=config.node, deliver=self._deliver, gpu_lookup=self._gpu_for)
+        for source in self.sources:
+            if isinstance(source, GpuSource):
+                source.workload_lookup = self.listener.workloads.get
         providers = [self.listener] + ([self.shipper] if self.shipper else [])
         self.registry = make_registry(AgentCollector(self.sampler, providers, version=fleetscope.__version__, labels=config.labels))
         self._http = None

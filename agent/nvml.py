@@ -17,7 +17,7 @@ from collections import Counter
 from types import ModuleType
 from typing import Any, Callable
 
-from agent.gpustate import GpuState, NvLinkState, PcieState, RemappedRows
+from agent.gpustate import GpuProcess, GpuState, NvLinkState, PcieState, RemappedRows
 
 log = logging.getLogger("fleetscope.agent.nvml")
 
@@ -50,6 +50,7 @@ class Nvml:
         self._event_sets: dict[int, Any] = {}  # index -> event set, for GPUs whose XIDs we can watch
         self._xids: dict[int, Counter[int]] = {}
         self._last_xid: dict[int, int] = {}
+        self._util_since: dict[int, int] = {}  # per device: timestamp of the last process-utilisation sample seen
         self._not_supported = tuple(
             getattr(lib, name)
             for name in ("NVMLError_NotSupported", "NVMLError_NoPermission", "NVMLError_NotFound",
@@ -189,10 +190,29 @@ class Nvml:
         f.update(self._memory_health(handle))
         f["pcie"] = self._pcie(handle)
         f["nvlinks"] = self._nvlinks(handle)
-        procs = q(lib.nvmlDeviceGetComputeRunningProcesses, handle)
-        if procs:
-            f["pids"] = tuple(int(p.pid) for p in procs)
+        f["processes"] = self._processes(handle, index)
         return GpuState(**f)
+
+    def _processes(self, handle: Any, index: int) -> tuple[GpuProcess, ...]:
+        lib, q = self.lib, self._query
+        procs = q(lib.nvmlDeviceGetComputeRunningProcesses, handle) or []
+        if not procs:
+            return ()
+        # Utilisation samples since the previous read; none (NotFound) when the processes were idle.
+        samples = q(lib.nvmlDeviceGetProcessUtilization, handle, self._util_since.get(index, 0)) or []
+        util = {int(s.pid): s for s in samples}
+        if samples:
+            self._util_since[index] = max(int(s.timeStamp) for s in samples)
+        out = []
+        for p in procs:
+            used = getattr(p, "usedGpuMemory", None)  # None when the driver hides it (no permission)
+            s = util.get(int(p.pid))
+            out.append(GpuProcess(
+                pid=int(p.pid), used_memory_bytes=int(used) if used is not None else None,
+                sm_utilization_ratio=s.smUtil / 100.0 if s is not None else None,
+                memory_utilization_ratio=s.memUtil / 100.0 if s is not None else None,
+            ))
+        return tuple(out)
 
     def _field(self, handle: Any, field_id: int, scope: int | None = None) -> float | None:
         """One NVML field value, or None when the GPU does not report it."""

@@ -9,6 +9,7 @@ from collections import deque
 
 from agent import compat_dcgm as dcgm
 from agent.gpustate import CLOCK_EVENT_REASONS, GpuState, clock_event_names
+from agent.cgroup import Owner, owner_of
 from agent.health import STATES, verdict
 from agent.sources.base import Family, NoData, Source, reading, register
 from agent.xid import CATALOGUE
@@ -16,6 +17,7 @@ from agent.xid import CATALOGUE
 log = logging.getLogger("fleetscope.agent.gpu")
 
 G = ("gpu", "uuid")
+PROC = ("pid", "container", "pod_uid", "slurm_job", "training_job", "rank")
 XID_WINDOW_S = 3600.0  # an XID keeps its GPU's verdict down for an hour (or until the agent restarts)
 
 # (GpuState field, metric, kind, help)
@@ -108,13 +110,22 @@ class GpuSource(Source):
         Family("fleetscope_gpu_xid_errors_total", "counter", "XID errors seen since the agent started, by code.", G + ("xid",)),
         Family("fleetscope_gpu_xid_catalogue_info", "gauge", "What each XID code means and whether it pages; the value is always 1.",
                ("xid", "name", "severity")),
+        Family("fleetscope_gpu_process_memory_used_bytes", "gauge",
+               "Device memory a process holds, with the container, pod, Slurm job and training job it belongs to.", G + PROC),
+        Family("fleetscope_gpu_process_sm_utilization_ratio", "gauge",
+               "Share of the last sample period the process's kernels ran on the GPU (0-1).", G + PROC),
         Family("fleetscope_gpu_health", "gauge", "1 for the GPU's current verdict (healthy, degraded, unhealthy), 0 for the others.", G + ("state",)),
         Family("fleetscope_gpu_health_reason", "gauge", "1 for each reason behind a degraded or unhealthy verdict.", G + ("reason",)),
     )
 
     def __init__(self, *, backend=None, expected_gpus: int | None = None, clock=time.monotonic,
-                 compat_dcgm: bool = False, hostname: str = "", **_: object) -> None:
+                 compat_dcgm: bool = False, hostname: str = "", procfs: str = "/proc",
+                 workload_lookup=None, **_: object) -> None:
         self.backend = backend
+        self.procfs = procfs
+        # pid -> (training job, rank) from the workload events the listener saw; set by the agent
+        self.workload_lookup = workload_lookup or (lambda pid: None)
+        self._owners: dict[int, Owner] = {}
         self.compat_dcgm = compat_dcgm
         self.hostname = hostname
         if compat_dcgm:
@@ -136,6 +147,9 @@ class GpuSource(Source):
         self._last_t = now
         self.latest = tuple(states)
         readings = list(self._readings(states, now, dt))
+        live = {p.pid for s in states for p in s.processes}
+        for pid in set(self._owners) - live:  # pids get reused: forget processes gone from every GPU
+            del self._owners[pid]
         if self.compat_dcgm:
             readings.extend(dcgm.dcgm_readings(states, self.hostname, getattr(self.backend, "driver_version", None) or ""))
         return readings
@@ -181,6 +195,7 @@ class GpuSource(Source):
                 if value is not None:
                     yield reading(metric, value, **ids)
             yield from self._clock_events(s, ids, dt)
+            yield from self._processes(s, ids)
             yield from _memory_errors(s, ids)
             if s.pcie is not None:
                 for field, metric, _, _ in _PCIE:
@@ -204,6 +219,19 @@ class GpuSource(Source):
                 self._event_seconds[key] = self._event_seconds.get(key, 0.0) + dt
             yield reading("fleetscope_gpu_clock_event_active", 1 if reason in active else 0, **ids, reason=reason)
             yield reading("fleetscope_gpu_clock_event_seconds_total", self._event_seconds.get(key, 0.0), **ids, reason=reason)
+
+    def _processes(self, s: GpuState, ids: dict):
+        for p in s.processes:
+            owner = self._owners.get(p.pid)
+            if owner is None:
+                owner = self._owners[p.pid] = owner_of(p.pid, self.procfs)
+            job, rank = self.workload_lookup(p.pid) or ("", "")
+            labels = {**ids, "pid": p.pid, "container": owner.container, "pod_uid": owner.pod_uid,
+                      "slurm_job": owner.slurm_job, "training_job": job, "rank": rank}
+            if p.used_memory_bytes is not None:
+                yield reading("fleetscope_gpu_process_memory_used_bytes", p.used_memory_bytes, **labels)
+            if p.sm_utilization_ratio is not None:
+                yield reading("fleetscope_gpu_process_sm_utilization_ratio", p.sm_utilization_ratio, **labels)
 
     def close(self) -> None:
         if self.backend is not None:

@@ -50,6 +50,7 @@ def device(index: int, **overrides):
         "nvlinks": [True] * 18,
         "nvlink_errors": {},  # (link, counter) -> value; default 0
         "procs": [SimpleNamespace(pid=4242, usedGpuMemory=2**30)],
+        "proc_util": [SimpleNamespace(pid=4242, smUtil=73, memUtil=20, timeStamp=1_000_000)],
         "events": [],  # XID codes queued for this GPU's event set
         "events_supported": True,
         "lost": False,
@@ -234,3 +235,10 @@ class FakeNvml:
 
     def nvmlDeviceGetComputeRunningProcesses(self, h):
         return self._answer(h, "procs")
+
+    def nvmlDeviceGetProcessUtilization(self, h, since):
+        self.calls.append(f"process_utilization_since:{since}")
+        samples = [s for s in self._answer(h, "proc_util") if s.timeStamp > since]
+        if not samples:
+            raise real.NVMLError_NotFound()
+        return samples

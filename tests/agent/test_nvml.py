@@ -183,3 +183,25 @@ def test_old_bytes_and_missing_fields_do_not_break_a_sample():
     for metric in ("fleetscope_gpu_memory_temperature_celsius", "fleetscope_gpu_row_remap_pending", "fleetscope_gpu_pcie_link_width"):
         assert reg.get_sample_value(metric, G0) is None, metric
     assert reg.get_sample_value("fleetscope_gpu_clock_event_active", {**G0, "reason": "gpu_idle"}) is None
+
+
+def test_gpu_processes_are_attributed_to_their_container_pod_slurm_job_and_training_job(tmp_path):
+    (tmp_path / "4242").mkdir()
+    (tmp_path / "4242" / "cgroup").write_text(
+        "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1a2b3c4d_5e6f_7a8b_9c0d_1e2f3a4b5c6d.slice/"
+        "cri-containerd-0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef.scope\n")
+    fake = FakeNvml([device(0)])
+    source = GpuSource(backend=Nvml(fake), procfs=str(tmp_path), workload_lookup={4242: ("llama", "3")}.get)
+    sampler = Sampler([source])
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(AgentCollector(sampler))
+    sampler.sample_once()
+    labels = {**G0, "pid": "4242", "container": "0123456789ab", "pod_uid": "1a2b3c4d-5e6f-7a8b-9c0d-1e2f3a4b5c6d",
+              "slurm_job": "", "training_job": "llama", "rank": "3"}
+    assert reg.get_sample_value("fleetscope_gpu_process_memory_used_bytes", labels) == 2**30
+    assert reg.get_sample_value("fleetscope_gpu_process_sm_utilization_ratio", labels) == 0.73
+    sampler.sample_once()
+    # the next read asks only for samples newer than the last one seen; none came, so no utilisation
+    assert "process_utilization_since:1000000" in fake.calls
+    assert reg.get_sample_value("fleetscope_gpu_process_sm_utilization_ratio", labels) is None
+    assert reg.get_sample_value("fleetscope_gpu_process_memory_used_bytes", labels) == 2**30
