@@ -8,6 +8,7 @@ from typing import Iterable, Protocol, Sequence
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from agent.exposition import render
 from agent.sampler import Sampler
 from agent.sources.base import Family, Reading
 
@@ -91,11 +92,18 @@ class AgentCollector:
             yield Reading("fleetscope_agent_source_duration_seconds", st.duration_s, (("source", name),))
         yield from snapshot.readings
 
-    def collect(self) -> Iterable[Metric]:
+    def readings(self) -> list[Reading]:
         readings = list(self._own_readings())
         for provider in self.providers:
             readings.extend(provider.readings())
-        return build_families(self.families, readings)
+        return readings
+
+    def collect(self) -> Iterable[Metric]:
+        return build_families(self.families, self.readings())
+
+    def render(self) -> bytes:
+        """The exposition text, as generate_latest would write it, without its per-object cost."""
+        return render(self.families, self.readings())
 
 
 def make_registry(collector: AgentCollector) -> CollectorRegistry:

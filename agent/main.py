@@ -6,11 +6,10 @@ import logging
 import signal
 import threading
 
-from prometheus_client import start_http_server
-
 import fleetscope
 from agent.config import AgentConfig, split_address
 from agent.exporter import AgentCollector, make_registry
+from agent.exposition import MetricsServer
 from agent.listener import Listener
 from agent.sampler import Sampler
 from agent.shipper import Shipper
@@ -38,7 +37,8 @@ class Agent:
             if isinstance(source, GpuSource):
                 source.workload_lookup = self.listener.workloads.get
         providers = [self.listener] + ([self.shipper] if self.shipper else [])
-        self.registry = make_registry(AgentCollector(self.sampler, providers, version=fleetscope.__version__, labels=config.labels))
+        self.collector = AgentCollector(self.sampler, providers, version=fleetscope.__version__, labels=config.labels)
+        self.registry = make_registry(self.collector)
         self._http = None
         self._stopped = threading.Event()
 
@@ -65,7 +65,9 @@ class Agent:
         if self.shipper is not None:
             self.shipper.start()
         host, port = split_address(self.config.metrics_address)
-        self._http = start_http_server(port, addr=host, registry=self.registry)
+        # The latest snapshot is rendered once; counters of the listener and shipper are as fresh as it.
+        self._http = MetricsServer(host, port, self.collector.render, lambda: self.sampler.latest)
+        self._http.start()
         log.info(
             "agent on node %s: metrics on http://%s:%d/metrics, events on udp://%s:%d, shipping to %s",
             self.config.node, host, port, *self.listener.address, self.config.collector_url or "(nowhere)",
@@ -80,9 +82,7 @@ class Agent:
         if self.shipper is not None:
             self.shipper.stop()
         if self._http is not None:
-            server, thread = self._http
-            server.shutdown()
-            server.server_close()
+            self._http.stop()
         log.info("agent stopped")
 
     def run_forever(self) -> None:

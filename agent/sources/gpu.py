@@ -11,7 +11,7 @@ from agent import compat_dcgm as dcgm
 from agent.gpustate import CLOCK_EVENT_REASONS, GpuState, clock_event_names
 from agent.cgroup import Owner, owner_of
 from agent.health import STATES, verdict
-from agent.sources.base import Family, NoData, Source, reading, register
+from agent.sources.base import Family, NoData, Reading, Source, reading, register
 from agent.xid import CATALOGUE
 
 log = logging.getLogger("fleetscope.agent.gpu")
@@ -54,6 +54,11 @@ _PCIE = (
     ("width_max", "fleetscope_gpu_pcie_link_width_max", "gauge", "Maximum PCIe link width in lanes."),
 )
 _NVLINK_ERRORS = (("crc_flit_errors", "crc_flit"), ("crc_data_errors", "crc_data"), ("replay_errors", "replay"), ("recovery_errors", "recovery"))
+
+
+def _r(metric: str, value: float, ids: tuple, *extra: tuple[str, str]) -> Reading:
+    """A reading with the GPU's prebuilt label tuple: thousands of these per sample, so no dicts."""
+    return Reading(metric, float(value), ids + extra if extra else ids)
 
 
 def make_backend(kind: str, *, gpus: int = 8, seed: int = 0, node: str = "sim", scenario: str | None = None):
@@ -175,25 +180,25 @@ class GpuSource(Source):
         for x in CATALOGUE.values():
             yield reading("fleetscope_gpu_xid_catalogue_info", 1, xid=x.code, name=x.name, severity=x.severity)
         for s in states:
-            ids = {"gpu": s.index, "uuid": s.uuid}
-            yield reading("fleetscope_gpu_up", 1 if s.up else 0, **ids)
+            ids = (("gpu", str(s.index)), ("uuid", s.uuid))
+            yield _r("fleetscope_gpu_up", 1 if s.up else 0, ids)
             if s.xid_counts is not None:
                 # Every catalogued code starts at 0, so the first XID is an increase Prometheus can see.
                 for code in sorted(set(CATALOGUE) | set(s.xid_counts)):
-                    yield reading("fleetscope_gpu_xid_errors_total", s.xid_counts.get(code, 0), **ids, xid=code)
+                    yield _r("fleetscope_gpu_xid_errors_total", s.xid_counts.get(code, 0), ids, ("xid", str(code)))
             health = verdict(s, self._recent_xids(s, now))
             for state in STATES:
-                yield reading("fleetscope_gpu_health", 1 if state == health.state else 0, **ids, state=state)
+                yield _r("fleetscope_gpu_health", 1 if state == health.state else 0, ids, ("state", state))
             for reason in health.reasons:
-                yield reading("fleetscope_gpu_health_reason", 1, **ids, reason=reason)
+                yield _r("fleetscope_gpu_health_reason", 1, ids, ("reason", reason))
             if not s.up:
                 continue
-            yield reading("fleetscope_gpu_info", 1, **ids, name=s.name or "", serial=s.serial or "",
+            yield reading("fleetscope_gpu_info", 1, gpu=s.index, uuid=s.uuid, name=s.name or "", serial=s.serial or "",
                           pci_bus_id=s.pci_bus_id or "", vbios=s.vbios or "", driver=driver, cuda_driver=cuda)
             for field, metric, _, _ in _FIELDS:
                 value = getattr(s, field)
                 if value is not None:
-                    yield reading(metric, value, **ids)
+                    yield _r(metric, value, ids)
             yield from self._clock_events(s, ids, dt)
             yield from self._processes(s, ids)
             yield from _memory_errors(s, ids)
@@ -201,15 +206,16 @@ class GpuSource(Source):
                 for field, metric, _, _ in _PCIE:
                     value = getattr(s.pcie, field)
                     if value is not None:
-                        yield reading(metric, value, **ids)
+                        yield _r(metric, value, ids)
             for link in s.nvlinks:
-                yield reading("fleetscope_gpu_nvlink_up", 1 if link.up else 0, **ids, link=link.link)
+                link_id = ("link", str(link.link))
+                yield _r("fleetscope_gpu_nvlink_up", 1 if link.up else 0, ids, link_id)
                 for field, kind in _NVLINK_ERRORS:
                     value = getattr(link, field)
                     if value is not None:
-                        yield reading("fleetscope_gpu_nvlink_errors_total", value, **ids, link=link.link, type=kind)
+                        yield _r("fleetscope_gpu_nvlink_errors_total", value, ids, link_id, ("type", kind))
 
-    def _clock_events(self, s: GpuState, ids: dict, dt: float):
+    def _clock_events(self, s: GpuState, ids: tuple, dt: float):
         if s.clock_event_mask is None:
             return
         active = set(clock_event_names(s.clock_event_mask))
@@ -217,37 +223,37 @@ class GpuSource(Source):
             key = (s.uuid, reason)
             if reason in active:
                 self._event_seconds[key] = self._event_seconds.get(key, 0.0) + dt
-            yield reading("fleetscope_gpu_clock_event_active", 1 if reason in active else 0, **ids, reason=reason)
-            yield reading("fleetscope_gpu_clock_event_seconds_total", self._event_seconds.get(key, 0.0), **ids, reason=reason)
+            yield _r("fleetscope_gpu_clock_event_active", 1 if reason in active else 0, ids, ("reason", reason))
+            yield _r("fleetscope_gpu_clock_event_seconds_total", self._event_seconds.get(key, 0.0), ids, ("reason", reason))
 
-    def _processes(self, s: GpuState, ids: dict):
+    def _processes(self, s: GpuState, ids: tuple):
         for p in s.processes:
             owner = self._owners.get(p.pid)
             if owner is None:
                 owner = self._owners[p.pid] = owner_of(p.pid, self.procfs)
             job, rank = self.workload_lookup(p.pid) or ("", "")
-            labels = {**ids, "pid": p.pid, "container": owner.container, "pod_uid": owner.pod_uid,
-                      "slurm_job": owner.slurm_job, "training_job": job, "rank": rank}
+            labels = (("pid", str(p.pid)), ("container", owner.container), ("pod_uid", owner.pod_uid),
+                      ("slurm_job", owner.slurm_job), ("training_job", job), ("rank", rank))
             if p.used_memory_bytes is not None:
-                yield reading("fleetscope_gpu_process_memory_used_bytes", p.used_memory_bytes, **labels)
+                yield _r("fleetscope_gpu_process_memory_used_bytes", p.used_memory_bytes, ids, *labels)
             if p.sm_utilization_ratio is not None:
-                yield reading("fleetscope_gpu_process_sm_utilization_ratio", p.sm_utilization_ratio, **labels)
+                yield _r("fleetscope_gpu_process_sm_utilization_ratio", p.sm_utilization_ratio, ids, *labels)
 
     def close(self) -> None:
         if self.backend is not None:
             self.backend.shutdown()
 
 
-def _memory_errors(s: GpuState, ids: dict):
+def _memory_errors(s: GpuState, ids: tuple):
     for (etype, counter), n in sorted(s.ecc_errors.items()):
-        yield reading("fleetscope_gpu_ecc_errors_total", n, **ids, type=etype, counter=counter)
+        yield _r("fleetscope_gpu_ecc_errors_total", n, ids, ("type", etype), ("counter", counter))
     for cause, n in sorted(s.retired_pages.items()):
-        yield reading("fleetscope_gpu_retired_pages_total", n, **ids, cause=cause)
+        yield _r("fleetscope_gpu_retired_pages_total", n, ids, ("cause", cause))
     if s.retired_pages_pending is not None:
-        yield reading("fleetscope_gpu_retired_pages_pending", 1 if s.retired_pages_pending else 0, **ids)
+        yield _r("fleetscope_gpu_retired_pages_pending", 1 if s.retired_pages_pending else 0, ids)
     rows = s.remapped_rows
     if rows is not None:
-        yield reading("fleetscope_gpu_remapped_rows_total", rows.correctable, **ids, type="correctable")
-        yield reading("fleetscope_gpu_remapped_rows_total", rows.uncorrectable, **ids, type="uncorrectable")
-        yield reading("fleetscope_gpu_row_remap_pending", 1 if rows.pending else 0, **ids)
-        yield reading("fleetscope_gpu_row_remap_failure", 1 if rows.failure else 0, **ids)
+        yield _r("fleetscope_gpu_remapped_rows_total", rows.correctable, ids, ("type", "correctable"))
+        yield _r("fleetscope_gpu_remapped_rows_total", rows.uncorrectable, ids, ("type", "uncorrectable"))
+        yield _r("fleetscope_gpu_row_remap_pending", 1 if rows.pending else 0, ids)
+        yield _r("fleetscope_gpu_row_remap_failure", 1 if rows.failure else 0, ids)

@@ -122,3 +122,60 @@ def test_without_compat_there_are_no_dcgm_names():
     reg, sampler = make([GpuSource(backend=SimulatedGpus(1))])
     sampler.sample_once()
     assert b"DCGM_FI" not in generate_latest(reg)
+
+
+def test_the_fast_renderer_writes_exactly_what_generate_latest_writes():
+    from agent.exporter import AgentCollector as AC
+
+    class Odd(Source):
+        name = "odd"
+        families = (Family("fleetscope_odd_things", "gauge", 'Help with a \\ and a\nnewline.', ("what",)),)
+
+        def collect(self):
+            yield reading("fleetscope_odd_things", 1e21, what='quote " backslash \\ newline \n')
+            yield reading("fleetscope_odd_things", float("nan"), what="nan")
+            yield reading("fleetscope_odd_things", float("-inf"), what="")
+
+    sources = [CpuSource(), MemorySource(), StorageSource(), NetworkSource(), Odd(),
+               GpuSource(backend=SimulatedGpus(4, seed=2), expected_gpus=4, compat_dcgm=True, hostname="h")]
+    sampler = Sampler(sources)
+    sampler.sample_once()
+    collector = AC(sampler, version="t", labels={"cluster": "c"})
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(collector)
+    assert collector.render() == generate_latest(reg)
+
+
+def test_the_metrics_server_renders_once_per_snapshot_and_gzips():
+    import gzip
+    import urllib.request
+
+    from agent.exposition import MetricsServer
+
+    renders = []
+    generation = [object()]
+
+    def render():
+        renders.append(1)
+        return b"fleetscope_x 1.0\n"
+
+    server = MetricsServer("127.0.0.1", 0, render, lambda: generation[0])
+    server.start()
+    try:
+        url = f"http://127.0.0.1:{server.address[1]}/metrics"
+        for _ in range(5):
+            assert urllib.request.urlopen(url).read() == b"fleetscope_x 1.0\n"
+        assert len(renders) == 1
+        generation[0] = object()  # a new snapshot
+        req = urllib.request.Request(url, headers={"Accept-Encoding": "gzip"})
+        with urllib.request.urlopen(req) as resp:
+            assert resp.headers["Content-Encoding"] == "gzip"
+            assert gzip.decompress(resp.read()) == b"fleetscope_x 1.0\n"
+        assert len(renders) == 2
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{server.address[1]}/nope")
+            raise AssertionError("expected 404")
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 404
+    finally:
+        server.stop()

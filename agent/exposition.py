@@ -1,0 +1,115 @@
+"""The /metrics endpoint: the latest snapshot rendered once, in the Prometheus text format, then cached.
+
+prometheus_client's generate_latest spends most of a scrape building objects; with a thousand
+GPU series that is several milliseconds. This renderer writes the same bytes (a test holds it
+to generate_latest's output) straight from the readings, and the server keeps the rendered text
+(and its gzip) until a new snapshot arrives, so ten scrapers cost what one does.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import threading
+from collections import defaultdict
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable, Iterable, Sequence
+
+from prometheus_client.utils import floatToGoString
+
+from agent.sources.base import Family, Reading
+
+log = logging.getLogger("fleetscope.agent.exposition")
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_TYPES = {"gauge": "gauge", "counter": "counter", "untyped": "untyped"}
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", r"\\").replace("\n", r"\n")
+
+
+def _escape_value(text: str) -> str:
+    return text.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+
+
+def render(families: Sequence[Family], readings: Iterable[Reading]) -> bytes:
+    """Families in the given order, each with its readings; a family without readings is left out."""
+    by_name: dict[str, list[Reading]] = defaultdict(list)
+    for r in readings:
+        by_name[r.name].append(r)
+    out: list[str] = []
+    for fam in families:
+        rows = by_name.get(fam.name)
+        if not rows:
+            continue
+        out.append(f"# HELP {fam.name} {_escape_help(fam.help)}\n# TYPE {fam.name} {_TYPES[fam.kind]}\n")
+        wanted = sorted(fam.labels)
+        for r in rows:
+            if wanted:
+                have = dict(r.labels)
+                labels = ",".join(f'{k}="{_escape_value(have.get(k, ""))}"' for k in wanted)
+                out.append(f"{fam.name}{{{labels}}} {floatToGoString(r.value)}\n")
+            else:
+                out.append(f"{fam.name} {floatToGoString(r.value)}\n")
+    return "".join(out).encode()
+
+
+class MetricsServer:
+    """Serves GET /metrics from `render_latest()`, re-rendering only when `generation()` changes."""
+
+    def __init__(self, host: str, port: int, render_latest: Callable[[], bytes], generation: Callable[[], object]) -> None:
+        self.render_latest = render_latest
+        self.generation = generation
+        self._lock = threading.Lock()
+        self._cached_for: object = object()
+        self._plain = b""
+        self._gzipped: bytes | None = None
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the http.server API
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    body, encoding = server.body("gzip" in self.headers.get("Accept-Encoding", ""))
+                    ctype = CONTENT_TYPE
+                elif path == "/":
+                    body, encoding, ctype = b'<a href="/metrics">/metrics</a>\n', None, "text/html"
+                else:
+                    self.send_error(404, "only /metrics is served here")
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", ctype)
+                if encoding:
+                    self.send_header("Content-Encoding", encoding)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass  # one line per scrape would drown the agent's log
+
+        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        self.httpd.daemon_threads = True
+        self.address = self.httpd.server_address
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="metrics-http", daemon=True)
+
+    def body(self, gzip_ok: bool) -> tuple[bytes, str | None]:
+        with self._lock:
+            generation = self.generation()
+            if generation is not self._cached_for:
+                self._plain = self.render_latest()
+                self._gzipped = None
+                self._cached_for = generation
+            if not gzip_ok:
+                return self._plain, None
+            if self._gzipped is None:
+                self._gzipped = gzip.compress(self._plain, compresslevel=1)
+            return self._gzipped, "gzip"
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
