@@ -52,6 +52,16 @@ class RemappedRows:
 
 
 @dataclass(frozen=True, slots=True)
+class MigInstance:
+    uuid: str
+    gpu_instance: int | None
+    compute_instance: int | None
+    profile: str = ""
+    memory_used_bytes: int | None = None
+    memory_total_bytes: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class GpuProcess:
     pid: int
     used_memory_bytes: int | None = None
@@ -103,6 +113,8 @@ class GpuState:
     # XID code -> count since the agent started; None when this GPU's XIDs cannot be watched.
     xid_counts: dict[int, int] | None = None
     last_xid: int | None = None
+    mig_enabled: bool | None = None
+    mig_instances: tuple[MigInstance, ...] = ()
     # Processes with a CUDA context on this GPU.
     processes: tuple[GpuProcess, ...] = ()
 

@@ -17,7 +17,7 @@ from collections import Counter
 from types import ModuleType
 from typing import Any, Callable
 
-from agent.gpustate import GpuProcess, GpuState, NvLinkState, PcieState, RemappedRows
+from agent.gpustate import GpuProcess, GpuState, MigInstance, NvLinkState, PcieState, RemappedRows
 
 log = logging.getLogger("fleetscope.agent.nvml")
 
@@ -191,7 +191,32 @@ class Nvml:
         f["pcie"] = self._pcie(handle)
         f["nvlinks"] = self._nvlinks(handle)
         f["processes"] = self._processes(handle, index)
+        f["mig_enabled"], f["mig_instances"] = self._mig(handle)
         return GpuState(**f)
+
+    def _mig(self, handle: Any) -> tuple[bool | None, tuple[MigInstance, ...]]:
+        lib, q = self.lib, self._query
+        mode = q(lib.nvmlDeviceGetMigMode, handle)  # (current, pending); NotSupported before Ampere
+        if mode is None:
+            return None, ()
+        if not mode[0]:
+            return False, ()
+        instances = []
+        for i in range(q(lib.nvmlDeviceGetMaxMigDeviceCount, handle) or 0):
+            mig = q(lib.nvmlDeviceGetMigDeviceHandleByIndex, handle, i)
+            if mig is None:  # a slot with no instance in it
+                continue
+            mem = q(lib.nvmlDeviceGetMemoryInfo, mig)
+            name = _text(q(lib.nvmlDeviceGetName, mig)) or ""
+            instances.append(MigInstance(
+                uuid=_text(lib.nvmlDeviceGetUUID(mig)) or f"mig-{i}",
+                gpu_instance=q(lib.nvmlDeviceGetGpuInstanceId, mig),
+                compute_instance=q(lib.nvmlDeviceGetComputeInstanceId, mig),
+                profile=name.rpartition(" MIG ")[2] if " MIG " in name else name,  # "... MIG 1g.10gb" -> "1g.10gb"
+                memory_used_bytes=int(mem.used) if mem is not None else None,
+                memory_total_bytes=int(mem.total) if mem is not None else None,
+            ))
+        return True, tuple(instances)
 
     def _processes(self, handle: Any, index: int) -> tuple[GpuProcess, ...]:
         lib, q = self.lib, self._query

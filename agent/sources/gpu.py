@@ -119,6 +119,11 @@ class GpuSource(Source):
                "Device memory a process holds, with the container, pod, Slurm job and training job it belongs to.", G + PROC),
         Family("fleetscope_gpu_process_sm_utilization_ratio", "gauge",
                "Share of the last sample period the process's kernels ran on the GPU (0-1).", G + PROC),
+        Family("fleetscope_gpu_mig_enabled", "gauge", "1 when the GPU is partitioned into MIG instances.", G),
+        Family("fleetscope_gpu_mig_info", "gauge", "One MIG instance of the GPU; the value is always 1.",
+               G + ("mig_uuid", "gpu_instance", "compute_instance", "profile")),
+        Family("fleetscope_gpu_mig_memory_used_bytes", "gauge", "Device memory in use in a MIG instance.", G + ("mig_uuid",)),
+        Family("fleetscope_gpu_mig_memory_total_bytes", "gauge", "Device memory of a MIG instance.", G + ("mig_uuid",)),
         Family("fleetscope_gpu_health", "gauge", "1 for the GPU's current verdict (healthy, degraded, unhealthy), 0 for the others.", G + ("state",)),
         Family("fleetscope_gpu_health_reason", "gauge", "1 for each reason behind a degraded or unhealthy verdict.", G + ("reason",)),
     )
@@ -202,6 +207,7 @@ class GpuSource(Source):
             yield from self._clock_events(s, ids, dt)
             yield from self._processes(s, ids)
             yield from _memory_errors(s, ids)
+            yield from _mig(s, ids)
             if s.pcie is not None:
                 for field, metric, _, _ in _PCIE:
                     value = getattr(s.pcie, field)
@@ -242,6 +248,24 @@ class GpuSource(Source):
     def close(self) -> None:
         if self.backend is not None:
             self.backend.shutdown()
+
+
+def _mig(s: GpuState, ids: tuple):
+    if s.mig_enabled is None:
+        return
+    yield _r("fleetscope_gpu_mig_enabled", 1 if s.mig_enabled else 0, ids)
+    for m in s.mig_instances:
+        mig = ("mig_uuid", m.uuid)
+        yield _r("fleetscope_gpu_mig_info", 1, ids, mig, ("gpu_instance", _opt(m.gpu_instance)),
+                 ("compute_instance", _opt(m.compute_instance)), ("profile", m.profile))
+        if m.memory_used_bytes is not None:
+            yield _r("fleetscope_gpu_mig_memory_used_bytes", m.memory_used_bytes, ids, mig)
+        if m.memory_total_bytes is not None:
+            yield _r("fleetscope_gpu_mig_memory_total_bytes", m.memory_total_bytes, ids, mig)
+
+
+def _opt(value: int | None) -> str:
+    return "" if value is None else str(value)
 
 
 def _memory_errors(s: GpuState, ids: tuple):

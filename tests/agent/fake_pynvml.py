@@ -51,6 +51,8 @@ def device(index: int, **overrides):
         "nvlink_errors": {},  # (link, counter) -> value; default 0
         "procs": [SimpleNamespace(pid=4242, usedGpuMemory=2**30)],
         "proc_util": [SimpleNamespace(pid=4242, smUtil=73, memUtil=20, timeStamp=1_000_000)],
+        "mig_mode": (0, 0),
+        "mig": [],  # MIG instances: dicts with uuid, gi, ci, name, mem
         "events": [],  # XID codes queued for this GPU's event set
         "events_supported": True,
         "lost": False,
@@ -75,6 +77,8 @@ class FakeNvml:
         self.devices[index]["events"].append(code)
 
     def _answer(self, handle, key):
+        if isinstance(handle, tuple):  # a MIG instance
+            return self.devices[handle[0]]["mig"][handle[1]][key]
         d = self.devices[handle]
         if d["lost"]:
             raise real.NVMLError_GpuIsLost()
@@ -232,6 +236,24 @@ class FakeNvml:
 
     def nvmlDeviceGetNvLinkErrorCounter(self, h, link, counter):
         return self._answer(h, "nvlink_errors").get((link, counter), 0)
+
+    # MIG: a MIG handle is (gpu index, slot)
+    def nvmlDeviceGetMigMode(self, h):
+        return self._answer(h, "mig_mode")
+
+    def nvmlDeviceGetMaxMigDeviceCount(self, h):
+        return 7
+
+    def nvmlDeviceGetMigDeviceHandleByIndex(self, h, i):
+        if i >= len(self.devices[h]["mig"]) or self.devices[h]["mig"][i] is None:
+            raise real.NVMLError_NotFound()
+        return (h, i)
+
+    def nvmlDeviceGetGpuInstanceId(self, mig):
+        return self.devices[mig[0]]["mig"][mig[1]]["gi"]
+
+    def nvmlDeviceGetComputeInstanceId(self, mig):
+        return self.devices[mig[0]]["mig"][mig[1]]["ci"]
 
     def nvmlDeviceGetComputeRunningProcesses(self, h):
         return self._answer(h, "procs")

@@ -205,3 +205,20 @@ def test_gpu_processes_are_attributed_to_their_container_pod_slurm_job_and_train
     assert "process_utilization_since:1000000" in fake.calls
     assert reg.get_sample_value("fleetscope_gpu_process_sm_utilization_ratio", labels) is None
     assert reg.get_sample_value("fleetscope_gpu_process_memory_used_bytes", labels) == 2**30
+
+
+def test_mig_instances_are_labelled_with_their_profile_and_memory():
+    from types import SimpleNamespace
+
+    mig = lambda n, gi, ci, prof: {"uuid": f"MIG-{n}", "gi": gi, "ci": ci, "name": f"NVIDIA H100 80GB HBM3 MIG {prof}",  # noqa: E731
+                                   "mem": SimpleNamespace(used=n * 2**30, total=10 * 2**30)}
+    fake = FakeNvml([device(0, mig_mode=(1, 1), mig=[mig(1, 7, 0, "1g.10gb"), None, mig(2, 8, 0, "1g.10gb")]), device(1)])
+    reg, sampler = sample(fake)
+    sampler.sample_once()
+    v = reg.get_sample_value
+    assert v("fleetscope_gpu_mig_enabled", G0) == 1
+    assert v("fleetscope_gpu_mig_enabled", {"gpu": "1", "uuid": "GPU-fake-1"}) == 0
+    assert v("fleetscope_gpu_mig_info", {**G0, "mig_uuid": "MIG-2", "gpu_instance": "8", "compute_instance": "0",
+                                         "profile": "1g.10gb"}) == 1
+    assert v("fleetscope_gpu_mig_memory_used_bytes", {**G0, "mig_uuid": "MIG-1"}) == 2**30
+    assert v("fleetscope_gpu_mig_memory_total_bytes", {**G0, "mig_uuid": "MIG-2"}) == 10 * 2**30

@@ -84,13 +84,14 @@ def test_a_batch_is_applied_once(client):
 
 def test_nodes_and_gpus_from_host_frames(client):
     frame = {"v": 1, "kind": "host", "node": "node-0", "ts": 1_800_000_000.0, "cpu_utilization_ratio": 0.5,
-             "memory_used_bytes": 10, "memory_total_bytes": 100,
+             "memory_used_bytes": 10, "memory_total_bytes": 100, "labels": {"cluster": "east", "rack": "r12"},
              "gpus": [{"index": 0, "uuid": "GPU-a", "utilization_ratio": 0.9, "temperature_celsius": 70.0, "power_watts": 500.0},
                       {"index": 1, "uuid": "GPU-b", "up": False}]}
     later = {**frame, "ts": frame["ts"] + 5, "gpus": [{**frame["gpus"][0], "temperature_celsius": 75.0}, frame["gpus"][1]]}
     post(client, batch(0, frames=[frame, later]))
     (node,) = client.get("/v1/nodes", headers=R).json()["nodes"]
     assert node["node"] == "node-0" and node["gpu_count"] == 1 and node["gpus_down"] == 1
+    assert (node["cluster"], node["rack"]) == ("east", "r12")
     assert node["gpu_temperature_max_celsius"] == 75.0  # from the latest frame only
     detail = client.get("/v1/nodes/node-0", headers=R).json()
     assert [g["uuid"] for g in detail["gpus"]] == ["GPU-a", "GPU-b"]
