@@ -48,6 +48,13 @@ _FIELDS = (
     ("DCGM_FI_DEV_ROW_REMAP_FAILURE", "gauge", "Whether remapping of rows has failed.",
      lambda g: int(g.remapped_rows.failure) if g.remapped_rows else None),
     ("DCGM_FI_DEV_XID_ERRORS", "gauge", "Value of the last XID error encountered.", lambda g: _last_xid(g)),
+    ("DCGM_FI_PROF_SM_ACTIVE", "gauge", "The ratio of cycles an SM has at least 1 warp assigned.", lambda g: g.sm_activity_ratio),
+    ("DCGM_FI_PROF_SM_OCCUPANCY", "gauge", "The ratio of number of warps resident on an SM.", lambda g: g.sm_occupancy_ratio),
+    ("DCGM_FI_PROF_PIPE_TENSOR_ACTIVE", "gauge", "Ratio of cycles the tensor (HMMA) pipe is active.", lambda g: g.tensor_activity_ratio),
+    ("DCGM_FI_PROF_DRAM_ACTIVE", "gauge", "Ratio of cycles the device memory interface is active.", lambda g: g.dram_activity_ratio),
+    ("DCGM_FI_PROF_PIPE_FP16_ACTIVE", "gauge", "Ratio of cycles the fp16 pipes are active.", lambda g: g.fp16_activity_ratio),
+    ("DCGM_FI_PROF_PIPE_FP32_ACTIVE", "gauge", "Ratio of cycles the fp32 pipes are active.", lambda g: g.fp32_activity_ratio),
+    ("DCGM_FI_PROF_PIPE_FP64_ACTIVE", "gauge", "Ratio of cycles the fp64 pipes are active.", lambda g: g.fp64_activity_ratio),
 )
 
 FAMILIES = tuple(Family(name, kind, help_, LABELS) for name, kind, help_, _ in _FIELDS)

@@ -56,6 +56,7 @@ class _Gpu:
         self.rows_uncorrectable = 0
         self.remap_pending = False
         self.nvlink_crc = [0.0] * NVLINKS
+        self.nvlink_bytes = 0.0  # per link and direction: all-reduce traffic spreads evenly
         self.fired: set[int] = set()  # ids of one-shot faults already applied
 
     def advance(self, t: float, dt: float, faults: list[Fault]) -> None:
@@ -81,6 +82,7 @@ class _Gpu:
         t_eq = AMBIENT_C + C_PER_W * self.power + (32.0 if cooling_lost else 0.0)
         self.temp += (t_eq - self.temp) * (1.0 - math.exp(-dt / THERMAL_TAU_S) if dt > 0 else 0.0)
         self.energy += self.power * dt
+        self.nvlink_bytes += self.util * 20e9 * dt  # ~20 GB/s per link and direction when busy
         self.t = t
 
     def _xid(self, code: int) -> None:
@@ -153,8 +155,13 @@ class _Gpu:
                 rx_bytes_per_second=round(self.util * 3.1e9 * self.rng.uniform(0.8, 1.2)),
                 replays=0, generation=5 if busy else 1, generation_max=5, width=width, width_max=16,
             ),
-            nvlinks=tuple(NvLinkState(link=i, up=True, crc_flit_errors=int(self.nvlink_crc[i]), crc_data_errors=0,
+            nvlinks=tuple(NvLinkState(link=i, up=True, tx_bytes=round(self.nvlink_bytes), rx_bytes=round(self.nvlink_bytes),
+                                      crc_flit_errors=int(self.nvlink_crc[i]), crc_data_errors=0,
                                       replay_errors=0, recovery_errors=0) for i in range(NVLINKS)),
+            sm_activity_ratio=round(self.util * 0.88, 3),
+            sm_occupancy_ratio=round(self.util * 0.42, 3),
+            tensor_activity_ratio=round(self.util * 0.61, 3),
+            dram_activity_ratio=round(self.util * 0.47, 3),
             xid_counts=dict(self.xids),
             last_xid=self.last_xid,
         )

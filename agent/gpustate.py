@@ -37,6 +37,8 @@ class PcieState:
 class NvLinkState:
     link: int
     up: bool
+    tx_bytes: float | None = None  # cumulative data bytes, from NVML field values
+    rx_bytes: float | None = None
     crc_flit_errors: int | None = None
     crc_data_errors: int | None = None
     replay_errors: int | None = None
@@ -100,6 +102,14 @@ class GpuState:
     memory_clock_max_hertz: float | None = None
     graphics_clock_hertz: float | None = None
     fan_speed_ratio: float | None = None
+    # GPM (Hopper and newer): share of the last sample period each unit was busy (0-1)
+    sm_activity_ratio: float | None = None
+    sm_occupancy_ratio: float | None = None
+    tensor_activity_ratio: float | None = None
+    dram_activity_ratio: float | None = None
+    fp16_activity_ratio: float | None = None
+    fp32_activity_ratio: float | None = None
+    fp64_activity_ratio: float | None = None
     pstate: int | None = None
     clock_event_mask: int | None = None
     # (error type "corrected"/"uncorrected", counter "volatile"/"aggregate") -> count

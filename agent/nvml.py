@@ -21,6 +21,16 @@ from agent.gpustate import GpuProcess, GpuState, MigInstance, NvLinkState, PcieS
 
 log = logging.getLogger("fleetscope.agent.nvml")
 
+# GPM metric (percent) -> GpuState field (ratio)
+GPM_METRICS = (
+    ("NVML_GPM_METRIC_SM_UTIL", "sm_activity_ratio"),
+    ("NVML_GPM_METRIC_SM_OCCUPANCY", "sm_occupancy_ratio"),
+    ("NVML_GPM_METRIC_ANY_TENSOR_UTIL", "tensor_activity_ratio"),
+    ("NVML_GPM_METRIC_DRAM_BW_UTIL", "dram_activity_ratio"),
+    ("NVML_GPM_METRIC_FP16_UTIL", "fp16_activity_ratio"),
+    ("NVML_GPM_METRIC_FP32_UTIL", "fp32_activity_ratio"),
+    ("NVML_GPM_METRIC_FP64_UTIL", "fp64_activity_ratio"),
+)
 MAX_EVENTS_PER_SAMPLE = 1000  # a storm must not stall the sampler; the rest waits for the next sample
 
 
@@ -50,7 +60,9 @@ class Nvml:
         self._event_sets: dict[int, Any] = {}  # index -> event set, for GPUs whose XIDs we can watch
         self._xids: dict[int, Counter[int]] = {}
         self._last_xid: dict[int, int] = {}
-        self._util_since: dict[int, int] = {}  # per device: timestamp of the last process-utilisation sample seen
+        self._util_since: dict[int, int] = {}
+        self._gpm_supported: dict[int, bool] = {}
+        self._gpm_samples: dict[int, Any] = {}  # per device: timestamp of the last process-utilisation sample seen
         self._not_supported = tuple(
             getattr(lib, name)
             for name in ("NVMLError_NotSupported", "NVMLError_NoPermission", "NVMLError_NotFound",
@@ -188,6 +200,7 @@ class Nvml:
         f["clock_event_mask"] = int(reasons) if reasons is not None else None
 
         f.update(self._memory_health(handle))
+        f.update(self._gpm(handle, index))
         f["pcie"] = self._pcie(handle)
         f["nvlinks"] = self._nvlinks(handle)
         f["processes"] = self._processes(handle, index)
@@ -239,18 +252,57 @@ class Nvml:
             ))
         return tuple(out)
 
-    def _field(self, handle: Any, field_id: int, scope: int | None = None) -> float | None:
+    def _field(self, handle: Any, field_id: int) -> float | None:
         """One NVML field value, or None when the GPU does not report it."""
+        return self._fields(handle, [field_id])[0]
+
+    def _fields(self, handle: Any, ids: list) -> list[float | None]:
+        """Several field values in one call (ids are field ids or (field id, scope) pairs); None where unsupported."""
         lib = self.lib
-        values = self._query(lib.nvmlDeviceGetFieldValues, handle, [(field_id, scope) if scope is not None else field_id])
-        if not values or values[0].nvmlReturn != lib.NVML_SUCCESS:
-            return None
-        v = values[0]
+        values = self._query(lib.nvmlDeviceGetFieldValues, handle, ids)
+        if not values:
+            return [None] * len(ids)
         kinds = {lib.NVML_VALUE_TYPE_DOUBLE: "dVal", lib.NVML_VALUE_TYPE_UNSIGNED_INT: "uiVal",
                  lib.NVML_VALUE_TYPE_UNSIGNED_LONG: "ulVal", lib.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG: "ullVal",
                  lib.NVML_VALUE_TYPE_SIGNED_LONG_LONG: "sllVal"}
-        attr = kinds.get(v.valueType)
-        return float(getattr(v.value, attr)) if attr else None
+        out: list[float | None] = []
+        for v in values:
+            attr = kinds.get(v.valueType)
+            out.append(float(getattr(v.value, attr)) if v.nvmlReturn == lib.NVML_SUCCESS and attr else None)
+        return out
+
+    def _gpm(self, handle: Any, index: int) -> dict[str, float]:
+        """SM, tensor and DRAM activity from GPU performance monitoring, between this sample and the last."""
+        lib, q = self.lib, self._query
+        if index not in self._gpm_supported:
+            support = q(lib.nvmlGpmQueryDeviceSupport, handle)
+            self._gpm_supported[index] = bool(support is not None and support.isSupportedDevice)
+        if not self._gpm_supported[index]:
+            return {}
+        try:
+            sample = lib.nvmlGpmSampleAlloc()
+            lib.nvmlGpmSampleGet(handle, sample)
+        except lib.NVMLError as exc:
+            log.debug("GPU %d: GPM sample failed: %s", index, exc)
+            return {}
+        previous, self._gpm_samples[index] = self._gpm_samples.get(index), sample
+        if previous is None:
+            return {}  # activity needs two samples: from the next read on
+        request = lib.c_nvmlGpmMetricsGet_t()
+        request.version = lib.NVML_GPM_METRICS_GET_VERSION
+        request.numMetrics = len(GPM_METRICS)
+        request.sample1, request.sample2 = previous, sample
+        for i, (metric_id, _) in enumerate(GPM_METRICS):
+            request.metrics[i].metricId = getattr(lib, metric_id)
+        try:
+            lib.nvmlGpmMetricsGet(request)
+        except lib.NVMLError as exc:
+            log.debug("GPU %d: GPM metrics failed: %s", index, exc)
+            return {}
+        finally:
+            lib.nvmlGpmSampleFree(previous)
+        return {field: request.metrics[i].value / 100.0 for i, (_, field) in enumerate(GPM_METRICS)
+                if request.metrics[i].nvmlReturn == lib.NVML_SUCCESS}
 
     def _memory_health(self, handle: Any) -> dict[str, Any]:
         lib, q = self.lib, self._query
@@ -289,10 +341,16 @@ class Nvml:
     def _nvlinks(self, handle: Any) -> tuple[NvLinkState, ...]:
         lib, q = self.lib, self._query
         links = []
-        for link in range(lib.NVML_NVLINK_MAX_LINKS):
-            state = q(lib.nvmlDeviceGetNvLinkState, handle, link)
-            if state is None:  # no such link on this GPU (PCIe-only GPUs have none)
-                continue
+        present = [(link, state) for link in range(lib.NVML_NVLINK_MAX_LINKS)
+                   if (state := q(lib.nvmlDeviceGetNvLinkState, handle, link)) is not None]  # PCIe-only GPUs: none
+        if not present:
+            return ()
+        # Throughput counters (KiB) for every link in one field-values call.
+        ids = [(fid, link) for link, _ in present
+               for fid in (lib.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX, lib.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX)]
+        kib = self._fields(handle, ids)
+        for n, (link, state) in enumerate(present):
+            tx, rx = kib[2 * n], kib[2 * n + 1]
             errors = {
                 name: q(lib.nvmlDeviceGetNvLinkErrorCounter, handle, link, counter)
                 for name, counter in (("crc_flit_errors", lib.NVML_NVLINK_ERROR_DL_CRC_FLIT),
@@ -300,7 +358,8 @@ class Nvml:
                                       ("replay_errors", lib.NVML_NVLINK_ERROR_DL_REPLAY),
                                       ("recovery_errors", lib.NVML_NVLINK_ERROR_DL_RECOVERY))
             }
-            links.append(NvLinkState(link=link, up=bool(state), **errors))
+            links.append(NvLinkState(link=link, up=bool(state), tx_bytes=tx * 1024 if tx is not None else None,
+                                     rx_bytes=rx * 1024 if rx is not None else None, **errors))
         return tuple(links)
 
 

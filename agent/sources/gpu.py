@@ -43,6 +43,13 @@ _FIELDS = (
     ("graphics_clock_hertz", "fleetscope_gpu_graphics_clock_hertz", "gauge", "Graphics clock."),
     ("fan_speed_ratio", "fleetscope_gpu_fan_speed_ratio", "gauge", "Fan speed as a share of its maximum (0-1)."),
     ("pstate", "fleetscope_gpu_pstate", "gauge", "Performance state (0 is the fastest, 15 the slowest)."),
+    ("sm_activity_ratio", "fleetscope_gpu_sm_activity_ratio", "gauge", "Share of time SMs had work, averaged over SMs (GPM, 0-1)."),
+    ("sm_occupancy_ratio", "fleetscope_gpu_sm_occupancy_ratio", "gauge", "Resident warps as a share of the SMs' maximum (GPM, 0-1)."),
+    ("tensor_activity_ratio", "fleetscope_gpu_tensor_activity_ratio", "gauge", "Share of time tensor cores were busy (GPM, 0-1)."),
+    ("dram_activity_ratio", "fleetscope_gpu_dram_activity_ratio", "gauge", "Share of peak memory bandwidth used (GPM, 0-1)."),
+    ("fp16_activity_ratio", "fleetscope_gpu_fp16_activity_ratio", "gauge", "Share of time the FP16 pipes were busy (GPM, 0-1)."),
+    ("fp32_activity_ratio", "fleetscope_gpu_fp32_activity_ratio", "gauge", "Share of time the FP32 pipes were busy (GPM, 0-1)."),
+    ("fp64_activity_ratio", "fleetscope_gpu_fp64_activity_ratio", "gauge", "Share of time the FP64 pipes were busy (GPM, 0-1)."),
 )
 _PCIE = (
     ("tx_bytes_per_second", "fleetscope_gpu_pcie_transmit_bytes_per_second", "gauge", "PCIe transmit throughput, as NVML samples it."),
@@ -111,6 +118,8 @@ class GpuSource(Source):
         Family("fleetscope_gpu_row_remap_failure", "gauge", "1 when a row remapping failed: the GPU needs replacing.", G),
         *(Family(metric, kind, help_, G) for _, metric, kind, help_ in _PCIE),
         Family("fleetscope_gpu_nvlink_up", "gauge", "1 when the NVLink is active.", G + ("link",)),
+        Family("fleetscope_gpu_nvlink_transmit_bytes_total", "counter", "Data bytes sent over the NVLink.", G + ("link",)),
+        Family("fleetscope_gpu_nvlink_receive_bytes_total", "counter", "Data bytes received over the NVLink.", G + ("link",)),
         Family("fleetscope_gpu_nvlink_errors_total", "counter", "NVLink data-link errors, by type.", G + ("link", "type")),
         Family("fleetscope_gpu_xid_errors_total", "counter", "XID errors seen since the agent started, by code.", G + ("xid",)),
         Family("fleetscope_gpu_xid_catalogue_info", "gauge", "What each XID code means and whether it pages; the value is always 1.",
@@ -216,6 +225,10 @@ class GpuSource(Source):
             for link in s.nvlinks:
                 link_id = ("link", str(link.link))
                 yield _r("fleetscope_gpu_nvlink_up", 1 if link.up else 0, ids, link_id)
+                if link.tx_bytes is not None:
+                    yield _r("fleetscope_gpu_nvlink_transmit_bytes_total", link.tx_bytes, ids, link_id)
+                if link.rx_bytes is not None:
+                    yield _r("fleetscope_gpu_nvlink_receive_bytes_total", link.rx_bytes, ids, link_id)
                 for field, kind in _NVLINK_ERRORS:
                     value = getattr(link, field)
                     if value is not None:

@@ -49,6 +49,10 @@ def device(index: int, **overrides):
         "pcie_width": (16, 16),
         "nvlinks": [True] * 18,
         "nvlink_errors": {},  # (link, counter) -> value; default 0
+        "nvlink_tx_kib": {link: 1000 * (link + 1) for link in range(18)},
+        "nvlink_rx_kib": {link: 2000 * (link + 1) for link in range(18)},
+        "gpm": {real.NVML_GPM_METRIC_SM_UTIL: 81.0, real.NVML_GPM_METRIC_ANY_TENSOR_UTIL: 55.5,
+                real.NVML_GPM_METRIC_DRAM_BW_UTIL: 40.0},  # NotSupported before Hopper
         "procs": [SimpleNamespace(pid=4242, usedGpuMemory=2**30)],
         "proc_util": [SimpleNamespace(pid=4242, smUtil=73, memUtil=20, timeStamp=1_000_000)],
         "mig_mode": (0, 0),
@@ -70,7 +74,7 @@ class FakeNvml:
         self.calls: list[str] = []
         self.initialized = False
         for name in dir(real):
-            if name.startswith(("NVMLError", "NVML_", "nvmlEventType", "nvmlMemory_v2", "nvmlClocksEventReason")):
+            if name.startswith(("NVMLError", "NVML_", "nvmlEventType", "nvmlMemory_v2", "nvmlClocksEventReason", "c_nvmlGpm")):
                 setattr(self, name, getattr(real, name))
 
     def xid(self, index: int, code: int) -> None:
@@ -162,12 +166,45 @@ class FakeNvml:
     def nvmlDeviceGetFieldValues(self, h, field_ids):
         out = []
         for fid in field_ids:
-            assert fid == real.NVML_FI_DEV_MEMORY_TEMP
-            value = self._answer(h, "mem_temp") if self.devices[h]["mem_temp"] is not NotSupported else None
+            fid, scope = fid if isinstance(fid, tuple) else (fid, None)
+            if fid == real.NVML_FI_DEV_MEMORY_TEMP:
+                value = self.devices[h]["mem_temp"]
+            elif fid == real.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX:
+                value = self.devices[h]["nvlink_tx_kib"].get(scope, NotSupported)
+            elif fid == real.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX:
+                value = self.devices[h]["nvlink_rx_kib"].get(scope, NotSupported)
+            else:
+                raise AssertionError(f"unexpected field {fid}")
+            ok = value is not NotSupported
             out.append(SimpleNamespace(
-                nvmlReturn=real.NVML_SUCCESS if value is not None else real.NVML_ERROR_NOT_SUPPORTED,
-                valueType=real.NVML_VALUE_TYPE_UNSIGNED_INT, value=SimpleNamespace(uiVal=value or 0)))
+                nvmlReturn=real.NVML_SUCCESS if ok else real.NVML_ERROR_NOT_SUPPORTED,
+                valueType=real.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG, value=SimpleNamespace(ullVal=value if ok else 0)))
         return out
+
+    # GPM: each sample is a counter snapshot; metrics are what the device dict says, once two samples exist
+    def nvmlGpmQueryDeviceSupport(self, h):
+        return SimpleNamespace(isSupportedDevice=1 if self._answer(h, "gpm") is not NotSupported else 0)
+
+    def nvmlGpmSampleAlloc(self):
+        self.calls.append("gpm_alloc")
+        return real.c_nvmlGpmSample_t()
+
+    def nvmlGpmSampleGet(self, h, sample):
+        self.calls.append("gpm_get")
+        return sample
+
+    def nvmlGpmSampleFree(self, sample):
+        self.calls.append("gpm_free")
+
+    def nvmlGpmMetricsGet(self, request):
+        gpm = self.devices[0]["gpm"]
+        for i in range(request.numMetrics):
+            metric = request.metrics[i]
+            if metric.metricId in gpm:
+                metric.value, metric.nvmlReturn = gpm[metric.metricId], real.NVML_SUCCESS
+            else:
+                metric.nvmlReturn = real.NVML_ERROR_NOT_SUPPORTED
+        return request
 
     def nvmlDeviceGetPowerUsage(self, h):
         return self._answer(h, "power_mw")

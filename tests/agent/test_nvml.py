@@ -222,3 +222,31 @@ def test_mig_instances_are_labelled_with_their_profile_and_memory():
                                          "profile": "1g.10gb"}) == 1
     assert v("fleetscope_gpu_mig_memory_used_bytes", {**G0, "mig_uuid": "MIG-1"}) == 2**30
     assert v("fleetscope_gpu_mig_memory_total_bytes", {**G0, "mig_uuid": "MIG-2"}) == 10 * 2**30
+
+
+def test_gpm_activity_needs_two_samples_and_frees_the_old_one():
+    fake = FakeNvml([device(0)])
+    reg, sampler = sample(fake)
+    sampler.sample_once()
+    assert reg.get_sample_value("fleetscope_gpu_tensor_activity_ratio", G0) is None  # one sample: no interval yet
+    sampler.sample_once()
+    assert reg.get_sample_value("fleetscope_gpu_sm_activity_ratio", G0) == 0.81
+    assert reg.get_sample_value("fleetscope_gpu_tensor_activity_ratio", G0) == 0.555
+    assert reg.get_sample_value("fleetscope_gpu_fp64_activity_ratio", G0) is None  # not reported: absent
+    assert fake.calls.count("gpm_free") == fake.calls.count("gpm_alloc") - 1  # only the newest sample is kept
+
+
+def test_gpus_before_hopper_have_no_gpm_activity():
+    fake = FakeNvml([device(0, gpm=NotSupported)])
+    reg, sampler = sample(fake)
+    sampler.sample_once()
+    sampler.sample_once()
+    assert reg.get_sample_value("fleetscope_gpu_sm_activity_ratio", G0) is None
+    assert "gpm_alloc" not in fake.calls
+
+
+def test_nvlink_throughput_counters_per_link():
+    reg, sampler = sample(FakeNvml([device(0)]))
+    sampler.sample_once()
+    assert reg.get_sample_value("fleetscope_gpu_nvlink_transmit_bytes_total", {**G0, "link": "2"}) == 3000 * 1024
+    assert reg.get_sample_value("fleetscope_gpu_nvlink_receive_bytes_total", {**G0, "link": "0"}) == 2000 * 1024
