@@ -30,6 +30,7 @@ class AgentConfig:
     exclude_interfaces: str = r"^lo$"
     procfs: str = "/proc"  # roots, so a containerised agent can read the host's (/host/proc)
     sysfs: str = "/sys"
+    rootfs: str = "/"
     labels: dict[str, str] = field(default_factory=dict)  # cluster, rack, ...: on fleetscope_node_info and frames
 
     def __post_init__(self) -> None:

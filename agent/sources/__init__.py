@@ -21,7 +21,8 @@ def build_sources(config) -> list[Source]:
     for name, reg in REGISTRY.items():
         if name in config.disable_sources or not reg.default_enabled:
             continue
-        kwargs: dict[str, object] = {"exclude_interfaces": config.exclude_interfaces, "procfs": config.procfs, "sysfs": config.sysfs}
+        kwargs: dict[str, object] = {"exclude_interfaces": config.exclude_interfaces, "procfs": config.procfs, "sysfs": config.sysfs,
+                                   "rootfs": config.rootfs}
         if name == "gpu":
             if config.scenario and config.gpu_backend != "simulated":
                 raise ValueError("a fault scenario plays on simulated GPUs only: add --gpu-backend simulated")

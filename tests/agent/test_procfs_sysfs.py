@@ -106,3 +106,45 @@ def test_network_carrier_changes_come_from_sysfs(tmp_path):
     (net / name / "carrier_changes").write_text("7\n")
     v = values(NetworkSource(exclude_interfaces="", sysfs=str(tmp_path)))
     assert v[("fleetscope_network_carrier_changes_total", (("device", name),))] == 7
+
+
+def test_parse_mounts_keeps_the_nodes_storage():
+    from agent.sources.storage import parse_mounts
+
+    mounts = parse_mounts((FIXTURES / "proc" / "1" / "mounts").read_text())
+    assert [(m.mountpoint, m.fstype) for m in mounts] == [
+        ("/", "ext4"), ("/dev/shm", "tmpfs"), ("/data", "xfs"), ("/mnt/home dir", "nfs4")]
+
+
+def test_a_hanging_statvfs_is_given_up_and_reported(monkeypatch, tmp_path):
+    import threading
+
+    from agent.sources import storage
+
+    release = threading.Event()
+    real_statvfs = storage.os.statvfs
+
+    def statvfs(path):
+        if path.endswith("stuck"):
+            release.wait(10)  # a dead NFS server
+        return real_statvfs("/")
+
+    proc = tmp_path / "proc"
+    (proc / "1").mkdir(parents=True)
+    (proc / "1" / "mounts").write_text("/dev/a / ext4 rw 0 0\nsrv:/x /stuck nfs4 rw 0 0\n")
+    (proc / "diskstats").write_text("")
+    monkeypatch.setattr(storage, "STATVFS_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(storage.os, "statvfs", statvfs)
+    source = storage.StorageSource(procfs=str(proc))
+    try:
+        for _ in range(2):  # the second sample does not wait again on the stuck mount
+            v = values(source)
+            stuck = (("device", "srv:/x"), ("mountpoint", "/stuck"), ("fstype", "nfs4"))
+            root = (("device", "/dev/a"), ("mountpoint", "/"), ("fstype", "ext4"))
+            assert v[("fleetscope_filesystem_device_error", stuck)] == 1
+            assert ("fleetscope_filesystem_size_bytes", stuck) not in v
+            assert v[("fleetscope_filesystem_device_error", root)] == 0 and v[("fleetscope_filesystem_size_bytes", root)] > 0
+        release.set()
+    finally:
+        release.set()
+        source.close()
