@@ -53,7 +53,7 @@ class CollectorMetrics:
             m.add_metric([outcome], batches.get(outcome, 0))
         yield m
         m = CounterMetricFamily("fleetscope_collector_ingest_rejected", "Ingest requests refused, by reason.", labels=["reason"])
-        for reason in ("malformed", "schema", "too_large"):
+        for reason in ("malformed", "schema", "too_large", "storage"):
             m.add_metric([reason], rejections.get(reason, 0))
         yield m
         yield from self._training()

@@ -17,8 +17,12 @@ class Settings:
     ingest_tokens: frozenset[str] = field(default_factory=lambda: _tokens("FLEETSCOPE_INGEST_TOKEN"))
     read_tokens: frozenset[str] = field(default_factory=lambda: _tokens("FLEETSCOPE_READ_TOKEN"))
     max_body_bytes: int = 16 * 1024 * 1024
-    persist_interval_s: float = 2.0
+    checkpoint_interval_s: float = 30.0  # WAL -> Parquet
+    maintenance_interval_s: float = 300.0  # compaction of closed hours, retention
     window_s: float = 6 * 3600.0  # how much recent data the collector keeps in memory
+    retention_s: float | None = 30 * 86400.0  # Parquet kept on disk, by age
+    retention_bytes: int | None = None  # ... and by total size
+    fsync: bool = True  # off only in benchmarks that want to see the cost of everything else
 
     def __post_init__(self) -> None:
         if not self.ingest_tokens:

@@ -1,15 +1,19 @@
-"""Keeps ingested rows as polars frames in memory and persists them as hourly Parquet partitions.
+"""The collector's storage: write-ahead log, a recent window as polars frames, Parquet partitions.
 
-Layout: <data_dir>/kind=<table>/date=YYYY-MM-DD/hour=HH/part-<time>-<n>.parquet. On start the
-store reads back the partitions inside its in-memory window. Batches are applied once per
-(agent_id, seq). Not yet here (see the pipeline issue): a write-ahead log, so a batch is durable
-before it is acknowledged; until then, what arrived in the last `persist_interval_s` is lost if
-the process is killed.
+Ingest: a batch already applied (its sequence number is at or below its agent's watermark) is
+acknowledged and ignored; otherwise its body is appended to the WAL and fsynced, then its rows
+join the in-memory window. A checkpoint rotates the WAL, writes the rows not yet on disk as
+Parquet files named for the checkpoint, then commits by writing checkpoint.json (the WAL segment
+it covers and every agent's watermark) and deletes the WAL segments it covers. On start the store
+reads the committed Parquet files inside its window and replays the WAL after the checkpoint, so
+an acknowledged batch survives a crash and none is applied twice.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 import time
 from collections import Counter
@@ -18,8 +22,10 @@ from pathlib import Path
 
 import polars as pl
 
+from collector import partitions
 from collector.tables import KINDS, SCHEMAS, batch_rows, empty
-from fleetscope.schema import Batch
+from collector.wal import Wal, _fsync_dir
+from fleetscope.schema import Batch, SchemaError, decode_batch
 
 log = logging.getLogger("fleetscope.collector.store")
 
@@ -32,54 +38,87 @@ class IngestResult:
 
 
 class Store:
-    def __init__(self, data_dir: Path, *, window_s: float = 6 * 3600.0) -> None:
+    def __init__(self, data_dir: Path, *, window_s: float = 6 * 3600.0, retention_s: float | None = 30 * 86400.0,
+                 retention_bytes: int | None = None, fsync: bool = True) -> None:
         self.data_dir = Path(data_dir)
         self.window_s = window_s
+        self.retention_s = retention_s
+        self.retention_bytes = retention_bytes
         self._lock = threading.Lock()
+        self._checkpoint_lock = threading.Lock()
         self._chunks: dict[str, list[pl.DataFrame]] = {k: [] for k in KINDS}
         self._unwritten: dict[str, list[pl.DataFrame]] = {k: [] for k in KINDS}
-        self._applied: dict[str, set[int]] = {}
+        self.watermarks: dict[str, tuple[int, float]] = {}  # agent id -> (highest applied seq, when)
         self.counts: Counter[str] = Counter()
         self.duplicates = 0
-        self._part = 0
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self._load()
-
-    def _load(self) -> None:
-        cutoff = time.time() - self.window_s
+        self.committed = self._read_checkpoint()
         for kind in KINDS:
-            files = sorted((self.data_dir / f"kind={kind}").glob("date=*/hour=*/*.parquet"))
-            if not files:
-                continue
-            frame = pl.read_parquet(files).cast(SCHEMAS[kind]).filter(pl.col("ts") >= cutoff)
-            if frame.height:
-                self._chunks[kind].append(frame.select(list(SCHEMAS[kind])))
-                log.info("loaded %d %s rows from %d partitions", frame.height, kind, len(files))
+            partitions.clean(self.data_dir, kind, self.committed)
+            frame = partitions.load(self.data_dir, kind, time.time() - window_s, SCHEMAS[kind])
+            if frame is not None:
+                self._chunks[kind].append(frame)
+                log.info("loaded %d %s rows from Parquet", frame.height, kind)
+        self.wal = Wal(self.data_dir / "wal", fsync=fsync)
+        self._replay()
 
-    def ingest(self, batch: Batch) -> IngestResult:
-        """Apply a batch once; a batch already applied is acknowledged and ignored."""
+    # --- start-up -----------------------------------------------------------------------------
+    def _read_checkpoint(self) -> int:
+        path = self.data_dir / "checkpoint.json"
+        if not path.exists():
+            return 0
+        state = json.loads(path.read_text())
+        self.watermarks = {agent: (int(seq), float(ts)) for agent, (seq, ts) in state["watermarks"].items()}
+        return int(state["segment"])
+
+    def _replay(self) -> None:
+        replayed = skipped = 0
+        for _, payload in self.wal.replay(after=self.committed):
+            try:
+                batch = decode_batch(payload)
+            except SchemaError as exc:  # it was valid when written: the file is damaged
+                log.error("WAL record does not decode (%s); skipped", exc)
+                continue
+            if self._is_duplicate(batch):
+                skipped += 1
+                continue
+            self._apply(batch)
+            replayed += 1
+        if replayed or skipped:
+            log.info("replayed %d batches from the WAL (%d already applied)", replayed, skipped)
+
+    # --- ingest -------------------------------------------------------------------------------
+    def _is_duplicate(self, batch: Batch) -> bool:
+        mark = self.watermarks.get(batch.agent_id)
+        # Agents send their batches in sequence order and resend a failed one with the same number.
+        return mark is not None and batch.seq <= mark[0]
+
+    def _apply(self, batch: Batch) -> None:
+        for kind, kind_rows in batch_rows(batch).items():
+            if kind_rows:
+                frame = pl.DataFrame(kind_rows, schema=SCHEMAS[kind])
+                self._chunks[kind].append(frame)
+                self._unwritten[kind].append(frame)
+                self.counts[kind] += frame.height
+        self.watermarks[batch.agent_id] = (batch.seq, time.time())
+
+    def ingest(self, batch: Batch, body: bytes | None = None) -> IngestResult:
+        """Apply a batch once, durably: when this returns, the batch survives a crash."""
         with self._lock:
-            seen = self._applied.setdefault(batch.agent_id, set())
-            if batch.seq in seen:
+            if self._is_duplicate(batch):
                 self.duplicates += 1
                 return IngestResult(True, len(batch.events), len(batch.frames))
-            rows = batch_rows(batch)
-            for kind, kind_rows in rows.items():
-                if kind_rows:
-                    frame = pl.DataFrame(kind_rows, schema=SCHEMAS[kind])
-                    self._chunks[kind].append(frame)
-                    self._unwritten[kind].append(frame)
-                    self.counts[kind] += frame.height
-            seen.add(batch.seq)
+            self.wal.append(body if body is not None else _encode(batch))
+            self._apply(batch)
         return IngestResult(False, len(batch.events), len(batch.frames))
 
+    # --- reads --------------------------------------------------------------------------------
     def _frame_locked(self, kind: str) -> pl.DataFrame:
         chunks = self._chunks[kind]
         if not chunks:
             return empty(kind)
         if len(chunks) > 1:
-            merged = pl.concat(chunks, how="vertical", rechunk=True)
-            chunks[:] = [merged]
+            chunks[:] = [pl.concat(chunks, how="vertical", rechunk=True)]
         return chunks[0]
 
     def frame(self, kind: str) -> pl.DataFrame:
@@ -87,30 +126,63 @@ class Store:
         with self._lock:
             return self._frame_locked(kind)
 
-    def persist(self) -> int:
-        """Write rows not yet on disk into hourly Parquet partitions; drop rows older than the window."""
-        with self._lock:
-            pending = {k: v[:] for k, v in self._unwritten.items() if v}
-            for k in pending:
-                self._unwritten[k].clear()
-            cutoff = time.time() - self.window_s
+    # --- checkpoint ---------------------------------------------------------------------------
+    def checkpoint(self) -> int:
+        """Move what the WAL holds into Parquet and commit; returns rows written."""
+        with self._checkpoint_lock:
+            with self._lock:
+                segment = self.wal.rotate()
+                pending = {k: v[:] for k, v in self._unwritten.items() if v}
+                for k in pending:
+                    self._unwritten[k].clear()
+                cutoff = time.time() - self.window_s
+                for kind in KINDS:
+                    frame = self._frame_locked(kind)
+                    if frame.height and frame["ts"].min() < cutoff:  # type: ignore[operator]
+                        self._chunks[kind][:] = [frame.filter(pl.col("ts") >= cutoff)]
+                if self.retention_s:  # forget agents not heard from for longer than anything is kept
+                    old = time.time() - self.retention_s
+                    self.watermarks = {a: m for a, m in self.watermarks.items() if m[1] >= old}
+                watermarks = dict(self.watermarks)
+            try:
+                written = sum(partitions.write_checkpoint_parts(self.data_dir, kind, pl.concat(chunks, how="vertical"), segment)
+                              for kind, chunks in pending.items())
+                self._commit(segment, watermarks)
+            except Exception:
+                with self._lock:  # not committed: the rows stay unwritten, the WAL keeps them
+                    for kind, chunks in pending.items():
+                        self._unwritten[kind][:0] = chunks
+                raise
+            self.wal.drop_through(segment)
+            return written
+
+    def _commit(self, segment: int, watermarks: dict[str, tuple[int, float]]) -> None:
+        path, tmp = self.data_dir / "checkpoint.json", self.data_dir / "checkpoint.json.tmp"
+        with open(tmp, "w") as fh:
+            json.dump({"segment": segment, "watermarks": watermarks}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.rename(path)
+        _fsync_dir(self.data_dir)
+        self.committed = segment
+
+    def maintain(self, now: float | None = None) -> None:
+        """Compact closed hours and apply retention (run after a checkpoint, off the ingest path)."""
+        now = time.time() if now is None else now
+        current = time.strftime("date=%Y-%m-%d/hour=%H", time.gmtime(now))
+        with self._checkpoint_lock:
             for kind in KINDS:
-                frame = self._frame_locked(kind)
-                if frame.height and frame["ts"].min() < cutoff:  # type: ignore[operator]
-                    self._chunks[kind][:] = [frame.filter(pl.col("ts") >= cutoff)]
-        written = 0
-        for kind, chunks in pending.items():
-            frame = pl.concat(chunks, how="vertical")
-            hours = frame.with_columns(
-                pl.from_epoch(pl.col("ts"), time_unit="s").dt.replace_time_zone("UTC").dt.strftime("date=%Y-%m-%d/hour=%H").alias("_part")
-            )
-            for (part,), rows in hours.group_by("_part"):
-                folder = self.data_dir / f"kind={kind}" / str(part)
-                folder.mkdir(parents=True, exist_ok=True)
-                self._part += 1
-                name = f"part-{time.time_ns()}-{self._part}.parquet"
-                tmp = folder / (name + ".tmp")
-                rows.drop("_part").write_parquet(tmp)
-                tmp.rename(folder / name)  # readers never see a half-written file
-                written += rows.height
-        return written
+                partitions.compact(self.data_dir, kind, before_hour=current)
+            dropped = partitions.enforce_retention(self.data_dir, KINDS, self.retention_s, self.retention_bytes, now)
+        if dropped:
+            log.info("retention dropped %d hour(s): %s .. %s", len(dropped), dropped[0], dropped[-1])
+
+    def close(self) -> None:
+        self.checkpoint()
+        self.wal.close()
+
+
+def _encode(batch: Batch) -> bytes:
+    from fleetscope.schema import encode
+
+    return encode(batch)

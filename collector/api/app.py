@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from contextlib import asynccontextmanager
 
 import msgspec
@@ -21,26 +22,35 @@ log = logging.getLogger("fleetscope.collector")
 
 
 def create_app(settings: Settings, store: Store | None = None) -> FastAPI:
-    store = store if store is not None else Store(settings.data_dir, window_s=settings.window_s)
+    store = store if store is not None else Store(
+        settings.data_dir, window_s=settings.window_s, retention_s=settings.retention_s,
+        retention_bytes=settings.retention_bytes, fsync=settings.fsync)
 
-    async def persist_forever() -> None:
+    async def checkpoint_forever() -> None:
+        last_maintenance = time.monotonic()
         while True:
-            await asyncio.sleep(settings.persist_interval_s)
+            await asyncio.sleep(settings.checkpoint_interval_s)
             try:
-                await asyncio.to_thread(store.persist)
+                await asyncio.to_thread(store.checkpoint)
             except Exception:
-                log.exception("writing Parquet partitions failed; rows stay queued for the next try")
+                log.exception("checkpoint failed; the WAL keeps every row until the next one succeeds")
+            if time.monotonic() - last_maintenance >= settings.maintenance_interval_s:
+                last_maintenance = time.monotonic()
+                try:
+                    await asyncio.to_thread(store.maintain)
+                except Exception:
+                    log.exception("compaction or retention failed; will retry")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        task = asyncio.create_task(persist_forever())
+        task = asyncio.create_task(checkpoint_forever())
         try:
             yield
         finally:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-            store.persist()
+            store.close()
 
     app = FastAPI(title="fleetscope collector", version=fleetscope.__version__, lifespan=lifespan)
     app.state.settings = settings

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel
 
@@ -50,6 +52,11 @@ async def ingest(request: Request, store: StoreDep, settings: SettingsDep, metri
     except SchemaError as exc:
         metrics.rejected("schema")
         raise HTTPException(422, str(exc)) from None
-    result = store.ingest(batch)
+    try:
+        # The WAL fsync blocks: off the event loop, so other requests keep flowing.
+        result = await asyncio.to_thread(store.ingest, batch, bytes(body))
+    except OSError as exc:
+        metrics.rejected("storage")
+        raise HTTPException(503, f"collector cannot write its log ({exc}); the agent keeps the batch and retries") from None
     metrics.ingested(batch, result.duplicate)
     return IngestReply(agent_id=batch.agent_id, seq=batch.seq, events=result.events, frames=result.frames, duplicate=result.duplicate)

@@ -1,0 +1,127 @@
+"""Durability of the store: WAL replay, checkpoints, crash leftovers, compaction, retention."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import polars as pl
+
+from collector import partitions
+from collector.store import Store
+from fleetscope.schema import decode_batch
+
+NOW = time.time()
+
+
+def batch(seq: int, n: int = 3, agent: str = "a1", ts: float = NOW):
+    events = [{"v": 1, "kind": "step", "job": "j", "rank": 0, "world_size": 1, "step": seq * 100 + i, "ts": ts + i,
+               "duration_s": 0.5} for i in range(n)]
+    body = json.dumps({"v": 1, "agent_id": agent, "seq": seq, "node": "n", "sent_ts": ts, "events": events}).encode()
+    return decode_batch(body), body
+
+
+def steps(store: Store) -> list[int]:
+    return sorted(store.frame("steps")["step"].to_list())
+
+
+def store(path: Path, **kw) -> Store:
+    return Store(path, window_s=10 * 86400, **kw)
+
+
+def test_acknowledged_batches_survive_a_crash_before_any_checkpoint(tmp_path):
+    s = store(tmp_path)
+    for seq in range(3):
+        s.ingest(*batch(seq))
+    del s  # the process dies: no checkpoint, no close
+    again = store(tmp_path)
+    assert steps(again) == [0, 1, 2, 100, 101, 102, 200, 201, 202]
+    # and the replayed batches are still known: a resend is a duplicate
+    assert again.ingest(*batch(2)).duplicate
+
+
+def test_a_checkpoint_moves_rows_to_parquet_and_nothing_is_counted_twice(tmp_path):
+    s = store(tmp_path)
+    s.ingest(*batch(0))
+    assert s.checkpoint() == 3
+    s.ingest(*batch(1))
+    del s  # crash after a checkpoint: batch 0 in Parquet, batch 1 only in the WAL
+    again = store(tmp_path)
+    assert steps(again) == [0, 1, 2, 100, 101, 102]
+    assert again.ingest(*batch(0)).duplicate and again.ingest(*batch(1)).duplicate
+    assert len(list((tmp_path / "wal").glob("*.wal"))) == 1  # covered segments were deleted
+
+
+def test_files_of_a_checkpoint_that_never_committed_are_deleted(tmp_path):
+    s = store(tmp_path)
+    s.ingest(*batch(0))
+    s.checkpoint()
+    s.ingest(*batch(1))
+    # a crash between writing the Parquet files and committing checkpoint 99
+    frame = s.frame("steps").filter(pl.col("step") >= 100)
+    partitions.write_checkpoint_parts(tmp_path, "steps", frame, 99)
+    del s
+    again = store(tmp_path)
+    assert steps(again) == [0, 1, 2, 100, 101, 102]  # from the WAL, once
+    assert all(p.hi <= again.committed for p in partitions.parts(tmp_path, "steps"))
+
+
+def test_a_record_cut_short_by_a_crash_is_dropped_and_the_log_goes_on(tmp_path):
+    s = store(tmp_path)
+    s.ingest(*batch(0))
+    s.ingest(*batch(1))
+    segment = next((tmp_path / "wal").glob("*.wal"))
+    del s
+    data = segment.read_bytes()
+    segment.write_bytes(data[:-10])  # the second record was never fully written (so never acknowledged)
+    again = store(tmp_path)
+    assert steps(again) == [0, 1, 2]
+    again.ingest(*batch(1))  # the agent resends it
+    del again
+    assert steps(store(tmp_path)) == [0, 1, 2, 100, 101, 102]
+
+
+def test_closed_hours_are_compacted_into_one_file(tmp_path):
+    hour_ago = NOW - 3 * 3600
+    s = store(tmp_path)
+    for seq in range(3):
+        s.ingest(*batch(seq, ts=hour_ago))
+        s.checkpoint()
+    folder = next((tmp_path / "kind=steps").glob("date=*/hour=*"))
+    assert len(list(folder.glob("*.parquet"))) == 3
+    s.maintain(now=NOW)
+    (only,) = folder.glob("*.parquet")
+    assert pl.read_parquet(only).height == 9
+    del s
+    assert len(steps(store(tmp_path))) == 9
+
+
+def test_an_interrupted_compaction_leaves_no_duplicate(tmp_path):
+    s = store(tmp_path)
+    for seq in range(2):
+        s.ingest(*batch(seq, ts=NOW - 3 * 3600))
+        s.checkpoint()
+    folder = next((tmp_path / "kind=steps").glob("date=*/hour=*"))
+    inputs = sorted(folder.glob("*.parquet"))
+    # the merged file was written but the inputs not yet deleted
+    merged = pl.concat([pl.read_parquet(p) for p in inputs])
+    lo, hi = (partitions._PART.match(inputs[0].name).group(1), partitions._PART.match(inputs[-1].name).group(2))
+    merged.write_parquet(folder / f"part-{lo}-{hi}.parquet")
+    del s
+    assert len(steps(store(tmp_path))) == 6
+
+
+def test_retention_drops_old_hours_and_keeps_under_the_size_bound(tmp_path):
+    s = store(tmp_path, retention_s=2 * 86400)
+    s.ingest(*batch(0, ts=NOW - 5 * 86400))
+    s.ingest(*batch(1, ts=NOW - 2 * 3600))
+    s.ingest(*batch(2, ts=NOW - 3600))
+    s.checkpoint()
+    s.maintain(now=NOW)
+    hours = sorted(p.parent.name for p in (tmp_path / "kind=steps").glob("date=*/hour=*/*.parquet"))
+    assert len(hours) == 2  # the five-day-old hour is gone
+    size = sum(p.stat().st_size for p in tmp_path.glob("kind=*/date=*/hour=*/*.parquet"))
+    s.retention_bytes = size - 1  # one hour too many
+    s.maintain(now=NOW)
+    assert len(list((tmp_path / "kind=steps").glob("date=*/hour=*/*.parquet"))) == 1
