@@ -25,6 +25,10 @@ class AgentConfig:
     collector_url: str | None = None
     collector_token: str | None = None
     agent_id: str | None = None
+    # Where unacknowledged batches wait while the collector is unreachable (systemd's StateDirectory
+    # when it runs as a service); "" keeps them in memory only.
+    spool_dir: str | None = None
+    spool_bytes: int = 512 * 1024 * 1024
     disable_sources: list[str] = field(default_factory=list)
     compat: list[str] = field(default_factory=list)  # "dcgm": also emit dcgm-exporter's names
     exclude_interfaces: str = r"^lo$"
@@ -46,6 +50,9 @@ class AgentConfig:
             raise ValueError(f"interval_s must be positive, got {self.interval_s}")
         if self.collector_token is None:
             self.collector_token = os.environ.get("FLEETSCOPE_INGEST_TOKEN")
+        if self.spool_dir is None:
+            state = os.environ.get("STATE_DIRECTORY") or os.path.expanduser(f"~/.local/state/fleetscope/{self.node}")
+            self.spool_dir = os.path.join(state.split(":")[0], "spool")
         if self.agent_id is None:
             # One id per agent process: with the batch sequence number it makes each batch unique.
             self.agent_id = f"{self.node}-{uuid.uuid4().hex[:12]}"

@@ -84,7 +84,7 @@ class Listener:
             log.warning("refused a workload event (%s): %s", reason, message)
 
     def readings(self):
-        for kind in ("step", "request"):
+        for kind in ("step", "request", "pause"):
             yield Reading("fleetscope_agent_events_received_total", float(self.received[kind]), (("kind", kind),))
         for reason in ("invalid", "version", "too_large"):
             yield Reading("fleetscope_agent_events_rejected_total", float(self.rejected[reason]), (("reason", reason),))

@@ -29,7 +29,7 @@ class Agent:
             if not config.collector_token:
                 raise ValueError("a collector URL needs an ingest token: --collector-token or FLEETSCOPE_INGEST_TOKEN")
             self.shipper = Shipper(config.collector_url, config.collector_token, agent_id=config.agent_id, node=config.node,
-                                   labels=config.labels)
+                                   labels=config.labels, spool_dir=config.spool_dir or None, spool_bytes=config.spool_bytes)
             self.sampler.subscribe(self.shipper.enqueue_snapshot)
         host, port = split_address(config.events_address, "127.0.0.1")
         self.listener = Listener(host, port, node=config.node, deliver=self._deliver, gpu_lookup=self._gpu_for)

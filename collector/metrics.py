@@ -13,7 +13,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from collector.store import Store
 from collector.training import jobs_overview
-from fleetscope.schema import Batch, RequestEvent, StepEvent
+from fleetscope.schema import Batch
 
 # Latency quantiles on /metrics cover this recent window, so they move when the service does.
 RECENT_S = 300.0
@@ -34,7 +34,7 @@ class CollectorMetrics:
             self.batches["duplicate" if duplicate else "applied"] += 1
             if not duplicate:
                 for ev in batch.events:
-                    self.events["step" if isinstance(ev, StepEvent) else "request" if isinstance(ev, RequestEvent) else "other"] += 1
+                    self.events[type(ev).__struct_config__.tag] += 1
                 self.events["host_frame"] += len(batch.frames)
 
     def rejected(self, reason: str) -> None:
@@ -45,7 +45,7 @@ class CollectorMetrics:
         with self._lock:
             events, batches, rejections = dict(self.events), dict(self.batches), dict(self.rejections)
         m = CounterMetricFamily("fleetscope_collector_events_ingested", "Records applied, by kind.", labels=["kind"])
-        for kind in ("step", "request", "host_frame"):
+        for kind in ("step", "request", "pause", "host_frame"):
             m.add_metric([kind], events.get(kind, 0))
         yield m
         m = CounterMetricFamily("fleetscope_collector_batches", "Batches acknowledged, applied or recognised as duplicates.", labels=["outcome"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from fleetscope.schema import Batch, RequestEvent, StepEvent
+from fleetscope.schema import Batch, PauseEvent, RequestEvent, StepEvent
 
 PHASES = pl.List(pl.Struct({"phase": pl.String, "seconds": pl.Float64}))
 USER_METRICS = pl.List(pl.Struct({"name": pl.String, "value": pl.Float64}))
@@ -20,6 +20,10 @@ SCHEMAS: dict[str, dict[str, pl.DataType]] = {
         "ts": pl.Float64, "service": pl.String, "model": pl.String, "status": pl.String, "e2e_s": pl.Float64,
         "queue_s": pl.Float64, "ttft_s": pl.Float64, "tpot_s": pl.Float64, "input_tokens": pl.Int64,
         "output_tokens": pl.Int64, "node": pl.String, "gpu_uuid": pl.String, "pid": pl.Int64, "agent_id": pl.String,
+    },
+    "pauses": {
+        "ts": pl.Float64, "job": pl.String, "rank": pl.Int64, "reason": pl.String, "phase": pl.String,
+        "duration_s": pl.Float64, "node": pl.String, "agent_id": pl.String,
     },
     "hosts": {
         "ts": pl.Float64, "node": pl.String, "cpu_utilization_ratio": pl.Float64, "memory_used_bytes": pl.Int64,
@@ -58,6 +62,11 @@ def batch_rows(batch: Batch) -> dict[str, list[dict]]:
                 "queue_s": ev.queue_s, "ttft_s": ev.ttft_s, "tpot_s": ev.tpot_s, "input_tokens": ev.input_tokens,
                 "output_tokens": ev.output_tokens, "node": ev.node or batch.node, "gpu_uuid": ev.gpu_uuid, "pid": ev.pid,
                 "agent_id": batch.agent_id,
+            })
+        elif isinstance(ev, PauseEvent):
+            rows["pauses"].append({
+                "ts": ev.ts, "job": ev.job, "rank": ev.rank, "reason": ev.reason, "phase": ev.phase,
+                "duration_s": ev.duration_s, "node": ev.node or batch.node, "agent_id": batch.agent_id,
             })
     for fr in batch.frames:
         rows["hosts"].append({

@@ -51,6 +51,7 @@ def _agent(args: argparse.Namespace) -> int:
             disable_sources=args.disable_source or None,
             compat=args.compat or None,
             labels=_labels(args.label),
+            spool_dir=args.spool_dir,
         )
         agent = Agent(config)
     except (ValueError, OSError) as exc:
@@ -119,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expected-gpus", type=int, help="GPUs this node should have")
     p.add_argument("--collector-url", help="collector base URL, e.g. http://collector:9837")
     p.add_argument("--collector-token", help="ingest token (default: $FLEETSCOPE_INGEST_TOKEN)")
+    p.add_argument("--spool-dir", help="where batches wait while the collector is unreachable (default: $STATE_DIRECTORY/spool)")
     p.add_argument("--label", action="append", metavar="KEY=VALUE", help="the node's place in the fleet, e.g. cluster=a rack=r12")
     p.add_argument("--compat", action="append", choices=["dcgm"], help="also emit another exporter's metric names (dcgm)")
     p.add_argument("--disable-source", action="append", help="source to disable (cpu, memory, storage, network, gpu)")

@@ -192,6 +192,28 @@ class TrainingRun:
             if step is not None:
                 step.phases[name] = step.phases.get(name, 0.0) + (time.perf_counter() - t0)
 
+    @contextmanager
+    def pause(self, reason: str = "pause") -> Iterator[None]:
+        """Declare time with no steps on purpose (checkpoint, evaluation): it must not look like a hang."""
+        wall0, t0 = time.time(), time.perf_counter()
+        self._emit_pause(reason, "begin", wall0, None)
+        try:
+            yield
+        finally:
+            self._emit_pause(reason, "end", time.time(), time.perf_counter() - t0)
+
+    def _emit_pause(self, reason: str, phase: str, ts: float, duration: float | None) -> None:
+        event: dict[str, Any] = {
+            "v": SCHEMA_VERSION, "kind": "pause", "job": self.job, "rank": self.rank, "local_rank": self.local_rank,
+            "world_size": self.world_size, "reason": str(reason), "phase": phase, "ts": ts, "pid": os.getpid(),
+        }
+        if duration is not None:
+            event["duration_s"] = duration
+        try:
+            self.emitter.emit(event)
+        except Exception:  # never raise into the workload
+            pass
+
     def _emit_step(self, step: Step, duration: float, failed: bool) -> None:
         event: dict[str, Any] = {
             "v": SCHEMA_VERSION,

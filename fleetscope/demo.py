@@ -161,7 +161,7 @@ def main(args) -> int:
                 py, "-m", "fleetscope", "agent", "--node", f"node-{i:02d}", "--gpu-backend", "simulated",
                 "--gpus", str(args.gpus), "--seed", str(i), "--interval", "2",
                 "--metrics-address", f"127.0.0.1:{metrics_port}", "--events-address", f"127.0.0.1:{events_port}",
-                "--collector-url", collector_url,
+                "--collector-url", collector_url, "--spool-dir", str(workdir / f"spool-node-{i:02d}"),
             ], tokens)
         for i in range(args.nodes):
             wait_http(f"http://127.0.0.1:{agent_ports(i)[0]}/metrics")

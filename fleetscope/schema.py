@@ -1,6 +1,6 @@
 """Wire schema: every record that crosses a process boundary, as strict msgspec structs (v1).
 
-The workload client writes `StepEvent` / `RequestEvent` datagrams (without the fields the agent
+The workload client writes `StepEvent` / `RequestEvent` / `PauseEvent` datagrams (without the fields the agent
 adds: node, gpu_uuid); the agent ships them to the collector inside a `Batch` together with
 `HostFrame`s. Decoding is strict: a wrong type, a missing field, an unknown field or a value out of
 range is an error that names the field, and an unknown version is refused before anything else.
@@ -66,7 +66,24 @@ class RequestEvent(Struct, tag="request", tag_field="kind", forbid_unknown_field
     gpu_uuid: Name | None = None
 
 
-Event = Union[StepEvent, RequestEvent]
+class PauseEvent(Struct, tag="pause", tag_field="kind", forbid_unknown_fields=True, omit_defaults=True):
+    """A rank declares a pause (a checkpoint, an evaluation) so that no progress is not taken for a hang."""
+
+    v: Literal[1]
+    job: Name
+    rank: Count
+    world_size: Annotated[int, Meta(ge=1, le=2**24)]
+    reason: Name
+    phase: Literal["begin", "end"]
+    ts: UnixTime
+    duration_s: NonNegSeconds | None = None  # on "end"
+    local_rank: Count = 0
+    pid: Count = 0
+    node: Name | None = None
+    gpu_uuid: Name | None = None
+
+
+Event = Union[StepEvent, RequestEvent, PauseEvent]
 
 
 class GpuFrame(Struct, forbid_unknown_fields=True, omit_defaults=True):

@@ -100,3 +100,55 @@ def test_shipper_state_is_in_the_agent_metrics():
     assert values[("fleetscope_agent_shipper_send_failures_total", ())] == 1
     assert values[("fleetscope_agent_shipper_queue_events", ())] == 1
     assert ("fleetscope_agent_shipper_last_success_timestamp_seconds", ()) not in values
+
+
+def spooling_shipper(tmp_path, script, **kw):
+    collector = Collector(script)
+    s = Shipper("http://collector:9837", "tok", agent_id="a1", node="n1", transport=httpx.MockTransport(collector),
+                spool_dir=tmp_path / "spool", **kw)
+    return s, collector
+
+
+def test_while_the_collector_is_down_batches_wait_on_disk_and_go_out_in_order(tmp_path):
+    down = [httpx.ConnectError("refused")] * 3
+    s, collector = spooling_shipper(tmp_path, down, batch_events=2)
+    for n in range(3):
+        s.enqueue_event(step(n))
+    assert s.send_once() is False  # batch 0 fails: it and the rest of the queue go to disk
+    assert s.pending is None and not s.events and len(s.spool) == 2
+    s.enqueue_event(step(3))
+    assert s.send_once() is False and s.send_once() is False  # still down; step 3 is spilled too
+    assert len(s.spool) == 3 and s.spool.events == 4
+    values = {(r.name, r.labels): r.value for r in s.readings()}
+    assert values[("fleetscope_agent_shipper_spool_events", ())] == 4
+    while s.spool and len(s.spool):
+        assert s.send_once() is True
+    sent = [(b.seq, [e.step for e in b.events]) for b in collector.bodies[3:]]  # after the three failed tries
+    assert sent == [(0, [0, 1]), (1, [2]), (2, [3])]
+    assert s.sent_events == 4 and not list((tmp_path / "spool").glob("*.batch"))
+
+
+def test_a_restarted_agent_sends_what_its_predecessor_spooled_first(tmp_path):
+    first, _ = spooling_shipper(tmp_path, [httpx.ConnectError("refused")] * 10)
+    for n in range(3):
+        first.enqueue_event(step(n))
+    first.send_once()
+    first.stop(drain_s=0)
+    second, collector = spooling_shipper(tmp_path, [])
+    second.agent_id = "a2"
+    second.enqueue_event(step(99))
+    while second.send_once() and (len(second.spool) or second.events or second.pending):
+        pass
+    assert [(b.agent_id, [e.step for e in b.events]) for b in collector.bodies] == [("a1", [0, 1, 2]), ("a2", [99])]
+
+
+def test_the_spool_is_bounded_and_counts_what_it_drops(tmp_path):
+    s, _ = spooling_shipper(tmp_path, [httpx.ConnectError("refused")] * 100, batch_events=1, spool_bytes=600)
+    for n in range(10):
+        s.enqueue_event(step(n))
+        s.send_once()
+    assert s.spool.bytes <= 600
+    kept = s.spool.events
+    assert kept < 10 and s.spool.dropped_events == 10 - kept
+    values = {(r.name, r.labels): r.value for r in s.readings()}
+    assert values[("fleetscope_agent_shipper_dropped_total", (("reason", "spool_full"),))] == 10 - kept

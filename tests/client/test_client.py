@@ -147,3 +147,13 @@ def test_agent_address_from_environment(monkeypatch):
     assert Emitter().address == ("127.0.0.2", 9999)
     monkeypatch.setenv("FLEETSCOPE_AGENT_ADDR", "garbage")
     assert Emitter().address == ("127.0.0.1", 9836)
+
+
+def test_a_declared_pause_is_reported_when_it_begins_and_when_it_ends(udp):
+    run = fleetscope.training(job="j", rank=2, world_size=4, emitter=Emitter(udp.getsockname()))
+    with run.pause("checkpoint"):
+        begin = receive(udp)  # sent at once, so a long pause is known while it lasts
+        time.sleep(0.02)
+    end = receive(udp)
+    assert (begin["kind"], begin["phase"], begin["reason"], begin["rank"]) == ("pause", "begin", "checkpoint", 2)
+    assert end["phase"] == "end" and end["duration_s"] >= 0.02 and "duration_s" not in begin

@@ -187,3 +187,11 @@ def test_settings_refuse_to_run_without_tokens(tmp_path, monkeypatch):
     monkeypatch.delenv("FLEETSCOPE_READ_TOKEN", raising=False)
     with pytest.raises(ValueError, match="no ingest token"):
         Settings(data_dir=tmp_path)
+
+
+def test_declared_pauses_are_kept_with_the_job(client):
+    pause = {"v": 1, "kind": "pause", "job": "llm", "rank": 0, "world_size": 2, "reason": "checkpoint",
+             "phase": "begin", "ts": 1_800_000_010.0}
+    post(client, batch(0, [step("llm", 0, 0, 1.0), pause, {**pause, "phase": "end", "ts": 1_800_000_070.0, "duration_s": 60.0}]))
+    pauses = client.get("/v1/jobs/llm", headers=R).json()["pauses"]
+    assert [(p["phase"], p["reason"], p["duration_s"]) for p in pauses] == [("begin", "checkpoint", None), ("end", "checkpoint", 60.0)]

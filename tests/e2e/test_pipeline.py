@@ -14,10 +14,11 @@ from tests.conftest import free_port, http_get, require_binary, wait_until
 from tests.e2e.conftest import INGEST, api
 
 
-def start_agent(procs, collector_url: str | None, node: str = "e2e-node", gpus: int = 4):
+def start_agent(procs, collector_url: str | None, spool_dir, node: str = "e2e-node", gpus: int = 4):
     metrics_port, events_port = free_port(), free_port(__import__("socket").SOCK_DGRAM)
     argv = [sys.executable, "-m", "fleetscope", "agent", "--node", node, "--gpu-backend", "simulated", "--gpus", str(gpus),
-            "--interval", "0.5", "--metrics-address", f"127.0.0.1:{metrics_port}", "--events-address", f"127.0.0.1:{events_port}"]
+            "--interval", "0.5", "--metrics-address", f"127.0.0.1:{metrics_port}", "--events-address", f"127.0.0.1:{events_port}",
+            "--spool-dir", str(spool_dir)]
     if collector_url:
         argv += ["--collector-url", collector_url]
     proc = procs(f"agent-{node}", argv, {"FLEETSCOPE_INGEST_TOKEN": INGEST})
@@ -46,7 +47,7 @@ def send_workload(events_addr, steps: int, ranks: int, requests: int) -> None:
 
 
 def test_events_flow_from_client_through_agent_to_collector_and_prometheus_scrapes_the_agent(procs, collector, tmp_path):
-    agent = start_agent(procs, collector.url)
+    agent = start_agent(procs, collector.url, tmp_path / "spool")
     send_workload(agent.events, steps=25, ranks=4, requests=30)
 
     def job_complete():
@@ -103,7 +104,7 @@ def test_events_sent_while_the_collector_is_down_arrive_once_it_is_up(procs, tmp
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    agent = start_agent(procs, url, node="patient")
+    agent = start_agent(procs, url, tmp_path / "spool", node="patient")
     send_workload(agent.events, steps=10, ranks=2, requests=0)
     time.sleep(2)  # the agent tries and fails to ship meanwhile
     status, metrics = http_get(agent.metrics_url)

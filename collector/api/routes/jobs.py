@@ -27,7 +27,8 @@ def list_jobs(store: StoreDep) -> dict:
 def get_job(job: str, store: StoreDep) -> dict:
     steps = _job_steps(store, job)
     overview = jobs_overview(steps.filter(pl.col("job") == job)).to_dicts()[0]
-    return {"job": overview, "ranks": rank_step_quantiles(steps, job).to_dicts()}
+    pauses = store.frame("pauses").filter(pl.col("job") == job).sort("ts").tail(50)
+    return {"job": overview, "ranks": rank_step_quantiles(steps, job).to_dicts(), "pauses": pauses.drop("agent_id").to_dicts()}
 
 
 @router.get("/v1/jobs/{job}/steps")
