@@ -21,7 +21,10 @@ Name = Annotated[str, Meta(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f]
 Seconds = Annotated[float, Meta(gt=0, le=7 * 24 * 3600)]
 NonNegSeconds = Annotated[float, Meta(ge=0, le=7 * 24 * 3600)]
 Count = Annotated[int, Meta(ge=0, le=2**53)]
-UnixTime = Annotated[float, Meta(ge=0)]
+# Up to 2286-11-20: anything later (or infinite) is a bug in the sender, not a time.
+UnixTime = Annotated[float, Meta(ge=0, le=1e10)]
+Finite = Annotated[float, Meta(ge=-1e300, le=1e300)]  # JSON's 1e999 decodes to infinity: refuse it
+NonNeg = Annotated[float, Meta(ge=0, le=1e300)]
 Ratio = Annotated[float, Meta(ge=0, le=1)]
 
 
@@ -40,7 +43,7 @@ class StepEvent(Struct, tag="step", tag_field="kind", forbid_unknown_fields=True
     tokens: Count | None = None
     samples: Count | None = None
     phases: dict[Name, NonNegSeconds] = {}
-    metrics: dict[Name, float] = {}
+    metrics: dict[Name, Finite] = {}
     failed: bool = False
     # Added by the agent.
     node: Name | None = None
@@ -96,10 +99,10 @@ class GpuFrame(Struct, forbid_unknown_fields=True, omit_defaults=True):
     utilization_ratio: Ratio | None = None
     memory_used_bytes: Count | None = None
     memory_total_bytes: Count | None = None
-    temperature_celsius: float | None = None
-    power_watts: Annotated[float, Meta(ge=0)] | None = None
-    power_limit_watts: Annotated[float, Meta(ge=0)] | None = None
-    sm_clock_hertz: Annotated[float, Meta(ge=0)] | None = None
+    temperature_celsius: Finite | None = None
+    power_watts: NonNeg | None = None
+    power_limit_watts: NonNeg | None = None
+    sm_clock_hertz: NonNeg | None = None
 
 
 class HostFrame(Struct, tag="host", tag_field="kind", forbid_unknown_fields=True, omit_defaults=True):
@@ -111,7 +114,7 @@ class HostFrame(Struct, tag="host", tag_field="kind", forbid_unknown_fields=True
     cpu_utilization_ratio: Ratio | None = None
     memory_used_bytes: Count | None = None
     memory_total_bytes: Count | None = None
-    load1: Annotated[float, Meta(ge=0)] | None = None
+    load1: NonNeg | None = None
     gpus: list[GpuFrame] = []
     sources_down: list[Name] = []
     labels: dict[Name, Name] = {}  # the node's place in the fleet: cluster, rack, ...

@@ -66,3 +66,10 @@ def test_batch_errors_name_the_batch_and_the_agent():
     with pytest.raises(SchemaError) as err:
         decode_batch(raw(batch))
     assert "batch 17 from agent gpu-012" in str(err.value) and "$.events[0].duration_s" in str(err.value)
+
+
+def test_numbers_json_turns_into_infinity_are_refused():
+    with pytest.raises(SchemaError, match=r"\$.ts"):
+        decode_event(raw(STEP).replace(b'"ts": 1700000000.0', b'"ts": 1e999'))
+    with pytest.raises(SchemaError, match=r"\$.metrics"):
+        decode_event(raw({**STEP, "metrics": {"loss": 1.0}}).replace(b'"loss": 1.0', b'"loss": 1e999'))
