@@ -51,6 +51,23 @@ def rank_step_quantiles(steps: pl.DataFrame, job: str) -> pl.DataFrame:
     )
 
 
+def rank_breakdown(steps: pl.DataFrame, job: str) -> pl.DataFrame:
+    """Per rank of `job`: the mean of each phase (`phase_<name>_mean_s`) and of each reported number
+    (`metric_<name>_mean`, e.g. DDP's sync_arrival_s), one column each."""
+    rows = steps.filter(pl.col("job") == job).select("rank", "phases", "metrics")
+    out = rows.select("rank").unique()
+    for column, key, value, prefix, suffix in (("phases", "phase", "seconds", "phase_", "_mean_s"),
+                                                ("metrics", "name", "value", "metric_", "_mean")):
+        long = rows.select("rank", column).explode(column).drop_nulls(column).unnest(column)
+        if long.height == 0:
+            continue
+        wide = (long.group_by("rank", key).agg(pl.col(value).mean())
+                .with_columns((pl.lit(prefix) + pl.col(key) + pl.lit(suffix)).alias(key))
+                .pivot(on=key, index="rank", values=value))
+        out = out.join(wide, on="rank", how="left")
+    return out.sort("rank")
+
+
 def step_series(steps: pl.DataFrame, job: str, *, last: int | None = None) -> pl.DataFrame:
     """Step time over time for `job`: per step number, when it started and the spread across ranks."""
     series = (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import polars as pl
+import pytest
 from polars.testing import assert_frame_equal
 
 from collector.fleet import nodes_overview
@@ -63,3 +64,20 @@ def test_nodes_overview_uses_each_nodes_latest_frame():
                              "gpu_utilization_mean_ratio": [0.9, None], "gpus_down": [0, None]},
                             schema_overrides={"gpus_down": pl.UInt32})
     assert_frame_equal(got, expected)
+
+
+def test_rank_breakdown_means_each_phase_and_metric_per_rank():
+    from collector.training import rank_breakdown
+
+    frame = steps([
+        {"job": "j", "rank": 0, "step": 0, "ts": 0.0, "duration_s": 1.0,
+         "phases": [{"phase": "forward", "seconds": 0.2}, {"phase": "comm", "seconds": 0.5}],
+         "metrics": [{"name": "sync_arrival_s", "value": 0.3}]},
+        {"job": "j", "rank": 0, "step": 1, "ts": 1.0, "duration_s": 1.0,
+         "phases": [{"phase": "forward", "seconds": 0.4}, {"phase": "comm", "seconds": 0.3}],
+         "metrics": [{"name": "sync_arrival_s", "value": 0.5}]},
+        {"job": "j", "rank": 1, "step": 0, "ts": 0.0, "duration_s": 1.0, "phases": [{"phase": "forward", "seconds": 0.7}]},
+    ])
+    got = rank_breakdown(frame, "j")
+    rank0, rank1 = got.select("rank", "phase_forward_mean_s", "phase_comm_mean_s", "metric_sync_arrival_s_mean").rows()
+    assert rank0 == pytest.approx((0, 0.3, 0.4, 0.4)) and rank1 == (1, 0.7, None, None)

@@ -6,7 +6,7 @@ import polars as pl
 from fastapi import APIRouter, HTTPException, Query
 
 from collector.api.deps import ReadAuth, StoreDep
-from collector.training import jobs_overview, rank_step_quantiles, step_series
+from collector.training import jobs_overview, rank_breakdown, rank_step_quantiles, step_series
 
 router = APIRouter(tags=["training"], dependencies=[ReadAuth])
 
@@ -28,7 +28,8 @@ def get_job(job: str, store: StoreDep) -> dict:
     steps = _job_steps(store, job)
     overview = jobs_overview(steps.filter(pl.col("job") == job)).to_dicts()[0]
     pauses = store.frame("pauses").filter(pl.col("job") == job).sort("ts").tail(50)
-    return {"job": overview, "ranks": rank_step_quantiles(steps, job).to_dicts(), "pauses": pauses.drop("agent_id").to_dicts()}
+    ranks = rank_step_quantiles(steps, job).join(rank_breakdown(steps, job), on="rank", how="left")
+    return {"job": overview, "ranks": ranks.to_dicts(), "pauses": pauses.drop("agent_id").to_dicts()}
 
 
 @router.get("/v1/jobs/{job}/steps")

@@ -1,0 +1,93 @@
+"""PyTorch Lightning: a Callback that reports every training batch with its phases to fleetscope.
+
+    from fleetscope.integrations.lightning import FleetscopeCallback
+    trainer = L.Trainer(..., callbacks=[FleetscopeCallback(job="resnet")])
+
+Phases come from Lightning's hooks: `forward` (batch start to backward), `backward`, `optimizer`
+(optimizer step to batch end). Validation is reported as a declared pause. The loss in the step's
+outputs is attached to the step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+import lightning.pytorch as lp
+
+import fleetscope
+
+log = logging.getLogger("fleetscope.integrations.lightning")
+
+
+class FleetscopeCallback(lp.Callback):
+    def __init__(self, job: str | None = None, *, tokens_per_batch: Callable[[Any], int] | None = None, emitter=None) -> None:
+        self.job = job
+        self.tokens_per_batch = tokens_per_batch
+        self.emitter = emitter
+        self.run: fleetscope.TrainingRun | None = None
+        self._step: Any = None
+        self._mark = 0.0
+        self._pause_t0: float | None = None
+
+    def _phase(self, name: str) -> None:
+        now = time.perf_counter()
+        if self._step is not None:
+            self._step.phases[name] = self._step.phases.get(name, 0.0) + (now - self._mark)
+        self._mark = now
+
+    def _guard(fn):  # noqa: N805 - a callback must never break training
+        def wrapper(self, *args, **kwargs):
+            try:
+                fn(self, *args, **kwargs)
+            except Exception:
+                log.debug("fleetscope callback failed", exc_info=True)
+        return wrapper
+
+    @_guard
+    def on_train_start(self, trainer, pl_module):
+        job = self.job or type(pl_module).__name__
+        self.run = fleetscope.training(job=job, rank=trainer.global_rank, world_size=trainer.world_size,
+                                       local_rank=trainer.local_rank, emitter=self.emitter)
+
+    @_guard
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.run is None:
+            return
+        tokens = self.tokens_per_batch(batch) if self.tokens_per_batch else None
+        samples = len(batch[0]) if isinstance(batch, (list, tuple)) and hasattr(batch[0], "__len__") else None
+        self._step = self.run.step(tokens=tokens, samples=samples, number=trainer.global_step)
+        self._step.__enter__()
+        self._mark = time.perf_counter()
+
+    @_guard
+    def on_before_backward(self, trainer, pl_module, loss):
+        self._phase("forward")
+
+    @_guard
+    def on_after_backward(self, trainer, pl_module):
+        self._phase("backward")
+
+    @_guard
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self._step is None:
+            return
+        self._phase("optimizer")
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if loss is not None and hasattr(loss, "item"):
+            self._step.record(loss=float(loss.item()))
+        self._step.__exit__(None, None, None)
+        self._step = None
+
+    @_guard
+    def on_validation_start(self, trainer, pl_module):
+        if self.run is not None and trainer.state.fn == "fit":
+            self._pause_t0 = time.perf_counter()
+            self.run._emit_pause("validation", "begin", time.time(), None)
+
+    @_guard
+    def on_validation_end(self, trainer, pl_module):
+        if self.run is not None and self._pause_t0 is not None:
+            self.run._emit_pause("validation", "end", time.time(), time.perf_counter() - self._pause_t0)
+            self._pause_t0 = None

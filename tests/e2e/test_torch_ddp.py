@@ -1,0 +1,52 @@
+"""A real 4-rank PyTorch DDP job (gloo, CPU) reports every step of every rank through a real agent."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port, http_get, wait_until
+from tests.e2e.conftest import INGEST, api
+
+torch = pytest.importorskip("torch", reason="make test installs torch==2.13.0 (CPU)")
+
+JOB_SCRIPT = Path(__file__).with_name("ddp_job.py")
+
+
+def test_every_step_of_every_rank_arrives_and_the_straggler_arrives_late_at_the_all_reduce(procs, collector, tmp_path):
+    metrics_port, events_port = free_port(), free_port(socket.SOCK_DGRAM)
+    procs("agent", [sys.executable, "-m", "fleetscope", "agent", "--node", "ddp-node", "--gpu-backend", "none",
+                    "--interval", "0.5", "--metrics-address", f"127.0.0.1:{metrics_port}",
+                    "--events-address", f"127.0.0.1:{events_port}", "--collector-url", collector.url,
+                    "--spool-dir", str(tmp_path / "spool")], {"FLEETSCOPE_INGEST_TOKEN": INGEST})
+    wait_until(lambda: http_get(f"http://127.0.0.1:{metrics_port}/metrics")[0] == 200, what="the agent")
+
+    env = {**os.environ, "JOB": "ddp-e2e", "STEPS": "20", "SLOW_RANK": "2",
+           "FLEETSCOPE_AGENT_ADDR": f"127.0.0.1:{events_port}", "OMP_NUM_THREADS": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "4",
+         "--master-addr", "127.0.0.1", "--master-port", env["MASTER_PORT"], str(JOB_SCRIPT)],
+        env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    def complete():
+        ranks = api(collector, "/v1/jobs/ddp-e2e")["ranks"]
+        return ranks if len(ranks) == 4 and all(r["steps"] == 20 for r in ranks) else None
+
+    ranks = wait_until(complete, timeout=30, what="20 steps from each of the 4 ranks")
+    assert [r["rank"] for r in ranks] == [0, 1, 2, 3] and all(r["node"] == "ddp-node" for r in ranks)
+    # Whole steps take about as long on every rank (they wait for each other) ...
+    p50 = [r["step_time_p50_s"] for r in ranks]
+    assert max(p50) < 2 * min(p50)
+    # ... but the slow rank reaches the all-reduce last and waits the least there.
+    arrival = {r["rank"]: r["metric_sync_arrival_s_mean"] for r in ranks}
+    comm = {r["rank"]: r["phase_comm_mean_s"] for r in ranks}
+    assert max(arrival, key=arrival.get) == 2, arrival
+    assert min(comm, key=comm.get) == 2, comm
