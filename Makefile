@@ -3,6 +3,8 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
+TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
 
 .PHONY: demo test venv system-deps bench lint clean
@@ -10,7 +12,7 @@ PYTEST_ARGS ?=
 demo: $(STAMP)
 	$(PY) -m fleetscope demo $(DEMO_ARGS)
 
-test: $(STAMP) system-deps
+test: $(TEST_STAMP) system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 venv: $(STAMP)
@@ -26,8 +28,14 @@ $(VENV)/bin/python:
 
 $(STAMP): $(VENV)/bin/python pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[all,test]'
+	$(PY) -m pip install -q -e '.[all]'
 	touch $(STAMP)
+
+# The CPU build of PyTorch first, so the test extra's "torch>=..." is already satisfied.
+$(TEST_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install -q '$(TORCH)'
+	$(PY) -m pip install -q -e '.[all,test]'
+	touch $(TEST_STAMP)
 
 # Debian's Prometheus and Alertmanager (promtool comes with prometheus) and Chromium for the
 # browser tests; installed only when running as root on a machine with apt. Tests that need
