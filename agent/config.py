@@ -35,7 +35,9 @@ class AgentConfig:
     procfs: str = "/proc"  # roots, so a containerised agent can read the host's (/host/proc)
     sysfs: str = "/sys"
     rootfs: str = "/"
-    labels: dict[str, str] = field(default_factory=dict)  # cluster, rack, ...: on fleetscope_node_info and frames
+    labels: dict[str, str] = field(default_factory=dict)
+    # [[agent.inference_servers]] url = "http://127.0.0.1:8000/metrics", kind = "vllm", service = "chat"
+    inference_servers: list[dict] = field(default_factory=list)  # cluster, rack, ...: on fleetscope_node_info and frames
 
     def __post_init__(self) -> None:
         if self.gpu_backend not in ("auto", "nvml", "simulated", "none"):

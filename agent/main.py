@@ -15,6 +15,7 @@ from agent.sampler import Sampler
 from agent.shipper import Shipper
 from agent.sources import build_sources
 from agent.sources.gpu import GpuSource
+from agent.sources.inference import InferenceServersSource
 
 log = logging.getLogger("fleetscope.agent")
 
@@ -36,6 +37,8 @@ class Agent:
         for source in self.sources:
             if isinstance(source, GpuSource):
                 source.workload_lookup = self.listener.workloads.get
+            if isinstance(source, InferenceServersSource) and self.shipper is not None:
+                source.deliver = self.shipper.enqueue_server_frame
         providers = [self.listener] + ([self.shipper] if self.shipper else [])
         self.collector = AgentCollector(self.sampler, providers, version=fleetscope.__version__, labels=config.labels)
         self.registry = make_registry(self.collector)

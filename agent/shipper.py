@@ -23,7 +23,7 @@ import httpx
 from agent.sampler import Snapshot
 from agent.spool import Spool, Spooled
 from agent.sources.base import Family, Reading
-from fleetscope.schema import Batch, Event, GpuFrame, HostFrame, encode
+from fleetscope.schema import Batch, Event, GpuFrame, HostFrame, ServerFrame, encode
 
 log = logging.getLogger("fleetscope.agent.shipper")
 
@@ -116,6 +116,7 @@ class Shipper:
         self.max_queue_events = max_queue_events
         self.events: deque[Event] = deque()
         self.frames: deque[HostFrame] = deque(maxlen=max_queue_frames)
+        self.servers: deque[ServerFrame] = deque(maxlen=max_queue_frames * 16)
         self.seq = 0
         self.pending: Outgoing | None = None  # the batch being sent, when it is not in the spool
         self.spool = Spool(Path(spool_dir), spool_bytes) if spool_dir is not None else None
@@ -150,6 +151,12 @@ class Shipper:
                 self.dropped["frames_queue_full"] += 1
             self.frames.append(frame)
 
+    def enqueue_server_frame(self, frame: ServerFrame) -> None:
+        with self._lock:
+            if len(self.servers) == self.servers.maxlen:
+                self.dropped["frames_queue_full"] += 1
+            self.servers.append(frame)
+
     def readings(self):
         with self._lock:
             queued = len(self.events) + (self.pending.events if self.pending else 0)
@@ -175,14 +182,16 @@ class Shipper:
     def _form_batch_locked(self) -> Outgoing | None:
         """Cut the next numbered batch from what is queued in memory."""
         n = min(len(self.events), self.batch_events)
-        if n == 0 and not self.frames:
+        if n == 0 and not self.frames and not self.servers:
             return None
         events = [self.events.popleft() for _ in range(n)]
-        frames = list(self.frames)
+        frames, servers = list(self.frames), list(self.servers)
         self.frames.clear()
-        batch = Batch(v=1, agent_id=self.agent_id, seq=self.seq, node=self.node, sent_ts=time.time(), events=events, frames=frames)
+        self.servers.clear()
+        batch = Batch(v=1, agent_id=self.agent_id, seq=self.seq, node=self.node, sent_ts=time.time(), events=events,
+                      frames=frames, servers=servers)
         self.seq += 1
-        return Outgoing(encode(batch), batch.seq, len(events), len(frames))
+        return Outgoing(encode(batch), batch.seq, len(events), len(frames) + len(servers))
 
     def _next(self) -> Outgoing | None:
         with self._lock:

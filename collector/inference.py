@@ -45,3 +45,61 @@ def latency_quantiles(requests: pl.DataFrame, service: str) -> pl.DataFrame:
         )
         .sort("model")
     )
+
+
+def histogram_quantile(le: list[float], counts: list[float], q: float) -> float | None:
+    """Prometheus' histogram_quantile on one cumulative histogram: linear within the bucket that holds
+    rank q; a rank in the open last bucket returns the highest finite bound. None without observations."""
+    total = counts[-1] if counts else 0.0
+    if total <= 0:
+        return None
+    rank = q * total
+    lower, below = 0.0, 0.0
+    for bound, cumulative in zip(le, counts):
+        if cumulative >= rank:
+            if bound >= 1e300:  # the +Inf bucket
+                return lower
+            inside = cumulative - below
+            return lower + (bound - lower) * ((rank - below) / inside if inside > 0 else 1.0)
+        lower, below = bound, cumulative
+    return lower
+
+
+def server_latency_quantiles(histograms: pl.DataFrame, service: str) -> pl.DataFrame:
+    """Per model and latency of a scraped service: quantiles from the sum of its histogram deltas."""
+    rows = histograms.filter(pl.col("service") == service)
+    out = []
+    for (model, metric), group in rows.group_by("model", "metric", maintain_order=True):
+        for le, part in group.group_by(pl.col("le").list.join(",")):
+            bounds = part["le"][0].to_list()
+            summed = [sum(c) for c in zip(*part["counts"].to_list())]
+            count, total = float(part["count"].sum()), float(part["sum"].sum())
+            row = {"model": model, "metric": metric, "count": count, "mean_s": total / count if count else None}
+            for q in QUANTILES:
+                row[f"p{round(q * 100)}_s"] = histogram_quantile(bounds, summed, q)
+            out.append(row)
+    schema = {"model": pl.String, "metric": pl.String, "count": pl.Float64, "mean_s": pl.Float64,
+              **{f"p{round(q * 100)}_s": pl.Float64 for q in QUANTILES}}
+    return pl.DataFrame(out, schema=schema).sort("model", "metric")
+
+
+def server_overview(stats: pl.DataFrame) -> pl.DataFrame:
+    """Per scraped service and model: requests, error ratio, mean e2e (Triton), tokens/s, latest queue and KV cache."""
+    return (
+        stats.sort("ts")
+        .group_by("service", "model")
+        .agg(
+            pl.col("kind").last(),
+            (pl.col("requests_ok").fill_null(0).sum() + pl.col("requests_error").fill_null(0).sum()).alias("requests"),
+            (pl.col("requests_error").fill_null(0).sum()
+             / (pl.col("requests_ok").fill_null(0).sum() + pl.col("requests_error").fill_null(0).sum())).alias("error_ratio"),
+            (pl.col("e2e_sum").sum() / pl.col("e2e_count").sum()).alias("e2e_mean_s"),
+            (pl.col("generation_tokens").sum() / pl.col("interval_s").sum()).alias("generation_tokens_per_s"),
+            pl.col("running").last().alias("running"),
+            pl.col("waiting").last().alias("waiting"),
+            pl.col("kv_cache").last().alias("kv_cache_usage_ratio"),
+            pl.col("ts").max().alias("last_frame_ts"),
+        )
+        .with_columns(pl.col("error_ratio").fill_nan(None), pl.col("e2e_mean_s").fill_nan(None))
+        .sort("service", "model")
+    )

@@ -25,6 +25,16 @@ SCHEMAS: dict[str, dict[str, pl.DataType]] = {
         "ts": pl.Float64, "job": pl.String, "rank": pl.Int64, "reason": pl.String, "phase": pl.String,
         "duration_s": pl.Float64, "node": pl.String, "agent_id": pl.String,
     },
+    "server_stats": {
+        "ts": pl.Float64, "service": pl.String, "model": pl.String, "server": pl.String, "kind": pl.String,
+        "node": pl.String, "interval_s": pl.Float64, "running": pl.Float64, "waiting": pl.Float64, "kv_cache": pl.Float64,
+        "prompt_tokens": pl.Float64, "generation_tokens": pl.Float64, "requests_ok": pl.Float64, "requests_error": pl.Float64,
+        "e2e_sum": pl.Float64, "e2e_count": pl.Float64, "queue_sum": pl.Float64, "queue_count": pl.Float64,
+    },
+    "server_histograms": {
+        "ts": pl.Float64, "service": pl.String, "model": pl.String, "server": pl.String, "metric": pl.String,
+        "le": pl.List(pl.Float64), "counts": pl.List(pl.Float64), "sum": pl.Float64, "count": pl.Float64,
+    },
     "hosts": {
         "ts": pl.Float64, "node": pl.String, "cpu_utilization_ratio": pl.Float64, "memory_used_bytes": pl.Int64,
         "memory_total_bytes": pl.Int64, "load1": pl.Float64, "gpu_count": pl.Int64, "sources_down": pl.List(pl.String),
@@ -68,6 +78,24 @@ def batch_rows(batch: Batch) -> dict[str, list[dict]]:
                 "ts": ev.ts, "job": ev.job, "rank": ev.rank, "reason": ev.reason, "phase": ev.phase,
                 "duration_s": ev.duration_s, "node": ev.node or batch.node, "agent_id": batch.agent_id,
             })
+    for sf in batch.servers:
+        row = {"ts": sf.ts, "service": sf.service, "model": sf.model, "server": sf.server, "kind": sf.kind,
+               "node": sf.node or batch.node, "interval_s": sf.interval_s}
+        for key in ("running", "waiting", "kv_cache"):
+            row[key] = sf.gauges.get(key)
+        for key in ("prompt_tokens", "generation_tokens", "requests_ok", "requests_error", "e2e_sum", "e2e_count",
+                    "queue_sum", "queue_count"):
+            row[key] = sf.counters.get(key)
+        for metric, h in sf.histograms.items():
+            # Histograms carry their own sums and counts; the counters only fill in for servers without them.
+            row.setdefault(f"{metric}_sum", None)
+            if metric in ("e2e", "queue") and row[f"{metric}_count"] is None:
+                row[f"{metric}_sum"], row[f"{metric}_count"] = h.sum, h.count
+            rows["server_histograms"].append({
+                "ts": sf.ts, "service": sf.service, "model": sf.model, "server": sf.server, "metric": metric,
+                "le": list(h.le), "counts": list(h.counts), "sum": h.sum, "count": h.count,
+            })
+        rows["server_stats"].append({k: v for k, v in row.items() if k in SCHEMAS["server_stats"]})
     for fr in batch.frames:
         rows["hosts"].append({
             "ts": fr.ts, "node": fr.node, "cpu_utilization_ratio": fr.cpu_utilization_ratio,

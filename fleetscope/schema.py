@@ -120,6 +120,31 @@ class HostFrame(Struct, tag="host", tag_field="kind", forbid_unknown_fields=True
     labels: dict[Name, Name] = {}  # the node's place in the fleet: cluster, rack, ...
 
 
+class HistogramDelta(Struct, forbid_unknown_fields=True):
+    """Observations of one latency histogram during an interval; the last bound stands for +Inf (1e300)."""
+
+    le: list[NonNeg]
+    counts: list[NonNeg]
+    sum: Finite
+    count: NonNeg
+
+
+class ServerFrame(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """What an inference server (vLLM, SGLang, TGI, Triton) did during one agent sample interval, per model."""
+
+    v: Literal[1]
+    service: Name
+    model: Name
+    server: Name
+    kind: Literal["vllm", "sglang", "tgi", "triton"]
+    ts: UnixTime
+    interval_s: Annotated[float, Meta(gt=0, le=86400)]
+    histograms: dict[Literal["e2e", "queue", "ttft", "tpot"], HistogramDelta] = {}
+    gauges: dict[Name, Finite] = {}
+    counters: dict[Name, NonNeg] = {}  # deltas over the interval
+    node: Name | None = None
+
+
 class Batch(Struct, forbid_unknown_fields=True, omit_defaults=True):
     """What an agent POSTs to /v1/ingest: events and frames, applied once per (agent_id, seq)."""
 
@@ -130,6 +155,7 @@ class Batch(Struct, forbid_unknown_fields=True, omit_defaults=True):
     sent_ts: UnixTime
     events: list[Event] = []
     frames: list[HostFrame] = []
+    servers: list[ServerFrame] = []
 
 
 class _Envelope(Struct):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from agent.sources import cpu, gpu, hwmon, infiniband, memory, network, pressure, storage  # noqa: F401 - registration
+from agent.sources import cpu, gpu, hwmon, inference, infiniband, memory, network, pressure, storage  # noqa: F401 - registration
 from agent.sources.base import REGISTRY, NoData, Reading, Source
 
 log = logging.getLogger("fleetscope.agent.sources")
@@ -22,7 +22,8 @@ def build_sources(config) -> list[Source]:
         if name in config.disable_sources or not reg.default_enabled:
             continue
         kwargs: dict[str, object] = {"exclude_interfaces": config.exclude_interfaces, "procfs": config.procfs, "sysfs": config.sysfs,
-                                   "rootfs": config.rootfs}
+                                   "rootfs": config.rootfs, "inference_servers": config.inference_servers,
+                                   "node": config.node}
         if name == "gpu":
             if config.scenario and config.gpu_backend != "simulated":
                 raise ValueError("a fault scenario plays on simulated GPUs only: add --gpu-backend simulated")

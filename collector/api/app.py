@@ -50,7 +50,8 @@ def create_app(settings: Settings, store: Store | None = None) -> FastAPI:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-            store.close()
+            # Checkpoint, but keep the log open: an app whose lifespan restarts (tests do) keeps its store.
+            await asyncio.to_thread(store.checkpoint)
 
     app = FastAPI(title="fleetscope collector", version=fleetscope.__version__, lifespan=lifespan)
     app.state.settings = settings

@@ -81,3 +81,19 @@ def test_rank_breakdown_means_each_phase_and_metric_per_rank():
     got = rank_breakdown(frame, "j")
     rank0, rank1 = got.select("rank", "phase_forward_mean_s", "phase_comm_mean_s", "metric_sync_arrival_s_mean").rows()
     assert rank0 == pytest.approx((0, 0.3, 0.4, 0.4)) and rank1 == (1, 0.7, None, None)
+
+
+@pytest.mark.parametrize(
+    "counts, q, expected",
+    [
+        ([0, 10, 10, 10], 0.5, 0.3),  # all in (0.1, 0.5]: halfway
+        ([5, 10, 10, 10], 0.5, 0.1),
+        ([0, 0, 0, 10], 0.99, 1.0),  # in the open bucket: the highest finite bound
+        ([0, 0, 0, 0], 0.5, None),
+    ],
+)
+def test_histogram_quantile_follows_prometheus(counts, q, expected):
+    from collector.inference import histogram_quantile
+
+    got = histogram_quantile([0.1, 0.5, 1.0, 1e300], counts, q)
+    assert got == (pytest.approx(expected) if expected is not None else None)

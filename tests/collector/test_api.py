@@ -195,3 +195,24 @@ def test_declared_pauses_are_kept_with_the_job(client):
     post(client, batch(0, [step("llm", 0, 0, 1.0), pause, {**pause, "phase": "end", "ts": 1_800_000_070.0, "duration_s": 60.0}]))
     pauses = client.get("/v1/jobs/llm", headers=R).json()["pauses"]
     assert [(p["phase"], p["reason"], p["duration_s"]) for p in pauses] == [("begin", "checkpoint", None), ("end", "checkpoint", 60.0)]
+
+
+def test_scraped_servers_get_quantiles_from_their_histograms(client):
+    def frame(ts, counts, ok):
+        return {"v": 1, "service": "chat", "model": "llama", "server": "http://n1:8000/metrics", "kind": "vllm",
+                "ts": ts, "interval_s": 5.0,
+                "histograms": {"ttft": {"le": [0.1, 0.5, 1.0, 1e300], "counts": counts, "sum": 2.0, "count": counts[-1]}},
+                "gauges": {"running": 4, "waiting": 1, "kv_cache": 0.5},
+                "counters": {"requests_ok": ok, "requests_error": 1, "generation_tokens": 500}}
+    body = batch(0)
+    body["servers"] = [frame(1_800_000_000.0, [0, 5, 5, 5], 4), frame(1_800_000_005.0, [0, 5, 10, 10], 9)]
+    assert post(client, body).status_code == 200
+    detail = client.get("/v1/services/chat", headers=R).json()
+    (ttft,) = detail["scraped_latency"]
+    # summed deltas: 10 in (0.1, 0.5], 5 in (0.5, 1.0] -> median at rank 7.5 lies in the first: 0.1 + 0.4 * 0.75
+    assert ttft["metric"] == "ttft" and ttft["count"] == 15 and ttft["p50_s"] == pytest.approx(0.4)
+    (scraped,) = detail["scraped"]
+    assert scraped["requests"] == 15 and scraped["error_ratio"] == pytest.approx(2 / 15)
+    assert scraped["generation_tokens_per_s"] == pytest.approx(100.0) and scraped["waiting"] == 1
+    assert detail["models"] == []  # nothing instrumented with the client
+    assert client.get("/v1/services", headers=R).json()["scraped"][0]["service"] == "chat"

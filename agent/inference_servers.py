@@ -1,0 +1,168 @@
+"""Reading inference servers' own /metrics (vLLM, SGLang, TGI, Triton) into one shape: pure, no I/O.
+
+Each server names things its own way; `SERVERS` maps its names onto ours: latency histograms
+(e2e, queue, ttft, tpot), gauges (running, waiting, kv_cache) and counters (prompt and generated
+tokens, successful and failed requests). `parse` reads one exposition text into cumulative values
+per model; `delta` turns two consecutive readings into what happened in between, which is what
+the collector aggregates (counters are cumulative, and a server restart resets them).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from prometheus_client.parser import text_string_to_metric_families
+
+# kind -> {our name: (their family name(s), unit scale to seconds)} ; families are tried in order
+SERVERS: dict[str, dict] = {
+    "vllm": {
+        "model_label": "model_name",
+        "histograms": {
+            "e2e": (["vllm:e2e_request_latency_seconds"], 1.0),
+            "queue": (["vllm:request_queue_time_seconds"], 1.0),
+            "ttft": (["vllm:time_to_first_token_seconds"], 1.0),
+            "tpot": (["vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds"], 1.0),
+        },
+        "gauges": {"running": ["vllm:num_requests_running"], "waiting": ["vllm:num_requests_waiting"],
+                   "kv_cache": ["vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"]},  # both 0-1 despite the name
+        "counters": {"prompt_tokens": ["vllm:prompt_tokens"], "generation_tokens": ["vllm:generation_tokens"],
+                     "requests_ok": ["vllm:request_success"]},
+    },
+    "sglang": {
+        "model_label": "model_name",
+        "histograms": {
+            "e2e": (["sglang:e2e_request_latency_seconds"], 1.0),
+            "queue": (["sglang:queue_time_seconds"], 1.0),
+            "ttft": (["sglang:time_to_first_token_seconds"], 1.0),
+            "tpot": (["sglang:inter_token_latency_seconds", "sglang:time_per_output_token_seconds"], 1.0),
+        },
+        "gauges": {"running": ["sglang:num_running_reqs"], "waiting": ["sglang:num_queue_reqs"], "kv_cache": ["sglang:token_usage"]},
+        "counters": {"prompt_tokens": ["sglang:prompt_tokens"], "generation_tokens": ["sglang:generation_tokens"],
+                     "requests_ok": ["sglang:num_requests"], "requests_error": ["sglang:num_aborted_requests"]},
+    },
+    "tgi": {  # one model per server, no model label: the configured model name is used
+        "model_label": None,
+        "histograms": {
+            "e2e": (["tgi_request_duration"], 1.0),
+            "queue": (["tgi_request_queue_duration"], 1.0),
+            "tpot": (["tgi_request_mean_time_per_token_duration"], 1.0),
+        },
+        "gauges": {"running": ["tgi_batch_current_size"], "waiting": ["tgi_queue_size"]},
+        "counters": {"requests_ok": ["tgi_request_success"], "requests_error": ["tgi_request_failure"]},
+        "histogram_sums": {"prompt_tokens": "tgi_request_input_length", "generation_tokens": "tgi_request_generated_tokens"},
+    },
+    "triton": {
+        "model_label": "model",
+        "histograms": {"ttft": (["nv_inference_first_response_histogram_ms"], 1e-3)},  # decoupled models, when enabled
+        # Triton's latencies are cumulative microsecond counters: a mean per interval, no quantiles.
+        "means": {"e2e": ("nv_inference_request_duration_us", "nv_inference_request_success", 1e-6),
+                  "queue": ("nv_inference_queue_duration_us", "nv_inference_request_success", 1e-6)},
+        "gauges": {"waiting": ["nv_inference_pending_request_count"]},
+        "counters": {"requests_ok": ["nv_inference_request_success"], "requests_error": ["nv_inference_request_failure"]},
+    },
+}
+
+
+@dataclass
+class Histogram:
+    le: list[float]  # upper bounds in seconds, ascending, ending with +Inf
+    counts: list[float]  # cumulative counts per bound
+    sum: float
+    count: float
+
+
+@dataclass
+class ModelReading:
+    histograms: dict[str, Histogram] = field(default_factory=dict)
+    gauges: dict[str, float] = field(default_factory=dict)
+    counters: dict[str, float] = field(default_factory=dict)  # cumulative; includes means' sums and counts
+
+
+def parse(kind: str, text: str, default_model: str) -> dict[str, ModelReading]:
+    """One server's exposition -> cumulative readings per model."""
+    spec = SERVERS[kind]
+    label = spec["model_label"]
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    out: dict[str, ModelReading] = {}
+
+    def model_of(labels: dict) -> str:
+        return (labels.get(label) if label else None) or default_model
+
+    def first(names: list[str]):
+        # Counters appear as "x" (prometheus_client strips _total from the family) or, from other
+        # exporters' text, under either name: try both.
+        for n in names:
+            for candidate in (n, n + "_total"):
+                fam = families.get(candidate)
+                if fam is not None and fam.samples:
+                    return fam
+        return None
+
+    for ours, (names, scale) in spec.get("histograms", {}).items():
+        fam = first(names)
+        if fam is None:
+            continue
+        per_model: dict[str, dict] = {}
+        for s in fam.samples:
+            m = per_model.setdefault(model_of(s.labels), {"buckets": {}, "sum": 0.0, "count": 0.0})
+            if s.name.endswith("_bucket"):
+                bound = math.inf if s.labels["le"] in ("+Inf", "Inf") else float(s.labels["le"]) * scale
+                m["buckets"][bound] = m["buckets"].get(bound, 0.0) + s.value  # summed over other labels
+            elif s.name.endswith("_sum"):
+                m["sum"] += s.value * scale
+            elif s.name.endswith("_count"):
+                m["count"] += s.value
+        for model, m in per_model.items():
+            bounds = sorted(m["buckets"])
+            out.setdefault(model, ModelReading()).histograms[ours] = Histogram(
+                bounds, [m["buckets"][b] for b in bounds], m["sum"], m["count"])
+    for ours, names in spec.get("gauges", {}).items():
+        fam = first(names)
+        for s in fam.samples if fam else ():
+            reading = out.setdefault(model_of(s.labels), ModelReading())
+            reading.gauges[ours] = reading.gauges.get(ours, 0.0) + s.value
+    for ours, names in spec.get("counters", {}).items():
+        fam = first(names)
+        for s in fam.samples if fam else ():
+            if s.name.endswith("_created"):
+                continue
+            reading = out.setdefault(model_of(s.labels), ModelReading())
+            reading.counters[ours] = reading.counters.get(ours, 0.0) + s.value
+    for ours, fam_name in spec.get("histogram_sums", {}).items():
+        fam = families.get(fam_name)
+        for s in fam.samples if fam else ():
+            if s.name.endswith("_sum"):
+                reading = out.setdefault(model_of(s.labels), ModelReading())
+                reading.counters[ours] = reading.counters.get(ours, 0.0) + s.value
+    for ours, (total_name, count_name, scale) in spec.get("means", {}).items():
+        for name, key in ((total_name, f"{ours}_sum"), (count_name, f"{ours}_count")):
+            fam = first([name])
+            for s in fam.samples if fam else ():
+                if s.name.endswith("_created"):
+                    continue
+                reading = out.setdefault(model_of(s.labels), ModelReading())
+                reading.counters[key] = reading.counters.get(key, 0.0) + s.value * (scale if key.endswith("_sum") else 1)
+    return out
+
+
+def _d(new: float, old: float | None) -> float:
+    # A counter that went down was reset by a server restart: everything since counts.
+    return new if old is None or new < old else new - old
+
+
+def delta(new: ModelReading, old: ModelReading) -> ModelReading:
+    """What happened between two cumulative readings of one model (gauges are taken as they are now)."""
+    out = ModelReading(gauges=dict(new.gauges))
+    for name, h in new.histograms.items():
+        prev = old.histograms.get(name)
+        if prev is None or prev.le != h.le:
+            continue  # first sight of it, or its buckets changed: no interval to measure yet
+        reset = h.count < prev.count
+        out.histograms[name] = Histogram(
+            h.le, [c if reset else c - p for c, p in zip(h.counts, prev.counts)],
+            h.sum if reset else h.sum - prev.sum, h.count if reset else h.count - prev.count)
+    for name, value in new.counters.items():
+        if name in old.counters:
+            out.counters[name] = _d(value, old.counters[name])
+    return out

@@ -1,0 +1,93 @@
+"""Inference servers on this node (vLLM, SGLang, TGI, Triton), read from their own /metrics.
+
+Configured in the agent's TOML as `[[agent.inference_servers]]` tables with `url`, `kind`,
+`service` and, for servers that do not label their model (TGI), `model`. Each sample reads every
+server once, exposes its state (up, running, waiting, KV-cache use) and hands what happened since
+the previous sample (histogram and counter deltas per model) to the shipper as `ServerFrame`s, so
+the collector can compute latency quantiles for services that are not instrumented with the client.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+import httpx
+
+from agent.inference_servers import SERVERS, ModelReading, delta, parse
+from agent.sources.base import Family, NoData, Source, reading, register
+from fleetscope.schema import HistogramDelta, ServerFrame
+
+log = logging.getLogger("fleetscope.agent.inference")
+S = ("service", "model")
+
+
+@register("inference")
+class InferenceServersSource(Source):
+    name = "inference"
+    families = (
+        Family("fleetscope_inference_server_up", "gauge", "1 when the server's /metrics answered at the last sample.", ("service", "url")),
+        Family("fleetscope_inference_requests_running", "gauge", "Requests the server is working on.", S),
+        Family("fleetscope_inference_requests_waiting", "gauge", "Requests queued in the server.", S),
+        Family("fleetscope_inference_kv_cache_usage_ratio", "gauge", "Share of the KV cache in use (0-1).", S),
+    )
+
+    def __init__(self, *, inference_servers: list[dict] | None = None, node: str = "",
+                 deliver: Callable[[ServerFrame], None] | None = None, timeout_s: float = 2.0, **_: object) -> None:
+        self.servers = []
+        for i, cfg in enumerate(inference_servers or []):
+            kind = cfg.get("kind")
+            if kind not in SERVERS:
+                raise ValueError(f"inference_servers[{i}]: kind must be one of {', '.join(SERVERS)}, got {kind!r}")
+            if not cfg.get("url") or not cfg.get("service"):
+                raise ValueError(f"inference_servers[{i}]: needs `url` and `service`")
+            self.servers.append({"url": cfg["url"], "kind": kind, "service": cfg["service"], "model": cfg.get("model", cfg["service"])})
+        self.node = node
+        self.deliver = deliver or (lambda frame: None)
+        self.client = httpx.Client(timeout=timeout_s)
+        self._previous: dict[tuple[str, str], tuple[float, ModelReading]] = {}
+
+    def collect(self):
+        if not self.servers:
+            raise NoData("no inference servers configured")
+        out = []
+        for server in self.servers:
+            ids = {"service": server["service"], "url": server["url"]}
+            try:
+                resp = self.client.get(server["url"])
+                resp.raise_for_status()
+                models = parse(server["kind"], resp.text, server["model"])
+            except Exception as exc:  # one server down must not hide the others
+                log.debug("inference server %s: %s", server["url"], exc)
+                out.append(reading("fleetscope_inference_server_up", 0, **ids))
+                continue
+            out.append(reading("fleetscope_inference_server_up", 1, **ids))
+            now = time.time()
+            for model, current in models.items():
+                labels = {"service": server["service"], "model": model}
+                for gauge, metric in (("running", "fleetscope_inference_requests_running"),
+                                      ("waiting", "fleetscope_inference_requests_waiting"),
+                                      ("kv_cache", "fleetscope_inference_kv_cache_usage_ratio")):
+                    if gauge in current.gauges:
+                        out.append(reading(metric, current.gauges[gauge], **labels))
+                key = (server["url"], model)
+                previous = self._previous.get(key)
+                self._previous[key] = (now, current)
+                if previous is not None:
+                    self.deliver(_frame(server, model, previous[0], now, delta(current, previous[1]), self.node))
+        return out
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _frame(server: dict, model: str, t0: float, t1: float, d: ModelReading, node: str) -> ServerFrame:
+    return ServerFrame(
+        v=1, service=server["service"], model=model, server=server["url"], kind=server["kind"], ts=t1,
+        interval_s=max(t1 - t0, 1e-6), node=node or None,
+        histograms={name: HistogramDelta(le=[b if b != float("inf") else 1e300 for b in h.le], counts=h.counts,
+                                         sum=h.sum, count=h.count)
+                    for name, h in d.histograms.items()},
+        gauges=d.gauges, counters=d.counters,
+    )
