@@ -70,7 +70,7 @@ def server_latency_quantiles(histograms: pl.DataFrame, service: str) -> pl.DataF
     rows = histograms.filter(pl.col("service") == service)
     out = []
     for (model, metric), group in rows.group_by("model", "metric", maintain_order=True):
-        for le, part in group.group_by(pl.col("le").list.join(",")):
+        for _, part in group.group_by(pl.col("le").cast(pl.List(pl.String)).list.join(",").alias("_bounds")):
             bounds = part["le"][0].to_list()
             summed = [sum(c) for c in zip(*part["counts"].to_list())]
             count, total = float(part["count"].sum()), float(part["sum"].sum())
