@@ -119,6 +119,20 @@ scrape_configs:
 """
 
 
+# What goes wrong in the demo, on node-01 (see agent/scenario.py for the format).
+DEMO_SCENARIO = """# Written by `fleetscope demo`.
+[[fault]]   # GPU 3 loses its cooling: it heats into thermal slowdown
+at_s = 90
+gpu = 3
+kind = "thermal"
+
+[[fault]]   # an application error on GPU 5 (XID 13 opens a ticket, it does not page)
+at_s = 150
+gpu = 5
+kind = "xid"
+xid = 13
+"""
+
 ALERTMANAGER_CONFIG = """# Written by `fleetscope demo`: alerts are visible in the Alertmanager UI, sent nowhere.
 route:
   receiver: demo
@@ -154,6 +168,8 @@ def main(args) -> int:
             print(f"fleetscope demo: the collector did not start; see {workdir / 'logs/collector.log'}", file=sys.stderr)
             return 1
         event_addrs = []
+        scenario = workdir / "faults.toml"
+        scenario.write_text(DEMO_SCENARIO)
         for i in range(args.nodes):
             metrics_port, events_port = agent_ports(i)
             event_addrs.append(f"127.0.0.1:{events_port}")
@@ -162,6 +178,7 @@ def main(args) -> int:
                 "--gpus", str(args.gpus), "--seed", str(i), "--interval", "2",
                 "--metrics-address", f"127.0.0.1:{metrics_port}", "--events-address", f"127.0.0.1:{events_port}",
                 "--collector-url", collector_url, "--spool-dir", str(workdir / f"spool-node-{i:02d}"),
+                *(["--scenario", str(scenario)] if i == 1 and args.gpus > 5 else []),
             ], tokens)
         for i in range(args.nodes):
             wait_http(f"http://127.0.0.1:{agent_ports(i)[0]}/metrics")
@@ -196,6 +213,8 @@ def main(args) -> int:
                 print(f"  Alertmanager   http://127.0.0.1:{ALERTMANAGER_PORT}")
         elif not args.no_prometheus:
             print("  (Prometheus is not installed; `make test` as root installs it)")
+        if args.nodes > 1 and args.gpus > 5:
+            print("  at 90 s GPU 3 of node-01 loses its cooling; at 150 s GPU 5 there reports XID 13")
         print(f"  logs in {demo.logs}")
         print("Ctrl-C stops everything." if args.duration is None else f"Stopping after {args.duration:.0f} s.")
         sys.stdout.flush()
