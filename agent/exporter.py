@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Iterable, Protocol, Sequence
 
 from prometheus_client import CollectorRegistry
@@ -10,7 +9,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from agent.exposition import render
 from agent.sampler import Sampler
-from agent.sources.base import Family, Reading
+from agent.sources.base import Family, Reading, by_family
 
 
 class Provider(Protocol):
@@ -31,14 +30,8 @@ AGENT_FAMILIES = (
 
 def build_families(families: Sequence[Family], readings: Iterable[Reading]) -> list[Metric]:
     """Group readings into Prometheus metric families; families with no reading are left out."""
-    by_name: dict[str, list[Reading]] = defaultdict(list)
-    for r in readings:
-        by_name[r.name].append(r)
     out: list[Metric] = []
-    for fam in families:
-        rows = by_name.get(fam.name)
-        if not rows:
-            continue
+    for fam, rows in by_family(families, readings):
         if fam.kind == "counter":
             metric: Metric = CounterMetricFamily(fam.name.removesuffix("_total"), fam.help, labels=fam.labels)
         elif fam.kind == "untyped":

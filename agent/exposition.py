@@ -11,13 +11,12 @@ from __future__ import annotations
 import gzip
 import logging
 import threading
-from collections import defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Iterable, Sequence
 
 from prometheus_client.utils import floatToGoString
 
-from agent.sources.base import Family, Reading
+from agent.sources.base import Family, Reading, by_family
 
 log = logging.getLogger("fleetscope.agent.exposition")
 
@@ -35,14 +34,8 @@ def _escape_value(text: str) -> str:
 
 def render(families: Sequence[Family], readings: Iterable[Reading]) -> bytes:
     """Families in the given order, each with its readings; a family without readings is left out."""
-    by_name: dict[str, list[Reading]] = defaultdict(list)
-    for r in readings:
-        by_name[r.name].append(r)
     out: list[str] = []
-    for fam in families:
-        rows = by_name.get(fam.name)
-        if not rows:
-            continue
+    for fam, rows in by_family(families, readings):
         out.append(f"# HELP {fam.name} {_escape_help(fam.help)}\n# TYPE {fam.name} {_TYPES[fam.kind]}\n")
         wanted = sorted(fam.labels)
         for r in rows:

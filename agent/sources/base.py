@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Literal
+from typing import Callable, Iterable, Iterator, Literal
 
 Kind = Literal["gauge", "counter", "untyped"]
 Labels = tuple[tuple[str, str], ...]
@@ -32,6 +32,17 @@ class Reading:
 
 def reading(metric: str, value: float, /, **labels: object) -> Reading:
     return Reading(metric, float(value), tuple((k, str(v)) for k, v in labels.items()))
+
+
+def by_family(families: Iterable[Family], readings: Iterable[Reading]) -> Iterator[tuple[Family, list[Reading]]]:
+    """Each family, in order, with its readings; families without a reading are left out."""
+    grouped: dict[str, list[Reading]] = {}
+    for r in readings:
+        grouped.setdefault(r.name, []).append(r)
+    for fam in families:
+        rows = grouped.get(fam.name)
+        if rows:
+            yield fam, rows
 
 
 class Source:

@@ -5,3 +5,21 @@
 - `fleetscope.integrations.hf.FleetscopeCallback`: a Hugging Face `transformers` TrainerCallback.
 - `fleetscope.integrations.lightning.FleetscopeCallback`: a PyTorch Lightning Callback.
 """
+
+import functools
+import logging
+
+log = logging.getLogger("fleetscope.integrations")
+
+
+def guarded(fn):
+    """A framework callback must never break training: log what fails at debug level and carry on."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            fn(*args, **kwargs)
+        except Exception:
+            log.debug("fleetscope callback %s failed", fn.__name__, exc_info=True)
+
+    return wrapper

@@ -17,6 +17,7 @@ from typing import Any, Callable
 from transformers import TrainerCallback
 
 import fleetscope
+from fleetscope.integrations import guarded
 
 log = logging.getLogger("fleetscope.integrations.hf")
 
@@ -31,21 +32,13 @@ class FleetscopeCallback(TrainerCallback):
         self._loss: float | None = None
         self._pauses: dict[str, float] = {}
 
-    def _guard(fn):  # noqa: N805 - a decorator inside the class: a callback must never break training
-        def wrapper(self, *args, **kwargs):
-            try:
-                fn(self, *args, **kwargs)
-            except Exception:
-                log.debug("fleetscope callback failed", exc_info=True)
-        return wrapper
-
-    @_guard
+    @guarded
     def on_train_begin(self, args, state, control, **kwargs):
         job = self.job or args.run_name or args.output_dir.rstrip("/").rsplit("/", 1)[-1]
         self.run = fleetscope.training(job=job, rank=args.process_index, world_size=args.world_size,
                                        local_rank=max(args.local_process_index, 0), emitter=self.emitter)
 
-    @_guard
+    @guarded
     def on_step_begin(self, args, state, control, **kwargs):
         if self.run is None:
             return
@@ -54,7 +47,7 @@ class FleetscopeCallback(TrainerCallback):
         self._step = self.run.step(tokens=tokens, samples=samples, number=state.global_step)
         self._step.__enter__()
 
-    @_guard
+    @guarded
     def on_step_end(self, args, state, control, **kwargs):
         if self._step is None:
             return
@@ -74,15 +67,15 @@ class FleetscopeCallback(TrainerCallback):
         if self.run is not None and t0 is not None:
             self.run._emit_pause(reason, "end", time.time(), time.perf_counter() - t0)
 
-    @_guard
+    @guarded
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
             self._loss = float(logs["loss"])
 
-    @_guard
+    @guarded
     def on_evaluate(self, args, state, control, **kwargs):
         self._end_pause("evaluation")
 
-    @_guard
+    @guarded
     def on_save(self, args, state, control, **kwargs):
         self._end_pause("checkpoint")

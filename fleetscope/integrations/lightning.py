@@ -17,6 +17,7 @@ from typing import Any, Callable
 import lightning.pytorch as lp
 
 import fleetscope
+from fleetscope.integrations import guarded
 
 log = logging.getLogger("fleetscope.integrations.lightning")
 
@@ -37,21 +38,13 @@ class FleetscopeCallback(lp.Callback):
             self._step.phases[name] = self._step.phases.get(name, 0.0) + (now - self._mark)
         self._mark = now
 
-    def _guard(fn):  # noqa: N805 - a callback must never break training
-        def wrapper(self, *args, **kwargs):
-            try:
-                fn(self, *args, **kwargs)
-            except Exception:
-                log.debug("fleetscope callback failed", exc_info=True)
-        return wrapper
-
-    @_guard
+    @guarded
     def on_train_start(self, trainer, pl_module):
         job = self.job or type(pl_module).__name__
         self.run = fleetscope.training(job=job, rank=trainer.global_rank, world_size=trainer.world_size,
                                        local_rank=trainer.local_rank, emitter=self.emitter)
 
-    @_guard
+    @guarded
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self.run is None:
             return
@@ -61,15 +54,15 @@ class FleetscopeCallback(lp.Callback):
         self._step.__enter__()
         self._mark = time.perf_counter()
 
-    @_guard
+    @guarded
     def on_before_backward(self, trainer, pl_module, loss):
         self._phase("forward")
 
-    @_guard
+    @guarded
     def on_after_backward(self, trainer, pl_module):
         self._phase("backward")
 
-    @_guard
+    @guarded
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self._step is None:
             return
@@ -80,13 +73,13 @@ class FleetscopeCallback(lp.Callback):
         self._step.__exit__(None, None, None)
         self._step = None
 
-    @_guard
+    @guarded
     def on_validation_start(self, trainer, pl_module):
         if self.run is not None and trainer.state.fn == "fit":
             self._pause_t0 = time.perf_counter()
             self.run._emit_pause("validation", "begin", time.time(), None)
 
-    @_guard
+    @guarded
     def on_validation_end(self, trainer, pl_module):
         if self.run is not None and self._pause_t0 is not None:
             self.run._emit_pause("validation", "end", time.time(), time.perf_counter() - self._pause_t0)
