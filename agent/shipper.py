@@ -28,6 +28,26 @@ from fleetscope.schema import Batch, Event, GpuFrame, HostFrame, ServerFrame, en
 log = logging.getLogger("fleetscope.agent.shipper")
 
 
+def _sum(snapshot: Snapshot, names: tuple[str, ...]) -> float | None:
+    values = [r.value for r in snapshot.readings if r.name in names]
+    return sum(values) if values else None
+
+
+def _gpu_health(snapshot: Snapshot) -> dict[str, tuple[str, list[str]]]:
+    """uuid -> (verdict, reasons), from the gpu source's health readings."""
+    out: dict[str, tuple[str | None, list[str]]] = {}
+    for r in snapshot.readings:
+        if r.name == "fleetscope_gpu_health" and r.value == 1:
+            labels = dict(r.labels)
+            out.setdefault(labels["uuid"], (None, []))
+            out[labels["uuid"]] = (labels["state"], out[labels["uuid"]][1])
+        elif r.name == "fleetscope_gpu_health_reason":
+            labels = dict(r.labels)
+            state, reasons = out.get(labels["uuid"], (None, []))
+            out[labels["uuid"]] = (state, reasons + [labels["reason"]])
+    return out
+
+
 def host_frame(snapshot: Snapshot, node: str, labels: dict[str, str] | None = None) -> HostFrame:
     """The collector's view of one snapshot: a few host figures and every GPU's state."""
 
@@ -38,6 +58,7 @@ def host_frame(snapshot: Snapshot, node: str, labels: dict[str, str] | None = No
     avail = opt("fleetscope_memory_available_bytes")
     cpu = opt("fleetscope_cpu_utilization_ratio")
     load1 = opt("fleetscope_cpu_load1")
+    health = _gpu_health(snapshot)
     gpus = [
         GpuFrame(
             index=g.index,
@@ -51,6 +72,11 @@ def host_frame(snapshot: Snapshot, node: str, labels: dict[str, str] | None = No
             power_watts=g.power_watts,
             power_limit_watts=g.power_limit_watts,
             sm_clock_hertz=g.sm_clock_hertz,
+            sm_clock_max_hertz=g.sm_clock_max_hertz,
+            clock_event_mask=g.clock_event_mask,
+            health=health.get(g.uuid, (None, []))[0],
+            health_reasons=health.get(g.uuid, (None, []))[1],
+            xid_total=sum(g.xid_counts.values()) if g.xid_counts is not None else None,
         )
         for g in snapshot.gpus
     ]
@@ -62,6 +88,11 @@ def host_frame(snapshot: Snapshot, node: str, labels: dict[str, str] | None = No
         memory_used_bytes=int(total - avail) if total is not None and avail is not None else None,
         memory_total_bytes=int(total) if total is not None else None,
         load1=load1,
+        network_errors_total=_sum(snapshot, ("fleetscope_network_receive_errs_total", "fleetscope_network_transmit_errs_total",
+                                             "fleetscope_network_receive_drop_total", "fleetscope_network_transmit_drop_total")),
+        infiniband_errors_total=_sum(snapshot, ("fleetscope_infiniband_symbol_errors_total", "fleetscope_infiniband_receive_errors_total",
+                                                "fleetscope_infiniband_link_downed_total", "fleetscope_infiniband_transmit_discards_total")),
+        memory_stalled_seconds_total=snapshot.value("fleetscope_pressure_memory_stalled_seconds_total"),
         gpus=gpus,
         sources_down=sorted(name for name, st in snapshot.status.items() if not st.up),
         labels=dict(labels or {}),

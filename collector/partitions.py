@@ -88,8 +88,12 @@ def load(root: Path, kind: str, since_ts: float, schema: dict) -> pl.DataFrame |
     files = [p.path for p in parts(root, kind)]
     if not files:
         return None
-    frame = pl.scan_parquet(files).filter(pl.col("ts") >= since_ts).collect()
-    return frame.cast(schema).select(list(schema)) if frame.height else None  # type: ignore[arg-type]
+    # Files written before a column existed lack it: combine them diagonally and fill it with nulls.
+    frame = pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed").filter(pl.col("ts") >= since_ts)
+    if frame.height == 0:
+        return None
+    missing = [pl.lit(None, dtype=dtype).alias(name) for name, dtype in schema.items() if name not in frame.columns]
+    return frame.with_columns(missing).cast(schema).select(list(schema))  # type: ignore[arg-type]
 
 
 def compact(root: Path, kind: str, before_hour: str) -> int:
@@ -103,7 +107,7 @@ def compact(root: Path, kind: str, before_hour: str) -> int:
         if hour >= before_hour or len(hour_parts) < 2:
             continue
         lo, hi = min(p.lo for p in hour_parts), max(p.hi for p in hour_parts)
-        frame = pl.concat([pl.read_parquet(p.path) for p in hour_parts], how="vertical_relaxed")
+        frame = pl.concat([pl.read_parquet(p.path) for p in hour_parts], how="diagonal_relaxed")
         _write_atomic(frame, folder / f"part-{lo:020d}-{hi:020d}.parquet")
         for p in hour_parts:
             p.path.unlink()

@@ -12,7 +12,7 @@ USER_METRICS = pl.List(pl.Struct({"name": pl.String, "value": pl.Float64}))
 SCHEMAS: dict[str, dict[str, pl.DataType]] = {
     "steps": {
         "ts": pl.Float64, "job": pl.String, "rank": pl.Int64, "local_rank": pl.Int64, "world_size": pl.Int64,
-        "step": pl.Int64, "duration_s": pl.Float64, "tokens": pl.Int64, "samples": pl.Int64, "failed": pl.Boolean,
+        "step": pl.Int64, "stage": pl.Int64, "duration_s": pl.Float64, "tokens": pl.Int64, "samples": pl.Int64, "failed": pl.Boolean,
         "phases": PHASES, "metrics": USER_METRICS, "node": pl.String, "gpu_uuid": pl.String, "pid": pl.Int64,
         "agent_id": pl.String,
     },
@@ -38,13 +38,15 @@ SCHEMAS: dict[str, dict[str, pl.DataType]] = {
     "hosts": {
         "ts": pl.Float64, "node": pl.String, "cpu_utilization_ratio": pl.Float64, "memory_used_bytes": pl.Int64,
         "memory_total_bytes": pl.Int64, "load1": pl.Float64, "gpu_count": pl.Int64, "sources_down": pl.List(pl.String),
-        "cluster": pl.String, "rack": pl.String, "agent_id": pl.String,
+        "cluster": pl.String, "rack": pl.String, "network_errors_total": pl.Float64, "infiniband_errors_total": pl.Float64,
+        "memory_stalled_seconds_total": pl.Float64, "agent_id": pl.String,
     },
     "gpus": {
         "ts": pl.Float64, "node": pl.String, "index": pl.Int64, "uuid": pl.String, "name": pl.String, "up": pl.Boolean,
         "utilization_ratio": pl.Float64, "memory_used_bytes": pl.Int64, "memory_total_bytes": pl.Int64,
         "temperature_celsius": pl.Float64, "power_watts": pl.Float64, "power_limit_watts": pl.Float64,
-        "sm_clock_hertz": pl.Float64,
+        "sm_clock_hertz": pl.Float64, "sm_clock_max_hertz": pl.Float64, "clock_event_mask": pl.Int64, "health": pl.String,
+        "health_reasons": pl.List(pl.String), "xid_total": pl.Int64,
     },
 }
 KINDS = tuple(SCHEMAS)
@@ -61,7 +63,7 @@ def batch_rows(batch: Batch) -> dict[str, list[dict]]:
         if isinstance(ev, StepEvent):
             rows["steps"].append({
                 "ts": ev.ts, "job": ev.job, "rank": ev.rank, "local_rank": ev.local_rank, "world_size": ev.world_size,
-                "step": ev.step, "duration_s": ev.duration_s, "tokens": ev.tokens, "samples": ev.samples,
+                "step": ev.step, "stage": ev.stage, "duration_s": ev.duration_s, "tokens": ev.tokens, "samples": ev.samples,
                 "failed": ev.failed, "phases": [{"phase": k, "seconds": v} for k, v in ev.phases.items()],
                 "metrics": [{"name": k, "value": v} for k, v in ev.metrics.items()],
                 "node": ev.node or batch.node, "gpu_uuid": ev.gpu_uuid, "pid": ev.pid, "agent_id": batch.agent_id,
@@ -101,7 +103,9 @@ def batch_rows(batch: Batch) -> dict[str, list[dict]]:
             "ts": fr.ts, "node": fr.node, "cpu_utilization_ratio": fr.cpu_utilization_ratio,
             "memory_used_bytes": fr.memory_used_bytes, "memory_total_bytes": fr.memory_total_bytes, "load1": fr.load1,
             "gpu_count": sum(1 for g in fr.gpus if g.up), "sources_down": list(fr.sources_down),
-            "cluster": fr.labels.get("cluster"), "rack": fr.labels.get("rack"), "agent_id": batch.agent_id,
+            "cluster": fr.labels.get("cluster"), "rack": fr.labels.get("rack"),
+            "network_errors_total": fr.network_errors_total, "infiniband_errors_total": fr.infiniband_errors_total,
+            "memory_stalled_seconds_total": fr.memory_stalled_seconds_total, "agent_id": batch.agent_id,
         })
         for g in fr.gpus:
             rows["gpus"].append({
@@ -109,5 +113,7 @@ def batch_rows(batch: Batch) -> dict[str, list[dict]]:
                 "utilization_ratio": g.utilization_ratio, "memory_used_bytes": g.memory_used_bytes,
                 "memory_total_bytes": g.memory_total_bytes, "temperature_celsius": g.temperature_celsius,
                 "power_watts": g.power_watts, "power_limit_watts": g.power_limit_watts, "sm_clock_hertz": g.sm_clock_hertz,
+                "sm_clock_max_hertz": g.sm_clock_max_hertz, "clock_event_mask": g.clock_event_mask, "health": g.health,
+                "health_reasons": list(g.health_reasons), "xid_total": g.xid_total,
             })
     return rows

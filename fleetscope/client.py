@@ -161,6 +161,7 @@ class TrainingRun:
         rank: int | None = None,
         world_size: int | None = None,
         local_rank: int | None = None,
+        stage: int | None = None,
         emitter: Emitter | None = None,
     ) -> None:
         self.job = str(job)
@@ -171,6 +172,8 @@ class TrainingRun:
         self.local_rank = (
             local_rank if local_rank is not None else _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
         )
+        # Pipeline-parallel stage, so a rank is compared with its own stage's peers (stages differ by design).
+        self.stage = stage
         self.emitter = emitter or default_emitter()
         self._next_step = 0
         self._current: Step | None = None
@@ -227,6 +230,8 @@ class TrainingRun:
             "duration_s": max(duration, 1e-9),
             "pid": os.getpid(),
         }
+        if self.stage is not None:
+            event["stage"] = int(self.stage)
         if step.tokens is not None:
             event["tokens"] = int(step.tokens)
         if step.samples is not None:

@@ -39,6 +39,7 @@ class StepEvent(Struct, tag="step", tag_field="kind", forbid_unknown_fields=True
     ts: UnixTime  # wall-clock start of the step
     duration_s: Seconds
     local_rank: Count = 0
+    stage: Count | None = None  # pipeline-parallel stage: ranks are compared with their stage's peers
     pid: Count = 0
     tokens: Count | None = None
     samples: Count | None = None
@@ -103,6 +104,11 @@ class GpuFrame(Struct, forbid_unknown_fields=True, omit_defaults=True):
     power_watts: NonNeg | None = None
     power_limit_watts: NonNeg | None = None
     sm_clock_hertz: NonNeg | None = None
+    sm_clock_max_hertz: NonNeg | None = None
+    clock_event_mask: Count | None = None  # NVML clock-event reason bits
+    health: Literal["healthy", "degraded", "unhealthy"] | None = None
+    health_reasons: list[Name] = []
+    xid_total: Count | None = None  # XIDs since the agent started
 
 
 class HostFrame(Struct, tag="host", tag_field="kind", forbid_unknown_fields=True, omit_defaults=True):
@@ -115,6 +121,10 @@ class HostFrame(Struct, tag="host", tag_field="kind", forbid_unknown_fields=True
     memory_used_bytes: Count | None = None
     memory_total_bytes: Count | None = None
     load1: NonNeg | None = None
+    # cumulative counters, for the collector to difference over a window
+    network_errors_total: NonNeg | None = None  # receive + transmit errors and drops, all interfaces
+    infiniband_errors_total: NonNeg | None = None  # symbol, receive, link-downed, ... all ports
+    memory_stalled_seconds_total: NonNeg | None = None  # PSI memory "full"
     gpus: list[GpuFrame] = []
     sources_down: list[Name] = []
     labels: dict[Name, Name] = {}  # the node's place in the fleet: cluster, rack, ...

@@ -125,3 +125,14 @@ def test_retention_drops_old_hours_and_keeps_under_the_size_bound(tmp_path):
     s.retention_bytes = size - 1  # one hour too many
     s.maintain(now=NOW)
     assert len(list((tmp_path / "kind=steps").glob("date=*/hour=*/*.parquet"))) == 1
+
+
+def test_files_written_before_a_column_existed_still_load(tmp_path):
+    s = store(tmp_path)
+    s.ingest(*batch(0))
+    s.checkpoint()
+    del s
+    part = next((tmp_path / "kind=steps").glob("date=*/hour=*/*.parquet"))
+    pl.read_parquet(part).drop("stage").write_parquet(part)  # as an older collector wrote it
+    again = store(tmp_path)
+    assert steps(again) == [0, 1, 2] and again.frame("steps")["stage"].null_count() == 3
