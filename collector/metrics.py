@@ -11,6 +11,7 @@ import polars as pl
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from collector.findings import FindingsTracker
 from collector.store import Store
 from collector.training import jobs_overview
 from fleetscope.schema import Batch
@@ -20,8 +21,9 @@ RECENT_S = 300.0
 
 
 class CollectorMetrics:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, tracker: FindingsTracker | None = None) -> None:
         self.store = store
+        self.tracker = tracker
         self._lock = threading.Lock()
         self.events: Counter[str] = Counter()
         self.batches: Counter[str] = Counter()
@@ -58,6 +60,41 @@ class CollectorMetrics:
         yield m
         yield from self._training()
         yield from self._inference()
+        yield from self._findings()
+
+    def _findings(self) -> Iterable[Metric]:
+        if self.tracker is None:
+            return
+        labels = ["kind", "severity", "job", "rank", "node", "service"]
+        active = GaugeMetricFamily("fleetscope_finding_active", "1 for each finding active now (see GET /v1/findings).", labels=labels)
+        for f in self.tracker.findings():
+            if f.active:
+                active.add_metric([f.kind, f.severity, *(str(f.subject.get(k, "")) for k in labels[2:])], 1)
+        yield active
+        signals = self.tracker.signals
+        if signals is None:
+            return
+        score = GaugeMetricFamily("fleetscope_training_straggler_score",
+                                  "How much longer the rank computes than its stage's median, over the last 20 steps (0.1 = 10%).",
+                                  labels=["job", "rank", "node"])
+        for row in signals.scores.iter_rows(named=True):
+            if row["straggler_score"] is not None:
+                score.add_metric([row["job"], str(row["rank"]), row["node"] or ""], row["straggler_score"])
+        age = GaugeMetricFamily("fleetscope_training_last_progress_age_seconds", "Seconds since any rank of the job finished a step.",
+                                labels=["job"])
+        allowed = GaugeMetricFamily("fleetscope_training_hang_threshold_seconds",
+                                    "Silence after which the job counts as hung: max(3 x median step, 30 s).", labels=["job"])
+        paused = GaugeMetricFamily("fleetscope_training_paused", "1 while a rank of the job declares a pause.", labels=["job"])
+        for row in signals.progress.iter_rows(named=True):
+            age.add_metric([row["job"]], row["silence_s"])
+            allowed.add_metric([row["job"]], row["hang_after_s"])
+            paused.add_metric([row["job"]], 1 if row["paused"] else 0)
+        change = GaugeMetricFamily("fleetscope_training_step_time_change_ratio",
+                                   "Median step time of the last 100 steps against the 400 before them (0.03 = 3% slower).",
+                                   labels=["job"])
+        for row in signals.changes.iter_rows(named=True):
+            change.add_metric([row["job"]], row["change_ratio"])
+        yield from (score, age, allowed, paused, change)
 
     def _training(self) -> Iterable[Metric]:
         jobs = jobs_overview(self.store.frame("steps"))

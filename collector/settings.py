@@ -18,6 +18,7 @@ class Settings:
     read_tokens: frozenset[str] = field(default_factory=lambda: _tokens("FLEETSCOPE_READ_TOKEN"))
     max_body_bytes: int = 16 * 1024 * 1024
     checkpoint_interval_s: float = 30.0  # WAL -> Parquet
+    analysis_interval_s: float = 5.0  # stragglers, hangs, regressions
     maintenance_interval_s: float = 300.0  # compaction of closed hours, retention
     window_s: float = 6 * 3600.0  # how much recent data the collector keeps in memory
     retention_s: float | None = 30 * 86400.0  # Parquet kept on disk, by age

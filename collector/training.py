@@ -83,3 +83,129 @@ def step_series(steps: pl.DataFrame, job: str, *, last: int | None = None) -> pl
         .sort("step")
     )
     return series.tail(last) if last is not None else series
+
+
+# --- detection ----------------------------------------------------------------------------------
+STRAGGLER_THRESHOLD = 0.04  # a rank computing 4% longer than its stage's median, persistently
+STRAGGLER_WINDOW = 20  # steps
+STRAGGLER_MIN_STEPS = 10
+HANG_FACTOR, HANG_MIN_S = 3.0, 30.0
+STOPPED_AFTER_S = 600.0
+REGRESSION_THRESHOLD = 0.025
+REGRESSION_RECENT, REGRESSION_BASELINE, REGRESSION_GAP = 100, 400, 50
+
+
+def _named(column: str, key: str, name: str, value: str) -> pl.Expr:
+    """The value of one named entry of a list-of-structs column (a step's phase or metric), or null."""
+    return (pl.col(column).list.eval(pl.element().filter(pl.element().struct.field(key) == name).struct.field(value))
+            .list.first())
+
+
+def compute_times(steps: pl.DataFrame) -> pl.DataFrame:
+    """Per step and rank, the time spent before waiting for peers: DDP's sync arrival when reported,
+    else the step minus its `comm` phase, else the whole step."""
+    return steps.select(
+        "job", pl.col("stage").fill_null(0), "rank", "node", "gpu_uuid", "step", "ts", "duration_s",
+        pl.coalesce(_named("metrics", "name", "sync_arrival_s", "value"),
+                    pl.col("duration_s") - _named("phases", "phase", "comm", "seconds"),
+                    pl.col("duration_s")).alias("compute_s"),
+        _named("phases", "phase", "data", "seconds").alias("data_s"),
+    )
+
+
+def straggler_scores(steps: pl.DataFrame, window: int = STRAGGLER_WINDOW) -> pl.DataFrame:
+    """Per job and rank over the job's last `window` steps: the median of how much longer the rank
+    computed than the median of its stage's ranks in the same step. Robust to jitter (medians), to
+    the whole job slowing down (relative to the same step), and to uneven pipeline stages."""
+    ct = compute_times(steps)
+    recent = ct.filter(pl.col("step") > pl.col("step").max().over("job") - window)
+    ratios = recent.with_columns(
+        pl.col("compute_s").median().over("job", "stage", "step").alias("peer_s"),
+        pl.len().over("job", "stage", "step").alias("peers"),
+    ).filter((pl.col("peers") >= 3) & (pl.col("peer_s") > 0)).with_columns(
+        (pl.col("compute_s") / pl.col("peer_s") - 1).alias("excess"),
+        (pl.col("data_s") / pl.col("data_s").median().over("job", "stage", "step")).alias("data_vs_peers"),
+    )
+    return (
+        ratios.sort("ts")
+        .group_by("job", "rank")
+        .agg(
+            pl.col("excess").median().alias("straggler_score"),
+            pl.len().alias("steps_seen"),
+            pl.col("stage").last(), pl.col("node").last(), pl.col("gpu_uuid").last(),
+            pl.col("ts").filter(pl.col("excess") >= STRAGGLER_THRESHOLD).min().alias("since_ts"),
+            pl.col("data_vs_peers").median().alias("data_vs_peers"),
+        )
+        .sort("job", "rank")
+    )
+
+
+def stragglers(scores: pl.DataFrame, threshold: float = STRAGGLER_THRESHOLD) -> pl.DataFrame:
+    return scores.filter((pl.col("straggler_score") >= threshold) & (pl.col("steps_seen") >= STRAGGLER_MIN_STEPS))
+
+
+def slow_nodes(scores: pl.DataFrame, threshold: float = STRAGGLER_THRESHOLD) -> pl.DataFrame:
+    """A node whose ranks are slow together (at least two, and at least half of its ranks in the job)."""
+    return (
+        scores.filter(pl.col("steps_seen") >= STRAGGLER_MIN_STEPS)
+        .group_by("job", "node")
+        .agg(pl.len().alias("ranks"), (pl.col("straggler_score") >= threshold).sum().alias("slow_ranks"),
+             pl.col("straggler_score").median().alias("median_score"), pl.col("since_ts").min(),
+             pl.col("rank").filter(pl.col("straggler_score") >= threshold).sort().alias("slow_rank_list"))
+        .filter((pl.col("slow_ranks") >= 2) & (pl.col("slow_ranks") * 2 >= pl.col("ranks")))
+        .sort("job", "node")
+    )
+
+
+def progress(steps: pl.DataFrame, pauses: pl.DataFrame, now: float) -> pl.DataFrame:
+    """Per job: when it last made progress, the silence allowed, whether a pause or an end is declared,
+    and which ranks reported last and which stopped first."""
+    ends = steps.with_columns((pl.col("ts") + pl.col("duration_s")).alias("end_ts"))
+    per_rank = ends.group_by("job", "rank").agg(pl.col("end_ts").max(), pl.col("step").max().alias("last_step"))
+    recent_median = (ends.sort("step").group_by("job").agg(pl.col("duration_s").tail(200).median().alias("median_step_s")))
+    jobs = per_rank.group_by("job").agg(
+        pl.col("end_ts").max().alias("last_progress_ts"),
+        pl.col("rank").filter(pl.col("end_ts") == pl.col("end_ts").max()).sort().alias("last_reporters"),
+        pl.col("rank").filter(pl.col("end_ts") == pl.col("end_ts").min()).sort().alias("first_stopped"),
+        pl.col("last_step").max(),
+    ).join(recent_median, on="job")
+    latest_pause = (pauses.sort("ts").group_by("job", "rank").agg(pl.col("phase").last(), pl.col("reason").last(),
+                                                                   pl.col("ts").last().alias("pause_ts")))
+    declared = latest_pause.group_by("job").agg(
+        ((pl.col("phase") == "begin") & (pl.col("reason") != "finished")).any().alias("paused"),
+        ((pl.col("phase") == "begin") & (pl.col("reason") == "finished")).any().alias("finished"),
+    )
+    return (
+        jobs.join(declared, on="job", how="left")
+        .with_columns(
+            pl.col("paused").fill_null(False), pl.col("finished").fill_null(False),
+            (pl.lit(now) - pl.col("last_progress_ts")).alias("silence_s"),
+            pl.max_horizontal(pl.col("median_step_s") * HANG_FACTOR, pl.lit(HANG_MIN_S)).alias("hang_after_s"),
+        )
+        .with_columns(
+            ((pl.col("silence_s") > pl.col("hang_after_s")) & ~pl.col("paused") & ~pl.col("finished")
+             & (pl.col("silence_s") <= STOPPED_AFTER_S)).alias("hung"),
+            ((pl.col("silence_s") > STOPPED_AFTER_S) & ~pl.col("finished")).alias("stopped"),
+        )
+        .sort("job")
+    )
+
+
+def step_time_change(steps: pl.DataFrame) -> pl.DataFrame:
+    """Per job: the median step time of its last REGRESSION_RECENT steps against a baseline of the
+    REGRESSION_BASELINE steps before them (with a gap, so a change is not half in both windows).
+    `change_ratio` 0.03 means 3% slower; jobs with too short a history are left out."""
+    series = steps.group_by("job", "step").agg(pl.col("duration_s").median(), pl.col("ts").min()).sort("job", "step")
+    need = REGRESSION_RECENT + REGRESSION_GAP + REGRESSION_BASELINE
+    return (
+        series.group_by("job")
+        .agg(
+            pl.len().alias("steps"),
+            pl.col("duration_s").tail(REGRESSION_RECENT).median().alias("recent_s"),
+            pl.col("duration_s").tail(need).head(REGRESSION_BASELINE).median().alias("baseline_s"),
+            pl.col("ts").tail(REGRESSION_RECENT).first().alias("recent_since_ts"),
+        )
+        .filter(pl.col("steps") >= need)
+        .with_columns((pl.col("recent_s") / pl.col("baseline_s") - 1).alias("change_ratio"))
+        .sort("job")
+    )

@@ -12,7 +12,8 @@ import msgspec
 from fastapi import FastAPI
 
 import fleetscope
-from collector.api.routes import fleet, health, ingest, jobs, services
+from collector.api.routes import findings, fleet, health, ingest, jobs, services
+from collector.findings import FindingsTracker, analyse
 from collector.metrics import CollectorMetrics
 from collector.settings import Settings
 from collector.store import Store
@@ -25,6 +26,20 @@ def create_app(settings: Settings, store: Store | None = None) -> FastAPI:
     store = store if store is not None else Store(
         settings.data_dir, window_s=settings.window_s, retention_s=settings.retention_s,
         retention_bytes=settings.retention_bytes, fsync=settings.fsync)
+
+    tracker = FindingsTracker()
+
+    def analyse_now() -> None:
+        found, signals = analyse(store.frame("steps"), store.frame("pauses"), store.frame("gpus"), store.frame("hosts"), time.time())
+        tracker.update(found, signals)
+
+    async def analyse_forever() -> None:
+        while True:
+            try:
+                await asyncio.to_thread(analyse_now)
+            except Exception:
+                log.exception("analysis failed; findings keep their last state")
+            await asyncio.sleep(settings.analysis_interval_s)
 
     async def checkpoint_forever() -> None:
         last_maintenance = time.monotonic()
@@ -43,21 +58,24 @@ def create_app(settings: Settings, store: Store | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        task = asyncio.create_task(checkpoint_forever())
+        tasks = [asyncio.create_task(checkpoint_forever()), asyncio.create_task(analyse_forever())]
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             # Checkpoint, but keep the log open: an app whose lifespan restarts (tests do) keeps its store.
             await asyncio.to_thread(store.checkpoint)
 
     app = FastAPI(title="fleetscope collector", version=fleetscope.__version__, lifespan=lifespan)
     app.state.settings = settings
     app.state.store = store
-    app.state.metrics = CollectorMetrics(store)
-    for module in (ingest, fleet, jobs, services, health):
+    app.state.tracker = tracker
+    app.state.analyse_now = analyse_now
+    app.state.metrics = CollectorMetrics(store, tracker)
+    for module in (ingest, fleet, jobs, services, findings, health):
         app.include_router(module.router)
 
     default_openapi = app.openapi

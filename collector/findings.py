@@ -1,0 +1,128 @@
+"""Findings: what holds work back, each with its subject, severity, start, evidence and probable causes.
+
+`analyse` is pure: it takes the store's frames and the time and returns the findings active now.
+`FindingsTracker` keeps them over time: when each started, and the ones resolved recently.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import polars as pl
+
+from collector.attribution import probable_causes
+from collector.training import (REGRESSION_THRESHOLD, progress, slow_nodes, step_time_change, straggler_scores,
+                                stragglers)
+
+RECENT_S = 3600.0  # resolved findings stay listed this long
+
+
+@dataclass
+class Finding:
+    kind: str  # straggler | slow_node | hang | stopped | regression
+    severity: str  # page | ticket
+    subject: dict
+    start_ts: float
+    evidence: dict
+    causes: list[dict] = field(default_factory=list)
+    active: bool = True
+    resolved_ts: float | None = None
+
+    @property
+    def key(self) -> tuple:
+        return (self.kind, tuple(sorted(self.subject.items())))
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "severity": self.severity, "subject": self.subject, "start_ts": self.start_ts,
+                "active": self.active, "resolved_ts": self.resolved_ts, "evidence": self.evidence,
+                "probable_causes": self.causes}
+
+
+ANALYSED_STEPS = 600  # each job's last steps: all that the detectors look at
+
+
+@dataclass
+class Signals:
+    """The numbers behind the findings, for the collector's /metrics."""
+
+    scores: pl.DataFrame
+    progress: pl.DataFrame
+    changes: pl.DataFrame
+
+
+def analyse(steps: pl.DataFrame, pauses: pl.DataFrame, gpus: pl.DataFrame, hosts: pl.DataFrame,
+            now: float) -> tuple[list[Finding], Signals | None]:
+    out: list[Finding] = []
+    if steps.height == 0:
+        return out, None
+    steps = steps.filter(pl.col("step") > pl.col("step").max().over("job") - ANALYSED_STEPS)
+    prog = progress(steps, pauses, now)
+    silent = set(prog.filter(pl.col("hung") | pl.col("stopped"))["job"].to_list())
+    for row in prog.filter(pl.col("hung")).iter_rows(named=True):
+        out.append(Finding("hang", "page", {"job": row["job"]}, row["last_progress_ts"], {
+            "silence_s": round(row["silence_s"], 1), "hang_after_s": round(row["hang_after_s"], 1),
+            "last_step": row["last_step"], "ranks_that_reported_last": row["last_reporters"],
+            "ranks_that_stopped_first": row["first_stopped"]}))
+    for row in prog.filter(pl.col("stopped")).iter_rows(named=True):
+        out.append(Finding("stopped", "ticket", {"job": row["job"]}, row["last_progress_ts"], {
+            "silence_s": round(row["silence_s"], 1), "last_step": row["last_step"]}))
+
+    live = steps.filter(~pl.col("job").is_in(list(silent)))  # a hung job's last steps say nothing new
+    scores = straggler_scores(live)
+    job_peers = live.group_by("job").agg(pl.col("gpu_uuid").drop_nulls().unique(), pl.col("node").drop_nulls().unique())
+    peers = {r["job"]: (r["gpu_uuid"], r["node"]) for r in job_peers.iter_rows(named=True)}
+    nodes = slow_nodes(scores)
+    slow_node_keys = {(r["job"], r["node"]) for r in nodes.iter_rows(named=True)}
+    for row in nodes.iter_rows(named=True):
+        gpu_peers, node_peers = peers.get(row["job"], ([], []))
+        out.append(Finding("slow_node", "page", {"job": row["job"], "node": row["node"]}, row["since_ts"] or now, {
+            "slow_ranks": row["slow_rank_list"], "ranks_on_node": row["ranks"], "median_score": round(row["median_score"], 4)},
+            probable_causes(node=row["node"], gpu_uuid=None, peer_gpus=gpu_peers, peer_nodes=node_peers,
+                            gpus=gpus, hosts=hosts, since=row["since_ts"] or now, until=now)))
+    for row in stragglers(scores).iter_rows(named=True):
+        if (row["job"], row["node"]) in slow_node_keys:
+            continue  # reported once, as its node
+        gpu_peers, node_peers = peers.get(row["job"], ([], []))
+        since = row["since_ts"] or now
+        out.append(Finding("straggler", "page", {"job": row["job"], "rank": row["rank"], "node": row["node"],
+                                                 "gpu_uuid": row["gpu_uuid"]}, since, {
+            "straggler_score": round(row["straggler_score"], 4), "steps_seen": row["steps_seen"], "stage": row["stage"]},
+            probable_causes(node=row["node"], gpu_uuid=row["gpu_uuid"], peer_gpus=gpu_peers, peer_nodes=node_peers,
+                            gpus=gpus, hosts=hosts, since=since, until=now, data_vs_peers=row["data_vs_peers"])))
+    changes = step_time_change(live)
+    for row in changes.filter(pl.col("change_ratio") >= REGRESSION_THRESHOLD).iter_rows(named=True):
+        out.append(Finding("regression", "ticket", {"job": row["job"]}, row["recent_since_ts"], {
+            "change_ratio": round(row["change_ratio"], 4), "recent_step_s": row["recent_s"], "baseline_step_s": row["baseline_s"]}))
+    return out, Signals(scores, prog, changes)
+
+
+class FindingsTracker:
+    """Findings over time: a finding keeps the start of its first sighting; one that disappears is resolved."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_key: dict[tuple, Finding] = {}
+        self.signals: Signals | None = None
+
+    def update(self, current: list[Finding], signals: Signals | None = None, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        with self._lock:
+            self.signals = signals
+            seen = set()
+            for f in current:
+                seen.add(f.key)
+                old = self._by_key.get(f.key)
+                if old is not None and old.active:
+                    f.start_ts = min(old.start_ts, f.start_ts)
+                self._by_key[f.key] = f
+            for key, f in list(self._by_key.items()):
+                if key not in seen and f.active:
+                    f.active, f.resolved_ts = False, now
+                if not f.active and f.resolved_ts is not None and f.resolved_ts < now - RECENT_S:
+                    del self._by_key[key]
+
+    def findings(self) -> list[Finding]:
+        with self._lock:
+            return sorted(self._by_key.values(), key=lambda f: (not f.active, -f.start_ts))

@@ -1,0 +1,137 @@
+"""Detectors on labelled synthetic traces: stragglers, slow nodes, hangs, regressions, and their causes."""
+
+from __future__ import annotations
+
+import polars as pl
+import pytest
+
+from collector.findings import analyse
+from collector.tables import SCHEMAS
+from bench.traces import Trace, end_ts, generate
+
+NO_GPUS, NO_HOSTS = pl.DataFrame(schema=SCHEMAS["gpus"]), pl.DataFrame(schema=SCHEMAS["hosts"])
+
+
+def findings(trace: Trace, *, after_end_s: float = 1.0, gpus=NO_GPUS, hosts=NO_HOSTS):
+    steps, pauses = generate(trace)
+    found, _ = analyse(steps, pauses, gpus, hosts, end_ts(steps) + after_end_s)
+    return found
+
+
+def kinds(found) -> list[tuple]:
+    return sorted((f.kind, tuple(sorted(f.subject.items()))) for f in found)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_clean_run_raises_nothing(seed):
+    assert findings(Trace(ranks=64, steps=600, seed=seed)) == []
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_rank_ten_percent_slower_is_named_though_every_step_takes_the_same_time(seed):
+    found = findings(Trace(ranks=32, steps=60, slow_rank=13, slow_factor=0.10, seed=seed))
+    (f,) = found
+    assert f.kind == "straggler" and f.subject["rank"] == 13 and f.subject["node"] == "node-001"
+    assert 0.07 < f.evidence["straggler_score"] < 0.13
+    assert f.causes == [{"cause": "no_hardware_signal", "score": 0.0, "evidence": {}}]
+
+
+def test_a_slow_node_is_one_finding_not_eight():
+    found = findings(Trace(ranks=32, steps=60, slow_node=2, slow_factor=0.10))
+    (f,) = found
+    assert f.kind == "slow_node" and f.subject == {"job": "trace", "node": "node-002"}
+    assert f.evidence["slow_ranks"] == list(range(16, 24))
+
+
+def test_the_whole_job_slowing_down_is_a_regression_not_a_straggler():
+    found = findings(Trace(ranks=16, steps=700, regression=0.05, regression_from_step=600))
+    assert kinds(found) == [("regression", (("job", "trace"),))]
+    assert 0.04 < found[0].evidence["change_ratio"] < 0.06
+
+
+def test_slow_drift_is_not_a_regression():
+    assert findings(Trace(ranks=16, steps=700, drift_per_1000=0.02)) == []
+
+
+def test_pipeline_stages_uneven_by_design_are_not_stragglers():
+    steps, pauses = generate(Trace(ranks=16, steps=60, stages=4))
+    steps_with_stage = steps
+    assert findings(Trace(ranks=16, steps=60, stages=4)) == []
+    # without the stage, the slower stages would look like stragglers: the stage is what saves them
+    found, _ = analyse(steps_with_stage.with_columns(pl.lit(None, pl.Int64).alias("stage")), pauses, NO_GPUS, NO_HOSTS,
+                       end_ts(steps) + 1)
+    assert any(f.kind in ("straggler", "slow_node") for f in found)
+
+
+def test_a_hang_is_found_after_max_of_three_steps_and_30_s_and_names_the_ranks():
+    trace = Trace(ranks=8, steps=40, step_s=2.0)
+    assert findings(trace, after_end_s=25) == []  # 3 x 2 s < 30 s: not yet
+    (f,) = findings(trace, after_end_s=35)
+    assert f.kind == "hang" and f.subject == {"job": "trace"} and f.evidence["last_step"] == 39
+    assert f.evidence["ranks_that_reported_last"] == list(range(8))
+    slow = Trace(ranks=8, steps=40, step_s=20.0)  # 3 x 20 s = 60 s
+    assert findings(slow, after_end_s=45) == []
+    assert [f.kind for f in findings(slow, after_end_s=65)] == ["hang"]
+
+
+def test_a_declared_pause_is_not_a_hang():
+    steps, _ = generate(Trace(ranks=4, steps=20))
+    now = end_ts(steps) + 300
+    pauses = pl.DataFrame([{"ts": end_ts(steps), "job": "trace", "rank": 0, "reason": "checkpoint", "phase": "begin",
+                            "duration_s": None, "node": "node-000", "agent_id": "a"}], schema=SCHEMAS["pauses"])
+    assert analyse(steps, pauses, NO_GPUS, NO_HOSTS, now)[0] == []
+    assert [f.kind for f in analyse(steps, pauses.clear(), NO_GPUS, NO_HOSTS, now)[0]] == ["hang"]
+
+
+def test_a_job_silent_for_ten_minutes_has_stopped():
+    assert [f.kind for f in findings(Trace(ranks=4, steps=20), after_end_s=700)] == ["stopped"]
+
+
+def gpu_frames(trace: Trace, steps: pl.DataFrame, throttled_gpu: str | None, mask: int) -> pl.DataFrame:
+    rows = []
+    t0, t1 = float(steps["ts"].min()), end_ts(steps)
+    ts = t0
+    while ts <= t1:
+        for rank in range(trace.ranks):
+            uuid = f"GPU-{trace.job}-{rank}"
+            hot = uuid == throttled_gpu
+            rows.append({"ts": ts, "node": f"node-{rank // trace.ranks_per_node:03d}", "index": rank % 8, "uuid": uuid,
+                         "name": "H100", "up": True, "utilization_ratio": 0.95, "memory_used_bytes": 1, "memory_total_bytes": 2,
+                         "temperature_celsius": 88.0 if hot else 65.0, "power_watts": 500.0, "power_limit_watts": 700.0,
+                         "sm_clock_hertz": 1.2e9 if hot else 1.98e9, "sm_clock_max_hertz": 1.98e9,
+                         "clock_event_mask": mask if hot else 0, "health": "degraded" if hot else "healthy",
+                         "health_reasons": ["hw_thermal_slowdown"] if hot else [], "xid_total": 0})
+        ts += 5
+    return pl.DataFrame(rows, schema=SCHEMAS["gpus"])
+
+
+def test_the_probable_cause_of_a_straggler_is_its_throttling_gpu():
+    trace = Trace(ranks=16, steps=60, slow_rank=5, slow_factor=0.12)
+    steps, pauses = generate(trace)
+    gpus = gpu_frames(trace, steps, "GPU-trace-5", 0x40 | 0x20)
+    (f,) = analyse(steps, pauses, gpus, NO_HOSTS, end_ts(steps) + 1)[0]
+    assert f.subject["rank"] == 5
+    assert f.causes[0]["cause"] == "thermal_slowdown" and f.causes[0]["evidence"]["max_temperature_celsius"] == 88.0
+
+
+def test_a_power_cap_is_told_apart_from_heat():
+    trace = Trace(ranks=16, steps=60, slow_rank=5, slow_factor=0.12)
+    steps, pauses = generate(trace)
+    gpus = gpu_frames(trace, steps, "GPU-trace-5", 0x4)
+    (f,) = analyse(steps, pauses, gpus, NO_HOSTS, end_ts(steps) + 1)[0]
+    assert f.causes[0]["cause"] == "power_cap"
+
+
+def test_a_data_loader_that_grew_is_a_cause():
+    trace = Trace(ranks=16, steps=60, slow_rank=3, slow_factor=0.15)
+    steps, pauses = generate(trace)
+    # the slow rank's extra time is all in its data phase
+    steps = steps.with_columns(
+        pl.when(pl.col("rank") == 3)
+        .then(pl.col("phases").list.eval(pl.struct(
+            pl.element().struct.field("phase"),
+            pl.when(pl.element().struct.field("phase") == "data").then(pl.element().struct.field("seconds") * 4)
+            .otherwise(pl.element().struct.field("seconds")).alias("seconds"))))
+        .otherwise(pl.col("phases")).alias("phases"))
+    (f,) = analyse(steps, pauses, NO_GPUS, NO_HOSTS, end_ts(steps) + 1)[0]
+    assert f.causes[0]["cause"] == "data_loader"
