@@ -216,3 +216,26 @@ def test_scraped_servers_get_quantiles_from_their_histograms(client):
     assert scraped["generation_tokens_per_s"] == pytest.approx(100.0) and scraped["waiting"] == 1
     assert detail["models"] == []  # nothing instrumented with the client
     assert client.get("/v1/services", headers=R).json()["scraped"][0]["service"] == "chat"
+
+
+def test_findings_are_served_and_exported_as_metrics(client):
+    import time as _time
+
+    from bench.traces import Trace, generate
+
+    steps, _ = generate(Trace(ranks=8, steps=40, slow_rank=6, slow_factor=0.15, start_ts=_time.time() - 60))
+    events = [{"v": 1, "kind": "step", "job": "found", "rank": r["rank"], "world_size": 8, "step": r["step"], "ts": r["ts"],
+               "duration_s": r["duration_s"], "node": r["node"], "gpu_uuid": r["gpu_uuid"],
+               "phases": {p["phase"]: p["seconds"] for p in r["phases"]},
+               "metrics": {m["name"]: m["value"] for m in r["metrics"]}} for r in steps.iter_rows(named=True)]
+    assert post(client, batch(0, events)).status_code == 200
+    client.app.state.analyse_now()
+    (f,) = client.get("/v1/findings", headers=R).json()["findings"]
+    assert f["kind"] == "straggler" and f["subject"]["rank"] == 6 and f["active"] and f["probable_causes"]
+    assert client.get("/v1/findings?kind=hang", headers=R).json()["findings"] == []
+    assert client.get("/v1/findings?job=other", headers=R).json()["findings"] == []
+    assert client.get("/v1/findings").status_code == 401
+    text = client.get("/metrics", headers=R).text
+    assert 'fleetscope_finding_active{job="found",kind="straggler",node="node-000",rank="6",service="",severity="page"} 1.0' in text
+    assert 'fleetscope_training_straggler_score{job="found",node="node-000",rank="6"}' in text
+    assert 'fleetscope_training_last_progress_age_seconds{job="found"}' in text
