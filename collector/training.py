@@ -145,14 +145,16 @@ def stragglers(scores: pl.DataFrame, threshold: float = STRAGGLER_THRESHOLD) -> 
 
 
 def slow_nodes(scores: pl.DataFrame, threshold: float = STRAGGLER_THRESHOLD) -> pl.DataFrame:
-    """A node whose ranks are slow together (at least two, and at least half of its ranks in the job)."""
+    """A node whose ranks are slow together: at least two of them, and half of its ranks in the job or a
+    node-wide median already most of the way there (its ranks cross the line together, not one by one)."""
     return (
         scores.filter(pl.col("steps_seen") >= STRAGGLER_MIN_STEPS)
         .group_by("job", "node")
         .agg(pl.len().alias("ranks"), (pl.col("straggler_score") >= threshold).sum().alias("slow_ranks"),
              pl.col("straggler_score").median().alias("median_score"), pl.col("since_ts").min(),
              pl.col("rank").filter(pl.col("straggler_score") >= threshold).sort().alias("slow_rank_list"))
-        .filter((pl.col("slow_ranks") >= 2) & (pl.col("slow_ranks") * 2 >= pl.col("ranks")))
+        .filter((pl.col("slow_ranks") >= 2)
+                & ((pl.col("slow_ranks") * 2 >= pl.col("ranks")) | (pl.col("median_score") >= 0.75 * threshold)))
         .sort("job", "node")
     )
 
