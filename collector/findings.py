@@ -98,6 +98,16 @@ def analyse(steps: pl.DataFrame, pauses: pl.DataFrame, gpus: pl.DataFrame, hosts
     return out, Signals(scores, prog, changes)
 
 
+def slo_findings(report: list[dict], now: float) -> list[Finding]:
+    """An SLO burning its error budget too fast, by the SRE workbook's multiwindow rules."""
+    from collector.slo import burning
+
+    return [Finding("slo_burn", r["severity"], {"service": r["service"], "slo": r["slo"]}, now, {
+        "rule": r["rule"], "burn_rate": {k: round(v, 3) for k, v in r["burn_rate"].items()},
+        "objective": r["objective"], "error_budget_remaining_ratio": round(r["error_budget_remaining_ratio"], 4)})
+        for r in burning(report)]
+
+
 class FindingsTracker:
     """Findings over time: a finding keeps the start of its first sighting; one that disappears is resolved."""
 
@@ -105,11 +115,14 @@ class FindingsTracker:
         self._lock = threading.Lock()
         self._by_key: dict[tuple, Finding] = {}
         self.signals: Signals | None = None
+        self.slo_report: list[dict] = []
 
-    def update(self, current: list[Finding], signals: Signals | None = None, now: float | None = None) -> None:
+    def update(self, current: list[Finding], signals: Signals | None = None, now: float | None = None,
+               slo_report: list[dict] | None = None) -> None:
         now = time.time() if now is None else now
         with self._lock:
             self.signals = signals
+            self.slo_report = slo_report or []
             seen = set()
             for f in current:
                 seen.add(f.key)

@@ -71,6 +71,19 @@ class CollectorMetrics:
             if f.active:
                 active.add_metric([f.kind, f.severity, *(str(f.subject.get(k, "")) for k in labels[2:])], 1)
         yield active
+        burn = GaugeMetricFamily("fleetscope_slo_burn_rate",
+                                 "Share of bad requests in the window over the error budget (1 spends it exactly in the SLO window).",
+                                 labels=["slo", "service", "window"])
+        budget = GaugeMetricFamily("fleetscope_slo_error_budget_remaining_ratio",
+                                   "Error budget left over the SLO's window (1 untouched, 0 spent, below 0 overspent).",
+                                   labels=["slo", "service"])
+        objective = GaugeMetricFamily("fleetscope_slo_objective", "The SLO's objective (0.99 for 99%).", labels=["slo", "service"])
+        for r in self.tracker.slo_report:
+            for window, rate in r["burn_rate"].items():
+                burn.add_metric([r["slo"], r["service"], window], rate)
+            budget.add_metric([r["slo"], r["service"]], r["error_budget_remaining_ratio"])
+            objective.add_metric([r["slo"], r["service"]], r["objective"])
+        yield from (burn, budget, objective)
         signals = self.tracker.signals
         if signals is None:
             return

@@ -23,7 +23,8 @@ class Settings:
     window_s: float = 6 * 3600.0  # how much recent data the collector keeps in memory
     retention_s: float | None = 30 * 86400.0  # Parquet kept on disk, by age
     retention_bytes: int | None = None  # ... and by total size
-    fsync: bool = True  # off only in benchmarks that want to see the cost of everything else
+    fsync: bool = True
+    slos: tuple = ()  # collector.slo.Slo, from the config file's [[slo]] tables  # off only in benchmarks that want to see the cost of everything else
 
     def __post_init__(self) -> None:
         if not self.ingest_tokens:

@@ -19,6 +19,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import polars as pl
 
@@ -39,9 +40,11 @@ class IngestResult:
 
 class Store:
     def __init__(self, data_dir: Path, *, window_s: float = 6 * 3600.0, retention_s: float | None = 30 * 86400.0,
-                 retention_bytes: int | None = None, fsync: bool = True) -> None:
+                 retention_bytes: int | None = None, fsync: bool = True,
+                 observers: tuple[Callable[[str, pl.DataFrame], None], ...] = ()) -> None:
         self.data_dir = Path(data_dir)
         self.window_s = window_s
+        self.observers = observers  # see each new row once, as it is applied (ingest and WAL replay)
         self.retention_s = retention_s
         self.retention_bytes = retention_bytes
         self._lock = threading.Lock()
@@ -100,6 +103,8 @@ class Store:
                 self._chunks[kind].append(frame)
                 self._unwritten[kind].append(frame)
                 self.counts[kind] += frame.height
+                for observe in self.observers:
+                    observe(kind, frame)
         self.watermarks[batch.agent_id] = (batch.seq, time.time())
 
     def ingest(self, batch: Batch, body: bytes | None = None) -> IngestResult:

@@ -66,6 +66,14 @@ def _collector(args: argparse.Namespace) -> int:
     from collector.settings import Settings
 
     kwargs: dict[str, object] = {"data_dir": Path(args.data_dir)}
+    if args.config:
+        from collector.slo import load_slos
+
+        try:
+            kwargs["slos"] = tuple(load_slos(args.config))
+        except (OSError, ValueError) as exc:
+            print(f"fleetscope collector: {exc}", file=sys.stderr)
+            return 2
     if args.ingest_token:
         kwargs["ingest_tokens"] = frozenset(args.ingest_token)
     if args.read_token:
@@ -128,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("collector", help="run the central collector")
     p.add_argument("--listen", default="0.0.0.0:9837")
+    p.add_argument("--config", help="TOML file with [[slo]] tables (see collector/slo.py)")
     p.add_argument("--data-dir", default=os.environ.get("FLEETSCOPE_DATA_DIR", ".fleetscope/collector"))
     p.add_argument("--ingest-token", action="append", help="token agents use (default: $FLEETSCOPE_INGEST_TOKEN)")
     p.add_argument("--read-token", action="append", help="token readers use (default: $FLEETSCOPE_READ_TOKEN)")

@@ -9,11 +9,15 @@ import time
 from contextlib import asynccontextmanager
 
 import msgspec
+import polars as pl
 from fastapi import FastAPI
 
 import fleetscope
 from collector.api.routes import findings, fleet, health, ingest, jobs, services
-from collector.findings import FindingsTracker, analyse
+from collector import partitions
+from collector.findings import FindingsTracker, analyse, slo_findings
+from collector.slo import SloLedger
+from collector.tables import SCHEMAS
 from collector.metrics import CollectorMetrics
 from collector.settings import Settings
 from collector.store import Store
@@ -23,15 +27,29 @@ log = logging.getLogger("fleetscope.collector")
 
 
 def create_app(settings: Settings, store: Store | None = None) -> FastAPI:
+    ledger = SloLedger(list(settings.slos))
+
+    def observe(kind: str, frame: pl.DataFrame) -> None:
+        if kind == "requests":
+            ledger.observe(frame)
+
     store = store if store is not None else Store(
         settings.data_dir, window_s=settings.window_s, retention_s=settings.retention_s,
-        retention_bytes=settings.retention_bytes, fsync=settings.fsync)
+        retention_bytes=settings.retention_bytes, fsync=settings.fsync, observers=(observe,))
+    if settings.slos:  # what is already on disk counts towards the SLOs' windows
+        longest = max(s.window_days for s in settings.slos) * 86400
+        on_disk = partitions.load(store.data_dir, "requests", time.time() - longest, SCHEMAS["requests"])
+        if on_disk is not None:
+            ledger.observe(on_disk)
 
     tracker = FindingsTracker()
 
     def analyse_now() -> None:
-        found, signals = analyse(store.frame("steps"), store.frame("pauses"), store.frame("gpus"), store.frame("hosts"), time.time())
-        tracker.update(found, signals)
+        now = time.time()
+        found, signals = analyse(store.frame("steps"), store.frame("pauses"), store.frame("gpus"), store.frame("hosts"), now)
+        report = ledger.report(now)
+        found += slo_findings(report, now)
+        tracker.update(found, signals, slo_report=report)
 
     async def analyse_forever() -> None:
         while True:

@@ -1,0 +1,149 @@
+"""Service level objectives for inference: good and bad requests per minute, burn rates, budgets.
+
+SLOs are declared in the collector's TOML config:
+
+    [[slo]]
+    name = "chat-ttft"
+    service = "chat"
+    model = "llama3-8b"        # optional: every model of the service when absent
+    indicator = "ttft"         # ttft | e2e | tpot | queue | availability
+    threshold_s = 0.5          # a request is good when it succeeded within this (not for availability)
+    objective = 0.99
+    window_days = 30
+
+The ledger keeps, per SLO, good and total requests per minute for the SLO's window, so burn
+rates over 5 min .. 3 days and the budget left are cheap to read. Burn rate = the share of bad
+requests in a window / (1 - objective): 1 spends the budget exactly over the SLO window. The
+multiwindow, multi-burn-rate rules of Google's SRE workbook turn them into findings.
+"""
+
+from __future__ import annotations
+
+import threading
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+INDICATORS = ("ttft", "e2e", "tpot", "queue", "availability")
+WINDOWS_S = {"5m": 300, "30m": 1800, "1h": 3600, "6h": 6 * 3600, "3d": 3 * 86400}
+# (long window, short window, burn rate, severity): the SRE workbook's table
+RULES = (("1h", "5m", 14.4, "page"), ("6h", "30m", 6.0, "page"), ("3d", "6h", 1.0, "ticket"))
+
+
+@dataclass(frozen=True)
+class Slo:
+    name: str
+    service: str
+    indicator: str
+    objective: float
+    threshold_s: float | None = None
+    model: str | None = None
+    window_days: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.indicator not in INDICATORS:
+            raise ValueError(f"slo {self.name!r}: indicator must be one of {', '.join(INDICATORS)}, got {self.indicator!r}")
+        if not 0 < self.objective < 1:
+            raise ValueError(f"slo {self.name!r}: objective must be between 0 and 1 (0.99 for 99%), got {self.objective}")
+        if self.indicator != "availability" and (self.threshold_s is None or self.threshold_s <= 0):
+            raise ValueError(f"slo {self.name!r}: a latency SLO needs a positive threshold_s")
+
+
+def load_slos(path: str | Path) -> list[Slo]:
+    with open(path, "rb") as fh:
+        data = tomllib.load(fh)
+    slos = []
+    for i, raw in enumerate(data.get("slo", [])):
+        try:
+            slos.append(Slo(**raw))
+        except TypeError as exc:
+            raise ValueError(f"{path}: slo {i + 1}: {exc}") from None
+    names = [s.name for s in slos]
+    if len(names) != len(set(names)):
+        raise ValueError(f"{path}: SLO names must be unique")
+    return slos
+
+
+def good_and_total(requests: pl.DataFrame, slo: Slo) -> pl.DataFrame:
+    """Per minute: requests of the SLO's service (and model) and how many were good."""
+    rows = requests.filter(pl.col("service") == slo.service)
+    if slo.model is not None:
+        rows = rows.filter(pl.col("model") == slo.model)
+    ok = pl.col("status") == "ok"
+    if slo.indicator == "availability":
+        good = pl.col("status") != "error"  # a request the user cancelled is no failure of the service
+        counted = pl.lit(True)
+    else:
+        column = f"{slo.indicator}_s"
+        good = ok & (pl.col(column) <= slo.threshold_s)
+        # A successful request that never reported this latency (no first token) says nothing about it.
+        counted = ~(ok & pl.col(column).is_null())
+    return (
+        rows.filter(counted)
+        .group_by((pl.col("ts") // 60 * 60).alias("minute"))
+        .agg(good.sum().cast(pl.Float64).alias("good"), pl.len().cast(pl.Float64).alias("total"))
+        .sort("minute")
+    )
+
+
+class SloLedger:
+    def __init__(self, slos: list[Slo]) -> None:
+        self.slos = list(slos)
+        self._lock = threading.Lock()
+        self._bins: dict[str, dict[float, list[float]]] = {s.name: {} for s in self.slos}
+
+    def observe(self, requests: pl.DataFrame) -> None:
+        """Count new request rows (call once per row: at ingest, and at start for what is on disk)."""
+        if requests.height == 0 or not self.slos:
+            return
+        for slo in self.slos:
+            counts = good_and_total(requests, slo)
+            with self._lock:
+                bins = self._bins[slo.name]
+                for minute, good, total in counts.iter_rows():
+                    cell = bins.setdefault(minute, [0.0, 0.0])
+                    cell[0] += good
+                    cell[1] += total
+
+    def _window(self, name: str, now: float, seconds: float) -> tuple[float, float]:
+        bins = self._bins[name]
+        good = total = 0.0
+        for minute, (g, t) in bins.items():
+            if minute > now - seconds:
+                good += g
+                total += t
+        return good, total
+
+    def report(self, now: float) -> list[dict]:
+        """Per SLO: burn rate per window, error budget left over the SLO's window."""
+        out = []
+        with self._lock:
+            for slo in self.slos:
+                horizon = now - slo.window_days * 86400
+                bins = self._bins[slo.name]
+                for minute in [m for m in bins if m < horizon]:
+                    del bins[minute]
+                budget = 1 - slo.objective
+                burn = {}
+                for window, seconds in WINDOWS_S.items():
+                    good, total = self._window(slo.name, now, seconds)
+                    burn[window] = ((total - good) / total / budget) if total else 0.0
+                good, total = self._window(slo.name, now, slo.window_days * 86400)
+                spent = ((total - good) / total / budget) if total else 0.0
+                out.append({"slo": slo.name, "service": slo.service, "model": slo.model, "indicator": slo.indicator,
+                            "objective": slo.objective, "threshold_s": slo.threshold_s, "burn_rate": burn,
+                            "requests": total, "good": good, "error_budget_remaining_ratio": 1 - spent})
+        return out
+
+
+def burning(report: list[dict]) -> list[dict]:
+    """The SRE workbook's multiwindow, multi-burn-rate alerts: both windows of a pair above its rate."""
+    out = []
+    for r in report:
+        for long, short, rate, severity in RULES:
+            if r["burn_rate"][long] >= rate and r["burn_rate"][short] >= rate:
+                out.append({**r, "rule": f"{long}/{short} >= {rate}", "severity": severity})
+                break  # the most urgent pair only
+    return out
