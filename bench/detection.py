@@ -117,10 +117,13 @@ def main(argv: list[str] | None = None) -> None:
           f"({alarms / rank_steps * 10_000:.2f} per 10,000)")
 
     big = big_job(1024 if args.quick else 16_384)
-    t0 = time.perf_counter()
-    analyse(big, pl.DataFrame(schema=SCHEMAS["pauses"]), NO_GPUS, NO_HOSTS, 1.8e9 + 601)
+    times = []
+    for _ in range(3):  # the collector analyses every 5 s: the first run pays for warming up
+        t0 = time.perf_counter()
+        analyse(big, pl.DataFrame(schema=SCHEMAS["pauses"]), NO_GPUS, NO_HOSTS, 1.8e9 + 601)
+        times.append(time.perf_counter() - t0)
     print(f"analysis of a {big['rank'].n_unique():,}-rank job over its last 600 steps ({big.height:,} rows): "
-          f"{time.perf_counter() - t0:.2f} s")
+          f"first {times[0]:.2f} s, then {min(times[1:]):.2f} s")
 
 
 if __name__ == "__main__":

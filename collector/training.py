@@ -117,8 +117,8 @@ def straggler_scores(steps: pl.DataFrame, window: int = STRAGGLER_WINDOW) -> pl.
     """Per job and rank over the job's last `window` steps: the median of how much longer the rank
     computed than the median of its stage's ranks in the same step. Robust to jitter (medians), to
     the whole job slowing down (relative to the same step), and to uneven pipeline stages."""
-    ct = compute_times(steps)
-    recent = ct.filter(pl.col("step") > pl.col("step").max().over("job") - window)
+    # Only the window's rows go through the (costly) list lookups of phases and metrics.
+    recent = compute_times(steps.filter(pl.col("step") > pl.col("step").max().over("job") - window))
     ratios = recent.with_columns(
         pl.col("compute_s").median().over("job", "stage", "step").alias("peer_s"),
         pl.len().over("job", "stage", "step").alias("peers"),
@@ -164,7 +164,8 @@ def progress(steps: pl.DataFrame, pauses: pl.DataFrame, now: float) -> pl.DataFr
     and which ranks reported last and which stopped first."""
     ends = steps.with_columns((pl.col("ts") + pl.col("duration_s")).alias("end_ts"))
     per_rank = ends.group_by("job", "rank").agg(pl.col("end_ts").max(), pl.col("step").max().alias("last_step"))
-    recent_median = (ends.sort("step").group_by("job").agg(pl.col("duration_s").tail(200).median().alias("median_step_s")))
+    recent_median = (ends.filter(pl.col("step") > pl.col("step").max().over("job") - 200)
+                     .group_by("job").agg(pl.col("duration_s").median().alias("median_step_s")))
     jobs = per_rank.group_by("job").agg(
         pl.col("end_ts").max().alias("last_progress_ts"),
         pl.col("rank").filter(pl.col("end_ts") == pl.col("end_ts").max()).sort().alias("last_reporters"),
