@@ -50,3 +50,11 @@ def test_every_step_of_every_rank_arrives_and_the_straggler_arrives_late_at_the_
     comm = {r["rank"]: r["phase_comm_mean_s"] for r in ranks}
     assert max(arrival, key=arrival.get) == 2, arrival
     assert min(comm, key=comm.get) == 2, comm
+    # The collector's own analysis names that rank as the straggler (it runs every 5 s).
+    def straggler():
+        found = api(collector, "/v1/findings?kind=straggler&job=ddp-e2e")["findings"]
+        return found if found else None
+
+    (finding,) = wait_until(straggler, timeout=30, what="the collector to name the straggler")
+    assert finding["subject"]["rank"] == 2 and finding["subject"]["node"] == "ddp-node"
+    assert finding["evidence"]["straggler_score"] > 0.5  # 100 ms on top of a few ms of compute
