@@ -31,6 +31,12 @@ cols[2].metric("Step time p50", f"{p50:.3f} s" if p50 is not None else "–")
 tps = summary.get("tokens_per_s")
 cols[3].metric("Tokens/s", f"{tps:,.0f}" if tps is not None else "–")
 
+job_findings = [f for f in collector.get("/v1/findings", job=job).get("findings", []) if f["active"]]
+for f in job_findings:
+    causes = ", ".join(c["cause"] for c in f.get("probable_causes", [])[:3])
+    where = ", ".join(f"{k} {v}" for k, v in f["subject"].items() if k != "job" and v is not None)
+    st.warning(f"**{f['kind']}** {where}: probable cause {causes or 'unknown'}")
+
 st.subheader("Step time")
 if series.height:
     st.line_chart(

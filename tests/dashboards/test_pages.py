@@ -17,7 +17,7 @@ from collector.settings import Settings
 from tests.conftest import free_port, wait_until
 
 DASHBOARDS = Path(__file__).resolve().parents[2] / "dashboards"
-PAGES = ["app.py", "pages/1_Fleet.py", "pages/2_Training.py", "pages/3_Inference.py"]
+PAGES = ["app.py", "pages/1_Fleet.py", "pages/2_Training.py", "pages/3_Inference.py", "pages/4_Findings.py"]
 INGEST, READ = "dash-ingest", "dash-read"
 
 
@@ -113,3 +113,23 @@ def test_an_unreachable_collector_is_explained(monkeypatch):
     at = run_page("pages/1_Fleet.py", f"http://127.0.0.1:{free_port()}", READ, monkeypatch)
     assert not at.exception
     assert any("cannot reach the collector" in e.value for e in at.error)
+
+
+def test_findings_page_shows_a_straggler_with_its_cause(collector_url, monkeypatch):
+    import httpx as _httpx
+
+    from bench.traces import Trace, generate
+
+    steps, _ = generate(Trace(job="slowjob", ranks=8, steps=40, slow_rank=3, slow_factor=0.2, start_ts=time.time() - 50))
+    events = [{"v": 1, "kind": "step", "job": "slowjob", "rank": r["rank"], "world_size": 8, "step": r["step"], "ts": r["ts"],
+               "duration_s": r["duration_s"], "node": r["node"], "metrics": {m["name"]: m["value"] for m in r["metrics"]}}
+              for r in steps.iter_rows(named=True)]
+    body = {"v": 1, "agent_id": "findings-seed", "seq": 0, "node": "n", "sent_ts": time.time(), "events": events}
+    assert _httpx.post(collector_url + "/v1/ingest", content=json.dumps(body), headers={"Authorization": f"Bearer {INGEST}"}).status_code == 200
+
+    def shown():
+        at = run_page("pages/4_Findings.py", collector_url, READ, monkeypatch)
+        return at if any("straggler" in e.label and "rank 3" in e.label for e in at.expander) else None
+
+    at = wait_until(shown, timeout=20, what="the straggler on the findings page")
+    assert not at.exception

@@ -14,7 +14,7 @@ from tests.dashboards.test_pages import seed_batch
 from tests.e2e.conftest import INGEST, READ
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
-PAGES = {"": "fleetscope", "Fleet": "Fleet", "Training": "Training", "Inference": "Inference"}
+PAGES = {"": "fleetscope", "Fleet": "Fleet", "Training": "Training", "Inference": "Inference", "Findings": "Findings"}
 
 
 @pytest.fixture

@@ -28,3 +28,9 @@ def list_findings(
             continue
         out.append(f.to_dict())
     return {"findings": out}
+
+
+@router.get("/v1/slos")
+def list_slos(request: Request) -> dict:
+    """Every declared SLO: burn rate per window and the error budget left."""
+    return {"slos": request.app.state.tracker.slo_report}

@@ -1,0 +1,46 @@
+"""Findings: stragglers, slow nodes, hangs, regressions and SLO burn, with their probable causes."""
+
+from __future__ import annotations
+
+import time
+
+import streamlit as st
+
+from dashboards.api import CollectorError, page
+
+collector = page("Findings")
+try:
+    findings = collector.get("/v1/findings").get("findings", [])
+    slos = collector.get("/v1/slos").get("slos", [])
+except CollectorError as exc:
+    st.error(str(exc))
+    st.stop()
+
+active = [f for f in findings if f["active"]]
+cols = st.columns(3)
+cols[0].metric("Active findings", len(active))
+cols[1].metric("Paging", sum(1 for f in active if f["severity"] == "page"))
+cols[2].metric("Resolved in the last hour", len(findings) - len(active))
+
+if not findings:
+    st.success("Nothing holds work back right now.")
+for f in findings:
+    subject = ", ".join(f"{k} {v}" for k, v in f["subject"].items() if v is not None)
+    age = time.time() - f["start_ts"]
+    title = f"{'🔴' if f['severity'] == 'page' else '🟠'} {f['kind']}: {subject} (since {age / 60:.0f} min)"
+    if not f["active"]:
+        title = f"✅ resolved · {f['kind']}: {subject}"
+    with st.expander(title, expanded=f["active"]):
+        causes = f.get("probable_causes") or []
+        if causes:
+            st.markdown("**Probable causes**: " + ", ".join(f"`{c['cause']}` ({c['score']:.2f})" for c in causes))
+        st.json({"evidence": f["evidence"], "probable_causes": causes}, expanded=False)
+
+if slos:
+    st.subheader("SLOs")
+    st.dataframe(
+        [{"slo": s["slo"], "service": s["service"], "objective": s["objective"],
+          "budget left": round(s["error_budget_remaining_ratio"], 4),
+          **{f"burn {w}": round(v, 2) for w, v in s["burn_rate"].items()}} for s in slos],
+        hide_index=True, width="stretch",
+    )
