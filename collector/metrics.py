@@ -13,7 +13,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from collector.findings import FindingsTracker
 from collector.store import Store
-from collector.training import jobs_overview
+from collector.training import jobs_overview, with_mfu
 from fleetscope.schema import Batch
 
 # Latency quantiles on /metrics cover this recent window, so they move when the service does.
@@ -110,15 +110,23 @@ class CollectorMetrics:
         yield from (score, age, allowed, paused, change)
 
     def _training(self) -> Iterable[Metric]:
-        jobs = jobs_overview(self.store.frame("steps"))
+        jobs = with_mfu(jobs_overview(self.store.frame("steps")), self.store.frame("gpus"))
         last = GaugeMetricFamily("fleetscope_training_last_step", "Highest step number any rank of the job reported.", labels=["job"])
         seen = GaugeMetricFamily("fleetscope_training_last_report_timestamp_seconds", "Unix time the job's last step ended.", labels=["job"])
         p50 = GaugeMetricFamily("fleetscope_training_step_time_p50_seconds", "Median step time of the job over the collector's window.", labels=["job"])
+        tps = GaugeMetricFamily("fleetscope_training_tokens_per_second", "Tokens the job's ranks process per second, together.",
+                                labels=["job"])
+        mfu = GaugeMetricFamily("fleetscope_training_mfu_ratio",
+                                "Model FLOPs utilisation: achieved FLOP/s over the GPUs' dense BF16 peak (0-1).", labels=["job"])
         for row in jobs.iter_rows(named=True):
+            if row["tokens_per_s"] is not None:
+                tps.add_metric([row["job"]], row["tokens_per_s"])
+            if row["mfu"] is not None:
+                mfu.add_metric([row["job"]], row["mfu"])
             last.add_metric([row["job"]], row["last_step"])
             seen.add_metric([row["job"]], row["last_report_ts"])
             p50.add_metric([row["job"]], row["step_time_p50_s"])
-        yield from (last, seen, p50)
+        yield from (last, seen, p50, tps, mfu)
 
     def _inference(self) -> Iterable[Metric]:
         recent = self.store.frame("requests").filter((pl.col("ts") >= time.time() - RECENT_S) & (pl.col("status") == "ok"))

@@ -12,7 +12,7 @@ USER_METRICS = pl.List(pl.Struct({"name": pl.String, "value": pl.Float64}))
 SCHEMAS: dict[str, dict[str, pl.DataType]] = {
     "steps": {
         "ts": pl.Float64, "job": pl.String, "rank": pl.Int64, "local_rank": pl.Int64, "world_size": pl.Int64,
-        "step": pl.Int64, "stage": pl.Int64, "duration_s": pl.Float64, "tokens": pl.Int64, "samples": pl.Int64, "failed": pl.Boolean,
+        "step": pl.Int64, "stage": pl.Int64, "duration_s": pl.Float64, "tokens": pl.Int64, "samples": pl.Int64, "flops_per_token": pl.Float64, "failed": pl.Boolean,
         "phases": PHASES, "metrics": USER_METRICS, "node": pl.String, "gpu_uuid": pl.String, "pid": pl.Int64,
         "agent_id": pl.String,
     },
@@ -64,6 +64,7 @@ def batch_rows(batch: Batch) -> dict[str, list[dict]]:
             rows["steps"].append({
                 "ts": ev.ts, "job": ev.job, "rank": ev.rank, "local_rank": ev.local_rank, "world_size": ev.world_size,
                 "step": ev.step, "stage": ev.stage, "duration_s": ev.duration_s, "tokens": ev.tokens, "samples": ev.samples,
+                "flops_per_token": ev.flops_per_token,
                 "failed": ev.failed, "phases": [{"phase": k, "seconds": v} for k, v in ev.phases.items()],
                 "metrics": [{"name": k, "value": v} for k, v in ev.metrics.items()],
                 "node": ev.node or batch.node, "gpu_uuid": ev.gpu_uuid, "pid": ev.pid, "agent_id": batch.agent_id,

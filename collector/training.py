@@ -27,9 +27,41 @@ def jobs_overview(steps: pl.DataFrame) -> pl.DataFrame:
             pl.when(pl.col("tokens").count() > 0)
             .then(pl.col("tokens").sum() / ((pl.col("ts") + pl.col("duration_s")).max() - pl.col("ts").min()))
             .alias("tokens_per_s"),
+            pl.when(pl.col("samples").count() > 0)
+            .then(pl.col("samples").sum() / ((pl.col("ts") + pl.col("duration_s")).max() - pl.col("ts").min()))
+            .alias("samples_per_s"),
+            pl.col("flops_per_token").drop_nulls().last().alias("flops_per_token"),
+            pl.col("gpu_uuid").drop_nulls().unique().alias("gpu_uuids"),
         )
         .sort("job")
     )
+
+
+# Dense BF16 peak FLOP/s by GPU name (NVIDIA data sheets); the longest matching name wins.
+GPU_PEAK_FLOPS = {
+    "A100": 312e12, "A800": 312e12, "L40S": 362e12, "H100 PCIe": 756e12, "H100": 989e12, "H800": 989e12,
+    "H200": 989e12, "GH200": 989e12, "B200": 2250e12, "GB200": 2500e12,
+}
+
+
+def peak_flops(gpu_name: str | None) -> float | None:
+    if not gpu_name:
+        return None
+    matches = [key for key in GPU_PEAK_FLOPS if key in gpu_name]
+    return GPU_PEAK_FLOPS[max(matches, key=len)] if matches else None
+
+
+def with_mfu(jobs: pl.DataFrame, gpus: pl.DataFrame) -> pl.DataFrame:
+    """Model FLOPs utilisation: tokens/s x FLOPs per token over the peak of the job's GPUs, when both are known."""
+    names = dict(gpus.select("uuid", "name").drop_nulls().unique("uuid").iter_rows()) if gpus.height else {}
+    mfu = []
+    for row in jobs.iter_rows(named=True):
+        peaks = [peak_flops(names.get(uuid)) for uuid in (row.get("gpu_uuids") or [])]
+        if row.get("flops_per_token") and row.get("tokens_per_s") and peaks and all(peaks):
+            mfu.append(row["tokens_per_s"] * row["flops_per_token"] / sum(peaks))  # type: ignore[arg-type]
+        else:
+            mfu.append(None)
+    return jobs.with_columns(pl.Series("mfu", mfu, dtype=pl.Float64)).drop("gpu_uuids")
 
 
 def rank_step_quantiles(steps: pl.DataFrame, job: str) -> pl.DataFrame:

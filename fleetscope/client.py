@@ -162,6 +162,7 @@ class TrainingRun:
         world_size: int | None = None,
         local_rank: int | None = None,
         stage: int | None = None,
+        flops_per_token: float | None = None,
         emitter: Emitter | None = None,
     ) -> None:
         self.job = str(job)
@@ -174,6 +175,8 @@ class TrainingRun:
         )
         # Pipeline-parallel stage, so a rank is compared with its own stage's peers (stages differ by design).
         self.stage = stage
+        # Model FLOPs per token, forward and backward (about 6 x parameters for a dense transformer): for MFU.
+        self.flops_per_token = flops_per_token
         self.emitter = emitter or default_emitter()
         self._next_step = 0
         self._current: Step | None = None
@@ -232,6 +235,8 @@ class TrainingRun:
         }
         if self.stage is not None:
             event["stage"] = int(self.stage)
+        if self.flops_per_token is not None:
+            event["flops_per_token"] = float(self.flops_per_token)
         if step.tokens is not None:
             event["tokens"] = int(step.tokens)
         if step.samples is not None:

@@ -43,6 +43,7 @@ class StepEvent(Struct, tag="step", tag_field="kind", forbid_unknown_fields=True
     pid: Count = 0
     tokens: Count | None = None
     samples: Count | None = None
+    flops_per_token: NonNeg | None = None  # model FLOPs per token (fwd + bwd), declared by the job: for MFU
     phases: dict[Name, NonNegSeconds] = {}
     metrics: dict[Name, Finite] = {}
     failed: bool = False

@@ -32,7 +32,7 @@ def test_training_step_reports_duration_tokens_phases_and_rank(udp, monkeypatch)
     monkeypatch.setenv("RANK", "5")
     monkeypatch.setenv("WORLD_SIZE", "8")
     monkeypatch.setenv("LOCAL_RANK", "1")
-    run = fleetscope.training(job="llama", emitter=Emitter(udp.getsockname()))
+    run = fleetscope.training(job="llama", flops_per_token=6e9, emitter=Emitter(udp.getsockname()))
     with run.step(tokens=4096, samples=2) as step:
         with run.phase("forward"):
             time.sleep(0.02)
@@ -46,7 +46,7 @@ def test_training_step_reports_duration_tokens_phases_and_rank(udp, monkeypatch)
     assert event["duration_s"] >= 0.03
     assert event["phases"]["forward"] >= 0.02 and event["phases"]["backward"] >= 0.01
     assert event["metrics"] == {"loss": 2.5}  # NaN is dropped, not sent
-    assert event["pid"] == os.getpid()
+    assert event["pid"] == os.getpid() and event["flops_per_token"] == 6e9
     with run.step():
         pass
     assert receive(udp)["step"] == 1

@@ -239,3 +239,19 @@ def test_findings_are_served_and_exported_as_metrics(client):
     assert 'fleetscope_finding_active{job="found",kind="straggler",node="node-000",rank="6",service="",severity="page"} 1.0' in text
     assert 'fleetscope_training_straggler_score{job="found",node="node-000",rank="6"}' in text
     assert 'fleetscope_training_last_progress_age_seconds{job="found"}' in text
+
+
+def test_throughput_and_mfu_when_the_job_declares_its_flops_per_token(client):
+    frame = {"v": 1, "kind": "host", "node": "node-0", "ts": 1_800_000_000.0,
+             "gpus": [{"index": i, "uuid": f"GPU-{i}", "name": "NVIDIA H100 80GB HBM3"} for i in range(2)]}
+    events = [step("mfu", r, n, 1.0, tokens=100_000, samples=8, flops_per_token=4.0e9, gpu_uuid=f"GPU-{r}")
+              for r in range(2) for n in range(4)]
+    # steps of 1 s starting 1 s apart: 4 steps span 4 s; 2 ranks x 4 x 100,000 tokens
+    for e in events:
+        e["ts"] = 1_800_000_000.0 + e["step"]
+    assert post(client, batch(0, events, frames=[frame])).status_code == 200
+    job = client.get("/v1/jobs/mfu", headers=R).json()["job"]
+    assert job["tokens_per_s"] == pytest.approx(200_000) and job["samples_per_s"] == pytest.approx(16)
+    assert job["mfu"] == pytest.approx(200_000 * 4.0e9 / (2 * 989e12))
+    text = client.get("/metrics", headers=R).text
+    assert 'fleetscope_training_mfu_ratio{job="mfu"}' in text

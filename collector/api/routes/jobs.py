@@ -6,7 +6,7 @@ import polars as pl
 from fastapi import APIRouter, HTTPException, Query
 
 from collector.api.deps import ReadAuth, StoreDep
-from collector.training import jobs_overview, rank_breakdown, rank_step_quantiles, step_series
+from collector.training import jobs_overview, rank_breakdown, rank_step_quantiles, step_series, with_mfu
 
 router = APIRouter(tags=["training"], dependencies=[ReadAuth])
 
@@ -20,13 +20,13 @@ def _job_steps(store, job: str) -> pl.DataFrame:
 
 @router.get("/v1/jobs")
 def list_jobs(store: StoreDep) -> dict:
-    return {"jobs": jobs_overview(store.frame("steps")).to_dicts()}
+    return {"jobs": with_mfu(jobs_overview(store.frame("steps")), store.frame("gpus")).to_dicts()}
 
 
 @router.get("/v1/jobs/{job}")
 def get_job(job: str, store: StoreDep) -> dict:
     steps = _job_steps(store, job)
-    overview = jobs_overview(steps.filter(pl.col("job") == job)).to_dicts()[0]
+    overview = with_mfu(jobs_overview(steps.filter(pl.col("job") == job)), store.frame("gpus")).to_dicts()[0]
     pauses = store.frame("pauses").filter(pl.col("job") == job).sort("ts").tail(50)
     ranks = rank_step_quantiles(steps, job).join(rank_breakdown(steps, job), on="rank", how="left")
     return {"job": overview, "ranks": ranks.to_dicts(), "pauses": pauses.drop("agent_id").to_dicts()}
