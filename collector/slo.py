@@ -88,6 +88,38 @@ def good_and_total(requests: pl.DataFrame, slo: Slo) -> pl.DataFrame:
     )
 
 
+def _good_below(le: list[float], counts: list[float], threshold: float) -> float:
+    """Observations at or under `threshold` in one cumulative histogram, linear within its bucket
+    (exact when the threshold is a bucket bound, as it should be for an SLO)."""
+    lower, below = 0.0, 0.0
+    for bound, cumulative in zip(le, counts):
+        if bound >= threshold:
+            if bound >= 1e300 or bound == lower:
+                return below
+            return below + (cumulative - below) * (threshold - lower) / (bound - lower)
+        lower, below = bound, cumulative
+    return below
+
+
+def good_and_total_from_servers(histograms: pl.DataFrame, stats: pl.DataFrame, slo: Slo) -> list[tuple[float, float, float]]:
+    """(minute, good, total) for a service read from its inference servers' /metrics."""
+    if slo.indicator == "availability":
+        rows = stats.filter(pl.col("service") == slo.service)
+        if slo.model is not None:
+            rows = rows.filter(pl.col("model") == slo.model)
+        out = rows.group_by((pl.col("ts") // 60 * 60).alias("minute")).agg(
+            pl.col("requests_ok").fill_null(0).sum().alias("good"),
+            (pl.col("requests_ok").fill_null(0) + pl.col("requests_error").fill_null(0)).sum().alias("total"))
+        return [tuple(map(float, r)) for r in out.iter_rows()]  # type: ignore[misc]
+    rows = histograms.filter((pl.col("service") == slo.service) & (pl.col("metric") == slo.indicator))
+    if slo.model is not None:
+        rows = rows.filter(pl.col("model") == slo.model)
+    out = []
+    for ts, le, counts, count in rows.select("ts", "le", "counts", "count").iter_rows():
+        out.append((ts // 60 * 60, _good_below(le, counts, slo.threshold_s), float(count)))  # type: ignore[arg-type]
+    return out
+
+
 class SloLedger:
     def __init__(self, slos: list[Slo]) -> None:
         self.slos = list(slos)
@@ -103,6 +135,19 @@ class SloLedger:
             with self._lock:
                 bins = self._bins[slo.name]
                 for minute, good, total in counts.iter_rows():
+                    cell = bins.setdefault(minute, [0.0, 0.0])
+                    cell[0] += good
+                    cell[1] += total
+
+    def observe_servers(self, histograms: pl.DataFrame, stats: pl.DataFrame) -> None:
+        """Count what scraped inference servers did (their histogram and counter deltas)."""
+        if not self.slos or (histograms.height == 0 and stats.height == 0):
+            return
+        for slo in self.slos:
+            cells = good_and_total_from_servers(histograms, stats, slo)
+            with self._lock:
+                bins = self._bins[slo.name]
+                for minute, good, total in cells:
                     cell = bins.setdefault(minute, [0.0, 0.0])
                     cell[0] += good
                     cell[1] += total

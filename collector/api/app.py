@@ -17,7 +17,7 @@ from collector.api.routes import findings, fleet, health, ingest, jobs, services
 from collector import partitions
 from collector.findings import FindingsTracker, analyse, slo_findings
 from collector.slo import SloLedger
-from collector.tables import SCHEMAS
+from collector.tables import SCHEMAS, empty
 from collector.metrics import CollectorMetrics
 from collector.settings import Settings
 from collector.store import Store
@@ -32,15 +32,24 @@ def create_app(settings: Settings, store: Store | None = None) -> FastAPI:
     def observe(kind: str, frame: pl.DataFrame) -> None:
         if kind == "requests":
             ledger.observe(frame)
+        elif kind == "server_histograms":
+            ledger.observe_servers(frame, empty("server_stats"))
+        elif kind == "server_stats":
+            ledger.observe_servers(empty("server_histograms"), frame)
 
     store = store if store is not None else Store(
         settings.data_dir, window_s=settings.window_s, retention_s=settings.retention_s,
         retention_bytes=settings.retention_bytes, fsync=settings.fsync, observers=(observe,))
     if settings.slos:  # what is already on disk counts towards the SLOs' windows
         longest = max(s.window_days for s in settings.slos) * 86400
-        on_disk = partitions.load(store.data_dir, "requests", time.time() - longest, SCHEMAS["requests"])
+        since = time.time() - longest
+        on_disk = partitions.load(store.data_dir, "requests", since, SCHEMAS["requests"])
         if on_disk is not None:
             ledger.observe(on_disk)
+        ledger.observe_servers(partitions.load(store.data_dir, "server_histograms", since, SCHEMAS["server_histograms"])
+                               or empty("server_histograms"),
+                               partitions.load(store.data_dir, "server_stats", since, SCHEMAS["server_stats"])
+                               or empty("server_stats"))
 
     tracker = FindingsTracker()
 

@@ -94,3 +94,21 @@ def test_a_burning_slo_is_a_finding_and_a_metric_and_survives_a_restart(tmp_path
         client.app.state.analyse_now()
         text = client.get("/metrics", headers={"Authorization": "Bearer r"}).text
         assert burn_5m(text) == pytest.approx(25.0, rel=0.05)
+
+
+def test_scraped_servers_count_towards_slos_from_their_histograms():
+    from collector.slo import good_and_total_from_servers
+
+    hist = pl.DataFrame([
+        {"ts": NOW, "service": "chat", "model": "m", "server": "s", "metric": "ttft",
+         "le": [0.1, 0.5, 1.0, 1e300], "counts": [50.0, 90.0, 99.0, 100.0], "sum": 20.0, "count": 100.0},
+        {"ts": NOW + 5, "service": "chat", "model": "m", "server": "s", "metric": "e2e",
+         "le": [0.1, 0.5, 1.0, 1e300], "counts": [0.0, 0.0, 10.0, 10.0], "sum": 8.0, "count": 10.0},
+    ], schema=SCHEMAS["server_histograms"])
+    assert good_and_total_from_servers(hist, pl.DataFrame(schema=SCHEMAS["server_stats"]), TTFT) == [(NOW // 60 * 60, 90.0, 100.0)]
+    between = Slo(name="x", service="chat", indicator="ttft", threshold_s=0.3, objective=0.9)
+    assert good_and_total_from_servers(hist, pl.DataFrame(schema=SCHEMAS["server_stats"]), between)[0][1] == pytest.approx(70.0)
+    ledger = SloLedger([TTFT])
+    ledger.observe_servers(hist, pl.DataFrame(schema=SCHEMAS["server_stats"]))
+    (report,) = ledger.report(NOW + 10)
+    assert report["burn_rate"]["5m"] == pytest.approx(10 / 100 / 0.01)
