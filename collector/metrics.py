@@ -103,7 +103,7 @@ class CollectorMetrics:
             allowed.add_metric([row["job"]], row["hang_after_s"])
             paused.add_metric([row["job"]], 1 if row["paused"] else 0)
         change = GaugeMetricFamily("fleetscope_training_step_time_change_ratio",
-                                   "Median step time of the last 100 steps against the 400 before them (0.03 = 3% slower).",
+                                   "Median step time of the last 150 steps against 400 steps before them (0.03 = 3% slower).",
                                    labels=["job"])
         for row in signals.changes.iter_rows(named=True):
             change.add_metric([row["job"]], row["change_ratio"])

@@ -44,7 +44,7 @@ def test_a_slow_node_is_one_finding_not_eight():
 
 
 def test_the_whole_job_slowing_down_is_a_regression_not_a_straggler():
-    found = findings(Trace(ranks=16, steps=700, regression=0.05, regression_from_step=600))
+    found = findings(Trace(ranks=16, steps=700, regression=0.05, regression_from_step=520))
     assert kinds(found) == [("regression", (("job", "trace"),))]
     assert 0.04 < found[0].evidence["change_ratio"] < 0.06
 
