@@ -24,6 +24,8 @@ AGENT_FAMILIES = (
     Family("fleetscope_agent_build_info", "gauge", "The agent's version; the value is always 1.", ("version",)),
     Family("fleetscope_agent_source_up", "gauge", "1 when the source's last collection succeeded, 0 when it failed or had no data.", ("source",)),
     Family("fleetscope_agent_source_duration_seconds", "gauge", "How long the source's last collection took.", ("source",)),
+    Family("fleetscope_agent_source_error", "gauge",
+           "1 when the source's last collection failed with an error (not merely absent hardware).", ("source",)),
     Family("fleetscope_agent_last_sample_timestamp_seconds", "gauge", "Unix time of the latest snapshot."),
 )
 
@@ -83,6 +85,7 @@ class AgentCollector:
         for name, st in snapshot.status.items():
             yield Reading("fleetscope_agent_source_up", 1.0 if st.up else 0.0, (("source", name),))
             yield Reading("fleetscope_agent_source_duration_seconds", st.duration_s, (("source", name),))
+            yield Reading("fleetscope_agent_source_error", 0.0 if st.up or st.no_data else 1.0, (("source", name),))
         yield from snapshot.readings
 
     def readings(self) -> list[Reading]:

@@ -19,6 +19,7 @@ class SourceStatus:
     up: bool
     duration_s: float
     error: str | None = None
+    no_data: bool = False  # the source's library or device is absent: not an error
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ class Sampler:
                 got = list(source.collect())
             except NoData as exc:
                 log.debug("source %s: no data (%s)", source.name, exc)
-                status[source.name] = SourceStatus(False, time.perf_counter() - t0, f"no data: {exc}")
+                status[source.name] = SourceStatus(False, time.perf_counter() - t0, f"no data: {exc}", no_data=True)
                 continue
             except Exception as exc:
                 if source.name not in self._failing:

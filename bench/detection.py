@@ -53,9 +53,10 @@ def scenario(name: str, runs: int, make, expect, onset: int) -> dict:
 
 
 def clean_false_alarms(runs: int, ranks: int, steps: int) -> tuple[int, int]:
+    """Findings on clean runs (half of them pipeline-parallel with uneven stages), with checkpoint pauses."""
     alarms = 0
     for seed in range(runs):
-        trace = Trace(ranks=ranks, steps=steps, seed=10_000 + seed, checkpoint_every=100)
+        trace = Trace(ranks=ranks, steps=steps, seed=10_000 + seed, checkpoint_every=100, stages=4 if seed % 2 else 1)
         data, pauses = generate(trace)
         for upto in range(50, steps + 1, 25):
             known = data.filter(pl.col("step") < upto)
@@ -117,6 +118,12 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(scenario(f"rank {pct:.0%} slower", runs,
                              lambda s, pct=pct: Trace(ranks=ranks, steps=80, slow_rank=7, slow_factor=pct, slow_from_step=30, seed=s),
                              lambda f: f.kind == "straggler" and f.subject["rank"] == 7, onset=30))
+    rows.append(scenario("rank 10% slower, 4 PP stages", runs,
+                         lambda s: Trace(ranks=ranks, steps=80, stages=4, slow_rank=7, slow_factor=0.10, slow_from_step=30, seed=s),
+                         lambda f: f.kind == "straggler" and f.subject["rank"] == 7, onset=30))
+    rows.append(scenario("rank 10% slower, 1,024 ranks", max(2, runs // 5),
+                         lambda s: Trace(ranks=1024, steps=60, slow_rank=700, slow_factor=0.10, slow_from_step=30, seed=s),
+                         lambda f: f.kind == "straggler" and f.subject["rank"] == 700, onset=30))
     rows.append(scenario("slow node (10%)", runs,
                          lambda s: Trace(ranks=ranks, steps=80, slow_node=1, slow_factor=0.10, slow_from_step=30, seed=s),
                          lambda f: f.kind == "slow_node" and f.subject["node"] == "node-001", onset=30))

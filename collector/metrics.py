@@ -134,6 +134,13 @@ class CollectorMetrics:
             pl.col("e2e_s").quantile(0.95, interpolation="linear").alias("e2e"),
             pl.col("ttft_s").quantile(0.95, interpolation="linear").alias("ttft"),
         )
+        window = self.store.frame("requests").filter(pl.col("ts") >= time.time() - RECENT_S)
+        errors = window.group_by("service", "model").agg((pl.col("status") == "error").mean().alias("ratio"))
+        error_ratio = GaugeMetricFamily("fleetscope_inference_error_ratio", "Share of requests that failed over the last 5 minutes.",
+                                        labels=["service", "model"])
+        for row in errors.iter_rows(named=True):
+            error_ratio.add_metric([row["service"], row["model"]], row["ratio"])
+        yield error_ratio
         e2e = GaugeMetricFamily("fleetscope_inference_e2e_p95_seconds", "95th percentile end-to-end latency over the last 5 minutes.", labels=["service", "model"])
         ttft = GaugeMetricFamily("fleetscope_inference_ttft_p95_seconds", "95th percentile time to first token over the last 5 minutes.", labels=["service", "model"])
         for row in summary.iter_rows(named=True):

@@ -22,8 +22,9 @@ class Broken(Source):
     name = "broken"
     families = (Family("fleetscope_broken_things", "gauge", "Never seen."),)
 
-    def __init__(self, exc: Exception) -> None:
+    def __init__(self, exc: Exception, name: str = "broken") -> None:
         self.exc = exc
+        self.name = name
 
     def collect(self):
         raise self.exc
@@ -50,13 +51,18 @@ def make(sources) -> tuple[CollectorRegistry, Sampler]:
 
 def test_a_failing_source_reports_down_and_the_others_carry_on(caplog):
     counting = Counting()
-    reg, sampler = make([Broken(RuntimeError("disk vanished")), Broken(NoData("no IB")), counting])
+    reg, sampler = make([Broken(RuntimeError("disk vanished")), Broken(NoData("no IB"), name="absent"), counting])
     sampler.sample_once()
     assert reg.get_sample_value("fleetscope_agent_source_up", {"source": "broken"}) == 0
     assert reg.get_sample_value("fleetscope_agent_source_up", {"source": "counting"}) == 1
     assert reg.get_sample_value("fleetscope_counting_collections_total") == 1
     assert reg.get_sample_value("fleetscope_broken_things") is None
     assert reg.get_sample_value("fleetscope_agent_source_duration_seconds", {"source": "broken"}) >= 0
+    # an error is an error; absent hardware is not
+    assert reg.get_sample_value("fleetscope_agent_source_error", {"source": "broken"}) == 1
+    assert reg.get_sample_value("fleetscope_agent_source_up", {"source": "absent"}) == 0
+    assert reg.get_sample_value("fleetscope_agent_source_error", {"source": "absent"}) == 0
+    assert reg.get_sample_value("fleetscope_agent_source_error", {"source": "counting"}) == 0
     # An error is logged with its traceback once; absent data is not an error.
     assert "disk vanished" in caplog.text and "Traceback" in caplog.text
     assert "no IB" not in caplog.text

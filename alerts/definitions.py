@@ -1,0 +1,305 @@
+"""Every fleetscope alert: its rule (with thresholds from thresholds.toml) and its runbook text.
+
+`alerts/generate.py` turns these into alerts/fleetscope.rules.yml and alerts/runbooks/<Name>.md.
+Expressions use {placeholders} filled from thresholds.toml (section.key). Severity "page" wakes
+someone; "ticket" is for working hours.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Alert:
+    name: str
+    group: str
+    expr: str
+    for_: str
+    severity: str
+    summary: str
+    description: str
+    meaning: str
+    confirm: str
+    act: str
+
+
+GPU = "GPU {{ $labels.gpu }} ({{ $labels.uuid }}) on {{ $labels.instance }}"
+
+ALERTS: list[Alert] = [
+    # --- agent ---------------------------------------------------------------------------------
+    Alert("FleetscopeAgentDown", "fleetscope-agent", 'up{{job=~"fleetscope-agent.*"}} == 0', "{agent.down_for}", "page",
+          "fleetscope agent {{ $labels.instance }} is down",
+          "Prometheus has not scraped the fleetscope agent at {{ $labels.instance }}: the node's GPUs and workloads are unobserved.",
+          "The node's agent does not answer. Every other alert about this node is blind (and inhibited) until it does.",
+          "`curl -s http://<node>:9835/metrics | head`; on the node `systemctl status fleetscope-agent` and "
+          "`journalctl -u fleetscope-agent --since -15min`.",
+          "Node unreachable: treat it as a node-down incident (BMC, the scheduler's view). Agent stopped: restart it; if it "
+          "exits at start, its last log line names the bad setting."),
+    Alert("FleetscopeAgentSourceFailing", "fleetscope-agent", "fleetscope_agent_source_error == 1", "{agent.source_error_for}",
+          "ticket", "source {{ $labels.source }} of the agent on {{ $labels.instance }} is failing",
+          "The agent's {{ $labels.source }} source has failed at every sample on {{ $labels.instance }}; its metrics are missing.",
+          "One subsystem of the node is not being read (the agent itself runs). Absent hardware is not an error: only a "
+          "source that breaks fires this.",
+          "The agent logs the traceback once when a source starts failing: `journalctl -u fleetscope-agent | grep <source>`.",
+          "Fix what the traceback names (permissions on /dev/nvidia*, a driver/library mismatch, an unreadable /sys file), "
+          "or disable the source in /etc/fleetscope/agent.toml until it is fixed."),
+    Alert("FleetscopeAgentStale", "fleetscope-agent",
+          "time() - fleetscope_agent_last_sample_timestamp_seconds > {agent.stale_after_seconds}", "2m", "ticket",
+          "the agent on {{ $labels.instance }} serves stale data",
+          "The newest sample of the agent on {{ $labels.instance }} is {{ $value | humanizeDuration }} old: its sampler is stuck.",
+          "The agent answers scrapes but its sampler has not produced a snapshot for over a minute: a source hangs.",
+          "Compare `fleetscope_agent_source_duration_seconds` per source; `py-spy dump --pid <agent pid>` shows where it waits.",
+          "Restart the agent; disable the source that hangs if it does again, and report it."),
+    Alert("FleetscopeAgentShipperBacklog", "fleetscope-agent", "fleetscope_agent_shipper_spool_events > 0", "{agent.spool_backlog_for}",
+          "ticket", "the agent on {{ $labels.instance }} cannot ship to the collector",
+          "{{ $value }} workload events wait in the spool of {{ $labels.instance }}: the collector has not accepted its batches.",
+          "The node cannot deliver to the collector (down, unreachable, or refusing the token). Nothing is lost yet: "
+          "batches wait on disk up to the spool's bound.",
+          "`fleetscope_agent_shipper_send_failures_total` rising; the agent's log names the HTTP error; "
+          "`curl http://<collector>:9837/healthz` from the node.",
+          "Bring the collector back or fix the token. Past the bound the oldest batches are dropped and counted in "
+          "`fleetscope_agent_shipper_dropped_total{reason=\"spool_full\"}`."),
+    # --- GPU -----------------------------------------------------------------------------------
+    Alert("FleetscopeGpuLost", "fleetscope-gpu", "fleetscope_gpu_up == 0", "1m", "page",
+          "GPU {{ $labels.gpu }} on {{ $labels.instance }} has fallen off the bus",
+          GPU + " no longer answers NVML (XID 79 or GPU lost). Its job is dead or hung.",
+          "The GPU disappeared from the driver: a PCIe or power fault, or a GPU failure. Its XIDs are inhibited by this alert.",
+          "`nvidia-smi` on the node lists it with an error or not at all; `dmesg | grep -i -e NVRM -e Xid`.",
+          "Drain the node, power-cycle it (a reset rarely brings a lost GPU back), and open a hardware case if it happens again."),
+    Alert("FleetscopeGpusMissing", "fleetscope-gpu", "fleetscope_gpus_present < fleetscope_gpus_expected", "2m", "page",
+          "{{ $labels.instance }} has fewer GPUs than expected",
+          "{{ $labels.instance }} reports {{ $value }} GPUs present, fewer than the node is configured to have.",
+          "A GPU is missing from the node: lost at runtime or not enumerated at boot. Jobs scheduled for 8 GPUs fail there.",
+          "`nvidia-smi -L` on the node; `lspci | grep -i nvidia` tells a GPU the driver lost from one the bus never saw.",
+          "Drain the node from the scheduler and open a hardware case."),
+    Alert("FleetscopeGpuXidCritical", "fleetscope-gpu",
+          '(increase(fleetscope_gpu_xid_errors_total[{gpu.xid_window}]) > 0) * on(instance, xid) group_left(name) '
+          'fleetscope_gpu_xid_catalogue_info{{severity="page"}}', "0m", "page",
+          "XID {{ $labels.xid }} ({{ $labels.name }}) on GPU {{ $labels.gpu }} of {{ $labels.instance }}",
+          GPU + " reported XID {{ $labels.xid }}: {{ $labels.name }}. The catalogue in agent/xid.py says what to do.",
+          "The driver reported an XID that means the GPU or its job is broken now (e.g. 48 double-bit ECC, 63/64 row "
+          "remapping, 74 NVLink, 79 fallen off the bus, 94/95 contained/uncontained ECC).",
+          "`dmesg | grep -i xid` on the node shows the event with its detail; `nvidia-smi -q -d ECC,ROW_REMAPPER`.",
+          "Follow the action for this code in agent/xid.py: usually drain the node and reset the GPU; replace it if the XID repeats."),
+    Alert("FleetscopeGpuXid", "fleetscope-gpu",
+          '(increase(fleetscope_gpu_xid_errors_total[{gpu.xid_window}]) > 0) * on(instance, xid) group_left(name) '
+          'fleetscope_gpu_xid_catalogue_info{{severity="ticket"}}', "0m", "ticket",
+          "XID {{ $labels.xid }} ({{ $labels.name }}) on GPU {{ $labels.gpu }} of {{ $labels.instance }}",
+          GPU + " reported XID {{ $labels.xid }}: {{ $labels.name }}, usually the application's fault (e.g. 13, 31, 43).",
+          "An XID that is usually caused by the application (illegal memory access, a killed context), not the GPU.",
+          "Find the job on the GPU (`fleetscope_gpu_process_memory_used_bytes` names it) and read its logs.",
+          "Tell the job's owner. If the same XID repeats across different jobs on this GPU, treat the GPU as suspect."),
+    Alert("FleetscopeGpuEccUncorrectable", "fleetscope-gpu",
+          'increase(fleetscope_gpu_ecc_errors_total{{type="uncorrected", counter="volatile"}}[10m]) > 0', "0m", "page",
+          "uncorrectable ECC error on GPU {{ $labels.gpu }} of {{ $labels.instance }}",
+          GPU + " counted an uncorrectable memory error: the data of the job on it is corrupt.",
+          "Device memory returned data it could not correct. The running job's results are suspect.",
+          "`nvidia-smi -q -d ECC,ROW_REMAPPER` on the node; the XID 48/94/95 alert usually fires with it.",
+          "Stop or restart the job from its last checkpoint elsewhere; reset the GPU so the row is remapped."),
+    Alert("FleetscopeGpuRowRemapFailed", "fleetscope-gpu", "fleetscope_gpu_row_remap_failure == 1", "0m", "page",
+          "GPU {{ $labels.gpu }} of {{ $labels.instance }} failed to remap a memory row",
+          GPU + " could not remap a failing memory row: it is out of spare rows.",
+          "The GPU's memory has more failing rows than it can repair.",
+          "`nvidia-smi -q -d ROW_REMAPPER` shows Remapping Failure Occurred: Yes.",
+          "Drain the node and replace the GPU."),
+    Alert("FleetscopeGpuRowRemapPending", "fleetscope-gpu", "fleetscope_gpu_row_remap_pending == 1", "5m", "ticket",
+          "GPU {{ $labels.gpu }} of {{ $labels.instance }} needs a reset to remap a memory row",
+          GPU + " has a row remapping waiting for the next GPU reset.",
+          "A memory row was marked bad; the repair takes effect only at a GPU reset.",
+          "`nvidia-smi -q -d ROW_REMAPPER` shows Pending: Yes.",
+          "Reset the GPU at the next drain (between jobs): `nvidia-smi -r -i <gpu>` on an idle GPU."),
+    Alert("FleetscopeGpuTemperatureNearSlowdown", "fleetscope-gpu",
+          "(fleetscope_gpu_temperature_celsius > fleetscope_gpu_temperature_slowdown_celsius - {gpu.temperature_margin_celsius})"
+          " or (fleetscope_gpu_temperature_celsius > {gpu.temperature_fallback_celsius}"
+          " unless on(instance, gpu) fleetscope_gpu_temperature_slowdown_celsius)", "{gpu.temperature_for}", "ticket",
+          "GPU {{ $labels.gpu }} on {{ $labels.instance }} is at {{ $value }} °C, near its slowdown temperature",
+          GPU + " has been within {gpu.temperature_margin_celsius} °C of the temperature at which it slows its clocks.",
+          "The GPU runs hot enough to throttle soon; in synchronous training the whole job then runs at its speed.",
+          "`fleetscope_gpu_temperature_celsius` of the node's GPUs (one hot GPU: its cooling; all: the node's airflow); "
+          "`fleetscope_gpu_clock_event_active{reason=~\".*thermal.*\"}`.",
+          "Check fans, inlet temperature and blanking panels; open a hardware case for a GPU hotter than its neighbours."),
+    Alert("FleetscopeGpuHardwareSlowdown", "fleetscope-gpu",
+          'fleetscope_gpu_clock_event_active{{reason=~"hw_slowdown|hw_thermal_slowdown|hw_power_brake_slowdown"}} == 1',
+          "{gpu.slowdown_for}", "ticket",
+          "GPU {{ $labels.gpu }} on {{ $labels.instance }}: {{ $labels.reason }} holds its clocks down",
+          GPU + " has had {{ $labels.reason }} active: its clocks are cut by hardware.",
+          "The hardware (thermal, power brake from the PSU or baseboard) is slowing the GPU; its job slows with it.",
+          "`nvidia-smi -q -d PERFORMANCE` lists the active clock event reasons; the straggler finding names the rank it slows.",
+          "Thermal: see FleetscopeGpuTemperatureNearSlowdown. Power brake: check the node's PSUs and power shelf."),
+    Alert("FleetscopeGpuNvlinkErrors", "fleetscope-gpu",
+          "rate(fleetscope_gpu_nvlink_errors_total[5m]) > {gpu.nvlink_errors_per_second}", "10m", "ticket",
+          "NVLink {{ $labels.link }} of GPU {{ $labels.gpu }} on {{ $labels.instance }}: {{ $labels.type }} errors",
+          GPU + " NVLink {{ $labels.link }} counts {{ $value }} {{ $labels.type }} errors per second.",
+          "A link between GPUs retransmits: all-reduces over it slow down, and it may fail (XID 74).",
+          "`nvidia-smi nvlink -e -i <gpu>`; compare the link's counters with the GPU's other links.",
+          "Reset the GPU at the next drain; a link that keeps erroring needs the baseboard or NVSwitch tray checked."),
+    Alert("FleetscopeGpuNvlinkDown", "fleetscope-gpu", "fleetscope_gpu_nvlink_up == 0", "5m", "page",
+          "NVLink {{ $labels.link }} of GPU {{ $labels.gpu }} on {{ $labels.instance }} is down",
+          GPU + " NVLink {{ $labels.link }} is inactive.",
+          "A GPU link is down: collectives fall back to slower paths or fail.",
+          "`nvidia-smi nvlink -s -i <gpu>`; `nvidia-smi -q | grep -i fabric` on NVSwitch systems.",
+          "Drain the node; reset the GPUs; check the fabric manager; open a hardware case if the link stays down."),
+    Alert("FleetscopeGpuPcieReplays", "fleetscope-gpu",
+          "rate(fleetscope_gpu_pcie_replays_total[5m]) > {gpu.pcie_replays_per_second}", "10m", "ticket",
+          "PCIe replays on GPU {{ $labels.gpu }} of {{ $labels.instance }}",
+          GPU + " retransmits {{ $value }} PCIe packets per second.",
+          "The PCIe link to the GPU has errors; transfers to the host and to NICs slow down.",
+          "`nvidia-smi -q -d PCIE`; `lspci -vvv -s <bus id>` for AER errors; `dmesg | grep -i aer`.",
+          "Reseat the GPU or its riser at the next maintenance; replace the riser or GPU if it persists."),
+    Alert("FleetscopeGpuPcieDegraded", "fleetscope-gpu",
+          "fleetscope_gpu_pcie_link_width < fleetscope_gpu_pcie_link_width_max", "{gpu.pcie_degraded_for}", "ticket",
+          "GPU {{ $labels.gpu }} on {{ $labels.instance }} runs its PCIe link at x{{ $value }}",
+          GPU + " trained its PCIe link narrower than its maximum width.",
+          "The link came up with fewer lanes: host-to-device and GPUDirect traffic have less bandwidth.",
+          "`nvidia-smi -q -d PCIE` shows Link Width Current vs Max; `lspci -vvv` LnkSta vs LnkCap.",
+          "Reseat the GPU or riser at the next maintenance; a link that stays narrow needs the slot or riser replaced."),
+    Alert("FleetscopeGpuAllocatedIdle", "fleetscope-gpu",
+          "(max by (instance, gpu, uuid) (fleetscope_gpu_process_memory_used_bytes) > 0)"
+          " and on(instance, gpu, uuid) fleetscope_gpu_utilization_ratio < {gpu.idle_allocated_utilization}",
+          "{gpu.idle_allocated_for}", "ticket",
+          "GPU {{ $labels.gpu }} on {{ $labels.instance }} is held by a process but idle",
+          GPU + " has a process holding memory on it but has done almost nothing for a long time.",
+          "A job holds the GPU without using it: hung, waiting on something, or abandoned.",
+          "`fleetscope_gpu_process_memory_used_bytes` names the pid, container, pod, Slurm job and training job.",
+          "Ask the owner; end the job if it is abandoned."),
+    # --- host ----------------------------------------------------------------------------------
+    Alert("FleetscopeFilesystemFillingUp", "fleetscope-host",
+          "(fleetscope_filesystem_avail_bytes / fleetscope_filesystem_size_bytes < {host.filesystem_free_ratio}"
+          " and predict_linear(fleetscope_filesystem_avail_bytes[6h], 24 * 3600) < 0"
+          " and fleetscope_filesystem_readonly == 0)", "1h", "ticket",
+          "{{ $labels.mountpoint }} on {{ $labels.instance }} will be full within 24 hours",
+          "Filesystem {{ $labels.mountpoint }} ({{ $labels.device }}) on {{ $labels.instance }} is nearly full and filling "
+          "at a rate that fills it within a day.",
+          "At the rate of the last 6 hours the filesystem runs out of space within a day.",
+          "`df -h <mountpoint>` and `du -xh --max-depth=2 <mountpoint> | sort -h | tail` on the node.",
+          "Usual causes on GPU nodes: checkpoints never pruned, core dumps, container layers, runaway logs. Clean up."),
+    Alert("FleetscopeFilesystemAlmostFull", "fleetscope-host",
+          "(fleetscope_filesystem_avail_bytes / fleetscope_filesystem_size_bytes < {host.filesystem_critical_ratio}"
+          " and fleetscope_filesystem_readonly == 0)", "30m", "page",
+          "{{ $labels.mountpoint }} on {{ $labels.instance }} has under 5% space left",
+          "Filesystem {{ $labels.mountpoint }} ({{ $labels.device }}) on {{ $labels.instance }} is almost full; writes will fail.",
+          "Checkpoints, logs and the container runtime will start failing on this filesystem.",
+          "`df -h <mountpoint>`; `df -i <mountpoint>` for inodes.",
+          "Free space now; warn the owner of any job checkpointing there that its checkpoint may be incomplete."),
+    Alert("FleetscopeMemoryPressure", "fleetscope-host",
+          "(fleetscope_memory_available_bytes / fleetscope_memory_total_bytes < {host.memory_available_ratio})"
+          " or (rate(fleetscope_pressure_memory_stalled_seconds_total[5m]) > {host.memory_stalled_share})", "10m", "ticket",
+          "{{ $labels.instance }} is short of memory",
+          "{{ $labels.instance }} has little memory available or its tasks stall on memory.",
+          "The node's host memory is nearly used up; data loaders slow down and the OOM killer is next.",
+          "`free -g`, `ps aux --sort=-rss | head`; the data-loader phase of the jobs on the node grows.",
+          "Find the process growing (a data loader's workers, pinned memory); restart it or move the job."),
+    Alert("FleetscopeOomKills", "fleetscope-host", "increase(fleetscope_memory_oom_kills_total[10m]) > 0", "0m", "ticket",
+          "the OOM killer ended processes on {{ $labels.instance }}",
+          "The kernel killed {{ $value }} processes for lack of memory on {{ $labels.instance }}.",
+          "A process was killed: a training rank killed this way takes its job down.",
+          "`dmesg | grep -i -e 'killed process' -e oom` on the node names the victim.",
+          "Tell the job's owner; lower its memory use (data-loader workers, prefetch) or give it a node with more memory."),
+    Alert("FleetscopeNicErrors", "fleetscope-host",
+          "(rate(fleetscope_network_receive_errs_total[5m]) + rate(fleetscope_network_transmit_errs_total[5m])"
+          " + rate(fleetscope_network_receive_drop_total[5m]) + rate(fleetscope_network_transmit_drop_total[5m]))"
+          " / (rate(fleetscope_network_receive_packets_total[5m]) + rate(fleetscope_network_transmit_packets_total[5m]) > 0)"
+          " > {host.nic_error_ratio}", "10m", "ticket",
+          "{{ $labels.device }} on {{ $labels.instance }} loses packets",
+          "Interface {{ $labels.device }} on {{ $labels.instance }} has errors or drops on {{ $value | humanizePercentage }} of its packets.",
+          "The NIC drops or corrupts traffic; collectives over it slow down.",
+          "`ip -s link show <device>`, `ethtool -S <device> | grep -i -e err -e drop`.",
+          "Check the cable and switch port; move the node out of the job if the errors continue."),
+    Alert("FleetscopeInfinibandPortDown", "fleetscope-host", "fleetscope_infiniband_port_up == 0", "2m", "page",
+          "InfiniBand port {{ $labels.device }}/{{ $labels.port }} on {{ $labels.instance }} is down",
+          "InfiniBand port {{ $labels.device }} port {{ $labels.port }} on {{ $labels.instance }} is not active.",
+          "An InfiniBand port is down: jobs using it fail or fall back to slower transports.",
+          "`ibstat`, `iblinkinfo` on the node; the switch port's state.",
+          "Check the cable and the switch port; drain the node if the port stays down."),
+    Alert("FleetscopeInfinibandFlapping", "fleetscope-host",
+          "increase(fleetscope_infiniband_link_downed_total[30m]) > {host.infiniband_flaps_per_30m}", "0m", "ticket",
+          "InfiniBand port {{ $labels.device }}/{{ $labels.port }} on {{ $labels.instance }} is flapping",
+          "InfiniBand port {{ $labels.device }} port {{ $labels.port }} on {{ $labels.instance }} went down {{ $value }} times in 30 minutes.",
+          "The link goes down and comes back: each time, collectives over it stall.",
+          "`fleetscope_infiniband_symbol_errors_total` and `link_error_recovery_total` on the port; `ibqueryerrors`.",
+          "Replace the cable or transceiver; check the switch port."),
+    Alert("FleetscopeDiskSaturated", "fleetscope-host", "rate(fleetscope_disk_io_time_seconds_total[5m]) > {host.disk_busy_ratio}",
+          "{host.disk_busy_for}", "ticket",
+          "disk {{ $labels.device }} on {{ $labels.instance }} is saturated",
+          "Disk {{ $labels.device }} on {{ $labels.instance }} has had I/O in flight {{ $value | humanizePercentage }} of the time.",
+          "The disk is busy all the time: data loading and checkpointing from it are slowed.",
+          "`iostat -x 5` on the node; the average queue is `rate(fleetscope_disk_io_time_weighted_seconds_total[5m])`.",
+          "Find the heavy reader or writer (`iotop`); spread checkpoints or move data to faster storage."),
+    # --- training (from the collector) ------------------------------------------------------------
+    Alert("FleetscopeTrainingStraggler", "fleetscope-training", 'fleetscope_finding_active{{kind="straggler"}} == 1',
+          "{training.straggler_for}", "page",
+          "rank {{ $labels.rank }} of {{ $labels.job }} on {{ $labels.node }} is a straggler",
+          "Rank {{ $labels.rank }} of job {{ $labels.job }} (node {{ $labels.node }}) computes persistently longer than its "
+          "peers; every rank waits for it. GET /v1/findings?job={{ $labels.job }} lists the probable cause.",
+          "One rank holds the whole synchronous job back: every step runs at its speed.",
+          "The finding's probable causes (thermal slowdown, power cap, XID, NIC errors, data loader); "
+          "`fleetscope_training_straggler_score{job=...}` per rank.",
+          "Act on the cause: a throttling GPU or bad link, drain the node and restart the job from its checkpoint without it."),
+    Alert("FleetscopeTrainingSlowNode", "fleetscope-training", 'fleetscope_finding_active{{kind="slow_node"}} == 1',
+          "{training.slow_node_for}", "page",
+          "node {{ $labels.node }} slows job {{ $labels.job }}",
+          "The ranks of job {{ $labels.job }} on node {{ $labels.node }} are slow together. GET /v1/findings names the cause.",
+          "A whole node is slower than the rest of the job: its GPUs, its host or its network.",
+          "The finding's probable causes; the node's GPU clocks, NIC errors, CPU and memory pressure.",
+          "Drain the node and restart the job without it; investigate the node's hardware."),
+    Alert("FleetscopeTrainingHang", "fleetscope-training", 'fleetscope_finding_active{{kind="hang"}} == 1', "{training.hang_for}",
+          "page", "job {{ $labels.job }} has made no progress",
+          "No rank of job {{ $labels.job }} has finished a step for longer than 3 median steps (at least 30 s). The finding "
+          "names the ranks that reported last and those that stopped first.",
+          "The job is stuck: usually a collective waiting for a rank that died or hangs. Its straggler alerts are inhibited.",
+          "GET /v1/findings?kind=hang: the ranks that stopped first point at the culprit; `py-spy dump` on their processes.",
+          "Restart the job from its last checkpoint, excluding the node of the ranks that stopped first if they point at it."),
+    Alert("FleetscopeTrainingRegression", "fleetscope-training", 'fleetscope_finding_active{{kind="regression"}} == 1',
+          "{training.regression_for}", "ticket", "job {{ $labels.job }} is slower than it was",
+          "Job {{ $labels.job }}'s median step time has risen against its own recent baseline.",
+          "The whole job slowed down together: a code or data change, a noisy neighbour on shared storage or network, or "
+          "a fleet-wide change.",
+          "`fleetscope_training_step_time_change_ratio{job=...}`; the console's step-time chart shows when it changed.",
+          "Ask the job's owner what changed; compare phases (data, comm) before and after."),
+    Alert("FleetscopeTrainingStopped", "fleetscope-training", 'fleetscope_finding_active{{kind="stopped"}} == 1',
+          "{training.stopped_for}", "ticket", "job {{ $labels.job }} stopped reporting",
+          "Job {{ $labels.job }} has not reported for 10 minutes without declaring its end.",
+          "The job is gone (crashed, cancelled or preempted) without telling fleetscope it finished.",
+          "The scheduler's view of the job; its logs.",
+          "Nothing to do if it was cancelled on purpose; otherwise find out why it died and restart it."),
+    # --- inference -----------------------------------------------------------------------------
+    Alert("FleetscopeSloFastBurn", "fleetscope-inference",
+          'fleetscope_slo_burn_rate{{window="1h"}} > 14.4 and on(slo, service) fleetscope_slo_burn_rate{{window="5m"}} > 14.4',
+          "2m", "page", "SLO {{ $labels.slo }} of {{ $labels.service }} is burning fast",
+          "SLO {{ $labels.slo }} of service {{ $labels.service }} spends its error budget at over 14.4 times the sustainable "
+          "rate over both the last hour and 5 minutes: 2% of a 30-day budget gone in an hour.",
+          "Users are getting slow or failed responses now.",
+          "`fleetscope_slo_burn_rate{slo=...}` by window; the console's Inference page; the servers' queue and KV cache.",
+          "Scale out or shed load; roll back a recent change to the service."),
+    Alert("FleetscopeSloSlowBurn", "fleetscope-inference",
+          'fleetscope_slo_burn_rate{{window="6h"}} > 6 and on(slo, service) fleetscope_slo_burn_rate{{window="30m"}} > 6',
+          "15m", "page", "SLO {{ $labels.slo }} of {{ $labels.service }} is burning",
+          "SLO {{ $labels.slo }} of service {{ $labels.service }} spends its error budget at over 6 times the sustainable rate "
+          "over the last 6 hours and 30 minutes: 5% of a 30-day budget in 6 hours.",
+          "A sustained degradation that will exhaust the budget in days if nothing changes.",
+          "`fleetscope_slo_burn_rate{slo=...}` by window; latency quantiles on the console.",
+          "Find what changed in the last hours (traffic mix, deployment, a degraded node) and fix or roll back."),
+    Alert("FleetscopeSloBudgetBurn", "fleetscope-inference",
+          'fleetscope_slo_burn_rate{{window="3d"}} > 1 and on(slo, service) fleetscope_slo_burn_rate{{window="6h"}} > 1',
+          "1h", "ticket", "SLO {{ $labels.slo }} of {{ $labels.service }} will miss its objective",
+          "SLO {{ $labels.slo }} of service {{ $labels.service }} spends its budget faster than it lasts over the SLO window.",
+          "At this pace the objective is missed by the end of the window.",
+          "`fleetscope_slo_error_budget_remaining_ratio{slo=...}`.",
+          "Plan capacity or latency work; consider pausing risky changes to the service."),
+    Alert("FleetscopeInferenceErrors", "fleetscope-inference", "fleetscope_inference_error_ratio > {inference.error_ratio}",
+          "{inference.error_for}", "page", "{{ $labels.service }} ({{ $labels.model }}) fails {{ $value | humanizePercentage }} of requests",
+          "Service {{ $labels.service }} model {{ $labels.model }} has failed {{ $value | humanizePercentage }} of its requests "
+          "over the last 5 minutes.",
+          "Requests fail: users see errors.",
+          "The service's logs; whether the errors concentrate on one node (`GET /v1/services/<service>`).",
+          "Roll back a recent change; remove failing replicas; check their GPUs (XIDs, OOM)."),
+    Alert("FleetscopeInferenceQueueGrowing", "fleetscope-inference",
+          "fleetscope_inference_requests_waiting > {inference.queue_waiting}"
+          " and deriv(fleetscope_inference_requests_waiting[10m]) > 0", "{inference.queue_for}", "ticket",
+          "requests queue up in {{ $labels.service }} ({{ $labels.model }})",
+          "{{ $value }} requests wait in the {{ $labels.service }} server on {{ $labels.instance }} and the queue keeps growing.",
+          "The server cannot keep up with its traffic; time to first token rises with the queue.",
+          "`fleetscope_inference_requests_running`, `fleetscope_inference_kv_cache_usage_ratio` on the same server.",
+          "Add replicas or move traffic; a full KV cache calls for smaller batches or more memory per replica."),
+]
