@@ -99,7 +99,8 @@ def big_job(ranks: int = 16_384, steps: int = 600) -> pl.DataFrame:
                           "duration_s": duration, "compute": compute, "node": [f"n{r // 8}" for r in range(ranks)] * steps})
     return frame.with_columns(
         pl.lit(None, pl.Int64).alias("stage"), pl.col("rank").alias("local_rank"), pl.lit(ranks).alias("world_size"),
-        pl.lit(None, pl.Int64).alias("tokens"), pl.lit(None, pl.Int64).alias("samples"), pl.lit(False).alias("failed"),
+        pl.lit(None, pl.Int64).alias("tokens"), pl.lit(None, pl.Int64).alias("samples"),
+        pl.lit(None, pl.Float64).alias("flops_per_token"), pl.lit(False).alias("failed"),
         pl.concat_list(pl.struct(pl.lit("comm").alias("phase"), (pl.col("duration_s") - pl.col("compute")).alias("seconds"))).alias("phases"),
         pl.concat_list(pl.struct(pl.lit("sync_arrival_s").alias("name"), pl.col("compute").alias("value"))).alias("metrics"),
         pl.lit(None, pl.String).alias("gpu_uuid"), pl.lit(0).alias("pid"), pl.lit("a").alias("agent_id"),
