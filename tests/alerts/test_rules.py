@@ -57,3 +57,28 @@ def test_every_alert_says_for_how_long_how_bad_what_and_where_to_read_more(rule)
     runbook = annotations["runbook_url"]
     assert runbook == f"alerts/runbooks/{rule['alert']}.md"
     assert (ALERTS.parent / runbook).is_file()
+
+
+def test_committed_rules_and_runbooks_are_what_the_thresholds_generate():
+    from alerts.generate import main
+
+    assert main(["--check"]) == 0, "run `python -m alerts.generate` and commit the result"
+
+
+def test_a_threshold_change_reaches_the_rule_and_its_runbook():
+    from alerts.definitions import ALERTS
+    from alerts.generate import rule, runbook, thresholds
+
+    values = thresholds()
+    values["gpu"]["temperature_margin_celsius"] = 9
+    alert = next(a for a in ALERTS if a.name == "FleetscopeGpuTemperatureNearSlowdown")
+    assert "fleetscope_gpu_temperature_slowdown_celsius - 9" in rule(alert, values)["expr"]
+    assert "within 9 °C" in rule(alert, values)["annotations"]["description"]
+    assert "- 9" in runbook(alert, values)
+
+
+def test_every_runbook_says_what_it_means_how_to_confirm_and_what_to_do():
+    for rule in rules():
+        text = (ALERTS.parent / rule["annotations"]["runbook_url"]).read_text()
+        for section in ("**Meaning.**", "**Confirm.**", "**Act.**"):
+            assert section in text, (rule["alert"], section)
