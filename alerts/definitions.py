@@ -61,7 +61,8 @@ ALERTS: list[Alert] = [
           "Bring the collector back or fix the token. Past the bound the oldest batches are dropped and counted in "
           "`fleetscope_agent_shipper_dropped_total{reason=\"spool_full\"}`."),
     # --- GPU -----------------------------------------------------------------------------------
-    Alert("FleetscopeGpuLost", "fleetscope-gpu", "fleetscope_gpu_up == 0", "1m", "page",
+    # NVML itself says the GPU is lost: no scrape glitch can fake that, so it fires at once.
+    Alert("FleetscopeGpuLost", "fleetscope-gpu", "fleetscope_gpu_up == 0", "0m", "page",
           "GPU {{ $labels.gpu }} on {{ $labels.instance }} has fallen off the bus",
           GPU + " no longer answers NVML (XID 79 or GPU lost). Its job is dead or hung.",
           "The GPU disappeared from the driver: a PCIe or power fault, or a GPU failure. Its XIDs are inhibited by this alert.",
@@ -73,9 +74,10 @@ ALERTS: list[Alert] = [
           "A GPU is missing from the node: lost at runtime or not enumerated at boot. Jobs scheduled for 8 GPUs fail there.",
           "`nvidia-smi -L` on the node; `lspci | grep -i nvidia` tells a GPU the driver lost from one the bus never saw.",
           "Drain the node from the scheduler and open a hardware case."),
+    # 15 s of `for` lets FleetscopeGpuLost, which explains an XID 79 and inhibits this, fire first.
     Alert("FleetscopeGpuXidCritical", "fleetscope-gpu",
           '(increase(fleetscope_gpu_xid_errors_total[{gpu.xid_window}]) > 0) * on(instance, xid) group_left(name) '
-          'fleetscope_gpu_xid_catalogue_info{{severity="page"}}', "0m", "page",
+          'fleetscope_gpu_xid_catalogue_info{{severity="page"}}', "15s", "page",
           "XID {{ $labels.xid }} ({{ $labels.name }}) on GPU {{ $labels.gpu }} of {{ $labels.instance }}",
           GPU + " reported XID {{ $labels.xid }}: {{ $labels.name }}. The catalogue in agent/xid.py says what to do.",
           "The driver reported an XID that means the GPU or its job is broken now (e.g. 48 double-bit ECC, 63/64 row "

@@ -82,3 +82,41 @@ def test_every_runbook_says_what_it_means_how_to_confirm_and_what_to_do():
         text = (ALERTS.parent / rule["annotations"]["runbook_url"]).read_text()
         for section in ("**Meaning.**", "**Confirm.**", "**Act.**"):
             assert section in text, (rule["alert"], section)
+
+
+def test_amtool_accepts_the_alertmanager_config_and_the_rendered_one(tmp_path):
+    from alerts.render_alertmanager import render
+
+    amtool = require_binary("amtool")
+    for path in (ALERTS / "alertmanager.yml",):
+        result = subprocess.run([amtool, "check-config", str(path)], capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
+    rendered = tmp_path / "alertmanager.yml"
+    rendered.write_text(render({"FLEETSCOPE_PAGE_WEBHOOK_URL": "https://pager.example/hook",
+                                "FLEETSCOPE_TICKET_WEBHOOK_URL": "https://chat.example/hook"}))
+    assert "placeholder" not in rendered.read_text() and "https://pager.example/hook" in rendered.read_text()
+    result = subprocess.run([amtool, "check-config", str(rendered)], capture_output=True, text=True)
+    assert result.returncode == 0 and "5 inhibit rules" in result.stdout, result.stdout + result.stderr
+
+
+def test_rendering_without_the_receivers_urls_says_which_are_missing():
+    from alerts.render_alertmanager import render
+
+    with pytest.raises(SystemExit, match="FLEETSCOPE_TICKET_WEBHOOK_URL"):
+        render({"FLEETSCOPE_PAGE_WEBHOOK_URL": "https://pager.example/hook"})
+
+
+def test_pages_and_tickets_go_to_their_receivers_and_inhibitions_hold(tmp_path):
+    amtool = require_binary("amtool")
+
+    def route(labels: str) -> str:
+        result = subprocess.run([amtool, "config", "routes", "test", f"--config.file={ALERTS / 'alertmanager.yml'}",
+                                 *labels.split()], capture_output=True, text=True)
+        return result.stdout.strip()
+
+    assert route("alertname=FleetscopeGpuLost severity=page") == "page"
+    assert route("alertname=FleetscopeGpuXid severity=ticket") == "ticket"
+    config = yaml.safe_load((ALERTS / "alertmanager.yml").read_text())
+    sources = {r["source_matchers"][0] for r in config["inhibit_rules"]}
+    assert 'alertname="FleetscopeAgentDown"' in sources and 'alertname="FleetscopeGpuLost"' in sources
+    assert 'alertname="FleetscopeTrainingHang"' in sources

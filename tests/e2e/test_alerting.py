@@ -1,0 +1,136 @@
+"""Alerts end to end: real Prometheus scrapes a real agent whose simulated GPUs play a fault scenario;
+real Alertmanager routes to a webhook receiver in this test. Right alert, labels and receiver; an
+inhibited alert does not arrive; a silence stops one; the time from fault to notification is reported."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from alerts.render_alertmanager import render
+from tests.conftest import free_port, http_get, require_binary, wait_until
+from tests.e2e.conftest import INGEST
+
+ALERTS = Path(__file__).resolve().parents[2] / "alerts"
+FAULT_AT_S = 10
+SCENARIO = f"""
+[[fault]]
+at_s = {FAULT_AT_S}
+gpu = 1
+kind = "xid"
+xid = 79          # GPU 1 falls off the bus: FleetscopeGpuLost pages; its XID 79 alert is inhibited by it
+
+[[fault]]
+at_s = {FAULT_AT_S}
+gpu = 2
+kind = "xid"
+xid = 13          # an application error: a ticket ... silenced in this test
+
+[[fault]]
+at_s = {FAULT_AT_S}
+gpu = 3
+kind = "xid"
+xid = 31          # ... and another one that is not silenced
+"""
+
+
+class Receiver:
+    def __init__(self) -> None:
+        self.received: list[tuple[str, float, dict]] = []  # (receiver path, arrival time, alert)
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                for alert in body["alerts"]:
+                    if alert["status"] == "firing":
+                        outer.received.append((self.path, time.time(), alert))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def names(self, path: str) -> list[str]:
+        return [a["labels"]["alertname"] for p, _, a in self.received if p == path]
+
+
+def test_a_gpu_off_the_bus_pages_once_and_tickets_are_routed_and_silenced(procs, tmp_path):
+    prometheus = require_binary("prometheus")
+    alertmanager = require_binary("prometheus-alertmanager", "alertmanager")
+    receiver = Receiver()
+
+    am_port = free_port()
+    (tmp_path / "alertmanager.yml").write_text(render({"FLEETSCOPE_PAGE_WEBHOOK_URL": receiver.url + "/page",
+                                                       "FLEETSCOPE_TICKET_WEBHOOK_URL": receiver.url + "/ticket"}))
+    procs("alertmanager", [alertmanager, f"--config.file={tmp_path / 'alertmanager.yml'}", f"--storage.path={tmp_path / 'am'}",
+                           f"--web.listen-address=127.0.0.1:{am_port}", "--cluster.listen-address="])
+    am = f"http://127.0.0.1:{am_port}"
+    wait_until(lambda: http_get(am + "/-/ready")[0] == 200, what="Alertmanager", timeout=30)
+    # Silence the XID 13 ticket of GPU 2 before anything fires.
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    later = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 3600))
+    silence = {"matchers": [{"name": "alertname", "value": "FleetscopeGpuXid", "isRegex": False},
+                            {"name": "gpu", "value": "2", "isRegex": False}],
+               "startsAt": now, "endsAt": later, "createdBy": "test", "comment": "known application bug"}
+    req = urllib.request.Request(am + "/api/v2/silences", data=json.dumps(silence).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    assert urllib.request.urlopen(req).status == 200
+
+    scenario = tmp_path / "faults.toml"
+    scenario.write_text(SCENARIO)
+    metrics_port = free_port()
+    agent_started = time.time()
+    procs("agent", [sys.executable, "-m", "fleetscope", "agent", "--node", "alert-node", "--gpu-backend", "simulated",
+                    "--gpus", "4", "--expected-gpus", "4", "--scenario", str(scenario), "--interval", "1",
+                    "--metrics-address", f"127.0.0.1:{metrics_port}",
+                    "--events-address", f"127.0.0.1:{free_port(socket.SOCK_DGRAM)}"], {"FLEETSCOPE_INGEST_TOKEN": INGEST})
+    fault_ts = agent_started + FAULT_AT_S
+
+    prom_port = free_port()
+    (tmp_path / "prometheus.yml").write_text(
+        "global: {scrape_interval: 5s, evaluation_interval: 5s}\n"
+        f"rule_files: ['{ALERTS / 'fleetscope.rules.yml'}']\n"
+        f"alerting: {{alertmanagers: [{{static_configs: [{{targets: ['127.0.0.1:{am_port}']}}]}}]}}\n"
+        f"scrape_configs:\n  - job_name: fleetscope-agent\n    static_configs:\n      - targets: ['127.0.0.1:{metrics_port}']\n")
+    procs("prometheus", [prometheus, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                         f"--web.listen-address=127.0.0.1:{prom_port}"])
+
+    page = wait_until(lambda: [r for r in receiver.received if r[0] == "/page"], timeout=120, what="a page")
+    path, arrived, alert = page[0]
+    assert alert["labels"]["alertname"] == "FleetscopeGpuLost"
+    assert alert["labels"]["gpu"] == "1" and alert["labels"]["severity"] == "page"
+    assert alert["annotations"]["runbook_url"] == "alerts/runbooks/FleetscopeGpuLost.md"
+    print(f"\nfault to page: {arrived - fault_ts:.1f} s (5 s scrape and evaluation intervals)")
+
+    wait_until(lambda: "FleetscopeGpuXid" in receiver.names("/ticket"), timeout=60, what="the unsilenced ticket")
+    (ticket,) = [a for p, _, a in receiver.received if p == "/ticket"]
+    assert ticket["labels"]["gpu"] == "3" and ticket["labels"]["xid"] == "31"
+
+    # Alertmanager holds the XID 79 alert (inhibited by the GPU being lost) and the silenced ticket, and sent neither.
+    def suppressed():
+        status, body = http_get(am + "/api/v2/alerts")
+        alerts = json.loads(body)
+        by = {(a["labels"]["alertname"], a["labels"].get("gpu")): a["status"] for a in alerts}
+        xid79, xid13 = by.get(("FleetscopeGpuXidCritical", "1")), by.get(("FleetscopeGpuXid", "2"))
+        missing = by.get(("FleetscopeGpusMissing", None))
+        return (xid79, xid13, missing) if xid79 and xid13 and missing else None
+
+    # FleetscopeGpusMissing waits out its 2 min `for` before Alertmanager sees it
+    xid79, xid13, missing = wait_until(suppressed, timeout=180, what="the inhibited and silenced alerts in Alertmanager")
+    assert xid79["state"] == "suppressed" and xid79["inhibitedBy"]
+    assert missing["state"] == "suppressed" and missing["inhibitedBy"]
+    assert xid13["state"] == "suppressed" and xid13["silencedBy"]
+    time.sleep(12)  # longer than any group_wait: had they been sent, they would be here
+    assert receiver.names("/page") == ["FleetscopeGpuLost"]
+    assert receiver.names("/ticket") == ["FleetscopeGpuXid"]
