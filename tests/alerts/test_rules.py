@@ -94,7 +94,7 @@ def test_amtool_accepts_the_alertmanager_config_and_the_rendered_one(tmp_path):
     rendered = tmp_path / "alertmanager.yml"
     rendered.write_text(render({"FLEETSCOPE_PAGE_WEBHOOK_URL": "https://pager.example/hook",
                                 "FLEETSCOPE_TICKET_WEBHOOK_URL": "https://chat.example/hook"}))
-    assert "placeholder" not in rendered.read_text() and "https://pager.example/hook" in rendered.read_text()
+    assert "webhook-placeholder" not in rendered.read_text() and "https://pager.example/hook" in rendered.read_text()
     result = subprocess.run([amtool, "check-config", str(rendered)], capture_output=True, text=True)
     assert result.returncode == 0 and "5 inhibit rules" in result.stdout, result.stdout + result.stderr
 
