@@ -20,6 +20,10 @@ from fleetscope.schema import Batch
 RECENT_S = 300.0
 
 
+# Training metrics label the job `training_job`: Prometheus gives every scraped series a `job` label of its
+# own (the scrape job), which would otherwise overwrite ours.
+
+
 class CollectorMetrics:
     def __init__(self, store: Store, tracker: FindingsTracker | None = None) -> None:
         self.store = store
@@ -65,11 +69,12 @@ class CollectorMetrics:
     def _findings(self) -> Iterable[Metric]:
         if self.tracker is None:
             return
-        labels = ["kind", "severity", "job", "rank", "node", "service"]
+        labels = ["kind", "severity", "training_job", "rank", "node", "service"]
         active = GaugeMetricFamily("fleetscope_finding_active", "1 for each finding active now (see GET /v1/findings).", labels=labels)
         for f in self.tracker.findings():
             if f.active:
-                active.add_metric([f.kind, f.severity, *(str(f.subject.get(k, "")) for k in labels[2:])], 1)
+                subject = {"training_job": f.subject.get("job", ""), **{k: v for k, v in f.subject.items() if k != "job"}}
+                active.add_metric([f.kind, f.severity, *(str(subject.get(k, "")) for k in labels[2:])], 1)
         yield active
         burn = GaugeMetricFamily("fleetscope_slo_burn_rate",
                                  "Share of bad requests in the window over the error budget (1 spends it exactly in the SLO window).",
@@ -89,35 +94,35 @@ class CollectorMetrics:
             return
         score = GaugeMetricFamily("fleetscope_training_straggler_score",
                                   "How much longer the rank computes than its stage's median, over the last 20 steps (0.1 = 10%).",
-                                  labels=["job", "rank", "node"])
+                                  labels=["training_job", "rank", "node"])
         for row in signals.scores.iter_rows(named=True):
             if row["straggler_score"] is not None:
                 score.add_metric([row["job"], str(row["rank"]), row["node"] or ""], row["straggler_score"])
         age = GaugeMetricFamily("fleetscope_training_last_progress_age_seconds", "Seconds since any rank of the job finished a step.",
-                                labels=["job"])
+                                labels=["training_job"])
         allowed = GaugeMetricFamily("fleetscope_training_hang_threshold_seconds",
-                                    "Silence after which the job counts as hung: max(3 x median step, 30 s).", labels=["job"])
-        paused = GaugeMetricFamily("fleetscope_training_paused", "1 while a rank of the job declares a pause.", labels=["job"])
+                                    "Silence after which the job counts as hung: max(3 x median step, 30 s).", labels=["training_job"])
+        paused = GaugeMetricFamily("fleetscope_training_paused", "1 while a rank of the job declares a pause.", labels=["training_job"])
         for row in signals.progress.iter_rows(named=True):
             age.add_metric([row["job"]], row["silence_s"])
             allowed.add_metric([row["job"]], row["hang_after_s"])
             paused.add_metric([row["job"]], 1 if row["paused"] else 0)
         change = GaugeMetricFamily("fleetscope_training_step_time_change_ratio",
                                    "Median step time of the last 150 steps against 400 steps before them (0.03 = 3% slower).",
-                                   labels=["job"])
+                                   labels=["training_job"])
         for row in signals.changes.iter_rows(named=True):
             change.add_metric([row["job"]], row["change_ratio"])
         yield from (score, age, allowed, paused, change)
 
     def _training(self) -> Iterable[Metric]:
         jobs = with_mfu(jobs_overview(self.store.frame("steps")), self.store.frame("gpus"))
-        last = GaugeMetricFamily("fleetscope_training_last_step", "Highest step number any rank of the job reported.", labels=["job"])
-        seen = GaugeMetricFamily("fleetscope_training_last_report_timestamp_seconds", "Unix time the job's last step ended.", labels=["job"])
-        p50 = GaugeMetricFamily("fleetscope_training_step_time_p50_seconds", "Median step time of the job over the collector's window.", labels=["job"])
+        last = GaugeMetricFamily("fleetscope_training_last_step", "Highest step number any rank of the job reported.", labels=["training_job"])
+        seen = GaugeMetricFamily("fleetscope_training_last_report_timestamp_seconds", "Unix time the job's last step ended.", labels=["training_job"])
+        p50 = GaugeMetricFamily("fleetscope_training_step_time_p50_seconds", "Median step time of the job over the collector's window.", labels=["training_job"])
         tps = GaugeMetricFamily("fleetscope_training_tokens_per_second", "Tokens the job's ranks process per second, together.",
-                                labels=["job"])
+                                labels=["training_job"])
         mfu = GaugeMetricFamily("fleetscope_training_mfu_ratio",
-                                "Model FLOPs utilisation: achieved FLOP/s over the GPUs' dense BF16 peak (0-1).", labels=["job"])
+                                "Model FLOPs utilisation: achieved FLOP/s over the GPUs' dense BF16 peak (0-1).", labels=["training_job"])
         for row in jobs.iter_rows(named=True):
             if row["tokens_per_s"] is not None:
                 tps.add_metric([row["job"]], row["tokens_per_s"])

@@ -170,7 +170,7 @@ def test_collector_metrics_pass_promtool(client):
     promtool = require_binary("promtool")
     post(client, batch(0, [step("j", 0, 0, 1.0), request("chat", "m", 0.2, 0.1)]))
     text = client.get("/metrics", headers=R).text
-    assert 'fleetscope_training_last_step{job="j"} 0.0' in text
+    assert 'fleetscope_training_last_step{training_job="j"} 0.0' in text
     result = subprocess.run([promtool, "check", "metrics"], input=text.encode(), capture_output=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -236,9 +236,9 @@ def test_findings_are_served_and_exported_as_metrics(client):
     assert client.get("/v1/findings?job=other", headers=R).json()["findings"] == []
     assert client.get("/v1/findings").status_code == 401
     text = client.get("/metrics", headers=R).text
-    assert 'fleetscope_finding_active{job="found",kind="straggler",node="node-000",rank="6",service="",severity="page"} 1.0' in text
-    assert 'fleetscope_training_straggler_score{job="found",node="node-000",rank="6"}' in text
-    assert 'fleetscope_training_last_progress_age_seconds{job="found"}' in text
+    assert 'fleetscope_finding_active{kind="straggler",node="node-000",rank="6",service="",severity="page",training_job="found"} 1.0' in text
+    assert 'fleetscope_training_straggler_score{node="node-000",rank="6",training_job="found"}' in text
+    assert 'fleetscope_training_last_progress_age_seconds{training_job="found"}' in text
 
 
 def test_throughput_and_mfu_when_the_job_declares_its_flops_per_token(client):
@@ -254,4 +254,4 @@ def test_throughput_and_mfu_when_the_job_declares_its_flops_per_token(client):
     assert job["tokens_per_s"] == pytest.approx(200_000) and job["samples_per_s"] == pytest.approx(16)
     assert job["mfu"] == pytest.approx(200_000 * 4.0e9 / (2 * 989e12))
     text = client.get("/metrics", headers=R).text
-    assert 'fleetscope_training_mfu_ratio{job="mfu"}' in text
+    assert 'fleetscope_training_mfu_ratio{training_job="mfu"}' in text

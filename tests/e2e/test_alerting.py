@@ -13,9 +13,11 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import fleetscope
 from alerts.render_alertmanager import render
+from fleetscope.client import Emitter
 from tests.conftest import free_port, http_get, require_binary, wait_until
-from tests.e2e.conftest import INGEST
+from tests.e2e.conftest import INGEST, READ
 
 ALERTS = Path(__file__).resolve().parents[2] / "alerts"
 FAULT_AT_S = 10
@@ -65,7 +67,7 @@ class Receiver:
         return [a["labels"]["alertname"] for p, _, a in self.received if p == path]
 
 
-def test_a_gpu_off_the_bus_pages_once_and_tickets_are_routed_and_silenced(procs, tmp_path):
+def test_a_gpu_off_the_bus_pages_once_and_tickets_are_routed_and_silenced(procs, collector, tmp_path):
     prometheus = require_binary("prometheus")
     alertmanager = require_binary("prometheus-alertmanager", "alertmanager")
     receiver = Receiver()
@@ -89,20 +91,29 @@ def test_a_gpu_off_the_bus_pages_once_and_tickets_are_routed_and_silenced(procs,
 
     scenario = tmp_path / "faults.toml"
     scenario.write_text(SCENARIO)
-    metrics_port = free_port()
+    metrics_port, events_port = free_port(), free_port(socket.SOCK_DGRAM)
     agent_started = time.time()
     procs("agent", [sys.executable, "-m", "fleetscope", "agent", "--node", "alert-node", "--gpu-backend", "simulated",
                     "--gpus", "4", "--expected-gpus", "4", "--scenario", str(scenario), "--interval", "1",
-                    "--metrics-address", f"127.0.0.1:{metrics_port}",
-                    "--events-address", f"127.0.0.1:{free_port(socket.SOCK_DGRAM)}"], {"FLEETSCOPE_INGEST_TOKEN": INGEST})
+                    "--metrics-address", f"127.0.0.1:{metrics_port}", "--events-address", f"127.0.0.1:{events_port}",
+                    "--collector-url", collector.url, "--spool-dir", str(tmp_path / "spool")],
+          {"FLEETSCOPE_INGEST_TOKEN": INGEST})
     fault_ts = agent_started + FAULT_AT_S
+    wait_until(lambda: http_get(f"http://127.0.0.1:{metrics_port}/metrics")[0] == 200, what="the agent")
+    # A training job that stops without a word: the collector finds the hang, Prometheus pages for it.
+    run = fleetscope.training(job="stuck", rank=0, world_size=1, emitter=Emitter(("127.0.0.1", events_port)))
+    for _ in range(20):
+        with run.step(tokens=1):
+            time.sleep(0.05)
 
     prom_port = free_port()
     (tmp_path / "prometheus.yml").write_text(
         "global: {scrape_interval: 5s, evaluation_interval: 5s}\n"
         f"rule_files: ['{ALERTS / 'fleetscope.rules.yml'}']\n"
         f"alerting: {{alertmanagers: [{{static_configs: [{{targets: ['127.0.0.1:{am_port}']}}]}}]}}\n"
-        f"scrape_configs:\n  - job_name: fleetscope-agent\n    static_configs:\n      - targets: ['127.0.0.1:{metrics_port}']\n")
+        f"scrape_configs:\n  - job_name: fleetscope-agent\n    static_configs:\n      - targets: ['127.0.0.1:{metrics_port}']\n"
+        f"  - job_name: fleetscope-collector\n    authorization: {{credentials: '{READ}'}}\n"
+        f"    static_configs:\n      - targets: ['127.0.0.1:{collector.port}']\n")
     procs("prometheus", [prometheus, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
                          f"--web.listen-address=127.0.0.1:{prom_port}"])
 
@@ -132,5 +143,9 @@ def test_a_gpu_off_the_bus_pages_once_and_tickets_are_routed_and_silenced(procs,
     assert missing["state"] == "suppressed" and missing["inhibitedBy"]
     assert xid13["state"] == "suppressed" and xid13["silencedBy"]
     time.sleep(12)  # longer than any group_wait: had they been sent, they would be here
-    assert receiver.names("/page") == ["FleetscopeGpuLost"]
+    # The silent training job pages too, through the collector's finding.
+    hang = wait_until(lambda: [a for p, _, a in receiver.received if a["labels"]["alertname"] == "FleetscopeTrainingHang"],
+                      timeout=150, what="the hang page")
+    assert hang[0]["labels"]["training_job"] == "stuck" and hang[0]["labels"]["severity"] == "page"
+    assert sorted(receiver.names("/page")) == ["FleetscopeGpuLost", "FleetscopeTrainingHang"]
     assert receiver.names("/ticket") == ["FleetscopeGpuXid"]
