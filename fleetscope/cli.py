@@ -104,6 +104,22 @@ def _dashboard(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
+def _dashboards_push(args: argparse.Namespace) -> int:
+    from dashboards.grafana.push import push
+
+    token = args.token or os.environ.get("GRAFANA_TOKEN")
+    if not token:
+        print("fleetscope dashboards push: give a Grafana service-account token (--token or $GRAFANA_TOKEN)", file=sys.stderr)
+        return 2
+    try:
+        for title, url in push(args.url, token, folder=args.folder):
+            print(f"pushed {title}: {url}")
+    except Exception as exc:  # the Grafana API's errors are many; name it and stop
+        print(f"fleetscope dashboards push: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from fleetscope.demo import main as demo_main
 
@@ -147,6 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default="0.0.0.0")
     p.add_argument("--collector-url", help="collector base URL (default: $FLEETSCOPE_COLLECTOR_URL or http://127.0.0.1:9837)")
     p.set_defaults(func=_dashboard)
+
+    p = sub.add_parser("dashboards", help="Grafana dashboards")
+    dash = p.add_subparsers(dest="dashboards_command", required=True)
+    p = dash.add_parser("push", help="upload fleetscope's dashboards to a Grafana through its HTTP API")
+    p.add_argument("--url", default=os.environ.get("GRAFANA_URL", "http://127.0.0.1:3000"))
+    p.add_argument("--token", help="service-account token (default: $GRAFANA_TOKEN)")
+    p.add_argument("--folder", default="fleetscope", help="folder to put them in (created when missing)")
+    p.set_defaults(func=_dashboards_push)
 
     p = sub.add_parser("demo", help="run the whole platform on this machine on a simulated fleet")
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: until Ctrl-C)")

@@ -1,0 +1,182 @@
+"""Grafana dashboards as code (grafana-foundation-sdk): fleet, node and GPU, training job, inference service.
+
+    python -m dashboards.grafana.build            # write dashboards/grafana/*.json
+    python -m dashboards.grafana.build --check    # exit 1 when the committed JSON is out of date
+
+Every panel queries the Prometheus data source provisioned with uid "prometheus" (deploy/grafana/);
+alerts firing in Prometheus show as annotations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from grafana_foundation_sdk.builders import dashboard, prometheus, stat, table, timeseries
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models.dashboard import DataSourceRef
+
+HERE = Path(__file__).resolve().parent
+DS = DataSourceRef(type_val="prometheus", uid="prometheus")
+
+
+def q(expr: str, legend: str = "") -> prometheus.Dataquery:
+    query = prometheus.Dataquery().expr(expr).datasource(DS)
+    return query.legend_format(legend) if legend else query
+
+
+def ts(title: str, unit: str, *queries: prometheus.Dataquery, width: int = 12) -> timeseries.Panel:
+    panel = timeseries.Panel().title(title).unit(unit).datasource(DS).span(width).height(8)
+    for i, query in enumerate(queries):
+        panel = panel.with_target(query.ref_id(chr(ord("A") + i)))
+    return panel
+
+
+def single(title: str, expr: str, unit: str = "none") -> stat.Panel:
+    return stat.Panel().title(title).unit(unit).datasource(DS).span(4).height(4).with_target(q(expr).ref_id("A"))
+
+
+def variable(name: str, query: str, label: str) -> dashboard.QueryVariable:
+    return (dashboard.QueryVariable(name).label(label).query(query).datasource(DS)
+            .include_all(True).multi(True).all_value(".*").refresh(2))  # refresh on time range change
+
+
+# The SDK's annotation target has no PromQL field (yet): the annotation is added to the JSON in render().
+ALERTS_ANNOTATION = {
+    "name": "Firing alerts", "datasource": {"type": "prometheus", "uid": "prometheus"}, "enable": True,
+    "iconColor": "red", "expr": 'ALERTS{alertstate="firing"}', "step": "30s",
+    "titleFormat": "{{alertname}}", "textFormat": "{{instance}} {{training_job}} {{service}}", "tagKeys": "severity",
+}
+
+
+def base(uid: str, title: str) -> dashboard.Dashboard:
+    return dashboard.Dashboard(title).uid(uid).tags(["fleetscope"]).refresh("30s").time("now-1h", "now")
+
+
+def fleet() -> dashboard.Dashboard:
+    return (
+        base("fleetscope-fleet", "fleetscope / Fleet")
+        .with_row(dashboard.Row("Now"))
+        .with_panel(single("Agents up", 'sum(up{job=~"fleetscope-agent.*"})'))
+        .with_panel(single("GPUs present", "sum(fleetscope_gpus_present)"))
+        .with_panel(single("GPUs unhealthy", 'sum(fleetscope_gpu_health{state="unhealthy"})'))
+        .with_panel(single("GPUs degraded", 'sum(fleetscope_gpu_health{state="degraded"})'))
+        .with_panel(single("Active findings", "count(fleetscope_finding_active) or vector(0)"))
+        .with_panel(single("XIDs in the last hour", "sum(increase(fleetscope_gpu_xid_errors_total[1h]))"))
+        .with_row(dashboard.Row("GPUs by node"))
+        .with_panel(ts("GPU utilisation (mean per node)", "percentunit",
+                       q("avg by (instance) (fleetscope_gpu_utilization_ratio)", "{{instance}}")))
+        .with_panel(ts("Hottest GPU per node", "celsius", q("max by (instance) (fleetscope_gpu_temperature_celsius)", "{{instance}}")))
+        .with_panel(ts("GPU power per node", "watt", q("sum by (instance) (fleetscope_gpu_power_watts)", "{{instance}}")))
+        .with_panel(table.Panel().title("Why GPUs are not healthy").datasource(DS).span(12).height(8)
+                    .with_target(q("fleetscope_gpu_health_reason").instant().format("table").ref_id("A")))
+    )
+
+
+def node() -> dashboard.Dashboard:
+    g = '{instance=~"$instance", gpu=~"$gpu"}'
+    return (
+        base("fleetscope-node", "fleetscope / Node and GPU")
+        .with_variable(variable("instance", "label_values(fleetscope_agent_build_info, instance)", "Node"))
+        .with_variable(variable("gpu", 'label_values(fleetscope_gpu_up{instance=~"$instance"}, gpu)', "GPU"))
+        .with_row(dashboard.Row("GPUs"))
+        .with_panel(ts("Utilisation", "percentunit", q(f"fleetscope_gpu_utilization_ratio{g}", "{{instance}} GPU {{gpu}}")))
+        .with_panel(ts("Temperature and slowdown point", "celsius",
+                       q(f"fleetscope_gpu_temperature_celsius{g}", "{{instance}} GPU {{gpu}}"),
+                       q(f"fleetscope_gpu_temperature_slowdown_celsius{g}", "slowdown {{instance}} GPU {{gpu}}")))
+        .with_panel(ts("Power and limit", "watt", q(f"fleetscope_gpu_power_watts{g}", "{{instance}} GPU {{gpu}}"),
+                       q(f"fleetscope_gpu_power_limit_watts{g}", "limit {{instance}} GPU {{gpu}}")))
+        .with_panel(ts("SM clock, share of max", "percentunit",
+                       q(f"fleetscope_gpu_sm_clock_hertz{g} / fleetscope_gpu_sm_clock_max_hertz{g}", "{{instance}} GPU {{gpu}}")))
+        .with_panel(ts("Memory used", "bytes", q(f"fleetscope_gpu_memory_used_bytes{g}", "{{instance}} GPU {{gpu}}")))
+        .with_panel(ts("Clock events holding clocks down", "none",
+                       q(f'fleetscope_gpu_clock_event_active{{instance=~"$instance", gpu=~"$gpu", reason!="gpu_idle"}} == 1',
+                         "{{instance}} GPU {{gpu}} {{reason}}")))
+        .with_panel(ts("XIDs", "none", q(f"increase(fleetscope_gpu_xid_errors_total{g}[5m])", "{{instance}} GPU {{gpu}} XID {{xid}}")))
+        .with_panel(ts("ECC errors", "none", q(f"fleetscope_gpu_ecc_errors_total{g}", "{{instance}} GPU {{gpu}} {{type}} {{counter}}")))
+        .with_panel(ts("PCIe throughput", "Bps", q(f"fleetscope_gpu_pcie_receive_bytes_per_second{g}", "rx {{instance}} GPU {{gpu}}"),
+                       q(f"fleetscope_gpu_pcie_transmit_bytes_per_second{g}", "tx {{instance}} GPU {{gpu}}")))
+        .with_panel(ts("NVLink errors", "ops", q(f"sum by (instance, gpu, type) (rate(fleetscope_gpu_nvlink_errors_total{g}[5m]))",
+                                                 "{{instance}} GPU {{gpu}} {{type}}")))
+        .with_row(dashboard.Row("Host"))
+        .with_panel(ts("CPU utilisation", "percentunit", q('fleetscope_cpu_utilization_ratio{instance=~"$instance"}', "{{instance}}")))
+        .with_panel(ts("Memory available", "bytes", q('fleetscope_memory_available_bytes{instance=~"$instance"}', "{{instance}}")))
+        .with_panel(ts("Network", "Bps",
+                       q('sum by (instance) (rate(fleetscope_network_receive_bytes_total{instance=~"$instance"}[5m]))', "rx {{instance}}"),
+                       q('sum by (instance) (rate(fleetscope_network_transmit_bytes_total{instance=~"$instance"}[5m]))', "tx {{instance}}")))
+        .with_panel(ts("Disk busy", "percentunit",
+                       q('rate(fleetscope_disk_io_time_seconds_total{instance=~"$instance"}[5m])', "{{instance}} {{device}}")))
+    )
+
+
+def training() -> dashboard.Dashboard:
+    j = '{training_job=~"$training_job"}'
+    return (
+        base("fleetscope-training", "fleetscope / Training job")
+        .with_variable(variable("training_job", "label_values(fleetscope_training_last_step, training_job)", "Job"))
+        .with_panel(ts("Median step time", "s", q(f"fleetscope_training_step_time_p50_seconds{j}", "{{training_job}}")))
+        .with_panel(ts("Tokens per second", "short", q(f"fleetscope_training_tokens_per_second{j}", "{{training_job}}")))
+        .with_panel(ts("MFU", "percentunit", q(f"fleetscope_training_mfu_ratio{j}", "{{training_job}}")))
+        .with_panel(ts("Straggler score by rank", "percentunit",
+                       q(f"fleetscope_training_straggler_score{j}", "{{training_job}} rank {{rank}} ({{node}})")))
+        .with_panel(ts("Silence and hang threshold", "s", q(f"fleetscope_training_last_progress_age_seconds{j}", "silence {{training_job}}"),
+                       q(f"fleetscope_training_hang_threshold_seconds{j}", "hang after {{training_job}}")))
+        .with_panel(ts("Step time against baseline", "percentunit",
+                       q(f"fleetscope_training_step_time_change_ratio{j}", "{{training_job}}")))
+        .with_panel(table.Panel().title("Findings").datasource(DS).span(24).height(8)
+                    .with_target(q(f"fleetscope_finding_active{j}").instant().format("table").ref_id("A")))
+    )
+
+
+def inference() -> dashboard.Dashboard:
+    s = '{service=~"$service"}'
+    return (
+        base("fleetscope-inference", "fleetscope / Inference service")
+        .with_variable(variable("service", "label_values(fleetscope_inference_e2e_p95_seconds, service)", "Service"))
+        .with_panel(ts("End-to-end p95", "s", q(f"fleetscope_inference_e2e_p95_seconds{s}", "{{service}} {{model}}")))
+        .with_panel(ts("Time to first token p95", "s", q(f"fleetscope_inference_ttft_p95_seconds{s}", "{{service}} {{model}}")))
+        .with_panel(ts("Error ratio", "percentunit", q(f"fleetscope_inference_error_ratio{s}", "{{service}} {{model}}")))
+        .with_panel(ts("SLO burn rate", "short", q(f"fleetscope_slo_burn_rate{s}", "{{slo}} {{window}}")))
+        .with_panel(ts("Error budget left", "percentunit", q(f"fleetscope_slo_error_budget_remaining_ratio{s}", "{{slo}}")))
+    )
+
+
+DASHBOARDS = {"fleet": fleet, "node": node, "training": training, "inference": inference}
+
+
+def render() -> dict[Path, str]:
+    encoder = JSONEncoder(sort_keys=True, indent=2)
+    out = {}
+    for name, build in DASHBOARDS.items():
+        doc = json.loads(encoder.encode(build().build()))
+        doc.setdefault("annotations", {}).setdefault("list", []).append(ALERTS_ANNOTATION)
+        out[HERE / f"{name}.json"] = json.dumps(doc, sort_keys=True, indent=2) + "\n"
+    return out
+
+
+def panel_queries(text: str) -> list[tuple[str, str]]:
+    """(panel title, PromQL) of every panel of a dashboard's JSON."""
+    doc = json.loads(text)
+    return [(p.get("title", ""), t["expr"]) for p in doc.get("panels", []) for t in p.get("targets", []) if "expr" in t]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true")
+    args = parser.parse_args(argv)
+    files = render()
+    stale = [p for p, text in files.items() if not p.exists() or p.read_text() != text]
+    if args.check:
+        for p in stale:
+            print(f"out of date: {p.name} (run python -m dashboards.grafana.build)", file=sys.stderr)
+        return 1 if stale else 0
+    for p in stale:
+        p.write_text(files[p])
+    print(f"wrote {len(stale)} dashboard(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Grafana dashboards as code: the committed JSON is what the builder writes; push uses Grafana's HTTP API."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import yaml
+
+from dashboards.grafana.build import main as build_main
+from dashboards.grafana.build import panel_queries, render
+from fleetscope.cli import main as cli
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_committed_dashboards_are_what_the_builder_writes():
+    assert build_main(["--check"]) == 0, "run `python -m dashboards.grafana.build` and commit the result"
+
+
+def test_every_dashboard_has_panels_variables_and_the_alert_annotation():
+    files = render()
+    assert {p.name for p in files} == {"fleet.json", "node.json", "training.json", "inference.json"}
+    for path, text in files.items():
+        doc = json.loads(text)
+        assert panel_queries(text), path.name
+        assert any(a.get("expr") == 'ALERTS{alertstate="firing"}' for a in doc["annotations"]["list"])
+        for panel in doc["panels"]:
+            targets = panel.get("targets", [])
+            assert all(t["datasource"]["uid"] == "prometheus" for t in targets)
+            assert len({t["refId"] for t in targets}) == len(targets) and all(t["refId"] for t in targets), panel["title"]
+    variables = {json.loads(t)["uid"]: [v["name"] for v in json.loads(t)["templating"].get("list", [])] for t in files.values()}
+    assert variables["fleetscope-node"] == ["instance", "gpu"]
+    assert variables["fleetscope-training"] == ["training_job"] and variables["fleetscope-inference"] == ["service"]
+
+
+def test_provisioning_points_grafana_at_prometheus_and_the_dashboards():
+    ds = yaml.safe_load((ROOT / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text())
+    assert ds["datasources"][0]["uid"] == "prometheus"
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert "./dashboards/grafana:/var/lib/grafana/dashboards/fleetscope:ro" in compose["services"]["grafana"]["volumes"]
+
+
+class FakeGrafana:
+    """Grafana's folder and dashboard endpoints, recording what arrives (no Grafana package exists for this machine)."""
+
+    def __init__(self):
+        self.requests = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _reply(self, code, body):
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                outer.requests.append(("GET", self.path, self.headers.get("Authorization"), None))
+                self._reply(200, [{"title": "other", "uid": "o1"}] if self.path.startswith("/api/folders") else {})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.requests.append(("POST", self.path, self.headers.get("Authorization"), body))
+                if self.path == "/api/folders":
+                    self._reply(200, {"uid": "f-fleetscope", "title": body["title"]})
+                elif self.path == "/api/dashboards/db":
+                    uid = body["dashboard"]["uid"]
+                    self._reply(200, {"status": "success", "uid": uid, "url": f"/d/{uid}/x"})
+                else:
+                    self._reply(404, {"message": "not found"})
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+def test_push_creates_the_folder_and_overwrites_each_dashboard(capsys):
+    grafana = FakeGrafana()
+    assert cli(["dashboards", "push", "--url", grafana.url, "--token", "glsa_test"]) == 0
+    posts = [(path, body) for method, path, auth, body in grafana.requests if method == "POST"]
+    assert posts[0] == ("/api/folders", {"title": "fleetscope"})
+    dashboards = [body for path, body in posts if path == "/api/dashboards/db"]
+    assert sorted(d["dashboard"]["uid"] for d in dashboards) == [
+        "fleetscope-fleet", "fleetscope-inference", "fleetscope-node", "fleetscope-training"]
+    assert all(d["folderUid"] == "f-fleetscope" and d["overwrite"] for d in dashboards)
+    assert {auth for _, _, auth, _ in grafana.requests} == {"Bearer glsa_test"}
+    assert "pushed fleetscope / Fleet" in capsys.readouterr().out
+
+
+def test_push_without_a_token_says_so(capsys, monkeypatch):
+    monkeypatch.delenv("GRAFANA_TOKEN", raising=False)
+    assert cli(["dashboards", "push", "--url", "http://127.0.0.1:1"]) == 2
+    assert "token" in capsys.readouterr().err
