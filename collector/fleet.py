@@ -31,3 +31,30 @@ def node_gpus(gpus: pl.DataFrame, node: str) -> pl.DataFrame:
 def fleet_gpus(gpus: pl.DataFrame) -> pl.DataFrame:
     """The latest state of every GPU in the fleet."""
     return latest_per(gpus, "node", "index").sort("node", "index")
+
+
+def node_series(hosts: pl.DataFrame, gpus: pl.DataFrame, node: str, since: float) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """A node's host and GPU frames since `since`, for its time series."""
+    host = hosts.filter((pl.col("node") == node) & (pl.col("ts") >= since)).select(
+        "ts", "cpu_utilization_ratio", "memory_used_bytes", "memory_total_bytes", "load1").sort("ts")
+    gpu = gpus.filter((pl.col("node") == node) & (pl.col("ts") >= since)).select(
+        "ts", "index", "utilization_ratio", "temperature_celsius", "power_watts", "sm_clock_hertz", "health").sort("ts", "index")
+    return host, gpu
+
+
+def health_events(gpus: pl.DataFrame, node: str) -> pl.DataFrame:
+    """Spans during which a GPU of the node was not healthy, with the reasons, and XIDs as they were counted."""
+    rows = gpus.filter(pl.col("node") == node).sort("index", "ts")
+    spans = (
+        rows.filter(pl.col("health").is_in(["degraded", "unhealthy"]))
+        .with_columns(pl.col("health_reasons").list.join(", ").alias("reasons"))
+        .group_by("index", "health", "reasons")
+        .agg(pl.col("ts").min().alias("from_ts"), pl.col("ts").max().alias("to_ts"))
+    )
+    xids = (
+        rows.with_columns((pl.col("xid_total") - pl.col("xid_total").shift(1).over("index")).alias("new"))
+        .filter(pl.col("new") > 0)
+        .select("index", pl.lit("xid").alias("health"), (pl.col("new").cast(pl.String) + pl.lit(" new XID(s)")).alias("reasons"),
+                pl.col("ts").alias("from_ts"), pl.col("ts").alias("to_ts"))
+    )
+    return pl.concat([spans, xids.cast(spans.schema)], how="vertical").sort("from_ts", descending=True)  # type: ignore[arg-type]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import httpx
@@ -49,11 +50,31 @@ def get_collector() -> Collector:
     return _shared(url, os.environ.get("FLEETSCOPE_READ_TOKEN", ""))
 
 
+RANGES = {"15 minutes": 15, "1 hour": 60, "6 hours": 360, "24 hours": 1440}
+
+
 def page(title: str) -> Collector:
-    """Start a console page: its config and heading, and the collector client."""
+    """Start a console page: its config and heading, the time range and refresh controls, the collector client."""
     st.set_page_config(page_title=f"fleetscope · {title}" if title != "fleetscope" else title, layout="wide")
     st.title(title)
+    with st.sidebar:
+        st.selectbox("Time range", list(RANGES), index=1, key="time_range")
+        default = int(os.environ.get("FLEETSCOPE_CONSOLE_REFRESH_S", "30"))
+        st.number_input("Refresh every (s, 0: never)", min_value=0, max_value=3600, value=default, step=10, key="refresh_s")
     return get_collector()
+
+
+def minutes() -> float:
+    """The time range the operator picked, in minutes."""
+    return float(RANGES.get(st.session_state.get("time_range", "1 hour"), 60))
+
+
+def refresh() -> None:
+    """Call at the end of a page: wait for the refresh interval, then run the page again."""
+    seconds = int(st.session_state.get("refresh_s", 0) or 0)
+    if seconds > 0:
+        time.sleep(seconds)
+        st.rerun()
 
 
 def frames(collector: Collector, *queries: tuple[str, str]) -> list[pl.DataFrame]:

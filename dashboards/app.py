@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboards.api import frames, page
+from dashboards.api import frames, page, refresh
 
 collector = page("fleetscope")
 st.caption("GPU fleet, training jobs and inference services, from the collector's API.")
@@ -16,3 +16,5 @@ cols[1].metric("GPUs", int(nodes["gpu_count"].sum()) if nodes.height else 0)
 cols[2].metric("Training jobs", jobs.height)
 cols[3].metric("Inference services", services.height)
 st.markdown("Pages: **Fleet** (nodes and GPUs), **Training** (step time per job), **Inference** (latency per service).")
+
+refresh()

@@ -133,6 +133,21 @@ kind = "xid"
 xid = 13
 """
 
+DEMO_SLOS = """# Written by `fleetscope demo`.
+[[slo]]
+name = "chat-ttft"
+service = "chat"
+indicator = "ttft"
+threshold_s = 0.25
+objective = 0.99
+
+[[slo]]
+name = "chat-availability"
+service = "chat"
+indicator = "availability"
+objective = 0.99
+"""
+
 ALERTMANAGER_CONFIG = """# Written by `fleetscope demo`: alerts are visible in the Alertmanager UI, sent nowhere.
 route:
   receiver: demo
@@ -162,8 +177,9 @@ def main(args) -> int:
 
     collector_url = f"http://127.0.0.1:{COLLECTOR_PORT}"
     try:
+        (workdir / "collector.toml").write_text(DEMO_SLOS)
         demo.start("collector", [py, "-m", "fleetscope", "collector", "--listen", f"127.0.0.1:{COLLECTOR_PORT}",
-                                 "--data-dir", str(workdir / "collector")], tokens)
+                                 "--data-dir", str(workdir / "collector"), "--config", str(workdir / "collector.toml")], tokens)
         if not wait_http(f"{collector_url}/healthz"):
             print(f"fleetscope demo: the collector did not start; see {workdir / 'logs/collector.log'}", file=sys.stderr)
             return 1
@@ -193,10 +209,13 @@ def main(args) -> int:
                 demo.start("alertmanager", [am, f"--config.file={workdir / 'alertmanager.yml'}",
                                             f"--storage.path={workdir / 'alertmanager-data'}",
                                             f"--web.listen-address=127.0.0.1:{ALERTMANAGER_PORT}", "--cluster.listen-address="])
+        story = args.nodes > 1 and args.gpus > 5
+        # The rank on node-01's GPU 3 slows when that GPU overheats (the scenario), as a real rank would.
+        slow = ["--slow-rank", str(args.gpus + 3), "--slow-factor", "0.15", "--slow-after", "100"] if story else []
         demo.start("training", [py, "-m", "fleetscope.sim.training", "--job", "demo-llama-8b",
-                                "--agents", ",".join(event_addrs), "--gpus-per-node", str(args.gpus)])
+                                "--agents", ",".join(event_addrs), "--gpus-per-node", str(args.gpus), *slow])
         demo.start("inference", [py, "-m", "fleetscope.sim.inference", "--service", "chat", "--model", "llama3-8b",
-                                 "--agent", event_addrs[0]])
+                                 "--agent", event_addrs[0], *(["--spike-at", "180"] if story else [])])
         if not args.no_console:
             demo.start("console", [py, "-m", "fleetscope", "dashboard", "--address", "127.0.0.1", "--port", str(CONSOLE_PORT),
                                    "--collector-url", collector_url], tokens)
@@ -214,7 +233,8 @@ def main(args) -> int:
         elif not args.no_prometheus:
             print("  (Prometheus is not installed; `make test` as root installs it)")
         if args.nodes > 1 and args.gpus > 5:
-            print("  at 90 s GPU 3 of node-01 loses its cooling; at 150 s GPU 5 there reports XID 13")
+            print("  the story: at 90 s GPU 3 of node-01 loses its cooling and its rank becomes a straggler;")
+            print("  at 150 s GPU 5 there reports XID 13; at 180 s the chat service's time to first token spikes")
         print(f"  logs in {demo.logs}")
         print("Ctrl-C stops everything." if args.duration is None else f"Stopping after {args.duration:.0f} s.")
         sys.stdout.flush()

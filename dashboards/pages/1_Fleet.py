@@ -6,7 +6,7 @@ import altair as alt
 import polars as pl
 import streamlit as st
 
-from dashboards.api import frames, page
+from dashboards.api import frames, page, refresh
 
 collector = page("Fleet")
 nodes, gpus = frames(collector, ("/v1/nodes", "nodes"), ("/v1/gpus", "gpus"))
@@ -17,11 +17,15 @@ if nodes.height == 0:
 
 STALE_S = 30
 stale = nodes.filter(pl.col("age_s") > STALE_S)
-cols = st.columns(4)
+health = gpus["health"].value_counts() if gpus.height and "health" in gpus.columns else pl.DataFrame({"health": [], "count": []})
+count = {row["health"]: row["count"] for row in health.iter_rows(named=True)}
+cols = st.columns(6)
 cols[0].metric("Nodes", nodes.height)
 cols[1].metric("Nodes not reporting", stale.height, help=f"no frame for more than {STALE_S} s")
 cols[2].metric("GPUs", gpus.height)
-cols[3].metric("GPUs down", int(gpus.filter(~pl.col("up")).height) if gpus.height else 0)
+cols[3].metric("GPUs healthy", count.get("healthy", 0))
+cols[4].metric("GPUs degraded", count.get("degraded", 0))
+cols[5].metric("GPUs unhealthy", count.get("unhealthy", 0), help="a GPU off the bus counts here too")
 
 st.subheader("Nodes")
 st.dataframe(
@@ -43,15 +47,21 @@ st.dataframe(
 if gpus.height:
     st.subheader("GPUs")
     measure = st.radio(
-        "Colour by", ["utilization", "temperature", "power"], horizontal=True, key="gpu_measure"
+        "Colour by", ["health", "utilization", "temperature", "power"], horizontal=True, key="gpu_measure"
     )
+    gpus = gpus.with_columns(
+        pl.col("health").cast(pl.String).replace_strict({"healthy": 0, "degraded": 1, "unhealthy": 2}, default=None,
+                                                        return_dtype=pl.Int64)
+        .alias("health_level") if "health" in gpus.columns else pl.lit(None, pl.Int64).alias("health_level"))
     column, domain = {
         # Fixed scales, so a glance compares against what is normal, not against the neighbours.
+        "health": ("health_level", [0, 2]),
         "utilization": ("utilization_ratio", [0, 1]),
         "temperature": ("temperature_celsius", [20, 95]),
         "power": ("power_watts", [0, max(700.0, float(gpus["power_watts"].max() or 0))]),
     }[measure]
-    heat = gpus.select("node", pl.col("index").cast(pl.String).alias("gpu"), column, "uuid", "name").to_pandas()
+    extra = [c for c in ("health", "health_reasons") if c in gpus.columns]
+    heat = gpus.select("node", pl.col("index").cast(pl.String).alias("gpu"), column, "uuid", "name", *extra).to_pandas()
     chart = (
         alt.Chart(heat)
         .mark_rect(stroke="white")
@@ -59,7 +69,9 @@ if gpus.height:
             x=alt.X("gpu:O", title="GPU"),
             y=alt.Y("node:N", title="node"),
             color=alt.Color(f"{column}:Q", title=measure, scale=alt.Scale(scheme="orangered", domain=domain)),
-            tooltip=["node", "gpu", column, "uuid", "name"],
+            tooltip=["node", "gpu", column, "uuid", "name", *extra],
         )
     )
     st.altair_chart(chart.properties(height=max(120, 28 * nodes.height)), width="stretch")
+
+refresh()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import polars as pl
 import streamlit as st
 
-from dashboards.api import CollectorError, frames, page
+from dashboards.api import CollectorError, frames, page, refresh
 
 collector = page("Training")
 (jobs,) = frames(collector, ("/v1/jobs", "jobs"))
@@ -50,3 +50,5 @@ st.subheader("Ranks")
 ranks = pl.DataFrame(detail.get("ranks") or [])
 if ranks.height:
     st.dataframe(ranks, hide_index=True, width="stretch")
+
+refresh()

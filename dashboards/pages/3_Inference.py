@@ -5,7 +5,7 @@ from __future__ import annotations
 import polars as pl
 import streamlit as st
 
-from dashboards.api import frames, page
+from dashboards.api import frames, page, refresh
 
 collector = page("Inference")
 (services,) = frames(collector, ("/v1/services", "services"))
@@ -25,3 +25,5 @@ for row in models.iter_rows(named=True):
         col.metric(f"{label} p50", f"{p50 * 1000:.1f} ms" if p50 is not None else "–",
                    help=f"p99 {p99 * 1000:.1f} ms" if p99 is not None else None)
     st.caption(f"{row['requests']} requests, error ratio {row['error_ratio']:.2%}")
+
+refresh()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import time
 
+import httpx
 import streamlit as st
 
-from dashboards.api import CollectorError, page
+from dashboards.api import CollectorError, page, refresh
 
 collector = page("Findings")
 try:
@@ -36,6 +38,22 @@ for f in findings:
             st.markdown("**Probable causes**: " + ", ".join(f"`{c['cause']}` ({c['score']:.2f})" for c in causes))
         st.json({"evidence": f["evidence"], "probable_causes": causes}, expanded=False)
 
+am_url = os.environ.get("FLEETSCOPE_ALERTMANAGER_URL")
+if am_url:
+    st.subheader("Firing in Alertmanager")
+    try:
+        firing = httpx.get(am_url.rstrip("/") + "/api/v2/alerts", params={"active": "true", "silenced": "false",
+                                                                           "inhibited": "false"}, timeout=5).json()
+    except (httpx.HTTPError, ValueError) as exc:
+        st.warning(f"cannot read Alertmanager at {am_url}: {exc}")
+        firing = []
+    if firing:
+        st.dataframe([{"alert": a["labels"].get("alertname"), "severity": a["labels"].get("severity"),
+                       "summary": a["annotations"].get("summary"), "since": a.get("startsAt")} for a in firing],
+                     hide_index=True, width="stretch")
+    else:
+        st.success("Nothing is firing.")
+
 if slos:
     st.subheader("SLOs")
     st.dataframe(
@@ -44,3 +62,5 @@ if slos:
           **{f"burn {w}": round(v, 2) for w, v in s["burn_rate"].items()}} for s in slos],
         hide_index=True, width="stretch",
     )
+
+refresh()

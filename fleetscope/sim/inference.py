@@ -17,6 +17,7 @@ async def serve(args, stop: asyncio.Event) -> None:
     import fleetscope
 
     svc = fleetscope.inference(service=args.service, model=args.model)
+    started = asyncio.get_running_loop().time()
     rng = random.Random(args.seed)
     slots = asyncio.Semaphore(args.concurrency)  # the server's batch slots: past them, requests queue
     tasks: set[asyncio.Task] = set()
@@ -29,7 +30,8 @@ async def serve(args, stop: asyncio.Event) -> None:
             t0 = loop.time()
             async with slots:
                 r.queued(loop.time() - t0)
-                await asyncio.sleep(0.02 + prompt * 0.00004 * rng.lognormvariate(0, 0.25))  # prefill
+                spike = args.spike_factor if args.spike_at is not None and args.spike_at <= loop.time() - started < args.spike_at + args.spike_s else 1.0
+                await asyncio.sleep((0.02 + prompt * 0.00004 * rng.lognormvariate(0, 0.25)) * spike)  # prefill
                 r.first_token()
                 await asyncio.sleep(output * args.tpot * rng.lognormvariate(0, 0.15))  # decode
                 if rng.random() < args.error_rate:
@@ -59,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tpot", type=float, default=0.012, help="mean seconds per output token")
     p.add_argument("--error-rate", type=float, default=0.005)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--spike-at", type=float, default=None, help="seconds after start when prefill slows down (a latency spike)")
+    p.add_argument("--spike-s", type=float, default=120.0, help="how long the spike lasts")
+    p.add_argument("--spike-factor", type=float, default=8.0, help="how much slower prefill is during the spike")
     args = p.parse_args(argv)
     if args.agent:
         os.environ["FLEETSCOPE_AGENT_ADDR"] = args.agent

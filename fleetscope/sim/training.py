@@ -28,9 +28,11 @@ def rank_main(job: str, rank: int, world: int, local_rank: int, agent: str, barr
     # ~6 x 1B parameters: with 32k tokens per 0.5 s step on a simulated H100, an MFU of about 40%
     run = fleetscope.training(job=job, flops_per_token=6e9)
     rng = random.Random(f"{args.seed}:{rank}")
-    slow = 1.0 + (args.slow_factor if rank == args.slow_rank else 0.0)
+    started = time.monotonic()
     step = 0
     while not stop.is_set() and (args.steps is None or step < args.steps):
+        # A rank on a throttled GPU computes slower from --slow-after seconds on, as a real one would.
+        slow = 1.0 + (args.slow_factor if rank == args.slow_rank and time.monotonic() - started >= args.slow_after else 0.0)
         with run.step(tokens=TOKENS_PER_STEP, samples=8) as s:
             compute = args.step_time * 0.8 * slow * rng.lognormvariate(0, args.jitter)
             with run.phase("data"):
@@ -61,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="stop after this many steps (default: run until stopped)")
     p.add_argument("--slow-rank", type=int, default=-1, help="rank that computes slower (a straggler)")
     p.add_argument("--slow-factor", type=float, default=0.15)
+    p.add_argument("--slow-after", type=float, default=0.0, help="seconds before the slow rank slows down")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 

@@ -97,3 +97,19 @@ def test_histogram_quantile_follows_prometheus(counts, q, expected):
 
     got = histogram_quantile([0.1, 0.5, 1.0, 1e300], counts, q)
     assert got == (pytest.approx(expected) if expected is not None else None)
+
+
+def test_health_events_are_spans_of_trouble_and_new_xids():
+    from collector.fleet import health_events
+    from collector.tables import SCHEMAS
+
+    base = {"node": "n", "uuid": "g", "up": True}
+    rows = [
+        {**base, "ts": 1.0, "index": 0, "health": "healthy", "health_reasons": [], "xid_total": 0},
+        {**base, "ts": 2.0, "index": 0, "health": "degraded", "health_reasons": ["hw_thermal_slowdown"], "xid_total": 0},
+        {**base, "ts": 3.0, "index": 0, "health": "degraded", "health_reasons": ["hw_thermal_slowdown"], "xid_total": 2},
+        {**base, "ts": 4.0, "index": 0, "health": "healthy", "health_reasons": [], "xid_total": 2},
+    ]
+    frame = pl.DataFrame(rows, schema={k: SCHEMAS["gpus"][k] for k in ("ts", "node", "index", "uuid", "up", "health", "health_reasons", "xid_total")})
+    events = health_events(frame, "n").select("health", "reasons", "from_ts", "to_ts").rows()
+    assert events == [("xid", "2 new XID(s)", 3.0, 3.0), ("degraded", "hw_thermal_slowdown", 2.0, 3.0)]

@@ -17,7 +17,7 @@ from collector.settings import Settings
 from tests.conftest import free_port, wait_until
 
 DASHBOARDS = Path(__file__).resolve().parents[2] / "dashboards"
-PAGES = ["app.py", "pages/1_Fleet.py", "pages/2_Training.py", "pages/3_Inference.py", "pages/4_Findings.py"]
+PAGES = ["app.py", "pages/1_Fleet.py", "pages/2_Training.py", "pages/3_Inference.py", "pages/4_Findings.py", "pages/5_Node.py"]
 INGEST, READ = "dash-ingest", "dash-read"
 
 
@@ -61,6 +61,7 @@ def collector_url(tmp_path_factory):
 
 def run_page(page: str, url: str, token: str, monkeypatch) -> AppTest:
     monkeypatch.setenv("FLEETSCOPE_COLLECTOR_URL", url)
+    monkeypatch.setenv("FLEETSCOPE_CONSOLE_REFRESH_S", "0")  # a test run must end
     monkeypatch.setenv("FLEETSCOPE_READ_TOKEN", token)
     at = AppTest.from_file(str(DASHBOARDS / page), default_timeout=30)
     at.run()
@@ -83,7 +84,7 @@ def test_every_page_renders_without_exception(page, collector_url, monkeypatch):
 
 def test_fleet_page_counts_nodes_and_gpus(collector_url, monkeypatch):
     at = run_page("pages/1_Fleet.py", collector_url, READ, monkeypatch)
-    assert metric(at, "Nodes") == "2" and metric(at, "GPUs") == "16" and metric(at, "GPUs down") == "0"
+    assert metric(at, "Nodes") == "2" and metric(at, "GPUs") == "16" and metric(at, "GPUs unhealthy") == "0"
     nodes = at.dataframe[0].value
     assert sorted(nodes["node"].tolist()) == ["node-a", "node-b"]
 
@@ -133,3 +134,10 @@ def test_findings_page_shows_a_straggler_with_its_cause(collector_url, monkeypat
 
     at = wait_until(shown, timeout=20, what="the straggler on the findings page")
     assert not at.exception
+
+
+def test_node_page_shows_its_gpus_and_series(collector_url, monkeypatch):
+    at = run_page("pages/5_Node.py", collector_url, READ, monkeypatch)
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.selectbox[0].value == "node-a"
+    assert metric(at, "GPUs") == "8"

@@ -14,7 +14,8 @@ from tests.dashboards.test_pages import seed_batch
 from tests.e2e.conftest import INGEST, READ
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
-PAGES = {"": "fleetscope", "Fleet": "Fleet", "Training": "Training", "Inference": "Inference", "Findings": "Findings"}
+PAGES = {"": "fleetscope", "Fleet": "Fleet", "Training": "Training", "Inference": "Inference", "Findings": "Findings",
+         "Node": "Node"}
 
 
 @pytest.fixture

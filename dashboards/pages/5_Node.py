@@ -1,0 +1,62 @@
+"""Node: one node's GPUs, CPU and memory over time, and its GPUs' health events (throttling, XIDs, ECC)."""
+
+from __future__ import annotations
+
+import polars as pl
+import streamlit as st
+
+from dashboards.api import CollectorError, frames, minutes, page, refresh
+
+collector = page("Node")
+(nodes,) = frames(collector, ("/v1/nodes", "nodes"))
+if nodes.height == 0:
+    st.info("No node has reported yet.")
+    st.stop()
+
+node = st.selectbox("Node", nodes["node"].to_list(), key="node")
+try:
+    data = collector.get(f"/v1/nodes/{node}/series", minutes=minutes())
+    latest = collector.get(f"/v1/nodes/{node}").get("gpus", [])
+except CollectorError as exc:
+    st.error(str(exc))
+    st.stop()
+
+host = pl.DataFrame(data.get("host") or [])
+gpus = pl.DataFrame(data.get("gpus") or [])
+cols = st.columns(3)
+cols[0].metric("GPUs", len(latest))
+cols[1].metric("GPUs not healthy", sum(1 for g in latest if g.get("health") not in (None, "healthy")))
+cols[2].metric("Frames in range", host.height)
+
+if gpus.height:
+    gpus = gpus.with_columns(pl.from_epoch(pl.col("ts"), time_unit="s").alias("time"), pl.col("index").cast(pl.String).alias("gpu"))
+    left, right = st.columns(2)
+    with left:
+        st.subheader("GPU utilisation")
+        st.line_chart(gpus.select("time", "gpu", "utilization_ratio").to_pandas(), x="time", y="utilization_ratio", color="gpu")
+    with right:
+        st.subheader("GPU temperature")
+        st.line_chart(gpus.select("time", "gpu", "temperature_celsius").to_pandas(), x="time", y="temperature_celsius", color="gpu")
+if host.height:
+    host = host.with_columns(pl.from_epoch(pl.col("ts"), time_unit="s").alias("time"),
+                             (pl.col("memory_used_bytes") / pl.col("memory_total_bytes")).alias("memory_used_ratio"))
+    st.subheader("CPU and memory")
+    st.line_chart(host.select("time", "cpu_utilization_ratio", "memory_used_ratio").to_pandas(), x="time",
+                  y=["cpu_utilization_ratio", "memory_used_ratio"])
+
+st.subheader("GPUs now")
+if latest:
+    st.dataframe(pl.DataFrame(latest).select(
+        [c for c in ("index", "uuid", "name", "health", "health_reasons", "utilization_ratio", "temperature_celsius",
+                     "power_watts", "xid_total") if c in pl.DataFrame(latest).columns]), hide_index=True, width="stretch")
+
+st.subheader("Health events")
+events = pl.DataFrame(data.get("events") or [])
+if events.height:
+    st.dataframe(events.with_columns(pl.from_epoch(pl.col("from_ts"), time_unit="s").alias("from"),
+                                     pl.from_epoch(pl.col("to_ts"), time_unit="s").alias("to")).drop("from_ts", "to_ts"),
+                 hide_index=True, width="stretch")
+else:
+    st.success("No throttling, XID or ECC event in the collector's window.")
+
+refresh()
