@@ -158,7 +158,12 @@ receivers:
 """
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM stops the demo as Ctrl-C does: every child is stopped too
+
+
 def main(args) -> int:
+    signal.signal(signal.SIGTERM, _interrupt)
     py = sys.executable
     workdir = Path(args.workdir).resolve()
     demo = Demo(workdir)

@@ -70,3 +70,20 @@ def test_demo_runs_every_part_and_stops_them(tmp_path):
     assert "exited with code" not in log, log  # no part died during the run
     time.sleep(1)
     assert all(port_free(p) for p in ports), "the demo left a process behind"
+
+
+def test_sigterm_stops_the_demo_and_everything_it_started(tmp_path):
+    import signal
+
+    import psutil
+
+    out = (tmp_path / "demo.out").open("w+")
+    demo = subprocess.Popen([sys.executable, "-m", "fleetscope", "demo", "--nodes", "1", "--gpus", "2", "--no-console",
+                             "--no-prometheus", "--workdir", str(tmp_path / "demo")], stdout=out, stderr=subprocess.STDOUT)
+    wait_until(lambda: "Ctrl-C stops everything" in (tmp_path / "demo.out").read_text(), timeout=60, what="the demo to start")
+    children = psutil.Process(demo.pid).children(recursive=True)
+    assert len(children) >= 4  # collector, agent, training launcher (and its ranks), inference
+    demo.send_signal(signal.SIGTERM)
+    assert demo.wait(timeout=60) == 0
+    _, alive = psutil.wait_procs(children, timeout=20)
+    assert not alive, [p.cmdline() for p in alive]
