@@ -32,9 +32,12 @@ $(STAMP): $(VENV)/bin/python pyproject.toml
 	touch $(STAMP)
 
 # The CPU build of PyTorch first, so the test extra's "torch>=..." is already satisfied.
+# grafana-client gets a venv of its own (see pyproject.toml), for the `dashboards push` test.
 $(TEST_STAMP): $(STAMP) pyproject.toml
 	$(PY) -m pip install -q '$(TORCH)'
 	$(PY) -m pip install -q -e '.[all,test]'
+	$(PYTHON) -m venv .venv-grafana
+	.venv-grafana/bin/python -m pip install -q -e '.[grafana]'
 	touch $(TEST_STAMP)
 
 # Debian's Prometheus and Alertmanager (promtool comes with prometheus) and Chromium for the
@@ -56,4 +59,4 @@ bench: $(STAMP)
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) .fleetscope .pytest_cache test-artifacts
+	rm -rf $(VENV) .venv-grafana .fleetscope .pytest_cache test-artifacts

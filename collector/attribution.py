@@ -47,7 +47,8 @@ def gpu_causes(gpu: pl.DataFrame, peers: pl.DataFrame) -> list[dict]:
         causes.append({"cause": "power_cap", "score": min(1.0, cap) * 0.9,
                        "evidence": {"share_of_samples_capped": round(cap, 3), "power_limit_watts": gpu["power_limit_watts"].min()}})
     hw = _share(gpu, HW_SLOWDOWN_BITS)
-    if hw >= 0.2 and hw > _share(peers, HW_SLOWDOWN_BITS) + 0.1:
+    # NVML sets its hw_slowdown bit with hw_thermal_slowdown too: only a slowdown without heat is news.
+    if hw >= 0.2 and hw > _share(peers, HW_SLOWDOWN_BITS) + 0.1 and not any(c["cause"] == "thermal_slowdown" for c in causes):
         causes.append({"cause": "hw_slowdown", "score": min(1.0, hw), "evidence": {"share_of_samples": round(hw, 3)}})
     clock, peers_clock = _clock_ratio(gpu), _clock_ratio(peers)
     if clock is not None and peers_clock is not None and clock < 0.92 * peers_clock and not causes:

@@ -171,22 +171,30 @@ class SloLedger:
                 for minute in [m for m in bins if m < horizon]:
                     del bins[minute]
                 budget = 1 - slo.objective
-                burn = {}
+                burn, counts = {}, {}
                 for window, seconds in WINDOWS_S.items():
                     good, total = self._window(slo.name, now, seconds)
                     burn[window] = ((total - good) / total / budget) if total else 0.0
+                    counts[window] = total
                 good, total = self._window(slo.name, now, slo.window_days * 86400)
                 spent = ((total - good) / total / budget) if total else 0.0
                 out.append({"slo": slo.name, "service": slo.service, "model": slo.model, "indicator": slo.indicator,
                             "objective": slo.objective, "threshold_s": slo.threshold_s, "burn_rate": burn,
+                            "requests_by_window": counts,
                             "requests": total, "good": good, "error_budget_remaining_ratio": 1 - spent})
         return out
 
 
+MIN_REQUESTS = 100  # fewer requests than this in a rule's long window: too few to judge a burn rate
+
+
 def burning(report: list[dict]) -> list[dict]:
-    """The SRE workbook's multiwindow, multi-burn-rate alerts: both windows of a pair above its rate."""
+    """The SRE workbook's multiwindow, multi-burn-rate alerts: both windows of a pair above its rate
+    (and, for findings, enough requests in the long window to mean something)."""
     out = []
     for r in report:
+        if r.get("requests_by_window") and r["requests_by_window"]["5m"] < MIN_REQUESTS and r["requests"] < MIN_REQUESTS:
+            continue
         for long, short, rate, severity in RULES:
             if r["burn_rate"][long] >= rate and r["burn_rate"][short] >= rate:
                 out.append({**r, "rule": f"{long}/{short} >= {rate}", "severity": severity})

@@ -105,11 +105,15 @@ def _dashboard(args: argparse.Namespace) -> int:
 
 
 def _dashboards_push(args: argparse.Namespace) -> int:
-    from dashboards.grafana.push import push
-
     token = args.token or os.environ.get("GRAFANA_TOKEN")
     if not token:
         print("fleetscope dashboards push: give a Grafana service-account token (--token or $GRAFANA_TOKEN)", file=sys.stderr)
+        return 2
+    try:
+        from dashboards.grafana.push import push
+    except ImportError:
+        print("fleetscope dashboards push: needs grafana-client: pip install 'fleetscope[grafana]' "
+              "(in an environment of its own, see pyproject.toml)", file=sys.stderr)
         return 2
     try:
         for title, url in push(args.url, token, folder=args.folder):
