@@ -29,9 +29,10 @@ if not findings:
 for f in findings:
     subject = ", ".join(f"{k} {v}" for k, v in f["subject"].items() if v is not None)
     age = time.time() - f["start_ts"]
-    title = f"{'🔴' if f['severity'] == 'page' else '🟠'} {f['kind']}: {subject} (since {age / 60:.0f} min)"
+    # Plain words, not emoji: consoles on servers often lack an emoji font.
+    title = f"{f['severity'].upper()} · {f['kind']}: {subject} (since {age / 60:.0f} min)"
     if not f["active"]:
-        title = f"✅ resolved · {f['kind']}: {subject}"
+        title = f"resolved · {f['kind']}: {subject}"
     with st.expander(title, expanded=f["active"]):
         causes = f.get("probable_causes") or []
         if causes:
