@@ -1,5 +1,7 @@
 """`make bench`: run every benchmark and print its figures."""
 
-from bench import agent_overhead
+from bench import agent_overhead, console, detection
 
-agent_overhead.main()
+agent_overhead.main([])
+detection.main(["--quick"])
+console.main()
