@@ -244,3 +244,12 @@ def step_time_change(steps: pl.DataFrame) -> pl.DataFrame:
         .with_columns((pl.col("recent_s") / pl.col("baseline_s") - 1).alias("change_ratio"))
         .sort("job")
     )
+
+
+def rank_step_matrix(steps: pl.DataFrame, job: str, last: int = 100) -> pl.DataFrame:
+    """Per step and rank of `job`'s last steps: compute time over the step's median (1.0 = typical), for a heatmap."""
+    rows = steps.filter(pl.col("job") == job)
+    rows = rows.filter(pl.col("step") > pl.col("step").max() - last)
+    return (compute_times(rows)
+            .with_columns((pl.col("compute_s") / pl.col("compute_s").median().over("stage", "step")).alias("relative"))
+            .select("step", "rank", "node", "compute_s", "relative").sort("step", "rank"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import altair as alt
 import polars as pl
 import streamlit as st
 
@@ -39,12 +40,29 @@ for f in job_findings:
 
 st.subheader("Step time")
 if series.height:
-    st.line_chart(
-        series.select("step", "step_time_p50_s", "step_time_p95_s", "step_time_max_s").to_pandas(),
-        x="step",
-        y=["step_time_p50_s", "step_time_p95_s", "step_time_max_s"],
-        y_label="seconds",
+    frame = series.select("step", "step_time_p50_s", "step_time_p95_s", "step_time_max_s").to_pandas()
+    band = alt.Chart(frame).mark_area(opacity=0.3).encode(
+        x=alt.X("step:Q", title="step"), y=alt.Y("step_time_p50_s:Q", title="seconds"), y2="step_time_p95_s:Q")
+    median = alt.Chart(frame).mark_line().encode(x="step:Q", y="step_time_p50_s:Q")
+    worst = alt.Chart(frame).mark_line(strokeDash=[4, 3], color="firebrick").encode(x="step:Q", y="step_time_max_s:Q")
+    st.altair_chart((band + median + worst).properties(height=260), width="stretch")
+    st.caption("Line: median over ranks; band: median to 95th percentile; dashed: the slowest rank.")
+
+st.subheader("Ranks over time")
+matrix = pl.DataFrame(collector.get(f"/v1/jobs/{job}/matrix", last=100).get("cells") or [])
+if matrix.height:
+    if matrix["rank"].n_unique() > 256:  # too many rows to read: keep the ranks that were slowest
+        slowest = matrix.group_by("rank").agg(pl.col("relative").median()).sort("relative", descending=True).head(64)
+        matrix = matrix.filter(pl.col("rank").is_in(slowest["rank"].to_list()))
+        st.caption("The 64 ranks with the highest median relative compute time.")
+    heat = alt.Chart(matrix.to_pandas()).mark_rect().encode(
+        x=alt.X("step:O", title="step", axis=alt.Axis(labelOverlap=True)),
+        y=alt.Y("rank:O", title="rank"),
+        color=alt.Color("relative:Q", title="compute / median", scale=alt.Scale(scheme="redyellowblue", reverse=True,
+                                                                                 domain=[0.9, 1.2], clamp=True)),
+        tooltip=["rank", "node", "step", "compute_s", "relative"],
     )
+    st.altair_chart(heat.properties(height=max(160, 8 * matrix["rank"].n_unique())), width="stretch")
 
 st.subheader("Ranks")
 ranks = pl.DataFrame(detail.get("ranks") or [])

@@ -113,3 +113,16 @@ def test_health_events_are_spans_of_trouble_and_new_xids():
     frame = pl.DataFrame(rows, schema={k: SCHEMAS["gpus"][k] for k in ("ts", "node", "index", "uuid", "up", "health", "health_reasons", "xid_total")})
     events = health_events(frame, "n").select("health", "reasons", "from_ts", "to_ts").rows()
     assert events == [("xid", "2 new XID(s)", 3.0, 3.0), ("degraded", "hw_thermal_slowdown", 2.0, 3.0)]
+
+
+def test_rank_step_matrix_is_relative_to_the_steps_median():
+    from collector.training import rank_step_matrix
+
+    frame = steps([
+        {"job": "j", "rank": r, "step": s, "ts": float(s), "duration_s": 2.0,
+         "metrics": [{"name": "sync_arrival_s", "value": 1.5 if r == 2 else 1.0}]}
+        for s in range(3) for r in range(3)
+    ])
+    got = rank_step_matrix(frame, "j", last=2)
+    assert got["step"].unique().sort().to_list() == [1, 2]
+    assert got.filter(pl.col("rank") == 2)["relative"].to_list() == [1.5, 1.5]

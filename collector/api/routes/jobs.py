@@ -6,7 +6,7 @@ import polars as pl
 from fastapi import APIRouter, HTTPException, Query
 
 from collector.api.deps import ReadAuth, StoreDep
-from collector.training import jobs_overview, rank_breakdown, rank_step_quantiles, step_series, with_mfu
+from collector.training import jobs_overview, rank_breakdown, rank_step_matrix, rank_step_quantiles, step_series, with_mfu
 
 router = APIRouter(tags=["training"], dependencies=[ReadAuth])
 
@@ -36,3 +36,10 @@ def get_job(job: str, store: StoreDep) -> dict:
 def get_job_steps(job: str, store: StoreDep, last: int = Query(500, ge=1, le=100_000)) -> dict:
     steps = _job_steps(store, job)
     return {"job": job, "steps": step_series(steps, job, last=last).to_dicts()}
+
+
+@router.get("/v1/jobs/{job}/matrix")
+def get_job_matrix(job: str, store: StoreDep, last: int = Query(100, ge=1, le=1000)) -> dict:
+    """Each rank's compute time relative to its stage's median, per step of the last `last` steps."""
+    steps = _job_steps(store, job)
+    return {"job": job, "cells": rank_step_matrix(steps, job, last).to_dicts()}
