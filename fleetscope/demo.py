@@ -162,6 +162,41 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt  # SIGTERM stops the demo as Ctrl-C does: every child is stopped too
 
 
+def alertmanager_config(webhook: str) -> str:
+    """The project's routing and inhibitions (alerts/alertmanager.yml), with both receivers pointed at the demo."""
+    routing = REPO / "alerts" / "alertmanager.yml"
+    if not routing.exists():
+        return ALERTMANAGER_CONFIG
+    text = routing.read_text()
+    for kind in ("page", "ticket"):
+        text = text.replace(f"http://127.0.0.1:9/fleetscope-{kind}-webhook-placeholder", f"{webhook}/{kind}")
+    return text
+
+
+def notifications_url() -> str:
+    """A webhook in this process that prints each notification, so the story's alerts show in the terminal."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    import json
+    import threading
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+            for alert in body.get("alerts", []):
+                if alert.get("status") == "firing":
+                    print(f"  ALERT [{self.path.strip('/')}] {alert['labels'].get('alertname')}: "
+                          f"{alert.get('annotations', {}).get('summary', '')}", flush=True)
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}"
+
+
 def main(args) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     py = sys.executable
@@ -210,7 +245,7 @@ def main(args) -> int:
                                       f"--storage.tsdb.path={workdir / 'prometheus-data'}",
                                       f"--web.listen-address=127.0.0.1:{PROMETHEUS_PORT}"])
             if am:
-                (workdir / "alertmanager.yml").write_text(ALERTMANAGER_CONFIG)
+                (workdir / "alertmanager.yml").write_text(alertmanager_config(notifications_url()))
                 demo.start("alertmanager", [am, f"--config.file={workdir / 'alertmanager.yml'}",
                                             f"--storage.path={workdir / 'alertmanager-data'}",
                                             f"--web.listen-address=127.0.0.1:{ALERTMANAGER_PORT}", "--cluster.listen-address="])
