@@ -138,7 +138,7 @@ DEMO_SLOS = """# Written by `fleetscope demo`.
 name = "chat-ttft"
 service = "chat"
 indicator = "ttft"
-threshold_s = 0.25
+threshold_s = 0.3
 objective = 0.99
 
 [[slo]]
