@@ -125,3 +125,18 @@ def test_push_without_grafana_client_says_how_to_get_it(capsys):
         pytest.skip("grafana-client is installed in this environment")
     assert cli(["dashboards", "push", "--url", "http://127.0.0.1:1", "--token", "t"]) == 2
     assert "fleetscope[grafana]" in capsys.readouterr().err
+
+
+def test_the_compose_file_follows_the_compose_specification():
+    import jsonschema
+
+    schema = json.loads((ROOT / "tests" / "fixtures" / "compose-spec.json").read_text())
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    errors = [f"{'/'.join(map(str, e.path))}: {e.message}" for e in jsonschema.Draft7Validator(schema).iter_errors(compose)]
+    assert not errors, errors
+    assert {"collector", "agent", "console", "prometheus", "alertmanager", "grafana"} <= set(compose["services"])
+    for service in compose["services"].values():  # every file a service mounts is in the repository
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("./"):
+                assert (ROOT / source).exists(), source
