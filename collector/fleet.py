@@ -35,8 +35,14 @@ def fleet_gpus(gpus: pl.DataFrame) -> pl.DataFrame:
 
 def node_series(hosts: pl.DataFrame, gpus: pl.DataFrame, node: str, since: float) -> tuple[pl.DataFrame, pl.DataFrame]:
     """A node's host and GPU frames since `since`, for its time series."""
-    host = hosts.filter((pl.col("node") == node) & (pl.col("ts") >= since)).select(
-        "ts", "cpu_utilization_ratio", "memory_used_bytes", "memory_total_bytes", "load1").sort("ts")
+    def rate(column: str) -> pl.Expr:  # per second between frames; a counter that went down (a restart) gives null
+        delta = pl.col(column).diff()
+        return pl.when(delta >= 0).then(delta / pl.col("ts").diff()).alias(column.replace("_total", "_per_second"))
+
+    host = hosts.filter((pl.col("node") == node) & (pl.col("ts") >= since)).sort("ts").select(
+        "ts", "cpu_utilization_ratio", "memory_used_bytes", "memory_total_bytes", "load1",
+        rate("network_receive_bytes_total"), rate("network_transmit_bytes_total"),
+        rate("disk_read_bytes_total"), rate("disk_written_bytes_total"))
     gpu = gpus.filter((pl.col("node") == node) & (pl.col("ts") >= since)).select(
         "ts", "index", "utilization_ratio", "temperature_celsius", "power_watts", "sm_clock_hertz", "health").sort("ts", "index")
     return host, gpu

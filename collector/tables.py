@@ -39,7 +39,9 @@ SCHEMAS: dict[str, dict[str, pl.DataType]] = {
         "ts": pl.Float64, "node": pl.String, "cpu_utilization_ratio": pl.Float64, "memory_used_bytes": pl.Int64,
         "memory_total_bytes": pl.Int64, "load1": pl.Float64, "gpu_count": pl.Int64, "sources_down": pl.List(pl.String),
         "cluster": pl.String, "rack": pl.String, "network_errors_total": pl.Float64, "infiniband_errors_total": pl.Float64,
-        "memory_stalled_seconds_total": pl.Float64, "agent_id": pl.String,
+        "memory_stalled_seconds_total": pl.Float64, "network_receive_bytes_total": pl.Float64,
+        "network_transmit_bytes_total": pl.Float64, "disk_read_bytes_total": pl.Float64, "disk_written_bytes_total": pl.Float64,
+        "agent_id": pl.String,
     },
     "gpus": {
         "ts": pl.Float64, "node": pl.String, "index": pl.Int64, "uuid": pl.String, "name": pl.String, "up": pl.Boolean,
@@ -106,7 +108,11 @@ def batch_rows(batch: Batch) -> dict[str, list[dict]]:
             "gpu_count": sum(1 for g in fr.gpus if g.up), "sources_down": list(fr.sources_down),
             "cluster": fr.labels.get("cluster"), "rack": fr.labels.get("rack"),
             "network_errors_total": fr.network_errors_total, "infiniband_errors_total": fr.infiniband_errors_total,
-            "memory_stalled_seconds_total": fr.memory_stalled_seconds_total, "agent_id": batch.agent_id,
+            "memory_stalled_seconds_total": fr.memory_stalled_seconds_total,
+            "network_receive_bytes_total": fr.network_receive_bytes_total,
+            "network_transmit_bytes_total": fr.network_transmit_bytes_total,
+            "disk_read_bytes_total": fr.disk_read_bytes_total, "disk_written_bytes_total": fr.disk_written_bytes_total,
+            "agent_id": batch.agent_id,
         })
         for g in fr.gpus:
             rows["gpus"].append({

@@ -126,6 +126,10 @@ class HostFrame(Struct, tag="host", tag_field="kind", forbid_unknown_fields=True
     network_errors_total: NonNeg | None = None  # receive + transmit errors and drops, all interfaces
     infiniband_errors_total: NonNeg | None = None  # symbol, receive, link-downed, ... all ports
     memory_stalled_seconds_total: NonNeg | None = None  # PSI memory "full"
+    network_receive_bytes_total: NonNeg | None = None  # all interfaces but loopback
+    network_transmit_bytes_total: NonNeg | None = None
+    disk_read_bytes_total: NonNeg | None = None  # all block devices
+    disk_written_bytes_total: NonNeg | None = None
     gpus: list[GpuFrame] = []
     sources_down: list[Name] = []
     labels: dict[Name, Name] = {}  # the node's place in the fleet: cluster, rack, ...

@@ -30,6 +30,7 @@ cols[5].metric("GPUs unhealthy", count.get("unhealthy", 0), help="a GPU off the 
 st.subheader("Nodes")
 st.dataframe(
     nodes.select(
+        *[c for c in ("cluster", "rack") if c in nodes.columns and nodes[c].null_count() < nodes.height],
         "node",
         pl.col("age_s").round(1).alias("last frame (s ago)"),
         (pl.col("cpu_utilization_ratio") * 100).round(1).alias("CPU %"),

@@ -24,13 +24,15 @@ except CollectorError as exc:
     st.stop()
 
 summary = detail.get("job", {})
-cols = st.columns(4)
+cols = st.columns(5)
 cols[0].metric("Ranks", summary.get("ranks"))
 cols[1].metric("Last step", summary.get("last_step"))
 p50 = summary.get("step_time_p50_s")
 cols[2].metric("Step time p50", f"{p50:.3f} s" if p50 is not None else "–")
 tps = summary.get("tokens_per_s")
 cols[3].metric("Tokens/s", f"{tps:,.0f}" if tps is not None else "–")
+mfu = summary.get("mfu")
+cols[4].metric("MFU", f"{mfu:.0%}" if mfu is not None else "–", help="declare flops_per_token in fleetscope.training() to see it")
 
 job_findings = [f for f in collector.get("/v1/findings", job=job).get("findings", []) if f["active"]]
 for f in job_findings:

@@ -26,4 +26,13 @@ for row in models.iter_rows(named=True):
                    help=f"p99 {p99 * 1000:.1f} ms" if p99 is not None else None)
     st.caption(f"{row['requests']} requests, error ratio {row['error_ratio']:.2%}")
 
+slos = [s for s in collector.get("/v1/slos").get("slos", []) if s["service"] == service]
+if slos:
+    st.subheader("SLOs")
+    st.dataframe([{"slo": s["slo"], "objective": s["objective"],
+                   "attained": round(s["good"] / s["requests"], 4) if s["requests"] else None,
+                   "budget left": round(s["error_budget_remaining_ratio"], 4),
+                   **{f"burn {w}": round(v, 2) for w, v in s["burn_rate"].items()}} for s in slos],
+                 hide_index=True, width="stretch")
+
 refresh()

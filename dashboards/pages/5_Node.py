@@ -43,6 +43,15 @@ if host.height:
     st.subheader("CPU and memory")
     st.line_chart(host.select("time", "cpu_utilization_ratio", "memory_used_ratio").to_pandas(), x="time",
                   y=["cpu_utilization_ratio", "memory_used_ratio"])
+    left, right = st.columns(2)
+    with left:
+        st.subheader("Network (bytes/s)")
+        st.line_chart(host.select("time", "network_receive_bytes_per_second", "network_transmit_bytes_per_second").to_pandas(),
+                      x="time", y=["network_receive_bytes_per_second", "network_transmit_bytes_per_second"])
+    with right:
+        st.subheader("Disks (bytes/s)")
+        st.line_chart(host.select("time", "disk_read_bytes_per_second", "disk_written_bytes_per_second").to_pandas(),
+                      x="time", y=["disk_read_bytes_per_second", "disk_written_bytes_per_second"])
 
 st.subheader("GPUs now")
 if latest:

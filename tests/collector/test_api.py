@@ -255,3 +255,16 @@ def test_throughput_and_mfu_when_the_job_declares_its_flops_per_token(client):
     assert job["mfu"] == pytest.approx(200_000 * 4.0e9 / (2 * 989e12))
     text = client.get("/metrics", headers=R).text
     assert 'fleetscope_training_mfu_ratio{training_job="mfu"}' in text
+
+
+def test_node_series_give_network_and_disk_rates(client):
+    import time as _time
+
+    now = _time.time()
+    frames = [{"v": 1, "kind": "host", "node": "n9", "ts": now - 10 + 5 * i, "cpu_utilization_ratio": 0.5,
+               "network_receive_bytes_total": 1000.0 + 5000.0 * i, "disk_written_bytes_total": 10.0 * i} for i in range(3)]
+    post(client, batch(0, frames=frames))
+    host = client.get("/v1/nodes/n9/series?minutes=5", headers=R).json()["host"]
+    assert [h["network_receive_bytes_per_second"] for h in host] == [None, 1000.0, 1000.0]
+    assert host[2]["disk_written_bytes_per_second"] == 2.0
+    assert client.get("/v1/nodes/nobody/series", headers=R).status_code == 404
