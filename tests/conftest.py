@@ -12,6 +12,16 @@ from typing import Callable
 import pytest
 
 
+@pytest.fixture
+def udp():
+    """A UDP socket on loopback standing in for the agent's event socket."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(2)
+    yield sock
+    sock.close()
+
+
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
     with socket.socket(socket.AF_INET, kind) as s:
         s.bind(("127.0.0.1", 0))

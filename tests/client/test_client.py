@@ -14,15 +14,6 @@ import fleetscope
 from fleetscope.client import MAX_DATAGRAM_BYTES, Emitter
 
 
-@pytest.fixture
-def udp():
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.settimeout(2)
-    yield sock
-    sock.close()
-
-
 def receive(sock) -> dict:
     data, _ = sock.recvfrom(65535)
     return json.loads(data)
