@@ -47,8 +47,10 @@ st.dataframe(
 
 if gpus.height:
     st.subheader("GPUs")
-    measure = st.radio(
-        "Colour by", ["health", "utilization", "temperature", "power"], horizontal=True, key="gpu_measure"
+    has_health = "health" in gpus.columns and gpus["health"].null_count() < gpus.height
+    measure = st.radio(  # health first, when the agents report it (older agents do not)
+        "Colour by", ["health", "utilization", "temperature", "power"], index=0 if has_health else 1, horizontal=True,
+        key="gpu_measure",
     )
     gpus = gpus.with_columns(
         pl.col("health").cast(pl.String).replace_strict({"healthy": 0, "degraded": 1, "unhealthy": 2}, default=None,

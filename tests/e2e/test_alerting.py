@@ -20,7 +20,10 @@ from tests.conftest import free_port, http_get, require_binary, wait_until
 from tests.e2e.conftest import INGEST, READ
 
 ALERTS = Path(__file__).resolve().parents[2] / "alerts"
-FAULT_AT_S = 10
+# Prometheus must have scraped the XID counters at 0 before an XID happens: increase() cannot see a
+# counter's first step if its first sample is already 1. The agent starts after Prometheus, and the fault
+# comes after a few scrapes.
+FAULT_AT_S = 20
 SCENARIO = f"""
 [[fault]]
 at_s = {FAULT_AT_S}
@@ -89,9 +92,21 @@ def test_a_gpu_off_the_bus_pages_once_and_tickets_are_routed_and_silenced(procs,
                                  headers={"Content-Type": "application/json"}, method="POST")
     assert urllib.request.urlopen(req).status == 200
 
+    metrics_port, events_port = free_port(), free_port(socket.SOCK_DGRAM)
+    prom_port = free_port()
+    (tmp_path / "prometheus.yml").write_text(
+        "global: {scrape_interval: 5s, evaluation_interval: 5s}\n"
+        f"rule_files: ['{ALERTS / 'fleetscope.rules.yml'}']\n"
+        f"alerting: {{alertmanagers: [{{static_configs: [{{targets: ['127.0.0.1:{am_port}']}}]}}]}}\n"
+        f"scrape_configs:\n  - job_name: fleetscope-agent\n    static_configs:\n      - targets: ['127.0.0.1:{metrics_port}']\n"
+        f"  - job_name: fleetscope-collector\n    authorization: {{credentials: '{READ}'}}\n"
+        f"    static_configs:\n      - targets: ['127.0.0.1:{collector.port}']\n")
+    procs("prometheus", [prometheus, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                         f"--web.listen-address=127.0.0.1:{prom_port}"])
+    wait_until(lambda: http_get(f"http://127.0.0.1:{prom_port}/-/ready")[0] == 200, what="Prometheus", timeout=60)
+
     scenario = tmp_path / "faults.toml"
     scenario.write_text(SCENARIO)
-    metrics_port, events_port = free_port(), free_port(socket.SOCK_DGRAM)
     agent_started = time.time()
     procs("agent", [sys.executable, "-m", "fleetscope", "agent", "--node", "alert-node", "--gpu-backend", "simulated",
                     "--gpus", "4", "--expected-gpus", "4", "--scenario", str(scenario), "--interval", "1",
@@ -105,17 +120,6 @@ def test_a_gpu_off_the_bus_pages_once_and_tickets_are_routed_and_silenced(procs,
     for _ in range(20):
         with run.step(tokens=1):
             time.sleep(0.05)
-
-    prom_port = free_port()
-    (tmp_path / "prometheus.yml").write_text(
-        "global: {scrape_interval: 5s, evaluation_interval: 5s}\n"
-        f"rule_files: ['{ALERTS / 'fleetscope.rules.yml'}']\n"
-        f"alerting: {{alertmanagers: [{{static_configs: [{{targets: ['127.0.0.1:{am_port}']}}]}}]}}\n"
-        f"scrape_configs:\n  - job_name: fleetscope-agent\n    static_configs:\n      - targets: ['127.0.0.1:{metrics_port}']\n"
-        f"  - job_name: fleetscope-collector\n    authorization: {{credentials: '{READ}'}}\n"
-        f"    static_configs:\n      - targets: ['127.0.0.1:{collector.port}']\n")
-    procs("prometheus", [prometheus, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                         f"--web.listen-address=127.0.0.1:{prom_port}"])
 
     page = wait_until(lambda: [r for r in receiver.received if r[0] == "/page"], timeout=120, what="a page")
     path, arrived, alert = page[0]

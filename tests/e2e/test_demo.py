@@ -13,12 +13,27 @@ from fleetscope.demo import ALERTMANAGER_PORT, COLLECTOR_PORT, CONSOLE_PORT, PRO
 from tests.conftest import http_get, wait_until
 
 
+def holders(ports: list[int]) -> list[str]:
+    """Who holds these ports, to say so when a test cannot start."""
+    import psutil
+
+    out = []
+    for conn in psutil.net_connections(kind="inet"):
+        if conn.laddr and conn.laddr.port in ports and conn.status == psutil.CONN_LISTEN:
+            try:
+                out.append(f"{conn.laddr.port}: {' '.join(psutil.Process(conn.pid).cmdline()[:6])}")
+            except (psutil.Error, TypeError):
+                out.append(f"{conn.laddr.port}: pid {conn.pid}")
+    return out
+
+
 def test_demo_runs_every_part_and_stops_them(tmp_path):
     ports = [COLLECTOR_PORT, CONSOLE_PORT, *agent_ports(0), *agent_ports(1)]
     with_prometheus = bool(shutil.which("prometheus"))
     if with_prometheus:
         ports += [PROMETHEUS_PORT, ALERTMANAGER_PORT]
-    assert all(port_free(p) for p in ports), "the demo's ports must be free for this test"
+    busy = [p for p in ports if not port_free(p)]
+    assert not busy, f"the demo's ports must be free for this test; busy: {busy} ({holders(busy)})"
 
     out = (tmp_path / "demo.out").open("w+")
     demo = subprocess.Popen(
