@@ -25,6 +25,11 @@ class Alert:
 
 
 GPU = "GPU {{ $labels.gpu }} ({{ $labels.uuid }}) on {{ $labels.instance }}"
+# XIDs of one class that are new within the window: counted since the window began, or already above 0
+# in a series that did not exist when the window began.
+XID_NEW = ('((increase(fleetscope_gpu_xid_errors_total[{gpu.xid_window}]) > 0)'
+           ' or (fleetscope_gpu_xid_errors_total > 0 unless fleetscope_gpu_xid_errors_total offset {gpu.xid_window}))'
+           ' * on(instance, xid) group_left(name) fleetscope_gpu_xid_catalogue_info{{severity="SEVERITY"}}')
 
 ALERTS: list[Alert] = [
     # --- agent ---------------------------------------------------------------------------------
@@ -75,18 +80,16 @@ ALERTS: list[Alert] = [
           "`nvidia-smi -L` on the node; `lspci | grep -i nvidia` tells a GPU the driver lost from one the bus never saw.",
           "Drain the node from the scheduler and open a hardware case."),
     # 15 s of `for` lets FleetscopeGpuLost, which explains an XID 79 and inhibits this, fire first.
-    Alert("FleetscopeGpuXidCritical", "fleetscope-gpu",
-          '(increase(fleetscope_gpu_xid_errors_total[{gpu.xid_window}]) > 0) * on(instance, xid) group_left(name) '
-          'fleetscope_gpu_xid_catalogue_info{{severity="page"}}', "15s", "page",
+    # The `unless ... offset` half catches an XID counted before Prometheus' first scrape of a
+    # freshly started agent, whose first sample is already above 0 (invisible to increase()).
+    Alert("FleetscopeGpuXidCritical", "fleetscope-gpu", XID_NEW.replace("SEVERITY", "page"), "15s", "page",
           "XID {{ $labels.xid }} ({{ $labels.name }}) on GPU {{ $labels.gpu }} of {{ $labels.instance }}",
           GPU + " reported XID {{ $labels.xid }}: {{ $labels.name }}. The catalogue in agent/xid.py says what to do.",
           "The driver reported an XID that means the GPU or its job is broken now (e.g. 48 double-bit ECC, 63/64 row "
           "remapping, 74 NVLink, 79 fallen off the bus, 94/95 contained/uncontained ECC).",
           "`dmesg | grep -i xid` on the node shows the event with its detail; `nvidia-smi -q -d ECC,ROW_REMAPPER`.",
           "Follow the action for this code in agent/xid.py: usually drain the node and reset the GPU; replace it if the XID repeats."),
-    Alert("FleetscopeGpuXid", "fleetscope-gpu",
-          '(increase(fleetscope_gpu_xid_errors_total[{gpu.xid_window}]) > 0) * on(instance, xid) group_left(name) '
-          'fleetscope_gpu_xid_catalogue_info{{severity="ticket"}}', "0m", "ticket",
+    Alert("FleetscopeGpuXid", "fleetscope-gpu", XID_NEW.replace("SEVERITY", "ticket"), "0m", "ticket",
           "XID {{ $labels.xid }} ({{ $labels.name }}) on GPU {{ $labels.gpu }} of {{ $labels.instance }}",
           GPU + " reported XID {{ $labels.xid }}: {{ $labels.name }}, usually the application's fault (e.g. 13, 31, 43).",
           "An XID that is usually caused by the application (illegal memory access, a killed context), not the GPU.",
