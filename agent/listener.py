@@ -12,7 +12,7 @@ from typing import Callable
 import msgspec
 
 from agent.sources.base import Family, Reading
-from fleetscope.schema import Event, SchemaError, decode_event
+from fleetscope.schema import Event, SchemaError, UnsupportedVersion, decode_event
 
 log = logging.getLogger("fleetscope.agent.listener")
 
@@ -60,8 +60,11 @@ class Listener:
             return None
         try:
             event = decode_event(data)
+        except UnsupportedVersion as exc:
+            self._reject("version", str(exc))
+            return None
         except SchemaError as exc:
-            self._reject("version" if "schema version" in str(exc) else "invalid", str(exc))
+            self._reject("invalid", str(exc))
             return None
         if event.node is not None or event.gpu_uuid is not None:
             # Those fields are the agent's to set; a client that sets them is confused or lying.

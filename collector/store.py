@@ -16,7 +16,6 @@ import logging
 import os
 import threading
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -52,8 +51,6 @@ class Store:
         self._chunks: dict[str, list[pl.DataFrame]] = {k: [] for k in KINDS}
         self._unwritten: dict[str, list[pl.DataFrame]] = {k: [] for k in KINDS}
         self.watermarks: dict[str, tuple[int, float]] = {}  # agent id -> (highest applied seq, when)
-        self.counts: Counter[str] = Counter()
-        self.duplicates = 0
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.committed = self._read_checkpoint()
         for kind in KINDS:
@@ -85,7 +82,7 @@ class Store:
             if self._is_duplicate(batch):
                 skipped += 1
                 continue
-            self._apply(batch)
+            self._notify(self._apply(batch))
             replayed += 1
         if replayed or skipped:
             log.info("replayed %d batches from the WAL (%d already applied)", replayed, skipped)
@@ -96,25 +93,31 @@ class Store:
         # Agents send their batches in sequence order and resend a failed one with the same number.
         return mark is not None and batch.seq <= mark[0]
 
-    def _apply(self, batch: Batch) -> None:
+    def _apply(self, batch: Batch) -> list[tuple[str, pl.DataFrame]]:
+        """Add a batch's rows to the window; returns them for the observers (called outside the lock)."""
+        added = []
         for kind, kind_rows in batch_rows(batch).items():
             if kind_rows:
                 frame = pl.DataFrame(kind_rows, schema=SCHEMAS[kind])
                 self._chunks[kind].append(frame)
                 self._unwritten[kind].append(frame)
-                self.counts[kind] += frame.height
-                for observe in self.observers:
-                    observe(kind, frame)
+                added.append((kind, frame))
         self.watermarks[batch.agent_id] = (batch.seq, time.time())
+        return added
+
+    def _notify(self, added: list[tuple[str, pl.DataFrame]]) -> None:
+        for kind, frame in added:
+            for observe in self.observers:
+                observe(kind, frame)
 
     def ingest(self, batch: Batch, body: bytes | None = None) -> IngestResult:
         """Apply a batch once, durably: when this returns, the batch survives a crash."""
         with self._lock:
             if self._is_duplicate(batch):
-                self.duplicates += 1
                 return IngestResult(True, len(batch.events), len(batch.frames))
             self.wal.append(body if body is not None else _encode(batch))
-            self._apply(batch)
+            added = self._apply(batch)
+        self._notify(added)  # SLO bookkeeping stays off the ingest lock
         return IngestResult(False, len(batch.events), len(batch.frames))
 
     # --- reads --------------------------------------------------------------------------------

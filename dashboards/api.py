@@ -34,10 +34,6 @@ class Collector:
             raise CollectorError(f"collector answered {resp.status_code} to {path}: {resp.text[:300]}")
         return resp.json()
 
-    def frame(self, path: str, key: str, **params: Any) -> pl.DataFrame:
-        rows = self.get(path, **params).get(key) or []
-        return pl.DataFrame(rows, infer_schema_length=None) if rows else pl.DataFrame()
-
 
 @st.cache_resource(show_spinner=False)
 def _shared(url: str, token: str) -> Collector:
@@ -77,11 +73,20 @@ def refresh() -> None:
         st.rerun()
 
 
-def frames(collector: Collector, *queries: tuple[str, str]) -> list[pl.DataFrame]:
-    """Fetch (path, key) tables; on failure show why and stop the page."""
+def fetch(collector: Collector, path: str, **params: Any) -> dict:
+    """One API answer; on failure show why and stop the page."""
     try:
-        return [collector.frame(path, key) for path, key in queries]
+        return collector.get(path, **params)
     except CollectorError as exc:
         st.error(str(exc))
         st.stop()
         raise  # not reached: st.stop() ends the script run
+
+
+def frames(collector: Collector, *queries: tuple[str, str]) -> list[pl.DataFrame]:
+    """Fetch (path, key) tables; on failure show why and stop the page."""
+    out = []
+    for path, key in queries:
+        rows = fetch(collector, path).get(key) or []
+        out.append(pl.DataFrame(rows, infer_schema_length=None) if rows else pl.DataFrame())
+    return out

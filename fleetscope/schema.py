@@ -185,6 +185,10 @@ class SchemaError(ValueError):
     """A record that does not match the wire schema; the message names the field."""
 
 
+class UnsupportedVersion(SchemaError):
+    """A record without a schema version, or with one this side does not speak."""
+
+
 class MalformedError(SchemaError):
     """A body that is not JSON at all."""
 
@@ -206,9 +210,9 @@ def _check_version(data: bytes, what: str) -> str:
     if isinstance(envelope.seq, int) and isinstance(envelope.agent_id, str):
         what = f"{what} {envelope.seq} from agent {envelope.agent_id[:100]}"
     if envelope.v is None:
-        raise SchemaError(f'{what}: missing required field "v" (the schema version; this side speaks {SCHEMA_VERSION})')
+        raise UnsupportedVersion(f'{what}: missing required field "v" (the schema version; this side speaks {SCHEMA_VERSION})')
     if envelope.v != SCHEMA_VERSION:
-        raise SchemaError(f"{what}: unsupported schema version {envelope.v} (this side speaks {SCHEMA_VERSION})")
+        raise UnsupportedVersion(f"{what}: unsupported schema version {envelope.v} (this side speaks {SCHEMA_VERSION})")
     return what
 
 

@@ -6,7 +6,7 @@ import altair as alt
 import polars as pl
 import streamlit as st
 
-from dashboards.api import CollectorError, frames, page, refresh
+from dashboards.api import fetch, frames, page, refresh
 
 collector = page("Training")
 (jobs,) = frames(collector, ("/v1/jobs", "jobs"))
@@ -16,12 +16,8 @@ if jobs.height == 0:
     st.stop()
 
 job = st.selectbox("Job", jobs["job"].to_list(), key="job")
-try:
-    detail = collector.get(f"/v1/jobs/{job}")
-    series = collector.frame(f"/v1/jobs/{job}/steps", "steps", last=1000)
-except CollectorError as exc:
-    st.error(str(exc))
-    st.stop()
+detail = fetch(collector, f"/v1/jobs/{job}")
+series = pl.DataFrame(fetch(collector, f"/v1/jobs/{job}/steps", last=1000).get("steps") or [])
 
 summary = detail.get("job", {})
 cols = st.columns(5)
@@ -34,7 +30,7 @@ cols[3].metric("Tokens/s", f"{tps:,.0f}" if tps is not None else "–")
 mfu = summary.get("mfu")
 cols[4].metric("MFU", f"{mfu:.0%}" if mfu is not None else "–", help="declare flops_per_token in fleetscope.training() to see it")
 
-job_findings = [f for f in collector.get("/v1/findings", job=job).get("findings", []) if f["active"]]
+job_findings = [f for f in fetch(collector, "/v1/findings", job=job).get("findings", []) if f["active"]]
 for f in job_findings:
     causes = ", ".join(c["cause"] for c in f.get("probable_causes", [])[:3])
     where = ", ".join(f"{k} {v}" for k, v in f["subject"].items() if k != "job" and v is not None)
@@ -51,7 +47,7 @@ if series.height:
     st.caption("Line: median over ranks; band: median to 95th percentile; dashed: the slowest rank.")
 
 st.subheader("Ranks over time")
-matrix = pl.DataFrame(collector.get(f"/v1/jobs/{job}/matrix", last=100).get("cells") or [])
+matrix = pl.DataFrame(fetch(collector, f"/v1/jobs/{job}/matrix", last=100).get("cells") or [])
 if matrix.height:
     if matrix["rank"].n_unique() > 256:  # too many rows to read: keep the ranks that were slowest
         slowest = matrix.group_by("rank").agg(pl.col("relative").median()).sort("relative", descending=True).head(64)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import polars as pl
 import streamlit as st
 
-from dashboards.api import frames, page, refresh
+from dashboards.api import fetch, frames, page, refresh
 
 collector = page("Inference")
 (services,) = frames(collector, ("/v1/services", "services"))
@@ -16,7 +16,7 @@ if services.height == 0:
 
 st.dataframe(services, hide_index=True, width="stretch")
 service = st.selectbox("Service", services["service"].unique().sort().to_list(), key="service")
-models = pl.DataFrame(collector.get(f"/v1/services/{service}").get("models") or [])
+models = pl.DataFrame(fetch(collector, f"/v1/services/{service}").get("models") or [])
 for row in models.iter_rows(named=True):
     st.subheader(f"{service} · {row['model']}")
     cols = st.columns(4)
@@ -26,7 +26,7 @@ for row in models.iter_rows(named=True):
                    help=f"p99 {p99 * 1000:.1f} ms" if p99 is not None else None)
     st.caption(f"{row['requests']} requests, error ratio {row['error_ratio']:.2%}")
 
-slos = [s for s in collector.get("/v1/slos").get("slos", []) if s["service"] == service]
+slos = [s for s in fetch(collector, "/v1/slos").get("slos", []) if s["service"] == service]
 if slos:
     st.subheader("SLOs")
     st.dataframe([{"slo": s["slo"], "objective": s["objective"],

@@ -8,15 +8,11 @@ import time
 import httpx
 import streamlit as st
 
-from dashboards.api import CollectorError, page, refresh
+from dashboards.api import fetch, page, refresh
 
 collector = page("Findings")
-try:
-    findings = collector.get("/v1/findings").get("findings", [])
-    slos = collector.get("/v1/slos").get("slos", [])
-except CollectorError as exc:
-    st.error(str(exc))
-    st.stop()
+findings = fetch(collector, "/v1/findings").get("findings", [])
+slos = fetch(collector, "/v1/slos").get("slos", [])
 
 active = [f for f in findings if f["active"]]
 cols = st.columns(3)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import polars as pl
 import streamlit as st
 
-from dashboards.api import CollectorError, frames, minutes, page, refresh
+from dashboards.api import fetch, frames, minutes, page, refresh
 
 collector = page("Node")
 (nodes,) = frames(collector, ("/v1/nodes", "nodes"))
@@ -14,12 +14,8 @@ if nodes.height == 0:
     st.stop()
 
 node = st.selectbox("Node", nodes["node"].to_list(), key="node")
-try:
-    data = collector.get(f"/v1/nodes/{node}/series", minutes=minutes())
-    latest = collector.get(f"/v1/nodes/{node}").get("gpus", [])
-except CollectorError as exc:
-    st.error(str(exc))
-    st.stop()
+data = fetch(collector, f"/v1/nodes/{node}/series", minutes=minutes())
+latest = fetch(collector, f"/v1/nodes/{node}").get("gpus", [])
 
 host = pl.DataFrame(data.get("host") or [])
 gpus = pl.DataFrame(data.get("gpus") or [])
