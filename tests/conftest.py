@@ -61,3 +61,18 @@ def http_get(url: str, token: str | None = None, timeout: float = 5.0) -> tuple[
             return resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
+
+
+# `pytest -m "not e2e and not slow"` is the quick loop (about a minute): real processes on loopback
+# (tests/e2e) and the real-framework integrations (torch, transformers, lightning) are left out.
+_MARKED_DIRS = {"e2e": "e2e", "integrations": "slow"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        parts = item.path.parts
+        if "tests" in parts:
+            folder = parts[parts.index("tests") + 1] if parts.index("tests") + 1 < len(parts) else ""
+            marker = _MARKED_DIRS.get(folder)
+            if marker:
+                item.add_marker(getattr(pytest.mark, marker))
