@@ -40,13 +40,14 @@ $(TEST_STAMP): $(STAMP) pyproject.toml
 	.venv-grafana/bin/python -m pip install -q -e '.[grafana]'
 	touch $(TEST_STAMP)
 
-# Debian's Prometheus and Alertmanager (promtool comes with prometheus) and Chromium for the
-# browser tests; installed only when running as root on a machine with apt. Tests that need
-# them skip with a message saying so when they are absent.
+# Debian's Prometheus and Alertmanager (promtool comes with prometheus), VictoriaMetrics (the scale-out
+# metrics store) and Chromium for the browser tests; installed only when running as root on a machine
+# with apt. Tests that need them skip with a message saying so when they are absent.
 system-deps:
 	@missing=""; \
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	command -v prometheus-alertmanager >/dev/null || command -v alertmanager >/dev/null || missing="$$missing prometheus-alertmanager"; \
+	command -v victoria-metrics >/dev/null || missing="$$missing victoria-metrics"; \
 	command -v chromium >/dev/null || missing="$$missing chromium chromium-driver"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

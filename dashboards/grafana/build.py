@@ -3,8 +3,12 @@
     python -m dashboards.grafana.build            # write dashboards/grafana/*.json
     python -m dashboards.grafana.build --check    # exit 1 when the committed JSON is out of date
 
-Every panel queries the Prometheus data source provisioned with uid "prometheus" (deploy/grafana/);
-alerts firing in Prometheus show as annotations.
+Every panel queries the data source picked in the dashboard's `datasource` variable: the cluster's own
+Prometheus or the VictoriaMetrics it remote-writes to (both provisioned in deploy/grafana/, both of type
+prometheus). A `cluster` variable narrows every query to one cluster's series: in VictoriaMetrics each
+cluster's series carry its Prometheus' `external_labels: {cluster: ...}`; in a cluster's own Prometheus the
+label is absent and "All" (`.*`, which matches the empty value) selects everything.
+Alerts firing in Prometheus show as annotations.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models.dashboard import DataSourceRef
 
 HERE = Path(__file__).resolve().parent
-DS = DataSourceRef(type_val="prometheus", uid="prometheus")
+DS = DataSourceRef(type_val="prometheus", uid="${datasource}")
+C = 'cluster=~"$cluster"'  # the matcher every selector carries
 
 
 def q(expr: str, legend: str = "") -> prometheus.Dataquery:
@@ -38,6 +43,11 @@ def single(title: str, expr: str, unit: str = "none") -> stat.Panel:
     return stat.Panel().title(title).unit(unit).datasource(DS).span(4).height(4).with_target(q(expr).ref_id("A"))
 
 
+def datasource_variable() -> dashboard.DatasourceVariable:
+    # No `current`: Grafana starts on the provisioned default (Prometheus per cluster, VictoriaMetrics centrally).
+    return dashboard.DatasourceVariable("datasource").label("Data source").type("prometheus")
+
+
 def variable(name: str, query: str, label: str) -> dashboard.QueryVariable:
     return (dashboard.QueryVariable(name).label(label).query(query).datasource(DS)
             .include_all(True).multi(True).all_value(".*").refresh(2))  # refresh on time range change
@@ -45,42 +55,46 @@ def variable(name: str, query: str, label: str) -> dashboard.QueryVariable:
 
 # The SDK's annotation target has no PromQL field (yet): the annotation is added to the JSON in render().
 ALERTS_ANNOTATION = {
-    "name": "Firing alerts", "datasource": {"type": "prometheus", "uid": "prometheus"}, "enable": True,
-    "iconColor": "red", "expr": 'ALERTS{alertstate="firing"}', "step": "30s",
+    "name": "Firing alerts", "datasource": {"type": "prometheus", "uid": "${datasource}"}, "enable": True,
+    "iconColor": "red", "expr": f'ALERTS{{alertstate="firing", {C}}}', "step": "30s",
     "titleFormat": "{{alertname}}", "textFormat": "{{instance}} {{training_job}} {{service}}", "tagKeys": "severity",
 }
 
 
 def base(uid: str, title: str) -> dashboard.Dashboard:
-    return dashboard.Dashboard(title).uid(uid).tags(["fleetscope"]).refresh("30s").time("now-1h", "now")
+    return (dashboard.Dashboard(title).uid(uid).tags(["fleetscope"]).refresh("30s").time("now-1h", "now")
+            .with_variable(datasource_variable())
+            .with_variable(variable("cluster", "label_values(fleetscope_agent_build_info, cluster)", "Cluster")))
 
 
 def fleet() -> dashboard.Dashboard:
+    c = f"{{{C}}}"
     return (
         base("fleetscope-fleet", "fleetscope / Fleet")
         .with_row(dashboard.Row("Now"))
-        .with_panel(single("Agents up", 'sum(up{job=~"fleetscope-agent.*"})'))
-        .with_panel(single("GPUs present", "sum(fleetscope_gpus_present)"))
-        .with_panel(single("GPUs unhealthy", 'sum(fleetscope_gpu_health{state="unhealthy"})'))
-        .with_panel(single("GPUs degraded", 'sum(fleetscope_gpu_health{state="degraded"})'))
-        .with_panel(single("Active findings", "count(fleetscope_finding_active) or vector(0)"))
-        .with_panel(single("XIDs in the last hour", "sum(increase(fleetscope_gpu_xid_errors_total[1h]))"))
+        .with_panel(single("Agents up", f'sum(up{{job=~"fleetscope-agent.*", {C}}})'))
+        .with_panel(single("GPUs present", f"sum(fleetscope_gpus_present{c})"))
+        .with_panel(single("GPUs unhealthy", f'sum(fleetscope_gpu_health{{state="unhealthy", {C}}})'))
+        .with_panel(single("GPUs degraded", f'sum(fleetscope_gpu_health{{state="degraded", {C}}})'))
+        .with_panel(single("Active findings", f"count(fleetscope_finding_active{c}) or vector(0)"))
+        .with_panel(single("XIDs in the last hour", f"sum(increase(fleetscope_gpu_xid_errors_total{c}[1h]))"))
         .with_row(dashboard.Row("GPUs by node"))
         .with_panel(ts("GPU utilisation (mean per node)", "percentunit",
-                       q("avg by (instance) (fleetscope_gpu_utilization_ratio)", "{{instance}}")))
-        .with_panel(ts("Hottest GPU per node", "celsius", q("max by (instance) (fleetscope_gpu_temperature_celsius)", "{{instance}}")))
-        .with_panel(ts("GPU power per node", "watt", q("sum by (instance) (fleetscope_gpu_power_watts)", "{{instance}}")))
+                       q(f"avg by (cluster, instance) (fleetscope_gpu_utilization_ratio{c})", "{{instance}} {{cluster}}")))
+        .with_panel(ts("Hottest GPU per node", "celsius", q(f"max by (cluster, instance) (fleetscope_gpu_temperature_celsius{c})", "{{instance}} {{cluster}}")))
+        .with_panel(ts("GPU power per node", "watt", q(f"sum by (cluster, instance) (fleetscope_gpu_power_watts{c})", "{{instance}} {{cluster}}")))
         .with_panel(table.Panel().title("Why GPUs are not healthy").datasource(DS).span(12).height(8)
-                    .with_target(q("fleetscope_gpu_health_reason").instant().format("table").ref_id("A")))
+                    .with_target(q(f"fleetscope_gpu_health_reason{c}").instant().format("table").ref_id("A")))
     )
 
 
 def node() -> dashboard.Dashboard:
-    g = '{instance=~"$instance", gpu=~"$gpu"}'
+    h = f'{{{C}, instance=~"$instance"}}'
+    g = f'{{{C}, instance=~"$instance", gpu=~"$gpu"}}'
     return (
         base("fleetscope-node", "fleetscope / Node and GPU")
-        .with_variable(variable("instance", "label_values(fleetscope_agent_build_info, instance)", "Node"))
-        .with_variable(variable("gpu", 'label_values(fleetscope_gpu_up{instance=~"$instance"}, gpu)', "GPU"))
+        .with_variable(variable("instance", f"label_values(fleetscope_agent_build_info{{{C}}}, instance)", "Node"))
+        .with_variable(variable("gpu", f"label_values(fleetscope_gpu_up{h}, gpu)", "GPU"))
         .with_row(dashboard.Row("GPUs"))
         .with_panel(ts("Utilisation", "percentunit", q(f"fleetscope_gpu_utilization_ratio{g}", "{{instance}} GPU {{gpu}}")))
         .with_panel(ts("Temperature and slowdown point", "celsius",
@@ -92,30 +106,30 @@ def node() -> dashboard.Dashboard:
                        q(f"fleetscope_gpu_sm_clock_hertz{g} / fleetscope_gpu_sm_clock_max_hertz{g}", "{{instance}} GPU {{gpu}}")))
         .with_panel(ts("Memory used", "bytes", q(f"fleetscope_gpu_memory_used_bytes{g}", "{{instance}} GPU {{gpu}}")))
         .with_panel(ts("Clock events holding clocks down", "none",
-                       q(f'fleetscope_gpu_clock_event_active{{instance=~"$instance", gpu=~"$gpu", reason!="gpu_idle"}} == 1',
+                       q(f'fleetscope_gpu_clock_event_active{{{C}, instance=~"$instance", gpu=~"$gpu", reason!="gpu_idle"}} == 1',
                          "{{instance}} GPU {{gpu}} {{reason}}")))
         .with_panel(ts("XIDs", "none", q(f"increase(fleetscope_gpu_xid_errors_total{g}[5m])", "{{instance}} GPU {{gpu}} XID {{xid}}")))
         .with_panel(ts("ECC errors", "none", q(f"fleetscope_gpu_ecc_errors_total{g}", "{{instance}} GPU {{gpu}} {{type}} {{counter}}")))
         .with_panel(ts("PCIe throughput", "Bps", q(f"fleetscope_gpu_pcie_receive_bytes_per_second{g}", "rx {{instance}} GPU {{gpu}}"),
                        q(f"fleetscope_gpu_pcie_transmit_bytes_per_second{g}", "tx {{instance}} GPU {{gpu}}")))
-        .with_panel(ts("NVLink errors", "ops", q(f"sum by (instance, gpu, type) (rate(fleetscope_gpu_nvlink_errors_total{g}[5m]))",
+        .with_panel(ts("NVLink errors", "ops", q(f"sum by (cluster, instance, gpu, type) (rate(fleetscope_gpu_nvlink_errors_total{g}[5m]))",
                                                  "{{instance}} GPU {{gpu}} {{type}}")))
         .with_row(dashboard.Row("Host"))
-        .with_panel(ts("CPU utilisation", "percentunit", q('fleetscope_cpu_utilization_ratio{instance=~"$instance"}', "{{instance}}")))
-        .with_panel(ts("Memory available", "bytes", q('fleetscope_memory_available_bytes{instance=~"$instance"}', "{{instance}}")))
+        .with_panel(ts("CPU utilisation", "percentunit", q(f"fleetscope_cpu_utilization_ratio{h}", "{{instance}}")))
+        .with_panel(ts("Memory available", "bytes", q(f"fleetscope_memory_available_bytes{h}", "{{instance}}")))
         .with_panel(ts("Network", "Bps",
-                       q('sum by (instance) (rate(fleetscope_network_receive_bytes_total{instance=~"$instance"}[5m]))', "rx {{instance}}"),
-                       q('sum by (instance) (rate(fleetscope_network_transmit_bytes_total{instance=~"$instance"}[5m]))', "tx {{instance}}")))
+                       q(f"sum by (cluster, instance) (rate(fleetscope_network_receive_bytes_total{h}[5m]))", "rx {{instance}}"),
+                       q(f"sum by (cluster, instance) (rate(fleetscope_network_transmit_bytes_total{h}[5m]))", "tx {{instance}}")))
         .with_panel(ts("Disk busy", "percentunit",
-                       q('rate(fleetscope_disk_io_time_seconds_total{instance=~"$instance"}[5m])', "{{instance}} {{device}}")))
+                       q(f"rate(fleetscope_disk_io_time_seconds_total{h}[5m])", "{{instance}} {{device}}")))
     )
 
 
 def training() -> dashboard.Dashboard:
-    j = '{training_job=~"$training_job"}'
+    j = f'{{{C}, training_job=~"$training_job"}}'
     return (
         base("fleetscope-training", "fleetscope / Training job")
-        .with_variable(variable("training_job", "label_values(fleetscope_training_last_step, training_job)", "Job"))
+        .with_variable(variable("training_job", f"label_values(fleetscope_training_last_step{{{C}}}, training_job)", "Job"))
         .with_panel(ts("Median step time", "s", q(f"fleetscope_training_step_time_p50_seconds{j}", "{{training_job}}")))
         .with_panel(ts("Tokens per second", "short", q(f"fleetscope_training_tokens_per_second{j}", "{{training_job}}")))
         .with_panel(ts("MFU", "percentunit", q(f"fleetscope_training_mfu_ratio{j}", "{{training_job}}")))
@@ -131,10 +145,10 @@ def training() -> dashboard.Dashboard:
 
 
 def inference() -> dashboard.Dashboard:
-    s = '{service=~"$service"}'
+    s = f'{{{C}, service=~"$service"}}'
     return (
         base("fleetscope-inference", "fleetscope / Inference service")
-        .with_variable(variable("service", "label_values(fleetscope_inference_e2e_p95_seconds, service)", "Service"))
+        .with_variable(variable("service", f"label_values(fleetscope_inference_e2e_p95_seconds{{{C}}}, service)", "Service"))
         .with_panel(ts("End-to-end p95", "s", q(f"fleetscope_inference_e2e_p95_seconds{s}", "{{service}} {{model}}")))
         .with_panel(ts("Time to first token p95", "s", q(f"fleetscope_inference_ttft_p95_seconds{s}", "{{service}} {{model}}")))
         .with_panel(ts("Error ratio", "percentunit", q(f"fleetscope_inference_error_ratio{s}", "{{service}} {{model}}")))

@@ -26,14 +26,34 @@ def test_every_dashboard_has_panels_variables_and_the_alert_annotation():
     for path, text in files.items():
         doc = json.loads(text)
         assert panel_queries(text), path.name
-        assert any(a.get("expr") == 'ALERTS{alertstate="firing"}' for a in doc["annotations"]["list"])
+        assert any(a.get("expr", "").startswith('ALERTS{alertstate="firing"') for a in doc["annotations"]["list"])
         for panel in doc["panels"]:
             targets = panel.get("targets", [])
-            assert all(t["datasource"]["uid"] == "prometheus" for t in targets)
+            assert all(t["datasource"] == {"type": "prometheus", "uid": "${datasource}"} for t in targets)
             assert len({t["refId"] for t in targets}) == len(targets) and all(t["refId"] for t in targets), panel["title"]
     variables = {json.loads(t)["uid"]: [v["name"] for v in json.loads(t)["templating"].get("list", [])] for t in files.values()}
-    assert variables["fleetscope-node"] == ["instance", "gpu"]
-    assert variables["fleetscope-training"] == ["training_job"] and variables["fleetscope-inference"] == ["service"]
+    assert variables["fleetscope-node"] == ["datasource", "cluster", "instance", "gpu"]
+    assert variables["fleetscope-training"] == ["datasource", "cluster", "training_job"]
+    assert variables["fleetscope-inference"] == ["datasource", "cluster", "service"]
+
+
+def test_every_dashboard_reads_prometheus_or_victoriametrics_and_narrows_to_a_cluster():
+    provisioned = yaml.safe_load((ROOT / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text())["datasources"]
+    by_uid = {d["uid"]: d for d in provisioned}
+    assert by_uid["prometheus"]["url"] == "http://prometheus:9090"
+    assert by_uid["victoriametrics"]["url"] == "http://victoriametrics:8428"
+    for path, text in render().items():
+        doc = json.loads(text)
+        variables = {v["name"]: v for v in doc["templating"]["list"]}
+        # a data-source variable of the plugin type both sources share: each is one pick away on every dashboard
+        assert variables["datasource"]["type"] == "datasource", path.name
+        assert {d["type"] for d in provisioned} == {variables["datasource"]["query"]}
+        assert variables["cluster"]["includeAll"] and variables["cluster"]["allValue"] == ".*", path.name
+        annotation_sources = [a["datasource"]["uid"] for a in doc["annotations"]["list"] if "expr" in a]
+        variable_sources = [v["datasource"]["uid"] for v in variables.values() if v["type"] == "query"]
+        assert set(annotation_sources + variable_sources) == {"${datasource}"}, path.name
+        for title, expr in panel_queries(text):
+            assert 'cluster=~"$cluster"' in expr, (path.name, title)
 
 
 def test_provisioning_points_grafana_at_prometheus_and_the_dashboards():
@@ -41,6 +61,15 @@ def test_provisioning_points_grafana_at_prometheus_and_the_dashboards():
     assert ds["datasources"][0]["uid"] == "prometheus"
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     assert "./dashboards/grafana:/var/lib/grafana/dashboards/fleetscope:ro" in compose["services"]["grafana"]["volumes"]
+
+
+def test_prometheus_remote_writes_to_the_compose_victoriametrics_with_its_cluster_label():
+    prometheus = yaml.safe_load((ROOT / "deploy/prometheus.yml").read_text())
+    assert prometheus["global"]["external_labels"]["cluster"]
+    assert [w["url"] for w in prometheus["remote_write"]] == ["http://victoriametrics:8428/api/v1/write"]
+    vm = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["victoriametrics"]
+    assert not vm["image"].endswith(":latest") and ":v1." in vm["image"]
+    assert "8428:8428" in vm["ports"] and any(flag.startswith("-retentionPeriod=") for flag in vm["command"])
 
 
 class FakeGrafana:
@@ -134,7 +163,7 @@ def test_the_compose_file_follows_the_compose_specification():
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     errors = [f"{'/'.join(map(str, e.path))}: {e.message}" for e in jsonschema.Draft7Validator(schema).iter_errors(compose)]
     assert not errors, errors
-    assert {"collector", "agent", "console", "prometheus", "alertmanager", "grafana"} <= set(compose["services"])
+    assert {"collector", "agent", "console", "prometheus", "alertmanager", "grafana", "victoriametrics"} <= set(compose["services"])
     for service in compose["services"].values():  # every file a service mounts is in the repository
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]
