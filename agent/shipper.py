@@ -48,6 +48,13 @@ def _gpu_health(snapshot: Snapshot) -> dict[str, tuple[str, list[str]]]:
     return out
 
 
+def _ecc(gpu, kind: str) -> int | None:
+    """Lifetime ECC errors of one kind (the aggregate counter; the volatile one where that is all there is)."""
+    counts = gpu.ecc_errors
+    value = counts.get((kind, "aggregate"), counts.get((kind, "volatile")))
+    return int(value) if value is not None and value >= 0 else None
+
+
 def host_frame(snapshot: Snapshot, node: str, labels: dict[str, str] | None = None) -> HostFrame:
     """The collector's view of one snapshot: a few host figures and every GPU's state."""
 
@@ -77,6 +84,11 @@ def host_frame(snapshot: Snapshot, node: str, labels: dict[str, str] | None = No
             health=health.get(g.uuid, (None, []))[0],
             health_reasons=health.get(g.uuid, (None, []))[1],
             xid_total=sum(g.xid_counts.values()) if g.xid_counts is not None else None,
+            xid_counts={str(code): n for code, n in (g.xid_counts or {}).items() if 0 <= code < 100_000},
+            ecc_corrected_total=_ecc(g, "corrected"),
+            ecc_uncorrected_total=_ecc(g, "uncorrected"),
+            remap_pending=g.remapped_rows.pending if g.remapped_rows is not None else None,
+            remap_failure=g.remapped_rows.failure if g.remapped_rows is not None else None,
         )
         for g in snapshot.gpus
     ]

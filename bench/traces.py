@@ -42,7 +42,7 @@ class Trace:
 
 def generate(t: Trace) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(steps, pauses) tables of the trace, in the collector's schemas."""
-    from collector.tables import SCHEMAS
+    from collector.tables import frame_from_rows
 
     rng = random.Random(t.seed)
     rows, pauses = [], []
@@ -67,8 +67,8 @@ def generate(t: Trace) -> tuple[pl.DataFrame, pl.DataFrame]:
                 "ts": ts, "job": t.job, "rank": rank, "local_rank": rank % t.ranks_per_node, "world_size": t.ranks,
                 "step": step, "stage": stage if t.stages > 1 else None, "duration_s": duration, "tokens": 4096,
                 "samples": 8, "failed": False,
-                "phases": [{"phase": "data", "seconds": 0.05 * c}, {"phase": "comm", "seconds": duration - c}],
-                "metrics": [{"name": "sync_arrival_s", "value": c}],
+                "phases": {"data": 0.05 * c, "comm": duration - c},
+                "metrics": {"sync_arrival_s": c},
                 "node": f"node-{rank // t.ranks_per_node:03d}", "gpu_uuid": f"GPU-{t.job}-{rank}", "pid": 1000 + rank,
                 "agent_id": f"agent-{rank // t.ranks_per_node}",
             })
@@ -81,7 +81,7 @@ def generate(t: Trace) -> tuple[pl.DataFrame, pl.DataFrame]:
                 pauses.append({"ts": ts + pause_s, "job": t.job, "rank": rank, "reason": "checkpoint", "phase": "end",
                                "duration_s": pause_s, "node": f"node-{rank // t.ranks_per_node:03d}", "agent_id": "a"})
             ts += pause_s
-    return pl.DataFrame(rows, schema=SCHEMAS["steps"]), pl.DataFrame(pauses, schema=SCHEMAS["pauses"])
+    return frame_from_rows("steps", rows), frame_from_rows("pauses", pauses)
 
 
 def end_ts(steps: pl.DataFrame) -> float:

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
-from collector.attribution import probable_causes
+from collector.attribution import SampleSource, probable_causes
+from collector.rollups import step_aggregates
 from collector.training import (REGRESSION_THRESHOLD, progress, slow_nodes, step_time_change, straggler_scores,
                                 stragglers)
 
@@ -52,12 +53,16 @@ class Signals:
     changes: pl.DataFrame
 
 
-def analyse(steps: pl.DataFrame, pauses: pl.DataFrame, gpus: pl.DataFrame, hosts: pl.DataFrame,
-            now: float) -> tuple[list[Finding], Signals | None]:
+def analyse(steps: pl.DataFrame, pauses: pl.DataFrame, now: float, *, samples: SampleSource,
+            aggs: pl.DataFrame | None = None) -> tuple[list[Finding], Signals | None]:
+    """Findings from each rank's recent steps, the per-step aggregates of each job (computed from
+    `steps` when not given) and the GPU and host samples that `samples` serves for attribution."""
     out: list[Finding] = []
     if steps.height == 0:
         return out, None
     steps = steps.filter(pl.col("step") > pl.col("step").max().over("job") - ANALYSED_STEPS)
+    if aggs is None:
+        aggs = step_aggregates(steps)
     prog = progress(steps, pauses, now)
     silent = set(prog.filter(pl.col("hung") | pl.col("stopped"))["job"].to_list())
     for row in prog.filter(pl.col("hung")).iter_rows(named=True):
@@ -69,9 +74,10 @@ def analyse(steps: pl.DataFrame, pauses: pl.DataFrame, gpus: pl.DataFrame, hosts
         out.append(Finding("stopped", "ticket", {"job": row["job"]}, row["last_progress_ts"], {
             "silence_s": round(row["silence_s"], 1), "last_step": row["last_step"]}))
 
-    live = steps.filter(~pl.col("job").is_in(list(silent)))  # a hung job's last steps say nothing new
+    live = steps.filter(~pl.col("job").cast(pl.String).is_in(list(silent)))  # a hung job's last steps say nothing new
     scores = straggler_scores(live)
-    job_peers = live.group_by("job").agg(pl.col("gpu_uuid").drop_nulls().unique(), pl.col("node").drop_nulls().unique())
+    job_peers = live.group_by(pl.col("job").cast(pl.String)).agg(pl.col("gpu_uuid").drop_nulls().cast(pl.String).unique(),
+                                                             pl.col("node").drop_nulls().cast(pl.String).unique())
     peers = {r["job"]: (r["gpu_uuid"], r["node"]) for r in job_peers.iter_rows(named=True)}
     nodes = slow_nodes(scores)
     slow_node_keys = {(r["job"], r["node"]) for r in nodes.iter_rows(named=True)}
@@ -80,7 +86,7 @@ def analyse(steps: pl.DataFrame, pauses: pl.DataFrame, gpus: pl.DataFrame, hosts
         out.append(Finding("slow_node", "page", {"job": row["job"], "node": row["node"]}, row["since_ts"] or now, {
             "slow_ranks": row["slow_rank_list"], "ranks_on_node": row["ranks"], "median_score": round(row["median_score"], 4)},
             probable_causes(node=row["node"], gpu_uuid=None, peer_gpus=gpu_peers, peer_nodes=node_peers,
-                            gpus=gpus, hosts=hosts, since=row["since_ts"] or now, until=now)))
+                            samples=samples, since=row["since_ts"] or now, until=now)))
     for row in stragglers(scores).iter_rows(named=True):
         if (row["job"], row["node"]) in slow_node_keys:
             continue  # reported once, as its node
@@ -90,8 +96,8 @@ def analyse(steps: pl.DataFrame, pauses: pl.DataFrame, gpus: pl.DataFrame, hosts
                                                  "gpu_uuid": row["gpu_uuid"]}, since, {
             "straggler_score": round(row["straggler_score"], 4), "steps_seen": row["steps_seen"], "stage": row["stage"]},
             probable_causes(node=row["node"], gpu_uuid=row["gpu_uuid"], peer_gpus=gpu_peers, peer_nodes=node_peers,
-                            gpus=gpus, hosts=hosts, since=since, until=now, data_vs_peers=row["data_vs_peers"])))
-    changes = step_time_change(live)
+                            samples=samples, since=since, until=now, data_vs_peers=row["data_vs_peers"])))
+    changes = step_time_change(aggs.filter(~pl.col("job").cast(pl.String).is_in(list(silent))))
     for row in changes.filter(pl.col("change_ratio") >= REGRESSION_THRESHOLD).iter_rows(named=True):
         out.append(Finding("regression", "ticket", {"job": row["job"]}, row["recent_since_ts"], {
             "change_ratio": round(row["change_ratio"], 4), "recent_step_s": row["recent_s"], "baseline_step_s": row["baseline_s"]}))

@@ -1,8 +1,21 @@
-"""Fleet views over the hosts and gpus tables: pure polars functions, no I/O."""
+"""Fleet views: the latest state of each node and GPU, a node's series, GPU health events (pure polars).
+
+The "now" views read the latest frame of each node and GPU; series and events read *samples*
+(collector.rollups): raw frames where the hot tier keeps them, rollups before, and the warm tier
+for what is older still.
+"""
 
 from __future__ import annotations
 
 import polars as pl
+
+from collector.rollups import HOST_COUNTERS, rollup_gpu_samples, rollup_host_samples
+
+
+def _strings(frame: pl.DataFrame) -> pl.DataFrame:
+    """Categorical and enum columns as plain strings, for JSON."""
+    return frame.with_columns(pl.col(pl.Categorical, pl.Enum).cast(pl.String),
+                              pl.col(pl.List(pl.Categorical)).cast(pl.List(pl.String)))
 
 
 def latest_per(frame: pl.DataFrame, *keys: str) -> pl.DataFrame:
@@ -11,49 +24,66 @@ def latest_per(frame: pl.DataFrame, *keys: str) -> pl.DataFrame:
 
 
 def nodes_overview(hosts: pl.DataFrame, gpus: pl.DataFrame, now: float) -> pl.DataFrame:
-    """One row per node: its latest frame, how old it is, and GPU aggregates from that same frame."""
+    """One row per node: its latest frame, how old it is, and GPU aggregates from that same frame.
+    `hosts` and `gpus` hold at least each node's and GPU's latest frame."""
     latest = latest_per(hosts, "node").with_columns((pl.lit(now) - pl.col("ts")).alias("age_s"))
     gpu_latest = gpus.join(latest.select("node", "ts"), on=["node", "ts"], how="inner")
     gpu_agg = gpu_latest.group_by("node").agg(
-        pl.col("utilization_ratio").mean().alias("gpu_utilization_mean_ratio"),
-        pl.col("temperature_celsius").max().alias("gpu_temperature_max_celsius"),
-        pl.col("power_watts").sum().alias("gpu_power_watts"),
+        pl.col("utilization_ratio").mean().cast(pl.Float64).alias("gpu_utilization_mean_ratio"),
+        pl.col("temperature_celsius").max().cast(pl.Float64).alias("gpu_temperature_max_celsius"),
+        pl.col("power_watts").sum().cast(pl.Float64).alias("gpu_power_watts"),
         (~pl.col("up")).sum().alias("gpus_down"),
     )
-    return latest.join(gpu_agg, on="node", how="left").drop("agent_id").sort("node")
+    return _strings(latest.join(gpu_agg, on="node", how="left").drop("agent_id", strict=False).sort(pl.col("node").cast(pl.String)))
 
 
 def node_gpus(gpus: pl.DataFrame, node: str) -> pl.DataFrame:
     """The latest state of each GPU of one node."""
-    return latest_per(gpus.filter(pl.col("node") == node), "index").sort("index")
+    return _strings(latest_per(gpus.filter(pl.col("node") == node), "index").sort("index"))
 
 
 def fleet_gpus(gpus: pl.DataFrame) -> pl.DataFrame:
     """The latest state of every GPU in the fleet."""
-    return latest_per(gpus, "node", "index").sort("node", "index")
+    return _strings(latest_per(gpus, "node", "index").sort(pl.col("node").cast(pl.String), "index"))
 
 
-def node_series(hosts: pl.DataFrame, gpus: pl.DataFrame, node: str, since: float) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """A node's host and GPU frames since `since`, for its time series."""
-    def rate(column: str) -> pl.Expr:  # per second between frames; a counter that went down (a restart) gives null
+def downsample_every(since: float, until: float, max_points: int, floor: float = 0.0) -> float:
+    """Bucket width (seconds) so that [since, until] has at most `max_points` buckets; 0: keep every sample."""
+    width = (until - since) / max(1, max_points)
+    return 0.0 if width <= floor else width
+
+
+def node_series(host: pl.DataFrame, gpu: pl.DataFrame, since: float, until: float,
+                max_points: int) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """A node's host and GPU samples over [since, until], at most `max_points` per series, for its charts.
+    Counters become per-second rates between points (null across an agent restart)."""
+    every = downsample_every(since, until, max_points)
+    if every and host.height > max_points:
+        host = rollup_host_samples(host, every)
+    if every and gpu.height > max_points * max(1, gpu["uuid"].n_unique()):
+        gpu = rollup_gpu_samples(gpu, every)
+
+    def rate(column: str) -> pl.Expr:
         delta = pl.col(column).diff()
         return pl.when(delta >= 0).then(delta / pl.col("ts").diff()).alias(column.replace("_total", "_per_second"))
 
-    host = hosts.filter((pl.col("node") == node) & (pl.col("ts") >= since)).sort("ts").select(
-        "ts", "cpu_utilization_ratio", "memory_used_bytes", "memory_total_bytes", "load1",
-        rate("network_receive_bytes_total"), rate("network_transmit_bytes_total"),
-        rate("disk_read_bytes_total"), rate("disk_written_bytes_total"))
-    gpu = gpus.filter((pl.col("node") == node) & (pl.col("ts") >= since)).select(
-        "ts", "index", "utilization_ratio", "temperature_celsius", "power_watts", "sm_clock_hertz", "health").sort("ts", "index")
+    host = host.sort("ts").select(
+        "ts", pl.col("cpu_utilization_ratio").cast(pl.Float64), "memory_used_bytes", "memory_total_bytes",
+        pl.col("load1").cast(pl.Float64), *(rate(c) for c in HOST_COUNTERS if "bytes" in c))
+    gpu = _strings(gpu.select(
+        "ts", "index", *(pl.col(c).cast(pl.Float64) for c in ("utilization_ratio", "temperature_celsius", "power_watts",
+                                                               "sm_clock_hertz")), "health").sort("ts", "index"))
     return host, gpu
 
 
-def health_events(gpus: pl.DataFrame, node: str) -> pl.DataFrame:
-    """Spans during which a GPU of the node was not healthy, with the reasons, and XIDs as they were counted."""
-    rows = gpus.filter(pl.col("node") == node).sort("index", "ts")
+def health_events(gpu: pl.DataFrame) -> pl.DataFrame:
+    """Spans during which a GPU was not healthy, with the reasons, and XIDs as they were counted
+    (from samples of one node's GPUs)."""
+    rows = gpu.sort("index", "ts")
     spans = (
         rows.filter(pl.col("health").is_in(["degraded", "unhealthy"]))
-        .with_columns(pl.col("health_reasons").list.join(", ").alias("reasons"))
+        .with_columns(pl.col("health_reasons").cast(pl.List(pl.String)).list.sort().list.join(", ").fill_null("").alias("reasons"),
+                      pl.col("health").cast(pl.String))
         .group_by("index", "health", "reasons")
         .agg(pl.col("ts").min().alias("from_ts"), pl.col("ts").max().alias("to_ts"))
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import polars as pl
 
 LATENCIES = ("e2e_s", "queue_s", "ttft_s", "tpot_s")
@@ -18,8 +20,9 @@ def services_overview(requests: pl.DataFrame) -> pl.DataFrame:
             pl.col("e2e_s").median().alias("e2e_p50_s"),
             pl.col("ttft_s").median().alias("ttft_p50_s"),
             pl.col("ts").max().alias("last_request_ts"),
-            pl.col("node").drop_nulls().unique().sort().alias("nodes"),
+            pl.col("node").drop_nulls().cast(pl.String).unique().sort().alias("nodes"),
         )
+        .with_columns(pl.col("service").cast(pl.String), pl.col("model").cast(pl.String))
         .sort("service", "model")
     )
 
@@ -43,6 +46,7 @@ def latency_quantiles(requests: pl.DataFrame, service: str) -> pl.DataFrame:
             ),
             pl.col("output_tokens").filter(ok).sum().alias("output_tokens"),
         )
+        .with_columns(pl.col("model").cast(pl.String))
         .sort("model")
     )
 
@@ -67,7 +71,7 @@ def histogram_quantile(le: list[float], counts: list[float], q: float) -> float 
 
 def server_latency_quantiles(histograms: pl.DataFrame, service: str) -> pl.DataFrame:
     """Per model and latency of a scraped service: quantiles from the sum of its histogram deltas."""
-    rows = histograms.filter(pl.col("service") == service)
+    rows = histograms.filter(pl.col("service") == service).with_columns(pl.col("model", "metric").cast(pl.String))
     out = []
     for (model, metric), group in rows.group_by("model", "metric", maintain_order=True):
         for _, part in group.group_by(pl.col("le").cast(pl.List(pl.String)).list.join(",").alias("_bounds")):
@@ -100,6 +104,59 @@ def server_overview(stats: pl.DataFrame) -> pl.DataFrame:
             pl.col("kv_cache").last().alias("kv_cache_usage_ratio"),
             pl.col("ts").max().alias("last_frame_ts"),
         )
-        .with_columns(pl.col("error_ratio").fill_nan(None), pl.col("e2e_mean_s").fill_nan(None))
+        .with_columns(pl.col("error_ratio").fill_nan(None), pl.col("e2e_mean_s").fill_nan(None),
+                      pl.col("service", "model", "kind").cast(pl.String))
         .sort("service", "model")
     )
+
+
+# --- ranges past the hot tier: bounded memory -------------------------------------------------
+# Exact quantiles need every value in memory; over days of requests that is unbounded. Past the hot
+# tier, latencies are counted in logarithmic buckets 2% wide while streaming through the warm tier,
+# and quantiles read from the counts (within 1% of the exact value).
+GAMMA = 1.02
+
+
+def _bucketed(lf: pl.LazyFrame, keys: list[str], column: str) -> pl.DataFrame:
+    ok = (pl.col("status") == "ok") & (pl.col(column) > 0)
+    return (lf.filter(ok).group_by(*keys, (pl.col(column).log() / math.log(GAMMA)).floor().cast(pl.Int32).alias("bucket"))
+            .agg(pl.len().alias("n")).collect(engine="streaming"))
+
+
+def _quantiles_from_buckets(counts: pl.DataFrame, keys: list[str], prefix: str, qs: tuple[float, ...]) -> pl.DataFrame:
+    rows = []
+    for key, group in counts.sort("bucket").group_by(keys, maintain_order=True):
+        cumulative = group["n"].cum_sum()
+        total = cumulative[-1]
+        row = dict(zip(keys, key))
+        for q in qs:
+            index = int((cumulative >= q * total).arg_max())  # type: ignore[arg-type]
+            row[f"{prefix}_p{round(q * 100)}_s"] = GAMMA ** (group["bucket"][index] + 0.5)
+        rows.append(row)
+    schema = {**{k: pl.String for k in keys}, **{f"{prefix}_p{round(q * 100)}_s": pl.Float64 for q in qs}}
+    return pl.DataFrame(rows, schema=schema)
+
+
+def latency_quantiles_approx(requests: pl.LazyFrame, service: str) -> pl.DataFrame:
+    """latency_quantiles over a lazy scan, with bucketed quantiles (bounded memory)."""
+    rows = requests.filter(pl.col("service") == service).with_columns(pl.col("model").cast(pl.String))
+    out = (rows.group_by("model").agg(pl.len().alias("requests"), (pl.col("status") == "error").mean().alias("error_ratio"),
+                                      pl.col("output_tokens").filter(pl.col("status") == "ok").sum().alias("output_tokens"))
+           .collect(engine="streaming"))
+    for col in LATENCIES:
+        q = _quantiles_from_buckets(_bucketed(rows, ["model"], col), ["model"], col.removesuffix("_s"), QUANTILES)
+        out = out.join(q, on="model", how="left")
+    return out.sort("model")
+
+
+def services_overview_approx(requests: pl.LazyFrame) -> pl.DataFrame:
+    """services_overview over a lazy scan, with bucketed medians (bounded memory)."""
+    rows = requests.with_columns(pl.col("service").cast(pl.String), pl.col("model").cast(pl.String))
+    keys = ["service", "model"]
+    out = (rows.group_by(*keys).agg(pl.len().alias("requests"), (pl.col("status") == "error").mean().alias("error_ratio"),
+                                    pl.col("ts").max().alias("last_request_ts"),
+                                    pl.col("node").cast(pl.String).drop_nulls().unique().sort().head(64).alias("nodes"))
+           .collect(engine="streaming"))
+    for col in ("e2e_s", "ttft_s"):
+        out = out.join(_quantiles_from_buckets(_bucketed(rows, keys, col), keys, col.removesuffix("_s"), (0.5,)), on=keys, how="left")
+    return out.select("service", "model", "requests", "error_ratio", "e2e_p50_s", "ttft_p50_s", "last_request_ts", "nodes").sort(keys)

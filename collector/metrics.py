@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import Counter
@@ -16,6 +17,14 @@ from collector.store import Store
 from collector.training import jobs_overview, with_mfu
 from fleetscope.schema import Batch
 
+def _rss() -> float:
+    try:
+        with open("/proc/self/statm") as fh:
+            return float(int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 # Latency quantiles on /metrics cover this recent window, so they move when the service does.
 RECENT_S = 300.0
 
@@ -25,9 +34,16 @@ RECENT_S = 300.0
 
 
 class CollectorMetrics:
-    def __init__(self, store: Store, tracker: FindingsTracker | None = None) -> None:
+    def __init__(self, store: Store, tracker: FindingsTracker | None = None, *, cluster: str | None = None,
+                 memory_budget: int | None = None) -> None:
         self.store = store
         self.tracker = tracker
+        self.memory_budget = memory_budget
+        # With a cluster name, the findings and job summaries carry it, so several clusters' collectors
+        # can feed one VictoriaMetrics and one Grafana without their series clashing.
+        self.cluster = cluster
+        self._c = ["cluster"] if cluster else []
+        self._cv = [cluster] if cluster else []
         self._lock = threading.Lock()
         self.events: Counter[str] = Counter()
         self.batches: Counter[str] = Counter()
@@ -59,98 +75,137 @@ class CollectorMetrics:
             m.add_metric([outcome], batches.get(outcome, 0))
         yield m
         m = CounterMetricFamily("fleetscope_collector_ingest_rejected", "Ingest requests refused, by reason.", labels=["reason"])
-        for reason in ("malformed", "schema", "too_large", "storage"):
+        for reason in ("malformed", "schema", "too_large", "storage", "unavailable"):
             m.add_metric([reason], rejections.get(reason, 0))
         yield m
+        yield from self._storage()
         yield from self._training()
         yield from self._inference()
         yield from self._findings()
+
+    def _storage(self) -> Iterable[Metric]:
+        store = self.store
+        memory = GaugeMetricFamily("fleetscope_collector_memory_bytes",
+                                   "Bytes the collector holds in memory, by table (hot tier, and rows waiting for a checkpoint).",
+                                   labels=["table"])
+        if store.ready:
+            for table, size in store.hot.memory().items():
+                memory.add_metric([table], size)
+        memory.add_metric(["unwritten"], store.unwritten_bytes())
+        yield memory
+        rows = GaugeMetricFamily("fleetscope_collector_hot_rows", "Rows in the hot tier, by table.", labels=["table"])
+        held = GaugeMetricFamily("fleetscope_collector_hot_held_seconds",
+                                 "How far back the hot tier holds each table completely (older reads go to the warm tier).",
+                                 labels=["table"])
+        if store.ready:
+            now = time.time()
+            for table, n in store.hot.rows().items():
+                rows.add_metric([table], n)
+            for table, since in store.hot.held_since.items():
+                if since is not None:
+                    held.add_metric([table], max(0.0, now - since))
+        yield from (rows, held)
+        if self.memory_budget:
+            yield GaugeMetricFamily("fleetscope_collector_memory_budget_bytes", "The memory budget the collector keeps within.",
+                                    value=self.memory_budget)
+        yield GaugeMetricFamily("fleetscope_collector_resident_memory_bytes", "Resident memory of the collector process.",
+                                value=_rss())
+        yield GaugeMetricFamily("fleetscope_collector_ready", "1 once the store has replayed its log and serves.",
+                                value=1 if store.ready else 0)
+        yield GaugeMetricFamily("fleetscope_collector_storage_writable",
+                                "0 while the store cannot write (disk full, failing checkpoints): ingest answers 503.",
+                                value=0 if store.problem else 1)
+        yield GaugeMetricFamily("fleetscope_collector_wal_bytes", "Bytes in the write-ahead log not yet checkpointed.",
+                                value=store.wal.size_bytes() if store.ready else 0)
+        yield GaugeMetricFamily("fleetscope_collector_hot_maintenance_seconds", "Duration of the last hot-tier upkeep pass.",
+                                value=store.hot.maintenance_s)
 
     def _findings(self) -> Iterable[Metric]:
         if self.tracker is None:
             return
         labels = ["kind", "severity", "training_job", "rank", "node", "service"]
-        active = GaugeMetricFamily("fleetscope_finding_active", "1 for each finding active now (see GET /v1/findings).", labels=labels)
+        active = GaugeMetricFamily("fleetscope_finding_active", "1 for each finding active now (see GET /v1/findings).",
+                                   labels=labels + self._c)
         for f in self.tracker.findings():
             if f.active:
                 subject = {"training_job": f.subject.get("job", ""), **{k: v for k, v in f.subject.items() if k != "job"}}
-                active.add_metric([f.kind, f.severity, *(str(subject.get(k, "")) for k in labels[2:])], 1)
+                active.add_metric([f.kind, f.severity, *(str(subject.get(k, "")) for k in labels[2:]), *self._cv], 1)
         yield active
         burn = GaugeMetricFamily("fleetscope_slo_burn_rate",
                                  "Share of bad requests in the window over the error budget (1 spends it exactly in the SLO window).",
-                                 labels=["slo", "service", "window"])
+                                 labels=["slo", "service", "window"] + self._c)
         budget = GaugeMetricFamily("fleetscope_slo_error_budget_remaining_ratio",
                                    "Error budget left over the SLO's window (1 untouched, 0 spent, below 0 overspent).",
-                                   labels=["slo", "service"])
-        objective = GaugeMetricFamily("fleetscope_slo_objective", "The SLO's objective (0.99 for 99%).", labels=["slo", "service"])
+                                   labels=["slo", "service"] + self._c)
+        objective = GaugeMetricFamily("fleetscope_slo_objective", "The SLO's objective (0.99 for 99%).", labels=["slo", "service"] + self._c)
         for r in self.tracker.slo_report:
             for window, rate in r["burn_rate"].items():
-                burn.add_metric([r["slo"], r["service"], window], rate)
-            budget.add_metric([r["slo"], r["service"]], r["error_budget_remaining_ratio"])
-            objective.add_metric([r["slo"], r["service"]], r["objective"])
+                burn.add_metric([r["slo"], r["service"], window, *self._cv], rate)
+            budget.add_metric([r["slo"], r["service"], *self._cv], r["error_budget_remaining_ratio"])
+            objective.add_metric([r["slo"], r["service"], *self._cv], r["objective"])
         yield from (burn, budget, objective)
         signals = self.tracker.signals
         if signals is None:
             return
         score = GaugeMetricFamily("fleetscope_training_straggler_score",
                                   "How much longer the rank computes than its stage's median, over the last 20 steps (0.1 = 10%).",
-                                  labels=["training_job", "rank", "node"])
+                                  labels=["training_job", "rank", "node"] + self._c)
         for row in signals.scores.iter_rows(named=True):
             if row["straggler_score"] is not None:
-                score.add_metric([row["job"], str(row["rank"]), row["node"] or ""], row["straggler_score"])
+                score.add_metric([row["job"], str(row["rank"]), row["node"] or "", *self._cv], row["straggler_score"])
         age = GaugeMetricFamily("fleetscope_training_last_progress_age_seconds", "Seconds since any rank of the job finished a step.",
-                                labels=["training_job"])
+                                labels=["training_job"] + self._c)
         allowed = GaugeMetricFamily("fleetscope_training_hang_threshold_seconds",
-                                    "Silence after which the job counts as hung: max(3 x median step, 30 s).", labels=["training_job"])
-        paused = GaugeMetricFamily("fleetscope_training_paused", "1 while a rank of the job declares a pause.", labels=["training_job"])
+                                    "Silence after which the job counts as hung: max(3 x median step, 30 s).", labels=["training_job"] + self._c)
+        paused = GaugeMetricFamily("fleetscope_training_paused", "1 while a rank of the job declares a pause.", labels=["training_job"] + self._c)
         for row in signals.progress.iter_rows(named=True):
-            age.add_metric([row["job"]], row["silence_s"])
-            allowed.add_metric([row["job"]], row["hang_after_s"])
-            paused.add_metric([row["job"]], 1 if row["paused"] else 0)
+            age.add_metric([row["job"], *self._cv], row["silence_s"])
+            allowed.add_metric([row["job"], *self._cv], row["hang_after_s"])
+            paused.add_metric([row["job"], *self._cv], 1 if row["paused"] else 0)
         change = GaugeMetricFamily("fleetscope_training_step_time_change_ratio",
                                    "Median step time of the last 150 steps against 400 steps before them (0.03 = 3% slower).",
-                                   labels=["training_job"])
+                                   labels=["training_job"] + self._c)
         for row in signals.changes.iter_rows(named=True):
-            change.add_metric([row["job"]], row["change_ratio"])
+            change.add_metric([row["job"], *self._cv], row["change_ratio"])
         yield from (score, age, allowed, paused, change)
 
     def _training(self) -> Iterable[Metric]:
-        jobs = with_mfu(jobs_overview(self.store.frame("steps")), self.store.frame("gpus"))
-        last = GaugeMetricFamily("fleetscope_training_last_step", "Highest step number any rank of the job reported.", labels=["training_job"])
-        seen = GaugeMetricFamily("fleetscope_training_last_report_timestamp_seconds", "Unix time the job's last step ended.", labels=["training_job"])
-        p50 = GaugeMetricFamily("fleetscope_training_step_time_p50_seconds", "Median step time of the job over the collector's window.", labels=["training_job"])
+        jobs = with_mfu(jobs_overview(self.store.hot.step_aggs(), self.store.frame("steps")), self.store.hot.latest("gpus"))
+        last = GaugeMetricFamily("fleetscope_training_last_step", "Highest step number any rank of the job reported.", labels=["training_job"] + self._c)
+        seen = GaugeMetricFamily("fleetscope_training_last_report_timestamp_seconds", "Unix time the job's last step ended.", labels=["training_job"] + self._c)
+        p50 = GaugeMetricFamily("fleetscope_training_step_time_p50_seconds", "Median step time of the job over the collector's window.", labels=["training_job"] + self._c)
         tps = GaugeMetricFamily("fleetscope_training_tokens_per_second", "Tokens the job's ranks process per second, together.",
-                                labels=["training_job"])
+                                labels=["training_job"] + self._c)
         mfu = GaugeMetricFamily("fleetscope_training_mfu_ratio",
-                                "Model FLOPs utilisation: achieved FLOP/s over the GPUs' dense BF16 peak (0-1).", labels=["training_job"])
+                                "Model FLOPs utilisation: achieved FLOP/s over the GPUs' dense BF16 peak (0-1).", labels=["training_job"] + self._c)
         for row in jobs.iter_rows(named=True):
             if row["tokens_per_s"] is not None:
-                tps.add_metric([row["job"]], row["tokens_per_s"])
+                tps.add_metric([row["job"], *self._cv], row["tokens_per_s"])
             if row["mfu"] is not None:
-                mfu.add_metric([row["job"]], row["mfu"])
-            last.add_metric([row["job"]], row["last_step"])
-            seen.add_metric([row["job"]], row["last_report_ts"])
-            p50.add_metric([row["job"]], row["step_time_p50_s"])
+                mfu.add_metric([row["job"], *self._cv], row["mfu"])
+            last.add_metric([row["job"], *self._cv], row["last_step"])
+            seen.add_metric([row["job"], *self._cv], row["last_report_ts"])
+            p50.add_metric([row["job"], *self._cv], row["step_time_p50_s"])
         yield from (last, seen, p50, tps, mfu)
 
     def _inference(self) -> Iterable[Metric]:
         recent = self.store.frame("requests").filter((pl.col("ts") >= time.time() - RECENT_S) & (pl.col("status") == "ok"))
-        summary = recent.group_by("service", "model").agg(
+        summary = recent.group_by(pl.col("service").cast(pl.String), pl.col("model").cast(pl.String)).agg(
             pl.col("e2e_s").quantile(0.95, interpolation="linear").alias("e2e"),
             pl.col("ttft_s").quantile(0.95, interpolation="linear").alias("ttft"),
         )
         window = self.store.frame("requests").filter(pl.col("ts") >= time.time() - RECENT_S)
-        errors = window.group_by("service", "model").agg((pl.col("status") == "error").mean().alias("ratio"))
+        errors = window.group_by(pl.col("service").cast(pl.String), pl.col("model").cast(pl.String)).agg((pl.col("status") == "error").mean().alias("ratio"))
         error_ratio = GaugeMetricFamily("fleetscope_inference_error_ratio", "Share of requests that failed over the last 5 minutes.",
-                                        labels=["service", "model"])
+                                        labels=["service", "model"] + self._c)
         for row in errors.iter_rows(named=True):
-            error_ratio.add_metric([row["service"], row["model"]], row["ratio"])
+            error_ratio.add_metric([row["service"], row["model"], *self._cv], row["ratio"])
         yield error_ratio
-        e2e = GaugeMetricFamily("fleetscope_inference_e2e_p95_seconds", "95th percentile end-to-end latency over the last 5 minutes.", labels=["service", "model"])
-        ttft = GaugeMetricFamily("fleetscope_inference_ttft_p95_seconds", "95th percentile time to first token over the last 5 minutes.", labels=["service", "model"])
+        e2e = GaugeMetricFamily("fleetscope_inference_e2e_p95_seconds", "95th percentile end-to-end latency over the last 5 minutes.", labels=["service", "model"] + self._c)
+        ttft = GaugeMetricFamily("fleetscope_inference_ttft_p95_seconds", "95th percentile time to first token over the last 5 minutes.", labels=["service", "model"] + self._c)
         for row in summary.iter_rows(named=True):
             if row["e2e"] is not None:
-                e2e.add_metric([row["service"], row["model"]], row["e2e"])
+                e2e.add_metric([row["service"], row["model"], *self._cv], row["e2e"])
             if row["ttft"] is not None:
-                ttft.add_metric([row["service"], row["model"]], row["ttft"])
+                ttft.add_metric([row["service"], row["model"], *self._cv], row["ttft"])
         yield from (e2e, ttft)

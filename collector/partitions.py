@@ -1,11 +1,13 @@
-"""Parquet partitions on disk: <data_dir>/kind=<table>/date=YYYY-MM-DD/hour=HH/part-<lo>-<hi>.parquet.
+"""The warm tier on disk: <data_dir>/kind=<table>/date=YYYY-MM-DD/hour=HH/part-<lo>-<hi>.parquet.
 
-`lo` and `hi` are the checkpoints whose rows a file holds. A checkpoint writes files named for
-itself (lo = hi = its number) before it commits; a file whose `hi` is above the last committed
-checkpoint was written by a checkpoint that never committed, and is deleted on start (the WAL
-still holds its rows). Compaction merges a closed hour's files into one file covering their
-range; a file whose range lies inside another's is redundant (a compaction interrupted before it
-deleted its inputs) and is deleted too. Retention drops whole hours by age and by total size.
+`lo` and `hi` are the WAL segments whose rows a file holds: a checkpoint that covers segments
+lo..hi writes its files under that name before it commits. A file is *live* when its `hi` is at or
+below the last committed checkpoint and no other file of its hour covers a wider range (a file
+inside another's range was merged into it by a compaction, or written by a checkpoint that failed
+and was retried with a wider range). Readers see only live files; a restart deletes the others.
+Compaction merges a closed hour's live files into one, streaming. Retention drops whole hours,
+oldest first, by age and by total size. New folders and renames are made durable (directory
+fsync) before anything that relies on them.
 """
 
 from __future__ import annotations
@@ -16,13 +18,18 @@ import re
 import shutil
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import polars as pl
 
+from collector.wal import fsync_dir
+
 log = logging.getLogger("fleetscope.collector.partitions")
 
 _PART = re.compile(r"^part-(\d+)-(\d+)\.parquet$")
+_HOUR = re.compile(r"^date=(\d{4}-\d{2}-\d{2})/hour=(\d{2})$")
+ROW_GROUP_ROWS = 65_536
 
 
 @dataclass(frozen=True)
@@ -31,29 +38,73 @@ class Part:
     lo: int
     hi: int
 
+    @property
+    def hour(self) -> str:
+        return f"{self.path.parent.parent.name}/{self.path.parent.name}"
+
 
 def hour_key(ts_column: str = "ts") -> pl.Expr:
     return pl.from_epoch(pl.col(ts_column), time_unit="s").dt.replace_time_zone("UTC").dt.strftime("date=%Y-%m-%d/hour=%H")
 
 
-def _write_atomic(frame: pl.DataFrame, path: Path) -> None:
+def hour_of(ts: float) -> str:
+    return time.strftime("date=%Y-%m-%d/hour=%H", time.gmtime(max(0.0, ts)))
+
+
+def hour_start(hour: str) -> float:
+    m = _HOUR.match(hour)
+    if not m:
+        raise ValueError(f"not an hour folder: {hour}")
+    day = datetime.strptime(m.group(1), "%Y-%m-%d").replace(tzinfo=timezone.utc)
+    return day.timestamp() + int(m.group(2)) * 3600
+
+
+def _mkdirs(folder: Path) -> None:
+    """Create `folder` and its missing parents, each made durable in its parent."""
+    missing = []
+    p = folder
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        d.mkdir(exist_ok=True)
+        fsync_dir(d.parent)
+
+
+def _write_atomic(frame: pl.DataFrame | pl.LazyFrame, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
-    frame.write_parquet(tmp)
+    if isinstance(frame, pl.LazyFrame):
+        frame.sink_parquet(tmp, row_group_size=ROW_GROUP_ROWS)
+    else:
+        frame.write_parquet(tmp, row_group_size=ROW_GROUP_ROWS)
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
     tmp.rename(path)  # readers never see a half-written file
+    fsync_dir(path.parent)
 
 
-def write_checkpoint_parts(root: Path, kind: str, frame: pl.DataFrame, checkpoint: int) -> int:
-    """Write `frame` as one file per hour, named for `checkpoint`; returns rows written."""
+
+def for_disk(frame: pl.DataFrame) -> pl.DataFrame:
+    """Names as plain strings on disk: Parquet dictionary-encodes them anyway, and row-group statistics
+    on strings let a scan for one GPU or node skip the rest."""
+    return frame.with_columns(pl.col(pl.Categorical).cast(pl.String), pl.col(pl.List(pl.Categorical)).cast(pl.List(pl.String)))
+
+
+# How compaction orders an hour of each kind, so that a scan for one key reads few row groups.
+SORT_KEYS = {"gpus_1m": ("uuid", "ts"), "hosts_1m": ("node", "ts"), "step_aggs": ("job", "step")}
+
+
+def write_checkpoint_parts(root: Path, kind: str, frame: pl.DataFrame, lo: int, hi: int) -> list[Path]:
+    """Write `frame` as one file per hour, named for WAL segments lo..hi; returns the files written."""
     if frame.height == 0:
-        return 0
-    written = 0
+        return []
+    written = []
     for (hour,), rows in frame.with_columns(hour_key().alias("_hour")).group_by("_hour"):
         folder = root / f"kind={kind}" / str(hour)
-        folder.mkdir(parents=True, exist_ok=True)
-        _write_atomic(rows.drop("_hour"), folder / f"part-{checkpoint:020d}-{checkpoint:020d}.parquet")
-        written += rows.height
+        _mkdirs(folder)
+        path = folder / f"part-{lo:020d}-{hi:020d}.parquet"
+        _write_atomic(for_disk(rows.drop("_hour").sort("ts")), path)
+        written.append(path)
     return written
 
 
@@ -66,64 +117,95 @@ def parts(root: Path, kind: str) -> list[Part]:
     return sorted(out, key=lambda p: (str(p.path.parent), p.lo, p.hi))
 
 
-def clean(root: Path, kind: str, committed: int) -> None:
-    """Delete uncommitted, redundant and temporary files left by a crash."""
-    for tmp in (root / f"kind={kind}").glob("date=*/hour=*/*.tmp"):
-        tmp.unlink()
+def _split(all_parts: list[Part], committed: int) -> tuple[list[Part], list[Part], list[Part]]:
+    """(live, uncommitted, redundant)."""
+    uncommitted = [p for p in all_parts if p.hi > committed]
     by_hour: dict[Path, list[Part]] = {}
-    for p in parts(root, kind):
-        if p.hi > committed:
-            log.info("deleting %s: written by a checkpoint that never committed (the WAL replays its rows)", p.path)
-            p.path.unlink()
-            continue
-        by_hour.setdefault(p.path.parent, []).append(p)
+    for p in all_parts:
+        if p.hi <= committed:
+            by_hour.setdefault(p.path.parent, []).append(p)
+    live, redundant = [], []
     for hour_parts in by_hour.values():
         for p in hour_parts:
-            if any(q is not p and q.lo <= p.lo and p.hi <= q.hi and (q.lo, q.hi) != (p.lo, p.hi) for q in hour_parts):
-                log.info("deleting %s: a compacted file already holds its rows", p.path)
-                p.path.unlink()
+            covered = any(q is not p and q.lo <= p.lo and p.hi <= q.hi and (q.lo, q.hi) != (p.lo, p.hi) for q in hour_parts)
+            (redundant if covered else live).append(p)
+    return live, uncommitted, redundant
 
 
-def load(root: Path, kind: str, since_ts: float, schema: dict) -> pl.DataFrame | None:
-    files = [p.path for p in parts(root, kind)]
-    if not files:
+def live_parts(root: Path, kind: str, committed: int) -> list[Part]:
+    return _split(parts(root, kind), committed)[0]
+
+
+def clean(root: Path, kind: str, committed: int) -> None:
+    """Delete uncommitted, redundant and temporary files left by a crash or a failed checkpoint."""
+    for tmp in (root / f"kind={kind}").glob("date=*/hour=*/*.tmp"):
+        tmp.unlink()
+    _, uncommitted, redundant = _split(parts(root, kind), committed)
+    for p in uncommitted:
+        log.info("deleting %s: written by a checkpoint that never committed (the WAL replays its rows)", p.path)
+        p.path.unlink()
+    for p in redundant:
+        log.info("deleting %s: a wider file of its hour already holds its rows", p.path)
+        p.path.unlink()
+
+
+def scan(root: Path, kind: str, committed: int, since: float | None = None, until: float | None = None,
+         files: list[Part] | None = None) -> pl.LazyFrame | None:
+    """A lazy scan of the live files whose hour overlaps [since, until], filtered on ts; None if none."""
+    chosen = []
+    for p in files if files is not None else live_parts(root, kind, committed):
+        start = hour_start(p.hour)
+        if (since is None or start + 3600 > since) and (until is None or start <= until):
+            chosen.append(str(p.path))
+    if not chosen:
         return None
-    # Files written before a column existed lack it: combine them diagonally and fill it with nulls.
-    frame = pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed").filter(pl.col("ts") >= since_ts)
-    if frame.height == 0:
-        return None
-    missing = [pl.lit(None, dtype=dtype).alias(name) for name, dtype in schema.items() if name not in frame.columns]
-    return frame.with_columns(missing).cast(schema).select(list(schema))  # type: ignore[arg-type]
+    lf = pl.scan_parquet(chosen, hive_partitioning=False, missing_columns="insert", extra_columns="ignore")
+    if since is not None:
+        lf = lf.filter(pl.col("ts") >= since)
+    if until is not None:
+        lf = lf.filter(pl.col("ts") <= until)
+    return lf
 
 
-def compact(root: Path, kind: str, before_hour: str) -> int:
-    """Merge the files of each hour older than `before_hour` (date=.../hour=..) into one; returns files merged."""
+def compact(root: Path, kind: str, committed: int, before_hour: str) -> int:
+    """Merge the live files of each hour older than `before_hour` into one, streaming; returns files merged."""
     merged = 0
     by_hour: dict[Path, list[Part]] = {}
-    for p in parts(root, kind):
+    for p in live_parts(root, kind, committed):
         by_hour.setdefault(p.path.parent, []).append(p)
     for folder, hour_parts in by_hour.items():
         hour = f"{folder.parent.name}/{folder.name}"
         if hour >= before_hour or len(hour_parts) < 2:
             continue
         lo, hi = min(p.lo for p in hour_parts), max(p.hi for p in hour_parts)
-        frame = pl.concat([pl.read_parquet(p.path) for p in hour_parts], how="diagonal_relaxed")
+        frame = pl.scan_parquet([str(p.path) for p in hour_parts], missing_columns="insert", extra_columns="ignore")
+        if kind in SORT_KEYS:  # rollups are small enough to sort in memory; raw hours stream through unsorted
+            frame = frame.collect().sort(*SORT_KEYS[kind])  # type: ignore[assignment]
         _write_atomic(frame, folder / f"part-{lo:020d}-{hi:020d}.parquet")
-        for p in hour_parts:
+        for p in hour_parts:  # now redundant: readers already skip them
             p.path.unlink()
+        fsync_dir(folder)
         merged += len(hour_parts)
     return merged
 
 
+def disk_bytes(root: Path, kinds: tuple[str, ...]) -> dict[str, int]:
+    out = {}
+    for kind in kinds:
+        out[kind] = sum(p.stat().st_size for p in (root / f"kind={kind}").glob("date=*/hour=*/*.parquet"))
+    return out
+
+
 def enforce_retention(root: Path, kinds: tuple[str, ...], max_age_s: float | None, max_bytes: int | None,
                       now: float | None = None) -> list[str]:
-    """Delete whole hours older than max_age_s, then the oldest hours while the total exceeds max_bytes."""
+    """Delete whole hours (of every kind at once) older than max_age_s, then the oldest hours while
+    the total exceeds max_bytes. Hours go oldest first, so no row is dropped while an older one stays."""
     now = time.time() if now is None else now
     hours: dict[str, list[Path]] = {}
     for kind in kinds:
         for folder in (root / f"kind={kind}").glob("date=*/hour=*"):
             hours.setdefault(f"{folder.parent.name}/{folder.name}", []).append(folder)
-    cutoff = time.strftime("date=%Y-%m-%d/hour=%H", time.gmtime(now - max_age_s)) if max_age_s else None
+    cutoff = hour_of(now - max_age_s) if max_age_s else None
     dropped = []
     sizes = {h: sum(f.stat().st_size for folder in fs for f in folder.glob("*.parquet")) for h, fs in hours.items()}
     total = sum(sizes.values())
@@ -131,10 +213,10 @@ def enforce_retention(root: Path, kinds: tuple[str, ...], max_age_s: float | Non
         too_old = cutoff is not None and hour < cutoff
         too_big = max_bytes is not None and total > max_bytes
         if not (too_old or too_big):
-            continue
+            break
         for folder in hours[hour]:
             shutil.rmtree(folder, ignore_errors=True)
-            if not any(folder.parent.iterdir()):
+            if folder.parent.exists() and not any(folder.parent.iterdir()):
                 folder.parent.rmdir()
         total -= sizes[hour]
         dropped.append(hour)

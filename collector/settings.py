@@ -1,30 +1,86 @@
-"""Collector settings: flags and environment; tokens are required, there is no open mode."""
+"""Collector settings: defaults, the config file's [collector] table, flags; tokens are required.
+
+Sizes may be written as bytes or with a unit ("2GiB", "500MB"), durations as seconds or with a
+unit ("30d", "6h", "90s"). An unknown key is an error that names it.
+"""
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+GiB = 1024**3
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+_TIME_UNITS = {"": 1, "s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 def _tokens(env: str) -> frozenset[str]:
     return frozenset(t.strip() for t in os.environ.get(env, "").split(",") if t.strip())
 
 
+def parse_size(value: object, what: str) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{what}: a size in bytes (or with a unit, e.g. 2GiB), got {value!r}")
+    if isinstance(value, (int, float)):
+        return int(value)
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"{what}: a size in bytes or with a unit (B, KB, MB, GB, KiB, MiB, GiB, TiB), got {value!r}")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
+
+def parse_duration(value: object, what: str) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"{what}: a duration in seconds (or with a unit, e.g. 30d), got {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _TIME_UNITS:
+        raise ValueError(f"{what}: a duration in seconds or with a unit (s, m, h, d, w), got {value!r}")
+    return float(m.group(1)) * _TIME_UNITS[m.group(2).lower()]
+
+
+def default_memory_budget() -> int:
+    """2 GiB, or a quarter of this machine's memory if that is less."""
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 2 * GiB
+    return max(256 * 2**20, min(2 * GiB, physical // 4))
+
+
+def default_retention_bytes(data_dir: Path) -> int:
+    """Two fifths of the file system that holds the data folder (the WAL and the rest live there too)."""
+    folder = Path(data_dir).absolute()
+    while not folder.exists():
+        folder = folder.parent
+    return int(shutil.disk_usage(folder).total * 0.4)
+
+
 @dataclass(frozen=True)
 class Settings:
-    data_dir: Path = Path(".fleetscope/collector")
+    data_dir: Path = field(default_factory=lambda: Path(os.environ.get("FLEETSCOPE_DATA_DIR", ".fleetscope/collector")))
     ingest_tokens: frozenset[str] = field(default_factory=lambda: _tokens("FLEETSCOPE_INGEST_TOKEN"))
     read_tokens: frozenset[str] = field(default_factory=lambda: _tokens("FLEETSCOPE_READ_TOKEN"))
+    cluster: str | None = None  # labels this collector's findings and job metrics (several clusters, one store)
     max_body_bytes: int = 16 * 1024 * 1024
+    memory_budget: int = field(default_factory=default_memory_budget)  # bytes the collector aims to stay within
+    window_s: float = 6 * 3600.0  # the hot tier: rollups, step aggregates, requests kept in memory
+    raw_window_s: float = 300.0  # raw GPU and host frames kept in memory
+    raw_steps: int = 120  # raw steps kept in memory per rank
+    retention_s: float | None = 30 * 86400.0  # the warm tier (Parquet) is kept this long ...
+    retention_bytes: int | None = None  # ... and within this size (default: 40% of the data disk)
     checkpoint_interval_s: float = 30.0  # WAL -> Parquet
-    analysis_interval_s: float = 5.0  # stragglers, hangs, regressions
+    analysis_interval_s: float = 5.0  # hot-tier upkeep, then stragglers, hangs, regressions
     maintenance_interval_s: float = 300.0  # compaction of closed hours, retention
-    window_s: float = 6 * 3600.0  # how much recent data the collector keeps in memory
-    retention_s: float | None = 30 * 86400.0  # Parquet kept on disk, by age
-    retention_bytes: int | None = None  # ... and by total size
-    fsync: bool = True
-    slos: tuple = ()  # collector.slo.Slo, from the config file's [[slo]] tables  # off only in benchmarks that want to see the cost of everything else
+    max_points: int = 500  # a history query returns at most this many points per series
+    fsync: bool = True  # off only in benchmarks that want to see the cost of everything else
+    slos: tuple = ()  # collector.slo.Slo, from the config file's [[slo]] tables
 
     def __post_init__(self) -> None:
         if not self.ingest_tokens:
@@ -32,3 +88,71 @@ class Settings:
         if not self.read_tokens:
             raise ValueError("collector: no read token; set FLEETSCOPE_READ_TOKEN (comma-separated for several) or --read-token")
         object.__setattr__(self, "data_dir", Path(self.data_dir))
+        if self.retention_bytes is None:
+            object.__setattr__(self, "retention_bytes", default_retention_bytes(self.data_dir))
+        for name in ("memory_budget", "window_s", "raw_window_s", "raw_steps", "checkpoint_interval_s",
+                     "analysis_interval_s", "maintenance_interval_s", "max_points", "max_body_bytes"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"collector: {name} must be positive, got {getattr(self, name)}")
+        if self.memory_budget < 128 * 2**20:
+            raise ValueError(f"collector: memory_budget of {self.memory_budget} bytes is below the 128 MiB the process itself needs")
+        if self.raw_window_s > self.window_s:
+            raise ValueError("collector: raw_window must not be longer than window")
+
+
+# The [collector] table: key -> (Settings field, parser).
+CONFIG_KEYS = {
+    "data_dir": ("data_dir", lambda v, w: Path(str(v))),
+    "cluster": ("cluster", lambda v, w: str(v)),
+    "memory_budget": ("memory_budget", parse_size),
+    "window": ("window_s", parse_duration),
+    "raw_window": ("raw_window_s", parse_duration),
+    "raw_steps": ("raw_steps", lambda v, w: int(v)),
+    "retention": ("retention_s", parse_duration),
+    "retention_bytes": ("retention_bytes", parse_size),
+    "checkpoint_interval": ("checkpoint_interval_s", parse_duration),
+    "analysis_interval": ("analysis_interval_s", parse_duration),
+    "maintenance_interval": ("maintenance_interval_s", parse_duration),
+    "max_points": ("max_points", lambda v, w: int(v)),
+    "max_body_bytes": ("max_body_bytes", parse_size),
+    "listen": ("", lambda v, w: str(v)),  # read by the command line, not a Settings field
+}
+
+
+def load_config(path: str | Path) -> tuple[dict[str, object], dict[str, object]]:
+    """(Settings keyword arguments, other [collector] keys such as listen) from a TOML file with a
+    [collector] table and [[slo]] tables. Raises ValueError naming what is wrong."""
+    from collector.slo import parse_slos
+
+    with open(path, "rb") as fh:
+        try:
+            data = tomllib.load(fh)
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"{path}: not valid TOML ({exc})") from None
+    unknown = sorted(set(data) - {"collector", "slo"})
+    if unknown:
+        raise ValueError(f"{path}: unknown table or key(s) {', '.join(map(repr, unknown))}; expected [collector] and [[slo]]")
+    table = data.get("collector", {})
+    if not isinstance(table, dict):
+        raise ValueError(f"{path}: 'collector' must be a table ([collector])")
+    unknown = sorted(set(table) - set(CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"{path}: unknown setting(s) in [collector]: {', '.join(map(repr, unknown))} "
+                         f"(known: {', '.join(sorted(CONFIG_KEYS))})")
+    kwargs: dict[str, object] = {}
+    other: dict[str, object] = {}
+    for key, value in table.items():
+        name, parse = CONFIG_KEYS[key]
+        try:
+            parsed = parse(value, f"{path}: [collector] {key}")
+        except (TypeError, ValueError) as exc:
+            raise ValueError(str(exc) if str(path) in str(exc) else f"{path}: [collector] {key}: {exc}") from None
+        if name:
+            kwargs[name] = parsed
+        else:
+            other[key] = parsed
+    slos = parse_slos(data.get("slo", []), path)
+    if slos:
+        kwargs["slos"] = tuple(slos)
+    return kwargs, other
+

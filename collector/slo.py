@@ -19,6 +19,7 @@ multiwindow, multi-burn-rate rules of Google's SRE workbook turn them into findi
 
 from __future__ import annotations
 
+import json
 import threading
 import tomllib
 from dataclasses import dataclass
@@ -54,12 +55,21 @@ class Slo:
 def load_slos(path: str | Path) -> list[Slo]:
     with open(path, "rb") as fh:
         data = tomllib.load(fh)
+    return parse_slos(data.get("slo", []), path)
+
+
+def parse_slos(tables: list, path: str | Path) -> list[Slo]:
+    """The config file's [[slo]] tables; an unknown key or a bad value is an error that names the SLO."""
     slos = []
-    for i, raw in enumerate(data.get("slo", [])):
+    for i, raw in enumerate(tables):
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: slo {i + 1}: expected a table ([[slo]])")
         try:
             slos.append(Slo(**raw))
         except TypeError as exc:
             raise ValueError(f"{path}: slo {i + 1}: {exc}") from None
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
     names = [s.name for s in slos]
     if len(names) != len(set(names)):
         raise ValueError(f"{path}: SLO names must be unique")
@@ -125,6 +135,7 @@ class SloLedger:
         self.slos = list(slos)
         self._lock = threading.Lock()
         self._bins: dict[str, dict[float, list[float]]] = {s.name: {} for s in self.slos}
+        self.restored: set[str] = set()  # SLOs whose counts came from a checkpoint
 
     def observe(self, requests: pl.DataFrame) -> None:
         """Count new request rows (call once per row: at ingest, and at start for what is on disk)."""
@@ -145,6 +156,54 @@ class SloLedger:
             return
         for slo in self.slos:
             cells = good_and_total_from_servers(histograms, stats, slo)
+            with self._lock:
+                bins = self._bins[slo.name]
+                for minute, good, total in cells:
+                    cell = bins.setdefault(minute, [0.0, 0.0])
+                    cell[0] += good
+                    cell[1] += total
+
+    def snapshot(self) -> bytes:
+        """The per-minute counts, for the store's checkpoint (restored at start-up, before the WAL replay)."""
+        with self._lock:
+            return json.dumps({name: [[m, g, t] for m, (g, t) in bins.items()] for name, bins in self._bins.items()}).encode()
+
+    def restore(self, data: bytes) -> None:
+        """Counts saved by a checkpoint; an SLO added since is left for `backfill`, one removed is dropped."""
+        saved = json.loads(data)
+        with self._lock:
+            for name, rows in saved.items():
+                if name in self._bins:
+                    self._bins[name] = {float(m): [float(g), float(t)] for m, g, t in rows}
+                    self.restored.add(name)
+
+    def over(self, since: float, until: float) -> list[dict]:
+        """Per SLO: requests, good ones, and the burn rate over [since, until] (whole minutes)."""
+        out = []
+        with self._lock:
+            for slo in self.slos:
+                good = total = 0.0
+                for minute, (g, t) in self._bins[slo.name].items():
+                    if since - 60 < minute <= until:
+                        good += g
+                        total += t
+                burn = ((total - good) / total / (1 - slo.objective)) if total else 0.0
+                out.append({"slo": slo.name, "since": since, "until": until, "requests": total, "good": good, "burn_rate": burn})
+        return out
+
+    def backfill(self, requests: pl.LazyFrame | None, histograms: pl.LazyFrame | None, stats: pl.LazyFrame | None,
+                 names: set[str]) -> None:
+        """Count what the warm tier holds for SLOs that have no saved counts (added since the last run)."""
+        for slo in [s for s in self.slos if s.name in names]:
+            cells: list[tuple[float, float, float]] = []
+            if requests is not None:
+                cells += [tuple(map(float, r)) for r in good_and_total(requests, slo).collect(engine="streaming").iter_rows()]  # type: ignore[misc]
+            if histograms is not None or stats is not None:
+                hist = histograms.filter(pl.col("service") == slo.service).collect() if histograms is not None else None
+                stat = stats.filter(pl.col("service") == slo.service).collect() if stats is not None else None
+                from collector.tables import empty
+                cells += good_and_total_from_servers(hist if hist is not None else empty("server_histograms"),
+                                                     stat if stat is not None else empty("server_stats"), slo)
             with self._lock:
                 bins = self._bins[slo.name]
                 for minute, good, total in cells:

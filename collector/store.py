@@ -1,12 +1,20 @@
-"""The collector's storage: write-ahead log, a recent window as polars frames, Parquet partitions.
+"""The collector's storage: the write-ahead log, the hot tier in memory, the warm tier on disk.
 
 Ingest: a batch already applied (its sequence number is at or below its agent's watermark) is
-acknowledged and ignored; otherwise its body is appended to the WAL and fsynced, then its rows
-join the in-memory window. A checkpoint rotates the WAL, writes the rows not yet on disk as
-Parquet files named for the checkpoint, then commits by writing checkpoint.json (the WAL segment
-it covers and every agent's watermark) and deletes the WAL segments it covers. On start the store
-reads the committed Parquet files inside its window and replays the WAL after the checkpoint, so
-an acknowledged batch survives a crash and none is applied twice.
+acknowledged and ignored. Otherwise its frames are built outside any lock, its body is appended
+to the WAL (group commit: concurrent batches share one fdatasync) and, once durable, its frames
+join the hot tier and the rows waiting for the next checkpoint.
+
+A checkpoint waits for in-flight batches, rotates the WAL and takes the waiting rows; then, off
+the ingest path, writes them as Parquet files named for the WAL segments they cover (with the
+rollups and final step aggregates the hot tier made, and the snapshots of `persisted` state such
+as the SLO ledger), and commits by writing checkpoint.json: the segment covered, every agent's
+watermark, the hot tier's state. Then the covered segments are deleted. A failed checkpoint puts
+its rows back and deletes what it wrote; the next one covers both ranges.
+
+Start-up (`open`, which /healthz waits for): delete files no commit owns, read back from the warm
+tier only what the hot tier held at the last checkpoint (time filters pushed into the scans),
+restore the persisted state, replay the WAL after the checkpoint.
 """
 
 from __future__ import annotations
@@ -18,16 +26,33 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import polars as pl
 
 from collector import partitions
-from collector.tables import KINDS, SCHEMAS, batch_rows, empty
-from collector.wal import Wal, _fsync_dir
-from fleetscope.schema import Batch, SchemaError, decode_batch
+from collector.hot import HotTier
+from collector.rollups import ALL_SCHEMAS
+from collector.tables import KINDS, batch_frames, conform
+from collector.wal import Wal, fsync_dir
+from fleetscope.schema import Batch, SchemaError, decode_batch, encode
 
 log = logging.getLogger("fleetscope.collector.store")
+
+DERIVED = ("step_aggs", "gpus_1m", "hosts_1m")
+ALL_KINDS = (*KINDS, *DERIVED)
+
+
+class StoreUnavailable(Exception):
+    """The store cannot take a batch now (starting, or out of disk or memory); the message says why."""
+
+
+class Persisted(Protocol):
+    """State kept beside the tables (the SLO ledger), snapshotted at each checkpoint."""
+
+    def snapshot(self) -> bytes: ...
+
+    def restore(self, data: bytes) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -38,40 +63,59 @@ class IngestResult:
 
 
 class Store:
-    def __init__(self, data_dir: Path, *, window_s: float = 6 * 3600.0, retention_s: float | None = 30 * 86400.0,
-                 retention_bytes: int | None = None, fsync: bool = True,
-                 observers: tuple[Callable[[str, pl.DataFrame], None], ...] = ()) -> None:
+    def __init__(self, data_dir: Path, *, window_s: float = 6 * 3600.0, raw_s: float = 300.0, raw_steps: int = 120,
+                 retention_s: float | None = 30 * 86400.0, retention_bytes: int | None = None,
+                 memory_budget: int | None = None, fsync: bool = True,
+                 observers: tuple[Callable[[str, pl.DataFrame], None], ...] = (),
+                 persisted: dict[str, Persisted] | None = None, start: bool = True) -> None:
         self.data_dir = Path(data_dir)
         self.window_s = window_s
         self.observers = observers  # see each new row once, as it is applied (ingest and WAL replay)
+        self.persisted = dict(persisted or {})
         self.retention_s = retention_s
         self.retention_bytes = retention_bytes
-        self._lock = threading.Lock()
+        self.memory_budget = memory_budget
+        # Rows waiting for a checkpoint get a quarter of the budget; past it a checkpoint is due now,
+        # past half of it (the disk refuses checkpoints) ingest answers 503 until one succeeds.
+        self.unwritten_limit = memory_budget // 4 if memory_budget else None
+        hot_budget = int(memory_budget * 0.45) if memory_budget else None
+        self.hot = HotTier(window_s=window_s, raw_s=raw_s, raw_steps=raw_steps, budget_bytes=hot_budget)
+        self._gate = threading.Condition()  # guards everything below; never held across I/O
         self._checkpoint_lock = threading.Lock()
-        self._chunks: dict[str, list[pl.DataFrame]] = {k: [] for k in KINDS}
+        self._rotating = False
+        self._inflight = 0
+        self._reserved: dict[str, int] = {}  # agent -> seq of its batch in flight
         self._unwritten: dict[str, list[pl.DataFrame]] = {k: [] for k in KINDS}
+        self._unwritten_bytes = 0
+        self._checkpointing: dict[str, list[pl.DataFrame]] = {}
         self.watermarks: dict[str, tuple[int, float]] = {}  # agent id -> (highest applied seq, when)
+        self.committed = 0
+        self.ready = False
+        self.problem: str | None = None  # why the store cannot write now, for /healthz
+        self.checkpoint_due = threading.Event()
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.committed = self._read_checkpoint()
-        for kind in KINDS:
-            partitions.clean(self.data_dir, kind, self.committed)
-            frame = partitions.load(self.data_dir, kind, time.time() - window_s, SCHEMAS[kind])
-            if frame is not None:
-                self._chunks[kind].append(frame)
-                log.info("loaded %d %s rows from Parquet", frame.height, kind)
         self.wal = Wal(self.data_dir / "wal", fsync=fsync)
-        self._replay()
+        self.fsync = fsync
+        self.startup = {"phase": "waiting"}
+        if start:
+            self.open()
 
     # --- start-up -----------------------------------------------------------------------------
-    def _read_checkpoint(self) -> int:
-        path = self.data_dir / "checkpoint.json"
-        if not path.exists():
-            return 0
-        state = json.loads(path.read_text())
-        self.watermarks = {agent: (int(seq), float(ts)) for agent, (seq, ts) in state["watermarks"].items()}
-        return int(state["segment"])
-
-    def _replay(self) -> None:
+    def open(self) -> None:
+        started = time.monotonic()
+        self.startup = {"phase": "reading the last checkpoint"}
+        state = self._read_checkpoint()
+        for kind in ALL_KINDS:
+            partitions.clean(self.data_dir, kind, self.committed)
+        hot_state = state.get("hot") or {}
+        self.hot.restore(hot_state)
+        self.startup = {"phase": "loading the hot tier from disk"}
+        self._load_hot(hot_state)
+        for name, thing in self.persisted.items():
+            path = self.data_dir / f"{name}-{self.committed:020d}.json"
+            if path.exists():
+                thing.restore(path.read_bytes())
+        self.startup = {"phase": "replaying the write-ahead log"}
         replayed = skipped = 0
         for _, payload in self.wal.replay(after=self.committed):
             try:
@@ -82,10 +126,47 @@ class Store:
             if self._is_duplicate(batch):
                 skipped += 1
                 continue
-            self._notify(self._apply(batch))
+            frames = batch_frames(batch)
+            with self._gate:
+                self._apply(batch, frames)
+            self._notify(frames)
             replayed += 1
         if replayed or skipped:
             log.info("replayed %d batches from the WAL (%d already applied)", replayed, skipped)
+        self.wal.open(at_least=self.committed + 1)
+        self.hot.maintain()
+        self.startup = {"phase": "ready", "seconds": round(time.monotonic() - started, 3), "replayed_batches": replayed}
+        self.ready = True
+
+    def _read_checkpoint(self) -> dict:
+        path = self.data_dir / "checkpoint.json"
+        if not path.exists():
+            return {}
+        state = json.loads(path.read_text())
+        self.watermarks = {agent: (int(seq), float(ts)) for agent, (seq, ts) in state["watermarks"].items()}
+        self.committed = int(state["segment"])
+        return state
+
+    def _load_hot(self, state: dict) -> None:
+        """Read back what the hot tier held at the last checkpoint: each table from when it was complete."""
+        now = time.time()
+        held = state.get("held_since") or {}
+        rolled = state.get("rolled_upto") or {}
+        for kind in ALL_KINDS:
+            since = held.get(kind)
+            if kind == "steps":
+                since = state.get("steps_since")
+            elif kind in ("gpus", "hosts") and rolled.get(f"{kind}_1m"):
+                since = min(since or now, rolled[f"{kind}_1m"])  # rows not rolled up yet
+            if since is None:
+                since = now - (self.hot.raw_s if kind in ("gpus", "hosts") else self.window_s)
+            lf = partitions.scan(self.data_dir, kind, self.committed, since=since)
+            if lf is None:
+                continue
+            frame = conform(lf, kind).collect() if kind in KINDS else lf.select(list(ALL_SCHEMAS[kind])).collect()
+            if frame.height:
+                self.hot.load(kind, frame.cast(ALL_SCHEMAS[kind]))  # type: ignore[arg-type]
+                log.info("loaded %d %s rows from the warm tier", frame.height, kind)
 
     # --- ingest -------------------------------------------------------------------------------
     def _is_duplicate(self, batch: Batch) -> bool:
@@ -93,104 +174,202 @@ class Store:
         # Agents send their batches in sequence order and resend a failed one with the same number.
         return mark is not None and batch.seq <= mark[0]
 
-    def _apply(self, batch: Batch) -> list[tuple[str, pl.DataFrame]]:
-        """Add a batch's rows to the window; returns them for the observers (called outside the lock)."""
-        added = []
-        for kind, kind_rows in batch_rows(batch).items():
-            if kind_rows:
-                frame = pl.DataFrame(kind_rows, schema=SCHEMAS[kind])
-                self._chunks[kind].append(frame)
-                self._unwritten[kind].append(frame)
-                added.append((kind, frame))
+    def _apply(self, batch: Batch, frames: dict[str, pl.DataFrame]) -> None:
+        """Add a batch's frames to the hot tier and to what the next checkpoint writes (under the gate)."""
+        self.hot.append(frames)
+        for kind, frame in frames.items():
+            self._unwritten[kind].append(frame)
+            self._unwritten_bytes += frame.estimated_size()
         self.watermarks[batch.agent_id] = (batch.seq, time.time())
-        return added
+        if self.unwritten_limit is not None and self._unwritten_bytes > self.unwritten_limit:
+            self.checkpoint_due.set()
 
-    def _notify(self, added: list[tuple[str, pl.DataFrame]]) -> None:
-        for kind, frame in added:
+    def _notify(self, frames: dict[str, pl.DataFrame]) -> None:
+        for kind, frame in frames.items():
             for observe in self.observers:
                 observe(kind, frame)
 
     def ingest(self, batch: Batch, body: bytes | None = None) -> IngestResult:
-        """Apply a batch once, durably: when this returns, the batch survives a crash."""
-        with self._lock:
+        """Apply a batch once, durably: when this returns, the batch survives a crash.
+        Raises StoreUnavailable (try later) or OSError (the disk refused the log record)."""
+        counts = IngestResult(False, len(batch.events), len(batch.frames))
+        if not self.ready:
+            raise StoreUnavailable(f"the collector is starting ({self.startup['phase']})")
+        agent = batch.agent_id
+        with self._gate:
+            while self._rotating or self._reserved.get(agent, -1) >= batch.seq:  # a resend of a batch in flight waits
+                self._gate.wait()
             if self._is_duplicate(batch):
-                return IngestResult(True, len(batch.events), len(batch.frames))
-            self.wal.append(body if body is not None else _encode(batch))
-            added = self._apply(batch)
-        self._notify(added)  # SLO bookkeeping stays off the ingest lock
-        return IngestResult(False, len(batch.events), len(batch.frames))
+                return IngestResult(True, counts.events, counts.frames)
+            if self.unwritten_limit is not None and self._unwritten_bytes > 2 * self.unwritten_limit:
+                raise StoreUnavailable("the collector's memory for rows not yet on disk is full: checkpoints are "
+                                       f"failing ({self.problem or 'unknown reason'})")
+            self._inflight += 1
+            self._reserved[agent] = batch.seq
+        try:
+            frames = batch_frames(batch)
+            self.wal.ensure_open()
+            self.wal.append(body if body is not None else encode(batch))
+            with self._gate:
+                self._apply(batch, frames)
+            self._notify(frames)  # SLO bookkeeping stays off the gate, but inside the in-flight count
+        finally:
+            with self._gate:
+                self._inflight -= 1
+                if self._reserved.get(agent) == batch.seq:
+                    del self._reserved[agent]
+                self._gate.notify_all()
+        return counts
 
     # --- reads --------------------------------------------------------------------------------
-    def _frame_locked(self, kind: str) -> pl.DataFrame:
-        chunks = self._chunks[kind]
-        if not chunks:
-            return empty(kind)
-        if len(chunks) > 1:
-            chunks[:] = [pl.concat(chunks, how="vertical", rechunk=True)]
-        return chunks[0]
-
     def frame(self, kind: str) -> pl.DataFrame:
-        """Everything in the in-memory window for one table (polars frames are immutable: safe to share)."""
-        with self._lock:
-            return self._frame_locked(kind)
+        """The hot tier's rows of one raw table (polars frames are immutable: safe to share)."""
+        return self.hot.raw(kind)
+
+    def scan(self, kind: str, since: float | None = None, until: float | None = None) -> pl.LazyFrame:
+        """Every row of a raw table in [since, until]: the warm tier's live files and the rows not yet
+        written, without duplicates; filters on ts are pushed into the Parquet scan."""
+        for attempt in (1, 2):
+            with self._gate:
+                committed = self.committed
+                memory = [*self._unwritten.get(kind, []), *self._checkpointing.get(kind, [])]
+            try:
+                disk = partitions.scan(self.data_dir, kind, committed, since, until)
+                parts = [conform(disk, kind)] if disk is not None else []
+                break
+            except FileNotFoundError:  # compacted or retired meanwhile: list the files again
+                if attempt == 2:
+                    raise
+        schema = ALL_SCHEMAS[kind]
+        if memory:
+            mem = pl.concat(memory, how="vertical", rechunk=False).lazy()
+            if since is not None:
+                mem = mem.filter(pl.col("ts") >= since)
+            if until is not None:
+                mem = mem.filter(pl.col("ts") <= until)
+            parts.append(mem)
+        if not parts:
+            return pl.LazyFrame(schema=schema)
+        return pl.concat(parts, how="vertical") if len(parts) > 1 else parts[0]
+
+    def committed_segment(self) -> int:
+        with self._gate:
+            return self.committed
+
+    def scan_derived(self, kind: str, since: float | None = None, until: float | None = None) -> pl.LazyFrame:
+        """Every rollup row (gpus_1m, hosts_1m, step_aggs) in [since, until]: the warm tier for times before
+        the hot tier holds them, the hot tier after."""
+        hot_since = self.hot.held_since.get(kind)
+        hot = (self.hot.step_aggs() if kind == "step_aggs" else self.hot.raw(kind)).lazy()
+        ts = "end_ts" if kind == "step_aggs" else "ts"
+        if since is not None:
+            hot = hot.filter(pl.col(ts) >= since)
+        if until is not None:
+            hot = hot.filter(pl.col(ts) <= until)
+        parts = [hot]
+        if hot_since is not None and (since is None or since < hot_since):
+            with self._gate:
+                committed = self.committed
+            upper = hot_since if until is None else min(until, hot_since)
+            disk = partitions.scan(self.data_dir, kind, committed, since, upper)
+            if disk is not None:
+                parts.insert(0, disk.filter(pl.col(ts) < hot_since).select(list(ALL_SCHEMAS[kind])).cast(ALL_SCHEMAS[kind]))
+        return pl.concat(parts, how="vertical") if len(parts) > 1 else parts[0]
 
     # --- checkpoint ---------------------------------------------------------------------------
     def checkpoint(self) -> int:
         """Move what the WAL holds into Parquet and commit; returns rows written."""
         with self._checkpoint_lock:
-            with self._lock:
-                segment = self.wal.rotate()
-                pending = {k: v[:] for k, v in self._unwritten.items() if v}
-                for k in pending:
-                    self._unwritten[k].clear()
-                cutoff = time.time() - self.window_s
-                for kind in KINDS:
-                    frame = self._frame_locked(kind)
-                    if frame.height and frame["ts"].min() < cutoff:  # type: ignore[operator]
-                        self._chunks[kind][:] = [frame.filter(pl.col("ts") >= cutoff)]
-                if self.retention_s:  # forget agents not heard from for longer than anything is kept
-                    old = time.time() - self.retention_s
-                    self.watermarks = {a: m for a, m in self.watermarks.items() if m[1] >= old}
-                watermarks = dict(self.watermarks)
+            self.checkpoint_due.clear()
+            with self._gate:
+                self._rotating = True
+                try:
+                    while self._inflight:
+                        self._gate.wait()
+                    segment = self.wal.rotate()
+                    pending = {k: v[:] for k, v in self._unwritten.items() if v}
+                    for v in self._unwritten.values():
+                        v.clear()
+                    pending_bytes, self._unwritten_bytes = self._unwritten_bytes, 0
+                    self._checkpointing = pending
+                    watermarks = dict(self.watermarks)
+                    derived, hot_state = self.hot.take_unwritten()
+                    extras = {name: thing.snapshot() for name, thing in self.persisted.items()}
+                finally:
+                    self._rotating = False
+                    self._gate.notify_all()
+            lo = self.committed + 1
+            written: list[Path] = []
             try:
-                written = sum(partitions.write_checkpoint_parts(self.data_dir, kind, pl.concat(chunks, how="vertical"), segment)
-                              for kind, chunks in pending.items())
-                self._commit(segment, watermarks)
-            except Exception:
-                with self._lock:  # not committed: the rows stay unwritten, the WAL keeps them
+                rows = 0
+                for kind, chunks in [*pending.items(), *derived.items()]:
+                    frame = pl.concat(chunks, how="vertical")
+                    written += partitions.write_checkpoint_parts(self.data_dir, kind, frame, lo, segment)
+                    rows += frame.height if kind in KINDS else 0
+                for name, data in extras.items():
+                    path = self.data_dir / f"{name}-{segment:020d}.json"
+                    written.append(path)
+                    self._write_file(path, data)
+                self._commit(segment, watermarks, hot_state)
+            except Exception as exc:
+                for path in written:  # the next checkpoint writes these rows again, under a wider name
+                    path.unlink(missing_ok=True)
+                with self._gate:
                     for kind, chunks in pending.items():
                         self._unwritten[kind][:0] = chunks
+                    self._unwritten_bytes += pending_bytes
+                    self._checkpointing = {}
+                self.hot.give_back(derived)
+                self.problem = f"checkpoint failed: {exc}"
                 raise
+            with self._gate:
+                self.committed = segment
+                self._checkpointing = {}
+            self.problem = None
             self.wal.drop_through(segment)
-            return written
+            for name in self.persisted:
+                for old in self.data_dir.glob(f"{name}-*.json"):
+                    if old.name != f"{name}-{segment:020d}.json":
+                        old.unlink(missing_ok=True)
+            return rows
 
-    def _commit(self, segment: int, watermarks: dict[str, tuple[int, float]]) -> None:
-        path, tmp = self.data_dir / "checkpoint.json", self.data_dir / "checkpoint.json.tmp"
-        with open(tmp, "w") as fh:
-            json.dump({"segment": segment, "watermarks": watermarks}, fh)
+    def _write_file(self, path: Path, data: bytes) -> None:
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(data)
             fh.flush()
-            os.fsync(fh.fileno())
+            if self.fsync:
+                os.fsync(fh.fileno())
         tmp.rename(path)
-        _fsync_dir(self.data_dir)
-        self.committed = segment
+
+    def _commit(self, segment: int, watermarks: dict[str, tuple[int, float]], hot_state: dict) -> None:
+        # Forget agents not heard from for longer than anything is kept.
+        if self.retention_s:
+            old = time.time() - self.retention_s
+            watermarks = {a: m for a, m in watermarks.items() if m[1] >= old}
+        if self.fsync:
+            fsync_dir(self.data_dir)  # the extras' renames
+        self._write_file(self.data_dir / "checkpoint.json",
+                         json.dumps({"segment": segment, "watermarks": watermarks, "hot": hot_state}).encode())
+        if self.fsync:
+            fsync_dir(self.data_dir)
 
     def maintain(self, now: float | None = None) -> None:
         """Compact closed hours and apply retention (run after a checkpoint, off the ingest path)."""
         now = time.time() if now is None else now
-        current = time.strftime("date=%Y-%m-%d/hour=%H", time.gmtime(now))
+        current = partitions.hour_of(now)
         with self._checkpoint_lock:
-            for kind in KINDS:
-                partitions.compact(self.data_dir, kind, before_hour=current)
-            dropped = partitions.enforce_retention(self.data_dir, KINDS, self.retention_s, self.retention_bytes, now)
+            for kind in ALL_KINDS:
+                partitions.clean(self.data_dir, kind, self.committed)
+                partitions.compact(self.data_dir, kind, self.committed, before_hour=current)
+            dropped = partitions.enforce_retention(self.data_dir, ALL_KINDS, self.retention_s, self.retention_bytes, now)
         if dropped:
             log.info("retention dropped %d hour(s): %s .. %s", len(dropped), dropped[0], dropped[-1])
 
+    def unwritten_bytes(self) -> int:
+        return self._unwritten_bytes
+
     def close(self) -> None:
-        self.checkpoint()
+        if self.ready:
+            self.checkpoint()
         self.wal.close()
-
-
-def _encode(batch: Batch) -> bytes:
-    from fleetscope.schema import encode
-
-    return encode(batch)

@@ -1,126 +1,280 @@
-"""The collector's tables: their polars schemas and how a Batch becomes rows of each."""
+"""The collector's tables: their compact polars schemas, and how a Batch becomes a frame of each.
+
+One schema per table serves the hot tier (memory) and the warm tier (Parquet): names are
+categoricals, durations 32-bit floats, ranks 32-bit ints, and a step's phases are columns
+(`phase_<name>_s` for the usual five, DDP's `sync_arrival_s`), with any other phase or number the
+workload reports in a list beside them. Frames are built column by column straight from the
+decoded structs: no per-row dicts on the ingest path.
+"""
 
 from __future__ import annotations
 
+from typing import Iterable
+
+import msgspec
 import polars as pl
 
 from fleetscope.schema import Batch, PauseEvent, RequestEvent, StepEvent
 
-PHASES = pl.List(pl.Struct({"phase": pl.String, "seconds": pl.Float64}))
-USER_METRICS = pl.List(pl.Struct({"name": pl.String, "value": pl.Float64}))
+_encode = msgspec.json.Encoder().encode
+CAT = pl.Categorical()
+F32, F64, I16, I32, I64 = pl.Float32, pl.Float64, pl.Int16, pl.Int32, pl.Int64
+
+# Phases that get a column of their own; any other name goes to `phases_other`.
+PHASES = ("data", "forward", "backward", "optimizer", "comm")
+PHASE_COLUMNS = tuple(f"phase_{p}_s" for p in PHASES)
+_KNOWN_PHASES, _KNOWN_METRICS = frozenset(PHASES), frozenset({"sync_arrival_s"})
+# Other phases and numbers as a JSON object each ({"loss": 2.31}): building lists of structs from Python
+# costs ten times the rest of a step row; only the per-rank breakdown ever reads them.
+OTHER = pl.String
 
 SCHEMAS: dict[str, dict[str, pl.DataType]] = {
     "steps": {
-        "ts": pl.Float64, "job": pl.String, "rank": pl.Int64, "local_rank": pl.Int64, "world_size": pl.Int64,
-        "step": pl.Int64, "stage": pl.Int64, "duration_s": pl.Float64, "tokens": pl.Int64, "samples": pl.Int64, "flops_per_token": pl.Float64, "failed": pl.Boolean,
-        "phases": PHASES, "metrics": USER_METRICS, "node": pl.String, "gpu_uuid": pl.String, "pid": pl.Int64,
-        "agent_id": pl.String,
+        "ts": F64, "job": CAT, "rank": I32, "local_rank": I32, "world_size": I32, "step": I64, "stage": I32,
+        "duration_s": F32, "tokens": I64, "samples": I64, "flops_per_token": F64, "failed": pl.Boolean,
+        **{c: F32 for c in PHASE_COLUMNS}, "sync_arrival_s": F32,
+        "phases_other": OTHER, "metrics_other": OTHER,
+        "node": CAT, "gpu_uuid": CAT, "pid": I32, "agent_id": CAT,
     },
     "requests": {
-        "ts": pl.Float64, "service": pl.String, "model": pl.String, "status": pl.String, "e2e_s": pl.Float64,
-        "queue_s": pl.Float64, "ttft_s": pl.Float64, "tpot_s": pl.Float64, "input_tokens": pl.Int64,
-        "output_tokens": pl.Int64, "node": pl.String, "gpu_uuid": pl.String, "pid": pl.Int64, "agent_id": pl.String,
+        "ts": F64, "service": CAT, "model": CAT, "status": pl.Enum(["ok", "error", "cancelled"]), "e2e_s": F64,
+        "queue_s": F64, "ttft_s": F64, "tpot_s": F64, "input_tokens": I64, "output_tokens": I64,
+        "node": CAT, "gpu_uuid": CAT, "pid": I32, "agent_id": CAT,
     },
     "pauses": {
-        "ts": pl.Float64, "job": pl.String, "rank": pl.Int64, "reason": pl.String, "phase": pl.String,
-        "duration_s": pl.Float64, "node": pl.String, "agent_id": pl.String,
+        "ts": F64, "job": CAT, "rank": I32, "reason": CAT, "phase": pl.Enum(["begin", "end"]),
+        "duration_s": F32, "node": CAT, "agent_id": CAT,
     },
     "server_stats": {
-        "ts": pl.Float64, "service": pl.String, "model": pl.String, "server": pl.String, "kind": pl.String,
-        "node": pl.String, "interval_s": pl.Float64, "running": pl.Float64, "waiting": pl.Float64, "kv_cache": pl.Float64,
-        "prompt_tokens": pl.Float64, "generation_tokens": pl.Float64, "requests_ok": pl.Float64, "requests_error": pl.Float64,
-        "e2e_sum": pl.Float64, "e2e_count": pl.Float64, "queue_sum": pl.Float64, "queue_count": pl.Float64,
+        "ts": F64, "service": CAT, "model": CAT, "server": CAT, "kind": CAT, "node": CAT, "interval_s": F32,
+        "running": F64, "waiting": F64, "kv_cache": F64, "prompt_tokens": F64, "generation_tokens": F64,
+        "requests_ok": F64, "requests_error": F64, "e2e_sum": F64, "e2e_count": F64, "queue_sum": F64, "queue_count": F64,
     },
     "server_histograms": {
-        "ts": pl.Float64, "service": pl.String, "model": pl.String, "server": pl.String, "metric": pl.String,
-        "le": pl.List(pl.Float64), "counts": pl.List(pl.Float64), "sum": pl.Float64, "count": pl.Float64,
+        "ts": F64, "service": CAT, "model": CAT, "server": CAT, "metric": CAT,
+        "le": pl.List(F64), "counts": pl.List(F64), "sum": F64, "count": F64,
     },
     "hosts": {
-        "ts": pl.Float64, "node": pl.String, "cpu_utilization_ratio": pl.Float64, "memory_used_bytes": pl.Int64,
-        "memory_total_bytes": pl.Int64, "load1": pl.Float64, "gpu_count": pl.Int64, "sources_down": pl.List(pl.String),
-        "cluster": pl.String, "rack": pl.String, "network_errors_total": pl.Float64, "infiniband_errors_total": pl.Float64,
-        "memory_stalled_seconds_total": pl.Float64, "network_receive_bytes_total": pl.Float64,
-        "network_transmit_bytes_total": pl.Float64, "disk_read_bytes_total": pl.Float64, "disk_written_bytes_total": pl.Float64,
-        "agent_id": pl.String,
+        "ts": F64, "node": CAT, "cpu_utilization_ratio": F32, "memory_used_bytes": I64, "memory_total_bytes": I64,
+        "load1": F32, "gpu_count": I16, "sources_down": pl.List(CAT), "cluster": CAT, "rack": CAT,
+        "network_errors_total": F64, "infiniband_errors_total": F64, "memory_stalled_seconds_total": F64,
+        "network_receive_bytes_total": F64, "network_transmit_bytes_total": F64, "disk_read_bytes_total": F64,
+        "disk_written_bytes_total": F64, "agent_id": CAT,
     },
     "gpus": {
-        "ts": pl.Float64, "node": pl.String, "index": pl.Int64, "uuid": pl.String, "name": pl.String, "up": pl.Boolean,
-        "utilization_ratio": pl.Float64, "memory_used_bytes": pl.Int64, "memory_total_bytes": pl.Int64,
-        "temperature_celsius": pl.Float64, "power_watts": pl.Float64, "power_limit_watts": pl.Float64,
-        "sm_clock_hertz": pl.Float64, "sm_clock_max_hertz": pl.Float64, "clock_event_mask": pl.Int64, "health": pl.String,
-        "health_reasons": pl.List(pl.String), "xid_total": pl.Int64,
+        "ts": F64, "node": CAT, "index": I16, "uuid": CAT, "name": CAT, "up": pl.Boolean,
+        "utilization_ratio": F32, "memory_used_bytes": I64, "memory_total_bytes": I64, "temperature_celsius": F32,
+        "power_watts": F32, "power_limit_watts": F32, "sm_clock_hertz": F32, "sm_clock_max_hertz": F32,
+        "clock_event_mask": I64, "health": pl.Enum(["healthy", "degraded", "unhealthy"]), "health_reasons": pl.List(CAT),
+        "xid_total": I64, "xid_counts": OTHER, "ecc_corrected_total": I64, "ecc_uncorrected_total": I64,
+        "remap_pending": pl.Boolean, "remap_failure": pl.Boolean,
     },
 }
 KINDS = tuple(SCHEMAS)
+
+
+def as_f64(column: str) -> pl.Expr:
+    """A 32-bit float column as the decimal it was sent as (0.7, not 0.699999988), for reports."""
+    return pl.col(column).cast(F64).round_sig_figs(7)
 
 
 def empty(kind: str) -> pl.DataFrame:
     return pl.DataFrame(schema=SCHEMAS[kind])
 
 
-def batch_rows(batch: Batch) -> dict[str, list[dict]]:
-    """Split one batch into rows per table; the node comes from the event, else from the batch."""
-    rows: dict[str, list[dict]] = {kind: [] for kind in KINDS}
-    for ev in batch.events:
-        if isinstance(ev, StepEvent):
-            rows["steps"].append({
-                "ts": ev.ts, "job": ev.job, "rank": ev.rank, "local_rank": ev.local_rank, "world_size": ev.world_size,
-                "step": ev.step, "stage": ev.stage, "duration_s": ev.duration_s, "tokens": ev.tokens, "samples": ev.samples,
-                "flops_per_token": ev.flops_per_token,
-                "failed": ev.failed, "phases": [{"phase": k, "seconds": v} for k, v in ev.phases.items()],
-                "metrics": [{"name": k, "value": v} for k, v in ev.metrics.items()],
-                "node": ev.node or batch.node, "gpu_uuid": ev.gpu_uuid, "pid": ev.pid, "agent_id": batch.agent_id,
-            })
-        elif isinstance(ev, RequestEvent):
-            rows["requests"].append({
-                "ts": ev.ts, "service": ev.service, "model": ev.model, "status": ev.status, "e2e_s": ev.e2e_s,
-                "queue_s": ev.queue_s, "ttft_s": ev.ttft_s, "tpot_s": ev.tpot_s, "input_tokens": ev.input_tokens,
-                "output_tokens": ev.output_tokens, "node": ev.node or batch.node, "gpu_uuid": ev.gpu_uuid, "pid": ev.pid,
-                "agent_id": batch.agent_id,
-            })
-        elif isinstance(ev, PauseEvent):
-            rows["pauses"].append({
-                "ts": ev.ts, "job": ev.job, "rank": ev.rank, "reason": ev.reason, "phase": ev.phase,
-                "duration_s": ev.duration_s, "node": ev.node or batch.node, "agent_id": batch.agent_id,
-            })
+def _frame(kind: str, columns: dict[str, list]) -> pl.DataFrame:
+    return pl.DataFrame([pl.Series(name, columns[name], dtype=dtype) for name, dtype in SCHEMAS[kind].items()])
+
+
+def _json(value: dict) -> str:
+    return _encode(value).decode()
+
+
+def _steps(events: list[StepEvent], batch: Batch) -> pl.DataFrame:
+    node = batch.node
+    columns: dict[str, list] = {
+        "ts": [e.ts for e in events], "job": [e.job for e in events], "rank": [e.rank for e in events],
+        "local_rank": [e.local_rank for e in events], "world_size": [e.world_size for e in events],
+        "step": [e.step for e in events], "stage": [e.stage for e in events], "duration_s": [e.duration_s for e in events],
+        "tokens": [e.tokens for e in events], "samples": [e.samples for e in events],
+        "flops_per_token": [e.flops_per_token for e in events], "failed": [e.failed for e in events],
+    }
+    phases = [e.phases for e in events]
+    for name, column in zip(PHASES, PHASE_COLUMNS):
+        columns[column] = [p.get(name) for p in phases]
+    metrics = [e.metrics for e in events]
+    columns["sync_arrival_s"] = [m.get("sync_arrival_s") for m in metrics]
+    columns["phases_other"] = [None if p.keys() <= _KNOWN_PHASES else
+                               _json({k: v for k, v in p.items() if k not in _KNOWN_PHASES}) for p in phases]
+    columns["metrics_other"] = [None if m.keys() <= _KNOWN_METRICS else
+                                _json({k: v for k, v in m.items() if k not in _KNOWN_METRICS}) for m in metrics]
+    columns.update(node=[e.node or node for e in events], gpu_uuid=[e.gpu_uuid for e in events],
+                   pid=[e.pid for e in events], agent_id=[batch.agent_id] * len(events))
+    return _frame("steps", columns)
+
+
+def _requests(events: list[RequestEvent], batch: Batch) -> pl.DataFrame:
+    node = batch.node
+    columns = {name: [getattr(e, name) for e in events]
+               for name in ("ts", "service", "model", "status", "e2e_s", "queue_s", "ttft_s", "tpot_s", "input_tokens",
+                            "output_tokens", "gpu_uuid", "pid")}
+    columns["node"] = [e.node or node for e in events]
+    columns["agent_id"] = [batch.agent_id] * len(events)
+    return _frame("requests", columns)
+
+
+def _pauses(events: list[PauseEvent], batch: Batch) -> pl.DataFrame:
+    node = batch.node
+    columns = {name: [getattr(e, name) for e in events] for name in ("ts", "job", "rank", "reason", "phase", "duration_s")}
+    columns["node"] = [e.node or node for e in events]
+    columns["agent_id"] = [batch.agent_id] * len(events)
+    return _frame("pauses", columns)
+
+
+_STAT_COUNTERS = ("prompt_tokens", "generation_tokens", "requests_ok", "requests_error", "e2e_sum", "e2e_count",
+                  "queue_sum", "queue_count")
+
+
+def _servers(batch: Batch) -> dict[str, pl.DataFrame]:
+    stats, hists = [], []
     for sf in batch.servers:
         row = {"ts": sf.ts, "service": sf.service, "model": sf.model, "server": sf.server, "kind": sf.kind,
                "node": sf.node or batch.node, "interval_s": sf.interval_s}
         for key in ("running", "waiting", "kv_cache"):
             row[key] = sf.gauges.get(key)
-        for key in ("prompt_tokens", "generation_tokens", "requests_ok", "requests_error", "e2e_sum", "e2e_count",
-                    "queue_sum", "queue_count"):
+        for key in _STAT_COUNTERS:
             row[key] = sf.counters.get(key)
         for metric, h in sf.histograms.items():
             # Histograms carry their own sums and counts; the counters only fill in for servers without them.
-            row.setdefault(f"{metric}_sum", None)
             if metric in ("e2e", "queue") and row[f"{metric}_count"] is None:
                 row[f"{metric}_sum"], row[f"{metric}_count"] = h.sum, h.count
-            rows["server_histograms"].append({
-                "ts": sf.ts, "service": sf.service, "model": sf.model, "server": sf.server, "metric": metric,
-                "le": list(h.le), "counts": list(h.counts), "sum": h.sum, "count": h.count,
-            })
-        rows["server_stats"].append({k: v for k, v in row.items() if k in SCHEMAS["server_stats"]})
-    for fr in batch.frames:
-        rows["hosts"].append({
-            "ts": fr.ts, "node": fr.node, "cpu_utilization_ratio": fr.cpu_utilization_ratio,
-            "memory_used_bytes": fr.memory_used_bytes, "memory_total_bytes": fr.memory_total_bytes, "load1": fr.load1,
-            "gpu_count": sum(1 for g in fr.gpus if g.up), "sources_down": list(fr.sources_down),
-            "cluster": fr.labels.get("cluster"), "rack": fr.labels.get("rack"),
-            "network_errors_total": fr.network_errors_total, "infiniband_errors_total": fr.infiniband_errors_total,
-            "memory_stalled_seconds_total": fr.memory_stalled_seconds_total,
-            "network_receive_bytes_total": fr.network_receive_bytes_total,
-            "network_transmit_bytes_total": fr.network_transmit_bytes_total,
-            "disk_read_bytes_total": fr.disk_read_bytes_total, "disk_written_bytes_total": fr.disk_written_bytes_total,
-            "agent_id": batch.agent_id,
-        })
-        for g in fr.gpus:
-            rows["gpus"].append({
-                "ts": fr.ts, "node": fr.node, "index": g.index, "uuid": g.uuid, "name": g.name, "up": g.up,
-                "utilization_ratio": g.utilization_ratio, "memory_used_bytes": g.memory_used_bytes,
-                "memory_total_bytes": g.memory_total_bytes, "temperature_celsius": g.temperature_celsius,
-                "power_watts": g.power_watts, "power_limit_watts": g.power_limit_watts, "sm_clock_hertz": g.sm_clock_hertz,
-                "sm_clock_max_hertz": g.sm_clock_max_hertz, "clock_event_mask": g.clock_event_mask, "health": g.health,
-                "health_reasons": list(g.health_reasons), "xid_total": g.xid_total,
-            })
-    return rows
+            hists.append({"ts": sf.ts, "service": sf.service, "model": sf.model, "server": sf.server, "metric": metric,
+                          "le": list(h.le), "counts": list(h.counts), "sum": h.sum, "count": h.count})
+        stats.append(row)
+    out = {}
+    if stats:
+        out["server_stats"] = pl.DataFrame(stats, schema=SCHEMAS["server_stats"])
+    if hists:
+        out["server_histograms"] = pl.DataFrame(hists, schema=SCHEMAS["server_histograms"])
+    return out
+
+
+_HOST_FIELDS = ("ts", "node", "cpu_utilization_ratio", "memory_used_bytes", "memory_total_bytes", "load1",
+                "network_errors_total", "infiniband_errors_total", "memory_stalled_seconds_total",
+                "network_receive_bytes_total", "network_transmit_bytes_total", "disk_read_bytes_total",
+                "disk_written_bytes_total")
+_GPU_FIELDS = ("index", "uuid", "name", "up", "utilization_ratio", "memory_used_bytes", "memory_total_bytes",
+               "temperature_celsius", "power_watts", "power_limit_watts", "sm_clock_hertz", "sm_clock_max_hertz",
+               "clock_event_mask", "health", "health_reasons", "xid_total", "ecc_corrected_total", "ecc_uncorrected_total",
+               "remap_pending", "remap_failure")
+
+
+def _frames(batch: Batch) -> dict[str, pl.DataFrame]:
+    frames = batch.frames
+    hosts = {name: [getattr(f, name) for f in frames] for name in _HOST_FIELDS}
+    hosts["gpu_count"] = [sum(1 for g in f.gpus if g.up) for f in frames]
+    hosts["sources_down"] = [f.sources_down or None for f in frames]
+    hosts["cluster"] = [f.labels.get("cluster") for f in frames]
+    hosts["rack"] = [f.labels.get("rack") for f in frames]
+    hosts["agent_id"] = [batch.agent_id] * len(frames)
+    pairs = [(f, g) for f in frames for g in f.gpus]
+    gpus = {name: [getattr(g, name) for _, g in pairs] for name in _GPU_FIELDS}
+    gpus["health_reasons"] = [r or None for r in gpus["health_reasons"]]
+    gpus["xid_counts"] = [_json(g.xid_counts) if g.xid_counts else None for _, g in pairs]
+    gpus["ts"] = [f.ts for f, _ in pairs]
+    gpus["node"] = [f.node for f, _ in pairs]
+    out = {"hosts": _frame("hosts", hosts)}
+    if pairs:
+        out["gpus"] = _frame("gpus", gpus)
+    return out
+
+
+def batch_frames(batch: Batch) -> dict[str, pl.DataFrame]:
+    """One frame per table that the batch has rows for; the node comes from the event, else from the batch."""
+    out: dict[str, pl.DataFrame] = {}
+    if batch.events:
+        by_type: dict[type, list] = {StepEvent: [], RequestEvent: [], PauseEvent: []}
+        for ev in batch.events:
+            by_type[type(ev)].append(ev)
+        for kind, cls, build in (("steps", StepEvent, _steps), ("requests", RequestEvent, _requests),
+                                 ("pauses", PauseEvent, _pauses)):
+            if by_type[cls]:
+                out[kind] = build(by_type[cls], batch)  # type: ignore[operator]
+    if batch.servers:
+        out.update(_servers(batch))
+    if batch.frames:
+        out.update(_frames(batch))
+    return out
+
+
+def frame_from_rows(kind: str, rows: Iterable[dict]) -> pl.DataFrame:
+    """A table from row dicts (tests, benches, old files); a step's `phases` and `metrics` may be given as
+    dicts (as on the wire) and land in their columns. Missing columns are null."""
+    rows = list(rows)
+    if kind == "steps":
+        rows = [_step_row(r) for r in rows]
+    schema = SCHEMAS[kind]
+    return pl.DataFrame([{c: r.get(c) for c in schema} for r in rows], schema=schema)
+
+
+def _step_row(row: dict) -> dict:
+    if "phases" not in row and "metrics" not in row:
+        return row
+    row = dict(row)
+    phases, metrics = row.pop("phases", None) or {}, row.pop("metrics", None) or {}
+    if isinstance(phases, list):  # the older list-of-structs form
+        phases = {p["phase"]: p["seconds"] for p in phases}
+    if isinstance(metrics, list):
+        metrics = {m["name"]: m["value"] for m in metrics}
+    for name, column in zip(PHASES, PHASE_COLUMNS):
+        row.setdefault(column, phases.get(name))
+    row.setdefault("sync_arrival_s", metrics.get("sync_arrival_s"))
+    other = {k: v for k, v in phases.items() if k not in _KNOWN_PHASES}
+    row.setdefault("phases_other", _json(other) if other else None)
+    others = {k: v for k, v in metrics.items() if k not in _KNOWN_METRICS}
+    row.setdefault("metrics_other", _json(others) if others else None)
+    return row
+
+
+def phases_long(steps: pl.DataFrame) -> pl.DataFrame:
+    """Every phase of every step row, long: (rank, phase, seconds); the columns and the others alike."""
+    columns = steps.select("rank", *PHASE_COLUMNS).unpivot(index="rank", variable_name="phase", value_name="seconds")
+    columns = columns.drop_nulls("seconds").with_columns(
+        pl.col("phase").str.strip_prefix("phase_").str.strip_suffix("_s"), as_f64("seconds"))
+    return pl.concat([columns, _json_long(steps, "phases_other", "phase", "seconds")])
+
+
+def _json_long(steps: pl.DataFrame, column: str, key: str, value: str) -> pl.DataFrame:
+    """(rank, key, value) rows of a column of JSON objects."""
+    rows = steps.select("rank", column).drop_nulls(column)
+    out: dict[str, list] = {"rank": [], key: [], value: []}
+    for rank, text in rows.iter_rows():
+        for k, v in msgspec.json.decode(text).items():
+            out["rank"].append(rank)
+            out[key].append(k)
+            out[value].append(v)
+    return pl.DataFrame(out, schema={"rank": I32, key: pl.String, value: F64})
+
+
+def metrics_long(steps: pl.DataFrame) -> pl.DataFrame:
+    """Every number a step reported, long: (rank, name, value), DDP's sync_arrival_s among them."""
+    sync = steps.select("rank", pl.lit("sync_arrival_s").alias("name"), as_f64("sync_arrival_s").alias("value"))
+    return pl.concat([sync.drop_nulls("value"), _json_long(steps, "metrics_other", "name", "value")])
+
+
+def conform(frame: pl.LazyFrame | pl.DataFrame, kind: str):
+    """A frame read from Parquet in the current schema: columns added since are null, older forms converted."""
+    schema = SCHEMAS[kind]
+    names = frame.collect_schema().names() if isinstance(frame, pl.LazyFrame) else frame.columns
+    if kind == "steps" and "phases" in names:  # files written before phases were columns
+        frame = frame.with_columns(
+            *(pl.col("phases").list.eval(pl.element().filter(pl.element().struct.field("phase") == p)
+                                         .struct.field("seconds")).list.first().alias(c)
+              for p, c in zip(PHASES, PHASE_COLUMNS)),
+            pl.col("metrics").list.eval(pl.element().filter(pl.element().struct.field("name") == "sync_arrival_s")
+                                        .struct.field("value")).list.first().alias("sync_arrival_s"),
+        )
+        names = [*names, *PHASE_COLUMNS, "sync_arrival_s"]
+    present = set(names)
+    return frame.select([pl.col(c).cast(dtype) if c in present else pl.lit(None, dtype=dtype).alias(c)
+                         for c, dtype in schema.items()])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import polars as pl
 
+from collector.tables import as_f64, metrics_long, phases_long
+
 QUANTILES = (0.5, 0.95, 0.99)
 
 
@@ -11,30 +13,32 @@ def _q(col: str, q: float) -> pl.Expr:
     return pl.col(col).quantile(q, interpolation="linear").alias(f"{col.removesuffix('_s')}_p{round(q * 100)}_s")
 
 
-def jobs_overview(steps: pl.DataFrame) -> pl.DataFrame:
-    """One row per job: ranks seen, world size, latest step, last report, median step time, tokens/s."""
-    return (
-        steps.group_by("job")
-        .agg(
-            pl.col("rank").n_unique().alias("ranks"),
-            pl.col("world_size").max().alias("world_size"),
-            pl.col("step").max().alias("last_step"),
-            (pl.col("ts") + pl.col("duration_s")).max().alias("last_report_ts"),
-            pl.len().alias("step_events"),
-            pl.col("duration_s").median().alias("step_time_p50_s"),
-            pl.col("node").drop_nulls().unique().sort().alias("nodes"),
-            # Job throughput: all ranks' tokens over the wall-clock span they cover.
-            pl.when(pl.col("tokens").count() > 0)
-            .then(pl.col("tokens").sum() / ((pl.col("ts") + pl.col("duration_s")).max() - pl.col("ts").min()))
-            .alias("tokens_per_s"),
-            pl.when(pl.col("samples").count() > 0)
-            .then(pl.col("samples").sum() / ((pl.col("ts") + pl.col("duration_s")).max() - pl.col("ts").min()))
-            .alias("samples_per_s"),
-            pl.col("flops_per_token").drop_nulls().last().alias("flops_per_token"),
-            pl.col("gpu_uuid").drop_nulls().unique().alias("gpu_uuids"),
-        )
-        .sort("job")
+def jobs_overview(aggs: pl.DataFrame, steps: pl.DataFrame) -> pl.DataFrame:
+    """One row per job: ranks seen, world size, latest step, last report, median step time, tokens/s.
+    `aggs` (per-step aggregates, collector.rollups) cover the window; `steps` (raw, each rank's recent
+    steps) give the ranks, nodes and GPUs."""
+    span = pl.col("end_ts").max() - pl.col("ts").min()
+    per_job = aggs.group_by("job").agg(
+        pl.col("world_size").max(),
+        pl.col("step").max().alias("last_step"),
+        pl.col("end_ts").max().alias("last_report_ts"),
+        pl.col("ranks").sum().cast(pl.Int64).alias("step_events"),
+        pl.col("step_time_p50_s").median().cast(pl.Float64).round_sig_figs(7).alias("step_time_p50_s"),
+        # Job throughput: all ranks' tokens over the wall-clock span they cover.
+        pl.when(pl.col("tokens").sum() > 0).then(pl.col("tokens").sum() / span).alias("tokens_per_s"),
+        pl.when(pl.col("samples").sum() > 0).then(pl.col("samples").sum() / span).alias("samples_per_s"),
+        pl.col("flops_per_token").drop_nulls().last().alias("flops_per_token"),
     )
+    raw = steps.group_by("job").agg(
+        pl.col("rank").n_unique().alias("ranks"),
+        pl.col("node").drop_nulls().cast(pl.String).unique().sort().alias("nodes"),
+        pl.col("gpu_uuid").drop_nulls().cast(pl.String).unique().alias("gpu_uuids"),
+    )
+    return (per_job.join(raw, on="job", how="left")
+            .with_columns(pl.col("job").cast(pl.String), pl.col("ranks").fill_null(0))
+            .select("job", "ranks", "world_size", "last_step", "last_report_ts", "step_events", "step_time_p50_s",
+                    "nodes", "tokens_per_s", "samples_per_s", "flops_per_token", "gpu_uuids")
+            .sort("job"))
 
 
 # Dense BF16 peak FLOP/s by GPU name (NVIDIA data sheets); the longest matching name wins.
@@ -53,7 +57,8 @@ def peak_flops(gpu_name: str | None) -> float | None:
 
 def with_mfu(jobs: pl.DataFrame, gpus: pl.DataFrame) -> pl.DataFrame:
     """Model FLOPs utilisation: tokens/s x FLOPs per token over the peak of the job's GPUs, when both are known."""
-    names = dict(gpus.select("uuid", "name").drop_nulls().unique("uuid").iter_rows()) if gpus.height else {}
+    names = (dict(gpus.select(pl.col("uuid").cast(pl.String), pl.col("name").cast(pl.String)).drop_nulls().unique("uuid").iter_rows())
+             if gpus.height else {})
     mfu = []
     for row in jobs.iter_rows(named=True):
         peaks = [peak_flops(names.get(uuid)) for uuid in (row.get("gpu_uuids") or [])]
@@ -75,9 +80,10 @@ def rank_step_quantiles(steps: pl.DataFrame, job: str) -> pl.DataFrame:
             *(_q("duration_s", q) for q in QUANTILES),
             pl.col("duration_s").mean().alias("step_time_mean_s"),
             pl.col("step").max().alias("last_step"),
-            pl.col("node").last().alias("node"),
-            pl.col("gpu_uuid").last().alias("gpu_uuid"),
+            pl.col("node").last().cast(pl.String).alias("node"),
+            pl.col("gpu_uuid").last().cast(pl.String).alias("gpu_uuid"),
         )
+        .with_columns(pl.col("^step_time_.*$").cast(pl.Float64).round_sig_figs(7))
         .rename({"duration_p50_s": "step_time_p50_s", "duration_p95_s": "step_time_p95_s", "duration_p99_s": "step_time_p99_s"})
         .sort("rank")
     )
@@ -86,11 +92,10 @@ def rank_step_quantiles(steps: pl.DataFrame, job: str) -> pl.DataFrame:
 def rank_breakdown(steps: pl.DataFrame, job: str) -> pl.DataFrame:
     """Per rank of `job`: the mean of each phase (`phase_<name>_mean_s`) and of each reported number
     (`metric_<name>_mean`, e.g. DDP's sync_arrival_s), one column each."""
-    rows = steps.filter(pl.col("job") == job).select("rank", "phases", "metrics")
+    rows = steps.filter(pl.col("job") == job)
     out = rows.select("rank").unique()
-    for column, key, value, prefix, suffix in (("phases", "phase", "seconds", "phase_", "_mean_s"),
-                                                ("metrics", "name", "value", "metric_", "_mean")):
-        long = rows.select("rank", column).explode(column).drop_nulls(column).unnest(column)
+    for long, key, value, prefix, suffix in ((phases_long(rows), "phase", "seconds", "phase_", "_mean_s"),
+                                             (metrics_long(rows), "name", "value", "metric_", "_mean")):
         if long.height == 0:
             continue
         wide = (long.group_by("rank", key).agg(pl.col(value).mean())
@@ -100,18 +105,13 @@ def rank_breakdown(steps: pl.DataFrame, job: str) -> pl.DataFrame:
     return out.sort("rank")
 
 
-def step_series(steps: pl.DataFrame, job: str, *, last: int | None = None) -> pl.DataFrame:
-    """Step time over time for `job`: per step number, when it started and the spread across ranks."""
+def step_series(aggs: pl.DataFrame, job: str, *, last: int | None = None) -> pl.DataFrame:
+    """Step time over time for `job`: per step number, when it started and the spread across ranks
+    (from the per-step aggregates, collector.rollups.step_aggregates)."""
     series = (
-        steps.filter(pl.col("job") == job)
-        .group_by("step")
-        .agg(
-            pl.col("ts").min().alias("ts"),
-            pl.len().alias("ranks"),
-            pl.col("duration_s").median().alias("step_time_p50_s"),
-            pl.col("duration_s").quantile(0.95, interpolation="linear").alias("step_time_p95_s"),
-            pl.col("duration_s").max().alias("step_time_max_s"),
-        )
+        aggs.filter(pl.col("job") == job)
+        .select("step", "ts", pl.col("ranks").cast(pl.UInt32),
+                *(as_f64(c) for c in ("step_time_p50_s", "step_time_p95_s", "step_time_max_s")))
         .sort("step")
     )
     return series.tail(last) if last is not None else series
@@ -127,21 +127,14 @@ REGRESSION_THRESHOLD = 0.025
 REGRESSION_RECENT, REGRESSION_BASELINE, REGRESSION_GAP = 150, 400, 50  # 600 steps: what analyse() keeps
 
 
-def _named(column: str, key: str, name: str, value: str) -> pl.Expr:
-    """The value of one named entry of a list-of-structs column (a step's phase or metric), or null."""
-    return (pl.col(column).list.eval(pl.element().filter(pl.element().struct.field(key) == name).struct.field(value))
-            .list.first())
-
-
 def compute_times(steps: pl.DataFrame) -> pl.DataFrame:
     """Per step and rank, the time spent before waiting for peers: DDP's sync arrival when reported,
     else the step minus its `comm` phase, else the whole step."""
     return steps.select(
         "job", pl.col("stage").fill_null(0), "rank", "node", "gpu_uuid", "step", "ts", "duration_s",
-        pl.coalesce(_named("metrics", "name", "sync_arrival_s", "value"),
-                    pl.col("duration_s") - _named("phases", "phase", "comm", "seconds"),
-                    pl.col("duration_s")).alias("compute_s"),
-        _named("phases", "phase", "data", "seconds").alias("data_s"),
+        pl.coalesce(pl.col("sync_arrival_s"), pl.col("duration_s") - pl.col("phase_comm_s"),
+                    pl.col("duration_s")).cast(pl.Float64).alias("compute_s"),
+        pl.col("phase_data_s").cast(pl.Float64).alias("data_s"),
     )
 
 
@@ -149,7 +142,6 @@ def straggler_scores(steps: pl.DataFrame, window: int = STRAGGLER_WINDOW) -> pl.
     """Per job and rank over the job's last `window` steps: the median of how much longer the rank
     computed than the median of its stage's ranks in the same step. Robust to jitter (medians), to
     the whole job slowing down (relative to the same step), and to uneven pipeline stages."""
-    # Only the window's rows go through the (costly) list lookups of phases and metrics.
     recent = compute_times(steps.filter(pl.col("step") > pl.col("step").max().over("job") - window))
     ratios = recent.with_columns(
         pl.col("compute_s").median().over("job", "stage", "step").alias("peer_s"),
@@ -164,7 +156,7 @@ def straggler_scores(steps: pl.DataFrame, window: int = STRAGGLER_WINDOW) -> pl.
         .agg(
             pl.col("excess").median().alias("straggler_score"),
             pl.len().alias("steps_seen"),
-            pl.col("stage").last(), pl.col("node").last(), pl.col("gpu_uuid").last(),
+            pl.col("stage").last(), pl.col("node").last().cast(pl.String), pl.col("gpu_uuid").last().cast(pl.String),
             pl.col("ts").filter(pl.col("excess") >= STRAGGLER_THRESHOLD).min().alias("since_ts"),
             pl.col("data_vs_peers").median().alias("data_vs_peers"),
         )
@@ -197,7 +189,7 @@ def progress(steps: pl.DataFrame, pauses: pl.DataFrame, now: float) -> pl.DataFr
     ends = steps.with_columns((pl.col("ts") + pl.col("duration_s")).alias("end_ts"))
     per_rank = ends.group_by("job", "rank").agg(pl.col("end_ts").max(), pl.col("step").max().alias("last_step"))
     recent_median = (ends.filter(pl.col("step") > pl.col("step").max().over("job") - 200)
-                     .group_by("job").agg(pl.col("duration_s").median().alias("median_step_s")))
+                     .group_by("job").agg(pl.col("duration_s").median().cast(pl.Float64).alias("median_step_s")))
     jobs = per_rank.group_by("job").agg(
         pl.col("end_ts").max().alias("last_progress_ts"),
         pl.col("rank").filter(pl.col("end_ts") == pl.col("end_ts").max()).sort().alias("last_reporters"),
@@ -221,16 +213,18 @@ def progress(steps: pl.DataFrame, pauses: pl.DataFrame, now: float) -> pl.DataFr
             ((pl.col("silence_s") > pl.col("hang_after_s")) & ~pl.col("paused") & ~pl.col("finished")
              & (pl.col("silence_s") <= STOPPED_AFTER_S)).alias("hung"),
             ((pl.col("silence_s") > STOPPED_AFTER_S) & ~pl.col("finished")).alias("stopped"),
+            pl.col("job").cast(pl.String),
         )
         .sort("job")
     )
 
 
-def step_time_change(steps: pl.DataFrame) -> pl.DataFrame:
+def step_time_change(aggs: pl.DataFrame) -> pl.DataFrame:
     """Per job: the median step time of its last REGRESSION_RECENT steps against a baseline of the
     REGRESSION_BASELINE steps before them (with a gap, so a change is not half in both windows).
-    `change_ratio` 0.03 means 3% slower; jobs with too short a history are left out."""
-    series = steps.group_by("job", "step").agg(pl.col("duration_s").median(), pl.col("ts").min()).sort("job", "step")
+    `change_ratio` 0.03 means 3% slower; jobs with too short a history are left out. Reads the
+    per-step aggregates (each step's median across ranks)."""
+    series = aggs.select("job", "step", pl.col("step_time_p50_s").cast(pl.Float64).alias("duration_s"), "ts").sort("job", "step")
     need = REGRESSION_RECENT + REGRESSION_GAP + REGRESSION_BASELINE
     return (
         series.group_by("job")
@@ -241,7 +235,7 @@ def step_time_change(steps: pl.DataFrame) -> pl.DataFrame:
             pl.col("ts").tail(REGRESSION_RECENT).first().alias("recent_since_ts"),
         )
         .filter(pl.col("steps") >= need)
-        .with_columns((pl.col("recent_s") / pl.col("baseline_s") - 1).alias("change_ratio"))
+        .with_columns((pl.col("recent_s") / pl.col("baseline_s") - 1).alias("change_ratio"), pl.col("job").cast(pl.String))
         .sort("job")
     )
 
@@ -252,4 +246,4 @@ def rank_step_matrix(steps: pl.DataFrame, job: str, last: int = 100) -> pl.DataF
     rows = rows.filter(pl.col("step") > pl.col("step").max() - last)
     return (compute_times(rows)
             .with_columns((pl.col("compute_s") / pl.col("compute_s").median().over("stage", "step")).alias("relative"))
-            .select("step", "rank", "node", "compute_s", "relative").sort("step", "rank"))
+            .select("step", "rank", pl.col("node").cast(pl.String), "compute_s", "relative").sort("step", "rank"))

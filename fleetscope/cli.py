@@ -63,27 +63,32 @@ def _agent(args: argparse.Namespace) -> int:
 
 def _collector(args: argparse.Namespace) -> int:
     from collector.main import run
-    from collector.settings import Settings
+    from collector.settings import Settings, load_config, parse_duration, parse_size
 
-    kwargs: dict[str, object] = {"data_dir": Path(args.data_dir)}
-    if args.config:
-        from collector.slo import load_slos
-
-        try:
-            kwargs["slos"] = tuple(load_slos(args.config))
-        except (OSError, ValueError) as exc:
-            print(f"fleetscope collector: {exc}", file=sys.stderr)
-            return 2
-    if args.ingest_token:
-        kwargs["ingest_tokens"] = frozenset(args.ingest_token)
-    if args.read_token:
-        kwargs["read_tokens"] = frozenset(args.read_token)
+    kwargs: dict[str, object] = {}
+    listen = "0.0.0.0:9837"
     try:
+        if args.config:
+            kwargs, other = load_config(args.config)
+            listen = str(other.get("listen", listen))
+        # Flags win over the config file, which wins over the environment.
+        for flag, name, parse in (("data_dir", "data_dir", lambda v, w: Path(v)), ("cluster", "cluster", lambda v, w: v),
+                                  ("memory_budget", "memory_budget", parse_size), ("window", "window_s", parse_duration),
+                                  ("raw_window", "raw_window_s", parse_duration), ("retention", "retention_s", parse_duration),
+                                  ("retention_bytes", "retention_bytes", parse_size),
+                                  ("checkpoint_interval", "checkpoint_interval_s", parse_duration)):
+            value = getattr(args, flag)
+            if value is not None:
+                kwargs[name] = parse(value, f"--{flag.replace('_', '-')}")
+        if args.ingest_token:
+            kwargs["ingest_tokens"] = frozenset(args.ingest_token)
+        if args.read_token:
+            kwargs["read_tokens"] = frozenset(args.read_token)
         settings = Settings(**kwargs)  # type: ignore[arg-type]
-    except ValueError as exc:
+    except (OSError, ValueError) as exc:
         print(f"fleetscope collector: {exc}", file=sys.stderr)
         return 2
-    host, _, port = args.listen.rpartition(":")
+    host, _, port = (args.listen or listen).rpartition(":")
     run(settings, host or "0.0.0.0", int(port))
     return 0
 
@@ -155,9 +160,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_agent)
 
     p = sub.add_parser("collector", help="run the central collector")
-    p.add_argument("--listen", default="0.0.0.0:9837")
-    p.add_argument("--config", help="TOML file with [[slo]] tables (see collector/slo.py)")
-    p.add_argument("--data-dir", default=os.environ.get("FLEETSCOPE_DATA_DIR", ".fleetscope/collector"))
+    p.add_argument("--listen", help="host:port to serve on (default 0.0.0.0:9837)")
+    p.add_argument("--config", help="TOML file with a [collector] table (every setting below) and [[slo]] tables")
+    p.add_argument("--data-dir", help="where the WAL and the Parquet history live (default: $FLEETSCOPE_DATA_DIR or .fleetscope/collector)")
+    p.add_argument("--cluster", help="this cluster's name: a label on the collector's findings and job metrics")
+    p.add_argument("--memory-budget", help="memory the collector keeps within, e.g. 2GiB (default: 2 GiB or a quarter of RAM)")
+    p.add_argument("--window", help="how long the hot tier keeps rollups, step aggregates and requests in memory (default 6h)")
+    p.add_argument("--raw-window", help="how long raw GPU and host frames stay in memory (default 5m)")
+    p.add_argument("--retention", help="how long history stays on disk (default 30d)")
+    p.add_argument("--retention-bytes", help="most disk the history may use (default: 40%% of the data disk)")
+    p.add_argument("--checkpoint-interval", help="how often the WAL is written to Parquet (default 30s)")
     p.add_argument("--ingest-token", action="append", help="token agents use (default: $FLEETSCOPE_INGEST_TOKEN)")
     p.add_argument("--read-token", action="append", help="token readers use (default: $FLEETSCOPE_READ_TOKEN)")
     p.set_defaults(func=_collector)

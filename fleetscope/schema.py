@@ -16,11 +16,16 @@ from msgspec import Meta, Struct
 
 SCHEMA_VERSION = 1
 
-# Names are what operators read in labels and URLs: printable, bounded.
-Name = Annotated[str, Meta(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f]+$")]
+# Names are what operators read in labels and URLs: printable, bounded. (No control characters either:
+# checked after decoding, see _control_characters, because a pattern here costs half of all decoding.)
+Name = Annotated[str, Meta(min_length=1, max_length=256)]
 Seconds = Annotated[float, Meta(gt=0, le=7 * 24 * 3600)]
 NonNegSeconds = Annotated[float, Meta(ge=0, le=7 * 24 * 3600)]
 Count = Annotated[int, Meta(ge=0, le=2**53)]
+# Bounded so that the collector can keep them in 32 bits: no job has 16 M ranks, no kernel 2^31 pids.
+Rank = Annotated[int, Meta(ge=0, lt=2**24)]
+Stage = Annotated[int, Meta(ge=0, lt=2**16)]
+Pid = Annotated[int, Meta(ge=0, lt=2**31)]
 # Up to 2286-11-20: anything later (or infinite) is a bug in the sender, not a time.
 UnixTime = Annotated[float, Meta(ge=0, le=1e10)]
 Finite = Annotated[float, Meta(ge=-1e300, le=1e300)]  # JSON's 1e999 decodes to infinity: refuse it
@@ -33,14 +38,14 @@ class StepEvent(Struct, tag="step", tag_field="kind", forbid_unknown_fields=True
 
     v: Literal[1]
     job: Name
-    rank: Count
+    rank: Rank
     world_size: Annotated[int, Meta(ge=1, le=2**24)]
     step: Count
     ts: UnixTime  # wall-clock start of the step
     duration_s: Seconds
-    local_rank: Count = 0
-    stage: Count | None = None  # pipeline-parallel stage: ranks are compared with their stage's peers
-    pid: Count = 0
+    local_rank: Rank = 0
+    stage: Stage | None = None  # pipeline-parallel stage: ranks are compared with their stage's peers
+    pid: Pid = 0
     tokens: Count | None = None
     samples: Count | None = None
     flops_per_token: NonNeg | None = None  # model FLOPs per token (fwd + bwd), declared by the job: for MFU
@@ -61,7 +66,7 @@ class RequestEvent(Struct, tag="request", tag_field="kind", forbid_unknown_field
     ts: UnixTime
     e2e_s: Seconds
     status: Literal["ok", "error", "cancelled"] = "ok"
-    pid: Count = 0
+    pid: Pid = 0
     queue_s: NonNegSeconds | None = None
     ttft_s: NonNegSeconds | None = None
     tpot_s: NonNegSeconds | None = None
@@ -76,14 +81,14 @@ class PauseEvent(Struct, tag="pause", tag_field="kind", forbid_unknown_fields=Tr
 
     v: Literal[1]
     job: Name
-    rank: Count
+    rank: Rank
     world_size: Annotated[int, Meta(ge=1, le=2**24)]
     reason: Name
     phase: Literal["begin", "end"]
     ts: UnixTime
     duration_s: NonNegSeconds | None = None  # on "end"
-    local_rank: Count = 0
-    pid: Count = 0
+    local_rank: Rank = 0
+    pid: Pid = 0
     node: Name | None = None
     gpu_uuid: Name | None = None
 
@@ -94,7 +99,7 @@ Event = Union[StepEvent, RequestEvent, PauseEvent]
 class GpuFrame(Struct, forbid_unknown_fields=True, omit_defaults=True):
     """The state of one GPU at one sample; an unsupported field is absent, never 0."""
 
-    index: Count
+    index: Annotated[int, Meta(ge=0, lt=2**15)]
     uuid: Name
     name: Name | None = None
     up: bool = True
@@ -110,6 +115,12 @@ class GpuFrame(Struct, forbid_unknown_fields=True, omit_defaults=True):
     health: Literal["healthy", "degraded", "unhealthy"] | None = None
     health_reasons: list[Name] = []
     xid_total: Count | None = None  # XIDs since the agent started
+    xid_counts: dict[Annotated[str, Meta(pattern=r"^[0-9]{1,5}$")], Count] = {}  # the same, by XID code
+    # Aggregate (lifetime) ECC error counts, and row remapping (Ampere and newer), for the reliability record.
+    ecc_corrected_total: Count | None = None
+    ecc_uncorrected_total: Count | None = None
+    remap_pending: bool | None = None
+    remap_failure: bool | None = None
 
 
 class HostFrame(Struct, tag="host", tag_field="kind", forbid_unknown_fields=True, omit_defaults=True):
@@ -217,11 +228,36 @@ def _check_version(data: bytes, what: str) -> str:
 
 
 def _decode(data: bytes, decoder: msgspec.json.Decoder, what: str):
-    what = _check_version(data, what)
     try:
-        return decoder.decode(data)
+        record = decoder.decode(data)
     except msgspec.DecodeError as exc:
+        # Say what is wrong in the order a reader cares: not JSON, then the version, then the field.
+        what = _check_version(data, what)
         raise SchemaError(f"{what}: {exc}") from None
+    # JSON strings hold control characters only as escapes: a body without a backslash has none.
+    if b"\\" in data:
+        where = _control_characters(msgspec.to_builtins(record), "$")
+        if where:
+            what = _check_version(data, what)
+            raise SchemaError(f"{what}: control characters are not allowed in names or labels - at `{where}`")
+    return record
+
+
+def _control_characters(value: object, path: str) -> str | None:
+    """The path of the first string (or key) holding a control character, or None."""
+    if isinstance(value, str):
+        return path if any(ord(c) < 0x20 for c in value) else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _control_characters(key, f"{path}.{key!r}") or _control_characters(item, f"{path}.{key}")
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _control_characters(item, f"{path}[{i}]")
+            if found:
+                return found
+    return None
 
 
 def decode_batch(data: bytes) -> Batch:

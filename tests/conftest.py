@@ -76,3 +76,9 @@ def pytest_collection_modifyitems(config, items):
             marker = _MARKED_DIRS.get(folder)
             if marker:
                 item.add_marker(getattr(pytest.mark, marker))
+
+
+def wait_ready(client, timeout: float = 30.0):
+    """A TestClient of the collector once its store has opened (/healthz answers 200)."""
+    wait_until(lambda: client.get("/healthz").status_code == 200, timeout=timeout, interval=0.02, what="the collector's store")
+    return client

@@ -34,6 +34,10 @@ def test_a_valid_step_and_request_round_trip():
         ({"world_size": 0}, "$.world_size"),
         ({"phases": {"forward": -1}}, "$.phases"),
         ({"surprise": 1}, "surprise"),
+        ({"job": "a\u0007b"}, "$.job"),
+        ({"phases": {"for\nward": 0.1}}, "$.phases"),
+        ({"rank": 2**24}, "$.rank"),
+        ({"pid": 2**31}, "$.pid"),
     ],
 )
 def test_bad_fields_are_named(change, field):

@@ -1,4 +1,11 @@
-"""create_app(settings): the collector's FastAPI application and its background persistence."""
+"""create_app(settings): the collector's FastAPI application and its background work.
+
+The HTTP server answers as soon as it starts; the store opens in the background (reading the hot
+tier back and replaying the WAL) while /healthz says "starting" and the data routes answer 503.
+Then three loops run: hot-tier upkeep and analysis (every analysis interval), checkpoints (every
+checkpoint interval, or sooner when the rows waiting for one outgrow their memory), and compaction
+and retention of the warm tier.
+"""
 
 from __future__ import annotations
 
@@ -13,14 +20,14 @@ import polars as pl
 from fastapi import FastAPI
 
 import fleetscope
+from collector import history, partitions
 from collector.api.routes import findings, fleet, health, ingest, jobs, services
-from collector import partitions
 from collector.findings import FindingsTracker, analyse, slo_findings
-from collector.slo import SloLedger
-from collector.tables import SCHEMAS, empty
 from collector.metrics import CollectorMetrics
 from collector.settings import Settings
+from collector.slo import SloLedger
 from collector.store import Store
+from collector.tables import empty
 from fleetscope.schema import Batch
 
 log = logging.getLogger("fleetscope.collector")
@@ -38,24 +45,32 @@ def create_app(settings: Settings, store: Store | None = None) -> FastAPI:
             ledger.observe_servers(empty("server_histograms"), frame)
 
     store = store if store is not None else Store(
-        settings.data_dir, window_s=settings.window_s, retention_s=settings.retention_s,
-        retention_bytes=settings.retention_bytes, fsync=settings.fsync, observers=(observe,))
-    if settings.slos:  # what is already on disk counts towards the SLOs' windows
-        longest = max(s.window_days for s in settings.slos) * 86400
-        since = time.time() - longest
-        on_disk = partitions.load(store.data_dir, "requests", since, SCHEMAS["requests"])
-        if on_disk is not None:
-            ledger.observe(on_disk)
-        ledger.observe_servers(partitions.load(store.data_dir, "server_histograms", since, SCHEMAS["server_histograms"])
-                               or empty("server_histograms"),
-                               partitions.load(store.data_dir, "server_stats", since, SCHEMAS["server_stats"])
-                               or empty("server_stats"))
-
+        settings.data_dir, window_s=settings.window_s, raw_s=settings.raw_window_s, raw_steps=settings.raw_steps,
+        retention_s=settings.retention_s, retention_bytes=settings.retention_bytes, memory_budget=settings.memory_budget,
+        fsync=settings.fsync, observers=(observe,), persisted={"slo": ledger} if settings.slos else {}, start=False)
     tracker = FindingsTracker()
 
+    def open_store() -> None:
+        if not store.ready:
+            store.open()
+        missing = {s.name for s in settings.slos} - ledger.restored
+        if missing:  # SLOs with no saved counts: count what the warm tier already holds for them
+            since = time.time() - max(s.window_days for s in settings.slos) * 86400
+            committed = store.committed_segment()
+            scans = [partitions.scan(store.data_dir, kind, committed, since)
+                     for kind in ("requests", "server_histograms", "server_stats")]
+            from collector.tables import conform
+            ledger.backfill(*(conform(s, k) if s is not None else None
+                              for s, k in zip(scans, ("requests", "server_histograms", "server_stats"))), names=missing)
+
+    def samples(kind: str, since: float, until: float, keys: tuple[str, list]) -> pl.DataFrame:
+        return history.samples(store, kind, since, until, keys)
+
     def analyse_now() -> None:
+        store.hot.maintain()
         now = time.time()
-        found, signals = analyse(store.frame("steps"), store.frame("pauses"), store.frame("gpus"), store.frame("hosts"), now)
+        found, signals = analyse(store.frame("steps"), store.frame("pauses"), now, samples=samples,
+                                 aggs=store.hot.step_aggs())
         report = ledger.report(now)
         found += slo_findings(report, now)
         tracker.update(found, signals, slo_report=report)
@@ -71,11 +86,17 @@ def create_app(settings: Settings, store: Store | None = None) -> FastAPI:
     async def checkpoint_forever() -> None:
         last_maintenance = time.monotonic()
         while True:
-            await asyncio.sleep(settings.checkpoint_interval_s)
+            due = asyncio.create_task(asyncio.to_thread(store.checkpoint_due.wait, settings.checkpoint_interval_s))
+            try:
+                await due
+            finally:
+                store.checkpoint_due.set()  # lets a waiting thread go when the task is cancelled
+                store.checkpoint_due.clear()
             try:
                 await asyncio.to_thread(store.checkpoint)
-            except Exception:
-                log.exception("checkpoint failed; the WAL keeps every row until the next one succeeds")
+            except Exception as exc:
+                log.error("checkpoint failed (%s); the WAL keeps every row until the next one succeeds", exc)
+                await asyncio.sleep(min(settings.checkpoint_interval_s, 5.0))
             if time.monotonic() - last_maintenance >= settings.maintenance_interval_s:
                 last_maintenance = time.monotonic()
                 try:
@@ -83,25 +104,39 @@ def create_app(settings: Settings, store: Store | None = None) -> FastAPI:
                 except Exception:
                     log.exception("compaction or retention failed; will retry")
 
+    async def run() -> None:
+        try:
+            await asyncio.to_thread(open_store)
+        except Exception as exc:
+            log.exception("the store could not open")
+            store.startup = {"phase": f"failed: {exc}"}
+            return
+        log.info("store ready in %.1f s", store.startup.get("seconds", 0))
+        await asyncio.gather(checkpoint_forever(), analyse_forever())
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        tasks = [asyncio.create_task(checkpoint_forever()), asyncio.create_task(analyse_forever())]
+        task = asyncio.create_task(run())
         try:
             yield
         finally:
-            for task in tasks:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-            # Checkpoint, but keep the log open: an app whose lifespan restarts (tests do) keeps its store.
-            await asyncio.to_thread(store.checkpoint)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            if store.ready:
+                # Checkpoint, but keep the log open: an app whose lifespan restarts (tests do) keeps its store.
+                try:
+                    await asyncio.to_thread(store.checkpoint)
+                except Exception as exc:
+                    log.error("final checkpoint failed (%s); the WAL still holds every acknowledged batch", exc)
 
     app = FastAPI(title="fleetscope collector", version=fleetscope.__version__, lifespan=lifespan)
     app.state.settings = settings
     app.state.store = store
     app.state.tracker = tracker
+    app.state.ledger = ledger
     app.state.analyse_now = analyse_now
-    app.state.metrics = CollectorMetrics(store, tracker)
+    app.state.metrics = CollectorMetrics(store, tracker, cluster=settings.cluster, memory_budget=settings.memory_budget)
     for module in (ingest, fleet, jobs, services, findings, health):
         app.include_router(module.router)
 

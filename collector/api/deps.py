@@ -5,7 +5,10 @@ from __future__ import annotations
 import hmac
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request
+import time
+from dataclasses import dataclass
+
+from fastapi import Depends, HTTPException, Query, Request
 
 from collector.metrics import CollectorMetrics
 from collector.settings import Settings
@@ -24,7 +27,15 @@ def get_metrics(request: Request) -> CollectorMetrics:
     return request.app.state.metrics
 
 
-StoreDep = Annotated[Store, Depends(get_store)]
+def get_ready_store(request: Request) -> Store:
+    store: Store = request.app.state.store
+    if not store.ready:
+        raise HTTPException(503, f"the collector is starting ({store.startup['phase']}); try again shortly",
+                            headers={"Retry-After": "2"})
+    return store
+
+
+StoreDep = Annotated[Store, Depends(get_ready_store)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[CollectorMetrics, Depends(get_metrics)]
 
@@ -62,3 +73,30 @@ def require_read(request: Request, settings: SettingsDep) -> None:
 
 IngestAuth = Depends(require_ingest)
 ReadAuth = Depends(require_read)
+
+
+@dataclass(frozen=True)
+class Range:
+    """The time range of a read: [since, until] in Unix seconds; `until` None means now."""
+
+    since: float | None
+    until: float | None
+    max_points: int
+
+    def resolve(self, default_s: float) -> tuple[float, float]:
+        until = time.time() if self.until is None else self.until
+        return (until - default_s if self.since is None else self.since), until
+
+
+def time_range(
+    settings: SettingsDep,
+    since: float | None = Query(None, ge=0, le=1e10, description="start of the range, Unix seconds (default: per endpoint)"),
+    until: float | None = Query(None, ge=0, le=1e10, description="end of the range, Unix seconds (default: now)"),
+    max_points: int | None = Query(None, ge=1, le=10_000, description="at most this many points per series"),
+) -> Range:
+    if since is not None and until is not None and since > until:
+        raise HTTPException(422, f"since ({since}) is after until ({until})")
+    return Range(since, until, max_points or settings.max_points)
+
+
+RangeDep = Annotated[Range, Depends(time_range)]

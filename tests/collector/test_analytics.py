@@ -8,13 +8,13 @@ from polars.testing import assert_frame_equal
 
 from collector.fleet import nodes_overview
 from collector.inference import services_overview
-from collector.tables import SCHEMAS
+from collector.rollups import as_gpu_samples, step_aggregates
+from collector.tables import frame_from_rows
 from collector.training import jobs_overview, step_series
 
 
 def steps(rows):
-    base = {c: None for c in SCHEMAS["steps"]}
-    return pl.DataFrame([{**base, "phases": [], "metrics": [], "failed": False, **r} for r in rows], schema=SCHEMAS["steps"])
+    return frame_from_rows("steps", [{"failed": False, **r} for r in rows])
 
 
 def test_step_series_spreads_across_ranks():
@@ -24,7 +24,7 @@ def test_step_series_spreads_across_ranks():
         {"job": "j", "rank": 0, "step": 1, "ts": 11.0, "duration_s": 2.0},
         {"job": "other", "rank": 0, "step": 0, "ts": 0.0, "duration_s": 9.0},
     ])
-    got = step_series(frame, "j")
+    got = step_series(step_aggregates(frame), "j")
     expected = pl.DataFrame(
         {"step": [0, 1], "ts": [10.0, 11.0], "ranks": [2, 1], "step_time_p50_s": [2.0, 2.0],
          "step_time_p95_s": [2.9, 2.0], "step_time_max_s": [3.0, 2.0]},
@@ -39,7 +39,7 @@ def test_tokens_per_second_is_null_when_no_tokens_were_reported():
         {"job": "a", "rank": 0, "step": 1, "ts": 1.0, "duration_s": 1.0, "tokens": 100},
         {"job": "b", "rank": 0, "step": 0, "ts": 0.0, "duration_s": 1.0},
     ])
-    got = jobs_overview(frame).select("job", "tokens_per_s")
+    got = jobs_overview(step_aggregates(frame), frame).select("job", "tokens_per_s")
     assert_frame_equal(got, pl.DataFrame({"job": ["a", "b"], "tokens_per_s": [100.0, None]}))
 
 
@@ -101,7 +101,6 @@ def test_histogram_quantile_follows_prometheus(counts, q, expected):
 
 def test_health_events_are_spans_of_trouble_and_new_xids():
     from collector.fleet import health_events
-    from collector.tables import SCHEMAS
 
     base = {"node": "n", "uuid": "g", "up": True}
     rows = [
@@ -110,8 +109,7 @@ def test_health_events_are_spans_of_trouble_and_new_xids():
         {**base, "ts": 3.0, "index": 0, "health": "degraded", "health_reasons": ["hw_thermal_slowdown"], "xid_total": 2},
         {**base, "ts": 4.0, "index": 0, "health": "healthy", "health_reasons": [], "xid_total": 2},
     ]
-    frame = pl.DataFrame(rows, schema={k: SCHEMAS["gpus"][k] for k in ("ts", "node", "index", "uuid", "up", "health", "health_reasons", "xid_total")})
-    events = health_events(frame, "n").select("health", "reasons", "from_ts", "to_ts").rows()
+    events = health_events(as_gpu_samples(frame_from_rows("gpus", rows))).select("health", "reasons", "from_ts", "to_ts").rows()
     assert events == [("xid", "2 new XID(s)", 3.0, 3.0), ("degraded", "hw_thermal_slowdown", 2.0, 3.0)]
 
 

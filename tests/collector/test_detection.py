@@ -5,11 +5,16 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
-from collector.findings import analyse
-from collector.tables import SCHEMAS
+from collector.attribution import frame_samples
+from collector.findings import analyse as analyse_samples
+from collector.tables import SCHEMAS, empty, frame_from_rows
 from bench.traces import Trace, end_ts, generate
 
-NO_GPUS, NO_HOSTS = pl.DataFrame(schema=SCHEMAS["gpus"]), pl.DataFrame(schema=SCHEMAS["hosts"])
+NO_GPUS, NO_HOSTS = empty("gpus"), empty("hosts")
+
+
+def analyse(steps, pauses, gpus, hosts, now):
+    return analyse_samples(steps, pauses, now, samples=frame_samples(gpus, hosts))
 
 
 def findings(trace: Trace, *, after_end_s: float = 1.0, gpus=NO_GPUS, hosts=NO_HOSTS):
@@ -102,7 +107,7 @@ def gpu_frames(trace: Trace, steps: pl.DataFrame, throttled_gpu: str | None, mas
                          "clock_event_mask": mask if hot else 0, "health": "degraded" if hot else "healthy",
                          "health_reasons": ["hw_thermal_slowdown"] if hot else [], "xid_total": 0})
         ts += 5
-    return pl.DataFrame(rows, schema=SCHEMAS["gpus"])
+    return frame_from_rows("gpus", rows)
 
 
 def test_the_probable_cause_of_a_straggler_is_its_throttling_gpu():
@@ -127,11 +132,6 @@ def test_a_data_loader_that_grew_is_a_cause():
     steps, pauses = generate(trace)
     # the slow rank's extra time is all in its data phase
     steps = steps.with_columns(
-        pl.when(pl.col("rank") == 3)
-        .then(pl.col("phases").list.eval(pl.struct(
-            pl.element().struct.field("phase"),
-            pl.when(pl.element().struct.field("phase") == "data").then(pl.element().struct.field("seconds") * 4)
-            .otherwise(pl.element().struct.field("seconds")).alias("seconds"))))
-        .otherwise(pl.col("phases")).alias("phases"))
+        pl.when(pl.col("rank") == 3).then(pl.col("phase_data_s") * 4).otherwise(pl.col("phase_data_s")).alias("phase_data_s"))
     (f,) = analyse(steps, pauses, NO_GPUS, NO_HOSTS, end_ts(steps) + 1)[0]
     assert f.causes[0]["cause"] == "data_loader"

@@ -13,7 +13,9 @@ INGEST, READ = "fuzz-ingest", "fuzz-read"
 
 
 def make_app(tmp_dir):
-    return create_app(Settings(data_dir=tmp_dir, ingest_tokens=frozenset({INGEST}), read_tokens=frozenset({READ})))
+    app = create_app(Settings(data_dir=tmp_dir, ingest_tokens=frozenset({INGEST}), read_tokens=frozenset({READ})))
+    app.state.store.open()  # the ASGI calls below run no lifespan, which would open it in the background
+    return app
 
 
 import atexit  # noqa: E402

@@ -9,6 +9,8 @@ import polars as pl
 import pytest
 from fastapi.testclient import TestClient
 
+from tests.conftest import wait_ready
+
 from collector.api import create_app
 from collector.settings import Settings
 from collector.slo import Slo, SloLedger, burning, good_and_total, load_slos
@@ -82,6 +84,7 @@ def post_requests(client, seq: int, n: int, slow_every: int) -> None:
 
 def test_a_burning_slo_is_a_finding_and_a_metric_and_survives_a_restart(tmp_path):
     with TestClient(create_app(app_settings(tmp_path))) as client:
+        wait_ready(client)
         post_requests(client, 0, 1000, slow_every=4)  # 25% of requests miss a 99% objective
         client.app.state.analyse_now()
         (f,) = client.get("/v1/findings?kind=slo_burn", headers={"Authorization": "Bearer r"}).json()["findings"]
@@ -91,6 +94,7 @@ def test_a_burning_slo_is_a_finding_and_a_metric_and_survives_a_restart(tmp_path
         assert burn_5m(text) == pytest.approx(25.0, rel=0.05)
     # after a restart the ledger is rebuilt from what was checkpointed to disk
     with TestClient(create_app(app_settings(tmp_path))) as client:
+        wait_ready(client)
         client.app.state.analyse_now()
         text = client.get("/metrics", headers={"Authorization": "Bearer r"}).text
         assert burn_5m(text) == pytest.approx(25.0, rel=0.05)

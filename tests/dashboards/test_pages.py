@@ -123,7 +123,7 @@ def test_findings_page_shows_a_straggler_with_its_cause(collector_url, monkeypat
 
     steps, _ = generate(Trace(job="slowjob", ranks=8, steps=40, slow_rank=3, slow_factor=0.2, start_ts=time.time() - 50))
     events = [{"v": 1, "kind": "step", "job": "slowjob", "rank": r["rank"], "world_size": 8, "step": r["step"], "ts": r["ts"],
-               "duration_s": r["duration_s"], "node": r["node"], "metrics": {m["name"]: m["value"] for m in r["metrics"]}}
+               "duration_s": r["duration_s"], "node": r["node"], "metrics": {"sync_arrival_s": r["sync_arrival_s"]}}
               for r in steps.iter_rows(named=True)]
     body = {"v": 1, "agent_id": "findings-seed", "seq": 0, "node": "n", "sent_ts": time.time(), "events": events}
     assert _httpx.post(collector_url + "/v1/ingest", content=json.dumps(body), headers={"Authorization": f"Bearer {INGEST}"}).status_code == 200

@@ -1,41 +1,113 @@
-"""GET /v1/nodes, /v1/nodes/{node} and /v1/gpus: the latest state of each node and GPU."""
+"""GET /v1/nodes, /v1/gpus: the state of each node and GPU; a node's series; a GPU's or node's
+reliability record over any range (from the warm tier where the hot tier no longer holds it)."""
 
 from __future__ import annotations
 
 import time
 
+import polars as pl
 from fastapi import APIRouter, HTTPException, Query
 
-from collector.api.deps import ReadAuth, StoreDep
-from collector.fleet import fleet_gpus, health_events, node_gpus, node_series, nodes_overview
+from collector import history
+from collector.api.deps import RangeDep, ReadAuth, StoreDep
+from collector.fleet import fleet_gpus, health_events, latest_per, node_gpus, node_series, nodes_overview
+from collector.rollups import rollup_gpu_samples
 
 router = APIRouter(tags=["fleet"], dependencies=[ReadAuth])
+HISTORY_DEFAULT_S = 30 * 86400.0
+
+
+def _latest(store, r) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Each node's and GPU's latest frame in the range (now, by default: the hot tier's latest)."""
+    hosts, gpus = store.hot.latest("hosts"), store.hot.latest("gpus")
+    if r.until is not None and r.until < time.time() - store.hot.raw_s:
+        # As of a past time: the last sample at or before it (from rollups or the warm tier).
+        since = r.since if r.since is not None else r.until - 3600
+        hosts = latest_per(history.samples(store, "hosts", since, r.until), "node")
+        gpus = latest_per(history.samples(store, "gpus", since, r.until), "node", "index").with_columns(
+            (pl.col("up_ratio") > 0).alias("up"))
+        return hosts, gpus
+    if r.since is not None:
+        hosts, gpus = hosts.filter(pl.col("ts") >= r.since), gpus.filter(pl.col("ts") >= r.since)
+    return hosts, gpus
 
 
 @router.get("/v1/nodes")
-def list_nodes(store: StoreDep) -> dict:
-    nodes = nodes_overview(store.frame("hosts"), store.frame("gpus"), time.time())
-    return {"nodes": nodes.to_dicts()}
+def list_nodes(store: StoreDep, r: RangeDep) -> dict:
+    """Every node's latest frame (in [since, until] when given; as of `until` when it is in the past)."""
+    hosts, gpus = _latest(store, r)
+    return {"nodes": nodes_overview(hosts, gpus, time.time()).to_dicts()}
 
 
 @router.get("/v1/gpus")
-def list_gpus(store: StoreDep) -> dict:
-    return {"gpus": fleet_gpus(store.frame("gpus")).to_dicts()}
+def list_gpus(store: StoreDep, r: RangeDep) -> dict:
+    _, gpus = _latest(store, r)
+    return {"gpus": fleet_gpus(gpus).to_dicts()}
 
 
 @router.get("/v1/nodes/{node}")
-def get_node(node: str, store: StoreDep) -> dict:
-    nodes = nodes_overview(store.frame("hosts"), store.frame("gpus"), time.time()).filter(node=node)
+def get_node(node: str, store: StoreDep, r: RangeDep) -> dict:
+    hosts, gpus = _latest(store, r)
+    nodes = nodes_overview(hosts.filter(pl.col("node") == node), gpus.filter(pl.col("node") == node), time.time())
     if nodes.height == 0:
         raise HTTPException(404, f"no node {node!r} has reported")
-    return {"node": nodes.to_dicts()[0], "gpus": node_gpus(store.frame("gpus"), node).to_dicts()}
+    return {"node": nodes.to_dicts()[0], "gpus": node_gpus(gpus, node).to_dicts()}
 
 
 @router.get("/v1/nodes/{node}/series")
-def get_node_series(node: str, store: StoreDep, minutes: float = Query(60, gt=0, le=7 * 24 * 60)) -> dict:
-    """The node's host and GPU frames over the last `minutes`, and its GPUs' health events."""
-    host, gpu = node_series(store.frame("hosts"), store.frame("gpus"), node, time.time() - minutes * 60)
+def get_node_series(node: str, store: StoreDep, r: RangeDep,
+                    minutes: float | None = Query(None, gt=0, le=366 * 24 * 60, description="instead of since: the last N minutes")) -> dict:
+    """The node's host and GPU samples over the range (default: the last hour), at most max_points per
+    series, and its GPUs' health events."""
+    since, until = r.resolve(3600.0)
+    if minutes is not None and r.since is None:
+        since = until - minutes * 60
+    host = history.samples(store, "hosts", since, until, ("node", [node]))
+    gpu = history.samples(store, "gpus", since, until, ("node", [node]))
     if host.height == 0 and gpu.height == 0:
-        raise HTTPException(404, f"no frames from node {node!r} in the last {minutes:g} minutes")
-    return {"node": node, "host": host.to_dicts(), "gpus": gpu.to_dicts(),
-            "events": health_events(store.frame("gpus"), node).to_dicts()}
+        raise HTTPException(404, f"no frames from node {node!r} between {since:.0f} and {until:.0f}")
+    events = health_events(gpu)
+    host_out, gpu_out = node_series(host, gpu, since, until, r.max_points)
+    return {"node": node, "since": since, "until": until, "host": host_out.to_dicts(), "gpus": gpu_out.to_dicts(),
+            "events": events.head(r.max_points).to_dicts()}
+
+
+def _history(store, r, key: tuple[str, list], what: str) -> tuple[list[dict], pl.DataFrame, float, float]:
+    since, until = r.resolve(HISTORY_DEFAULT_S)
+    gpu = history.samples(store, "gpus", since, until, key)
+    if gpu.height == 0:
+        raise HTTPException(404, f"no samples of {what} between {since:.0f} and {until:.0f}")
+    return history.gpu_reliability(gpu), gpu, since, until
+
+
+def _series(gpu: pl.DataFrame, since: float, until: float, max_points: int) -> list[dict]:
+    every = max((until - since) / max_points, 60.0)
+    rolled = rollup_gpu_samples(gpu, every) if gpu.height > max_points else gpu
+    return rolled.select("ts", *(pl.col(c).cast(pl.Float64) for c in (
+        "utilization_ratio", "temperature_celsius", "temperature_max_celsius", "power_watts", "sm_clock_hertz",
+        "thermal_share", "power_cap_share", "hw_slowdown_share", "unhealthy_share")), "xid_total").to_dicts()
+
+
+@router.get("/v1/gpus/{uuid}/history")
+def get_gpu_history(uuid: str, store: StoreDep, r: RangeDep) -> dict:
+    """One GPU's reliability record over the range (default: 30 days): XIDs by code, ECC errors, row
+    remapping, time throttled by reason, time unhealthy; and its series at most max_points long."""
+    records, gpu, since, until = _history(store, r, ("uuid", [uuid]), f"GPU {uuid!r}")
+    return {"uuid": uuid, "since": since, "until": until, "record": records[0],
+            "series": _series(gpu, since, until, r.max_points)}
+
+
+@router.get("/v1/nodes/{node}/history")
+def get_node_history(node: str, store: StoreDep, r: RangeDep) -> dict:
+    """The reliability record of each GPU of a node over the range (default: 30 days), and the node's totals."""
+    records, _, since, until = _history(store, r, ("node", [node]), f"node {node!r}")
+    totals: dict = {"xids_by_code": {}, "xids_total": 0, "ecc_corrected": 0, "ecc_uncorrected": 0,
+                    "unhealthy_seconds": 0.0, "throttle_seconds": {k: 0.0 for k in history.THROTTLE_REASONS}}
+    for rec in records:
+        for code, n in rec["xids_by_code"].items():
+            totals["xids_by_code"][code] = totals["xids_by_code"].get(code, 0) + n
+        for key in ("xids_total", "ecc_corrected", "ecc_uncorrected", "unhealthy_seconds"):
+            totals[key] += rec[key]
+        for reason, seconds in rec["throttle_seconds"].items():
+            totals["throttle_seconds"][reason] += seconds
+    return {"node": node, "since": since, "until": until, "totals": totals, "gpus": records}

@@ -8,6 +8,7 @@ from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel
 
 from collector.api.deps import IngestAuth, MetricsDep, SettingsDep, StoreDep
+from collector.store import StoreUnavailable
 from fleetscope.schema import MalformedError, SchemaError, decode_batch
 
 router = APIRouter(tags=["ingest"])
@@ -55,8 +56,15 @@ async def ingest(request: Request, store: StoreDep, settings: SettingsDep, metri
     try:
         # The WAL fsync blocks: off the event loop, so other requests keep flowing.
         result = await asyncio.to_thread(store.ingest, batch, bytes(body))
+    except StoreUnavailable as exc:
+        metrics.rejected("unavailable")
+        raise HTTPException(503, f"{exc}; the agent keeps the batch and retries", headers={"Retry-After": "5"}) from None
     except OSError as exc:
         metrics.rejected("storage")
-        raise HTTPException(503, f"collector cannot write its log ({exc}); the agent keeps the batch and retries") from None
+        store.problem = f"cannot write the write-ahead log: {exc}"
+        raise HTTPException(503, f"collector cannot write its log ({exc}); the agent keeps the batch and retries",
+                            headers={"Retry-After": "5"}) from None
+    if store.problem and store.problem.startswith("cannot write the write-ahead log"):
+        store.problem = None
     metrics.ingested(batch, result.duplicate)
     return IngestReply(agent_id=batch.agent_id, seq=batch.seq, events=result.events, frames=result.frames, duplicate=result.duplicate)

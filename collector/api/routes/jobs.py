@@ -1,45 +1,95 @@
-"""GET /v1/jobs, /v1/jobs/{job} (step-time quantiles per rank) and /v1/jobs/{job}/steps (over time)."""
+"""GET /v1/jobs, /v1/jobs/{job} (step-time quantiles per rank) and /v1/jobs/{job}/steps (over time).
+
+Job summaries and step series read the per-step aggregates (the hot tier's for its window, the warm
+tier's before); per-rank figures read each rank's recent raw steps, which is what the hot tier keeps.
+"""
 
 from __future__ import annotations
 
 import polars as pl
 from fastapi import APIRouter, HTTPException, Query
 
-from collector.api.deps import ReadAuth, StoreDep
+from collector.api.deps import RangeDep, ReadAuth, StoreDep
 from collector.training import jobs_overview, rank_breakdown, rank_step_matrix, rank_step_quantiles, step_series, with_mfu
 
 router = APIRouter(tags=["training"], dependencies=[ReadAuth])
 
 
-def _job_steps(store, job: str) -> pl.DataFrame:
+def _aggs(store, r, job: str | None = None) -> pl.DataFrame:
+    """Per-step aggregates whose step ended in the range (default: the hot tier's window)."""
+    if r.since is None and r.until is None:
+        aggs = store.hot.step_aggs()
+    else:
+        since, until = r.resolve(store.window_s)
+        lf = store.scan_derived("step_aggs", since, until)
+        if job is not None:
+            lf = lf.filter(pl.col("job") == job)
+        aggs = lf.collect()
+    return aggs.filter(pl.col("job") == job) if job is not None else aggs
+
+
+def _steps(store, r, job: str | None = None) -> pl.DataFrame:
     steps = store.frame("steps")
-    if steps.filter(pl.col("job") == job).height == 0:
-        raise HTTPException(404, f"no job {job!r} has reported a step")
+    if job is not None:
+        steps = steps.filter(pl.col("job") == job)
+    if r.since is not None:
+        steps = steps.filter(pl.col("ts") >= r.since)
+    if r.until is not None:
+        steps = steps.filter(pl.col("ts") <= r.until)
     return steps
 
 
 @router.get("/v1/jobs")
-def list_jobs(store: StoreDep) -> dict:
-    return {"jobs": with_mfu(jobs_overview(store.frame("steps")), store.frame("gpus")).to_dicts()}
+def list_jobs(store: StoreDep, r: RangeDep) -> dict:
+    return {"jobs": with_mfu(jobs_overview(_aggs(store, r), _steps(store, r)), store.hot.latest("gpus")).to_dicts()}
 
 
 @router.get("/v1/jobs/{job}")
-def get_job(job: str, store: StoreDep) -> dict:
-    steps = _job_steps(store, job)
-    overview = with_mfu(jobs_overview(steps.filter(pl.col("job") == job)), store.frame("gpus")).to_dicts()[0]
+def get_job(job: str, store: StoreDep, r: RangeDep) -> dict:
+    aggs, steps = _aggs(store, r, job), _steps(store, r, job)
+    if aggs.height == 0 and steps.height == 0:
+        raise HTTPException(404, f"no job {job!r} has reported a step in the range")
+    if aggs.height == 0:  # steps not aggregated yet: the first seconds of a job
+        from collector.rollups import step_aggregates
+        aggs = step_aggregates(steps)
+    overview = with_mfu(jobs_overview(aggs, steps), store.hot.latest("gpus")).to_dicts()[0]
     pauses = store.frame("pauses").filter(pl.col("job") == job).sort("ts").tail(50)
     ranks = rank_step_quantiles(steps, job).join(rank_breakdown(steps, job), on="rank", how="left")
-    return {"job": overview, "ranks": ranks.to_dicts(), "pauses": pauses.drop("agent_id").to_dicts()}
+    return {"job": overview, "ranks": ranks.to_dicts(), "ranks_cover_last_steps": store.hot.raw_steps,
+            "pauses": pauses.drop("agent_id").with_columns(pl.col(pl.Categorical, pl.Enum).cast(pl.String)).to_dicts()}
 
 
 @router.get("/v1/jobs/{job}/steps")
-def get_job_steps(job: str, store: StoreDep, last: int = Query(500, ge=1, le=100_000)) -> dict:
-    steps = _job_steps(store, job)
-    return {"job": job, "steps": step_series(steps, job, last=last).to_dicts()}
+def get_job_steps(job: str, store: StoreDep, r: RangeDep, last: int | None = Query(None, ge=1, le=100_000)) -> dict:
+    """Per step: start, ranks, median, p95 and slowest step time. At most max_points rows: longer
+    ranges are cut into spans of steps (median of medians, highest p95 and max)."""
+    series = step_series(_aggs(store, r, job), job)
+    if series.height == 0:
+        series = step_series(_fresh_aggs(store, job), job)
+        if series.height == 0:
+            raise HTTPException(404, f"no job {job!r} has reported a step in the range")
+    if last is not None:
+        series = series.tail(last)
+    if series.height > r.max_points:
+        span = -(-series.height // r.max_points)
+        series = (series.with_columns((pl.col("step") // span).alias("_bucket"))
+                  .group_by("_bucket", maintain_order=True)
+                  .agg(pl.col("step").first(), pl.col("ts").first(), pl.col("ranks").max(),
+                       pl.col("step_time_p50_s").median(), pl.col("step_time_p95_s").max(), pl.col("step_time_max_s").max())
+                  .drop("_bucket"))
+    return {"job": job, "steps": series.to_dicts()}
+
+
+def _fresh_aggs(store, job: str) -> pl.DataFrame:
+    from collector.rollups import step_aggregates
+
+    return step_aggregates(store.frame("steps").filter(pl.col("job") == job))
 
 
 @router.get("/v1/jobs/{job}/matrix")
 def get_job_matrix(job: str, store: StoreDep, last: int = Query(100, ge=1, le=1000)) -> dict:
     """Each rank's compute time relative to its stage's median, per step of the last `last` steps."""
-    steps = _job_steps(store, job)
+    steps = store.frame("steps").filter(pl.col("job") == job)
+    if steps.height == 0:
+        raise HTTPException(404, f"no job {job!r} has reported a step")
     return {"job": job, "cells": rank_step_matrix(steps, job, last).to_dicts()}

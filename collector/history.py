@@ -1,0 +1,114 @@
+"""Reads over any time range: samples from the hot tier and, for older times, the warm tier (lazy
+Parquet scans with the time and key filters pushed down), and the reliability record of a GPU or a
+node built from them (what an operator reads before an RMA or a cordon)."""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+import polars as pl
+
+from collector import partitions
+from collector.rollups import GPU_SAMPLES, HOST_SAMPLES
+from collector.store import Store
+
+THROTTLE_REASONS = {"thermal_slowdown": "thermal_share", "power_cap": "power_cap_share", "hw_slowdown": "hw_slowdown_share"}
+
+
+def samples(store: Store, kind: str, since: float, until: float, keys: tuple[str, list] | None = None) -> pl.DataFrame:
+    """GPU ("gpus") or host ("hosts") samples over [since, until], optionally of some GPUs or nodes only:
+    the hot tier from when it is complete, the warm tier's per-minute rollups before that."""
+    hot_from = store.hot.complete_since(kind)
+    parts = []
+    if hot_from is not None and since < hot_from:
+        disk = partitions.scan(store.data_dir, f"{kind}_1m", store.committed_segment(), since, min(until, hot_from))
+        if disk is not None:
+            schema = GPU_SAMPLES if kind == "gpus" else HOST_SAMPLES
+            if keys is not None:
+                disk = disk.filter(pl.col(keys[0]).is_in(keys[1]))
+            disk = disk.filter(pl.col("ts") < hot_from).select(list(schema)).cast(schema)  # type: ignore[arg-type]
+            parts.append(disk.collect())
+    start = since if hot_from is None else max(since, hot_from)
+    if start <= until:
+        parts.append(store.hot.samples(kind, start, until, keys))
+    if not parts:
+        return pl.DataFrame(schema=GPU_SAMPLES if kind == "gpus" else HOST_SAMPLES)
+    return pl.concat(parts, how="vertical").sort("ts")
+
+
+def _covered_seconds(frame: pl.DataFrame, key: str) -> pl.Expr:
+    """Seconds each sample stands for: until the next sample of its key, at most a minute (a gap longer
+    than that is an agent that was not running, which says nothing about the GPU); the last sample
+    counts like the typical one before it."""
+    gap = (pl.col("ts").shift(-1).over(key) - pl.col("ts"))
+    typical = gap.median().over(key)
+    return pl.min_horizontal(gap.fill_null(typical).fill_null(0.0), pl.lit(60.0)).alias("covered_s")
+
+
+def _counter_increase(values: list) -> float:
+    values = [v for v in values if v is not None]
+    # Counters only grow; a drop is a restart of the agent, after which its whole value is new.
+    return float(sum(cur - prev if cur >= prev else cur for prev, cur in zip(values, values[1:])))
+
+
+def _xids_by_code(texts: list) -> dict[str, int]:
+    """Increases of each XID code's counter over the rows (JSON objects code -> count since the agent started)."""
+    series: dict[str, list] = {}
+    previous = None
+    decoded = []
+    for text in texts:
+        if text is None or text == previous:
+            continue
+        previous = text
+        decoded.append(msgspec.json.decode(text))
+    for i, counts in enumerate(decoded):
+        for code in counts:
+            series.setdefault(code, [0] * i)
+        for code, values in series.items():
+            values.append(counts.get(code, 0))
+    first = decoded[0] if decoded else {}
+    out = {}
+    for code, values in series.items():
+        # Counted before the range started is not in it: start from the first row's value.
+        increase = _counter_increase(values) if code in first else _counter_increase([0, *values])
+        if increase > 0:
+            out[code] = int(increase)
+    return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
+
+
+def gpu_reliability(gpu: pl.DataFrame) -> list[dict]:
+    """Per GPU in the samples: XIDs by code, ECC errors, row remapping, throttle and unhealthy time."""
+    if gpu.height == 0:
+        return []
+    gpu = gpu.sort("uuid", "ts").with_columns(_covered_seconds(gpu, "uuid"))
+    out = []
+    for (uuid,), rows in gpu.group_by("uuid", maintain_order=True):
+        covered = rows["covered_s"]
+        record = {
+            "uuid": str(uuid), "node": str(rows["node"][-1]), "index": int(rows["index"][-1]),
+            "from_ts": float(rows["ts"][0]), "to_ts": float(rows["ts"][-1]),
+            "observed_seconds": round(float(covered.sum()), 1),
+            "xids_by_code": _xids_by_code(rows["xid_counts"].to_list()),
+            "xids_total": int(_counter_increase(rows["xid_total"].to_list())),
+            "ecc_corrected": int(_counter_increase(rows["ecc_corrected_total"].to_list())),
+            "ecc_uncorrected": int(_counter_increase(rows["ecc_uncorrected_total"].to_list())),
+            "row_remap_pending_seen": bool(rows["remap_pending"].any()),
+            "row_remap_failure_seen": bool(rows["remap_failure"].any()),
+            "throttle_seconds": {reason: round(float((rows[col].fill_null(0) * covered).sum()), 1)
+                                 for reason, col in THROTTLE_REASONS.items()},
+            "unhealthy_seconds": round(float((rows["unhealthy_share"].fill_null(0) * covered).sum()), 1),
+            "degraded_seconds": round(float((rows["degraded_share"].fill_null(0) * covered).sum()), 1),
+            "lost_seconds": round(float(((1 - rows["up_ratio"].fill_null(1)) * covered).sum()), 1),
+            "health_reasons_seen": sorted({str(r) for rs in rows["health_reasons"].drop_nulls().to_list() for r in rs}),
+        }
+        out.append(record)
+    return out
+
+
+def default_range(since: float | None, until: float | None, default_s: float) -> tuple[float, float]:
+    until = time.time() if until is None else until
+    since = until - default_s if since is None else since
+    if since > until:
+        raise ValueError(f"since ({since}) is after until ({until})")
+    return since, until

@@ -1,0 +1,340 @@
+"""The hot tier: what the analysis and the console's "now" views need, in memory, within a budget.
+
+Each raw table is a list of frames: an ingest appends its batch's frame (O(batch), under the lock);
+readers take the list under the lock and concatenate outside it. A maintenance pass, run every few
+seconds off the ingest path, computes what replaces old rows and swaps it in under the lock:
+- steps: each rank's last `raw_steps` steps; per-step aggregates of every job for the window;
+- GPU and host frames: the last `raw_s` seconds raw, per-minute rollups for the window, and the
+  latest frame of each GPU and node;
+- requests, pauses and server frames: the window.
+When the tables outgrow their share of the memory budget, the oldest minutes go first; `held_since`
+says from when each table is complete, so reads of older times go to the warm tier instead.
+Rollups and final step aggregates also go to the warm tier, at the next checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import polars as pl
+
+from collector.rollups import (GPU_SAMPLES, HOST_SAMPLES, STEP_AGGS, as_gpu_samples, as_host_samples,
+                               merge_step_aggregates, rollup_gpu_samples, rollup_host_samples, step_aggregates)
+from collector.tables import KINDS, empty
+
+log = logging.getLogger("fleetscope.collector.hot")
+
+MINUTE = 60.0
+LATENESS_S = 20.0  # a minute is rolled up once frames dated in it have had this long to arrive
+ROLLUP_RAW = {"gpus_1m": "gpus", "hosts_1m": "hosts"}
+LATEST_KEYS = {"gpus": ("node", "index"), "hosts": ("node",)}
+SHRINK_ORDER = ("requests", "gpus_1m", "hosts_1m", "server_histograms", "server_stats", "step_aggs", "pauses", "gpus", "hosts")
+
+
+def _concat(chunks: list[pl.DataFrame], schema: dict) -> pl.DataFrame:
+    if not chunks:
+        return pl.DataFrame(schema=schema)
+    return chunks[0] if len(chunks) == 1 else pl.concat(chunks, how="vertical", rechunk=False)
+
+
+def _size(chunks: list[pl.DataFrame]) -> int:
+    return sum(c.estimated_size() for c in chunks)
+
+
+class HotTier:
+    def __init__(self, *, window_s: float = 6 * 3600.0, raw_s: float = 300.0, raw_steps: int = 120,
+                 budget_bytes: int | None = None) -> None:
+        self.window_s, self.raw_s, self.raw_steps = window_s, raw_s, raw_steps
+        self.budget_bytes = budget_bytes
+        self._lock = threading.Lock()
+        self._maintain_lock = threading.Lock()
+        self._tables: dict[str, list[pl.DataFrame]] = {k: [] for k in (*KINDS, "gpus_1m", "hosts_1m")}
+        self._fresh: dict[str, list[pl.DataFrame]] = {"steps": [], "gpus": [], "hosts": []}
+        self._aggs = pl.DataFrame(schema={**STEP_AGGS, "final": pl.Boolean})
+        self._latest = {"gpus": empty("gpus"), "hosts": empty("hosts")}
+        self._unwritten: dict[str, list[pl.DataFrame]] = {"step_aggs": [], "gpus_1m": [], "hosts_1m": []}
+        self.rolled_upto = {"gpus_1m": 0.0, "hosts_1m": 0.0}
+        # From when each table is complete in memory (None: from its first row).
+        self.held_since: dict[str, float | None] = {k: None for k in self._tables} | {"step_aggs": None}
+        self.steps_since: float | None = None  # the oldest raw step row kept (where a restart reloads from)
+        self.maintenance_s = 0.0
+
+    # --- writes -------------------------------------------------------------------------------
+    def append(self, frames: dict[str, pl.DataFrame]) -> None:
+        with self._lock:
+            for kind, frame in frames.items():
+                self._tables[kind].append(frame)
+                if kind in self._fresh:
+                    self._fresh[kind].append(frame)
+
+    def load(self, kind: str, frame: pl.DataFrame) -> None:
+        """Rows read back from the warm tier at start-up (raw tables and rollups alike)."""
+        if frame.height == 0:
+            return
+        if kind == "step_aggs":
+            with self._lock:
+                self._aggs = merge_step_aggregates(self._aggs, frame.with_columns(pl.lit(True).alias("final")))
+            return
+        self.append({kind: frame})
+        if kind in self.rolled_upto:
+            self.rolled_upto[kind] = max(self.rolled_upto[kind], float(frame["ts"].max()) + MINUTE)  # type: ignore[arg-type]
+
+    # --- reads --------------------------------------------------------------------------------
+    def raw(self, kind: str) -> pl.DataFrame:
+        with self._lock:
+            chunks = list(self._tables[kind])
+        schema = {"gpus_1m": GPU_SAMPLES, "hosts_1m": HOST_SAMPLES}.get(kind)
+        frame = _concat(chunks, schema) if schema else (_concat(chunks, empty(kind).schema) if chunks else empty(kind))
+        if len(chunks) > 64:
+            self._consolidate(kind, chunks, frame)
+        return frame
+
+    def _consolidate(self, kind: str, chunks: list[pl.DataFrame], frame: pl.DataFrame) -> None:
+        """Replace many small chunks by one, unless maintenance is busy with the list."""
+        if not self._maintain_lock.acquire(blocking=False):
+            return
+        try:
+            one = frame.rechunk()
+            with self._lock:
+                current = self._tables[kind]
+                if len(current) >= len(chunks) and all(a is b for a, b in zip(current, chunks)):
+                    current[:len(chunks)] = [one]
+        finally:
+            self._maintain_lock.release()
+
+    def step_aggs(self) -> pl.DataFrame:
+        """Per (job, step) aggregates for the window, the steps reported since the last maintenance included."""
+        with self._lock:
+            aggs, fresh, chunks = self._aggs, list(self._fresh["steps"]), list(self._tables["steps"])
+        if fresh:
+            touched = pl.concat([f.select("job", "step") for f in fresh]).unique()
+            steps = _concat(chunks, empty("steps").schema).join(touched, on=["job", "step"], how="semi")
+            aggs = merge_step_aggregates(aggs, step_aggregates(steps).with_columns(pl.lit(False).alias("final")))
+        return aggs.drop("final").sort("job", "step")
+
+    def latest(self, kind: str) -> pl.DataFrame:
+        """The newest frame of each GPU (node, index) or node, as of the last maintenance and the fresh rows since."""
+        with self._lock:
+            latest, fresh = self._latest[kind], list(self._fresh[kind])
+        if fresh:
+            latest = pl.concat([latest, *fresh], how="vertical").sort("ts").unique(LATEST_KEYS[kind], keep="last")
+        return latest
+
+    def samples(self, kind: str, since: float | None = None, until: float | None = None,
+                keys: tuple[str, list] | None = None) -> pl.DataFrame:
+        """GPU ("gpus") or host ("hosts") samples over [since, until]: rollups where raw rows have aged out,
+        raw rows where they are kept. `keys` = (column, values) filters first (a node's GPUs, one GPU)."""
+        raw, rolled = self.raw(kind), self.raw(f"{kind}_1m")
+        convert = as_gpu_samples if kind == "gpus" else as_host_samples
+
+        def cut(frame: pl.DataFrame) -> pl.DataFrame:
+            if keys is not None:
+                frame = frame.filter(pl.col(keys[0]).cast(pl.String).is_in(keys[1]))
+            if since is not None:
+                frame = frame.filter(pl.col("ts") >= since)
+            if until is not None:
+                frame = frame.filter(pl.col("ts") <= until)
+            return frame
+
+        raw = cut(raw)
+        raw_start = self.held_since.get(kind)
+        if raw_start is None:
+            raw_start = float(raw["ts"].min()) if raw.height else float("inf")  # type: ignore[arg-type]
+        older = cut(rolled).filter(pl.col("ts") + MINUTE <= raw_start)
+        return pl.concat([older, convert(raw)], how="vertical").sort("ts")
+
+    def complete_since(self, kind: str) -> float | None:
+        """Oldest time from which this table (or, for gpus/hosts, their samples) is complete in memory."""
+        if kind in ("gpus", "hosts"):
+            return self.held_since.get(f"{kind}_1m") or self.held_since.get(kind)
+        return self.held_since.get(kind)
+
+    def memory(self) -> dict[str, int]:
+        with self._lock:
+            sizes = {k: _size(v) for k, v in self._tables.items()}
+            sizes["step_aggs"] = self._aggs.estimated_size()
+            sizes["latest"] = sum(f.estimated_size() for f in self._latest.values())
+            sizes["rollups_unwritten"] = sum(_size(v) for v in self._unwritten.values())
+        return sizes
+
+    def rows(self) -> dict[str, int]:
+        with self._lock:
+            out = {k: sum(c.height for c in v) for k, v in self._tables.items()}
+            out["step_aggs"] = self._aggs.height
+        return out
+
+    # --- checkpoint ---------------------------------------------------------------------------
+    def take_unwritten(self) -> tuple[dict[str, list[pl.DataFrame]], dict]:
+        """Rollups and final step aggregates not yet on disk, and the state a restart needs; the caller
+        writes them and calls `give_back` if it could not."""
+        with self._lock:
+            out = {k: v[:] for k, v in self._unwritten.items() if v}
+            for v in self._unwritten.values():
+                v.clear()
+            state = {"rolled_upto": dict(self.rolled_upto), "held_since": dict(self.held_since),
+                     "steps_since": self.steps_since}
+        return out, state
+
+    def give_back(self, unwritten: dict[str, list[pl.DataFrame]]) -> None:
+        with self._lock:
+            for k, v in unwritten.items():
+                self._unwritten[k][:0] = v
+
+    def restore(self, state: dict) -> None:
+        """What a checkpoint recorded: how far rollups went, and from when each table was complete."""
+        for kind, ts in (state.get("rolled_upto") or {}).items():
+            if kind in self.rolled_upto:
+                self.rolled_upto[kind] = max(self.rolled_upto[kind], float(ts))
+        for kind, ts in (state.get("held_since") or {}).items():
+            if kind in self.held_since and ts is not None:
+                self.held_since[kind] = float(ts)
+
+    # --- maintenance --------------------------------------------------------------------------
+    def maintain(self, now: float | None = None) -> None:
+        """Aggregate, roll up, trim and fit the budget; safe to run beside ingest and reads."""
+        now = time.time() if now is None else now
+        with self._maintain_lock:
+            started = time.perf_counter()
+            with self._lock:
+                snap = {k: list(v) for k, v in self._tables.items()}
+                fresh = {k: list(v) for k, v in self._fresh.items()}
+            replace: dict[str, pl.DataFrame] = {}
+            self._maintain_steps(snap["steps"], fresh["steps"], now, replace)
+            for kind in ("gpus", "hosts"):
+                self._maintain_frames(kind, snap[kind], snap[f"{kind}_1m"], fresh[kind], now, replace)
+            for kind in ("requests", "pauses", "server_stats", "server_histograms"):
+                frame = _concat(snap[kind], empty(kind).schema)
+                cutoff = max(now - self.window_s, self.held_since.get(kind) or 0.0)
+                if frame.height and float(frame["ts"].min()) < cutoff:  # type: ignore[arg-type]
+                    replace[kind] = frame.filter(pl.col("ts") >= cutoff)
+                if frame.height or self.held_since.get(kind) is not None:
+                    self.held_since[kind] = cutoff
+            self._fit_budget(snap, replace, now)
+            with self._lock:
+                for kind, frame in replace.items():
+                    self._tables[kind][:len(snap[kind])] = [frame.rechunk()] if frame.height else []
+                for kind, chunks in fresh.items():  # seen by the aggregates and latest views now
+                    del self._fresh[kind][:len(chunks)]
+            self.maintenance_s = time.perf_counter() - started
+
+    def _maintain_steps(self, chunks: list[pl.DataFrame], fresh: list[pl.DataFrame], now: float,
+                        replace: dict[str, pl.DataFrame]) -> None:
+        steps = _concat(chunks, empty("steps").schema)
+        aggs = self._aggs
+        if fresh:
+            touched = pl.concat([f.select("job", "step") for f in fresh]).unique()
+            recent = step_aggregates(steps.join(touched, on=["job", "step"], how="semi"))
+            aggs = merge_step_aggregates(aggs, recent.with_columns(pl.lit(False).alias("final")))
+        if steps.height:
+            # Each rank's last raw_steps rows. A rank silent for 50 steps (10 minutes at least) while its
+            # job went on has left it (a hung job does not go on: its ranks all stay).
+            horizon = pl.max_horizontal(pl.lit(600.0), pl.col("duration_s").median().over("job").cast(pl.Float64) * 50)
+            keep = ((pl.col("ts").rank("ordinal", descending=True).over("job", "rank") <= self.raw_steps)
+                    & (pl.col("ts").max().over("job", "rank") >= pl.col("ts").max().over("job") - horizon)
+                    & (pl.col("ts") >= now - self.window_s))
+            kept = steps.filter(keep)
+            if kept.height < steps.height:
+                replace["steps"] = kept
+            self.steps_since = float(kept["ts"].min()) if kept.height else None  # type: ignore[arg-type]
+            live = kept.select("job", "step").unique()
+        else:
+            live = pl.DataFrame(schema={"job": STEP_AGGS["job"], "step": STEP_AGGS["step"]})
+        # An aggregate whose step has no raw row left is final: it goes to disk once.
+        newly = aggs.filter(~pl.col("final")).join(live, on=["job", "step"], how="anti")
+        if newly.height:
+            aggs = (aggs.join(newly.select("job", "step", pl.lit(True).alias("_newly")), on=["job", "step"], how="left")
+                    .with_columns(pl.col("final") | pl.col("_newly").fill_null(False)).drop("_newly"))
+        cutoff = now - self.window_s
+        aggs = aggs.filter(pl.col("end_ts") >= cutoff)
+        with self._lock:
+            self._aggs = aggs
+            if newly.height:
+                self._unwritten["step_aggs"].append(newly.drop("final"))
+        self.held_since["step_aggs"] = cutoff
+
+    def _maintain_frames(self, kind: str, chunks: list[pl.DataFrame], rolled_chunks: list[pl.DataFrame],
+                         fresh: list[pl.DataFrame], now: float, replace: dict[str, pl.DataFrame]) -> None:
+        rollup = f"{kind}_1m"
+        frame = _concat(chunks, empty(kind).schema)
+        if fresh:
+            latest = pl.concat([self._latest[kind], *fresh], how="vertical").sort("ts").unique(LATEST_KEYS[kind], keep="last")
+        else:
+            latest = self._latest[kind]
+        latest = latest.filter(pl.col("ts") >= now - self.window_s)
+        # Roll up the minutes that are closed: after the last rolled one, ended at least LATENESS_S ago.
+        upto = (now - LATENESS_S) // MINUTE * MINUTE
+        start = self.rolled_upto[rollup]
+        new_rollup = None
+        if upto > start and frame.height:
+            window = frame.filter((pl.col("ts") >= start) & (pl.col("ts") < upto))
+            if window.height:
+                convert, roll = ((as_gpu_samples, rollup_gpu_samples) if kind == "gpus"
+                                 else (as_host_samples, rollup_host_samples))
+                new_rollup = roll(convert(window), MINUTE)
+        if upto > start:
+            self.rolled_upto[rollup] = upto
+        raw_cutoff = max(now - self.raw_s, self.held_since.get(kind) or 0.0)
+        raw_cutoff = min(raw_cutoff, self.rolled_upto[rollup])  # never drop a raw row before it is rolled up
+        if frame.height and float(frame["ts"].min()) < raw_cutoff:  # type: ignore[arg-type]
+            replace[kind] = frame.filter(pl.col("ts") >= raw_cutoff)
+        if frame.height or self.held_since.get(kind) is not None:
+            self.held_since[kind] = raw_cutoff
+        rolled = _concat(rolled_chunks, GPU_SAMPLES if kind == "gpus" else HOST_SAMPLES)
+        roll_cutoff = max(now - self.window_s, self.held_since.get(rollup) or 0.0)
+        if rolled.height and float(rolled["ts"].min()) < roll_cutoff:  # type: ignore[arg-type]
+            replace[rollup] = rolled.filter(pl.col("ts") >= roll_cutoff)
+        if rolled.height or new_rollup is not None:
+            self.held_since[rollup] = roll_cutoff
+        with self._lock:
+            self._latest[kind] = latest
+            if new_rollup is not None and new_rollup.height:
+                self._tables[rollup].append(new_rollup)
+                self._unwritten[rollup].append(new_rollup)
+
+    def _fit_budget(self, snap: dict[str, list[pl.DataFrame]], replace: dict[str, pl.DataFrame], now: float) -> None:
+        """Over budget: drop the oldest tenth of the largest time-windowed tables until the tier fits."""
+        if self.budget_bytes is None:
+            return
+        def size_of(kind: str) -> int:
+            if kind == "step_aggs":
+                return self._aggs.estimated_size()
+            if kind in replace:
+                return replace[kind].estimated_size()
+            return _size(snap[kind])
+        kinds = [k for k in SHRINK_ORDER]
+        for _ in range(50):
+            sizes = {k: size_of(k) for k in kinds}
+            steps = replace["steps"].estimated_size() if "steps" in replace else _size(snap["steps"])
+            total = sum(sizes.values()) + steps + sum(f.estimated_size() for f in self._latest.values())
+            if total <= self.budget_bytes:
+                return
+            kind = max(kinds, key=lambda k: sizes[k])
+            if sizes[kind] == 0:
+                break
+            if kind == "step_aggs":
+                aggs = self._aggs
+                lo, hi = float(aggs["end_ts"].min()), now  # type: ignore[arg-type]
+                cutoff = lo + (hi - lo) / 10
+                with self._lock:
+                    self._aggs = aggs.filter(pl.col("end_ts") >= cutoff)
+                self.held_since["step_aggs"] = cutoff
+                continue
+            frame = replace.get(kind)
+            if frame is None:
+                frame = _concat(snap[kind], GPU_SAMPLES if kind == "gpus_1m" else HOST_SAMPLES if kind == "hosts_1m"
+                                else empty(kind).schema)
+            if frame.height == 0:
+                break
+            lo = float(frame["ts"].min())  # type: ignore[arg-type]
+            cutoff = lo + max((now - lo) / 10, 1.0)
+            if kind in ("gpus", "hosts"):  # raw frames never go before they are rolled up
+                cutoff = min(cutoff, self.rolled_upto[f"{kind}_1m"])
+                if cutoff <= lo:
+                    kinds.remove(kind)
+                    continue
+            replace[kind] = frame.filter(pl.col("ts") >= cutoff)
+            self.held_since[kind] = cutoff
+            log.debug("memory budget: %s now held from %.0f s ago", kind, now - cutoff)
+        log.warning("memory budget of %d bytes cannot be met by dropping old rows alone", self.budget_bytes)
