@@ -1,7 +1,8 @@
 """`make bench`: run every benchmark and print its figures."""
 
-from bench import agent_overhead, console, detection
+from bench import agent_overhead, console, detection, ingest
 
 agent_overhead.main([])
 detection.main(["--quick"])
 console.main()
+ingest.main([])
