@@ -1,11 +1,11 @@
 """Collector ingest throughput and acknowledgement latency, against the floor of its own HTTP stack.
 
 A real collector process (`python -m fleetscope collector`, WAL fsync on) receives batches of
---batch step events (8 ranks x batch/8 steps, four phases each) from --senders separate processes,
-each its own agent (own token, own agent_id, increasing seq) posting over one keep-alive httpx
-connection, one batch in flight at a time, as the agent's shipper does. Bodies are built from a
-template encoded once with fleetscope's schema; per batch only seq, step numbers and timestamps are
-patched in (bytes.replace), so a sender costs little CPU next to the server it drives.
+--batch step events (batch/8 steps of an 8-rank job, four phases each) from --senders separate
+processes, each its own agent (own token, own agent_id, increasing seq) and its own job, posting
+over one keep-alive httpx connection, one batch in flight at a time, as the agent's shipper does.
+Bodies are built from a template encoded once with fleetscope's schema; per batch only seq, step
+numbers and timestamps are patched in, so a sender costs little CPU next to the server it drives.
 
 Two modes, after --warmup seconds, for --seconds:
 - saturation: each sender posts its next batch as soon as the previous one is acknowledged;
@@ -68,7 +68,7 @@ def free_port() -> int:
 
 
 # --- the bodies ---------------------------------------------------------------------------------
-def batch_template(sender: int, senders: int, batch: int) -> bytes:
+def batch_template(sender: int, batch: int) -> bytes:
     """One body with sentinels where seq, step numbers and timestamps go."""
     from fleetscope.schema import Batch, StepEvent, encode
 
@@ -77,7 +77,7 @@ def batch_template(sender: int, senders: int, batch: int) -> bytes:
         raise ValueError(f"--batch {batch}: at most {1000 * RANKS_PER_NODE} events (1000 steps of {RANKS_PER_NODE} ranks)")
     node = f"bench-node-{sender}"
     events = [
-        StepEvent(v=1, job="bench", rank=sender * RANKS_PER_NODE + r, world_size=senders * RANKS_PER_NODE,
+        StepEvent(v=1, job=f"bench-{sender}", rank=r, world_size=RANKS_PER_NODE,
                   step=_STEP_SENTINEL * 1000 + s, ts=_TS_SENTINEL + s / 1000, duration_s=0.3, local_rank=r,
                   phases=PHASES, node=node)
         for s in range(steps) for r in range(RANKS_PER_NODE)
@@ -127,7 +127,7 @@ class Plan:
 def sender(index: int, plan: Plan, barrier, start, results) -> None:
     from fleetscope.schema import decode_batch
 
-    bodies = Bodies(batch_template(index, plan.senders, plan.batch))
+    bodies = Bodies(batch_template(index, plan.batch))
     first = decode_batch(bodies.make(1, time.time()))  # the bodies are valid, once, before the clock
     assert len(first.events) == plan.batch and first.seq == 1
     headers = {"authorization": f"Bearer {ingest_token(index)}", "content-type": "application/json"}
@@ -285,7 +285,7 @@ def holds(port: int) -> tuple[float, int]:
     metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", headers=h, timeout=60).text
     m = re.search(r'^fleetscope_collector_events_ingested_total\{kind="step"\} (\S+)$', metrics, re.M)
     jobs = httpx.get(f"http://127.0.0.1:{port}/v1/jobs", headers=h, timeout=120).json()["jobs"]
-    return (float(m.group(1)) if m else float("nan")), sum(j.get("step_events", 0) for j in jobs if j["job"] == "bench")
+    return (float(m.group(1)) if m else float("nan")), sum(j.get("step_events", 0) for j in jobs if j["job"].startswith("bench-"))
 
 
 def profile(pid: int, window: tuple[float, float], out: Path) -> subprocess.Popen | None:
@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> None:
         serve_floor(host, int(port), args.serve_floor[1])
         return
 
-    body = Bodies(batch_template(0, args.senders, args.batch)).make(1, time.time())
+    body = Bodies(batch_template(0, args.batch)).make(1, time.time())
     print(f"ingest: {os.cpu_count()} cores, {args.senders} senders, batches of {args.batch} step events "
           f"({len(body):,} bytes), {args.warmup:g} s warm-up + {args.seconds:g} s per mode and target")
     if args.collector_tree.resolve() != REPO:
