@@ -55,13 +55,13 @@ def _counter_increase(values: list) -> float:
 def _xids_by_code(texts: list) -> dict[str, int]:
     """Increases of each XID code's counter over the rows (JSON objects code -> count since the agent started)."""
     series: dict[str, list] = {}
-    previous = None
+    previous: object = ()
     decoded = []
-    for text in texts:
-        if text is None or text == previous:
+    for text in texts:  # null: no XID counted (the agent sends none while all are 0)
+        if text == previous:
             continue
         previous = text
-        decoded.append(msgspec.json.decode(text))
+        decoded.append(msgspec.json.decode(text) if text is not None else {})
     for i, counts in enumerate(decoded):
         for code in counts:
             series.setdefault(code, [0] * i)

@@ -52,6 +52,8 @@ class HotTier:
         self._maintain_lock = threading.Lock()
         self._tables: dict[str, list[pl.DataFrame]] = {k: [] for k in (*KINDS, "gpus_1m", "hosts_1m")}
         self._fresh: dict[str, list[pl.DataFrame]] = {"steps": [], "gpus": [], "hosts": []}
+        # GPU and host rows not rolled up yet: new ones, and those of minutes still open.
+        self._to_roll: dict[str, list[pl.DataFrame]] = {"gpus": [], "hosts": []}
         self._aggs = pl.DataFrame(schema={**STEP_AGGS, "final": pl.Boolean})
         self._latest = {"gpus": empty("gpus"), "hosts": empty("hosts")}
         self._unwritten: dict[str, list[pl.DataFrame]] = {"step_aggs": [], "gpus_1m": [], "hosts_1m": []}
@@ -68,6 +70,8 @@ class HotTier:
                 self._tables[kind].append(frame)
                 if kind in self._fresh:
                     self._fresh[kind].append(frame)
+                if kind in self._to_roll:
+                    self._to_roll[kind].append(frame)
 
     def load(self, kind: str, frame: pl.DataFrame) -> None:
         """Rows read back from the warm tier at start-up (raw tables and rollups alike)."""
@@ -77,9 +81,14 @@ class HotTier:
             with self._lock:
                 self._aggs = merge_step_aggregates(self._aggs, frame.with_columns(pl.lit(True).alias("final")))
             return
-        self.append({kind: frame})
-        if kind in self.rolled_upto:
-            self.rolled_upto[kind] = max(self.rolled_upto[kind], float(frame["ts"].max()) + MINUTE)  # type: ignore[arg-type]
+        with self._lock:
+            self._tables[kind].append(frame)
+            if kind in self._fresh:
+                self._fresh[kind].append(frame)
+            if kind in self._to_roll:  # rows of minutes the last checkpoint had rolled up already are not again
+                rest = frame.filter(pl.col("ts") >= self.rolled_upto[f"{kind}_1m"])
+                if rest.height:
+                    self._to_roll[kind].append(rest)
 
     # --- reads --------------------------------------------------------------------------------
     def raw(self, kind: str) -> pl.DataFrame:
@@ -129,11 +138,11 @@ class HotTier:
         raw, rolled = self.raw(kind), self.raw(f"{kind}_1m")
         convert = as_gpu_samples if kind == "gpus" else as_host_samples
 
-        def cut(frame: pl.DataFrame) -> pl.DataFrame:
+        def cut(frame: pl.DataFrame, width: float = 0.0) -> pl.DataFrame:
             if keys is not None:
                 frame = frame.filter(pl.col(keys[0]).cast(pl.String).is_in(keys[1]))
-            if since is not None:
-                frame = frame.filter(pl.col("ts") >= since)
+            if since is not None:  # a rollup counts when its minute overlaps the range
+                frame = frame.filter(pl.col("ts") + width > since) if width else frame.filter(pl.col("ts") >= since)
             if until is not None:
                 frame = frame.filter(pl.col("ts") <= until)
             return frame
@@ -142,7 +151,7 @@ class HotTier:
         raw_start = self.held_since.get(kind)
         if raw_start is None:
             raw_start = float(raw["ts"].min()) if raw.height else float("inf")  # type: ignore[arg-type]
-        older = cut(rolled).filter(pl.col("ts") + MINUTE <= raw_start)
+        older = cut(rolled, MINUTE).filter(pl.col("ts") + MINUTE <= raw_start)
         return pl.concat([older, convert(raw)], how="vertical").sort("ts")
 
     def complete_since(self, kind: str) -> float | None:
@@ -200,10 +209,11 @@ class HotTier:
             with self._lock:
                 snap = {k: list(v) for k, v in self._tables.items()}
                 fresh = {k: list(v) for k, v in self._fresh.items()}
+                to_roll = {k: list(v) for k, v in self._to_roll.items()}
             replace: dict[str, pl.DataFrame] = {}
             self._maintain_steps(snap["steps"], fresh["steps"], now, replace)
             for kind in ("gpus", "hosts"):
-                self._maintain_frames(kind, snap[kind], snap[f"{kind}_1m"], fresh[kind], now, replace)
+                self._maintain_frames(kind, snap[kind], snap[f"{kind}_1m"], fresh[kind], to_roll[kind], now, replace)
             for kind in ("requests", "pauses", "server_stats", "server_histograms"):
                 frame = _concat(snap[kind], empty(kind).schema)
                 cutoff = max(now - self.window_s, self.held_since.get(kind) or 0.0)
@@ -255,7 +265,8 @@ class HotTier:
         self.held_since["step_aggs"] = cutoff
 
     def _maintain_frames(self, kind: str, chunks: list[pl.DataFrame], rolled_chunks: list[pl.DataFrame],
-                         fresh: list[pl.DataFrame], now: float, replace: dict[str, pl.DataFrame]) -> None:
+                         fresh: list[pl.DataFrame], to_roll: list[pl.DataFrame], now: float,
+                         replace: dict[str, pl.DataFrame]) -> None:
         rollup = f"{kind}_1m"
         frame = _concat(chunks, empty(kind).schema)
         if fresh:
@@ -263,20 +274,22 @@ class HotTier:
         else:
             latest = self._latest[kind]
         latest = latest.filter(pl.col("ts") >= now - self.window_s)
-        # Roll up the minutes that are closed: after the last rolled one, ended at least LATENESS_S ago.
+        # Roll up the rows of closed minutes (ended at least LATENESS_S ago), late ones included; rows of
+        # open minutes wait. A minute whose rows came in two parts has two rollup rows: samples add up.
         upto = (now - LATENESS_S) // MINUTE * MINUTE
-        start = self.rolled_upto[rollup]
-        new_rollup = None
-        if upto > start and frame.height:
-            window = frame.filter((pl.col("ts") >= start) & (pl.col("ts") < upto))
-            if window.height:
+        new_rollup, still_open = None, []
+        if to_roll:
+            rows = pl.concat(to_roll, how="vertical")
+            closed = rows.filter(pl.col("ts") < upto)
+            if closed.height:
                 convert, roll = ((as_gpu_samples, rollup_gpu_samples) if kind == "gpus"
                                  else (as_host_samples, rollup_host_samples))
-                new_rollup = roll(convert(window), MINUTE)
-        if upto > start:
-            self.rolled_upto[rollup] = upto
-        raw_cutoff = max(now - self.raw_s, self.held_since.get(kind) or 0.0)
-        raw_cutoff = min(raw_cutoff, self.rolled_upto[rollup])  # never drop a raw row before it is rolled up
+                new_rollup = roll(convert(closed), MINUTE)
+            open_rows = rows.filter(pl.col("ts") >= upto)
+            still_open = [open_rows] if open_rows.height else []
+        self.rolled_upto[rollup] = max(self.rolled_upto[rollup], upto)
+        # Raw rows go on a minute boundary, so that rollups end where raw rows begin.
+        raw_cutoff = max((now - self.raw_s) // MINUTE * MINUTE, self.held_since.get(kind) or 0.0)
         if frame.height and float(frame["ts"].min()) < raw_cutoff:  # type: ignore[arg-type]
             replace[kind] = frame.filter(pl.col("ts") >= raw_cutoff)
         if frame.height or self.held_since.get(kind) is not None:
@@ -289,6 +302,7 @@ class HotTier:
             self.held_since[rollup] = roll_cutoff
         with self._lock:
             self._latest[kind] = latest
+            self._to_roll[kind][:len(to_roll)] = still_open
             if new_rollup is not None and new_rollup.height:
                 self._tables[rollup].append(new_rollup)
                 self._unwritten[rollup].append(new_rollup)
@@ -329,11 +343,6 @@ class HotTier:
                 break
             lo = float(frame["ts"].min())  # type: ignore[arg-type]
             cutoff = lo + max((now - lo) / 10, 1.0)
-            if kind in ("gpus", "hosts"):  # raw frames never go before they are rolled up
-                cutoff = min(cutoff, self.rolled_upto[f"{kind}_1m"])
-                if cutoff <= lo:
-                    kinds.remove(kind)
-                    continue
             replace[kind] = frame.filter(pl.col("ts") >= cutoff)
             self.held_since[kind] = cutoff
             log.debug("memory budget: %s now held from %.0f s ago", kind, now - cutoff)

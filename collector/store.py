@@ -30,7 +30,7 @@ from typing import Callable, Protocol
 
 import polars as pl
 
-from collector import partitions
+from collector import faults, partitions
 from collector.hot import HotTier
 from collector.rollups import ALL_SCHEMAS
 from collector.tables import KINDS, batch_frames, conform
@@ -116,6 +116,7 @@ class Store:
             if path.exists():
                 thing.restore(path.read_bytes())
         self.startup = {"phase": "replaying the write-ahead log"}
+        faults.point("open.replaying")
         replayed = skipped = 0
         for _, payload in self.wal.replay(after=self.committed):
             try:
@@ -153,13 +154,11 @@ class Store:
         held = state.get("held_since") or {}
         rolled = state.get("rolled_upto") or {}
         for kind in ALL_KINDS:
-            since = held.get(kind)
-            if kind == "steps":
-                since = state.get("steps_since")
-            elif kind in ("gpus", "hosts") and rolled.get(f"{kind}_1m"):
-                since = min(since or now, rolled[f"{kind}_1m"])  # rows not rolled up yet
-            if since is None:
+            since = state.get("steps_since") if kind == "steps" else held.get(kind)
+            if since is None:  # complete from its first row: as far back as the table may reach
                 since = now - (self.hot.raw_s if kind in ("gpus", "hosts") else self.window_s)
+            if kind in ("gpus", "hosts") and rolled.get(f"{kind}_1m"):
+                since = min(since, rolled[f"{kind}_1m"])  # and the rows not rolled up yet
             lf = partitions.scan(self.data_dir, kind, self.committed, since=since)
             if lf is None:
                 continue
@@ -301,15 +300,18 @@ class Store:
             lo = self.committed + 1
             written: list[Path] = []
             try:
+                faults.point("checkpoint.rotated")
                 rows = 0
                 for kind, chunks in [*pending.items(), *derived.items()]:
                     frame = pl.concat(chunks, how="vertical")
                     written += partitions.write_checkpoint_parts(self.data_dir, kind, frame, lo, segment)
                     rows += frame.height if kind in KINDS else 0
+                    faults.point("checkpoint.part_written")
                 for name, data in extras.items():
                     path = self.data_dir / f"{name}-{segment:020d}.json"
                     written.append(path)
                     self._write_file(path, data)
+                faults.point("checkpoint.extras_written")
                 self._commit(segment, watermarks, hot_state)
             except Exception as exc:
                 for path in written:  # the next checkpoint writes these rows again, under a wider name
@@ -322,15 +324,21 @@ class Store:
                 self.hot.give_back(derived)
                 self.problem = f"checkpoint failed: {exc}"
                 raise
+            # Committed: from here on nothing may undo it; what fails below is tidied by a later checkpoint.
             with self._gate:
                 self.committed = segment
                 self._checkpointing = {}
             self.problem = None
-            self.wal.drop_through(segment)
-            for name in self.persisted:
-                for old in self.data_dir.glob(f"{name}-*.json"):
-                    if old.name != f"{name}-{segment:020d}.json":
-                        old.unlink(missing_ok=True)
+            try:
+                faults.point("checkpoint.committed")
+                self.wal.drop_through(segment)
+                faults.point("checkpoint.wal_dropped")
+                for name in self.persisted:
+                    for old in self.data_dir.glob(f"{name}-*.json"):
+                        if old.name != f"{name}-{segment:020d}.json":
+                            old.unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("checkpoint %d committed, but its tidying failed (%s); the next one retries", segment, exc)
             return rows
 
     def _write_file(self, path: Path, data: bytes) -> None:
@@ -349,10 +357,20 @@ class Store:
             watermarks = {a: m for a, m in watermarks.items() if m[1] >= old}
         if self.fsync:
             fsync_dir(self.data_dir)  # the extras' renames
-        self._write_file(self.data_dir / "checkpoint.json",
-                         json.dumps({"segment": segment, "watermarks": watermarks, "hot": hot_state}).encode())
+        path = self.data_dir / "checkpoint.json"
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(json.dumps({"segment": segment, "watermarks": watermarks, "hot": hot_state}).encode())
+            fh.flush()
+            if self.fsync:
+                os.fsync(fh.fileno())
+        faults.point("checkpoint.commit_file_written")
+        tmp.rename(path)
         if self.fsync:
-            fsync_dir(self.data_dir)
+            try:
+                fsync_dir(self.data_dir)
+            except OSError as exc:  # the rename is done: treat it as committed (see checkpoint)
+                log.warning("could not make the checkpoint's rename durable (%s)", exc)
 
     def maintain(self, now: float | None = None) -> None:
         """Compact closed hours and apply retention (run after a checkpoint, off the ingest path)."""

@@ -137,3 +137,148 @@ def test_files_written_before_a_column_existed_still_load(tmp_path):
     pl.read_parquet(part).drop("stage").write_parquet(part)  # as an older collector wrote it
     again = store(tmp_path)
     assert steps(again) == [0, 1, 2] and again.frame("steps")["stage"].null_count() == 3
+
+
+# --- faults: a refused append, a failed sync, a checkpoint interrupted at each step -----------------
+import errno  # noqa: E402
+import threading  # noqa: E402
+
+import pytest  # noqa: E402
+
+from collector import faults, wal  # noqa: E402
+
+
+def test_an_append_the_disk_refuses_half_way_is_rolled_back_and_later_batches_survive(tmp_path, monkeypatch):
+    s = store(tmp_path)
+    s.ingest(*batch(0))
+    real_write = wal.os.write
+    calls = {"n": 0}
+
+    def half_then_full(fd, data):
+        calls["n"] += 1
+        if calls["n"] == 1:  # half of batch 1's record reaches the file, then the disk is full
+            real_write(fd, bytes(data[: len(data) // 2]))
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(wal.os, "write", half_then_full)
+    with pytest.raises(OSError):
+        s.ingest(*batch(1))
+    s.ingest(*batch(2, agent="a2"))  # another agent's batch, acknowledged after the failure
+    monkeypatch.setattr(wal.os, "write", real_write)
+    del s
+    again = store(tmp_path)
+    assert steps(again) == [0, 1, 2, 200, 201, 202]
+    assert not again.ingest(*batch(1)).duplicate  # the refused batch was never applied: its resend is
+    assert steps(again) == [0, 1, 2, 100, 101, 102, 200, 201, 202]
+
+
+def test_a_failed_sync_fails_its_batch_and_the_log_goes_on_in_a_new_segment(tmp_path, monkeypatch):
+    s = store(tmp_path)
+    s.ingest(*batch(0))
+    real_sync = wal.os.fdatasync
+    calls = {"n": 0}
+
+    def fail_once(fd):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError(errno.EIO, "Input/output error")
+        return real_sync(fd)
+
+    monkeypatch.setattr(wal.os, "fdatasync", fail_once)
+    segment = s.wal.segment
+    with pytest.raises(OSError):
+        s.ingest(*batch(1))
+    assert s.wal.segment == segment + 1
+    s.ingest(*batch(2, agent="a2"))
+    del s
+    again = store(tmp_path)
+    # batch 1 may or may not have reached the disk; batch 2 must have, and nothing twice
+    got = steps(again)
+    assert {0, 1, 2, 200, 201, 202} <= set(got) and len(got) == len(set(got))
+    again.ingest(*batch(1))  # the agent resends it: applied, or known already
+    assert steps(again) == [0, 1, 2, 100, 101, 102, 200, 201, 202]
+
+
+def test_concurrent_batches_share_fsyncs_and_each_is_durable_when_acknowledged(tmp_path, monkeypatch):
+    s = store(tmp_path)
+    real_sync = wal.os.fdatasync
+    syncs = {"n": 0}
+
+    def counted(fd):
+        syncs["n"] += 1
+        time_module.sleep(0.005)  # a disk that takes its time, so batches pile up behind a sync
+        return real_sync(fd)
+
+    import time as time_module
+    monkeypatch.setattr(wal.os, "fdatasync", counted)
+    threads = [threading.Thread(target=lambda a=a: [s.ingest(*batch(seq, n=1, agent=f"a{a}")) for seq in range(20)])
+               for a in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert syncs["n"] < 160  # fewer syncs than batches: group commit
+    del s
+    assert store(tmp_path).scan("steps").collect().height == 160
+
+
+class Crash(BaseException):
+    """Stands for SIGKILL: no except clause of the store catches it."""
+
+
+CHECKPOINT_POINTS = ["checkpoint.rotated", "checkpoint.part_written", "checkpoint.extras_written",
+                     "checkpoint.commit_file_written", "checkpoint.committed", "checkpoint.wal_dropped"]
+
+
+def _at(name: str, exc: BaseException):
+    def point(at):
+        if at == name:
+            raise exc
+    return point
+
+
+@pytest.mark.parametrize("where", CHECKPOINT_POINTS)
+def test_a_crash_at_any_step_of_a_checkpoint_loses_and_duplicates_nothing(tmp_path, monkeypatch, where):
+    s = store(tmp_path)
+    s.ingest(*batch(0))
+    s.checkpoint()
+    s.ingest(*batch(1))
+    s.ingest(*batch(2, ts=NOW - 7200))  # rows of another hour: two part files
+    monkeypatch.setattr(faults, "point", _at(where, Crash()))
+    with pytest.raises(Crash):
+        s.checkpoint()
+    monkeypatch.setattr(faults, "point", lambda at: None)
+    del s
+    again = store(tmp_path)
+    assert steps(again) == [0, 1, 2, 100, 101, 102, 200, 201, 202]
+    for seq in range(3):
+        assert again.ingest(*batch(seq)).duplicate
+    again.checkpoint()
+    del again
+    final = store(tmp_path)
+    assert steps(final) == [0, 1, 2, 100, 101, 102, 200, 201, 202]
+    on_disk = sorted(final.scan("steps").collect()["step"].to_list())
+    assert on_disk == [0, 1, 2, 100, 101, 102, 200, 201, 202]
+
+
+@pytest.mark.parametrize("where", ["checkpoint.rotated", "checkpoint.part_written", "checkpoint.extras_written",
+                                   "checkpoint.commit_file_written"])
+def test_a_checkpoint_that_fails_part_way_is_redone_whole_by_the_next(tmp_path, monkeypatch, where):
+    s = store(tmp_path)
+    s.ingest(*batch(0))
+    s.ingest(*batch(1, ts=NOW - 7200))
+    monkeypatch.setattr(faults, "point", _at(where, OSError("injected")))
+    with pytest.raises(OSError):
+        s.checkpoint()
+    assert s.problem and "injected" in s.problem
+    monkeypatch.setattr(faults, "point", lambda at: None)
+    assert sorted(s.scan("steps").collect()["step"].to_list()) == [0, 1, 2, 100, 101, 102]  # reads meanwhile
+    s.ingest(*batch(2))
+    s.checkpoint()
+    assert s.problem is None
+    assert sorted(s.scan("steps").collect()["step"].to_list()) == [0, 1, 2, 100, 101, 102, 200, 201, 202]
+    del s
+    again = store(tmp_path)
+    assert steps(again) == [0, 1, 2, 100, 101, 102, 200, 201, 202]
+    assert sorted(again.scan("steps").collect()["step"].to_list()) == [0, 1, 2, 100, 101, 102, 200, 201, 202]

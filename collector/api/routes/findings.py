@@ -42,7 +42,7 @@ def list_findings(
 def list_slos(request: Request, r: RangeDep) -> dict:
     """Every declared SLO: burn rate per window and the error budget left; with `since`, also the share
     of bad requests and the burn rate over [since, until]."""
-    report = request.app.state.tracker.slo_report
+    report = request.app.state.ledger.report(time.time())
     if r.since is not None:
         since, until = r.resolve(0)
         ranges = {x["slo"]: x for x in request.app.state.ledger.over(since, until)}

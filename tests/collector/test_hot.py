@@ -1,0 +1,126 @@
+"""The hot tier: trims, rollups and aggregates that replace old rows, the memory budget, and reads that
+go to the warm tier for what the hot tier no longer holds."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import polars as pl
+import pytest
+
+from collector import history
+from collector.hot import HotTier
+from collector.rollups import step_aggregates
+from collector.store import Store
+from collector.tables import batch_frames
+from fleetscope.schema import decode_batch
+
+NOW = time.time()
+
+
+def frames_batch(seq: int, t0: float, seconds: float, *, nodes: int = 2, gpus: int = 4, every: float = 5.0,
+                 hot_gpu: str | None = None, xid_at: float | None = None):
+    frames = []
+    ts = t0
+    while ts < t0 + seconds:
+        for n in range(nodes):
+            frames.append({"v": 1, "kind": "host", "node": f"n{n}", "ts": ts, "cpu_utilization_ratio": 0.5,
+                           "network_receive_bytes_total": 1000.0 * ts, "gpus": [
+                {"index": i, "uuid": f"GPU-{n}-{i}", "utilization_ratio": 0.9, "temperature_celsius": 60.0,
+                 "sm_clock_hertz": 1.5e9, "sm_clock_max_hertz": 2e9,
+                 "clock_event_mask": 0x40 if f"GPU-{n}-{i}" == hot_gpu else 0,
+                 "health": "degraded" if f"GPU-{n}-{i}" == hot_gpu else "healthy",
+                 "xid_total": int(xid_at is not None and ts >= xid_at and f"GPU-{n}-{i}" == hot_gpu),
+                 "xid_counts": {"79": 1} if xid_at is not None and ts >= xid_at and f"GPU-{n}-{i}" == hot_gpu else {}}
+                for i in range(gpus)]})
+        ts += every
+    body = json.dumps({"v": 1, "agent_id": "a", "seq": seq, "node": "n0", "sent_ts": t0, "frames": frames}).encode()
+    return decode_batch(body), body
+
+
+def test_raw_frames_age_into_minute_rollups_and_the_latest_view_stays():
+    hot = HotTier(window_s=3600, raw_s=120)
+    b, _ = frames_batch(0, NOW - 600, 600)
+    hot.append(batch_frames(b))
+    hot.maintain(NOW)
+    raw, rolled = hot.raw("gpus"), hot.raw("gpus_1m")
+    assert raw["ts"].min() >= NOW - 180  # raw kept for raw_s (and until rolled up)
+    assert rolled.height > 0 and rolled["samples"].max() == 12  # 12 samples of 5 s in a minute
+    assert hot.latest("gpus").height == 8 and hot.latest("hosts").height == 2
+    samples = hot.samples("gpus", NOW - 600, NOW, ("uuid", ["GPU-0-0"]))
+    # every minute covered once: rollups before the raw rows, raw rows after
+    assert samples["samples"].sum() == pytest.approx(120, abs=2)
+
+
+def test_each_rank_keeps_its_recent_steps_and_every_step_keeps_its_aggregate():
+    hot = HotTier(window_s=3600, raw_steps=20)
+    events = [{"v": 1, "kind": "step", "job": "j", "rank": r, "world_size": 4, "step": s, "ts": NOW - 200 + s,
+               "duration_s": 1.0 + r / 10} for s in range(100) for r in range(4)]
+    b = decode_batch(json.dumps({"v": 1, "agent_id": "a", "seq": 0, "node": "n", "sent_ts": NOW, "events": events}).encode())
+    frames = batch_frames(b)
+    hot.append(frames)
+    hot.maintain(NOW)
+    assert hot.raw("steps").height == 80  # 20 per rank
+    aggs = hot.step_aggs()
+    assert aggs.height == 100 and aggs["ranks"].min() == 4
+    expected = step_aggregates(frames["steps"]).sort("step")
+    assert aggs["step_time_p50_s"].to_list() == expected["step_time_p50_s"].to_list()
+    final, _ = hot.take_unwritten()
+    assert final["step_aggs"][0].height == 80  # the steps that left the raw tier go to disk, once
+
+
+def test_the_hot_tier_stays_within_its_budget_by_dropping_its_oldest_minutes():
+    budget = 2**20
+    hot = HotTier(window_s=6 * 3600, raw_s=300, budget_bytes=budget)
+    for hour in range(6):
+        b, _ = frames_batch(hour, NOW - 6 * 3600 + hour * 3600, 3600, nodes=8, gpus=8, every=10)
+        hot.append(batch_frames(b))
+        hot.maintain(NOW - 5 * 3600 + hour * 3600)
+    hot.maintain(NOW)
+    sizes = hot.memory()
+    assert sum(v for k, v in sizes.items() if k != "rollups_unwritten") <= budget
+    assert hot.held_since["gpus_1m"] > NOW - 6 * 3600 + 60  # rollups now start later than the window
+
+
+def _store(tmp_path, **kw) -> Store:
+    return Store(tmp_path, window_s=kw.pop("window_s", 900), raw_s=kw.pop("raw_s", 120), **kw)
+
+
+def test_a_history_query_past_the_hot_tier_reads_the_warm_tier(tmp_path):
+    s = _store(tmp_path)
+    b, body = frames_batch(0, NOW - 3 * 3600, 3 * 3600, every=15, hot_gpu="GPU-1-2", xid_at=NOW - 2 * 3600)
+    s.ingest(b, body)
+    s.hot.maintain(NOW)
+    s.checkpoint()
+    assert s.hot.complete_since("gpus") > NOW - 1200  # the hot tier holds only its 15 minutes
+    gpu = history.samples(s, "gpus", NOW - 3 * 3600, NOW, ("uuid", ["GPU-1-2"]))
+    assert gpu["ts"].min() < NOW - 3 * 3600 + 120  # from the warm tier's minute rollups
+    (record,) = history.gpu_reliability(gpu)
+    assert record["xids_by_code"] == {"79": 1}
+    assert record["throttle_seconds"]["thermal_slowdown"] == pytest.approx(3 * 3600, rel=0.02)
+    assert record["degraded_seconds"] == pytest.approx(3 * 3600, rel=0.02)
+    other = history.gpu_reliability(history.samples(s, "gpus", NOW - 3 * 3600, NOW, ("uuid", ["GPU-0-0"])))[0]
+    assert other["throttle_seconds"]["thermal_slowdown"] == 0 and other["xids_by_code"] == {}
+    # and the same after a restart, which reads back only the hot tier's rows
+    del s
+    again = _store(tmp_path)
+    assert again.hot.raw("gpus")["ts"].min() >= NOW - 1200
+    (after,) = history.gpu_reliability(history.samples(again, "gpus", NOW - 3 * 3600, NOW, ("uuid", ["GPU-1-2"])))
+    assert after["xids_by_code"] == {"79": 1}
+    assert after["throttle_seconds"]["thermal_slowdown"] == pytest.approx(record["throttle_seconds"]["thermal_slowdown"], rel=0.01)
+
+
+def test_restart_reads_back_the_hot_tier_only(tmp_path):
+    s = _store(tmp_path, window_s=1800)
+    old, body = frames_batch(0, NOW - 4 * 3600, 3600, every=30)
+    s.ingest(old, body)
+    recent, body = frames_batch(1, NOW - 300, 300, every=30)
+    s.ingest(recent, body)
+    s.hot.maintain(NOW)
+    s.checkpoint()
+    del s
+    again = _store(tmp_path, window_s=1800)
+    assert again.hot.raw("gpus")["ts"].min() >= NOW - 300
+    assert again.hot.raw("gpus_1m")["ts"].min() >= NOW - 1800 - 60
+    assert again.scan("gpus", NOW - 5 * 3600).collect().height == 8 * (120 + 10)  # all of it still on disk

@@ -1,0 +1,84 @@
+"""The collector's settings: the [collector] table, flags over it, units, and errors that name the key."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from collector.settings import Settings, load_config, parse_duration, parse_size
+
+TOKENS = {"ingest_tokens": frozenset({"i"}), "read_tokens": frozenset({"r"})}
+
+
+def test_every_storage_setting_is_read_from_the_config_file(tmp_path):
+    path = tmp_path / "collector.toml"
+    path.write_text(f"""
+[collector]
+data_dir = "{tmp_path / 'data'}"
+cluster = "eu-1"
+memory_budget = "1GiB"
+window = "2h"
+raw_window = "90s"
+raw_steps = 60
+retention = "14d"
+retention_bytes = "50GB"
+checkpoint_interval = 10
+listen = "127.0.0.1:9999"
+
+[[slo]]
+name = "chat-ttft"
+service = "chat"
+indicator = "ttft"
+threshold_s = 0.5
+objective = 0.99
+""")
+    kwargs, other = load_config(path)
+    s = Settings(**kwargs, **TOKENS)
+    assert (s.data_dir, s.cluster, s.memory_budget, s.window_s, s.raw_window_s, s.raw_steps) == (
+        tmp_path / "data", "eu-1", 2**30, 7200.0, 90.0, 60)
+    assert (s.retention_s, s.retention_bytes, s.checkpoint_interval_s) == (14 * 86400.0, 50 * 10**9, 10.0)
+    assert other == {"listen": "127.0.0.1:9999"} and [slo.name for slo in s.slos] == ["chat-ttft"]
+
+
+@pytest.mark.parametrize("text, words", [
+    ("[collector]\nretention_byte = 5\n", ["unknown setting", "'retention_byte'", "retention_bytes"]),
+    ("[collectr]\n", ["unknown table", "'collectr'"]),
+    ("[collector]\nmemory_budget = \"lots\"\n", ["memory_budget", "'lots'"]),
+    ("[collector]\nwindow = \"6 fortnights\"\n", ["window", "duration"]),
+    ("[[slo]]\nname = \"x\"\nservice = \"s\"\nindicator = \"ttft\"\nobjective = 0.99\nsurprise = 1\n", ["slo 1", "surprise"]),
+])
+def test_a_mistake_in_the_config_file_is_an_error_that_names_it(tmp_path, text, words):
+    path = tmp_path / "collector.toml"
+    path.write_text(text)
+    with pytest.raises(ValueError) as err:
+        kwargs, _ = load_config(path)
+        Settings(**kwargs, **TOKENS)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_units():
+    assert parse_size("2GiB", "x") == 2 * 2**30 and parse_size(1000, "x") == 1000 and parse_size("1.5 MB", "x") == 1_500_000
+    assert parse_duration("30d", "x") == 30 * 86400 and parse_duration("90s", "x") == 90 and parse_duration(5, "x") == 5
+
+
+def test_retention_by_size_defaults_to_a_share_of_the_data_disk(tmp_path):
+    s = Settings(data_dir=tmp_path / "not-yet", **TOKENS)
+    assert s.retention_bytes == int(shutil.disk_usage(tmp_path).total * 0.4)
+    assert 128 * 2**20 <= s.memory_budget <= 2 * 2**30
+
+
+def test_the_command_line_refuses_an_unknown_key_and_flags_win_over_the_file(tmp_path):
+    path = tmp_path / "collector.toml"
+    path.write_text("[collector]\nretention_bytez = 1\n")
+    env = {"FLEETSCOPE_INGEST_TOKEN": "i", "FLEETSCOPE_READ_TOKEN": "r", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-m", "fleetscope", "collector", "--config", str(path)], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "retention_bytez" in out.stderr
+    path.write_text("[collector]\nmemory_budget = \"1GiB\"\n")
+    out = subprocess.run([sys.executable, "-m", "fleetscope", "collector", "--config", str(path), "--memory-budget", "1MiB"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "memory_budget" in out.stderr and "128 MiB" in out.stderr  # the flag's value was used
