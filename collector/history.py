@@ -52,8 +52,9 @@ def _counter_increase(values: list) -> float:
     return float(sum(cur - prev if cur >= prev else cur for prev, cur in zip(values, values[1:])))
 
 
-def _xids_by_code(texts: list) -> dict[str, int]:
-    """Increases of each XID code's counter over the rows (JSON objects code -> count since the agent started)."""
+def _xids_by_code(texts: list, from_zero: bool) -> dict[str, int]:
+    """Increases of each XID code's counter over the rows (JSON objects code -> count since the agent started);
+    `from_zero`: the first row's counts are new too (its agent started within the range)."""
     series: dict[str, list] = {}
     previous: object = ()
     decoded = []
@@ -71,26 +72,30 @@ def _xids_by_code(texts: list) -> dict[str, int]:
     out = {}
     for code, values in series.items():
         # Counted before the range started is not in it: start from the first row's value.
-        increase = _counter_increase(values) if code in first else _counter_increase([0, *values])
+        increase = _counter_increase(values) if code in first and not from_zero else _counter_increase([0, *values])
         if increase > 0:
             out[code] = int(increase)
     return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
 
 
-def gpu_reliability(gpu: pl.DataFrame) -> list[dict]:
-    """Per GPU in the samples: XIDs by code, ECC errors, row remapping, throttle and unhealthy time."""
+def gpu_reliability(gpu: pl.DataFrame, since: float | None = None) -> list[dict]:
+    """Per GPU in the samples: XIDs by code, ECC errors, row remapping, throttle and unhealthy time.
+    XIDs are counted by the agent since it started: a GPU first seen well after `since` (a new agent, a
+    new GPU) has all of its first sample's XIDs in the range."""
     if gpu.height == 0:
         return []
     gpu = gpu.sort("uuid", "ts").with_columns(_covered_seconds(gpu, "uuid"))
     out = []
     for (uuid,), rows in gpu.group_by("uuid", maintain_order=True):
         covered = rows["covered_s"]
+        from_zero = since is not None and float(rows["ts"][0]) > since + 300
+        xid_totals = rows["xid_total"].to_list()
         record = {
             "uuid": str(uuid), "node": str(rows["node"][-1]), "index": int(rows["index"][-1]),
             "from_ts": float(rows["ts"][0]), "to_ts": float(rows["ts"][-1]),
             "observed_seconds": round(float(covered.sum()), 1),
-            "xids_by_code": _xids_by_code(rows["xid_counts"].to_list()),
-            "xids_total": int(_counter_increase(rows["xid_total"].to_list())),
+            "xids_by_code": _xids_by_code(rows["xid_counts"].to_list(), from_zero),
+            "xids_total": int(_counter_increase([0, *xid_totals] if from_zero else xid_totals)),
             "ecc_corrected": int(_counter_increase(rows["ecc_corrected_total"].to_list())),
             "ecc_uncorrected": int(_counter_increase(rows["ecc_uncorrected_total"].to_list())),
             "row_remap_pending_seen": bool(rows["remap_pending"].any()),

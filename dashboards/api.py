@@ -46,7 +46,7 @@ def get_collector() -> Collector:
     return _shared(url, os.environ.get("FLEETSCOPE_READ_TOKEN", ""))
 
 
-RANGES = {"15 minutes": 15, "1 hour": 60, "6 hours": 360, "24 hours": 1440}
+RANGES = {"15 minutes": 15, "1 hour": 60, "6 hours": 360, "24 hours": 1440, "7 days": 7 * 1440, "30 days": 30 * 1440}
 
 
 def page(title: str) -> Collector:
@@ -63,6 +63,11 @@ def page(title: str) -> Collector:
 def minutes() -> float:
     """The time range the operator picked, in minutes."""
     return float(RANGES.get(st.session_state.get("time_range", "1 hour"), 60))
+
+
+def since() -> float:
+    """Start of the time range the operator picked, Unix seconds (the collector's `since`)."""
+    return time.time() - minutes() * 60
 
 
 def refresh() -> None:
@@ -83,10 +88,10 @@ def fetch(collector: Collector, path: str, **params: Any) -> dict:
         raise  # not reached: st.stop() ends the script run
 
 
-def frames(collector: Collector, *queries: tuple[str, str]) -> list[pl.DataFrame]:
-    """Fetch (path, key) tables; on failure show why and stop the page."""
+def frames(collector: Collector, *queries: tuple) -> list[pl.DataFrame]:
+    """Fetch (path, key[, params]) tables; on failure show why and stop the page."""
     out = []
-    for path, key in queries:
-        rows = fetch(collector, path).get(key) or []
+    for path, key, *params in queries:
+        rows = fetch(collector, path, **(params[0] if params else {})).get(key) or []
         out.append(pl.DataFrame(rows, infer_schema_length=None) if rows else pl.DataFrame())
     return out

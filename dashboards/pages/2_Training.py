@@ -6,18 +6,18 @@ import altair as alt
 import polars as pl
 import streamlit as st
 
-from dashboards.api import fetch, frames, page, refresh
+from dashboards.api import fetch, frames, page, refresh, since
 
 collector = page("Training")
-(jobs,) = frames(collector, ("/v1/jobs", "jobs"))
+(jobs,) = frames(collector, ("/v1/jobs", "jobs", {"since": since()}))
 
 if jobs.height == 0:
     st.info("No training job has reported a step yet. Instrument one with `fleetscope.training(job=...)`.")
     st.stop()
 
 job = st.selectbox("Job", jobs["job"].to_list(), key="job")
-detail = fetch(collector, f"/v1/jobs/{job}")
-series = pl.DataFrame(fetch(collector, f"/v1/jobs/{job}/steps", last=1000).get("steps") or [])
+detail = fetch(collector, f"/v1/jobs/{job}", since=since())
+series = pl.DataFrame(fetch(collector, f"/v1/jobs/{job}/steps", since=since(), max_points=1000).get("steps") or [])
 
 summary = detail.get("job", {})
 cols = st.columns(5)
@@ -30,7 +30,7 @@ cols[3].metric("Tokens/s", f"{tps:,.0f}" if tps is not None else "–")
 mfu = summary.get("mfu")
 cols[4].metric("MFU", f"{mfu:.0%}" if mfu is not None else "–", help="declare flops_per_token in fleetscope.training() to see it")
 
-job_findings = [f for f in fetch(collector, "/v1/findings", job=job).get("findings", []) if f["active"]]
+job_findings = [f for f in fetch(collector, "/v1/findings", job=job, since=since()).get("findings", []) if f["active"]]
 for f in job_findings:
     causes = ", ".join(c["cause"] for c in f.get("probable_causes", [])[:3])
     where = ", ".join(f"{k} {v}" for k, v in f["subject"].items() if k != "job" and v is not None)

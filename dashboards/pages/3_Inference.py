@@ -5,10 +5,10 @@ from __future__ import annotations
 import polars as pl
 import streamlit as st
 
-from dashboards.api import fetch, frames, page, refresh
+from dashboards.api import fetch, frames, page, refresh, since
 
 collector = page("Inference")
-(services,) = frames(collector, ("/v1/services", "services"))
+(services,) = frames(collector, ("/v1/services", "services", {"since": since()}))
 
 if services.height == 0:
     st.info("No inference service has reported a request yet. Instrument one with `fleetscope.inference(...)`.")
@@ -16,7 +16,7 @@ if services.height == 0:
 
 st.dataframe(services, hide_index=True, width="stretch")
 service = st.selectbox("Service", services["service"].unique().sort().to_list(), key="service")
-models = pl.DataFrame(fetch(collector, f"/v1/services/{service}").get("models") or [])
+models = pl.DataFrame(fetch(collector, f"/v1/services/{service}", since=since()).get("models") or [])
 for row in models.iter_rows(named=True):
     st.subheader(f"{service} · {row['model']}")
     cols = st.columns(4)

@@ -8,10 +8,10 @@ import time
 import httpx
 import streamlit as st
 
-from dashboards.api import fetch, page, refresh
+from dashboards.api import fetch, page, refresh, since
 
 collector = page("Findings")
-findings = fetch(collector, "/v1/findings").get("findings", [])
+findings = fetch(collector, "/v1/findings", since=since()).get("findings", [])
 slos = fetch(collector, "/v1/slos").get("slos", [])
 
 active = [f for f in findings if f["active"]]

@@ -1,11 +1,14 @@
-"""Node: one node's GPUs, CPU and memory over time, and its GPUs' health events (throttling, XIDs, ECC)."""
+"""Node: one node's GPUs, CPU and memory over time, its GPUs' health events (throttling, XIDs, ECC), and
+each GPU's reliability record over weeks: what an operator reads before an RMA or a cordon."""
 
 from __future__ import annotations
 
 import polars as pl
 import streamlit as st
 
-from dashboards.api import fetch, frames, minutes, page, refresh
+import time
+
+from dashboards.api import fetch, frames, page, refresh, since
 
 collector = page("Node")
 (nodes,) = frames(collector, ("/v1/nodes", "nodes"))
@@ -14,7 +17,7 @@ if nodes.height == 0:
     st.stop()
 
 node = st.selectbox("Node", nodes["node"].to_list(), key="node")
-data = fetch(collector, f"/v1/nodes/{node}/series", minutes=minutes())
+data = fetch(collector, f"/v1/nodes/{node}/series", since=since())
 latest = fetch(collector, f"/v1/nodes/{node}").get("gpus", [])
 
 host = pl.DataFrame(data.get("host") or [])
@@ -62,6 +65,29 @@ if events.height:
                                      pl.from_epoch(pl.col("to_ts"), time_unit="s").alias("to")).drop("from_ts", "to_ts"),
                  hide_index=True, width="stretch")
 else:
-    st.success("No throttling, XID or ECC event in the collector's window.")
+    st.success("No throttling, XID or ECC event in the time range.")
+
+st.subheader("Reliability record")
+days = st.selectbox("Over the last", [7, 30, 90], index=1, format_func=lambda d: f"{d} days", key="history_days")
+history = fetch(collector, f"/v1/nodes/{node}/history", since=time.time() - days * 86400)
+records = history.get("gpus") or []
+if records:
+    totals = history["totals"]
+    cols = st.columns(4)
+    cols[0].metric("XIDs", totals["xids_total"], help=", ".join(f"XID {c}: {n}" for c, n in totals["xids_by_code"].items()) or None)
+    cols[1].metric("Uncorrected ECC errors", totals["ecc_uncorrected"])
+    cols[2].metric("Hours unhealthy", round(totals["unhealthy_seconds"] / 3600, 1))
+    cols[3].metric("Hours throttled", round(sum(totals["throttle_seconds"].values()) / 3600, 1))
+    st.dataframe([{
+        "GPU": r["index"], "uuid": r["uuid"],
+        "XIDs by code": ", ".join(f"{c}×{n}" for c, n in r["xids_by_code"].items()),
+        "ECC corrected": r["ecc_corrected"], "ECC uncorrected": r["ecc_uncorrected"],
+        "row remap pending": r["row_remap_pending_seen"], "row remap failed": r["row_remap_failure_seen"],
+        **{f"{reason} (min)": round(sec / 60, 1) for reason, sec in r["throttle_seconds"].items()},
+        "unhealthy (min)": round(r["unhealthy_seconds"] / 60, 1), "off the bus (min)": round(r["lost_seconds"] / 60, 1),
+        "observed (h)": round(r["observed_seconds"] / 3600, 1),
+    } for r in records], hide_index=True, width="stretch")
+else:
+    st.info("No GPU samples from this node in that period.")
 
 refresh()

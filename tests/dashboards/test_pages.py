@@ -37,7 +37,8 @@ def seed_batch() -> dict:
         {"v": 1, "kind": "host", "node": node, "ts": now - 1, "cpu_utilization_ratio": 0.3, "memory_used_bytes": 2**33,
          "memory_total_bytes": 2**35, "gpus": [{"index": i, "uuid": f"GPU-{node}-{i}", "name": "H100",
                                                 "utilization_ratio": 0.9, "temperature_celsius": 60.0 + i,
-                                                "power_watts": 500.0} for i in range(8)]}
+                                                "power_watts": 500.0, "xid_total": 2 if i == 3 else 0,
+                                                "xid_counts": {"79": 2} if i == 3 else {}} for i in range(8)]}
         for node in ("node-a", "node-b")
     ]
     return {"v": 1, "agent_id": "seed", "seq": 0, "node": "node-a", "sent_ts": now, "events": events, "frames": frames}
@@ -141,3 +142,6 @@ def test_node_page_shows_its_gpus_and_series(collector_url, monkeypatch):
     assert not at.exception, [e.value for e in at.exception]
     assert at.selectbox[0].value == "node-a"
     assert metric(at, "GPUs") == "8"
+    # the reliability record: the XIDs GPU 3 counted, by code
+    record = [t for t in at.dataframe if "XIDs by code" in t.value.columns][0].value
+    assert list(record["XIDs by code"]) == ["", "", "", "79×2", "", "", "", ""]

@@ -77,7 +77,7 @@ def _history(store, r, key: tuple[str, list], what: str) -> tuple[list[dict], pl
     gpu = history.samples(store, "gpus", since, until, key)
     if gpu.height == 0:
         raise HTTPException(404, f"no samples of {what} between {since:.0f} and {until:.0f}")
-    return history.gpu_reliability(gpu), gpu, since, until
+    return history.gpu_reliability(gpu, since), gpu, since, until
 
 
 def _series(gpu: pl.DataFrame, since: float, until: float, max_points: int) -> list[dict]:
