@@ -1,8 +1,9 @@
 """`make bench`: run every benchmark and print its figures."""
 
-from bench import agent_overhead, console, detection, ingest
+from bench import agent_overhead, client, console, detection, ingest
 
 agent_overhead.main([])
 detection.main(["--quick"])
 console.main()
 ingest.main([])
+client.main([])
