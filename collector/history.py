@@ -16,34 +16,46 @@ from collector.store import Store
 THROTTLE_REASONS = {"thermal_slowdown": "thermal_share", "power_cap": "power_cap_share", "hw_slowdown": "hw_slowdown_share"}
 
 
-def samples(store: Store, kind: str, since: float, until: float, keys: tuple[str, list] | None = None) -> pl.DataFrame:
+def samples(store: Store, kind: str, since: float, until: float, keys: tuple[str, list] | None = None,
+            max_points: int | None = None) -> pl.DataFrame:
     """GPU ("gpus") or host ("hosts") samples over [since, until], optionally of some GPUs or nodes only:
-    the hot tier from when it is complete, the warm tier's per-minute rollups before that."""
+    the hot tier from when it is complete, the warm tier's rollups before that: hourly ones when the
+    range is so long that `max_points` points per series are an hour or more apart, else per minute.
+    Each row says the span of time it summarises (`span_s`: 0 for a raw frame)."""
+    schema = GPU_SAMPLES if kind == "gpus" else HOST_SAMPLES
     hot_from = store.hot.complete_since(kind)
     parts = []
     if hot_from is not None and since < hot_from:
-        disk = partitions.scan(store.data_dir, f"{kind}_1m", store.committed_segment(), since, min(until, hot_from))
+        hourly = max_points is not None and (until - since) / max_points >= 3600
+        tier, span = (f"{kind}_1h", 3600.0) if hourly else (f"{kind}_1m", 60.0)
+        disk = partitions.scan(store.data_dir, tier, store.committed_segment(), since - span, min(until, hot_from))
         if disk is not None:
-            schema = GPU_SAMPLES if kind == "gpus" else HOST_SAMPLES
             if keys is not None:
                 disk = disk.filter(pl.col(keys[0]).is_in(keys[1]))
-            disk = disk.filter(pl.col("ts") < hot_from).select(list(schema)).cast(schema)  # type: ignore[arg-type]
-            parts.append(disk.collect())
+            disk = disk.filter((pl.col("ts") + span > since) & (pl.col("ts") < hot_from)).select(list(schema)).cast(schema)  # type: ignore[arg-type]
+            parts.append(disk.collect().with_columns(pl.lit(span).alias("span_s")))
     start = since if hot_from is None else max(since, hot_from)
     if start <= until:
         parts.append(store.hot.samples(kind, start, until, keys))
     if not parts:
-        return pl.DataFrame(schema=GPU_SAMPLES if kind == "gpus" else HOST_SAMPLES)
+        return pl.DataFrame(schema={**schema, "span_s": pl.Float64})
     return pl.concat(parts, how="vertical").sort("ts")
 
 
 def _covered_seconds(frame: pl.DataFrame, key: str) -> pl.Expr:
-    """Seconds each sample stands for: until the next sample of its key, at most a minute (a gap longer
-    than that is an agent that was not running, which says nothing about the GPU); the last sample
-    counts like the typical one before it."""
+    """Seconds each sample stands for: until the next sample of its key, and at most its span - a raw
+    frame a minute (a longer gap is an agent that was not running, which says nothing about the GPU), a
+    rollup its minute or hour, in proportion to its samples against a full one of the same span (the
+    first hour of a GPU is seldom full). The last sample counts like the typical one before it."""
     gap = (pl.col("ts").shift(-1).over(key) - pl.col("ts"))
     typical = gap.median().over(key)
-    return pl.min_horizontal(gap.fill_null(typical).fill_null(0.0), pl.lit(60.0)).alias("covered_s")
+    if "span_s" in frame.columns:
+        span = pl.col("span_s").fill_null(0.0)
+        full = pl.col("samples").max().over(key, "span_s")
+        cap = pl.when(span > 0).then(span * pl.min_horizontal(pl.lit(1.0), pl.col("samples") / full)).otherwise(60.0)
+    else:
+        cap = pl.lit(60.0)
+    return pl.min_horizontal(gap.fill_null(typical).fill_null(0.0), cap).alias("covered_s")
 
 
 def _counter_increase(values: list) -> float:

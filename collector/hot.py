@@ -27,6 +27,7 @@ from collector.tables import KINDS, empty
 log = logging.getLogger("fleetscope.collector.hot")
 
 MINUTE = 60.0
+HOUR = 3600.0
 LATENESS_S = 20.0  # a minute is rolled up once frames dated in it have had this long to arrive
 ROLLUP_RAW = {"gpus_1m": "gpus", "hosts_1m": "hosts"}
 LATEST_KEYS = {"gpus": ("node", "index"), "hosts": ("node",)}
@@ -56,8 +57,10 @@ class HotTier:
         self._to_roll: dict[str, list[pl.DataFrame]] = {"gpus": [], "hosts": []}
         self._aggs = pl.DataFrame(schema={**STEP_AGGS, "final": pl.Boolean})
         self._latest = {"gpus": empty("gpus"), "hosts": empty("hosts")}
-        self._unwritten: dict[str, list[pl.DataFrame]] = {"step_aggs": [], "gpus_1m": [], "hosts_1m": []}
-        self.rolled_upto = {"gpus_1m": 0.0, "hosts_1m": 0.0}
+        self._unwritten: dict[str, list[pl.DataFrame]] = {k: [] for k in ("step_aggs", "gpus_1m", "hosts_1m", "gpus_1h", "hosts_1h")}
+        # Minute rollups of hours still open; an hour's are rolled into one row per GPU or node once it closes.
+        self._hour_pending: dict[str, list[pl.DataFrame]] = {"gpus": [], "hosts": []}
+        self.rolled_upto = {"gpus_1m": 0.0, "hosts_1m": 0.0, "gpus_1h": 0.0, "hosts_1h": 0.0}
         # From when each table is complete in memory (None: from its first row).
         self.held_since: dict[str, float | None] = {k: None for k in self._tables} | {"step_aggs": None}
         self.steps_since: float | None = None  # the oldest raw step row kept (where a restart reloads from)
@@ -81,6 +84,13 @@ class HotTier:
             with self._lock:
                 self._aggs = merge_step_aggregates(self._aggs, frame.with_columns(pl.lit(True).alias("final")))
             return
+        if kind in ("gpus_1h", "hosts_1h"):
+            return
+        if kind in ("gpus_1m", "hosts_1m"):  # minutes of an hour not rolled up yet are rolled again
+            rest = frame.filter(pl.col("ts") >= self.rolled_upto[kind.replace("_1m", "_1h")])
+            if rest.height:
+                with self._lock:
+                    self._hour_pending[kind.removesuffix("_1m")].append(rest)
         with self._lock:
             self._tables[kind].append(frame)
             if kind in self._fresh:
@@ -151,8 +161,8 @@ class HotTier:
         raw_start = self.held_since.get(kind)
         if raw_start is None:
             raw_start = float(raw["ts"].min()) if raw.height else float("inf")  # type: ignore[arg-type]
-        older = cut(rolled, MINUTE).filter(pl.col("ts") + MINUTE <= raw_start)
-        return pl.concat([older, convert(raw)], how="vertical").sort("ts")
+        older = cut(rolled, MINUTE).filter(pl.col("ts") + MINUTE <= raw_start).with_columns(pl.lit(MINUTE).alias("span_s"))
+        return pl.concat([older, convert(raw).with_columns(pl.lit(0.0).alias("span_s"))], how="vertical").sort("ts")
 
     def complete_since(self, kind: str) -> float | None:
         """Oldest time from which this table (or, for gpus/hosts, their samples) is complete in memory."""
@@ -300,9 +310,23 @@ class HotTier:
             replace[rollup] = rolled.filter(pl.col("ts") >= roll_cutoff)
         if rolled.height or new_rollup is not None:
             self.held_since[rollup] = roll_cutoff
+        hourly, hour_rest = None, []
+        pending = [*self._hour_pending[kind], *([new_rollup] if new_rollup is not None and new_rollup.height else [])]
+        hour_upto = upto // HOUR * HOUR
+        if pending:
+            minutes = pl.concat(pending, how="vertical")
+            closed = minutes.filter(pl.col("ts") < hour_upto)
+            if closed.height:
+                hourly = (rollup_gpu_samples if kind == "gpus" else rollup_host_samples)(closed, HOUR)
+            rest = minutes.filter(pl.col("ts") >= hour_upto)
+            hour_rest = [rest] if rest.height else []
+        self.rolled_upto[f"{kind}_1h"] = max(self.rolled_upto[f"{kind}_1h"], hour_upto)
         with self._lock:
             self._latest[kind] = latest
             self._to_roll[kind][:len(to_roll)] = still_open
+            self._hour_pending[kind] = hour_rest
+            if hourly is not None and hourly.height:
+                self._unwritten[f"{kind}_1h"].append(hourly)
             if new_rollup is not None and new_rollup.height:
                 self._tables[rollup].append(new_rollup)
                 self._unwritten[rollup].append(new_rollup)

@@ -91,7 +91,8 @@ def for_disk(frame: pl.DataFrame) -> pl.DataFrame:
 
 
 # How compaction orders an hour of each kind, so that a scan for one key reads few row groups.
-SORT_KEYS = {"gpus_1m": ("uuid", "ts"), "hosts_1m": ("node", "ts"), "step_aggs": ("job", "step")}
+SORT_KEYS = {"gpus_1m": ("uuid", "ts"), "hosts_1m": ("node", "ts"), "gpus_1h": ("uuid", "ts"), "hosts_1h": ("node", "ts"),
+             "step_aggs": ("job", "step")}
 
 
 def write_checkpoint_parts(root: Path, kind: str, frame: pl.DataFrame, lo: int, hi: int) -> list[Path]:

@@ -30,7 +30,7 @@ GPU_SAMPLES: dict[str, pl.DataType] = {
     "busy_samples": I32, "busy_clock_ratio": F32,  # SM clock over its max while utilisation > 0.5
     "thermal_share": F32, "power_cap_share": F32, "hw_slowdown_share": F32, "clock_event_mask": I64,
     "health": HEALTH, "unhealthy_share": F32, "degraded_share": F32, "health_reasons": pl.List(CAT), "xid_total": I64,
-    "xid_counts": pl.String, "ecc_corrected_total": I64, "ecc_uncorrected_total": I64,
+    "xid_counts": CAT, "ecc_corrected_total": I64, "ecc_uncorrected_total": I64,
     "remap_pending": pl.Boolean, "remap_failure": pl.Boolean,
 }
 GPU_LAST = ("xid_total", "xid_counts", "ecc_corrected_total", "ecc_uncorrected_total")  # counters: the last value
@@ -149,5 +149,6 @@ def rollup_host_samples(samples: pl.DataFrame, every_s: float) -> pl.DataFrame:
 
 
 # Rollup kinds kept in the warm tier beside the raw tables, and how each is made.
-ROLLUP_SCHEMAS = {"step_aggs": STEP_AGGS, "gpus_1m": GPU_SAMPLES, "hosts_1m": HOST_SAMPLES}
+ROLLUP_SCHEMAS = {"step_aggs": STEP_AGGS, "gpus_1m": GPU_SAMPLES, "hosts_1m": HOST_SAMPLES,
+                  "gpus_1h": GPU_SAMPLES, "hosts_1h": HOST_SAMPLES}
 ALL_SCHEMAS = {**SCHEMAS, **ROLLUP_SCHEMAS}

@@ -39,7 +39,7 @@ from fleetscope.schema import Batch, SchemaError, decode_batch, encode
 
 log = logging.getLogger("fleetscope.collector.store")
 
-DERIVED = ("step_aggs", "gpus_1m", "hosts_1m")
+DERIVED = ("step_aggs", "gpus_1m", "hosts_1m", "gpus_1h", "hosts_1h")
 ALL_KINDS = (*KINDS, *DERIVED)
 
 
@@ -159,6 +159,10 @@ class Store:
                 since = now - (self.hot.raw_s if kind in ("gpus", "hosts") else self.window_s)
             if kind in ("gpus", "hosts") and rolled.get(f"{kind}_1m"):
                 since = min(since, rolled[f"{kind}_1m"])  # and the rows not rolled up yet
+            if kind in ("gpus_1m", "hosts_1m") and rolled.get(kind.replace("_1m", "_1h")):
+                since = min(since, rolled[kind.replace("_1m", "_1h")])  # the minutes of the open hour
+            if kind in ("gpus_1h", "hosts_1h"):
+                continue  # on disk only
             lf = partitions.scan(self.data_dir, kind, self.committed, since=since)
             if lf is None:
                 continue

@@ -66,7 +66,7 @@ SCHEMAS: dict[str, dict[str, pl.DataType]] = {
         "utilization_ratio": F32, "memory_used_bytes": I64, "memory_total_bytes": I64, "temperature_celsius": F32,
         "power_watts": F32, "power_limit_watts": F32, "sm_clock_hertz": F32, "sm_clock_max_hertz": F32,
         "clock_event_mask": I64, "health": pl.Enum(["healthy", "degraded", "unhealthy"]), "health_reasons": pl.List(CAT),
-        "xid_total": I64, "xid_counts": OTHER, "ecc_corrected_total": I64, "ecc_uncorrected_total": I64,
+        "xid_total": I64, "xid_counts": CAT, "ecc_corrected_total": I64, "ecc_uncorrected_total": I64,
         "remap_pending": pl.Boolean, "remap_failure": pl.Boolean,
     },
 }

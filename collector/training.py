@@ -70,23 +70,30 @@ def with_mfu(jobs: pl.DataFrame, gpus: pl.DataFrame) -> pl.DataFrame:
 
 
 def rank_step_quantiles(steps: pl.DataFrame, job: str) -> pl.DataFrame:
-    """Per rank of `job`: step count and step-time p50/p95/p99, with the node and GPU it ran on last."""
+    """Per rank of `job`: step count and step-time p50/p95/p99, the mean time before it waited for its
+    peers (compute_mean_s, see compute_times), with the node and GPU it ran on last."""
+    rows = steps.filter(pl.col("job") == job).sort("ts")
     return (
-        steps.filter(pl.col("job") == job)
-        .sort("ts")
+        rows.with_columns(pl.col("duration_s").cast(pl.Float64), compute_times(rows)["compute_s"])
         .group_by("rank")
         .agg(
             pl.len().alias("steps"),
             *(_q("duration_s", q) for q in QUANTILES),
             pl.col("duration_s").mean().alias("step_time_mean_s"),
+            pl.col("compute_s").mean().alias("compute_mean_s"),
             pl.col("step").max().alias("last_step"),
             pl.col("node").last().cast(pl.String).alias("node"),
             pl.col("gpu_uuid").last().cast(pl.String).alias("gpu_uuid"),
         )
-        .with_columns(pl.col("^step_time_.*$").cast(pl.Float64).round_sig_figs(7))
         .rename({"duration_p50_s": "step_time_p50_s", "duration_p95_s": "step_time_p95_s", "duration_p99_s": "step_time_p99_s"})
+        .with_columns(pl.col("^step_time_.*$", "compute_mean_s").round_sig_figs(7))
         .sort("rank")
     )
+
+
+def slowest_ranks(quantiles: pl.DataFrame, top: int) -> pl.DataFrame:
+    """The `top` ranks that spent longest before reaching their peers (the likeliest stragglers)."""
+    return quantiles.sort("compute_mean_s", descending=True, nulls_last=True).head(top).sort("rank")
 
 
 def rank_breakdown(steps: pl.DataFrame, job: str) -> pl.DataFrame:
@@ -240,10 +247,13 @@ def step_time_change(aggs: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def rank_step_matrix(steps: pl.DataFrame, job: str, last: int = 100) -> pl.DataFrame:
-    """Per step and rank of `job`'s last steps: compute time over the step's median (1.0 = typical), for a heatmap."""
+def rank_step_matrix(steps: pl.DataFrame, job: str, last: int = 100, ranks: list[int] | None = None) -> pl.DataFrame:
+    """Per step and rank of `job`'s last steps: compute time over the step's median (1.0 = typical), for a
+    heatmap; only `ranks` when given (the median is still over all of them)."""
     rows = steps.filter(pl.col("job") == job)
     rows = rows.filter(pl.col("step") > pl.col("step").max() - last)
-    return (compute_times(rows)
-            .with_columns((pl.col("compute_s") / pl.col("compute_s").median().over("stage", "step")).alias("relative"))
-            .select("step", "rank", pl.col("node").cast(pl.String), "compute_s", "relative").sort("step", "rank"))
+    cells = (compute_times(rows)
+             .with_columns((pl.col("compute_s") / pl.col("compute_s").median().over("stage", "step")).alias("relative")))
+    if ranks is not None:
+        cells = cells.filter(pl.col("rank").is_in(ranks))
+    return cells.select("step", "rank", pl.col("node").cast(pl.String), "compute_s", "relative").sort("step", "rank")

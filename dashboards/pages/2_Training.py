@@ -47,12 +47,11 @@ if series.height:
     st.caption("Line: median over ranks; band: median to 95th percentile; dashed: the slowest rank.")
 
 st.subheader("Ranks over time")
-matrix = pl.DataFrame(fetch(collector, f"/v1/jobs/{job}/matrix", last=100).get("cells") or [])
+answer = fetch(collector, f"/v1/jobs/{job}/matrix", last=100)
+matrix = pl.DataFrame(answer.get("cells") or [])
 if matrix.height:
-    if matrix["rank"].n_unique() > 256:  # too many rows to read: keep the ranks that were slowest
-        slowest = matrix.group_by("rank").agg(pl.col("relative").median()).sort("relative", descending=True).head(64)
-        matrix = matrix.filter(pl.col("rank").is_in(slowest["rank"].to_list()))
-        st.caption("The 64 ranks with the highest median relative compute time.")
+    if answer.get("ranks_shown", 0) < answer.get("ranks_total", 0):
+        st.caption(f"The {answer['ranks_shown']} of {answer['ranks_total']:,} ranks that computed longest.")
     heat = alt.Chart(matrix.to_pandas()).mark_rect().encode(
         x=alt.X("step:O", title="step", axis=alt.Axis(labelOverlap=True)),
         y=alt.Y("rank:O", title="rank"),
@@ -65,6 +64,8 @@ if matrix.height:
 st.subheader("Ranks")
 ranks = pl.DataFrame(detail.get("ranks") or [])
 if ranks.height:
+    if ranks.height < (detail.get("ranks_total") or 0):
+        st.caption(f"The {ranks.height:,} of {detail['ranks_total']:,} ranks that computed longest.")
     st.dataframe(ranks, hide_index=True, width="stretch")
 
 refresh()

@@ -273,3 +273,48 @@ def test_node_series_give_network_and_disk_rates(client):
     assert [h["network_receive_bytes_per_second"] for h in host] == [None, 1000.0, 1000.0]
     assert host[2]["disk_written_bytes_per_second"] == 2.0
     assert client.get("/v1/nodes/nobody/series", headers=R).status_code == 404
+
+
+def test_a_big_job_answers_with_its_slowest_ranks_and_a_bounded_matrix(client):
+    events = [step("huge", r, n, 1.0, metrics={"sync_arrival_s": 0.9 if r == 77 else 0.5}) | {"world_size": 300}
+              for r in range(300) for n in range(70)]
+    assert post(client, batch(0, events)).status_code == 200
+    detail = client.get("/v1/jobs/huge", params={"top": 5}, headers=R).json()
+    assert detail["ranks_total"] == 300 and len(detail["ranks"]) == 5 and 77 in [r["rank"] for r in detail["ranks"]]
+    matrix = client.get("/v1/jobs/huge/matrix", params={"last": 70}, headers=R).json()
+    assert matrix["ranks_total"] == 300 and matrix["ranks_shown"] == 64  # 300 x 70 cells is more than 20,000
+    assert len(matrix["cells"]) == 64 * 70 and 77 in {c["rank"] for c in matrix["cells"]}
+    small = client.get("/v1/jobs/huge/matrix", params={"last": 10}, headers=R).json()
+    assert small["ranks_shown"] == 300
+
+
+def test_series_are_bounded_by_max_points_and_ranges_are_checked(client):
+    import time as _time
+
+    now = _time.time()
+    frames = [{"v": 1, "kind": "host", "node": "n9", "ts": now - 3000 + k * 5, "cpu_utilization_ratio": 0.5,
+               "gpus": [{"index": 0, "uuid": "G9", "utilization_ratio": 0.5}]} for k in range(600)]
+    assert post(client, batch(0, frames=frames)).status_code == 200
+    series = client.get("/v1/nodes/n9/series", params={"since": now - 3600, "max_points": 50}, headers=R).json()
+    assert 0 < len(series["host"]) <= 50 and 0 < len(series["gpus"]) <= 50
+    full = client.get("/v1/nodes/n9/series", params={"since": now - 3600}, headers=R).json()
+    assert 50 < len(full["host"]) <= 500  # the default: at most 500 points
+    r = client.get("/v1/nodes/n9/series", params={"since": now, "until": now - 60}, headers=R)
+    assert r.status_code == 422 and "after" in r.json()["detail"]
+
+
+def test_the_store_says_why_it_is_not_ready(tmp_path):
+    app = create_app(settings(tmp_path))
+    with TestClient(app) as c:  # the store opens in the background; until then reads and ingest get 503
+        wait_ready(c)
+        app.state.store.ready = False
+        app.state.store.startup = {"phase": "replaying the write-ahead log"}
+        r = c.get("/healthz")
+        assert r.status_code == 503 and r.json() == {"status": "starting", "phase": "replaying the write-ahead log"}
+        assert c.get("/v1/jobs", headers=R).status_code == 503
+        assert post(c, batch(0, [step("j", 0, 0, 1.0)])).status_code == 503
+        app.state.store.ready = True
+        app.state.store.problem = "checkpoint failed: [Errno 28] No space left on device"
+        assert c.get("/healthz").json() == {"status": "cannot_write", "reason": "checkpoint failed: [Errno 28] No space left on device"}
+        assert c.get("/v1/jobs", headers=R).status_code == 200  # reads keep working
+        app.state.store.problem = None

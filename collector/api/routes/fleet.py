@@ -62,8 +62,8 @@ def get_node_series(node: str, store: StoreDep, r: RangeDep,
     since, until = r.resolve(3600.0)
     if minutes is not None and r.since is None:
         since = until - minutes * 60
-    host = history.samples(store, "hosts", since, until, ("node", [node]))
-    gpu = history.samples(store, "gpus", since, until, ("node", [node]))
+    host = history.samples(store, "hosts", since, until, ("node", [node]), r.max_points)
+    gpu = history.samples(store, "gpus", since, until, ("node", [node]), r.max_points)
     if host.height == 0 and gpu.height == 0:
         raise HTTPException(404, f"no frames from node {node!r} between {since:.0f} and {until:.0f}")
     events = health_events(gpu)
@@ -74,7 +74,7 @@ def get_node_series(node: str, store: StoreDep, r: RangeDep,
 
 def _history(store, r, key: tuple[str, list], what: str) -> tuple[list[dict], pl.DataFrame, float, float]:
     since, until = r.resolve(HISTORY_DEFAULT_S)
-    gpu = history.samples(store, "gpus", since, until, key)
+    gpu = history.samples(store, "gpus", since, until, key, r.max_points)
     if gpu.height == 0:
         raise HTTPException(404, f"no samples of {what} between {since:.0f} and {until:.0f}")
     return history.gpu_reliability(gpu, since), gpu, since, until

@@ -45,17 +45,24 @@ async def ingest(request: Request, store: StoreDep, settings: SettingsDep, metri
         if len(body) > limit:
             metrics.rejected("too_large")
             raise HTTPException(413, f"body exceeds the limit of {limit} bytes; send smaller batches")
+    data = bytes(body)
+
+    def decode_and_store():
+        # Decoding a batch takes milliseconds and the WAL fsync blocks: both off the event loop, so other
+        # requests keep flowing while this one is decoded and made durable.
+        batch = decode_batch(data)
+        result = store.ingest(batch, data)
+        metrics.ingested(batch, result.duplicate)
+        return batch, result
+
     try:
-        batch = decode_batch(bytes(body))
+        batch, result = await asyncio.to_thread(decode_and_store)
     except MalformedError as exc:
         metrics.rejected("malformed")
         raise HTTPException(400, str(exc)) from None
     except SchemaError as exc:
         metrics.rejected("schema")
         raise HTTPException(422, str(exc)) from None
-    try:
-        # The WAL fsync blocks: off the event loop, so other requests keep flowing.
-        result = await asyncio.to_thread(store.ingest, batch, bytes(body))
     except StoreUnavailable as exc:
         metrics.rejected("unavailable")
         raise HTTPException(503, f"{exc}; the agent keeps the batch and retries", headers={"Retry-After": "5"}) from None
@@ -66,5 +73,4 @@ async def ingest(request: Request, store: StoreDep, settings: SettingsDep, metri
                             headers={"Retry-After": "5"}) from None
     if store.problem and store.problem.startswith("cannot write the write-ahead log"):
         store.problem = None
-    metrics.ingested(batch, result.duplicate)
     return IngestReply(agent_id=batch.agent_id, seq=batch.seq, events=result.events, frames=result.frames, duplicate=result.duplicate)

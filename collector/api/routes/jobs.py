@@ -10,9 +10,12 @@ import polars as pl
 from fastapi import APIRouter, HTTPException, Query
 
 from collector.api.deps import RangeDep, ReadAuth, StoreDep
-from collector.training import jobs_overview, rank_breakdown, rank_step_matrix, rank_step_quantiles, step_series, with_mfu
+from collector.training import (jobs_overview, rank_breakdown, rank_step_matrix, rank_step_quantiles, slowest_ranks,
+                                step_series, with_mfu)
 
 router = APIRouter(tags=["training"], dependencies=[ReadAuth])
+MAX_RANKS = 1000  # per-rank rows in a job's answer unless asked for more: the slowest ones
+MAX_CELLS = 20_000  # cells of a rank x step matrix unless asked for more
 
 
 def _aggs(store, r, job: str | None = None) -> pl.DataFrame:
@@ -45,7 +48,9 @@ def list_jobs(store: StoreDep, r: RangeDep) -> dict:
 
 
 @router.get("/v1/jobs/{job}")
-def get_job(job: str, store: StoreDep, r: RangeDep) -> dict:
+def get_job(job: str, store: StoreDep, r: RangeDep,
+            top: int | None = Query(None, ge=1, le=100_000, description="only the N ranks that computed longest "
+                                                                       "(default: every rank up to 1,000, else 1,000)")) -> dict:
     aggs, steps = _aggs(store, r, job), _steps(store, r, job)
     if aggs.height == 0 and steps.height == 0:
         raise HTTPException(404, f"no job {job!r} has reported a step in the range")
@@ -54,8 +59,14 @@ def get_job(job: str, store: StoreDep, r: RangeDep) -> dict:
         aggs = step_aggregates(steps)
     overview = with_mfu(jobs_overview(aggs, steps), store.hot.latest("gpus")).to_dicts()[0]
     pauses = store.frame("pauses").filter(pl.col("job") == job).sort("ts").tail(50)
-    ranks = rank_step_quantiles(steps, job).join(rank_breakdown(steps, job), on="rank", how="left")
-    return {"job": overview, "ranks": ranks.to_dicts(), "ranks_cover_last_steps": store.hot.raw_steps,
+    quantiles = rank_step_quantiles(steps, job)
+    limit = top if top is not None else MAX_RANKS
+    if quantiles.height > limit:
+        quantiles = slowest_ranks(quantiles, limit)
+        steps = steps.filter(pl.col("rank").is_in(quantiles["rank"].implode()))
+    ranks = quantiles.join(rank_breakdown(steps, job), on="rank", how="left")
+    return {"job": overview, "ranks": ranks.to_dicts(), "ranks_total": overview["ranks"],
+            "ranks_cover_last_steps": store.hot.raw_steps,
             "pauses": pauses.drop("agent_id").with_columns(pl.col(pl.Categorical, pl.Enum).cast(pl.String)).to_dicts()}
 
 
@@ -87,9 +98,18 @@ def _fresh_aggs(store, job: str) -> pl.DataFrame:
 
 
 @router.get("/v1/jobs/{job}/matrix")
-def get_job_matrix(job: str, store: StoreDep, last: int = Query(100, ge=1, le=1000)) -> dict:
+def get_job_matrix(job: str, store: StoreDep, last: int = Query(100, ge=1, le=1000),
+                   top: int | None = Query(None, ge=1, le=4096, description="only the N ranks that computed longest "
+                                                                            "(default: all when the matrix has at most "
+                                                                            "20,000 cells, else 64)")) -> dict:
     """Each rank's compute time relative to its stage's median, per step of the last `last` steps."""
     steps = store.frame("steps").filter(pl.col("job") == job)
     if steps.height == 0:
         raise HTTPException(404, f"no job {job!r} has reported a step")
-    return {"job": job, "cells": rank_step_matrix(steps, job, last).to_dicts()}
+    total = steps["rank"].n_unique()
+    chosen = None
+    if top is not None or total * last > MAX_CELLS:
+        chosen = slowest_ranks(rank_step_quantiles(steps, job), top or 64)["rank"].to_list()
+    cells = rank_step_matrix(steps, job, last, chosen)
+    return {"job": job, "ranks_total": total, "ranks_shown": len(chosen) if chosen is not None else total,
+            "cells": cells.to_dicts()}

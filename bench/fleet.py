@@ -1,0 +1,320 @@
+"""A datacenter's worth of data through one real collector: memory, ingest, reads, history, restart.
+
+The fleet: 4,096 nodes x 8 GPUs sampled every 5 s, and a 16,384-rank job (8 ranks a node on the
+first 2,048 nodes) stepping once a second. Time-compressed through 6 hours, over real HTTP from
+sender processes, with the collector at its defaults (2 GiB memory budget, WAL fsync on):
+- hours 0-5:50 (older than the raw tier ever holds): one frame per node per minute and one step
+  per rank per minute. The collector's per-minute rollups and its hot tier come out the same as at
+  5 s (a rollup row per GPU and minute either way); the warm tier's raw files hold 1/12 of the rows
+  and the job's per-step aggregates 1/60 of the steps - that is what is compressed;
+- the last 10 minutes at the real rate: a frame per node every 5 s, and for the last 3 minutes a
+  step per rank per second (2.9 M step events), so the hot tier is at its steady state.
+Before the collector starts, 30 days of hourly rollups for the whole fleet are written into its
+data folder in the collector's own format (kind=gpus_1h, hosts_1h): that is the "30 days of
+partitions" a month-long history query reads. They are generated, not ingested.
+
+Reported: the collector's RSS (current and peak) against its budget; ingest acknowledgement
+p50/p99 of the real-rate phase; the latency of every read endpoint and of every console page
+(Streamlit AppTest against the live collector, script time); a 30-day history query for one GPU;
+and the time from start to /healthz ready after a SIGKILL. Goals (issue 10): RSS within the budget,
+each endpoint and page under 300 ms, the 30-day query under 1 s, restart under 30 s.
+
+    python -m bench.fleet            # the full fleet (about 15 minutes on 2 cores)
+    python -m bench.fleet --quick    # 512 nodes, 2,048 ranks, 2 hours, 7 days (a couple of minutes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import polars as pl
+
+from bench.ingest import free_port
+
+INGEST, READ = "fleet-ingest", "fleet-read"
+W = {"Authorization": f"Bearer {INGEST}", "Content-Type": "application/json"}
+R = {"Authorization": f"Bearer {READ}"}
+GPU_NAME = "NVIDIA H100 80GB HBM3"
+
+
+# --- the warm tier's 30 days, written directly ----------------------------------------------------
+def write_history(data_dir: Path, nodes: int, gpus: int, days: int, end: float) -> int:
+    from collector.partitions import for_disk
+    from collector.rollups import GPU_SAMPLES, HOST_SAMPLES
+
+    hours = int(days * 24)
+    first = (end // 3600 - hours) * 3600
+    uuids = [f"GPU-{n:05d}-{i}" for n in range(nodes) for i in range(gpus)]
+    node_of = [f"node-{n:05d}" for n in range(nodes) for _ in range(gpus)]
+    index = [i for _ in range(nodes) for i in range(gpus)]
+    rows = 0
+    for h in range(hours):
+        ts = first + h * 3600
+        hot = (h % 24) < 2  # two hours a day of thermal throttling on one GPU in 64, for the record to show
+        g = pl.DataFrame({
+            "ts": [ts] * len(uuids), "node": node_of, "index": index, "uuid": uuids, "samples": [720] * len(uuids),
+            "up_ratio": [1.0] * len(uuids), "utilization_ratio": [0.9] * len(uuids), "memory_used_bytes": [60 * 2**30] * len(uuids),
+            "temperature_celsius": [65.0] * len(uuids), "temperature_max_celsius": [71.0] * len(uuids),
+            "power_watts": [610.0] * len(uuids), "power_limit_watts": [700.0] * len(uuids), "sm_clock_hertz": [1.98e9] * len(uuids),
+            "busy_samples": [720] * len(uuids), "busy_clock_ratio": [1.0] * len(uuids),
+            "thermal_share": [0.5 if hot and k % 64 == 0 else 0.0 for k in range(len(uuids))],
+            "power_cap_share": [0.0] * len(uuids), "hw_slowdown_share": [0.0] * len(uuids), "clock_event_mask": [0] * len(uuids),
+            "health": ["healthy"] * len(uuids), "unhealthy_share": [0.0] * len(uuids), "degraded_share": [0.0] * len(uuids),
+            "health_reasons": [None] * len(uuids), "xid_total": [0] * len(uuids), "xid_counts": [None] * len(uuids),
+            "ecc_corrected_total": [3] * len(uuids), "ecc_uncorrected_total": [0] * len(uuids),
+            "remap_pending": [False] * len(uuids), "remap_failure": [False] * len(uuids),
+        }, schema=GPU_SAMPLES)
+        host_rows = {c: [None] * nodes for c in HOST_SAMPLES}
+        host_rows.update(ts=[ts] * nodes, node=[f"node-{n:05d}" for n in range(nodes)], samples=[720] * nodes,
+                         cpu_utilization_ratio=[0.3] * nodes, gpu_count=[gpus] * nodes)
+        hosts = pl.DataFrame(host_rows, schema=HOST_SAMPLES)
+        stamp = time.strftime("date=%Y-%m-%d/hour=%H", time.gmtime(ts))
+        for kind, frame, key in (("gpus_1h", g, "uuid"), ("hosts_1h", hosts, "node")):
+            folder = data_dir / f"kind={kind}" / stamp
+            folder.mkdir(parents=True, exist_ok=True)
+            for_disk(frame).sort(key, "ts").write_parquet(folder / f"part-{0:020d}-{0:020d}.parquet", row_group_size=65_536)
+        rows += g.height
+    return rows
+
+
+# --- senders --------------------------------------------------------------------------------------
+def _frame(node: int, gpus: int, ts: float, hot: bool) -> str:
+    gpu = ",".join(
+        f'{{"index":{i},"uuid":"GPU-{node:05d}-{i}","name":"{GPU_NAME}","utilization_ratio":0.9,'
+        f'"memory_used_bytes":64424509440,"memory_total_bytes":85899345920,"temperature_celsius":{66 + i % 4}.0,'
+        f'"power_watts":610.0,"power_limit_watts":700.0,"sm_clock_hertz":{1.4e9 if hot and i == 3 else 1.98e9},'
+        f'"sm_clock_max_hertz":1.98e9,"clock_event_mask":{64 if hot and i == 3 else 0},"health":"healthy","xid_total":0}}'
+        for i in range(gpus))
+    return (f'{{"v":1,"kind":"host","node":"node-{node:05d}","ts":{ts},"cpu_utilization_ratio":0.31,'
+            f'"memory_used_bytes":412316860416,"memory_total_bytes":2199023255552,"load1":12.5,'
+            f'"network_receive_bytes_total":{ts * 1e6},"network_transmit_bytes_total":{ts * 1e6},"gpus":[{gpu}]}}')
+
+
+def _step(rank: int, world: int, step: int, ts: float, node: int) -> str:
+    slow = 1.08 if rank == 27 else 1.0  # one straggler, for the findings
+    compute = 0.82 * slow
+    return (f'{{"v":1,"kind":"step","job":"llm-16k","rank":{rank},"world_size":{world},"step":{step},"ts":{ts},'
+            f'"duration_s":1.0,"tokens":8192,"node":"node-{node:05d}","gpu_uuid":"GPU-{node:05d}-{rank % 8}",'
+            f'"phases":{{"data":0.02,"forward":{compute * 0.35:.4f},"backward":{1 - compute * 0.35 - 0.06:.4f},'
+            f'"optimizer":0.04}},"metrics":{{"sync_arrival_s":{compute:.4f}}}}}')
+
+
+def sender(args: tuple) -> list[float]:
+    """Send every batch of the nodes `mine`; returns the acknowledgement latencies of the real-rate phase."""
+    url, mine, gpus, ranks_per_node, world, start, split, end, quick = args
+    latencies: list[float] = []
+    client = httpx.Client(base_url=url, timeout=120, headers=W)
+    seqs = {n: 0 for n in mine}
+
+    def post(node: int, frames: list[str], steps: list[str], measure: bool) -> None:
+        body = (f'{{"v":1,"agent_id":"agent-{node:05d}","seq":{seqs[node]},"node":"node-{node:05d}",'
+                f'"sent_ts":{time.time()},"events":[{",".join(steps)}],"frames":[{",".join(frames)}]}}').encode()
+        while True:
+            t0 = time.perf_counter()
+            r = client.post("/v1/ingest", content=body)
+            if r.status_code == 200:
+                break
+            if r.status_code != 503:
+                raise RuntimeError(f"ingest answered {r.status_code}: {r.text[:300]}")
+            time.sleep(1)  # as the agent does: keep the batch, try again
+        if measure:
+            latencies.append(time.perf_counter() - t0)
+        seqs[node] += 1
+
+    # Compressed hours: 30 minutes of one-a-minute frames and steps per batch.
+    chunk = 1800.0
+    t = start
+    while t < split:
+        for node in mine:
+            ts_list = [t + k * 60 for k in range(int(chunk // 60)) if t + k * 60 < split]
+            frames = [_frame(node, gpus, ts, False) for ts in ts_list]
+            steps = ([_step(node * ranks_per_node + r, world, int(ts - start), ts, node) for ts in ts_list
+                      for r in range(ranks_per_node)] if node * ranks_per_node < world else [])
+            post(node, frames, steps, False)
+        t += chunk
+    # The real rate: one batch a minute per node (12 frames, up to 60 steps per rank).
+    step_from = end - 180
+    t = split
+    while t < end:
+        for node in mine:
+            frames = [_frame(node, gpus, t + k * 5, True) for k in range(12) if t + k * 5 < end]
+            steps = ([_step(node * ranks_per_node + r, world, int(ts - start), ts, node)
+                      for ts in (t + s for s in range(60)) if step_from <= ts < end for r in range(ranks_per_node)]
+                     if node * ranks_per_node < world else [])
+            post(node, frames, steps, True)
+        t += 60
+    client.close()
+    return latencies
+
+
+# --- the collector --------------------------------------------------------------------------------
+class Collector:
+    def __init__(self, data_dir: Path, log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "FLEETSCOPE_INGEST_TOKEN": INGEST, "FLEETSCOPE_READ_TOKEN": READ}
+        self.log = open(log, "ab")
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen([sys.executable, "-m", "fleetscope", "collector", "--listen", f"127.0.0.1:{self.port}",
+                                      "--data-dir", str(data_dir)], stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        self.client = httpx.Client(base_url=self.url, timeout=300, headers=R)
+
+    def wait_ready(self, timeout: float = 600) -> float:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if self.client.get("/healthz").status_code == 200:
+                    return time.perf_counter() - self.started
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the collector exited with {self.proc.returncode}")
+            time.sleep(0.1)
+        raise RuntimeError("the collector never became ready")
+
+    def memory(self) -> tuple[int, int]:
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        values = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in status.splitlines()
+                  if line.startswith(("VmRSS", "VmHWM"))}
+        return values["VmRSS"], values["VmHWM"]
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=300)
+        self.client.close()
+        self.log.close()
+
+
+def timed(client: httpx.Client, path: str, params: dict | None = None, runs: int = 5) -> tuple[float, float, int]:
+    times = []
+    size = 0
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        r = client.get(path, params=params)
+        times.append(time.perf_counter() - t0)
+        if r.status_code != 200:
+            raise RuntimeError(f"GET {path} answered {r.status_code}: {r.text[:300]}")
+        size = len(r.content)
+    return statistics.median(times), max(times), size
+
+
+def console_pages(url: str) -> list[tuple[str, float, float]]:
+    import logging
+
+    from streamlit.testing.v1 import AppTest
+
+    for name in ("streamlit", "streamlit.runtime.scriptrunner_utils.script_run_context"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+    dashboards = Path(__file__).resolve().parents[1] / "dashboards"
+    os.environ.update(FLEETSCOPE_COLLECTOR_URL=url, FLEETSCOPE_READ_TOKEN=READ, FLEETSCOPE_CONSOLE_REFRESH_S="0")
+    out = []
+    for page in ["app.py", "pages/1_Fleet.py", "pages/2_Training.py", "pages/3_Inference.py", "pages/4_Findings.py",
+                 "pages/5_Node.py"]:
+        times = []
+        for _ in range(3):
+            at = AppTest.from_file(str(dashboards / page), default_timeout=120)
+            t0 = time.perf_counter()
+            at.run()
+            times.append(time.perf_counter() - t0)
+            if at.exception:
+                raise RuntimeError(f"{page}: {[e.value for e in at.exception]}")
+        out.append((page, statistics.median(times), max(times)))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--nodes", type=int, default=4096)
+    p.add_argument("--gpus", type=int, default=8)
+    p.add_argument("--ranks", type=int, default=16384)
+    p.add_argument("--hours", type=float, default=6.0)
+    p.add_argument("--days", type=float, default=30.0)
+    p.add_argument("--senders", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="512 nodes, 2,048 ranks, 2 hours, 7 days")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.nodes, args.ranks, args.hours, args.days = 512, 2048, 2.0, 7.0
+    ranks_per_node = 8
+    with tempfile.TemporaryDirectory(prefix="fleetscope-fleet-") as tmp:
+        data = Path(tmp) / "data"
+        end = time.time()
+        start, split = end - args.hours * 3600, end - 600
+        t0 = time.perf_counter()
+        history_rows = write_history(data, args.nodes, args.gpus, args.days, start)
+        print(f"fleet: {args.nodes:,} nodes x {args.gpus} GPUs, a {args.ranks:,}-rank job; {args.hours:g} h compressed; "
+              f"{args.days:g} days of hourly history ({history_rows:,} GPU rows) written in {time.perf_counter() - t0:.0f} s; "
+              f"{os.cpu_count()} cores")
+        c = Collector(data, Path(tmp) / "collector.log")
+        first_ready = c.wait_ready()
+        t0 = time.perf_counter()
+        nodes = list(range(args.nodes))
+        jobs = [(c.url, nodes[i::args.senders], args.gpus, ranks_per_node, args.ranks, start, split, end, args.quick)
+                for i in range(args.senders)]
+        with mp.get_context("spawn").Pool(args.senders) as pool:
+            latencies = sorted(x for part in pool.map(sender, jobs) for x in part)
+        feed_s = time.perf_counter() - t0
+        metrics = c.client.get("/metrics").text
+        events = sum(float(line.split()[-1]) for line in metrics.splitlines()
+                     if line.startswith("fleetscope_collector_events_ingested_total{"))
+        print(f"ingest: {events:,.0f} events and frames in {feed_s:.0f} s; real-rate phase: ack p50 "
+              f"{statistics.median(latencies) * 1000:.0f} ms, p99 {latencies[int(len(latencies) * 0.99)] * 1000:.0f} ms "
+              f"({len(latencies):,} batches)")
+        time.sleep(40)  # a checkpoint and several analysis passes at the steady state
+        rss, peak = c.memory()
+        budget = float(next(line.split()[-1] for line in metrics.splitlines()
+                            if line.startswith("fleetscope_collector_memory_budget_bytes")))
+        held = {line.split('"')[1]: float(line.split()[-1]) for line in c.client.get("/metrics").text.splitlines()
+                if line.startswith("fleetscope_collector_hot_held_seconds{")}
+        print(f"memory: RSS {rss / 2**20:,.0f} MiB now, {peak / 2**20:,.0f} MiB peak; budget {budget / 2**20:,.0f} MiB "
+              f"(RSS/budget {rss / budget:.2f}, peak/budget {peak / budget:.2f}); hot tier holds GPU rollups for "
+              f"{held.get('gpus_1m', 0) / 3600:.1f} h, raw frames {held.get('gpus', 0):.0f} s")
+        node, gpu, job = "node-00001", "GPU-00001-3", "llm-16k"
+        now = time.time()
+        reads = [
+            ("/v1/nodes", None), ("/v1/gpus", None), (f"/v1/nodes/{node}", None),
+            (f"/v1/nodes/{node}/series", {"since": now - 3600}), (f"/v1/nodes/{node}/series", {"since": now - 6 * 3600}),
+            (f"/v1/nodes/{node}/series", {"since": now - 86400}), (f"/v1/nodes/{node}/history", {"since": now - 7 * 86400}),
+            ("/v1/jobs", None), (f"/v1/jobs/{job}", None), (f"/v1/jobs/{job}/steps", None), (f"/v1/jobs/{job}/matrix", None),
+            ("/v1/services", None), ("/v1/findings", None), ("/v1/slos", None), ("/metrics", None),
+        ]
+        print(f"{'read endpoint':48} {'median ms':>9} {'max ms':>7} {'KiB':>7}")
+        for path, params in reads:
+            med, worst, size = timed(c.client, path, params)
+            label = path + (f" (last {(now - params['since']) / 3600:g} h)" if params else "")
+            print(f"{label:48} {med * 1000:9.0f} {worst * 1000:7.0f} {size / 1024:7.0f}")
+        # At the default 500 points a month is an hour a point: the hourly tier. A shorter history asks for
+        # hourly points too, so that it reads what was written for it.
+        query = {"since": now - args.days * 86400, "max_points": min(500, int(args.days * 24))}
+        med, worst, size = timed(c.client, f"/v1/gpus/{gpu}/history", query)
+        record = c.client.get(f"/v1/gpus/{gpu}/history", params=query).json()["record"]
+        print(f"{'history of one GPU over ' + format(args.days, 'g') + ' days':48} {med * 1000:9.0f} {worst * 1000:7.0f} "
+              f"{size / 1024:7.0f}   (observed {record['observed_seconds'] / 86400:.1f} days, throttled "
+              f"{record['throttle_seconds']['thermal_slowdown'] / 3600:.1f} h)")
+        print(f"{'console page (AppTest script time)':48} {'median ms':>9} {'max ms':>7}")
+        for page, med, worst in console_pages(c.url):
+            print(f"{page:48} {med * 1000:9.0f} {worst * 1000:7.0f}")
+        _, peak = c.memory()
+        print(f"memory after the reads: peak RSS {peak / 2**20:,.0f} MiB (peak/budget {peak / budget:.2f})")
+        c.stop(signal.SIGKILL)
+        again = Collector(data, Path(tmp) / "collector.log")
+        restart = again.wait_ready()
+        rss, _ = again.memory()
+        print(f"restart after SIGKILL: /healthz ready in {restart:.1f} s (first start, empty but the history: "
+              f"{first_ready:.1f} s); RSS after {rss / 2**20:,.0f} MiB")
+        again.stop()
+
+
+if __name__ == "__main__":
+    main()
