@@ -57,6 +57,7 @@ system-deps:
 	fi
 
 bench: $(STAMP)
+	$(PY) -m pip install -q -e '.[all,bench]'
 	$(PY) -m bench
 
 clean:

@@ -26,13 +26,22 @@ def samples(store: Store, kind: str, since: float, until: float, keys: tuple[str
     hot_from = store.hot.complete_since(kind)
     parts = []
     if hot_from is not None and since < hot_from:
+        # Hour rollups for whole hours when the points are an hour apart or more; minute rollups up to
+        # where the hot tier takes over (the open hour is not rolled up yet).
         hourly = max_points is not None and (until - since) / max_points >= 3600
-        tier, span = (f"{kind}_1h", 3600.0) if hourly else (f"{kind}_1m", 60.0)
-        disk = partitions.scan(store.data_dir, tier, store.committed_segment(), since - span, min(until, hot_from))
-        if disk is not None:
+        edge = hot_from // 3600 * 3600 if hourly else since
+        tiers = [(f"{kind}_1h", 3600.0, since, edge), (f"{kind}_1m", 60.0, max(since, edge), hot_from)] if hourly \
+            else [(f"{kind}_1m", 60.0, since, hot_from)]
+        committed = store.committed_segment()
+        for tier, span, lo, hi in tiers:
+            if lo >= hi:
+                continue
+            disk = partitions.scan(store.data_dir, tier, committed, lo - span, min(until, hi))
+            if disk is None:
+                continue
             if keys is not None:
                 disk = disk.filter(pl.col(keys[0]).is_in(keys[1]))
-            disk = disk.filter((pl.col("ts") + span > since) & (pl.col("ts") < hot_from)).select(list(schema)).cast(schema)  # type: ignore[arg-type]
+            disk = disk.filter((pl.col("ts") + span > lo) & (pl.col("ts") < hi)).select(list(schema)).cast(schema)  # type: ignore[arg-type]
             parts.append(disk.collect().with_columns(pl.lit(span).alias("span_s")))
     start = since if hot_from is None else max(since, hot_from)
     if start <= until:

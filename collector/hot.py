@@ -44,6 +44,46 @@ def _size(chunks: list[pl.DataFrame]) -> int:
     return sum(c.estimated_size() for c in chunks)
 
 
+SMALL_CHUNK = 50_000  # rows: chunks smaller than this are merged, larger ones left alone
+MERGED_CHUNK = 500_000
+
+
+def _trim(chunks: list[pl.DataFrame], cutoff: float) -> list[pl.DataFrame]:
+    """The rows at or after `cutoff`, chunk by chunk: old chunks are dropped whole and only the chunk
+    that straddles the cutoff is copied, so trimming never copies a whole table."""
+    out = []
+    for chunk in chunks:
+        if chunk.height == 0:
+            continue
+        ts = chunk["ts"]
+        if ts.max() < cutoff:  # type: ignore[operator]
+            continue
+        out.append(chunk if ts.min() >= cutoff else chunk.filter(pl.col("ts") >= cutoff))  # type: ignore[operator]
+    return merge_small(out)
+
+
+def merge_small(chunks: list[pl.DataFrame]) -> list[pl.DataFrame]:
+    """Merge runs of small chunks (one per ingested batch) into larger ones; large chunks stay as they are."""
+    out: list[pl.DataFrame] = []
+    run: list[pl.DataFrame] = []
+    rows = 0
+    for chunk in chunks:
+        if chunk.height >= SMALL_CHUNK:
+            if run:
+                out.append(pl.concat(run, how="vertical", rechunk=True) if len(run) > 1 else run[0])
+                run, rows = [], 0
+            out.append(chunk)
+            continue
+        run.append(chunk)
+        rows += chunk.height
+        if rows >= MERGED_CHUNK:
+            out.append(pl.concat(run, how="vertical", rechunk=True))
+            run, rows = [], 0
+    if run:
+        out.append(pl.concat(run, how="vertical", rechunk=True) if len(run) > 1 else run[0])
+    return out
+
+
 class HotTier:
     def __init__(self, *, window_s: float = 6 * 3600.0, raw_s: float = 300.0, raw_steps: int = 120,
                  budget_bytes: int | None = None) -> None:
@@ -64,6 +104,7 @@ class HotTier:
         # From when each table is complete in memory (None: from its first row).
         self.held_since: dict[str, float | None] = {k: None for k in self._tables} | {"step_aggs": None}
         self.steps_since: float | None = None  # the oldest raw step row kept (where a restart reloads from)
+        self._steps_kept, self._steps_trimmed_at = 0, 0.0
         self.maintenance_s = 0.0
 
     # --- writes -------------------------------------------------------------------------------
@@ -106,20 +147,20 @@ class HotTier:
             chunks = list(self._tables[kind])
         schema = {"gpus_1m": GPU_SAMPLES, "hosts_1m": HOST_SAMPLES}.get(kind)
         frame = _concat(chunks, schema) if schema else (_concat(chunks, empty(kind).schema) if chunks else empty(kind))
-        if len(chunks) > 64:
-            self._consolidate(kind, chunks, frame)
+        if len(chunks) > 256:
+            self._consolidate(kind, chunks)
         return frame
 
-    def _consolidate(self, kind: str, chunks: list[pl.DataFrame], frame: pl.DataFrame) -> None:
-        """Replace many small chunks by one, unless maintenance is busy with the list."""
+    def _consolidate(self, kind: str, chunks: list[pl.DataFrame]) -> None:
+        """Merge small chunks, unless maintenance is busy with the list."""
         if not self._maintain_lock.acquire(blocking=False):
             return
         try:
-            one = frame.rechunk()
+            merged = merge_small(chunks)
             with self._lock:
                 current = self._tables[kind]
                 if len(current) >= len(chunks) and all(a is b for a, b in zip(current, chunks)):
-                    current[:len(chunks)] = [one]
+                    current[:len(chunks)] = merged
         finally:
             self._maintain_lock.release()
 
@@ -220,21 +261,20 @@ class HotTier:
                 snap = {k: list(v) for k, v in self._tables.items()}
                 fresh = {k: list(v) for k, v in self._fresh.items()}
                 to_roll = {k: list(v) for k, v in self._to_roll.items()}
-            replace: dict[str, pl.DataFrame] = {}
+            replace: dict[str, list[pl.DataFrame]] = {}  # kind -> chunks that replace its snapshot
             self._maintain_steps(snap["steps"], fresh["steps"], now, replace)
             for kind in ("gpus", "hosts"):
                 self._maintain_frames(kind, snap[kind], snap[f"{kind}_1m"], fresh[kind], to_roll[kind], now, replace)
             for kind in ("requests", "pauses", "server_stats", "server_histograms"):
-                frame = _concat(snap[kind], empty(kind).schema)
                 cutoff = max(now - self.window_s, self.held_since.get(kind) or 0.0)
-                if frame.height and float(frame["ts"].min()) < cutoff:  # type: ignore[arg-type]
-                    replace[kind] = frame.filter(pl.col("ts") >= cutoff)
-                if frame.height or self.held_since.get(kind) is not None:
+                if snap[kind]:
+                    replace[kind] = _trim(snap[kind], cutoff)
+                if snap[kind] or self.held_since.get(kind) is not None:
                     self.held_since[kind] = cutoff
             self._fit_budget(snap, replace, now)
             with self._lock:
-                for kind, frame in replace.items():
-                    self._tables[kind][:len(snap[kind])] = [frame.rechunk()] if frame.height else []
+                for kind, chunks in replace.items():
+                    self._tables[kind][:len(snap[kind])] = chunks
                 for kind, chunks in fresh.items():  # seen by the aggregates and latest views now
                     del self._fresh[kind][:len(chunks)]
             self.maintenance_s = time.perf_counter() - started
@@ -254,10 +294,14 @@ class HotTier:
             keep = ((pl.col("ts").rank("ordinal", descending=True).over("job", "rank") <= self.raw_steps)
                     & (pl.col("ts").max().over("job", "rank") >= pl.col("ts").max().over("job") - horizon)
                     & (pl.col("ts") >= now - self.window_s))
-            kept = steps.filter(keep)
-            if kept.height < steps.height:
-                replace["steps"] = kept
-            self.steps_since = float(kept["ts"].min()) if kept.height else None  # type: ignore[arg-type]
+            # Trimming copies the table: only once it has grown a quarter past what the last trim kept.
+            if steps.height > 1.25 * self._steps_kept or now - self._steps_trimmed_at > 60:
+                kept = steps.filter(keep)
+                replace["steps"] = [kept.rechunk()] if kept.height else []
+                self._steps_kept, self._steps_trimmed_at = kept.height, now
+                self.steps_since = float(kept["ts"].min()) if kept.height else None  # type: ignore[arg-type]
+            else:
+                kept = steps
             live = kept.select("job", "step").unique()
         else:
             live = pl.DataFrame(schema={"job": STEP_AGGS["job"], "step": STEP_AGGS["step"]})
@@ -278,7 +322,6 @@ class HotTier:
                          fresh: list[pl.DataFrame], to_roll: list[pl.DataFrame], now: float,
                          replace: dict[str, pl.DataFrame]) -> None:
         rollup = f"{kind}_1m"
-        frame = _concat(chunks, empty(kind).schema)
         if fresh:
             latest = pl.concat([self._latest[kind], *fresh], how="vertical").sort("ts").unique(LATEST_KEYS[kind], keep="last")
         else:
@@ -300,15 +343,14 @@ class HotTier:
         self.rolled_upto[rollup] = max(self.rolled_upto[rollup], upto)
         # Raw rows go on a minute boundary, so that rollups end where raw rows begin.
         raw_cutoff = max((now - self.raw_s) // MINUTE * MINUTE, self.held_since.get(kind) or 0.0)
-        if frame.height and float(frame["ts"].min()) < raw_cutoff:  # type: ignore[arg-type]
-            replace[kind] = frame.filter(pl.col("ts") >= raw_cutoff)
-        if frame.height or self.held_since.get(kind) is not None:
+        if chunks:
+            replace[kind] = _trim(chunks, raw_cutoff)
+        if chunks or self.held_since.get(kind) is not None:
             self.held_since[kind] = raw_cutoff
-        rolled = _concat(rolled_chunks, GPU_SAMPLES if kind == "gpus" else HOST_SAMPLES)
         roll_cutoff = max(now - self.window_s, self.held_since.get(rollup) or 0.0)
-        if rolled.height and float(rolled["ts"].min()) < roll_cutoff:  # type: ignore[arg-type]
-            replace[rollup] = rolled.filter(pl.col("ts") >= roll_cutoff)
-        if rolled.height or new_rollup is not None:
+        if rolled_chunks:
+            replace[rollup] = _trim(rolled_chunks, roll_cutoff)
+        if rolled_chunks or new_rollup is not None:
             self.held_since[rollup] = roll_cutoff
         hourly, hour_rest = None, []
         pending = [*self._hour_pending[kind], *([new_rollup] if new_rollup is not None and new_rollup.height else [])]
@@ -331,21 +373,18 @@ class HotTier:
                 self._tables[rollup].append(new_rollup)
                 self._unwritten[rollup].append(new_rollup)
 
-    def _fit_budget(self, snap: dict[str, list[pl.DataFrame]], replace: dict[str, pl.DataFrame], now: float) -> None:
+    def _fit_budget(self, snap: dict[str, list[pl.DataFrame]], replace: dict[str, list[pl.DataFrame]], now: float) -> None:
         """Over budget: drop the oldest tenth of the largest time-windowed tables until the tier fits."""
         if self.budget_bytes is None:
             return
-        def size_of(kind: str) -> int:
-            if kind == "step_aggs":
-                return self._aggs.estimated_size()
-            if kind in replace:
-                return replace[kind].estimated_size()
-            return _size(snap[kind])
-        kinds = [k for k in SHRINK_ORDER]
+
+        def chunks_of(kind: str) -> list[pl.DataFrame]:
+            return replace[kind] if kind in replace else snap[kind]
+
+        kinds = list(SHRINK_ORDER)
         for _ in range(50):
-            sizes = {k: size_of(k) for k in kinds}
-            steps = replace["steps"].estimated_size() if "steps" in replace else _size(snap["steps"])
-            total = sum(sizes.values()) + steps + sum(f.estimated_size() for f in self._latest.values())
+            sizes = {k: (self._aggs.estimated_size() if k == "step_aggs" else _size(chunks_of(k))) for k in kinds}
+            total = sum(sizes.values()) + _size(chunks_of("steps")) + sum(f.estimated_size() for f in self._latest.values())
             if total <= self.budget_bytes:
                 return
             kind = max(kinds, key=lambda k: sizes[k])
@@ -353,21 +392,18 @@ class HotTier:
                 break
             if kind == "step_aggs":
                 aggs = self._aggs
-                lo, hi = float(aggs["end_ts"].min()), now  # type: ignore[arg-type]
-                cutoff = lo + (hi - lo) / 10
+                lo = float(aggs["end_ts"].min())  # type: ignore[arg-type]
+                cutoff = lo + (now - lo) / 10
                 with self._lock:
                     self._aggs = aggs.filter(pl.col("end_ts") >= cutoff)
                 self.held_since["step_aggs"] = cutoff
                 continue
-            frame = replace.get(kind)
-            if frame is None:
-                frame = _concat(snap[kind], GPU_SAMPLES if kind == "gpus_1m" else HOST_SAMPLES if kind == "hosts_1m"
-                                else empty(kind).schema)
-            if frame.height == 0:
+            chunks = [c for c in chunks_of(kind) if c.height]
+            if not chunks:
                 break
-            lo = float(frame["ts"].min())  # type: ignore[arg-type]
+            lo = min(float(c["ts"].min()) for c in chunks)  # type: ignore[arg-type]
             cutoff = lo + max((now - lo) / 10, 1.0)
-            replace[kind] = frame.filter(pl.col("ts") >= cutoff)
+            replace[kind] = _trim(chunks, cutoff)
             self.held_since[kind] = cutoff
             log.debug("memory budget: %s now held from %.0f s ago", kind, now - cutoff)
         log.warning("memory budget of %d bytes cannot be met by dropping old rows alone", self.budget_bytes)

@@ -30,6 +30,8 @@ log = logging.getLogger("fleetscope.collector.partitions")
 _PART = re.compile(r"^part-(\d+)-(\d+)\.parquet$")
 _HOUR = re.compile(r"^date=(\d{4}-\d{2}-\d{2})/hour=(\d{2})$")
 ROW_GROUP_ROWS = 65_536
+# Rollups, sorted by GPU or node once compacted, in small row groups: a scan for one GPU reads one group.
+ROLLUP_ROW_GROUP_ROWS = 8_192
 
 
 @dataclass(frozen=True)
@@ -71,12 +73,12 @@ def _mkdirs(folder: Path) -> None:
         fsync_dir(d.parent)
 
 
-def _write_atomic(frame: pl.DataFrame | pl.LazyFrame, path: Path) -> None:
+def _write_atomic(frame: pl.DataFrame | pl.LazyFrame, path: Path, row_group: int = ROW_GROUP_ROWS) -> None:
     tmp = path.with_suffix(".tmp")
     if isinstance(frame, pl.LazyFrame):
-        frame.sink_parquet(tmp, row_group_size=ROW_GROUP_ROWS)
+        frame.sink_parquet(tmp, row_group_size=row_group)
     else:
-        frame.write_parquet(tmp, row_group_size=ROW_GROUP_ROWS)
+        frame.write_parquet(tmp, row_group_size=row_group)
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
     tmp.rename(path)  # readers never see a half-written file
@@ -84,7 +86,7 @@ def _write_atomic(frame: pl.DataFrame | pl.LazyFrame, path: Path) -> None:
 
 
 
-def for_disk(frame: pl.DataFrame) -> pl.DataFrame:
+def for_disk(frame):
     """Names as plain strings on disk: Parquet dictionary-encodes them anyway, and row-group statistics
     on strings let a scan for one GPU or node skip the rest."""
     return frame.with_columns(pl.col(pl.Categorical).cast(pl.String), pl.col(pl.List(pl.Categorical)).cast(pl.List(pl.String)))
@@ -95,16 +97,25 @@ SORT_KEYS = {"gpus_1m": ("uuid", "ts"), "hosts_1m": ("node", "ts"), "gpus_1h": (
              "step_aggs": ("job", "step")}
 
 
+def row_group_of(kind: str) -> int:
+    return ROLLUP_ROW_GROUP_ROWS if kind in SORT_KEYS else ROW_GROUP_ROWS
+
+
 def write_checkpoint_parts(root: Path, kind: str, frame: pl.DataFrame, lo: int, hi: int) -> list[Path]:
-    """Write `frame` as one file per hour, named for WAL segments lo..hi; returns the files written."""
+    """Write `frame` as one file per hour, named for WAL segments lo..hi; returns the files written.
+    Each hour's rows stream to disk (no sorted or cast copy of the whole frame in memory)."""
     if frame.height == 0:
         return []
     written = []
-    for (hour,), rows in frame.with_columns(hour_key().alias("_hour")).group_by("_hour"):
-        folder = root / f"kind={kind}" / str(hour)
+    hours = frame.select((pl.col("ts") // 3600).unique().sort())["ts"].to_list()
+    lazy = frame.lazy()
+    for hour in hours:
+        start = hour * 3600
+        folder = root / f"kind={kind}" / hour_of(start)
         _mkdirs(folder)
         path = folder / f"part-{lo:020d}-{hi:020d}.parquet"
-        _write_atomic(for_disk(rows.drop("_hour").sort("ts")), path)
+        rows = lazy.filter((pl.col("ts") >= start) & (pl.col("ts") < start + 3600)) if len(hours) > 1 else lazy
+        _write_atomic(for_disk(rows), path, row_group_of(kind))
         written.append(path)
     return written
 
@@ -182,7 +193,7 @@ def compact(root: Path, kind: str, committed: int, before_hour: str) -> int:
         frame = pl.scan_parquet([str(p.path) for p in hour_parts], missing_columns="insert", extra_columns="ignore")
         if kind in SORT_KEYS:  # rollups are small enough to sort in memory; raw hours stream through unsorted
             frame = frame.collect().sort(*SORT_KEYS[kind])  # type: ignore[assignment]
-        _write_atomic(frame, folder / f"part-{lo:020d}-{hi:020d}.parquet")
+        _write_atomic(frame, folder / f"part-{lo:020d}-{hi:020d}.parquet", row_group_of(kind))
         for p in hour_parts:  # now redundant: readers already skip them
             p.path.unlink()
         fsync_dir(folder)

@@ -31,7 +31,7 @@ from typing import Callable, Protocol
 import polars as pl
 
 from collector import faults, partitions
-from collector.hot import HotTier
+from collector.hot import HotTier, merge_small
 from collector.rollups import ALL_SCHEMAS
 from collector.tables import KINDS, batch_frames, conform
 from collector.wal import Wal, fsync_dir
@@ -75,10 +75,11 @@ class Store:
         self.retention_s = retention_s
         self.retention_bytes = retention_bytes
         self.memory_budget = memory_budget
-        # Rows waiting for a checkpoint get a quarter of the budget; past it a checkpoint is due now,
-        # past half of it (the disk refuses checkpoints) ingest answers 503 until one succeeds.
-        self.unwritten_limit = memory_budget // 4 if memory_budget else None
-        hot_budget = int(memory_budget * 0.45) if memory_budget else None
+        # Rows waiting for a checkpoint get a sixteenth of the budget (writing them takes a few times their
+        # size for a moment); past it a checkpoint is due now, past twice that (the disk refuses
+        # checkpoints) ingest answers 503 until one succeeds.
+        self.unwritten_limit = memory_budget // 16 if memory_budget else None
+        hot_budget = int(memory_budget * 0.4) if memory_budget else None
         self.hot = HotTier(window_s=window_s, raw_s=raw_s, raw_steps=raw_steps, budget_bytes=hot_budget)
         self._gate = threading.Condition()  # guards everything below; never held across I/O
         self._checkpoint_lock = threading.Lock()
@@ -204,7 +205,7 @@ class Store:
                 self._gate.wait()
             if self._is_duplicate(batch):
                 return IngestResult(True, counts.events, counts.frames)
-            if self.unwritten_limit is not None and self._unwritten_bytes > 2 * self.unwritten_limit:
+            if self.unwritten_limit is not None and self._unwritten_bytes > 4 * self.unwritten_limit:
                 raise StoreUnavailable("the collector's memory for rows not yet on disk is full: checkpoints are "
                                        f"failing ({self.problem or 'unknown reason'})")
             self._inflight += 1
@@ -307,7 +308,7 @@ class Store:
                 faults.point("checkpoint.rotated")
                 rows = 0
                 for kind, chunks in [*pending.items(), *derived.items()]:
-                    frame = pl.concat(chunks, how="vertical")
+                    frame = pl.concat(chunks, how="vertical", rechunk=False)
                     written += partitions.write_checkpoint_parts(self.data_dir, kind, frame, lo, segment)
                     rows += frame.height if kind in KINDS else 0
                     faults.point("checkpoint.part_written")
@@ -387,6 +388,19 @@ class Store:
             dropped = partitions.enforce_retention(self.data_dir, ALL_KINDS, self.retention_s, self.retention_bytes, now)
         if dropped:
             log.info("retention dropped %d hour(s): %s .. %s", len(dropped), dropped[0], dropped[-1])
+
+    def maintain_hot(self, now: float | None = None) -> None:
+        """The hot tier's upkeep, then the rows waiting for a checkpoint merged from one small frame per
+        batch into a few large ones (each small frame costs about its own size again in overhead)."""
+        self.hot.maintain(now)
+        with self._gate:
+            snap = {k: list(v) for k, v in self._unwritten.items() if len(v) > 16}
+        merged = {k: merge_small(v) for k, v in snap.items()}
+        with self._gate:
+            for kind, chunks in merged.items():
+                current = self._unwritten[kind]
+                if len(current) >= len(snap[kind]) and all(a is b for a, b in zip(current, snap[kind])):
+                    current[:len(snap[kind])] = chunks
 
     def unwritten_bytes(self) -> int:
         return self._unwritten_bytes

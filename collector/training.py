@@ -29,10 +29,10 @@ def jobs_overview(aggs: pl.DataFrame, steps: pl.DataFrame) -> pl.DataFrame:
         pl.when(pl.col("samples").sum() > 0).then(pl.col("samples").sum() / span).alias("samples_per_s"),
         pl.col("flops_per_token").drop_nulls().last().alias("flops_per_token"),
     )
-    raw = steps.group_by("job").agg(
+    raw = steps.group_by("job").agg(  # unique before the cast to strings: far fewer of them
         pl.col("rank").n_unique().alias("ranks"),
-        pl.col("node").drop_nulls().cast(pl.String).unique().sort().alias("nodes"),
-        pl.col("gpu_uuid").drop_nulls().cast(pl.String).unique().alias("gpu_uuids"),
+        pl.col("node").drop_nulls().unique().cast(pl.String).sort().alias("nodes"),
+        pl.col("gpu_uuid").drop_nulls().unique().cast(pl.String).alias("gpu_uuids"),
     )
     return (per_job.join(raw, on="job", how="left")
             .with_columns(pl.col("job").cast(pl.String), pl.col("ranks").fill_null(0))
@@ -72,7 +72,8 @@ def with_mfu(jobs: pl.DataFrame, gpus: pl.DataFrame) -> pl.DataFrame:
 def rank_step_quantiles(steps: pl.DataFrame, job: str) -> pl.DataFrame:
     """Per rank of `job`: step count and step-time p50/p95/p99, the mean time before it waited for its
     peers (compute_mean_s, see compute_times), with the node and GPU it ran on last."""
-    rows = steps.filter(pl.col("job") == job).sort("ts")
+    rows = steps.filter(pl.col("job") == job)
+    latest = pl.col("ts").arg_max()
     return (
         rows.with_columns(pl.col("duration_s").cast(pl.Float64), compute_times(rows)["compute_s"])
         .group_by("rank")
@@ -82,9 +83,10 @@ def rank_step_quantiles(steps: pl.DataFrame, job: str) -> pl.DataFrame:
             pl.col("duration_s").mean().alias("step_time_mean_s"),
             pl.col("compute_s").mean().alias("compute_mean_s"),
             pl.col("step").max().alias("last_step"),
-            pl.col("node").last().cast(pl.String).alias("node"),
-            pl.col("gpu_uuid").last().cast(pl.String).alias("gpu_uuid"),
+            pl.col("node").get(latest).alias("node"),
+            pl.col("gpu_uuid").get(latest).alias("gpu_uuid"),
         )
+        .with_columns(pl.col("node", "gpu_uuid").cast(pl.String))
         .rename({"duration_p50_s": "step_time_p50_s", "duration_p95_s": "step_time_p95_s", "duration_p99_s": "step_time_p99_s"})
         .with_columns(pl.col("^step_time_.*$", "compute_mean_s").round_sig_figs(7))
         .sort("rank")

@@ -67,7 +67,7 @@ def create_app(settings: Settings, store: Store | None = None) -> FastAPI:
         return history.samples(store, kind, since, until, keys)
 
     def analyse_now() -> None:
-        store.hot.maintain()
+        store.maintain_hot()
         now = time.time()
         found, signals = analyse(store.frame("steps"), store.frame("pauses"), now, samples=samples,
                                  aggs=store.hot.step_aggs())
@@ -79,6 +79,10 @@ def create_app(settings: Settings, store: Store | None = None) -> FastAPI:
         while True:
             try:
                 await asyncio.to_thread(analyse_now)
+            except RuntimeError as exc:
+                if "shutdown" in str(exc):  # the interpreter is exiting under us
+                    return
+                log.exception("analysis failed; findings keep their last state")
             except Exception:
                 log.exception("analysis failed; findings keep their last state")
             await asyncio.sleep(settings.analysis_interval_s)

@@ -11,7 +11,7 @@ import time
 from dashboards.api import fetch, frames, page, refresh, since
 
 collector = page("Node")
-(nodes,) = frames(collector, ("/v1/nodes", "nodes"))
+(nodes,) = frames(collector, ("/v1/nodes", "nodes", {"fields": "node"}))
 if nodes.height == 0:
     st.info("No node has reported yet.")
     st.stop()

@@ -46,7 +46,7 @@ def start_fleet(procs, tmp_path: Path, *, cluster: str | None = None, remote_wri
     """Start the fleet and its Prometheus; return Prometheus' base URL. A `cluster` names the cluster as
     docs/multi-cluster.md does: in the collector's config and in Prometheus' external_labels."""
     prometheus = require_binary("prometheus")
-    (tmp_path / "collector.toml").write_text((f'cluster = "{cluster}"\n' if cluster else "") + SLO)
+    (tmp_path / "collector.toml").write_text((f'[collector]\ncluster = "{cluster}"\n\n' if cluster else "") + SLO)
     c_port = free_port()
     env = {"FLEETSCOPE_INGEST_TOKEN": INGEST, "FLEETSCOPE_READ_TOKEN": READ}
     procs("collector", [sys.executable, "-m", "fleetscope", "collector", "--listen", f"127.0.0.1:{c_port}",

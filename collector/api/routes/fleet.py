@@ -32,17 +32,30 @@ def _latest(store, r) -> tuple[pl.DataFrame, pl.DataFrame]:
     return hosts, gpus
 
 
+FieldsQuery = Query(None, description="comma-separated columns to return (default: all), e.g. node,age_s")
+
+
+def _only(frame: pl.DataFrame, fields: str | None) -> pl.DataFrame:
+    if not fields:
+        return frame
+    wanted = [f.strip() for f in fields.split(",") if f.strip()]
+    unknown = [f for f in wanted if f not in frame.columns]
+    if unknown:
+        raise HTTPException(422, f"unknown field(s) {', '.join(map(repr, unknown))}; known: {', '.join(frame.columns)}")
+    return frame.select(wanted)
+
+
 @router.get("/v1/nodes")
-def list_nodes(store: StoreDep, r: RangeDep) -> dict:
+def list_nodes(store: StoreDep, r: RangeDep, fields: str | None = FieldsQuery) -> dict:
     """Every node's latest frame (in [since, until] when given; as of `until` when it is in the past)."""
     hosts, gpus = _latest(store, r)
-    return {"nodes": nodes_overview(hosts, gpus, time.time()).to_dicts()}
+    return {"nodes": _only(nodes_overview(hosts, gpus, time.time()), fields).to_dicts()}
 
 
 @router.get("/v1/gpus")
-def list_gpus(store: StoreDep, r: RangeDep) -> dict:
+def list_gpus(store: StoreDep, r: RangeDep, fields: str | None = FieldsQuery) -> dict:
     _, gpus = _latest(store, r)
-    return {"gpus": fleet_gpus(gpus).to_dicts()}
+    return {"gpus": _only(fleet_gpus(gpus), fields).to_dicts()}
 
 
 @router.get("/v1/nodes/{node}")
@@ -72,9 +85,12 @@ def get_node_series(node: str, store: StoreDep, r: RangeDep,
             "events": events.head(r.max_points).to_dicts()}
 
 
-def _history(store, r, key: tuple[str, list], what: str) -> tuple[list[dict], pl.DataFrame, float, float]:
+def _history(store, r, key: tuple[str, list], what: str, *, series: bool) -> tuple[list[dict], pl.DataFrame, float, float]:
     since, until = r.resolve(HISTORY_DEFAULT_S)
-    gpu = history.samples(store, "gpus", since, until, key, r.max_points)
+    # The record is sums over the range: hourly rollups serve it as well as finer ones, at a fraction of the
+    # rows; a series needs its max_points.
+    points = r.max_points if series else max(1, int((until - since) // 3600))
+    gpu = history.samples(store, "gpus", since, until, key, points)
     if gpu.height == 0:
         raise HTTPException(404, f"no samples of {what} between {since:.0f} and {until:.0f}")
     return history.gpu_reliability(gpu, since), gpu, since, until
@@ -92,7 +108,7 @@ def _series(gpu: pl.DataFrame, since: float, until: float, max_points: int) -> l
 def get_gpu_history(uuid: str, store: StoreDep, r: RangeDep) -> dict:
     """One GPU's reliability record over the range (default: 30 days): XIDs by code, ECC errors, row
     remapping, time throttled by reason, time unhealthy; and its series at most max_points long."""
-    records, gpu, since, until = _history(store, r, ("uuid", [uuid]), f"GPU {uuid!r}")
+    records, gpu, since, until = _history(store, r, ("uuid", [uuid]), f"GPU {uuid!r}", series=True)
     return {"uuid": uuid, "since": since, "until": until, "record": records[0],
             "series": _series(gpu, since, until, r.max_points)}
 
@@ -100,7 +116,7 @@ def get_gpu_history(uuid: str, store: StoreDep, r: RangeDep) -> dict:
 @router.get("/v1/nodes/{node}/history")
 def get_node_history(node: str, store: StoreDep, r: RangeDep) -> dict:
     """The reliability record of each GPU of a node over the range (default: 30 days), and the node's totals."""
-    records, _, since, until = _history(store, r, ("node", [node]), f"node {node!r}")
+    records, _, since, until = _history(store, r, ("node", [node]), f"node {node!r}", series=False)
     totals: dict = {"xids_by_code": {}, "xids_total": 0, "ecc_corrected": 0, "ecc_uncorrected": 0,
                     "unhealthy_seconds": 0.0, "throttle_seconds": {k: 0.0 for k in history.THROTTLE_REASONS}}
     for rec in records:
