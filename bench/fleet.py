@@ -50,7 +50,7 @@ GPU_NAME = "NVIDIA H100 80GB HBM3"
 
 # --- the warm tier's 30 days, written directly ----------------------------------------------------
 def write_history(data_dir: Path, nodes: int, gpus: int, days: int, end: float) -> int:
-    from collector.partitions import for_disk, row_group_of
+    from collector.partitions import SORT_KEYS, for_disk, row_group_of
     from collector.rollups import GPU_SAMPLES, HOST_SAMPLES
 
     hours = int(days * 24)
@@ -80,10 +80,10 @@ def write_history(data_dir: Path, nodes: int, gpus: int, days: int, end: float) 
                          cpu_utilization_ratio=[0.3] * nodes, gpu_count=[gpus] * nodes)
         hosts = pl.DataFrame(host_rows, schema=HOST_SAMPLES)
         stamp = time.strftime("date=%Y-%m-%d/hour=%H", time.gmtime(ts))
-        for kind, frame, key in (("gpus_1h", g, "uuid"), ("hosts_1h", hosts, "node")):
+        for kind, frame in (("gpus_1h", g), ("hosts_1h", hosts)):
             folder = data_dir / f"kind={kind}" / stamp
             folder.mkdir(parents=True, exist_ok=True)
-            for_disk(frame).sort(key, "ts").write_parquet(folder / f"part-{0:020d}-{0:020d}.parquet",
+            for_disk(frame).sort(*SORT_KEYS[kind]).write_parquet(folder / f"part-{0:020d}-{0:020d}.parquet",
                                                           row_group_size=row_group_of(kind))  # as compaction writes it
         rows += g.height
     return rows

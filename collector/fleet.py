@@ -33,6 +33,8 @@ def nodes_overview(hosts: pl.DataFrame, gpus: pl.DataFrame, now: float) -> pl.Da
         pl.col("temperature_celsius").max().cast(pl.Float64).alias("gpu_temperature_max_celsius"),
         pl.col("power_watts").sum().cast(pl.Float64).alias("gpu_power_watts"),
         (~pl.col("up")).sum().alias("gpus_down"),
+        *(((pl.col("health") == state).sum().alias(f"gpus_{state}") for state in ("degraded", "unhealthy"))
+          if "health" in gpus.columns else ()),
     )
     return _strings(latest.join(gpu_agg, on="node", how="left").drop("agent_id", strict=False).sort(pl.col("node").cast(pl.String)))
 

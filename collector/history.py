@@ -33,6 +33,10 @@ def samples(store: Store, kind: str, since: float, until: float, keys: tuple[str
         tiers = [(f"{kind}_1h", 3600.0, since, edge), (f"{kind}_1m", 60.0, max(since, edge), hot_from)] if hourly \
             else [(f"{kind}_1m", 60.0, since, hot_from)]
         committed = store.committed_segment()
+        nodes = []
+        if keys is not None and keys[0] == "uuid":
+            latest = store.hot.latest("gpus")
+            nodes = latest.filter(pl.col("uuid").cast(pl.String).is_in(keys[1]))["node"].cast(pl.String).unique().to_list()
         for tier, span, lo, hi in tiers:
             if lo >= hi:
                 continue
@@ -41,6 +45,8 @@ def samples(store: Store, kind: str, since: float, until: float, keys: tuple[str
                 continue
             if keys is not None:
                 disk = disk.filter(pl.col(keys[0]).is_in(keys[1]))
+                if keys[0] == "uuid" and nodes:  # files are sorted by node: let the scan skip the others
+                    disk = disk.filter(pl.col("node").is_in(nodes))
             disk = disk.filter((pl.col("ts") + span > lo) & (pl.col("ts") < hi)).select(list(schema)).cast(schema)  # type: ignore[arg-type]
             parts.append(disk.collect().with_columns(pl.lit(span).alias("span_s")))
     start = since if hot_from is None else max(since, hot_from)

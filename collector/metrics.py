@@ -35,8 +35,9 @@ RECENT_S = 300.0
 
 class CollectorMetrics:
     def __init__(self, store: Store, tracker: FindingsTracker | None = None, *, cluster: str | None = None,
-                 memory_budget: int | None = None) -> None:
+                 memory_budget: int | None = None, views=None) -> None:
         self.store = store
+        self.views = views
         self.tracker = tracker
         self.memory_budget = memory_budget
         # With a cluster name, the findings and job summaries carry it, so several clusters' collectors
@@ -51,13 +52,16 @@ class CollectorMetrics:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
 
-    def ingested(self, batch: Batch, duplicate: bool) -> None:
+    def ingested(self, batch: Batch, duplicate: bool, counts: dict[str, int] | None = None) -> None:
+        """Count an acknowledged batch; `counts` (records by kind) spares a walk over its events."""
+        if counts is None and not duplicate:
+            counts = Counter(type(ev).__struct_config__.tag for ev in batch.events)
+            counts["host_frame"] = len(batch.frames)
         with self._lock:
             self.batches["duplicate" if duplicate else "applied"] += 1
-            if not duplicate:
-                for ev in batch.events:
-                    self.events[type(ev).__struct_config__.tag] += 1
-                self.events["host_frame"] += len(batch.frames)
+            if not duplicate and counts:
+                for kind, n in counts.items():
+                    self.events[kind] += n
 
     def rejected(self, reason: str) -> None:
         with self._lock:
@@ -170,7 +174,9 @@ class CollectorMetrics:
         yield from (score, age, allowed, paused, change)
 
     def _training(self) -> Iterable[Metric]:
-        jobs = with_mfu(jobs_overview(self.store.hot.step_aggs(), self.store.frame("steps")), self.store.hot.latest("gpus"))
+        from collector.api.routes.jobs import jobs_now
+
+        jobs = jobs_now(self.store, self.views)
         last = GaugeMetricFamily("fleetscope_training_last_step", "Highest step number any rank of the job reported.", labels=["training_job"] + self._c)
         seen = GaugeMetricFamily("fleetscope_training_last_report_timestamp_seconds", "Unix time the job's last step ended.", labels=["training_job"] + self._c)
         p50 = GaugeMetricFamily("fleetscope_training_step_time_p50_seconds", "Median step time of the job over the collector's window.", labels=["training_job"] + self._c)

@@ -93,7 +93,9 @@ def for_disk(frame):
 
 
 # How compaction orders an hour of each kind, so that a scan for one key reads few row groups.
-SORT_KEYS = {"gpus_1m": ("uuid", "ts"), "hosts_1m": ("node", "ts"), "gpus_1h": ("uuid", "ts"), "hosts_1h": ("node", "ts"),
+# GPUs by node first: a node's history prunes on node, and a GPU's too once its node is known (uuids are random).
+SORT_KEYS = {"gpus_1m": ("node", "index", "ts"), "hosts_1m": ("node", "ts"), "gpus_1h": ("node", "index", "ts"),
+             "hosts_1h": ("node", "ts"),
              "step_aggs": ("job", "step")}
 
 

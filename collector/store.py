@@ -60,6 +60,10 @@ class IngestResult:
     duplicate: bool
     events: int
     frames: int
+    counts: dict | None = None  # records applied, by kind (step, request, pause, host_frame)
+
+
+_KIND_OF = {"steps": "step", "requests": "request", "pauses": "pause", "hosts": "host_frame"}
 
 
 class Store:
@@ -223,7 +227,8 @@ class Store:
                 if self._reserved.get(agent) == batch.seq:
                     del self._reserved[agent]
                 self._gate.notify_all()
-        return counts
+        return IngestResult(False, counts.events, counts.frames,
+                            {_KIND_OF[k]: f.height for k, f in frames.items() if k in _KIND_OF})
 
     # --- reads --------------------------------------------------------------------------------
     def frame(self, kind: str) -> pl.DataFrame:

@@ -8,7 +8,8 @@ from dashboards.api import frames, page, refresh
 
 collector = page("fleetscope")
 st.caption("GPU fleet, training jobs and inference services, from the collector's API.")
-nodes, jobs, services = frames(collector, ("/v1/nodes", "nodes"), ("/v1/jobs", "jobs"), ("/v1/services", "services"))
+nodes, jobs, services = frames(collector, ("/v1/nodes", "nodes", {"fields": "node,gpu_count"}), ("/v1/jobs", "jobs"),
+                               ("/v1/services", "services"))
 
 cols = st.columns(4)
 cols[0].metric("Nodes reporting", nodes.height)

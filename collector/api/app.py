@@ -22,6 +22,7 @@ from fastapi import FastAPI
 import fleetscope
 from collector import history, partitions
 from collector.api.routes import findings, fleet, health, ingest, jobs, services
+from collector.api.views import Views
 from collector.findings import FindingsTracker, analyse, slo_findings
 from collector.metrics import CollectorMetrics
 from collector.settings import Settings
@@ -140,7 +141,9 @@ def create_app(settings: Settings, store: Store | None = None) -> FastAPI:
     app.state.tracker = tracker
     app.state.ledger = ledger
     app.state.analyse_now = analyse_now
-    app.state.metrics = CollectorMetrics(store, tracker, cluster=settings.cluster, memory_budget=settings.memory_budget)
+    app.state.views = Views(settings.analysis_interval_s)
+    app.state.metrics = CollectorMetrics(store, tracker, cluster=settings.cluster, memory_budget=settings.memory_budget,
+                                         views=app.state.views)
     for module in (ingest, fleet, jobs, services, findings, health):
         app.include_router(module.router)
 

@@ -8,7 +8,7 @@ import streamlit as st
 
 import time
 
-from dashboards.api import fetch, frames, page, refresh, since
+from dashboards.api import fetch, frames, line_chart, page, refresh, since
 
 collector = page("Node")
 (nodes,) = frames(collector, ("/v1/nodes", "nodes", {"fields": "node"}))
@@ -17,7 +17,7 @@ if nodes.height == 0:
     st.stop()
 
 node = st.selectbox("Node", nodes["node"].to_list(), key="node")
-data = fetch(collector, f"/v1/nodes/{node}/series", since=since())
+data = fetch(collector, f"/v1/nodes/{node}/series", since=since(), max_points=200)  # a chart is a few hundred px wide
 latest = fetch(collector, f"/v1/nodes/{node}").get("gpus", [])
 
 host = pl.DataFrame(data.get("host") or [])
@@ -28,29 +28,25 @@ cols[1].metric("GPUs not healthy", sum(1 for g in latest if g.get("health") not 
 cols[2].metric("Frames in range", host.height)
 
 if gpus.height:
-    gpus = gpus.with_columns(pl.from_epoch(pl.col("ts"), time_unit="s").alias("time"), pl.col("index").cast(pl.String).alias("gpu"))
+    gpus = gpus.with_columns(pl.col("index").cast(pl.String).alias("gpu"))
     left, right = st.columns(2)
     with left:
         st.subheader("GPU utilisation")
-        st.line_chart(gpus.select("time", "gpu", "utilization_ratio").to_pandas(), x="time", y="utilization_ratio", color="gpu")
+        line_chart(gpus, "utilization_ratio", color="gpu")
     with right:
         st.subheader("GPU temperature")
-        st.line_chart(gpus.select("time", "gpu", "temperature_celsius").to_pandas(), x="time", y="temperature_celsius", color="gpu")
+        line_chart(gpus, "temperature_celsius", color="gpu", title="°C")
 if host.height:
-    host = host.with_columns(pl.from_epoch(pl.col("ts"), time_unit="s").alias("time"),
-                             (pl.col("memory_used_bytes") / pl.col("memory_total_bytes")).alias("memory_used_ratio"))
+    host = host.with_columns((pl.col("memory_used_bytes") / pl.col("memory_total_bytes")).alias("memory_used_ratio"))
     st.subheader("CPU and memory")
-    st.line_chart(host.select("time", "cpu_utilization_ratio", "memory_used_ratio").to_pandas(), x="time",
-                  y=["cpu_utilization_ratio", "memory_used_ratio"])
+    line_chart(host, ["cpu_utilization_ratio", "memory_used_ratio"])
     left, right = st.columns(2)
     with left:
         st.subheader("Network (bytes/s)")
-        st.line_chart(host.select("time", "network_receive_bytes_per_second", "network_transmit_bytes_per_second").to_pandas(),
-                      x="time", y=["network_receive_bytes_per_second", "network_transmit_bytes_per_second"])
+        line_chart(host, ["network_receive_bytes_per_second", "network_transmit_bytes_per_second"])
     with right:
         st.subheader("Disks (bytes/s)")
-        st.line_chart(host.select("time", "disk_read_bytes_per_second", "disk_written_bytes_per_second").to_pandas(),
-                      x="time", y=["disk_read_bytes_per_second", "disk_written_bytes_per_second"])
+        line_chart(host, ["disk_read_bytes_per_second", "disk_written_bytes_per_second"])
 
 st.subheader("GPUs now")
 if latest:

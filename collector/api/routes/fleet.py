@@ -53,8 +53,14 @@ def list_nodes(store: StoreDep, r: RangeDep, fields: str | None = FieldsQuery) -
 
 
 @router.get("/v1/gpus")
-def list_gpus(store: StoreDep, r: RangeDep, fields: str | None = FieldsQuery) -> dict:
+def list_gpus(store: StoreDep, r: RangeDep, fields: str | None = FieldsQuery,
+              node: str | None = Query(None, description="comma-separated nodes: only their GPUs"),
+              health: str | None = Query(None, description="comma-separated states: only GPUs in them, e.g. degraded,unhealthy")) -> dict:
     _, gpus = _latest(store, r)
+    if node:
+        gpus = gpus.filter(pl.col("node").cast(pl.String).is_in([n.strip() for n in node.split(",")]))
+    if health:
+        gpus = gpus.filter(pl.col("health").cast(pl.String).is_in([h.strip() for h in health.split(",")]))
     return {"gpus": _only(fleet_gpus(gpus), fields).to_dicts()}
 
 

@@ -52,7 +52,7 @@ async def ingest(request: Request, store: StoreDep, settings: SettingsDep, metri
         # requests keep flowing while this one is decoded and made durable.
         batch = decode_batch(data)
         result = store.ingest(batch, data)
-        metrics.ingested(batch, result.duplicate)
+        metrics.ingested(batch, result.duplicate, result.counts)
         return batch, result
 
     try:

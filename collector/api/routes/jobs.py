@@ -7,7 +7,7 @@ tier's before); per-rank figures read each rank's recent raw steps, which is wha
 from __future__ import annotations
 
 import polars as pl
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, HTTPException, Query, Request
 
 from collector.api.deps import RangeDep, ReadAuth, StoreDep
 from collector.training import (jobs_overview, rank_breakdown, rank_step_matrix, rank_step_quantiles, slowest_ranks,
@@ -42,13 +42,29 @@ def _steps(store, r, job: str | None = None) -> pl.DataFrame:
     return steps
 
 
+def jobs_now(store, views) -> pl.DataFrame:
+    """Every job over the hot tier's window (the /metrics and the default /v1/jobs view)."""
+    steps = store.frame("steps")
+    compute = lambda: with_mfu(jobs_overview(store.hot.step_aggs(), steps), store.hot.latest("gpus"))  # noqa: E731
+    return views.get("jobs", compute, rows=steps.height) if views is not None else compute()
+
+
+def _ranks(store, views, steps: pl.DataFrame, job: str, whole: bool) -> pl.DataFrame:
+    """Per-rank figures of a job; shared for a few seconds when they cover all of its recent steps."""
+    if not whole:
+        return rank_step_quantiles(steps, job)
+    return views.get(("ranks", job), lambda: rank_step_quantiles(steps, job), rows=store.hot.rows()["steps"])
+
+
 @router.get("/v1/jobs")
-def list_jobs(store: StoreDep, r: RangeDep) -> dict:
+def list_jobs(request: Request, store: StoreDep, r: RangeDep) -> dict:
+    if r.since is None and r.until is None:
+        return {"jobs": jobs_now(store, request.app.state.views).to_dicts()}
     return {"jobs": with_mfu(jobs_overview(_aggs(store, r), _steps(store, r)), store.hot.latest("gpus")).to_dicts()}
 
 
 @router.get("/v1/jobs/{job}")
-def get_job(job: str, store: StoreDep, r: RangeDep,
+def get_job(job: str, request: Request, store: StoreDep, r: RangeDep,
             top: int | None = Query(None, ge=1, le=100_000, description="only the N ranks that computed longest "
                                                                        "(default: every rank up to 1,000, else 1,000)")) -> dict:
     aggs, steps = _aggs(store, r, job), _steps(store, r, job)
@@ -59,7 +75,10 @@ def get_job(job: str, store: StoreDep, r: RangeDep,
         aggs = step_aggregates(steps)
     overview = with_mfu(jobs_overview(aggs, steps), store.hot.latest("gpus")).to_dicts()[0]
     pauses = store.frame("pauses").filter(pl.col("job") == job).sort("ts").tail(50)
-    quantiles = rank_step_quantiles(steps, job)
+    # The range covers every recent step the hot tier keeps (the usual case): the shared per-rank view.
+    whole = (r.since is None or r.since <= (store.hot.steps_since or 0)) and r.until is None
+    quantiles = _ranks(store, request.app.state.views, store.frame("steps").filter(pl.col("job") == job) if whole else steps,
+                       job, whole)
     limit = top if top is not None else MAX_RANKS
     if quantiles.height > limit:
         quantiles = slowest_ranks(quantiles, limit)
@@ -98,7 +117,7 @@ def _fresh_aggs(store, job: str) -> pl.DataFrame:
 
 
 @router.get("/v1/jobs/{job}/matrix")
-def get_job_matrix(job: str, store: StoreDep, last: int = Query(100, ge=1, le=1000),
+def get_job_matrix(job: str, request: Request, store: StoreDep, last: int = Query(100, ge=1, le=1000),
                    top: int | None = Query(None, ge=1, le=4096, description="only the N ranks that computed longest "
                                                                             "(default: all when the matrix has at most "
                                                                             "20,000 cells, else 64)")) -> dict:
@@ -109,7 +128,7 @@ def get_job_matrix(job: str, store: StoreDep, last: int = Query(100, ge=1, le=10
     total = steps["rank"].n_unique()
     chosen = None
     if top is not None or total * last > MAX_CELLS:
-        chosen = slowest_ranks(rank_step_quantiles(steps, job), top or 64)["rank"].to_list()
+        chosen = slowest_ranks(_ranks(store, request.app.state.views, steps, job, True), top or 64)["rank"].to_list()
     cells = rank_step_matrix(steps, job, last, chosen)
     return {"job": job, "ranks_total": total, "ranks_shown": len(chosen) if chosen is not None else total,
             "cells": cells.to_dicts()}

@@ -1,0 +1,38 @@
+"""Views of the hot tier's big tables, shared between requests for a few seconds.
+
+Per-rank figures of a 16,384-rank job take a few hundred milliseconds to compute from its ranks'
+recent steps; the console, Prometheus and several operators ask for them every few seconds. A view
+of a big table is recomputed at most once per analysis interval (the findings are that old too); a
+view of a small table is always computed afresh, so that what was just ingested shows at once.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
+BIG_ROWS = 100_000
+
+
+class Views:
+    def __init__(self, max_age_s: float) -> None:
+        self.max_age_s = max_age_s
+        self._lock = threading.Lock()
+        self._cache: dict[object, tuple[float, object]] = {}
+
+    def get(self, key: object, compute: Callable[[], T], *, rows: int) -> T:
+        if rows < BIG_ROWS:
+            return compute()
+        now = time.monotonic()
+        with self._lock:
+            hit = self._cache.get(key)
+        if hit is not None and now - hit[0] < self.max_age_s:
+            return hit[1]  # type: ignore[return-value]
+        value = compute()
+        with self._lock:
+            self._cache[key] = (now, value)
+            for old in [k for k, (t, _) in self._cache.items() if now - t > 10 * self.max_age_s]:
+                del self._cache[old]
+        return value
