@@ -59,6 +59,7 @@ def write_history(data_dir: Path, nodes: int, gpus: int, days: int, end: float) 
     node_of = [f"node-{n:05d}" for n in range(nodes) for _ in range(gpus)]
     index = [i for _ in range(nodes) for i in range(gpus)]
     rows = 0
+    day: dict[str, list[pl.DataFrame]] = {"gpus_1h": [], "hosts_1h": []}
     for h in range(hours):
         ts = first + h * 3600
         hot = (h % 24) < 2  # two hours a day of thermal throttling on one GPU in 64, for the record to show
@@ -79,12 +80,16 @@ def write_history(data_dir: Path, nodes: int, gpus: int, days: int, end: float) 
         host_rows.update(ts=[ts] * nodes, node=[f"node-{n:05d}" for n in range(nodes)], samples=[720] * nodes,
                          cpu_utilization_ratio=[0.3] * nodes, gpu_count=[gpus] * nodes)
         hosts = pl.DataFrame(host_rows, schema=HOST_SAMPLES)
-        stamp = time.strftime("date=%Y-%m-%d/hour=%H", time.gmtime(ts))
         for kind, frame in (("gpus_1h", g), ("hosts_1h", hosts)):
-            folder = data_dir / f"kind={kind}" / stamp
-            folder.mkdir(parents=True, exist_ok=True)
-            for_disk(frame).sort(*SORT_KEYS[kind]).write_parquet(folder / f"part-{0:020d}-{0:020d}.parquet",
-                                                          row_group_size=row_group_of(kind))  # as compaction writes it
+            day[kind].append(frame)
+        if h == hours - 1 or time.gmtime(ts + 3600).tm_hour == 0:  # a day's files, as compaction leaves them
+            stamp = time.strftime("date=%Y-%m-%d/hour=00", time.gmtime(ts))
+            for kind, frames in day.items():
+                folder = data_dir / f"kind={kind}" / stamp
+                folder.mkdir(parents=True, exist_ok=True)
+                for_disk(pl.concat(frames)).sort(*SORT_KEYS[kind]).write_parquet(
+                    folder / f"part-{0:020d}-{0:020d}.parquet", row_group_size=row_group_of(kind))
+                frames.clear()
         rows += g.height
     return rows
 

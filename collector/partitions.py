@@ -99,6 +99,11 @@ SORT_KEYS = {"gpus_1m": ("node", "index", "ts"), "hosts_1m": ("node", "ts"), "gp
              "step_aggs": ("job", "step")}
 
 
+# Hour rollups are filed by day (in the day's hour=00 folder): a month of one GPU is then 30 files, not
+# 720. Retention drops such a day whole, up to 23 hours before its last hour is due.
+FOLDER_SPAN = {"gpus_1h": 86400, "hosts_1h": 86400}
+
+
 def row_group_of(kind: str) -> int:
     return ROLLUP_ROW_GROUP_ROWS if kind in SORT_KEYS else ROW_GROUP_ROWS
 
@@ -109,14 +114,15 @@ def write_checkpoint_parts(root: Path, kind: str, frame: pl.DataFrame, lo: int, 
     if frame.height == 0:
         return []
     written = []
-    hours = frame.select((pl.col("ts") // 3600).unique().sort())["ts"].to_list()
+    span = FOLDER_SPAN.get(kind, 3600)
+    folders = frame.select((pl.col("ts") // span).unique().sort())["ts"].to_list()
     lazy = frame.lazy()
-    for hour in hours:
-        start = hour * 3600
+    for number in folders:
+        start = number * span
         folder = root / f"kind={kind}" / hour_of(start)
         _mkdirs(folder)
         path = folder / f"part-{lo:020d}-{hi:020d}.parquet"
-        rows = lazy.filter((pl.col("ts") >= start) & (pl.col("ts") < start + 3600)) if len(hours) > 1 else lazy
+        rows = lazy.filter((pl.col("ts") >= start) & (pl.col("ts") < start + span)) if len(folders) > 1 else lazy
         _write_atomic(for_disk(rows), path, row_group_of(kind))
         written.append(path)
     return written
@@ -167,9 +173,10 @@ def scan(root: Path, kind: str, committed: int, since: float | None = None, unti
          files: list[Part] | None = None) -> pl.LazyFrame | None:
     """A lazy scan of the live files whose hour overlaps [since, until], filtered on ts; None if none."""
     chosen = []
+    span = FOLDER_SPAN.get(kind, 3600)
     for p in files if files is not None else live_parts(root, kind, committed):
         start = hour_start(p.hour)
-        if (since is None or start + 3600 > since) and (until is None or start <= until):
+        if (since is None or start + span > since) and (until is None or start <= until):
             chosen.append(str(p.path))
     if not chosen:
         return None

@@ -16,7 +16,7 @@ if jobs.height == 0:
     st.stop()
 
 job = st.selectbox("Job", jobs["job"].to_list(), key="job")
-detail = fetch(collector, f"/v1/jobs/{job}", since=since())
+detail = fetch(collector, f"/v1/jobs/{job}", since=since(), top=200)  # the ranks that computed longest
 series = pl.DataFrame(fetch(collector, f"/v1/jobs/{job}/steps", since=since(), max_points=1000).get("steps") or [])
 
 summary = detail.get("job", {})
