@@ -116,7 +116,7 @@ def frame_samples(gpus: pl.DataFrame, hosts: pl.DataFrame) -> SampleSource:
 
     def source(kind: str, since: float, until: float, keys: tuple[str, list]) -> pl.DataFrame:
         frame, convert = (gpus, as_gpu_samples) if kind == "gpus" else (hosts, as_host_samples)
-        rows = frame.filter(pl.col("ts").is_between(since, until) & pl.col(keys[0]).cast(pl.String).is_in(keys[1]))
+        rows = frame.filter(pl.col("ts").is_between(since, until) & pl.col(keys[0]).is_in(keys[1]))
         return convert(rows)
 
     return source

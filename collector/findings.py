@@ -74,7 +74,7 @@ def analyse(steps: pl.DataFrame, pauses: pl.DataFrame, now: float, *, samples: S
         out.append(Finding("stopped", "ticket", {"job": row["job"]}, row["last_progress_ts"], {
             "silence_s": round(row["silence_s"], 1), "last_step": row["last_step"]}))
 
-    live = steps.filter(~pl.col("job").cast(pl.String).is_in(list(silent)))  # a hung job's last steps say nothing new
+    live = steps.filter(~pl.col("job").is_in(list(silent)))  # a hung job's last steps say nothing new
     scores = straggler_scores(live)
     job_peers = live.group_by(pl.col("job").cast(pl.String)).agg(pl.col("gpu_uuid").drop_nulls().cast(pl.String).unique(),
                                                              pl.col("node").drop_nulls().cast(pl.String).unique())
@@ -97,7 +97,7 @@ def analyse(steps: pl.DataFrame, pauses: pl.DataFrame, now: float, *, samples: S
             "straggler_score": round(row["straggler_score"], 4), "steps_seen": row["steps_seen"], "stage": row["stage"]},
             probable_causes(node=row["node"], gpu_uuid=row["gpu_uuid"], peer_gpus=gpu_peers, peer_nodes=node_peers,
                             samples=samples, since=since, until=now, data_vs_peers=row["data_vs_peers"])))
-    changes = step_time_change(aggs.filter(~pl.col("job").cast(pl.String).is_in(list(silent))))
+    changes = step_time_change(aggs.filter(~pl.col("job").is_in(list(silent))))
     for row in changes.filter(pl.col("change_ratio") >= REGRESSION_THRESHOLD).iter_rows(named=True):
         out.append(Finding("regression", "ticket", {"job": row["job"]}, row["recent_since_ts"], {
             "change_ratio": round(row["change_ratio"], 4), "recent_step_s": row["recent_s"], "baseline_step_s": row["baseline_s"]}))

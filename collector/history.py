@@ -36,7 +36,7 @@ def samples(store: Store, kind: str, since: float, until: float, keys: tuple[str
         nodes = []
         if keys is not None and keys[0] == "uuid":
             latest = store.hot.latest("gpus")
-            nodes = latest.filter(pl.col("uuid").cast(pl.String).is_in(keys[1]))["node"].cast(pl.String).unique().to_list()
+            nodes = latest.filter(pl.col("uuid").is_in(keys[1]))["node"].cast(pl.String).unique().to_list()
         for tier, span, lo, hi in tiers:
             if lo >= hi:
                 continue

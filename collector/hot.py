@@ -191,7 +191,7 @@ class HotTier:
 
         def cut(frame: pl.DataFrame, width: float = 0.0) -> pl.DataFrame:
             if keys is not None:
-                frame = frame.filter(pl.col(keys[0]).cast(pl.String).is_in(keys[1]))
+                frame = frame.filter(pl.col(keys[0]).is_in(keys[1]))
             if since is not None:  # a rollup counts when its minute overlaps the range
                 frame = frame.filter(pl.col("ts") + width > since) if width else frame.filter(pl.col("ts") >= since)
             if until is not None:

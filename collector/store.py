@@ -83,7 +83,9 @@ class Store:
         # size for a moment); past it a checkpoint is due now, past twice that (the disk refuses
         # checkpoints) ingest answers 503 until one succeeds.
         self.unwritten_limit = memory_budget // 16 if memory_budget else None
-        hot_budget = int(memory_budget * 0.4) if memory_budget else None
+        # The hot tier gets a third of the budget; the rest is for the process itself, the rows awaiting a
+        # checkpoint, and what reads and upkeep allocate for a moment.
+        hot_budget = int(memory_budget / 3) if memory_budget else None
         self.hot = HotTier(window_s=window_s, raw_s=raw_s, raw_steps=raw_steps, budget_bytes=hot_budget)
         self._gate = threading.Condition()  # guards everything below; never held across I/O
         self._checkpoint_lock = threading.Lock()

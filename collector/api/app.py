@@ -142,6 +142,7 @@ def create_app(settings: Settings, store: Store | None = None) -> FastAPI:
     app.state.ledger = ledger
     app.state.analyse_now = analyse_now
     app.state.views = Views(settings.analysis_interval_s)
+    app.state.history_views = Views(60.0)
     app.state.metrics = CollectorMetrics(store, tracker, cluster=settings.cluster, memory_budget=settings.memory_budget,
                                          views=app.state.views)
     for module in (ingest, fleet, jobs, services, findings, health):

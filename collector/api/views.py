@@ -22,8 +22,10 @@ class Views:
         self._lock = threading.Lock()
         self._cache: dict[object, tuple[float, object]] = {}
 
-    def get(self, key: object, compute: Callable[[], T], *, rows: int) -> T:
-        if rows < BIG_ROWS:
+    def get(self, key: object, compute: Callable[[], T], *, rows: int | None = None) -> T:
+        """The view under `key`, computed afresh when older than max_age_s; a view of a table of fewer
+        than BIG_ROWS `rows` is always computed afresh (rows None: always shared)."""
+        if rows is not None and rows < BIG_ROWS:
             return compute()
         now = time.monotonic()
         with self._lock:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 import polars as pl
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, HTTPException, Query, Request
 
 from collector import history
 from collector.api.deps import RangeDep, ReadAuth, StoreDep
@@ -58,9 +58,9 @@ def list_gpus(store: StoreDep, r: RangeDep, fields: str | None = FieldsQuery,
               health: str | None = Query(None, description="comma-separated states: only GPUs in them, e.g. degraded,unhealthy")) -> dict:
     _, gpus = _latest(store, r)
     if node:
-        gpus = gpus.filter(pl.col("node").cast(pl.String).is_in([n.strip() for n in node.split(",")]))
+        gpus = gpus.filter(pl.col("node").is_in([n.strip() for n in node.split(",")]))
     if health:
-        gpus = gpus.filter(pl.col("health").cast(pl.String).is_in([h.strip() for h in health.split(",")]))
+        gpus = gpus.filter(pl.col("health").is_in([h.strip() for h in health.split(",")]))
     return {"gpus": _only(fleet_gpus(gpus), fields).to_dicts()}
 
 
@@ -120,9 +120,14 @@ def get_gpu_history(uuid: str, store: StoreDep, r: RangeDep) -> dict:
 
 
 @router.get("/v1/nodes/{node}/history")
-def get_node_history(node: str, store: StoreDep, r: RangeDep) -> dict:
-    """The reliability record of each GPU of a node over the range (default: 30 days), and the node's totals."""
-    records, _, since, until = _history(store, r, ("node", [node]), f"node {node!r}", series=False)
+def get_node_history(node: str, request: Request, store: StoreDep, r: RangeDep) -> dict:
+    """The reliability record of each GPU of a node over the range (default: 30 days), and the node's totals.
+    A record over days changes little from minute to minute: one asked for again within a minute (the
+    console refreshing) is served from the last answer."""
+    since, until = r.resolve(HISTORY_DEFAULT_S)
+    key = ("node-history", node, round(since / 60), round(until / 60))
+    compute = lambda: _history(store, r, ("node", [node]), f"node {node!r}", series=False)[0]  # noqa: E731
+    records = request.app.state.history_views.get(key, compute) if until - since > 6 * 3600 else compute()
     totals: dict = {"xids_by_code": {}, "xids_total": 0, "ecc_corrected": 0, "ecc_uncorrected": 0,
                     "unhealthy_seconds": 0.0, "throttle_seconds": {k: 0.0 for k in history.THROTTLE_REASONS}}
     for rec in records:
