@@ -226,6 +226,8 @@ def _ingested(c: "Collector") -> float:
 
 
 def timed(client: httpx.Client, path: str, params: dict | None = None, runs: int = 5) -> tuple[float, float, int]:
+    """Median and max over `runs` requests (the first is the max when a view of a big table is computed
+    for it and then shared for a few seconds), and the answer's size."""
     times = []
     size = 0
     for _ in range(runs):
