@@ -132,13 +132,12 @@ def test_closed_hours_are_rolled_up_again_and_long_ranges_read_the_hourly_tier(t
     s.ingest(b, body)
     s.hot.maintain(NOW)
     s.checkpoint()
-    hourly = s.scan_derived  # noqa: F841 - the hourly tier is on disk only
     from collector import partitions
     on_disk = partitions.scan(tmp_path, "gpus_1h", s.committed_segment()).collect()
     assert on_disk.filter(pl.col("uuid") == "GPU-1-2")["samples"].sum() >= 4 * 120  # four closed hours at least
     coarse = history.samples(s, "gpus", NOW - 5 * 3600, NOW, ("uuid", ["GPU-1-2"]), max_points=4)
     fine = history.samples(s, "gpus", NOW - 5 * 3600, NOW, ("uuid", ["GPU-1-2"]), max_points=1000)
-    assert coarse.height < fine.height / 5
+    assert coarse.height < fine.height / 3
     (a,), (b_,) = history.gpu_reliability(coarse), history.gpu_reliability(fine)
     assert a["xids_by_code"] == b_["xids_by_code"] == {"79": 1}
     assert a["throttle_seconds"]["thermal_slowdown"] == pytest.approx(b_["throttle_seconds"]["thermal_slowdown"], rel=0.02)
