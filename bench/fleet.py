@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="fleetscope-fleet-") as tmp:
         data = Path(tmp) / "data"
         end = time.time()
-        start, split = end - args.hours * 3600, end - 600
+        start = end - args.hours * 3600
         t0 = time.perf_counter()
         history_rows = write_history(data, args.nodes, args.gpus, args.days, start)
         print(f"fleet: {args.nodes:,} nodes x {args.gpus} GPUs, a {args.ranks:,}-rank job; {args.hours:g} h compressed; "

@@ -4,7 +4,6 @@ node built from them (what an operator reads before an RMA or a cordon)."""
 
 from __future__ import annotations
 
-import time
 
 import msgspec
 import polars as pl
@@ -137,10 +136,3 @@ def gpu_reliability(gpu: pl.DataFrame, since: float | None = None) -> list[dict]
         out.append(record)
     return out
 
-
-def default_range(since: float | None, until: float | None, default_s: float) -> tuple[float, float]:
-    until = time.time() if until is None else until
-    since = until - default_s if since is None else since
-    if since > until:
-        raise ValueError(f"since ({since}) is after until ({until})")
-    return since, until

@@ -20,7 +20,7 @@ import time
 
 import polars as pl
 
-from collector.rollups import (GPU_SAMPLES, HOST_SAMPLES, STEP_AGGS, as_gpu_samples, as_host_samples,
+from collector.rollups import (ALL_SCHEMAS, STEP_AGGS, as_gpu_samples, as_host_samples,
                                merge_step_aggregates, rollup_gpu_samples, rollup_host_samples, step_aggregates)
 from collector.tables import KINDS, empty
 
@@ -34,9 +34,9 @@ LATEST_KEYS = {"gpus": ("node", "index"), "hosts": ("node",)}
 SHRINK_ORDER = ("requests", "gpus_1m", "hosts_1m", "server_histograms", "server_stats", "step_aggs", "pauses", "gpus", "hosts")
 
 
-def _concat(chunks: list[pl.DataFrame], schema: dict) -> pl.DataFrame:
+def _concat(chunks: list[pl.DataFrame], kind: str) -> pl.DataFrame:
     if not chunks:
-        return pl.DataFrame(schema=schema)
+        return pl.DataFrame(schema=ALL_SCHEMAS[kind])
     return chunks[0] if len(chunks) == 1 else pl.concat(chunks, how="vertical", rechunk=False)
 
 
@@ -145,8 +145,7 @@ class HotTier:
     def raw(self, kind: str) -> pl.DataFrame:
         with self._lock:
             chunks = list(self._tables[kind])
-        schema = {"gpus_1m": GPU_SAMPLES, "hosts_1m": HOST_SAMPLES}.get(kind)
-        frame = _concat(chunks, schema) if schema else (_concat(chunks, empty(kind).schema) if chunks else empty(kind))
+        frame = _concat(chunks, kind)
         if len(chunks) > 256:
             self._consolidate(kind, chunks)
         return frame
@@ -170,7 +169,7 @@ class HotTier:
             aggs, fresh, chunks = self._aggs, list(self._fresh["steps"]), list(self._tables["steps"])
         if fresh:
             touched = pl.concat([f.select("job", "step") for f in fresh]).unique()
-            steps = _concat(chunks, empty("steps").schema).join(touched, on=["job", "step"], how="semi")
+            steps = _concat(chunks, "steps").join(touched, on=["job", "step"], how="semi")
             aggs = merge_step_aggregates(aggs, step_aggregates(steps).with_columns(pl.lit(False).alias("final")))
         return aggs.drop("final").sort("job", "step")
 
@@ -281,7 +280,7 @@ class HotTier:
 
     def _maintain_steps(self, chunks: list[pl.DataFrame], fresh: list[pl.DataFrame], now: float,
                         replace: dict[str, pl.DataFrame]) -> None:
-        steps = _concat(chunks, empty("steps").schema)
+        steps = _concat(chunks, "steps")
         aggs = self._aggs
         if fresh:
             touched = pl.concat([f.select("job", "step") for f in fresh]).unique()

@@ -14,7 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from collector.findings import FindingsTracker
 from collector.store import Store
-from collector.training import jobs_overview, with_mfu
+from collector.views import jobs_now
 from fleetscope.schema import Batch
 
 def _rss() -> float:
@@ -174,8 +174,6 @@ class CollectorMetrics:
         yield from (score, age, allowed, paused, change)
 
     def _training(self) -> Iterable[Metric]:
-        from collector.api.routes.jobs import jobs_now
-
         jobs = jobs_now(self.store, self.views)
         last = GaugeMetricFamily("fleetscope_training_last_step", "Highest step number any rank of the job reported.", labels=["training_job"] + self._c)
         seen = GaugeMetricFamily("fleetscope_training_last_report_timestamp_seconds", "Unix time the job's last step ended.", labels=["training_job"] + self._c)

@@ -23,26 +23,22 @@ def _tokens(env: str) -> frozenset[str]:
     return frozenset(t.strip() for t in os.environ.get(env, "").split(",") if t.strip())
 
 
+def _quantity(value: object, what: str, units: dict[str, int], expected: str) -> float:
+    """A number, or a number with one of `units` ("2GiB", "30d"); else an error saying what was expected."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value)) if not isinstance(value, bool) else None
+    if not m or m.group(2).lower() not in units:
+        raise ValueError(f"{what}: {expected}, got {value!r}")
+    return float(m.group(1)) * units[m.group(2).lower()]
+
+
 def parse_size(value: object, what: str) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"{what}: a size in bytes (or with a unit, e.g. 2GiB), got {value!r}")
-    if isinstance(value, (int, float)):
-        return int(value)
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
-    if not m or m.group(2).lower() not in _SIZE_UNITS:
-        raise ValueError(f"{what}: a size in bytes or with a unit (B, KB, MB, GB, KiB, MiB, GiB, TiB), got {value!r}")
-    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    return int(_quantity(value, what, _SIZE_UNITS, "a size in bytes or with a unit (B, KB, MB, GB, KiB, MiB, GiB, TiB)"))
 
 
 def parse_duration(value: object, what: str) -> float:
-    if isinstance(value, bool):
-        raise ValueError(f"{what}: a duration in seconds (or with a unit, e.g. 30d), got {value!r}")
-    if isinstance(value, (int, float)):
-        return float(value)
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
-    if not m or m.group(2).lower() not in _TIME_UNITS:
-        raise ValueError(f"{what}: a duration in seconds or with a unit (s, m, h, d, w), got {value!r}")
-    return float(m.group(1)) * _TIME_UNITS[m.group(2).lower()]
+    return _quantity(value, what, _TIME_UNITS, "a duration in seconds or with a unit (s, m, h, d, w)")
 
 
 def default_memory_budget() -> int:

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import polars as pl
 
+from collector.tables import empty
+
 INDICATORS = ("ttft", "e2e", "tpot", "queue", "availability")
 WINDOWS_S = {"5m": 300, "30m": 1800, "1h": 3600, "6h": 6 * 3600, "3d": 3 * 86400}
 # (long window, short window, burn rate, severity): the SRE workbook's table
@@ -142,26 +144,23 @@ class SloLedger:
         if requests.height == 0 or not self.slos:
             return
         for slo in self.slos:
-            counts = good_and_total(requests, slo)
-            with self._lock:
-                bins = self._bins[slo.name]
-                for minute, good, total in counts.iter_rows():
-                    cell = bins.setdefault(minute, [0.0, 0.0])
-                    cell[0] += good
-                    cell[1] += total
+            self._add(slo.name, good_and_total(requests, slo).iter_rows())
 
     def observe_servers(self, histograms: pl.DataFrame, stats: pl.DataFrame) -> None:
         """Count what scraped inference servers did (their histogram and counter deltas)."""
         if not self.slos or (histograms.height == 0 and stats.height == 0):
             return
         for slo in self.slos:
-            cells = good_and_total_from_servers(histograms, stats, slo)
-            with self._lock:
-                bins = self._bins[slo.name]
-                for minute, good, total in cells:
-                    cell = bins.setdefault(minute, [0.0, 0.0])
-                    cell[0] += good
-                    cell[1] += total
+            self._add(slo.name, good_and_total_from_servers(histograms, stats, slo))
+
+    def _add(self, name: str, cells) -> None:
+        """Add (minute, good, total) counts to one SLO's bins."""
+        with self._lock:
+            bins = self._bins[name]
+            for minute, good, total in cells:
+                cell = bins.setdefault(minute, [0.0, 0.0])
+                cell[0] += good
+                cell[1] += total
 
     def snapshot(self) -> bytes:
         """The per-minute counts, for the store's checkpoint (restored at start-up, before the WAL replay)."""
@@ -201,15 +200,9 @@ class SloLedger:
             if histograms is not None or stats is not None:
                 hist = histograms.filter(pl.col("service") == slo.service).collect() if histograms is not None else None
                 stat = stats.filter(pl.col("service") == slo.service).collect() if stats is not None else None
-                from collector.tables import empty
                 cells += good_and_total_from_servers(hist if hist is not None else empty("server_histograms"),
                                                      stat if stat is not None else empty("server_stats"), slo)
-            with self._lock:
-                bins = self._bins[slo.name]
-                for minute, good, total in cells:
-                    cell = bins.setdefault(minute, [0.0, 0.0])
-                    cell[0] += good
-                    cell[1] += total
+            self._add(slo.name, cells)
 
     def _window(self, name: str, now: float, seconds: float) -> tuple[float, float]:
         bins = self._bins[name]

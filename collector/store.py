@@ -87,7 +87,7 @@ class Store:
         # checkpoint, and what reads and upkeep allocate for a moment.
         hot_budget = int(memory_budget / 3) if memory_budget else None
         self.hot = HotTier(window_s=window_s, raw_s=raw_s, raw_steps=raw_steps, budget_bytes=hot_budget)
-        self._gate = threading.Condition()  # guards everything below; never held across I/O
+        self._gate = threading.Condition()  # guards everything below; held across I/O only to rotate the WAL
         self._checkpoint_lock = threading.Lock()
         self._rotating = False
         self._inflight = 0
@@ -240,17 +240,11 @@ class Store:
     def scan(self, kind: str, since: float | None = None, until: float | None = None) -> pl.LazyFrame:
         """Every row of a raw table in [since, until]: the warm tier's live files and the rows not yet
         written, without duplicates; filters on ts are pushed into the Parquet scan."""
-        for attempt in (1, 2):
-            with self._gate:
-                committed = self.committed
-                memory = [*self._unwritten.get(kind, []), *self._checkpointing.get(kind, [])]
-            try:
-                disk = partitions.scan(self.data_dir, kind, committed, since, until)
-                parts = [conform(disk, kind)] if disk is not None else []
-                break
-            except FileNotFoundError:  # compacted or retired meanwhile: list the files again
-                if attempt == 2:
-                    raise
+        with self._gate:
+            committed = self.committed
+            memory = [*self._unwritten.get(kind, []), *self._checkpointing.get(kind, [])]
+        disk = partitions.scan(self.data_dir, kind, committed, since, until)
+        parts = [conform(disk, kind)] if disk is not None else []
         schema = ALL_SCHEMAS[kind]
         if memory:
             mem = pl.concat(memory, how="vertical", rechunk=False).lazy()
@@ -279,10 +273,8 @@ class Store:
             hot = hot.filter(pl.col(ts) <= until)
         parts = [hot]
         if hot_since is not None and (since is None or since < hot_since):
-            with self._gate:
-                committed = self.committed
             upper = hot_since if until is None else min(until, hot_since)
-            disk = partitions.scan(self.data_dir, kind, committed, since, upper)
+            disk = partitions.scan(self.data_dir, kind, self.committed_segment(), since, upper)
             if disk is not None:
                 parts.insert(0, disk.filter(pl.col(ts) < hot_since).select(list(ALL_SCHEMAS[kind])).cast(ALL_SCHEMAS[kind]))
         return pl.concat(parts, how="vertical") if len(parts) > 1 else parts[0]

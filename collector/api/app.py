@@ -22,13 +22,13 @@ from fastapi import FastAPI
 import fleetscope
 from collector import history, partitions
 from collector.api.routes import findings, fleet, health, ingest, jobs, services
-from collector.api.views import Views
+from collector.views import Views
 from collector.findings import FindingsTracker, analyse, slo_findings
 from collector.metrics import CollectorMetrics
 from collector.settings import Settings
 from collector.slo import SloLedger
 from collector.store import Store
-from collector.tables import empty
+from collector.tables import conform, empty
 from fleetscope.schema import Batch
 
 log = logging.getLogger("fleetscope.collector")
@@ -60,7 +60,6 @@ def create_app(settings: Settings, store: Store | None = None) -> FastAPI:
             committed = store.committed_segment()
             scans = [partitions.scan(store.data_dir, kind, committed, since)
                      for kind in ("requests", "server_histograms", "server_stats")]
-            from collector.tables import conform
             ledger.backfill(*(conform(s, k) if s is not None else None
                               for s, k in zip(scans, ("requests", "server_histograms", "server_stats"))), names=missing)
 

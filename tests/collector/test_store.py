@@ -207,19 +207,20 @@ def test_concurrent_batches_share_fsyncs_and_each_is_durable_when_acknowledged(t
 
     def counted(fd):
         syncs["n"] += 1
-        time_module.sleep(0.005)  # a disk that takes its time, so batches pile up behind a sync
+        time.sleep(0.005)  # a disk that takes its time, so batches pile up behind a sync
         return real_sync(fd)
 
-    import time as time_module
+    def agent(a: int) -> None:
+        for seq in range(20):
+            s.ingest(*batch(seq, n=1, agent=f"a{a}"))
+
     monkeypatch.setattr(wal.os, "fdatasync", counted)
-    threads = [threading.Thread(target=lambda a=a: [s.ingest(*batch(seq, n=1, agent=f"a{a}")) for seq in range(20)])
-               for a in range(8)]
+    threads = [threading.Thread(target=agent, args=(a,)) for a in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert syncs["n"] < 160  # fewer syncs than batches: group commit
-    del s
     assert store(tmp_path).scan("steps").collect().height == 160
 
 

@@ -12,6 +12,7 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from collector.api.deps import RangeDep, ReadAuth, StoreDep
 from collector.training import (jobs_overview, rank_breakdown, rank_step_matrix, rank_step_quantiles, slowest_ranks,
                                 step_series, with_mfu)
+from collector.views import jobs_now
 
 router = APIRouter(tags=["training"], dependencies=[ReadAuth])
 MAX_RANKS = 1000  # per-rank rows in a job's answer unless asked for more: the slowest ones
@@ -42,13 +43,6 @@ def _steps(store, r, job: str | None = None) -> pl.DataFrame:
     return steps
 
 
-def jobs_now(store, views) -> pl.DataFrame:
-    """Every job over the hot tier's window (the /metrics and the default /v1/jobs view)."""
-    steps = store.frame("steps")
-    compute = lambda: with_mfu(jobs_overview(store.hot.step_aggs(), steps), store.hot.latest("gpus"))  # noqa: E731
-    return views.get("jobs", compute, rows=steps.height) if views is not None else compute()
-
-
 def _ranks(store, views, steps: pl.DataFrame, job: str, whole: bool) -> pl.DataFrame:
     """Per-rank figures of a job; shared for a few seconds when they cover all of its recent steps."""
     if not whole:
@@ -67,12 +61,9 @@ def list_jobs(request: Request, store: StoreDep, r: RangeDep) -> dict:
 def get_job(job: str, request: Request, store: StoreDep, r: RangeDep,
             top: int | None = Query(None, ge=1, le=100_000, description="only the N ranks that computed longest "
                                                                        "(default: every rank up to 1,000, else 1,000)")) -> dict:
-    aggs, steps = _aggs(store, r, job), _steps(store, r, job)
-    if aggs.height == 0 and steps.height == 0:
+    aggs, steps = _aggs(store, r, job), _steps(store, r, job)  # the aggregates include the steps just reported
+    if aggs.height == 0:
         raise HTTPException(404, f"no job {job!r} has reported a step in the range")
-    if aggs.height == 0:  # steps not aggregated yet: the first seconds of a job
-        from collector.rollups import step_aggregates
-        aggs = step_aggregates(steps)
     overview = with_mfu(jobs_overview(aggs, steps), store.hot.latest("gpus")).to_dicts()[0]
     pauses = store.frame("pauses").filter(pl.col("job") == job).sort("ts").tail(50)
     # The range covers every recent step the hot tier keeps (the usual case): the shared per-rank view.
@@ -95,9 +86,7 @@ def get_job_steps(job: str, store: StoreDep, r: RangeDep, last: int | None = Que
     ranges are cut into spans of steps (median of medians, highest p95 and max)."""
     series = step_series(_aggs(store, r, job), job)
     if series.height == 0:
-        series = step_series(_fresh_aggs(store, job), job)
-        if series.height == 0:
-            raise HTTPException(404, f"no job {job!r} has reported a step in the range")
+        raise HTTPException(404, f"no job {job!r} has reported a step in the range")
     if last is not None:
         series = series.tail(last)
     if series.height > r.max_points:
@@ -108,12 +97,6 @@ def get_job_steps(job: str, store: StoreDep, r: RangeDep, last: int | None = Que
                        pl.col("step_time_p50_s").median(), pl.col("step_time_p95_s").max(), pl.col("step_time_max_s").max())
                   .drop("_bucket"))
     return {"job": job, "steps": series.to_dicts()}
-
-
-def _fresh_aggs(store, job: str) -> pl.DataFrame:
-    from collector.rollups import step_aggregates
-
-    return step_aggregates(store.frame("steps").filter(pl.col("job") == job))
 
 
 @router.get("/v1/jobs/{job}/matrix")

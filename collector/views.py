@@ -12,6 +12,10 @@ import threading
 import time
 from typing import Callable, TypeVar
 
+import polars as pl
+
+from collector.training import jobs_overview, with_mfu
+
 T = TypeVar("T")
 BIG_ROWS = 100_000
 
@@ -38,3 +42,10 @@ class Views:
             for old in [k for k, (t, _) in self._cache.items() if now - t > 10 * self.max_age_s]:
                 del self._cache[old]
         return value
+
+
+def jobs_now(store, views: Views | None) -> pl.DataFrame:
+    """Every job over the hot tier's window (the /metrics and the default /v1/jobs view)."""
+    steps = store.frame("steps")
+    compute = lambda: with_mfu(jobs_overview(store.hot.step_aggs(), steps), store.hot.latest("gpus"))  # noqa: E731
+    return views.get("jobs", compute, rows=steps.height) if views is not None else compute()
