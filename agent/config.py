@@ -20,7 +20,7 @@ class AgentConfig:
     gpu_backend: str = "auto"  # auto | nvml | simulated | none
     gpus: int = 8  # simulated GPUs
     seed: int = 0
-    scenario: str | None = None  # fault scenario file for simulated GPUs (agent/scenario.py)
+    scenario: str | None = None  # fault scenario file for simulated GPUs (agent/gpu/scenario.py)
     expected_gpus: int | None = None
     collector_url: str | None = None
     collector_token: str | None = None

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from agent.gpustate import GpuState
+from agent.gpu.state import GpuState
 from agent.sources.base import NoData, Reading, Source
 
 log = logging.getLogger("fleetscope.agent.sampler")

@@ -21,8 +21,8 @@ from pathlib import Path
 import httpx
 
 from agent.sampler import Snapshot
-from agent.spool import Spool, Spooled
 from agent.sources.base import Family, Reading
+from agent.spool import Spool, Spooled
 from fleetscope.schema import Batch, Event, GpuFrame, HostFrame, ServerFrame, encode
 
 log = logging.getLogger("fleetscope.agent.shipper")

@@ -84,11 +84,11 @@ ALERTS: list[Alert] = [
     # freshly started agent, whose first sample is already above 0 (invisible to increase()).
     Alert("FleetscopeGpuXidCritical", "fleetscope-gpu", XID_NEW.replace("SEVERITY", "page"), "15s", "page",
           "XID {{ $labels.xid }} ({{ $labels.name }}) on GPU {{ $labels.gpu }} of {{ $labels.instance }}",
-          GPU + " reported XID {{ $labels.xid }}: {{ $labels.name }}. The catalogue in agent/xid.py says what to do.",
+          GPU + " reported XID {{ $labels.xid }}: {{ $labels.name }}. The catalogue in agent/gpu/xid.py says what to do.",
           "The driver reported an XID that means the GPU or its job is broken now (e.g. 48 double-bit ECC, 63/64 row "
           "remapping, 74 NVLink, 79 fallen off the bus, 94/95 contained/uncontained ECC).",
           "`dmesg | grep -i xid` on the node shows the event with its detail; `nvidia-smi -q -d ECC,ROW_REMAPPER`.",
-          "Follow the action for this code in agent/xid.py: usually drain the node and reset the GPU; replace it if the XID repeats."),
+          "Follow the action for this code in agent/gpu/xid.py: usually drain the node and reset the GPU; replace it if the XID repeats."),
     Alert("FleetscopeGpuXid", "fleetscope-gpu", XID_NEW.replace("SEVERITY", "ticket"), "0m", "ticket",
           "XID {{ $labels.xid }} ({{ $labels.name }}) on GPU {{ $labels.gpu }} of {{ $labels.instance }}",
           GPU + " reported XID {{ $labels.xid }}: {{ $labels.name }}, usually the application's fault (e.g. 13, 31, 43).",

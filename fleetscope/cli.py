@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-backend", choices=["auto", "nvml", "simulated", "none"])
     p.add_argument("--gpus", type=int, help="number of simulated GPUs (default 8)")
     p.add_argument("--seed", type=int, help="seed of the simulated GPUs")
-    p.add_argument("--scenario", help="TOML fault scenario for simulated GPUs (see agent/scenario.py)")
+    p.add_argument("--scenario", help="TOML fault scenario for simulated GPUs (see agent/gpu/scenario.py)")
     p.add_argument("--expected-gpus", type=int, help="GPUs this node should have")
     p.add_argument("--collector-url", help="collector base URL, e.g. http://collector:9837")
     p.add_argument("--collector-token", help="ingest token (default: $FLEETSCOPE_INGEST_TOKEN)")

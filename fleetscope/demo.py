@@ -119,7 +119,7 @@ scrape_configs:
 """
 
 
-# What goes wrong in the demo, on node-01 (see agent/scenario.py for the format).
+# What goes wrong in the demo, on node-01 (see agent/gpu/scenario.py for the format).
 DEMO_SCENARIO = """# Written by `fleetscope demo`.
 [[fault]]   # GPU 3 loses its cooling: it heats into thermal slowdown
 at_s = 90

@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import logging
 
-from agent.sources import cpu, gpu, hwmon, inference, infiniband, memory, network, pressure, storage  # noqa: F401 - registration
+from agent.gpu.backend import make_backend
+from agent.sources import (  # noqa: F401 - registration
+    cpu,
+    gpu,
+    hwmon,
+    inference,
+    infiniband,
+    memory,
+    network,
+    pressure,
+    storage,
+)
 from agent.sources.base import REGISTRY, NoData, Reading, Source
 
 log = logging.getLogger("fleetscope.agent.sources")
@@ -27,7 +38,7 @@ def build_sources(config) -> list[Source]:
         if name == "gpu":
             if config.scenario and config.gpu_backend != "simulated":
                 raise ValueError("a fault scenario plays on simulated GPUs only: add --gpu-backend simulated")
-            kwargs["backend"] = gpu.make_backend(config.gpu_backend, gpus=config.gpus, seed=config.seed, node=config.node,
+            kwargs["backend"] = make_backend(config.gpu_backend, gpus=config.gpus, seed=config.seed, node=config.node,
                                                  scenario=config.scenario)
             kwargs["expected_gpus"] = config.expected_gpus
             kwargs["compat_dcgm"] = "dcgm" in config.compat

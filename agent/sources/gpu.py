@@ -7,12 +7,12 @@ import logging
 import time
 from collections import deque
 
-from agent import compat_dcgm as dcgm
-from agent.gpustate import CLOCK_EVENT_REASONS, GpuState, clock_event_names
 from agent.cgroup import Owner, owner_of
-from agent.health import STATES, verdict
+from agent.gpu import dcgm
+from agent.gpu.health import STATES, verdict
+from agent.gpu.state import CLOCK_EVENT_REASONS, GpuState, clock_event_names
+from agent.gpu.xid import CATALOGUE
 from agent.sources.base import Family, NoData, Reading, Source, reading, register
-from agent.xid import CATALOGUE
 
 log = logging.getLogger("fleetscope.agent.gpu")
 
@@ -66,36 +66,6 @@ _NVLINK_ERRORS = (("crc_flit_errors", "crc_flit"), ("crc_data_errors", "crc_data
 def _r(metric: str, value: float, ids: tuple, *extra: tuple[str, str]) -> Reading:
     """A reading with the GPU's prebuilt label tuple: thousands of these per sample, so no dicts."""
     return Reading(metric, float(value), ids + extra if extra else ids)
-
-
-def make_backend(kind: str, *, gpus: int = 8, seed: int = 0, node: str = "sim", scenario: str | None = None):
-    """Return a GPU backend for `kind` (auto, nvml, simulated, none), or None for no GPUs."""
-    if kind == "none":
-        return None
-    if kind == "simulated":
-        from agent.gpusim import SimulatedGpus
-        from agent.scenario import load_scenario
-
-        return SimulatedGpus(gpus, seed=seed, node=node, faults=load_scenario(scenario) if scenario else ())
-    from agent.nvml import Nvml, NvmlUnavailable
-
-    try:
-        backend = Nvml()
-    except ImportError:
-        if kind == "nvml":
-            raise
-        log.warning("no GPUs: pynvml is not installed (pip install 'fleetscope[agent]'); running with host sources only")
-        return None
-    try:
-        backend.init()
-    except NvmlUnavailable as exc:
-        if kind == "nvml":
-            # Asked for NVML explicitly: keep trying at every sample, with gpu source_up 0 meanwhile.
-            log.error("%s; the gpu source will retry at every sample", exc)
-            return backend
-        log.warning("no GPUs: %s; running with host sources only", exc)
-        return None
-    return backend
 
 
 @register("gpu")

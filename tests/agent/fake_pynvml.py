@@ -66,7 +66,7 @@ def device(index: int, **overrides):
 
 
 class FakeNvml:
-    """Looks like the pynvml module to agent.nvml.Nvml."""
+    """Looks like the pynvml module to agent.gpu.nvml.Nvml."""
 
     def __init__(self, devices, init_error: Exception | None = None):
         self.devices = devices

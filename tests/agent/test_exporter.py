@@ -7,7 +7,7 @@ import subprocess
 from prometheus_client import CollectorRegistry, generate_latest
 
 from agent.exporter import AgentCollector
-from agent.gpusim import SimulatedGpus
+from agent.gpu.sim import SimulatedGpus
 from agent.sampler import Sampler
 from agent.sources.base import Family, NoData, Source, reading
 from agent.sources.cpu import CpuSource

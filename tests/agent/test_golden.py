@@ -13,8 +13,8 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, generate_latest
 
 from agent.exporter import build_families
-from agent.gpusim import SimulatedGpus
-from agent.scenario import parse_scenario
+from agent.gpu.scenario import parse_scenario
+from agent.gpu.sim import SimulatedGpus
 from agent.sources.gpu import GpuSource
 from tests.conftest import require_binary
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agent.gpusim import IDLE_W, TDP_W, SimulatedGpus
+from agent.gpu.sim import IDLE_W, TDP_W, SimulatedGpus
 
 
 class Clock:

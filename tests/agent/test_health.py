@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from agent.gpustate import GpuState, NvLinkState, PcieState, RemappedRows
-from agent.health import verdict
+from agent.gpu.health import verdict
+from agent.gpu.state import GpuState, NvLinkState, PcieState, RemappedRows
 
 
 def gpu(**kw) -> GpuState:

@@ -7,7 +7,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from agent.exporter import AgentCollector
-from agent.nvml import Nvml, NvmlUnavailable
+from agent.gpu.nvml import Nvml, NvmlUnavailable
 from agent.sampler import Sampler
 from agent.sources.gpu import GpuSource
 from tests.agent.fake_pynvml import FakeNvml, NotSupported, device
@@ -77,7 +77,7 @@ def test_an_explicit_nvml_backend_that_fails_reports_the_source_down_and_retries
 
 def test_auto_backend_without_nvml_runs_without_gpus(caplog):
     # This machine has no NVIDIA driver: auto must fall back, say so, and the source has no data.
-    from agent.sources.gpu import make_backend
+    from agent.gpu.backend import make_backend
 
     try:
         pynvml.nvmlInit()

@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 
 from agent.procfs import parse_diskstats, parse_keyed, parse_pressure
+from agent.sources.base import NoData
 from agent.sources.hwmon import HwmonSource
 from agent.sources.infiniband import InfinibandSource, parse_rate, parse_state
 from agent.sources.memory import MemorySource
 from agent.sources.network import NetworkSource
 from agent.sources.pressure import PressureSource
 from agent.sources.storage import StorageSource
-from agent.sources.base import NoData
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PROC, SYS = str(FIXTURES / "proc"), str(FIXTURES / "sys")

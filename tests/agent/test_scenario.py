@@ -6,9 +6,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from agent.exporter import AgentCollector
-from agent.gpusim import SimulatedGpus
+from agent.gpu.scenario import load_scenario, parse_scenario
+from agent.gpu.sim import SimulatedGpus
 from agent.sampler import Sampler
-from agent.scenario import load_scenario, parse_scenario
 from agent.sources.gpu import GpuSource
 
 SCENARIO = """

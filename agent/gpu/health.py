@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from agent.gpustate import GpuState, clock_event_names
-from agent.xid import describe
+from agent.gpu.state import GpuState, clock_event_names
+from agent.gpu.xid import describe
 
 HEALTHY, DEGRADED, UNHEALTHY = "healthy", "degraded", "unhealthy"
 STATES = (HEALTHY, DEGRADED, UNHEALTHY)

@@ -3,7 +3,7 @@
 Each GPU follows a workload (busy with jitter, a short dip every few minutes as if checkpointing);
 power follows utilisation, temperature follows power with a thermal time constant, and the SM
 clock boosts with headroom and backs off near the slowdown temperature. A fault scenario
-(`agent/scenario.py`) makes things go wrong the way NVML reports them: clock-event reasons,
+(`agent/gpu/scenario.py`) makes things go wrong the way NVML reports them: clock-event reasons,
 XIDs, ECC counters, a GPU that is lost, NVLink errors, a narrower PCIe link. Time comes from an
 injectable clock so a test can step it; the same seed and the same steps give the same values.
 """
@@ -16,8 +16,8 @@ import time
 import uuid as uuidlib
 from typing import Callable, Iterable
 
-from agent.gpustate import GpuState, NvLinkState, PcieState, RemappedRows
-from agent.scenario import Fault
+from agent.gpu.scenario import Fault
+from agent.gpu.state import GpuState, NvLinkState, PcieState, RemappedRows
 
 GIB = 1024**3
 NAME = "NVIDIA H100 80GB HBM3 (simulated)"
@@ -168,7 +168,7 @@ class _Gpu:
 
 
 class SimulatedGpus:
-    """A GPU backend with `read()` like `agent.nvml.Nvml`, driven by a clock and a fault scenario."""
+    """A GPU backend with `read()` like `agent.gpu.nvml.Nvml`, driven by a clock and a fault scenario."""
 
     driver_version = "570.124.06-sim"
     cuda_driver_version = "12.8"

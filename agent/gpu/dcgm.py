@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from agent.gpustate import GpuState
+from agent.gpu.state import GpuState
 from agent.sources.base import Family, Reading, reading
 
 LABELS = ("gpu", "UUID", "device", "modelName", "Hostname", "DCGM_FI_DRIVER_VERSION", "pci_bus_id")

@@ -17,9 +17,16 @@ from collections import Counter
 from types import ModuleType
 from typing import Any, Callable
 
-from agent.gpustate import GpuProcess, GpuState, MigInstance, NvLinkState, PcieState, RemappedRows
+from agent.gpu.state import (
+    GpuProcess,
+    GpuState,
+    MigInstance,
+    NvLinkState,
+    PcieState,
+    RemappedRows,
+)
 
-log = logging.getLogger("fleetscope.agent.nvml")
+log = logging.getLogger("fleetscope.agent.gpu.nvml")
 
 # GPM metric (percent) -> GpuState field (ratio)
 GPM_METRICS = (
