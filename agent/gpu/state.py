@@ -60,7 +60,23 @@ class MigInstance:
     compute_instance: int | None
     profile: str = ""
     memory_used_bytes: int | None = None
+    memory_free_bytes: int | None = None
     memory_total_bytes: int | None = None
+    # GPM on the instance (Hopper and newer): share of the last sample period its graphics engine was busy
+    gr_engine_activity_ratio: float | None = None
+    sm_activity_ratio: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FabricState:
+    """NVSwitch fabric registration of an HGX GPU (nvmlDeviceGetGpuFabricInfoV); None on GPUs without one."""
+
+    state: str  # not_started | in_progress | completed
+    status: str | None = None  # the registration's result once completed: "success" or NVML's error name
+    clique_id: int | None = None
+    cluster_uuid: str | None = None
+    health: str | None = None  # healthy | unhealthy | limited_capacity, from the health summary where the driver has it
+    degraded_bandwidth: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +94,8 @@ class GpuState:
     index: int
     uuid: str
     up: bool = True
+    # Why the GPU could not be read when up is False: gpu_lost, reset_required, not_ready, unknown_error, ...
+    error: str | None = None
     name: str | None = None
     serial: str | None = None
     pci_bus_id: str | None = None
@@ -110,6 +128,9 @@ class GpuState:
     fp16_activity_ratio: float | None = None
     fp32_activity_ratio: float | None = None
     fp64_activity_ratio: float | None = None
+    gr_engine_activity_ratio: float | None = None  # GPM graphics engine activity (DCGM_FI_PROF_GR_ENGINE_ACTIVE)
+    encoder_utilization_ratio: float | None = None
+    decoder_utilization_ratio: float | None = None
     pstate: int | None = None
     clock_event_mask: int | None = None
     # (error type "corrected"/"uncorrected", counter "volatile"/"aggregate") -> count
@@ -120,6 +141,8 @@ class GpuState:
     remapped_rows: RemappedRows | None = None
     pcie: PcieState | None = None
     nvlinks: tuple[NvLinkState, ...] = ()
+    nvlink_ecc_data_errors: int | None = None  # NVLink data-link ECC errors, all links (cumulative)
+    fabric: FabricState | None = None
     # XID code -> count since the agent started; None when this GPU's XIDs cannot be watched.
     xid_counts: dict[int, int] | None = None
     last_xid: int | None = None
@@ -127,6 +150,8 @@ class GpuState:
     mig_instances: tuple[MigInstance, ...] = ()
     # Processes with a CUDA context on this GPU.
     processes: tuple[GpuProcess, ...] = ()
+    # What NVML hid from the agent on this GPU, e.g. "processes:no_permission" (logged once, exported).
+    hidden: tuple[str, ...] = ()
 
     @property
     def pids(self) -> tuple[int, ...]:

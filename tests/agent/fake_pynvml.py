@@ -1,17 +1,29 @@
-"""A fake pynvml module at its function boundary: real pynvml errors and constants, fake devices.
+"""A strict fake of the pynvml module at its function boundary: real pynvml errors and constants,
+fake devices.
 
-Each fake device is a dict of what NVML would answer; a key set to NotSupported makes that
-call raise NVMLError_NotSupported, and `lost=True` makes every call raise NVMLError_GpuIsLost.
-`xid(index, code)` queues an XID event the way the driver does.
+Each fake device is a dict of what NVML would answer; a key set to NotSupported makes that call
+raise NVMLError_NotSupported. A device's `error` (an NVMLError class, e.g. NVMLError_ResetRequired)
+makes every call on it raise that error, the handle lookup included; `lost=True` is the same with
+NVMLError_GpuIsLost. `xid(index, code)` queues an XID event the way the driver does.
+
+Strict where the real library is strict: every call before nvmlInit (or after nvmlShutdown) raises
+NVMLError_Uninitialized, a lost GPU's events raise as its other calls do, every function the fake
+offers exists in the real binding with a compatible signature (tests/agent/test_fake_pynvml.py),
+and `fail(function, error, gpu=, times=)` makes any call raise any error, including the library's
+NVMLLibraryMismatchError, for one GPU or all of them. `counts` counts every call by name.
 """
 
 from __future__ import annotations
 
+import functools
+from collections import Counter
 from types import SimpleNamespace
 
 import pynvml as real
 
 NotSupported = object()
+# Calls that need no initialised library.
+_BEFORE_INIT = {"nvmlInit", "nvmlInitWithFlags", "nvmlShutdown"}
 
 
 def device(index: int, **overrides):
@@ -39,7 +51,7 @@ def device(index: int, **overrides):
                 (real.NVML_MEMORY_ERROR_TYPE_CORRECTED, real.NVML_AGGREGATE_ECC): 10,
                 (real.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, real.NVML_VOLATILE_ECC): 0,
                 (real.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, real.NVML_AGGREGATE_ECC): 1},
-        "retired_pages": NotSupported,  # Hopper remaps rows instead
+        "retired_pages": NotSupported,  # Hopper remaps rows instead: {cause: [addresses]}
         "retired_pending": NotSupported,
         "remapped_rows": (2, 1, 0, 0),
         "pcie_tx_kb": 1_000_000,
@@ -49,10 +61,16 @@ def device(index: int, **overrides):
         "pcie_width": (16, 16),
         "nvlinks": [True] * 18,
         "nvlink_errors": {},  # (link, counter) -> value; default 0
+        "nvlink_ecc_total": 0,
         "nvlink_tx_kib": {link: 1000 * (link + 1) for link in range(18)},
         "nvlink_rx_kib": {link: 2000 * (link + 1) for link in range(18)},
         "gpm": {real.NVML_GPM_METRIC_SM_UTIL: 81.0, real.NVML_GPM_METRIC_ANY_TENSOR_UTIL: 55.5,
-                real.NVML_GPM_METRIC_DRAM_BW_UTIL: 40.0},  # NotSupported before Hopper
+                real.NVML_GPM_METRIC_DRAM_BW_UTIL: 40.0, real.NVML_GPM_METRIC_GRAPHICS_UTIL: 90.0,
+                real.NVML_GPM_METRIC_PCIE_TX_PER_SEC: 3.0, real.NVML_GPM_METRIC_PCIE_RX_PER_SEC: 4.0},  # NotSupported before Hopper
+        "encoder": (0, 167_000),
+        "decoder": (12, 167_000),
+        # (state, status, clique id, health summary, health mask); NotSupported on GPUs without NVSwitch
+        "fabric": (real.NVML_GPU_FABRIC_STATE_COMPLETED, real.NVML_SUCCESS, 7, real.NVML_GPU_FABRIC_HEALTH_SUMMARY_HEALTHY, 0),
         "procs": [SimpleNamespace(pid=4242, usedGpuMemory=2**30)],
         "proc_util": [SimpleNamespace(pid=4242, smUtil=73, memUtil=20, timeStamp=1_000_000)],
         "mig_mode": (0, 0),
@@ -60,6 +78,7 @@ def device(index: int, **overrides):
         "events": [],  # XID codes queued for this GPU's event set
         "events_supported": True,
         "lost": False,
+        "error": None,  # an NVMLError class every call on this GPU raises
     }
     d.update(overrides)
     return d
@@ -71,34 +90,88 @@ class FakeNvml:
     def __init__(self, devices, init_error: Exception | None = None):
         self.devices = devices
         self.init_error = init_error
-        self.calls: list[str] = []
+        self.counts: Counter[str] = Counter()
         self.initialized = False
+        self.gpm_live: set[int] = set()  # ids of GPM samples allocated and not yet freed
+        self._faults: list[dict] = []
         for name in dir(real):
-            if name.startswith(("NVMLError", "NVML_", "nvmlEventType", "nvmlMemory_v2", "nvmlClocksEventReason", "c_nvmlGpm")):
+            if name.startswith(("NVMLError", "NVMLLibraryMismatchError", "NVML_", "nvmlEventType", "nvmlMemory_v2",
+                                "nvmlClocksEventReason", "c_nvml", "nvmlGpuFabricInfo")):
                 setattr(self, name, getattr(real, name))
+        for name in dir(type(self)):
+            if name.startswith("nvml"):
+                setattr(self, name, self._guard(name, getattr(self, name)))
 
+    # -- what tests drive ----------------------------------------------------------------------
     def xid(self, index: int, code: int) -> None:
         self.devices[index]["events"].append(code)
+
+    def fail(self, function: str, error, *, gpu: int | None = None, times: int | None = None) -> None:
+        """Make `function` ("*" for every device call) raise `error` (a class or an instance), on one GPU or all,
+        `times` times or until `heal()`."""
+        self._faults.append({"function": function, "error": error, "gpu": gpu, "times": times})
+
+    def heal(self) -> None:
+        self._faults.clear()
+
+
+    # -- the guard every nvml* function passes through -----------------------------------------
+    def _guard(self, name, method):
+        @functools.wraps(method)
+        def call(*args):
+            self.counts[name] += 1
+            if name not in _BEFORE_INIT and not self.initialized:
+                raise real.NVMLError_Uninitialized()
+            gpu = self._gpu_of(name, args)
+            for fault in self._faults:
+                if fault["function"] in (name, "*") and (fault["gpu"] is None or fault["gpu"] == gpu) and fault["times"] != 0:
+                    if fault["function"] == "*" and gpu is None:
+                        continue  # system calls are not device calls
+                    if fault["times"] is not None:
+                        fault["times"] -= 1
+                    error = fault["error"]
+                    raise error() if isinstance(error, type) else error
+            if gpu is not None and name not in ("nvmlEventSetCreate",):
+                d = self.devices[gpu]
+                if d["lost"]:
+                    raise real.NVMLError_GpuIsLost()
+                if d["error"] is not None:
+                    raise d["error"]()
+            return method(*args)
+
+        return call
+
+    def _gpu_of(self, name, args):
+        if not args:
+            return None
+        first = args[0]
+        if name == "nvmlDeviceGetHandleByIndex":
+            return first if 0 <= first < len(self.devices) else None
+        if name == "nvmlEventSetWait_v2":
+            return first.device
+        if isinstance(first, tuple):  # a MIG handle
+            return first[0]
+        if isinstance(first, int) and name.startswith(("nvmlDevice", "nvmlGpm")):
+            return first
+        return None
 
     def _answer(self, handle, key):
         if isinstance(handle, tuple):  # a MIG instance
             return self.devices[handle[0]]["mig"][handle[1]][key]
-        d = self.devices[handle]
-        if d["lost"]:
-            raise real.NVMLError_GpuIsLost()
-        value = d[key]
+        value = self.devices[handle][key]
         if value is NotSupported:
             raise real.NVMLError_NotSupported()
         return value
 
     # system
     def nvmlInit(self):
-        self.calls.append("init")
         if self.init_error is not None:
             raise self.init_error
         self.initialized = True
 
     def nvmlShutdown(self):
+        if not self.initialized:
+            raise real.NVMLError_Uninitialized()
         self.initialized = False
 
     def nvmlSystemGetDriverVersion(self):
@@ -111,11 +184,13 @@ class FakeNvml:
         return len(self.devices)
 
     def nvmlDeviceGetHandleByIndex(self, index):
+        if not 0 <= index < len(self.devices):
+            raise real.NVMLError_InvalidArgument()
         return index
 
     # events: one set per device, so the set's handle is the device index
     def nvmlEventSetCreate(self):
-        return SimpleNamespace(device=None)
+        return SimpleNamespace(device=None, freed=False)
 
     def nvmlDeviceRegisterEvents(self, h, types, event_set):
         if not self.devices[h]["events_supported"]:
@@ -125,13 +200,14 @@ class FakeNvml:
 
     def nvmlEventSetWait_v2(self, event_set, timeout_ms):
         assert timeout_ms == 0, "the sampler must never block on events"
+        assert not event_set.freed, "waiting on a freed event set"
         queue = self.devices[event_set.device]["events"]
         if not queue:
             raise real.NVMLError_Timeout()
         return SimpleNamespace(eventType=real.nvmlEventTypeXidCriticalError, eventData=queue.pop(0), device=event_set.device)
 
     def nvmlEventSetFree(self, event_set):
-        pass
+        event_set.freed = True
 
     # identity
     def nvmlDeviceGetUUID(self, h):
@@ -163,20 +239,74 @@ class FakeNvml:
     def nvmlDeviceGetTemperatureThreshold(self, h, which):
         return self._answer(h, "thresholds")[which]
 
+    def nvmlDeviceGetEncoderUtilization(self, h):
+        return list(self._answer(h, "encoder"))
+
+    def nvmlDeviceGetDecoderUtilization(self, h):
+        return list(self._answer(h, "decoder"))
+
+    def _field_value(self, d, fid, scope):
+        ecc = d["ecc"]
+        remapped = d["remapped_rows"]
+        retired = d["retired_pages"]
+        links = d["nvlinks"] if d["nvlinks"] is not NotSupported else []
+        errors = {real.NVML_FI_DEV_NVLINK_ERROR_DL_CRC: real.NVML_NVLINK_ERROR_DL_CRC_FLIT,
+                  real.NVML_FI_DEV_NVLINK_ERROR_DL_REPLAY: real.NVML_NVLINK_ERROR_DL_REPLAY,
+                  real.NVML_FI_DEV_NVLINK_ERROR_DL_RECOVERY: real.NVML_NVLINK_ERROR_DL_RECOVERY}
+        ecc_fields = {
+            real.NVML_FI_DEV_ECC_SBE_VOL_TOTAL: (real.NVML_MEMORY_ERROR_TYPE_CORRECTED, real.NVML_VOLATILE_ECC),
+            real.NVML_FI_DEV_ECC_DBE_VOL_TOTAL: (real.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, real.NVML_VOLATILE_ECC),
+            real.NVML_FI_DEV_ECC_SBE_AGG_TOTAL: (real.NVML_MEMORY_ERROR_TYPE_CORRECTED, real.NVML_AGGREGATE_ECC),
+            real.NVML_FI_DEV_ECC_DBE_AGG_TOTAL: (real.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, real.NVML_AGGREGATE_ECC),
+        }
+        if fid == real.NVML_FI_DEV_MEMORY_TEMP:
+            return d["mem_temp"]
+        if fid == real.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION:
+            return d["energy_mj"]
+        if fid in ecc_fields:
+            return ecc.get(ecc_fields[fid], NotSupported) if ecc is not NotSupported else NotSupported
+        if fid in (real.NVML_FI_DEV_REMAPPED_COR, real.NVML_FI_DEV_REMAPPED_UNC, real.NVML_FI_DEV_REMAPPED_PENDING,
+                   real.NVML_FI_DEV_REMAPPED_FAILURE):
+            if remapped is NotSupported:
+                return NotSupported
+            return remapped[(real.NVML_FI_DEV_REMAPPED_COR, real.NVML_FI_DEV_REMAPPED_UNC, real.NVML_FI_DEV_REMAPPED_PENDING,
+                             real.NVML_FI_DEV_REMAPPED_FAILURE).index(fid)]
+        if fid in (real.NVML_FI_DEV_RETIRED_SBE, real.NVML_FI_DEV_RETIRED_DBE):
+            if retired is NotSupported:
+                return NotSupported
+            cause = (real.NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS if fid == real.NVML_FI_DEV_RETIRED_SBE
+                     else real.NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR)
+            return len(retired[cause])
+        if fid == real.NVML_FI_DEV_RETIRED_PENDING:
+            return NotSupported if d["retired_pending"] is NotSupported else int(d["retired_pending"])
+        if fid == real.NVML_FI_DEV_PCIE_REPLAY_COUNTER:
+            return d["pcie_replay"]
+        if fid == real.NVML_FI_DEV_NVLINK_LINK_COUNT:
+            return len(links) if links else NotSupported
+        if fid == real.NVML_FI_DEV_NVLINK_ECC_DATA_ERROR_COUNT_TOTAL:
+            return d["nvlink_ecc_total"] if links else NotSupported
+        if fid in (real.NVML_FI_DEV_NVLINK_GET_STATE, real.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX,
+                   real.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX, *errors):
+            if scope is None or scope >= len(links):
+                return NotSupported
+            if fid == real.NVML_FI_DEV_NVLINK_GET_STATE:
+                return int(bool(links[scope]))
+            if fid == real.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX:
+                return d["nvlink_tx_kib"].get(scope, NotSupported)
+            if fid == real.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX:
+                return d["nvlink_rx_kib"].get(scope, NotSupported)
+            return d["nvlink_errors"].get((scope, errors[fid]), 0)
+        raise AssertionError(f"the fake does not know field {fid}")
+
     def nvmlDeviceGetFieldValues(self, h, field_ids):
         out = []
+        d = self.devices[h]
         for fid in field_ids:
             fid, scope = fid if isinstance(fid, tuple) else (fid, None)
-            if fid == real.NVML_FI_DEV_MEMORY_TEMP:
-                value = self.devices[h]["mem_temp"]
-            elif fid == real.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX:
-                value = self.devices[h]["nvlink_tx_kib"].get(scope, NotSupported)
-            elif fid == real.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX:
-                value = self.devices[h]["nvlink_rx_kib"].get(scope, NotSupported)
-            else:
-                raise AssertionError(f"unexpected field {fid}")
+            value = self._field_value(d, fid, scope)
             ok = value is not NotSupported
             out.append(SimpleNamespace(
+                fieldId=fid, scopeId=scope or 0,
                 nvmlReturn=real.NVML_SUCCESS if ok else real.NVML_ERROR_NOT_SUPPORTED,
                 valueType=real.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG, value=SimpleNamespace(ullVal=value if ok else 0)))
         return out
@@ -186,18 +316,30 @@ class FakeNvml:
         return SimpleNamespace(isSupportedDevice=1 if self._answer(h, "gpm") is not NotSupported else 0)
 
     def nvmlGpmSampleAlloc(self):
-        self.calls.append("gpm_alloc")
-        return real.c_nvmlGpmSample_t()
+        sample = SimpleNamespace(device=None, mig=None)
+        self.gpm_live.add(id(sample))
+        return sample
 
     def nvmlGpmSampleGet(self, h, sample):
-        self.calls.append("gpm_get")
+        assert id(sample) in self.gpm_live, "a freed GPM sample was used"
+        sample.device, sample.mig = h, None
+        return sample
+
+    def nvmlGpmMigSampleGet(self, h, gpu_instance, sample):
+        assert id(sample) in self.gpm_live, "a freed GPM sample was used"
+        sample.device, sample.mig = h, gpu_instance
         return sample
 
     def nvmlGpmSampleFree(self, sample):
-        self.calls.append("gpm_free")
+        assert id(sample) in self.gpm_live, "a GPM sample freed twice"
+        self.gpm_live.discard(id(sample))
 
     def nvmlGpmMetricsGet(self, request):
-        gpm = self.devices[0]["gpm"]
+        d = self.devices[request.sample2.device]
+        gpm = d["gpm"]
+        if request.sample2.mig is not None:
+            mig = next((m for m in d["mig"] if m and m["gi"] == request.sample2.mig), None)
+            gpm = (mig or {}).get("gpm", {})
         for i in range(request.numMetrics):
             metric = request.metrics[i]
             if metric.metricId in gpm:
@@ -274,6 +416,13 @@ class FakeNvml:
     def nvmlDeviceGetNvLinkErrorCounter(self, h, link, counter):
         return self._answer(h, "nvlink_errors").get((link, counter), 0)
 
+    def nvmlDeviceGetGpuFabricInfoV(self, h, info):
+        state, status, clique, summary, mask = self._answer(h, "fabric")
+        info.state, info.status, info.cliqueId, info.healthMask = state, status, clique, mask
+        if hasattr(info, "healthSummary"):
+            info.healthSummary = summary
+        return real.NVML_SUCCESS
+
     # MIG: a MIG handle is (gpu index, slot)
     def nvmlDeviceGetMigMode(self, h):
         return self._answer(h, "mig_mode")
@@ -296,7 +445,7 @@ class FakeNvml:
         return self._answer(h, "procs")
 
     def nvmlDeviceGetProcessUtilization(self, h, since):
-        self.calls.append(f"process_utilization_since:{since}")
+        self.counts[f"process_utilization_since:{since}"] += 1
         samples = [s for s in self._answer(h, "proc_util") if s.timeStamp > since]
         if not samples:
             raise real.NVMLError_NotFound()
