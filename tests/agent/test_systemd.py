@@ -32,8 +32,10 @@ def test_the_agent_runs_as_its_own_user_on_a_read_only_system():
     s = service()
     assert s["DynamicUser"] == ["yes"] and "User" not in s
     assert s["ProtectSystem"] == ["strict"] and s["NoNewPrivileges"] == ["yes"]
-    assert s["CapabilityBoundingSet"] == [""]  # no capabilities at all
-    assert s["DevicePolicy"] == ["closed"]
+    # one capability only: CAP_SYSLOG, to read XIDs from /dev/kmsg under kernel.dmesg_restrict=1
+    assert s["CapabilityBoundingSet"] == ["CAP_SYSLOG"] and s["AmbientCapabilities"] == ["CAP_SYSLOG"]
+    assert s["DevicePolicy"] == ["closed"] and "/dev/kmsg r" in s["DeviceAllow"]
+    assert "ProtectKernelLogs" not in s  # it would take CAP_SYSLOG away and hide /dev/kmsg
     assert "/dev/nvidiactl rw" in s["DeviceAllow"] and "char-nvidia-frontend rw" in s["DeviceAllow"]
     assert s["ExecStart"][0].endswith("fleetscope agent --config /etc/fleetscope/agent.toml")
 
