@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from agent.gpu.health import Verdict
 from agent.gpu.state import GpuState
 from agent.sources.base import NoData, Reading, Source
 
@@ -20,14 +22,32 @@ class SourceStatus:
     duration_s: float
     error: str | None = None
     no_data: bool = False  # the source's library or device is absent: not an error
+    problems: tuple[str, ...] = ()  # the source ran, but reports something wrong (e.g. a driver/library mismatch)
+    overran: bool = False  # it did not finish within its deadline
+
+
+@dataclass(frozen=True, slots=True)
+class Collected:
+    """What one source contributes to a snapshot beyond its readings: typed fields the consumers read."""
+
+    readings: tuple[Reading, ...]
+    gpus: tuple[GpuState, ...] = ()
+    health: dict[str, Verdict] = field(default_factory=dict)  # GPU uuid -> verdict
+    problems: tuple[str, ...] = ()
+
+    def __iter__(self):  # a Collected reads as its readings, as a plain source's result does
+        return iter(self.readings)
 
 
 @dataclass(frozen=True)
 class Snapshot:
+    """The agent's one contract between sampling and its consumers (exporter, frame builder)."""
+
     ts: float
     readings: tuple[Reading, ...]
     status: dict[str, SourceStatus]
     gpus: tuple[GpuState, ...] = field(default=())
+    health: dict[str, Verdict] = field(default_factory=dict)  # GPU uuid -> verdict
 
     def value(self, name: str, **labels: str) -> float | None:
         """The value of one series, or None when it is absent."""
@@ -38,17 +58,39 @@ class Snapshot:
         return None
 
 
-class Sampler:
-    """Runs the sources on a fixed interval; a failing source never stops the others."""
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    collected: Collected | None
+    error: BaseException | None
+    duration_s: float
 
-    def __init__(self, sources: Sequence[Source], interval_s: float = 5.0) -> None:
+
+def _collect(source: Source) -> _Outcome:
+    t0 = time.perf_counter()
+    try:
+        got = source.collect()
+        got = got if isinstance(got, Collected) else Collected(tuple(got))
+    except Exception as exc:  # noqa: BLE001 - the sampler sorts it out
+        return _Outcome(None, exc, time.perf_counter() - t0)
+    return _Outcome(got, None, time.perf_counter() - t0)
+
+
+class Sampler:
+    """Runs the sources on a fixed interval, each on its own thread under a deadline: a failing or
+    stuck source never stops or delays the others, nor the snapshot."""
+
+    def __init__(self, sources: Sequence[Source], interval_s: float = 5.0, deadline_s: float | None = None) -> None:
         self.sources = list(sources)
         self.interval_s = interval_s
+        # A source gets most of the interval; one that takes longer is reported and left to finish alone.
+        self.deadline_s = deadline_s if deadline_s is not None else max(0.5, 0.8 * interval_s)
         self.latest: Snapshot | None = None
         self._listeners: list[Callable[[Snapshot], None]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._failing: set[str] = set()
+        self._workers = [ThreadPoolExecutor(1, thread_name_prefix=f"source-{s.name}") for s in self.sources]
+        self._running: dict[int, tuple[Future, float]] = {}  # a source's collection under way, and its start
 
     def subscribe(self, callback: Callable[[Snapshot], None]) -> None:
         self._listeners.append(callback)
@@ -57,27 +99,46 @@ class Sampler:
         readings: list[Reading] = []
         status: dict[str, SourceStatus] = {}
         gpus: tuple[GpuState, ...] = ()
-        for source in self.sources:
-            t0 = time.perf_counter()
-            try:
-                got = list(source.collect())
-            except NoData as exc:
-                log.debug("source %s: no data (%s)", source.name, exc)
-                status[source.name] = SourceStatus(False, time.perf_counter() - t0, f"no data: {exc}", no_data=True)
-                continue
-            except Exception as exc:
+        health: dict[str, Verdict] = {}
+        for i, source in enumerate(self.sources):
+            if i not in self._running:
+                self._running[i] = (self._workers[i].submit(_collect, source), time.perf_counter())
+        wait([f for f, _ in self._running.values()], timeout=self.deadline_s)
+        now = time.perf_counter()
+        for i, source in enumerate(self.sources):
+            future, t0 = self._running[i]
+            if not future.done():
+                # Still running from this or an earlier sample: report it, do not wait, do not start another.
+                status[source.name] = SourceStatus(False, now - t0, f"overran its {self.deadline_s:.1f} s deadline "
+                                                   f"(running for {now - t0:.1f} s)", overran=True)
                 if source.name not in self._failing:
-                    log.exception("source %s failed; it reports source_up 0 until it recovers", source.name)
+                    log.error("source %s did not finish within %.1f s; the snapshot goes on without it",
+                              source.name, self.deadline_s)
+                    self._failing.add(source.name)
+                continue
+            del self._running[i]
+            outcome: _Outcome = future.result()
+            duration, exc = outcome.duration_s, outcome.error
+            if isinstance(exc, NoData):
+                log.debug("source %s: no data (%s)", source.name, exc)
+                status[source.name] = SourceStatus(False, duration, f"no data: {exc}", no_data=True)
+                continue
+            if exc is not None:
+                if source.name not in self._failing:
+                    log.error("source %s failed; it reports source_up 0 until it recovers", source.name,
+                              exc_info=(type(exc), exc, exc.__traceback__))
                 self._failing.add(source.name)
-                status[source.name] = SourceStatus(False, time.perf_counter() - t0, f"{type(exc).__name__}: {exc}")
+                status[source.name] = SourceStatus(False, duration, f"{type(exc).__name__}: {exc}")
                 continue
             if source.name in self._failing:
                 log.info("source %s recovered", source.name)
                 self._failing.discard(source.name)
-            readings.extend(got)
-            status[source.name] = SourceStatus(True, time.perf_counter() - t0)
-            gpus = getattr(source, "latest", gpus) or gpus
-        snapshot = Snapshot(time.time(), tuple(readings), status, gpus)
+            got = outcome.collected
+            readings.extend(got.readings)
+            gpus = got.gpus or gpus
+            health.update(got.health)
+            status[source.name] = SourceStatus(True, duration, problems=got.problems)
+        snapshot = Snapshot(time.time(), tuple(readings), status, gpus, health)
         self.latest = snapshot
         for callback in self._listeners:
             try:
@@ -103,6 +164,8 @@ class Sampler:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        for worker in self._workers:
+            worker.shutdown(wait=False, cancel_futures=True)
         for source in self.sources:
             try:
                 source.close()

@@ -16,10 +16,11 @@ def make_backend(kind: str, *, gpus: int = 8, seed: int = 0, node: str = "sim", 
         from agent.gpu.sim import SimulatedGpus
 
         return SimulatedGpus(gpus, seed=seed, node=node, faults=load_scenario(scenario) if scenario else ())
+    from agent.gpu.kmsg import KernelXids
     from agent.gpu.nvml import Nvml, NvmlUnavailable
 
     try:
-        backend = Nvml()
+        backend = Nvml(kernel_log=KernelXids())
     except ImportError:
         if kind == "nvml":
             raise
@@ -28,10 +29,10 @@ def make_backend(kind: str, *, gpus: int = 8, seed: int = 0, node: str = "sim", 
     try:
         backend.init()
     except NvmlUnavailable as exc:
-        if kind == "nvml":
-            # Asked for NVML explicitly: keep trying at every sample, with gpu source_up 0 meanwhile.
-            log.error("%s; the gpu source will retry at every sample", exc)
-            return backend
-        log.warning("no GPUs: %s; running with host sources only", exc)
-        return None
+        if kind == "auto" and exc.absent:
+            # No NVIDIA library on this node: not an error; the gpu source has no data, and looks again with backoff.
+            log.info("no GPUs yet: %s; the gpu source keeps looking", exc)
+        else:
+            # A driver that has not loaded (yet) is an error the operator sees (source_up 0, source_error 1) until NVML answers.
+            log.error("%s; the gpu source reports the error and retries with backoff", exc)
     return backend

@@ -23,7 +23,7 @@ class Verdict:
 def verdict(gpu: GpuState, new_xids: dict[int, int] | None = None) -> Verdict:
     """Judge one GPU. `new_xids` are XIDs seen within the recent window the caller keeps."""
     if not gpu.up:
-        return Verdict(UNHEALTHY, ("gpu_lost",))
+        return Verdict(UNHEALTHY, (gpu.error or "gpu_lost",))
     bad: list[str] = []
     weak: list[str] = []
     for code in sorted(new_xids or {}):
@@ -49,8 +49,20 @@ def verdict(gpu: GpuState, new_xids: dict[int, int] | None = None) -> Verdict:
     if (pcie is not None and pcie.generation is not None and pcie.generation_max is not None
             and pcie.generation < pcie.generation_max and (gpu.utilization_ratio or 0) > 0.5):
         weak.append("pcie_generation_degraded")
-    if gpu.nvlinks and any(not link.up for link in gpu.nvlinks) and any(link.up for link in gpu.nvlinks):
+    if gpu.nvlinks and not any(link.up for link in gpu.nvlinks):
+        bad.append("nvlink_all_down")  # e.g. the fabric manager stopped: no peer-to-peer, NCCL fails or crawls
+    elif any(not link.up for link in gpu.nvlinks):
         weak.append("nvlink_down")
+    fabric = gpu.fabric
+    if fabric is not None:
+        if fabric.state != "completed":
+            bad.append("fabric_not_ready")  # CUDA will not start on an HGX GPU whose fabric registration is not done
+        elif fabric.status not in (None, "success"):
+            bad.append("fabric_registration_failed")
+        if fabric.health == "unhealthy":
+            bad.append("fabric_unhealthy")
+        elif fabric.health == "limited_capacity" or fabric.degraded_bandwidth:
+            weak.append("fabric_degraded_bandwidth")
     if bad:
         return Verdict(UNHEALTHY, tuple(bad + weak))
     if weak:

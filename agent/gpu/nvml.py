@@ -1,34 +1,48 @@
-"""NVML backend: the only module that imports pynvml; every unsupported field becomes None.
+"""NVML gateway: the only module that imports pynvml. One bad GPU never hides the others.
 
-Every call goes through `Nvml._query`, which maps NVML's "not supported"-type errors to None and
-lets a lost GPU surface, as nvitop's `nvmlQuery` does. The pynvml module can be passed in, so tests
-drive this code through a fake at the pynvml function boundary.
+Every call goes through `_Gpu.call`, which sorts NVML's errors into what they mean:
+- absent (NotSupported, NotFound, InvalidArgument, NoData, ...): the field is None, never 0; a call
+  a GPU answered NotSupported is not asked again for that handle;
+- hidden (NoPermission): the field is None and the GPU records what was hidden (`hidden`), logged once;
+- mismatch (FunctionNotFound, NVMLLibraryMismatchError, LibRmVersionMismatch): the field is None and
+  the backend reports a problem (`problems`) that the exporter shows as a source error, logged once;
+- the GPU is unreadable (GpuIsLost, ResetRequired, GpuNotFound): that GPU is reported up=False with
+  the reason, and the next sample acquires its handle again;
+- the library is gone (Uninitialized, DriverNotLoaded, LibraryNotFound): NVML is initialised again,
+  with backoff, and the source reports the error meanwhile;
+- anything else (Unknown, NotReady, Timeout, ...): the field is None and the error is counted; a GPU
+  none of whose vital fields could be read is reported up=False with the commonest error as reason.
 
-XID errors arrive as NVML events: each GPU gets its own event set, drained without waiting at
-every sample, and the agent keeps a count per GPU and XID code (a counter, unlike
-dcgm-exporter's last-value gauge, so a repeat of the same XID is visible).
+Cost: values that cannot change while a handle lives (name, serial, VBIOS, PCI address,
+thresholds, maximum clocks and link widths, which NVLinks exist) are read once per handle; counters
+come in batched field-value calls; only NVLinks that exist are asked about; GPM samples are two
+buffers per GPU allocated once and freed at shutdown or when the handle goes; PCIe throughput, which
+blocks about 20 ms per call, comes from GPM where the GPU has it and otherwise from a background
+thread, never from the sampler's own path.
+
+XIDs come from two places, deduplicated: NVML events (one event set per GPU, drained without
+waiting) and the kernel log (agent/gpu/kmsg.py), which also holds XIDs from before the agent
+started and codes NVML does not deliver. Per GPU and code the count is the kernel log's records from
+before the agent started plus the larger of what each source saw since.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import re
 import threading
-from collections import Counter
+import time
+from collections import Counter, deque
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
-from agent.gpu.state import (
-    GpuProcess,
-    GpuState,
-    MigInstance,
-    NvLinkState,
-    PcieState,
-    RemappedRows,
-)
+from agent.gpu.kmsg import normalize_bus_id
+from agent.gpu.state import FabricState, GpuProcess, GpuState, MigInstance, NvLinkState, PcieState, RemappedRows
 
-log = logging.getLogger("fleetscope.agent.gpu.nvml")
+log = logging.getLogger("fleetscope.agent.nvml")
 
-# GPM metric (percent) -> GpuState field (ratio)
+# GPM metric (percent, or bytes/s for PCIe) -> GpuState field
 GPM_METRICS = (
     ("NVML_GPM_METRIC_SM_UTIL", "sm_activity_ratio"),
     ("NVML_GPM_METRIC_SM_OCCUPANCY", "sm_occupancy_ratio"),
@@ -37,12 +51,53 @@ GPM_METRICS = (
     ("NVML_GPM_METRIC_FP16_UTIL", "fp16_activity_ratio"),
     ("NVML_GPM_METRIC_FP32_UTIL", "fp32_activity_ratio"),
     ("NVML_GPM_METRIC_FP64_UTIL", "fp64_activity_ratio"),
+    ("NVML_GPM_METRIC_GRAPHICS_UTIL", "gr_engine_activity_ratio"),
+    ("NVML_GPM_METRIC_PCIE_TX_PER_SEC", "pcie_tx"),
+    ("NVML_GPM_METRIC_PCIE_RX_PER_SEC", "pcie_rx"),
 )
+MIG_GPM_METRICS = (("NVML_GPM_METRIC_GRAPHICS_UTIL", "gr_engine_activity_ratio"), ("NVML_GPM_METRIC_SM_UTIL", "sm_activity_ratio"))
 MAX_EVENTS_PER_SAMPLE = 1000  # a storm must not stall the sampler; the rest waits for the next sample
+MAX_FIELDS_PER_CALL = 64
+INIT_BACKOFF_S = (1.0, 300.0)  # first retry after 1 s, doubling up to 5 min
+XID_RECENT_S = 3600.0  # XIDs within this window make the GPU's verdict (agent/gpu/health.py)
+
+_ABSENT = ("NotSupported", "NotFound", "InvalidArgument", "NoData", "ArgumentVersionMismatch", "Deprecated",
+           "InsufficientSize", "VgpuEccNotSupported")
+_GPU_FATAL = ("GpuIsLost", "ResetRequired", "GpuNotFound")
+_LIBRARY_GONE = ("Uninitialized", "DriverNotLoaded", "LibraryNotFound")
+_MISMATCH = ("FunctionNotFound", "LibRmVersionMismatch")
+_REASONS = {"GpuIsLost": "gpu_lost", "Unknown": "unknown_error"}
+
+
+def reason_of(exc: BaseException) -> str:
+    """A stable snake_case reason for an NVML error: NVMLError_ResetRequired -> "reset_required"."""
+    name = type(exc).__name__
+    if name == "NVMLLibraryMismatchError":
+        return "library_mismatch"
+    name = name.removeprefix("NVMLError_")
+    if name in _REASONS:
+        return _REASONS[name]
+    if name == "NVMLError":  # an error code pynvml has no class for
+        return f"nvml_error_{getattr(exc, 'value', 'unknown')}"
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 
 
 class NvmlUnavailable(Exception):
-    """NVML could not be initialised (no driver, no library, no GPU)."""
+    """NVML cannot be used now (no driver, no library, no GPU); `absent` when there is simply no NVIDIA stack."""
+
+    def __init__(self, message: str, *, absent: bool = False) -> None:
+        super().__init__(message)
+        self.absent = absent
+
+
+class _Unreadable(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _LibraryGone(Exception):
+    pass
 
 
 def _text(value: Any) -> str | None:
@@ -51,327 +106,711 @@ def _text(value: Any) -> str | None:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
+class _Gpu:
+    """One GPU handle and what is known about it while the handle lives."""
+
+    def __init__(self, nvml: Nvml, index: int, handle: Any, uuid: str) -> None:
+        self.nvml, self.lib, self.index, self.handle, self.uuid = nvml, nvml.lib, index, handle, uuid
+        self.unsupported: set[tuple] = set()
+        self.hidden: set[str] = set()
+        self.errors: Counter[str] = Counter()  # this sample's errors by reason
+        self.static: dict[str, Any] = {}
+        self.links: tuple[int, ...] = ()
+        self.field_ids: list = []
+        self.event_set: Any = None
+        self.gpm: list[Any] = []  # two sample buffers, used in turn
+        self.gpm_have_previous = False
+        self.gpm_turn = 0
+        self.mig_gpm: dict[int, list[Any]] = {}  # gpu instance id -> [buffers, have_previous, turn]
+        self.util_since = 0
+        self.fabric_struct: Any = None
+
+    # -- every NVML call of this GPU -----------------------------------------------------------
+    def call(self, name: str, *args: Any, what: str | None = None) -> Any:
+        key = (name, *(a for a in args[1:] if isinstance(a, (int, str))))
+        if key in self.unsupported:
+            return None
+        func = getattr(self.lib, name, None)
+        if func is None:  # a binding older than the call
+            self.nvml.mismatch(f"{name} missing from pynvml")
+            self.unsupported.add(key)
+            return None
+        try:
+            return func(*args)
+        except self.nvml.errors.library_mismatch as exc:
+            self.nvml.mismatch(f"{name}: {exc}")
+            self.unsupported.add(key)
+            return None
+        except self.lib.NVMLError as exc:
+            kind = type(exc).__name__.removeprefix("NVMLError_")
+            if kind == "NotSupported":
+                self.unsupported.add(key)
+                return None
+            if kind in _ABSENT:
+                return None
+            if kind == "NoPermission":
+                self.hide(f"{what or name}:no_permission", name)
+                return None
+            if kind in _MISMATCH:
+                self.nvml.mismatch(f"{name}: {reason_of(exc)}")
+                self.unsupported.add(key)
+                return None
+            if kind in _GPU_FATAL:
+                raise _Unreadable(reason_of(exc)) from exc
+            if kind in _LIBRARY_GONE:
+                raise _LibraryGone(reason_of(exc)) from exc
+            reason = reason_of(exc)
+            self.errors[reason] += 1
+            self.nvml.count_error(self, name, reason)
+            return None
+
+    def hide(self, what: str, name: str) -> None:
+        if what not in self.hidden:
+            self.hidden.add(what)
+            log.warning("GPU %d: NVML refuses %s to this user (NoPermission); %s stays hidden. "
+                        "Run the agent with the rights to read it to see it.", self.index, name, what.partition(":")[0])
+
+    def free(self) -> None:
+        """Give back the native objects of this handle (event set, GPM samples); errors here change nothing."""
+        lib = self.lib
+        buffers = list(self.gpm) + [b for entry in self.mig_gpm.values() for b in entry[0]]
+        self.gpm, self.mig_gpm = [], {}
+        for sample in buffers:
+            try:
+                lib.nvmlGpmSampleFree(sample)
+            except Exception as exc:  # noqa: BLE001 - freeing must go on whatever one call says
+                log.debug("GPU %d: freeing a GPM sample: %s", self.index, exc)
+        if self.event_set is not None:
+            try:
+                lib.nvmlEventSetFree(self.event_set)
+            except Exception as exc:  # noqa: BLE001
+                log.debug("GPU %d: freeing the event set: %s", self.index, exc)
+            self.event_set = None
+
+
+class _Errors:
+    def __init__(self, lib: ModuleType) -> None:
+        mismatch = getattr(lib, "NVMLLibraryMismatchError", None)
+        self.library_mismatch: tuple[type[BaseException], ...] = (mismatch,) if isinstance(mismatch, type) else ()
+
+
 class Nvml:
     """Reads every GPU on the node through NVML; one instance per agent."""
 
-    def __init__(self, lib: ModuleType | None = None) -> None:
+    def __init__(self, lib: ModuleType | None = None, *, kernel_log: Any = None, clock=time.monotonic,
+                 pcie_interval_s: float = 5.0) -> None:
         if lib is None:
-            import pynvml as lib  # noqa: PLC0415 - only here, so the agent starts without it
+            import pynvml as lib  # only here, so the agent starts without it
         self.lib = lib
+        self.errors = _Errors(lib)
+        self.clock = clock
         self._lock = threading.Lock()
         self._initialized = False
+        self._init_failures = 0
+        self._next_init_at = 0.0
+        self._init_error: NvmlUnavailable | None = None
         self.driver_version: str | None = None
         self.cuda_driver_version: str | None = None
-        # uuid of each index as last seen, so a GPU that falls off the bus keeps its identity
-        self._uuids: dict[int, str] = {}
-        self._event_sets: dict[int, Any] = {}  # index -> event set, for GPUs whose XIDs we can watch
-        self._xids: dict[int, Counter[int]] = {}
-        self._last_xid: dict[int, int] = {}
-        self._util_since: dict[int, int] = {}
-        self._gpm_supported: dict[int, bool] = {}
-        self._gpm_samples: dict[int, Any] = {}  # per device: timestamp of the last process-utilisation sample seen
-        self._not_supported = tuple(
-            getattr(lib, name)
-            for name in ("NVMLError_NotSupported", "NVMLError_NoPermission", "NVMLError_NotFound",
-                         "NVMLError_FunctionNotFound", "NVMLError_InvalidArgument")
-            if hasattr(lib, name)
-        )
+        self._gpus: dict[int, _Gpu] = {}
+        self._down: dict[int, str] = {}  # index -> reason, while a GPU cannot be read
+        self._uuids: dict[int, str] = {}  # uuid of each index as last seen, so a GPU that goes away keeps its identity
+        self._bus_ids: dict[int, str] = {}
+        self._problems: dict[str, str] = {}  # problem -> detail, for the source's status
+        self._logged: set[tuple] = set()
+        self.error_counts: Counter[tuple[str, str, str]] = Counter()  # (uuid, call, reason) -> errors since start
+        # XIDs: per index, code -> count from NVML events since start; kernel-log counts before/after start
+        self._nvml_xids: dict[int, Counter[int]] = {}
+        self._kernel = kernel_log
+        self._kernel_before: dict[str, Counter[int]] = {}
+        self._kernel_after: dict[str, Counter[int]] = {}
+        self._recent: dict[str, deque[tuple[float, int]]] = {}  # bus id or index key -> (wall time, code)
+        self._last_xid: dict[str, int] = {}
+        self._started_boot_us = int(time.monotonic() * 1e6)
+        self._pcie_interval_s = pcie_interval_s
+        self._pcie: dict[int, tuple[float | None, float | None]] = {}
+        self._pcie_thread: threading.Thread | None = None
+        self._stop = threading.Event()
 
+    # -- problems the source reports ---------------------------------------------------------
+    @property
+    def problems(self) -> tuple[str, ...]:
+        out = set(self._problems)
+        kernel_problem = getattr(self._kernel, "problem", None)
+        if kernel_problem:
+            out.add(kernel_problem)
+        return tuple(sorted(out))
+
+    def mismatch(self, detail: str) -> None:
+        problem = "library_mismatch" if "mismatch" in detail.lower() else "function_not_found"
+        if (problem, detail) not in self._logged:
+            self._logged.add((problem, detail))
+            log.error("NVML driver/library mismatch: %s (update nvidia-ml-py or the driver so they match); "
+                      "the field stays empty", detail)
+        self._problems[problem] = detail
+
+    def count_error(self, gpu: _Gpu, call: str, reason: str) -> None:
+        self.error_counts[(gpu.uuid, call, reason)] += 1
+        if (gpu.index, call, reason) not in self._logged:
+            self._logged.add((gpu.index, call, reason))
+            log.warning("GPU %d: %s failed with %s; that field is left out while it fails", gpu.index, call, reason)
+
+    # -- initialisation with backoff -----------------------------------------------------------
     def init(self) -> None:
         with self._lock:
-            if self._initialized:
-                return
-            try:
-                self.lib.nvmlInit()
-            except self.lib.NVMLError as exc:
-                raise NvmlUnavailable(f"NVML did not initialise: {exc}") from exc
-            self._initialized = True
-            self.driver_version = _text(self._query(self.lib.nvmlSystemGetDriverVersion))
-            cuda = self._query(self.lib.nvmlSystemGetCudaDriverVersion)
+            self._init_locked(force=True)
+
+    def _init_locked(self, force: bool = False) -> None:
+        if self._initialized:
+            return
+        now = self.clock()
+        if not force and now < self._next_init_at and self._init_error is not None:
+            raise self._init_error
+        lib = self.lib
+        try:
+            lib.nvmlInit()
+        except (lib.NVMLError, *self.errors.library_mismatch) as exc:
+            self._init_failures += 1
+            delay = min(INIT_BACKOFF_S[1], INIT_BACKOFF_S[0] * 2 ** (self._init_failures - 1))
+            self._next_init_at = now + delay
+            absent = type(exc).__name__ == "NVMLError_LibraryNotFound"
+            self._init_error = NvmlUnavailable(f"NVML did not initialise ({reason_of(exc)}: {exc}); next try in {delay:.0f} s",
+                                               absent=absent)
+            if self._init_failures == 1 or self._init_failures % 10 == 0:
+                log.log(logging.INFO if absent else logging.ERROR, "%s", self._init_error)
+            raise self._init_error from exc
+        if self._init_failures:
+            log.info("NVML initialised after %d failed tries", self._init_failures)
+        self._initialized, self._init_failures, self._init_error = True, 0, None
+        try:
+            self.driver_version = _text(lib.nvmlSystemGetDriverVersion())
+            cuda = lib.nvmlSystemGetCudaDriverVersion()
             if cuda:  # 12040 means 12.4
                 self.cuda_driver_version = f"{cuda // 1000}.{cuda % 1000 // 10}"
-            self._watch_xids()
+        except (lib.NVMLError, *self.errors.library_mismatch) as exc:
+            log.warning("NVML driver version: %s", exc)
 
-    def _watch_xids(self) -> None:
-        lib = self.lib
-        for index in range(lib.nvmlDeviceGetCount()):
-            try:
-                handle = lib.nvmlDeviceGetHandleByIndex(index)
-                event_set = lib.nvmlEventSetCreate()
-                lib.nvmlDeviceRegisterEvents(handle, lib.nvmlEventTypeXidCriticalError, event_set)
-            except lib.NVMLError as exc:
-                log.warning("GPU %d: XID errors cannot be watched (%s); its XID counters are left out", index, exc)
-                continue
-            self._event_sets[index] = event_set
-            self._xids[index] = Counter()
-
-    def _drain_xids(self) -> None:
-        lib = self.lib
-        for index, event_set in self._event_sets.items():
-            for _ in range(MAX_EVENTS_PER_SAMPLE):
-                try:
-                    data = lib.nvmlEventSetWait_v2(event_set, 0)
-                except lib.NVMLError_Timeout:
-                    break  # nothing pending
-                except lib.NVMLError as exc:
-                    log.debug("GPU %d: reading XID events failed: %s", index, exc)
-                    break
-                if data.eventType & lib.nvmlEventTypeXidCriticalError:
-                    xid = int(data.eventData)
-                    self._xids[index][xid] += 1
-                    self._last_xid[index] = xid
-                    log.error("GPU %d: XID %d", index, xid)
+    def _lose_library(self, why: str) -> None:
+        """NVML went away under us (driver unloaded or reloaded): drop every handle and initialise again later."""
+        log.error("NVML stopped answering (%s); it is initialised again with backoff", why)
+        for gpu in self._gpus.values():
+            gpu.free()
+        self._gpus.clear()
+        try:
+            self.lib.nvmlShutdown()
+        except Exception:  # noqa: BLE001, S110 - it is gone already
+            pass
+        self._initialized = False
+        self._init_failures = 1
+        self._next_init_at = self.clock() + INIT_BACKOFF_S[0]
+        self._init_error = NvmlUnavailable(f"NVML stopped answering: {why}")
 
     def shutdown(self) -> None:
+        self._stop.set()
+        if self._pcie_thread is not None:
+            self._pcie_thread.join(timeout=5)
         with self._lock:
+            for gpu in self._gpus.values():
+                gpu.free()
+            self._gpus.clear()
             if self._initialized:
-                for event_set in self._event_sets.values():
-                    try:
-                        self.lib.nvmlEventSetFree(event_set)
-                    except self.lib.NVMLError:
-                        pass
-                self._event_sets.clear()
                 try:
                     self.lib.nvmlShutdown()
                 except self.lib.NVMLError:
                     pass
                 self._initialized = False
+            if self._kernel is not None:
+                self._kernel.close()
 
-    def _query(self, func: Callable[..., Any], *args: Any) -> Any:
-        try:
-            return func(*args)
-        except self._not_supported:
-            return None
-
+    # -- one sample ----------------------------------------------------------------------------
     def read(self) -> list[GpuState]:
-        """One state per GPU index; a GPU that is lost is reported with up=False."""
-        self.init()
-        lib = self.lib
-        self._drain_xids()
-        states = []
-        for index in range(lib.nvmlDeviceGetCount()):
-            xids = dict(self._xids[index]) if index in self._xids else None
+        """One state per GPU index; a GPU that cannot be read is reported with up=False and why."""
+        with self._lock:
+            self._init_locked()
             try:
-                states.append(self._read_device(index, xids, self._last_xid.get(index)))
-            except lib.NVMLError_GpuIsLost:
-                log.error("GPU %d has fallen off the bus (NVML: GPU is lost)", index)
-                states.append(GpuState(index=index, uuid=self._uuids.get(index, f"index-{index}"), up=False, xid_counts=xids,
-                                       last_xid=self._last_xid.get(index)))
+                count = self.lib.nvmlDeviceGetCount()
+            except self.lib.NVMLError as exc:
+                if type(exc).__name__.removeprefix("NVMLError_") in _LIBRARY_GONE:
+                    self._lose_library(reason_of(exc))
+                raise NvmlUnavailable(f"NVML cannot count the GPUs: {reason_of(exc)}") from exc
+            self._poll_kernel()
+            states = []
+            for index in range(count):
+                try:
+                    states.append(self._read_index(index))
+                except _LibraryGone as exc:
+                    self._lose_library(str(exc))
+                    raise NvmlUnavailable(f"NVML stopped answering: {exc}") from exc
+            for index in [i for i in self._gpus if i >= count]:  # GPUs that left the count
+                self._gpus.pop(index).free()
+            self._problems = {k: v for k, v in self._problems.items() if k in ("library_mismatch", "function_not_found")}
+        if self._pcie_thread is None and any(g.static.get("pcie_from_thread") for g in self._gpus.values()):
+            self._pcie_thread = threading.Thread(target=self._pcie_loop, name="nvml-pcie", daemon=True)
+            self._pcie_thread.start()
         return states
 
-    def _read_device(self, index: int, xids: dict[int, int] | None, last_xid: int | None) -> GpuState:
-        lib, q = self.lib, self._query
-        handle = lib.nvmlDeviceGetHandleByIndex(index)
-        uuid = _text(lib.nvmlDeviceGetUUID(handle)) or f"index-{index}"
+    def _acquire(self, index: int) -> _Gpu:
+        lib = self.lib
+        try:
+            handle = lib.nvmlDeviceGetHandleByIndex(index)
+            uuid = _text(lib.nvmlDeviceGetUUID(handle)) or f"index-{index}"
+        except self.errors.library_mismatch as exc:
+            raise _Unreadable("library_mismatch") from exc
+        except lib.NVMLError as exc:
+            if type(exc).__name__.removeprefix("NVMLError_") in _LIBRARY_GONE:
+                raise _LibraryGone(reason_of(exc)) from exc
+            raise _Unreadable(reason_of(exc)) from exc
+        old = self._gpus.pop(index, None)
+        if old is not None:
+            old.free()
+        gpu = _Gpu(self, index, handle, uuid)
         self._uuids[index] = uuid
-        f: dict[str, Any] = {"index": index, "uuid": uuid, "xid_counts": xids, "last_xid": last_xid}
+        self._read_static(gpu)
+        self._watch_xids(gpu)
+        return gpu
 
-        f["name"] = _text(q(lib.nvmlDeviceGetName, handle))
-        f["serial"] = _text(q(lib.nvmlDeviceGetSerial, handle))
-        f["vbios"] = _text(q(lib.nvmlDeviceGetVbiosVersion, handle))
-        pci = q(lib.nvmlDeviceGetPciInfo, handle)
-        if pci is not None:
-            f["pci_bus_id"] = _text(pci.busId)
+    def _read_index(self, index: int) -> GpuState:
+        gpu = self._gpus.get(index)
+        try:
+            if gpu is None:
+                gpu = self._gpus[index] = self._acquire(index)
+            self._drain_xids(gpu)
+            state = self._read_device(gpu)
+        except _Unreadable as exc:
+            if self._down.get(index) != exc.reason:
+                log.error("GPU %d (%s) cannot be read: %s; the other GPUs go on, and its handle is acquired again "
+                          "at the next sample", index, self._uuids.get(index, "?"), exc.reason)
+            self._down[index] = exc.reason
+            dropped = self._gpus.pop(index, None)
+            if dropped is not None:
+                dropped.free()
+            return self._down_state(index, exc.reason)
+        if index in self._down:
+            log.info("GPU %d (%s) answers again", index, gpu.uuid)
+            del self._down[index]
+        return state
 
-        util = q(lib.nvmlDeviceGetUtilizationRates, handle)
+    def _down_state(self, index: int, reason: str) -> GpuState:
+        key = self._bus_ids.get(index)
+        return GpuState(index=index, uuid=self._uuids.get(index, f"index-{index}"), up=False, error=reason,
+                        xid_counts=self._xid_counts(index, key), last_xid=self._last_xid.get(key or f"i{index}"),
+                        recent_xids=self._recent_xids(key or f"i{index}"))
+
+    # -- what does not change while a handle lives ---------------------------------------------
+    def _read_static(self, gpu: _Gpu) -> None:
+        lib, c, h, s = self.lib, gpu.call, gpu.handle, gpu.static
+        s["name"] = _text(c("nvmlDeviceGetName", h))
+        s["serial"] = _text(c("nvmlDeviceGetSerial", h))
+        s["vbios"] = _text(c("nvmlDeviceGetVbiosVersion", h))
+        pci = c("nvmlDeviceGetPciInfo", h)
+        s["pci_bus_id"] = _text(pci.busId) if pci is not None else None
+        if s["pci_bus_id"]:
+            try:
+                self._bus_ids[gpu.index] = normalize_bus_id(s["pci_bus_id"])
+            except ValueError:
+                log.warning("GPU %d: PCI address %r not understood; its kernel-log XIDs cannot be matched", gpu.index, s["pci_bus_id"])
+        s["temperature_slowdown_celsius"] = _float(c("nvmlDeviceGetTemperatureThreshold", h, lib.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN))
+        s["temperature_shutdown_celsius"] = _float(c("nvmlDeviceGetTemperatureThreshold", h, lib.NVML_TEMPERATURE_THRESHOLD_SHUTDOWN))
+        s["sm_clock_max_hertz"] = _scaled(c("nvmlDeviceGetMaxClockInfo", h, lib.NVML_CLOCK_SM), 1e6)
+        s["memory_clock_max_hertz"] = _scaled(c("nvmlDeviceGetMaxClockInfo", h, lib.NVML_CLOCK_MEM), 1e6)
+        s["pcie_generation_max"] = c("nvmlDeviceGetMaxPcieLinkGeneration", h)
+        s["pcie_width_max"] = c("nvmlDeviceGetMaxPcieLinkWidth", h)
+        support = c("nvmlGpmQueryDeviceSupport", h)
+        s["gpm"] = bool(support is not None and support.isSupportedDevice)
+        if s["gpm"]:
+            gpu.gpm = self._gpm_buffers(gpu)
+            s["gpm"] = bool(gpu.gpm)
+        s["pcie_from_thread"] = not s["gpm"]
+        # NVLinks: which exist, asked once; then state, throughput and errors of those only, in field-value batches.
+        count = self._fields(gpu, [lib.NVML_FI_DEV_NVLINK_LINK_COUNT])[0]
+        if count:
+            gpu.links = tuple(range(int(count)))
+        else:  # drivers without the link-count field: probe the link states once
+            gpu.links = tuple(link for link in range(lib.NVML_NVLINK_MAX_LINKS)
+                              if c("nvmlDeviceGetNvLinkState", h, link) is not None)
+        gpu.field_ids = self._sample_fields(gpu)
+
+    def _sample_fields(self, gpu: _Gpu) -> list:
+        lib = self.lib
+        ids: list = [lib.NVML_FI_DEV_MEMORY_TEMP, lib.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION,
+                     lib.NVML_FI_DEV_ECC_SBE_VOL_TOTAL, lib.NVML_FI_DEV_ECC_DBE_VOL_TOTAL,
+                     lib.NVML_FI_DEV_ECC_SBE_AGG_TOTAL, lib.NVML_FI_DEV_ECC_DBE_AGG_TOTAL,
+                     lib.NVML_FI_DEV_RETIRED_SBE, lib.NVML_FI_DEV_RETIRED_DBE, lib.NVML_FI_DEV_RETIRED_PENDING,
+                     lib.NVML_FI_DEV_REMAPPED_COR, lib.NVML_FI_DEV_REMAPPED_UNC, lib.NVML_FI_DEV_REMAPPED_PENDING,
+                     lib.NVML_FI_DEV_REMAPPED_FAILURE, lib.NVML_FI_DEV_PCIE_REPLAY_COUNTER]
+        if gpu.links:
+            ids.append(lib.NVML_FI_DEV_NVLINK_ECC_DATA_ERROR_COUNT_TOTAL)
+            for link in gpu.links:
+                ids.extend((fid, link) for fid in (
+                    lib.NVML_FI_DEV_NVLINK_GET_STATE, lib.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX,
+                    lib.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX, lib.NVML_FI_DEV_NVLINK_ERROR_DL_CRC,
+                    lib.NVML_FI_DEV_NVLINK_ERROR_DL_REPLAY, lib.NVML_FI_DEV_NVLINK_ERROR_DL_RECOVERY))
+        return ids
+
+    def _gpm_buffers(self, gpu: _Gpu) -> list[Any]:
+        buffers = []
+        for _ in range(2):
+            sample = gpu.call("nvmlGpmSampleAlloc")
+            if sample is None:
+                for b in buffers:
+                    gpu.call("nvmlGpmSampleFree", b)
+                return []
+            buffers.append(sample)
+        return buffers
+
+    # -- XIDs ------------------------------------------------------------------------------------
+    def _watch_xids(self, gpu: _Gpu) -> None:
+        lib = self.lib
+        event_set = gpu.call("nvmlEventSetCreate")
+        if event_set is None:
+            return
+        try:
+            lib.nvmlDeviceRegisterEvents(gpu.handle, lib.nvmlEventTypeXidCriticalError, event_set)
+        except (lib.NVMLError, *self.errors.library_mismatch) as exc:
+            if ("xid_events", gpu.index) not in self._logged:
+                self._logged.add(("xid_events", gpu.index))
+                log.warning("GPU %d: XID events cannot be watched through NVML (%s); the kernel log is read instead",
+                            gpu.index, reason_of(exc))
+            if type(exc).__name__ == "NVMLError_NoPermission":
+                gpu.hidden.add("xid_events:no_permission")
+            try:
+                lib.nvmlEventSetFree(event_set)
+            except lib.NVMLError:
+                pass
+            return
+        gpu.event_set = event_set
+        self._nvml_xids.setdefault(gpu.index, Counter())
+
+    def _drain_xids(self, gpu: _Gpu) -> None:
+        if gpu.event_set is None:
+            return
+        lib = self.lib
+        for _ in range(MAX_EVENTS_PER_SAMPLE):
+            try:
+                data = lib.nvmlEventSetWait_v2(gpu.event_set, 0)
+            except lib.NVMLError as exc:
+                kind = type(exc).__name__.removeprefix("NVMLError_")
+                if kind == "Timeout":
+                    return  # nothing pending
+                if kind in _GPU_FATAL:
+                    raise _Unreadable(reason_of(exc)) from exc
+                if kind in _LIBRARY_GONE:
+                    raise _LibraryGone(reason_of(exc)) from exc
+                log.debug("GPU %d: reading XID events failed: %s", gpu.index, exc)
+                return
+            if data.eventType & lib.nvmlEventTypeXidCriticalError:
+                code = int(data.eventData)
+                self._nvml_xids[gpu.index][code] += 1
+                key = self._bus_ids.get(gpu.index, f"i{gpu.index}")
+                self._last_xid[key] = code
+                self._recent.setdefault(key, deque()).append((time.time(), code))
+                log.error("GPU %d: XID %d (NVML event)", gpu.index, code)
+
+    def _poll_kernel(self) -> None:
+        if self._kernel is None:
+            return
+        now_wall, now_boot_us = time.time(), time.monotonic() * 1e6
+        for x in self._kernel.poll():
+            side = self._kernel_before if x.boot_us < self._started_boot_us else self._kernel_after
+            side.setdefault(x.bus_id, Counter())[x.code] += 1
+            self._last_xid[x.bus_id] = x.code
+            when = now_wall - (now_boot_us - x.boot_us) / 1e6
+            if when >= now_wall - XID_RECENT_S:
+                self._recent.setdefault(x.bus_id, deque()).append((when, x.code))
+            if x.boot_us >= self._started_boot_us:
+                log.error("GPU %s: XID %d (kernel log): %s", x.bus_id, x.code, x.message)
+
+    def _xid_counts(self, index: int, bus_id: str | None) -> dict[int, int] | None:
+        nvml = self._nvml_xids.get(index)
+        kernel_ok = self._kernel is not None and not getattr(self._kernel, "problem", None)
+        if nvml is None and not kernel_ok:
+            return None  # nothing watches this GPU's XIDs
+        before = self._kernel_before.get(bus_id or "", Counter())
+        after = self._kernel_after.get(bus_id or "", Counter())
+        nvml = nvml or Counter()
+        return {code: before[code] + max(after[code], nvml[code]) for code in set(before) | set(after) | set(nvml)}
+
+    def _recent_xids(self, key: str) -> dict[int, int]:
+        events = self._recent.get(key)
+        if not events:
+            return {}
+        horizon = time.time() - XID_RECENT_S
+        while events and events[0][0] < horizon:
+            events.popleft()
+        return dict(Counter(code for _, code in events))
+
+    # -- the values of one sample ----------------------------------------------------------------
+    def _read_device(self, gpu: _Gpu) -> GpuState:
+        lib, c, h, s = self.lib, gpu.call, gpu.handle, gpu.static
+        gpu.errors.clear()
+        index = gpu.index
+        key = self._bus_ids.get(index, f"i{index}")
+        f: dict[str, Any] = {
+            "index": index, "uuid": gpu.uuid, "name": s["name"], "serial": s["serial"], "vbios": s["vbios"],
+            "pci_bus_id": s["pci_bus_id"], "temperature_slowdown_celsius": s["temperature_slowdown_celsius"],
+            "temperature_shutdown_celsius": s["temperature_shutdown_celsius"], "sm_clock_max_hertz": s["sm_clock_max_hertz"],
+            "memory_clock_max_hertz": s["memory_clock_max_hertz"],
+            "xid_counts": self._xid_counts(index, self._bus_ids.get(index)), "last_xid": self._last_xid.get(key),
+            "recent_xids": self._recent_xids(key),
+        }
+        util = c("nvmlDeviceGetUtilizationRates", h)
         if util is not None:
             f["utilization_ratio"] = util.gpu / 100.0
             f["memory_utilization_ratio"] = util.memory / 100.0
-        mem = q(lib.nvmlDeviceGetMemoryInfo, handle, lib.nvmlMemory_v2) or q(lib.nvmlDeviceGetMemoryInfo, handle)
+        mem = c("nvmlDeviceGetMemoryInfo", h, lib.nvmlMemory_v2)
+        if mem is None and ("nvmlDeviceGetMemoryInfo", lib.nvmlMemory_v2) in gpu.unsupported:
+            mem = c("nvmlDeviceGetMemoryInfo", h)
         if mem is not None:
             f.update(memory_used_bytes=int(mem.used), memory_free_bytes=int(mem.free), memory_total_bytes=int(mem.total))
             if getattr(mem, "reserved", None) is not None:
                 f["memory_reserved_bytes"] = int(mem.reserved)
-
-        f["temperature_celsius"] = _float(q(lib.nvmlDeviceGetTemperature, handle, lib.NVML_TEMPERATURE_GPU))
-        f["memory_temperature_celsius"] = self._field(handle, lib.NVML_FI_DEV_MEMORY_TEMP)
-        f["temperature_slowdown_celsius"] = _float(
-            q(lib.nvmlDeviceGetTemperatureThreshold, handle, lib.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN))
-        f["temperature_shutdown_celsius"] = _float(
-            q(lib.nvmlDeviceGetTemperatureThreshold, handle, lib.NVML_TEMPERATURE_THRESHOLD_SHUTDOWN))
-
-        f["power_watts"] = _scaled(q(lib.nvmlDeviceGetPowerUsage, handle), 1e-3)  # milliwatts
-        f["power_limit_watts"] = _scaled(q(lib.nvmlDeviceGetEnforcedPowerLimit, handle), 1e-3)
-        f["power_management_limit_watts"] = _scaled(q(lib.nvmlDeviceGetPowerManagementLimit, handle), 1e-3)
-        f["energy_joules"] = _scaled(q(lib.nvmlDeviceGetTotalEnergyConsumption, handle), 1e-3)  # mJ since driver load
-
-        f["sm_clock_hertz"] = _scaled(q(lib.nvmlDeviceGetClockInfo, handle, lib.NVML_CLOCK_SM), 1e6)  # MHz
-        f["sm_clock_max_hertz"] = _scaled(q(lib.nvmlDeviceGetMaxClockInfo, handle, lib.NVML_CLOCK_SM), 1e6)
-        f["memory_clock_hertz"] = _scaled(q(lib.nvmlDeviceGetClockInfo, handle, lib.NVML_CLOCK_MEM), 1e6)
-        f["memory_clock_max_hertz"] = _scaled(q(lib.nvmlDeviceGetMaxClockInfo, handle, lib.NVML_CLOCK_MEM), 1e6)
-        f["graphics_clock_hertz"] = _scaled(q(lib.nvmlDeviceGetClockInfo, handle, lib.NVML_CLOCK_GRAPHICS), 1e6)
-        f["fan_speed_ratio"] = _scaled(q(lib.nvmlDeviceGetFanSpeed, handle), 0.01)  # GPUs without fans: NotSupported
-        pstate = q(lib.nvmlDeviceGetPerformanceState, handle)
+        f["temperature_celsius"] = _float(c("nvmlDeviceGetTemperature", h, lib.NVML_TEMPERATURE_GPU))
+        f["power_watts"] = _scaled(c("nvmlDeviceGetPowerUsage", h), 1e-3)  # milliwatts
+        f["power_limit_watts"] = _scaled(c("nvmlDeviceGetEnforcedPowerLimit", h), 1e-3)
+        f["power_management_limit_watts"] = _scaled(c("nvmlDeviceGetPowerManagementLimit", h), 1e-3)
+        f["sm_clock_hertz"] = _scaled(c("nvmlDeviceGetClockInfo", h, lib.NVML_CLOCK_SM), 1e6)  # MHz
+        f["memory_clock_hertz"] = _scaled(c("nvmlDeviceGetClockInfo", h, lib.NVML_CLOCK_MEM), 1e6)
+        f["graphics_clock_hertz"] = _scaled(c("nvmlDeviceGetClockInfo", h, lib.NVML_CLOCK_GRAPHICS), 1e6)
+        f["fan_speed_ratio"] = _scaled(c("nvmlDeviceGetFanSpeed", h), 0.01)  # GPUs without fans: NotSupported, asked once
+        pstate = c("nvmlDeviceGetPerformanceState", h)
         f["pstate"] = int(pstate) if pstate is not None else None
-        reasons = q(lib.nvmlDeviceGetCurrentClocksEventReasons, handle)
+        reasons = c("nvmlDeviceGetCurrentClocksEventReasons", h)
         f["clock_event_mask"] = int(reasons) if reasons is not None else None
+        enc, dec = c("nvmlDeviceGetEncoderUtilization", h), c("nvmlDeviceGetDecoderUtilization", h)
+        f["encoder_utilization_ratio"] = enc[0] / 100.0 if enc is not None else None
+        f["decoder_utilization_ratio"] = dec[0] / 100.0 if dec is not None else None
 
-        f.update(self._memory_health(handle))
-        f.update(self._gpm(handle, index))
-        f["pcie"] = self._pcie(handle)
-        f["nvlinks"] = self._nvlinks(handle)
-        f["processes"] = self._processes(handle, index)
-        f["mig_enabled"], f["mig_instances"] = self._mig(handle)
+        values = self._fields(gpu, gpu.field_ids)
+        f.update(self._counters(gpu, values))
+        gpm = self._gpm(gpu)
+        pcie_tx, pcie_rx = gpm.pop("pcie_tx", None), gpm.pop("pcie_rx", None)
+        f.update(gpm)
+        if s["pcie_from_thread"]:
+            pcie_tx, pcie_rx = self._pcie.get(index, (None, None))
+        pcie = PcieState(tx_bytes_per_second=pcie_tx, rx_bytes_per_second=pcie_rx, replays=f.pop("pcie_replays"),
+                         generation=c("nvmlDeviceGetCurrPcieLinkGeneration", h), generation_max=s["pcie_generation_max"],
+                         width=c("nvmlDeviceGetCurrPcieLinkWidth", h), width_max=s["pcie_width_max"])
+        f["pcie"] = None if pcie == PcieState() else pcie
+        f["fabric"] = self._fabric(gpu)
+        f["processes"] = self._processes(gpu)
+        f["mig_enabled"], f["mig_instances"] = self._mig(gpu)
+
+        vital = ("utilization_ratio", "memory_used_bytes", "temperature_celsius", "power_watts")
+        if gpu.errors and all(f.get(name) is None for name in vital):
+            raise _Unreadable(gpu.errors.most_common(1)[0][0])
+        f["hidden"] = tuple(sorted(gpu.hidden))
         return GpuState(**f)
 
-    def _mig(self, handle: Any) -> tuple[bool | None, tuple[MigInstance, ...]]:
-        lib, q = self.lib, self._query
-        mode = q(lib.nvmlDeviceGetMigMode, handle)  # (current, pending); NotSupported before Ampere
+    def _fields(self, gpu: _Gpu, ids: list) -> list[float | None]:
+        """Field values in batches (ids are field ids or (field id, scope) pairs); None where unsupported."""
+        lib = self.lib
+        out: list[float | None] = []
+        kinds = {lib.NVML_VALUE_TYPE_DOUBLE: "dVal", lib.NVML_VALUE_TYPE_UNSIGNED_INT: "uiVal",
+                 lib.NVML_VALUE_TYPE_UNSIGNED_LONG: "ulVal", lib.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG: "ullVal",
+                 lib.NVML_VALUE_TYPE_SIGNED_LONG_LONG: "sllVal", getattr(lib, "NVML_VALUE_TYPE_SIGNED_INT", -1): "siVal"}
+        for start in range(0, len(ids), MAX_FIELDS_PER_CALL):
+            chunk = ids[start:start + MAX_FIELDS_PER_CALL]
+            values = gpu.call("nvmlDeviceGetFieldValues", gpu.handle, chunk)
+            if not values:
+                out.extend([None] * len(chunk))
+                continue
+            for v in values:
+                attr = kinds.get(v.valueType)
+                out.append(float(getattr(v.value, attr)) if v.nvmlReturn == lib.NVML_SUCCESS and attr else None)
+        return out
+
+    def _counters(self, gpu: _Gpu, v: list[float | None]) -> dict[str, Any]:
+        (mem_temp, energy_mj, sbe_vol, dbe_vol, sbe_agg, dbe_agg, retired_sbe, retired_dbe, retired_pending,
+         remap_cor, remap_unc, remap_pending, remap_failure, replays) = v[:14]
+        ecc = {}
+        for (kind, counter), value in ((("corrected", "volatile"), sbe_vol), (("uncorrected", "volatile"), dbe_vol),
+                                       (("corrected", "aggregate"), sbe_agg), (("uncorrected", "aggregate"), dbe_agg)):
+            if value is not None:
+                ecc[(kind, counter)] = int(value)
+        retired = {}
+        if retired_sbe is not None:
+            retired["multiple_single_bit"] = int(retired_sbe)
+        if retired_dbe is not None:
+            retired["double_bit"] = int(retired_dbe)
+        out: dict[str, Any] = {
+            "memory_temperature_celsius": mem_temp,
+            "energy_joules": energy_mj * 1e-3 if energy_mj is not None else None,
+            "ecc_errors": ecc, "retired_pages": retired,
+            "retired_pages_pending": bool(retired_pending) if retired_pending is not None else None,
+            "remapped_rows": (RemappedRows(int(remap_cor), int(remap_unc or 0), bool(remap_pending), bool(remap_failure))
+                              if remap_cor is not None else None),
+            "pcie_replays": int(replays) if replays is not None else None,
+            "nvlinks": (), "nvlink_ecc_data_errors": None,
+        }
+        if gpu.links:
+            ecc_total = v[14]
+            out["nvlink_ecc_data_errors"] = int(ecc_total) if ecc_total is not None else None
+            links = []
+            for n, link in enumerate(gpu.links):
+                state, tx, rx, crc, replay, recovery = v[15 + 6 * n:21 + 6 * n]
+                if state is None and tx is None:
+                    continue  # a link slot this GPU does not have after all
+                links.append(NvLinkState(link=link, up=bool(state), tx_bytes=tx * 1024 if tx is not None else None,
+                                         rx_bytes=rx * 1024 if rx is not None else None,
+                                         crc_flit_errors=_int(crc), replay_errors=_int(replay), recovery_errors=_int(recovery)))
+            out["nvlinks"] = tuple(links)
+        return out
+
+    def _gpm(self, gpu: _Gpu) -> dict[str, float]:
+        """SM, tensor, DRAM, graphics-engine and PCIe activity between this sample and the last (Hopper and newer)."""
+        if not gpu.gpm:
+            return {}
+        sample = gpu.gpm[gpu.gpm_turn]
+        if gpu.call("nvmlGpmSampleGet", gpu.handle, sample, what="gpm") is None:
+            gpu.gpm_have_previous = False
+            return {}
+        previous = gpu.gpm[1 - gpu.gpm_turn]
+        ready = gpu.gpm_have_previous
+        gpu.gpm_have_previous, gpu.gpm_turn = True, 1 - gpu.gpm_turn
+        if not ready:
+            return {}  # activity needs two samples: from the next read on
+        return self._gpm_metrics(gpu, previous, sample, GPM_METRICS)
+
+    def _gpm_metrics(self, gpu: _Gpu, first: Any, second: Any, metrics: tuple) -> dict[str, float]:
+        lib = self.lib
+        request = lib.c_nvmlGpmMetricsGet_t()
+        request.version = lib.NVML_GPM_METRICS_GET_VERSION
+        wanted = [(getattr(lib, metric_id), field) for metric_id, field in metrics if hasattr(lib, metric_id)]
+        request.numMetrics = len(wanted)
+        request.sample1, request.sample2 = first, second
+        for i, (metric_id, _) in enumerate(wanted):
+            request.metrics[i].metricId = metric_id
+        if gpu.call("nvmlGpmMetricsGet", request) is None:
+            return {}
+        out = {}
+        for i, (_, field) in enumerate(wanted):
+            if request.metrics[i].nvmlReturn == lib.NVML_SUCCESS:
+                value = float(request.metrics[i].value)
+                out[field] = value * 2**20 if field.startswith("pcie_") else value / 100.0  # PCIe in MiB/s, the rest percent
+        return out
+
+    def _fabric(self, gpu: _Gpu) -> FabricState | None:
+        lib = self.lib
+        if gpu.static.get("no_fabric"):
+            return None
+        if gpu.fabric_struct is None:
+            struct = getattr(lib, "c_nvmlGpuFabricInfo_v3_t", None) or getattr(lib, "c_nvmlGpuFabricInfoV_t", None)
+            if struct is None:
+                return None
+            gpu.fabric_struct = struct
+        info = gpu.fabric_struct()
+        if gpu.call("nvmlDeviceGetGpuFabricInfoV", gpu.handle, ctypes.byref(info)) is None:
+            gpu.static["no_fabric"] = "nvmlDeviceGetGpuFabricInfoV" in {k[0] for k in gpu.unsupported}
+            return None
+        state = int(info.state)
+        if state == lib.NVML_GPU_FABRIC_STATE_NOT_SUPPORTED:  # no NVSwitch fabric: not asked again for this handle
+            gpu.static["no_fabric"] = True
+            return None
+        states = {lib.NVML_GPU_FABRIC_STATE_NOT_STARTED: "not_started", lib.NVML_GPU_FABRIC_STATE_IN_PROGRESS: "in_progress",
+                  lib.NVML_GPU_FABRIC_STATE_COMPLETED: "completed"}
+        status = None
+        if state == lib.NVML_GPU_FABRIC_STATE_COMPLETED:
+            status = "success" if int(info.status) == lib.NVML_SUCCESS else reason_of(lib.NVMLError(int(info.status)))
+        summary = {getattr(lib, "NVML_GPU_FABRIC_HEALTH_SUMMARY_HEALTHY", -1): "healthy",
+                   getattr(lib, "NVML_GPU_FABRIC_HEALTH_SUMMARY_UNHEALTHY", -1): "unhealthy",
+                   getattr(lib, "NVML_GPU_FABRIC_HEALTH_SUMMARY_LIMITED_CAPACITY", -1): "limited_capacity"}
+        mask = int(getattr(info, "healthMask", 0))
+        shift, width = lib.NVML_GPU_FABRIC_HEALTH_MASK_SHIFT_DEGRADED_BW, lib.NVML_GPU_FABRIC_HEALTH_MASK_WIDTH_DEGRADED_BW
+        degraded = (mask >> shift) & width
+        return FabricState(
+            state=states.get(state, f"state_{state}"), status=status, clique_id=int(info.cliqueId),
+            cluster_uuid=bytes(info.clusterUuid).hex() if hasattr(info, "clusterUuid") and any(info.clusterUuid) else None,
+            health=summary.get(int(getattr(info, "healthSummary", 0))),
+            degraded_bandwidth={lib.NVML_GPU_FABRIC_HEALTH_MASK_DEGRADED_BW_TRUE: True,
+                                lib.NVML_GPU_FABRIC_HEALTH_MASK_DEGRADED_BW_FALSE: False}.get(degraded),
+        )
+
+    def _processes(self, gpu: _Gpu) -> tuple[GpuProcess, ...]:
+        procs = gpu.call("nvmlDeviceGetComputeRunningProcesses", gpu.handle, what="processes") or []
+        if not procs:
+            return ()
+        # Utilisation samples since the previous read; none (NotFound) when the processes were idle.
+        samples = gpu.call("nvmlDeviceGetProcessUtilization", gpu.handle, gpu.util_since, what="process_utilization") or []
+        util = {int(s.pid): s for s in samples}
+        if samples:
+            gpu.util_since = max(int(s.timeStamp) for s in samples)
+        out = []
+        for p in procs:
+            used = getattr(p, "usedGpuMemory", None)  # None when the driver hides it (no permission)
+            if used is None:
+                gpu.hide("process_memory:no_permission", "usedGpuMemory")
+            u = util.get(int(p.pid))
+            out.append(GpuProcess(
+                pid=int(p.pid), used_memory_bytes=int(used) if used is not None else None,
+                sm_utilization_ratio=u.smUtil / 100.0 if u is not None else None,
+                memory_utilization_ratio=u.memUtil / 100.0 if u is not None else None,
+            ))
+        return tuple(out)
+
+    def _mig(self, gpu: _Gpu) -> tuple[bool | None, tuple[MigInstance, ...]]:
+        c, h = gpu.call, gpu.handle
+        mode = c("nvmlDeviceGetMigMode", h)  # (current, pending); NotSupported before Ampere
         if mode is None:
             return None, ()
         if not mode[0]:
             return False, ()
         instances = []
-        for i in range(q(lib.nvmlDeviceGetMaxMigDeviceCount, handle) or 0):
-            mig = q(lib.nvmlDeviceGetMigDeviceHandleByIndex, handle, i)
-            if mig is None:  # a slot with no instance in it
+        for i in range(c("nvmlDeviceGetMaxMigDeviceCount", h) or 0):
+            mig = c("nvmlDeviceGetMigDeviceHandleByIndex", h, i, what="mig_instances")
+            if mig is None:  # a slot with no instance in it, or hidden
                 continue
-            mem = q(lib.nvmlDeviceGetMemoryInfo, mig)
-            name = _text(q(lib.nvmlDeviceGetName, mig)) or ""
+            mem = c("nvmlDeviceGetMemoryInfo", mig)
+            name = _text(c("nvmlDeviceGetName", mig)) or ""
+            gi = c("nvmlDeviceGetGpuInstanceId", mig)
+            activity = self._mig_gpm(gpu, gi) if gi is not None and gpu.static.get("gpm") else {}
             instances.append(MigInstance(
-                uuid=_text(lib.nvmlDeviceGetUUID(mig)) or f"mig-{i}",
-                gpu_instance=q(lib.nvmlDeviceGetGpuInstanceId, mig),
-                compute_instance=q(lib.nvmlDeviceGetComputeInstanceId, mig),
+                uuid=_text(c("nvmlDeviceGetUUID", mig)) or f"mig-{i}",
+                gpu_instance=gi,
+                compute_instance=c("nvmlDeviceGetComputeInstanceId", mig),
                 profile=name.rpartition(" MIG ")[2] if " MIG " in name else name,  # "... MIG 1g.10gb" -> "1g.10gb"
-                memory_used_bytes=int(mem.used) if mem is not None else None,
-                memory_total_bytes=int(mem.total) if mem is not None else None,
+                memory_used_bytes=_int(getattr(mem, "used", None)),
+                memory_free_bytes=_int(getattr(mem, "free", None)),
+                memory_total_bytes=_int(getattr(mem, "total", None)),
+                **activity,
             ))
         return True, tuple(instances)
 
-    def _processes(self, handle: Any, index: int) -> tuple[GpuProcess, ...]:
-        lib, q = self.lib, self._query
-        procs = q(lib.nvmlDeviceGetComputeRunningProcesses, handle) or []
-        if not procs:
-            return ()
-        # Utilisation samples since the previous read; none (NotFound) when the processes were idle.
-        samples = q(lib.nvmlDeviceGetProcessUtilization, handle, self._util_since.get(index, 0)) or []
-        util = {int(s.pid): s for s in samples}
-        if samples:
-            self._util_since[index] = max(int(s.timeStamp) for s in samples)
-        out = []
-        for p in procs:
-            used = getattr(p, "usedGpuMemory", None)  # None when the driver hides it (no permission)
-            s = util.get(int(p.pid))
-            out.append(GpuProcess(
-                pid=int(p.pid), used_memory_bytes=int(used) if used is not None else None,
-                sm_utilization_ratio=s.smUtil / 100.0 if s is not None else None,
-                memory_utilization_ratio=s.memUtil / 100.0 if s is not None else None,
-            ))
-        return tuple(out)
+    def _mig_gpm(self, gpu: _Gpu, gi: int) -> dict[str, float]:
+        entry = gpu.mig_gpm.get(gi)
+        if entry is None:
+            buffers = self._gpm_buffers(gpu)
+            if not buffers:
+                return {}
+            entry = gpu.mig_gpm[gi] = [buffers, False, 0]
+        buffers, ready, turn = entry
+        if gpu.call("nvmlGpmMigSampleGet", gpu.handle, gi, buffers[turn], what="mig_activity") is None:
+            entry[1] = False
+            return {}
+        entry[1], entry[2] = True, 1 - turn
+        return self._gpm_metrics(gpu, buffers[1 - turn], buffers[turn], MIG_GPM_METRICS) if ready else {}
 
-    def _field(self, handle: Any, field_id: int) -> float | None:
-        """One NVML field value, or None when the GPU does not report it."""
-        return self._fields(handle, [field_id])[0]
-
-    def _fields(self, handle: Any, ids: list) -> list[float | None]:
-        """Several field values in one call (ids are field ids or (field id, scope) pairs); None where unsupported."""
+    # -- PCIe throughput off the sampler's path ---------------------------------------------------
+    def _pcie_loop(self) -> None:
+        """nvmlDeviceGetPcieThroughput blocks ~20 ms per call: read it here, for GPUs without GPM."""
         lib = self.lib
-        values = self._query(lib.nvmlDeviceGetFieldValues, handle, ids)
-        if not values:
-            return [None] * len(ids)
-        kinds = {lib.NVML_VALUE_TYPE_DOUBLE: "dVal", lib.NVML_VALUE_TYPE_UNSIGNED_INT: "uiVal",
-                 lib.NVML_VALUE_TYPE_UNSIGNED_LONG: "ulVal", lib.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG: "ullVal",
-                 lib.NVML_VALUE_TYPE_SIGNED_LONG_LONG: "sllVal"}
-        out: list[float | None] = []
-        for v in values:
-            attr = kinds.get(v.valueType)
-            out.append(float(getattr(v.value, attr)) if v.nvmlReturn == lib.NVML_SUCCESS and attr else None)
-        return out
-
-    def _gpm(self, handle: Any, index: int) -> dict[str, float]:
-        """SM, tensor and DRAM activity from GPU performance monitoring, between this sample and the last."""
-        lib, q = self.lib, self._query
-        if index not in self._gpm_supported:
-            support = q(lib.nvmlGpmQueryDeviceSupport, handle)
-            self._gpm_supported[index] = bool(support is not None and support.isSupportedDevice)
-        if not self._gpm_supported[index]:
-            return {}
-        try:
-            sample = lib.nvmlGpmSampleAlloc()
-            lib.nvmlGpmSampleGet(handle, sample)
-        except lib.NVMLError as exc:
-            log.debug("GPU %d: GPM sample failed: %s", index, exc)
-            return {}
-        previous, self._gpm_samples[index] = self._gpm_samples.get(index), sample
-        if previous is None:
-            return {}  # activity needs two samples: from the next read on
-        request = lib.c_nvmlGpmMetricsGet_t()
-        request.version = lib.NVML_GPM_METRICS_GET_VERSION
-        request.numMetrics = len(GPM_METRICS)
-        request.sample1, request.sample2 = previous, sample
-        for i, (metric_id, _) in enumerate(GPM_METRICS):
-            request.metrics[i].metricId = getattr(lib, metric_id)
-        try:
-            lib.nvmlGpmMetricsGet(request)
-        except lib.NVMLError as exc:
-            log.debug("GPU %d: GPM metrics failed: %s", index, exc)
-            return {}
-        finally:
-            lib.nvmlGpmSampleFree(previous)
-        return {field: request.metrics[i].value / 100.0 for i, (_, field) in enumerate(GPM_METRICS)
-                if request.metrics[i].nvmlReturn == lib.NVML_SUCCESS}
-
-    def _memory_health(self, handle: Any) -> dict[str, Any]:
-        lib, q = self.lib, self._query
-        out: dict[str, Any] = {"ecc_errors": {}, "retired_pages": {}}
-        for etype, ename in ((lib.NVML_MEMORY_ERROR_TYPE_CORRECTED, "corrected"), (lib.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, "uncorrected")):
-            for ctype, cname in ((lib.NVML_VOLATILE_ECC, "volatile"), (lib.NVML_AGGREGATE_ECC, "aggregate")):
-                count = q(lib.nvmlDeviceGetTotalEccErrors, handle, etype, ctype)
-                if count is not None:
-                    out["ecc_errors"][(ename, cname)] = int(count)
-        for cause, cname in ((lib.NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS, "multiple_single_bit"),
-                             (lib.NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR, "double_bit")):
-            pages = q(lib.nvmlDeviceGetRetiredPages, handle, cause)
-            if pages is not None:
-                out["retired_pages"][cname] = len(pages)
-        pending = q(lib.nvmlDeviceGetRetiredPagesPendingStatus, handle)
-        out["retired_pages_pending"] = bool(pending) if pending is not None else None
-        rows = q(lib.nvmlDeviceGetRemappedRows, handle)  # Ampere and newer; older GPUs retire pages instead
-        if rows is not None:
-            corr, unc, pending_rows, failure = rows
-            out["remapped_rows"] = RemappedRows(int(corr), int(unc), bool(pending_rows), bool(failure))
-        return out
-
-    def _pcie(self, handle: Any) -> PcieState | None:
-        lib, q = self.lib, self._query
-        pcie = PcieState(
-            tx_bytes_per_second=_scaled(q(lib.nvmlDeviceGetPcieThroughput, handle, lib.NVML_PCIE_UTIL_TX_BYTES), 1024),  # KB/s
-            rx_bytes_per_second=_scaled(q(lib.nvmlDeviceGetPcieThroughput, handle, lib.NVML_PCIE_UTIL_RX_BYTES), 1024),
-            replays=q(lib.nvmlDeviceGetPcieReplayCounter, handle),
-            generation=q(lib.nvmlDeviceGetCurrPcieLinkGeneration, handle),
-            generation_max=q(lib.nvmlDeviceGetMaxPcieLinkGeneration, handle),
-            width=q(lib.nvmlDeviceGetCurrPcieLinkWidth, handle),
-            width_max=q(lib.nvmlDeviceGetMaxPcieLinkWidth, handle),
-        )
-        return None if pcie == PcieState() else pcie
-
-    def _nvlinks(self, handle: Any) -> tuple[NvLinkState, ...]:
-        lib, q = self.lib, self._query
-        links = []
-        present = [(link, state) for link in range(lib.NVML_NVLINK_MAX_LINKS)
-                   if (state := q(lib.nvmlDeviceGetNvLinkState, handle, link)) is not None]  # PCIe-only GPUs: none
-        if not present:
-            return ()
-        # Throughput counters (KiB) for every link in one field-values call.
-        ids = [(fid, link) for link, _ in present
-               for fid in (lib.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX, lib.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX)]
-        kib = self._fields(handle, ids)
-        for n, (link, state) in enumerate(present):
-            tx, rx = kib[2 * n], kib[2 * n + 1]
-            errors = {
-                name: q(lib.nvmlDeviceGetNvLinkErrorCounter, handle, link, counter)
-                for name, counter in (("crc_flit_errors", lib.NVML_NVLINK_ERROR_DL_CRC_FLIT),
-                                      ("crc_data_errors", lib.NVML_NVLINK_ERROR_DL_CRC_DATA),
-                                      ("replay_errors", lib.NVML_NVLINK_ERROR_DL_REPLAY),
-                                      ("recovery_errors", lib.NVML_NVLINK_ERROR_DL_RECOVERY))
-            }
-            links.append(NvLinkState(link=link, up=bool(state), tx_bytes=tx * 1024 if tx is not None else None,
-                                     rx_bytes=rx * 1024 if rx is not None else None, **errors))
-        return tuple(links)
+        while not self._stop.wait(self._pcie_interval_s):
+            for gpu in list(self._gpus.values()):
+                if not gpu.static.get("pcie_from_thread") or gpu.index in self._down:
+                    continue
+                try:
+                    tx = lib.nvmlDeviceGetPcieThroughput(gpu.handle, lib.NVML_PCIE_UTIL_TX_BYTES)
+                    rx = lib.nvmlDeviceGetPcieThroughput(gpu.handle, lib.NVML_PCIE_UTIL_RX_BYTES)
+                except (lib.NVMLError, *self.errors.library_mismatch):
+                    self._pcie.pop(gpu.index, None)
+                    continue
+                self._pcie[gpu.index] = (tx * 1024.0, rx * 1024.0)  # KB/s
 
 
 def _float(value: Any) -> float | None:
     return float(value) if value is not None else None
+
+
+def _int(value: Any) -> int | None:
+    return int(value) if value is not None else None
 
 
 def _scaled(value: Any, factor: float) -> float | None:

@@ -146,6 +146,8 @@ class GpuState:
     # XID code -> count since the agent started; None when this GPU's XIDs cannot be watched.
     xid_counts: dict[int, int] | None = None
     last_xid: int | None = None
+    # XID code -> count within the last hour, by when each happened; None when the backend cannot tell
+    recent_xids: dict[int, int] | None = None
     mig_enabled: bool | None = None
     mig_instances: tuple[MigInstance, ...] = ()
     # Processes with a CUDA context on this GPU.

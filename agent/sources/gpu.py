@@ -9,7 +9,9 @@ from collections import deque
 
 from agent.cgroup import Owner, owner_of
 from agent.gpu import dcgm
-from agent.gpu.health import STATES, verdict
+from agent.gpu.health import STATES, Verdict, verdict
+from agent.gpu.nvml import NvmlUnavailable
+from agent.sampler import Collected
 from agent.gpu.state import CLOCK_EVENT_REASONS, GpuState, clock_event_names
 from agent.gpu.xid import CATALOGUE
 from agent.sources.base import Family, NoData, Reading, Source, reading, register
@@ -43,6 +45,11 @@ _FIELDS = (
     ("graphics_clock_hertz", "fleetscope_gpu_graphics_clock_hertz", "gauge", "Graphics clock."),
     ("fan_speed_ratio", "fleetscope_gpu_fan_speed_ratio", "gauge", "Fan speed as a share of its maximum (0-1)."),
     ("pstate", "fleetscope_gpu_pstate", "gauge", "Performance state (0 is the fastest, 15 the slowest)."),
+    ("gr_engine_activity_ratio", "fleetscope_gpu_graphics_engine_activity_ratio", "gauge",
+     "Share of time the graphics/compute engine had work (GPM, 0-1)."),
+    ("encoder_utilization_ratio", "fleetscope_gpu_encoder_utilization_ratio", "gauge", "Video encoder (NVENC) utilisation (0-1)."),
+    ("decoder_utilization_ratio", "fleetscope_gpu_decoder_utilization_ratio", "gauge", "Video decoder (NVDEC) utilisation (0-1)."),
+    ("nvlink_ecc_data_errors", "fleetscope_gpu_nvlink_ecc_errors_total", "counter", "NVLink data-link ECC errors, all links."),
     ("sm_activity_ratio", "fleetscope_gpu_sm_activity_ratio", "gauge", "Share of time SMs had work, averaged over SMs (GPM, 0-1)."),
     ("sm_occupancy_ratio", "fleetscope_gpu_sm_occupancy_ratio", "gauge", "Resident warps as a share of the SMs' maximum (GPM, 0-1)."),
     ("tensor_activity_ratio", "fleetscope_gpu_tensor_activity_ratio", "gauge", "Share of time tensor cores were busy (GPM, 0-1)."),
@@ -74,7 +81,8 @@ class GpuSource(Source):
     families = (
         Family("fleetscope_gpu_info", "gauge", "GPU identity; the value is always 1.",
                ("gpu", "uuid", "name", "serial", "pci_bus_id", "vbios", "driver", "cuda_driver")),
-        Family("fleetscope_gpu_up", "gauge", "1 when the GPU answers; 0 when it has fallen off the bus.", G),
+        Family("fleetscope_gpu_up", "gauge",
+               "1 when the GPU answers; 0 when it cannot be read (lost, reset required, ...: see fleetscope_gpu_health_reason).", G),
         Family("fleetscope_gpus_present", "gauge", "GPUs that answer on this node."),
         Family("fleetscope_gpus_expected", "gauge", "GPUs this node should have, from the agent's configuration."),
         *(Family(metric, kind, help_, G) for _, metric, kind, help_ in _FIELDS),
@@ -103,6 +111,15 @@ class GpuSource(Source):
                G + ("mig_uuid", "gpu_instance", "compute_instance", "profile")),
         Family("fleetscope_gpu_mig_memory_used_bytes", "gauge", "Device memory in use in a MIG instance.", G + ("mig_uuid",)),
         Family("fleetscope_gpu_mig_memory_total_bytes", "gauge", "Device memory of a MIG instance.", G + ("mig_uuid",)),
+        Family("fleetscope_gpu_fabric_info", "gauge",
+               "NVSwitch fabric registration of the GPU (HGX); the value is always 1.",
+               G + ("state", "status", "clique_id", "health")),
+        Family("fleetscope_gpu_data_hidden", "gauge",
+               "1 for each kind of data NVML refuses to show the agent on this GPU (e.g. processes under a non-root user).",
+               G + ("data", "reason")),
+        Family("fleetscope_gpu_nvml_errors_total", "counter",
+               "NVML calls on this GPU that failed with an error (not merely unsupported), by call and error.",
+               G + ("call", "reason")),
         Family("fleetscope_gpu_health", "gauge", "1 for the GPU's current verdict (healthy, degraded, unhealthy), 0 for the others.", G + ("state",)),
         Family("fleetscope_gpu_health_reason", "gauge", "1 for each reason behind a degraded or unhealthy verdict.", G + ("reason",)),
     )
@@ -121,30 +138,35 @@ class GpuSource(Source):
             self.families = GpuSource.families + dcgm.FAMILIES
         self.expected = expected_gpus
         self.clock = clock
-        self.latest: tuple[GpuState, ...] = ()
         self._last_t: float | None = None
         self._event_seconds: dict[tuple[str, str], float] = {}
         self._xid_history: dict[str, deque[tuple[float, dict[int, int]]]] = {}
 
-    def collect(self):
+    def collect(self) -> Collected:
         if self.backend is None:
-            self.latest = ()
             raise NoData("no GPU backend")
-        states = self.backend.read()
+        try:
+            states = self.backend.read()
+        except NvmlUnavailable as exc:
+            if exc.absent:
+                raise NoData(str(exc)) from exc
+            raise
         now = self.clock()
         dt = 0.0 if self._last_t is None else now - self._last_t
         self._last_t = now
-        self.latest = tuple(states)
-        readings = list(self._readings(states, now, dt))
+        health = {s.uuid: verdict(s, self._recent_xids(s, now)) for s in states}
+        readings = list(self._readings(states, health, dt))
         live = {p.pid for s in states for p in s.processes}
         for pid in set(self._owners) - live:  # pids get reused: forget processes gone from every GPU
             del self._owners[pid]
         if self.compat_dcgm:
             readings.extend(dcgm.dcgm_readings(states, self.hostname, getattr(self.backend, "driver_version", None) or ""))
-        return readings
+        return Collected(tuple(readings), tuple(states), health, tuple(getattr(self.backend, "problems", ())))
 
     def _recent_xids(self, gpu: GpuState, now: float) -> dict[int, int]:
-        """XIDs of this GPU within the last XID_WINDOW_S."""
+        """XIDs of this GPU within the last XID_WINDOW_S: the backend's, by when each happened, where it knows."""
+        if gpu.recent_xids is not None:
+            return gpu.recent_xids
         if gpu.xid_counts is None:
             return {}
         history = self._xid_history.setdefault(gpu.uuid, deque())
@@ -155,9 +177,12 @@ class GpuSource(Source):
         base = history[0][1] if history[0][0] <= now - XID_WINDOW_S else {}
         return {code: n - base.get(code, 0) for code, n in gpu.xid_counts.items() if n - base.get(code, 0) > 0}
 
-    def _readings(self, states: list[GpuState], now: float, dt: float):
+    def _readings(self, states: list[GpuState], health: dict[str, Verdict], dt: float):
         driver = getattr(self.backend, "driver_version", None) or ""
         cuda = getattr(self.backend, "cuda_driver_version", None) or ""
+        errors: dict[str, list] = {}
+        for key, n in getattr(self.backend, "error_counts", {}).items():
+            errors.setdefault(key[0], []).append((key, n))
         yield reading("fleetscope_gpus_present", sum(1 for s in states if s.up))
         if self.expected is not None:
             yield reading("fleetscope_gpus_expected", self.expected)
@@ -170,13 +195,22 @@ class GpuSource(Source):
                 # Every catalogued code starts at 0, so the first XID is an increase Prometheus can see.
                 for code in sorted(set(CATALOGUE) | set(s.xid_counts)):
                     yield _r("fleetscope_gpu_xid_errors_total", s.xid_counts.get(code, 0), ids, ("xid", str(code)))
-            health = verdict(s, self._recent_xids(s, now))
+            v = health[s.uuid]
             for state in STATES:
-                yield _r("fleetscope_gpu_health", 1 if state == health.state else 0, ids, ("state", state))
-            for reason in health.reasons:
+                yield _r("fleetscope_gpu_health", 1 if state == v.state else 0, ids, ("state", state))
+            for reason in v.reasons:
                 yield _r("fleetscope_gpu_health_reason", 1, ids, ("reason", reason))
+            for (uuid, call, reason), n in errors.get(s.uuid, ()):
+                yield _r("fleetscope_gpu_nvml_errors_total", n, ids, ("call", call), ("reason", reason))
             if not s.up:
                 continue
+            for hidden in s.hidden:
+                data, _, why = hidden.partition(":")
+                yield _r("fleetscope_gpu_data_hidden", 1, ids, ("data", data), ("reason", why))
+            if s.fabric is not None:
+                f = s.fabric
+                yield _r("fleetscope_gpu_fabric_info", 1, ids, ("state", f.state), ("status", f.status or ""),
+                         ("clique_id", "" if f.clique_id is None else str(f.clique_id)), ("health", f.health or ""))
             yield reading("fleetscope_gpu_info", 1, gpu=s.index, uuid=s.uuid, name=s.name or "", serial=s.serial or "",
                           pci_bus_id=s.pci_bus_id or "", vbios=s.vbios or "", driver=driver, cuda_driver=cuda)
             for field, metric, _, _ in _FIELDS:

@@ -66,7 +66,7 @@ def device(index: int, **overrides):
         "nvlink_rx_kib": {link: 2000 * (link + 1) for link in range(18)},
         "gpm": {real.NVML_GPM_METRIC_SM_UTIL: 81.0, real.NVML_GPM_METRIC_ANY_TENSOR_UTIL: 55.5,
                 real.NVML_GPM_METRIC_DRAM_BW_UTIL: 40.0, real.NVML_GPM_METRIC_GRAPHICS_UTIL: 90.0,
-                real.NVML_GPM_METRIC_PCIE_TX_PER_SEC: 3.0, real.NVML_GPM_METRIC_PCIE_RX_PER_SEC: 4.0},  # NotSupported before Hopper
+                real.NVML_GPM_METRIC_PCIE_TX_PER_SEC: 3000.0, real.NVML_GPM_METRIC_PCIE_RX_PER_SEC: 4000.0},  # MiB/s; NotSupported before Hopper
         "encoder": (0, 167_000),
         "decoder": (12, 167_000),
         # (state, status, clique id, health summary, health mask); NotSupported on GPUs without NVSwitch
@@ -84,6 +84,15 @@ def device(index: int, **overrides):
     return d
 
 
+class _MetricsGet:
+    """Stands in for c_nvmlGpmMetricsGet_t with the same fields."""
+
+    def __init__(self):
+        self.version = self.numMetrics = 0
+        self.sample1 = self.sample2 = None
+        self.metrics = [SimpleNamespace(metricId=0, nvmlReturn=0, value=0.0) for _ in range(32)]
+
+
 class FakeNvml:
     """Looks like the pynvml module to agent.gpu.nvml.Nvml."""
 
@@ -98,6 +107,7 @@ class FakeNvml:
             if name.startswith(("NVMLError", "NVMLLibraryMismatchError", "NVML_", "nvmlEventType", "nvmlMemory_v2",
                                 "nvmlClocksEventReason", "c_nvml", "nvmlGpuFabricInfo")):
                 setattr(self, name, getattr(real, name))
+        self.c_nvmlGpmMetricsGet_t = _MetricsGet  # samples here are Python objects, not ctypes pointers
         for name in dir(type(self)):
             if name.startswith("nvml"):
                 setattr(self, name, self._guard(name, getattr(self, name)))
@@ -416,7 +426,9 @@ class FakeNvml:
     def nvmlDeviceGetNvLinkErrorCounter(self, h, link, counter):
         return self._answer(h, "nvlink_errors").get((link, counter), 0)
 
-    def nvmlDeviceGetGpuFabricInfoV(self, h, info):
+    def nvmlDeviceGetGpuFabricInfoV(self, h, ref):
+        assert type(ref).__name__ == "CArgObject", "the fabric struct must be passed by reference (ctypes.byref)"
+        info = ref._obj
         state, status, clique, summary, mask = self._answer(h, "fabric")
         info.state, info.status, info.cliqueId, info.healthMask = state, status, clique, mask
         if hasattr(info, "healthSummary"):

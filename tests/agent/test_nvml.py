@@ -65,14 +65,22 @@ def test_nvml_that_does_not_initialise_is_unavailable():
         nvml.init()
 
 
-def test_an_explicit_nvml_backend_that_fails_reports_the_source_down_and_retries():
+def test_a_driver_that_is_not_loaded_is_an_error_retried_with_backoff():
     fake = FakeNvml([device(0)], init_error=pynvml.NVMLError_DriverNotLoaded())
-    reg, sampler = registry_for(Nvml(fake))
+    t = [0.0]
+    reg, sampler = registry_for(Nvml(fake, clock=lambda: t[0]))
     assert reg.get_sample_value("fleetscope_agent_source_up", {"source": "gpu"}) == 0
+    assert reg.get_sample_value("fleetscope_agent_source_error", {"source": "gpu"}) == 1  # an alert sees it
+    assert "driver_not_loaded" in sampler.latest.status["gpu"].error
+    for _ in range(3):  # within the backoff: not asked again
+        sampler.sample_once()
+    assert fake.counts["nvmlInit"] == 1
     fake.init_error = None  # the driver came back
+    t[0] += 1.5
     sampler.sample_once()
     assert reg.get_sample_value("fleetscope_agent_source_up", {"source": "gpu"}) == 1
-    assert fake.calls.count("init") == 2
+    assert reg.get_sample_value("fleetscope_gpu_up", {"gpu": "0", "uuid": "GPU-fake-0"}) == 1
+    assert fake.counts["nvmlInit"] == 2
 
 
 def test_auto_backend_without_nvml_runs_without_gpus(caplog):
@@ -84,11 +92,15 @@ def test_auto_backend_without_nvml_runs_without_gpus(caplog):
         pytest.skip("this machine has a working NVML")
     except pynvml.NVMLError:
         pass
-    assert make_backend("auto") is None
+    caplog.set_level("INFO")
+    backend = make_backend("auto")
     assert "no GPUs" in caplog.text
-    reg, sampler = registry_for(None)
+    # No NVIDIA library at all is not an error: the source has no data, and keeps looking with backoff.
+    reg, sampler = registry_for(backend)
     assert reg.get_sample_value("fleetscope_agent_source_up", {"source": "gpu"}) == 0
+    assert reg.get_sample_value("fleetscope_agent_source_error", {"source": "gpu"}) == 0
     assert sampler.latest.status["gpu"].error.startswith("no data")
+    backend.shutdown()
 
 
 def sample(fake, expected=None, clock=None):
@@ -122,7 +134,9 @@ def test_identity_thresholds_clocks_and_memory_health():
     # Hopper does not retire pages: absent, not 0
     assert v("fleetscope_gpu_retired_pages_total", {**G0, "cause": "double_bit"}) is None
     assert v("fleetscope_gpu_retired_pages_pending", G0) is None
-    assert v("fleetscope_gpu_pcie_transmit_bytes_per_second", G0) == 1_000_000 * 1024
+    assert v("fleetscope_gpu_pcie_transmit_bytes_per_second", G0) is None  # from GPM: needs two samples
+    sampler.sample_once()
+    assert v("fleetscope_gpu_pcie_transmit_bytes_per_second", G0) == 3000 * 2**20
     assert v("fleetscope_gpu_pcie_replays_total", G0) == 5
     assert v("fleetscope_gpu_pcie_link_width", G0) == 16
     assert v("fleetscope_gpu_nvlink_up", {**G0, "link": "17"}) == 1
@@ -202,7 +216,7 @@ def test_gpu_processes_are_attributed_to_their_container_pod_slurm_job_and_train
     assert reg.get_sample_value("fleetscope_gpu_process_sm_utilization_ratio", labels) == 0.73
     sampler.sample_once()
     # the next read asks only for samples newer than the last one seen; none came, so no utilisation
-    assert "process_utilization_since:1000000" in fake.calls
+    assert fake.counts["process_utilization_since:1000000"] == 1
     assert reg.get_sample_value("fleetscope_gpu_process_sm_utilization_ratio", labels) is None
     assert reg.get_sample_value("fleetscope_gpu_process_memory_used_bytes", labels) == 2**30
 
@@ -211,7 +225,7 @@ def test_mig_instances_are_labelled_with_their_profile_and_memory():
     from types import SimpleNamespace
 
     mig = lambda n, gi, ci, prof: {"uuid": f"MIG-{n}", "gi": gi, "ci": ci, "name": f"NVIDIA H100 80GB HBM3 MIG {prof}",  # noqa: E731
-                                   "mem": SimpleNamespace(used=n * 2**30, total=10 * 2**30)}
+                                   "mem": SimpleNamespace(used=n * 2**30, free=(10 - n) * 2**30, total=10 * 2**30)}
     fake = FakeNvml([device(0, mig_mode=(1, 1), mig=[mig(1, 7, 0, "1g.10gb"), None, mig(2, 8, 0, "1g.10gb")]), device(1)])
     reg, sampler = sample(fake)
     sampler.sample_once()
@@ -224,7 +238,7 @@ def test_mig_instances_are_labelled_with_their_profile_and_memory():
     assert v("fleetscope_gpu_mig_memory_total_bytes", {**G0, "mig_uuid": "MIG-2"}) == 10 * 2**30
 
 
-def test_gpm_activity_needs_two_samples_and_frees_the_old_one():
+def test_gpm_activity_needs_two_samples_and_reuses_two_buffers():
     fake = FakeNvml([device(0)])
     reg, sampler = sample(fake)
     sampler.sample_once()
@@ -233,7 +247,11 @@ def test_gpm_activity_needs_two_samples_and_frees_the_old_one():
     assert reg.get_sample_value("fleetscope_gpu_sm_activity_ratio", G0) == 0.81
     assert reg.get_sample_value("fleetscope_gpu_tensor_activity_ratio", G0) == 0.555
     assert reg.get_sample_value("fleetscope_gpu_fp64_activity_ratio", G0) is None  # not reported: absent
-    assert fake.calls.count("gpm_free") == fake.calls.count("gpm_alloc") - 1  # only the newest sample is kept
+    for _ in range(5):
+        sampler.sample_once()
+    assert fake.counts["nvmlGpmSampleAlloc"] == 2 and len(fake.gpm_live) == 2  # two buffers, taken in turn
+    sampler.stop()
+    assert not fake.gpm_live  # freed at shutdown
 
 
 def test_gpus_before_hopper_have_no_gpm_activity():
@@ -242,7 +260,7 @@ def test_gpus_before_hopper_have_no_gpm_activity():
     sampler.sample_once()
     sampler.sample_once()
     assert reg.get_sample_value("fleetscope_gpu_sm_activity_ratio", G0) is None
-    assert "gpm_alloc" not in fake.calls
+    assert fake.counts["nvmlGpmSampleAlloc"] == 0
 
 
 def test_nvlink_throughput_counters_per_link():
