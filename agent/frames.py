@@ -1,0 +1,81 @@
+"""Snapshot -> wire records: what the collector receives of one sample. Pure: no I/O, no state.
+
+The GPU part comes from the Snapshot's typed fields (GPU states and health verdicts); the host
+figures are the host sources' readings, picked by metric name.
+"""
+
+from __future__ import annotations
+
+from agent.sampler import Snapshot
+from fleetscope.schema import GpuFrame, HostFrame
+
+
+def _sum(snapshot: Snapshot, names: tuple[str, ...]) -> float | None:
+    values = [r.value for r in snapshot.readings if r.name in names]
+    return sum(values) if values else None
+
+
+def _ecc(gpu, kind: str) -> int | None:
+    """Lifetime ECC errors of one kind (the aggregate counter; the volatile one where that is all there is)."""
+    counts = gpu.ecc_errors
+    value = counts.get((kind, "aggregate"), counts.get((kind, "volatile")))
+    return int(value) if value is not None and value >= 0 else None
+
+
+def host_frame(snapshot: Snapshot, node: str, labels: dict[str, str] | None = None) -> HostFrame:
+    """The collector's view of one snapshot: a few host figures and every GPU's state."""
+
+    def opt(name: str) -> float | None:
+        return snapshot.value(name)
+
+    total = opt("fleetscope_memory_total_bytes")
+    avail = opt("fleetscope_memory_available_bytes")
+    cpu = opt("fleetscope_cpu_utilization_ratio")
+    load1 = opt("fleetscope_cpu_load1")
+    gpus = [
+        GpuFrame(
+            index=g.index,
+            uuid=g.uuid,
+            name=g.name,
+            up=g.up,
+            utilization_ratio=g.utilization_ratio,
+            memory_used_bytes=g.memory_used_bytes,
+            memory_total_bytes=g.memory_total_bytes,
+            temperature_celsius=g.temperature_celsius,
+            power_watts=g.power_watts,
+            power_limit_watts=g.power_limit_watts,
+            sm_clock_hertz=g.sm_clock_hertz,
+            sm_clock_max_hertz=g.sm_clock_max_hertz,
+            clock_event_mask=g.clock_event_mask,
+            health=snapshot.health[g.uuid].state if g.uuid in snapshot.health else None,
+            health_reasons=list(snapshot.health[g.uuid].reasons) if g.uuid in snapshot.health else [],
+            xid_total=sum(g.xid_counts.values()) if g.xid_counts is not None else None,
+            xid_counts={str(code): n for code, n in (g.xid_counts or {}).items() if 0 <= code < 100_000},
+            ecc_corrected_total=_ecc(g, "corrected"),
+            ecc_uncorrected_total=_ecc(g, "uncorrected"),
+            remap_pending=g.remapped_rows.pending if g.remapped_rows is not None else None,
+            remap_failure=g.remapped_rows.failure if g.remapped_rows is not None else None,
+        )
+        for g in snapshot.gpus
+    ]
+    return HostFrame(
+        v=1,
+        node=node,
+        ts=snapshot.ts,
+        cpu_utilization_ratio=min(1.0, max(0.0, cpu)) if cpu is not None else None,
+        memory_used_bytes=int(total - avail) if total is not None and avail is not None else None,
+        memory_total_bytes=int(total) if total is not None else None,
+        load1=load1,
+        network_errors_total=_sum(snapshot, ("fleetscope_network_receive_errs_total", "fleetscope_network_transmit_errs_total",
+                                             "fleetscope_network_receive_drop_total", "fleetscope_network_transmit_drop_total")),
+        infiniband_errors_total=_sum(snapshot, ("fleetscope_infiniband_symbol_errors_total", "fleetscope_infiniband_receive_errors_total",
+                                                "fleetscope_infiniband_link_downed_total", "fleetscope_infiniband_transmit_discards_total")),
+        memory_stalled_seconds_total=snapshot.value("fleetscope_pressure_memory_stalled_seconds_total"),
+        network_receive_bytes_total=_sum(snapshot, ("fleetscope_network_receive_bytes_total",)),
+        network_transmit_bytes_total=_sum(snapshot, ("fleetscope_network_transmit_bytes_total",)),
+        disk_read_bytes_total=_sum(snapshot, ("fleetscope_disk_read_bytes_total",)),
+        disk_written_bytes_total=_sum(snapshot, ("fleetscope_disk_written_bytes_total",)),
+        gpus=gpus,
+        sources_down=sorted(name for name, st in snapshot.status.items() if not st.up),
+        labels=dict(labels or {}),
+    )
