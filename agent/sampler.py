@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 
 from agent.gpu.health import Verdict
 from agent.gpu.state import GpuState
-from agent.sources.base import NoData, Reading, Source
+from agent.sources.base import Collected, NoData, Reading, Source
 
 log = logging.getLogger("fleetscope.agent.sampler")
 
@@ -24,19 +24,6 @@ class SourceStatus:
     no_data: bool = False  # the source's library or device is absent: not an error
     problems: tuple[str, ...] = ()  # the source ran, but reports something wrong (e.g. a driver/library mismatch)
     overran: bool = False  # it did not finish within its deadline
-
-
-@dataclass(frozen=True, slots=True)
-class Collected:
-    """What one source contributes to a snapshot beyond its readings: typed fields the consumers read."""
-
-    readings: tuple[Reading, ...]
-    gpus: tuple[GpuState, ...] = ()
-    health: dict[str, Verdict] = field(default_factory=dict)  # GPU uuid -> verdict
-    problems: tuple[str, ...] = ()
-
-    def __iter__(self):  # a Collected reads as its readings, as a plain source's result does
-        return iter(self.readings)
 
 
 @dataclass(frozen=True)

@@ -132,7 +132,7 @@ class _Gpu:
             return None
         func = getattr(self.lib, name, None)
         if func is None:  # a binding older than the call
-            self.nvml.mismatch(f"{name} missing from pynvml")
+            self.nvml.mismatch(f"{name} missing from pynvml", "function_not_found")
             self.unsupported.add(key)
             return None
         try:
@@ -152,7 +152,7 @@ class _Gpu:
                 self.hide(f"{what or name}:no_permission", name)
                 return None
             if kind in _MISMATCH:
-                self.nvml.mismatch(f"{name}: {reason_of(exc)}")
+                self.nvml.mismatch(f"{name}: {reason_of(exc)}", reason_of(exc).replace("lib_rm_version_mismatch", "library_mismatch"))
                 self.unsupported.add(key)
                 return None
             if kind in _GPU_FATAL:
@@ -179,7 +179,8 @@ class _Gpu:
             try:
                 lib.nvmlGpmSampleFree(sample)
             except Exception as exc:  # noqa: BLE001 - freeing must go on whatever one call says
-                log.debug("GPU %d: freeing a GPM sample: %s", self.index, exc)
+                log.debug("GPU %d: freeing a GPM sample: %s; tried again once NVML answers", self.index, exc)
+                self.nvml.orphans.append(sample)
         if self.event_set is not None:
             try:
                 lib.nvmlEventSetFree(self.event_set)
@@ -212,6 +213,7 @@ class Nvml:
         self.driver_version: str | None = None
         self.cuda_driver_version: str | None = None
         self._gpus: dict[int, _Gpu] = {}
+        self.orphans: list[Any] = []  # GPM samples a library that had gone away could not free
         self._down: dict[int, str] = {}  # index -> reason, while a GPU cannot be read
         self._uuids: dict[int, str] = {}  # uuid of each index as last seen, so a GPU that goes away keeps its identity
         self._bus_ids: dict[int, str] = {}
@@ -240,8 +242,7 @@ class Nvml:
             out.add(kernel_problem)
         return tuple(sorted(out))
 
-    def mismatch(self, detail: str) -> None:
-        problem = "library_mismatch" if "mismatch" in detail.lower() else "function_not_found"
+    def mismatch(self, detail: str, problem: str = "library_mismatch") -> None:
         if (problem, detail) not in self._logged:
             self._logged.add((problem, detail))
             log.error("NVML driver/library mismatch: %s (update nvidia-ml-py or the driver so they match); "
@@ -281,6 +282,12 @@ class Nvml:
         if self._init_failures:
             log.info("NVML initialised after %d failed tries", self._init_failures)
         self._initialized, self._init_failures, self._init_error = True, 0, None
+        orphans, self.orphans = self.orphans, []
+        for sample in orphans:
+            try:
+                lib.nvmlGpmSampleFree(sample)
+            except Exception as exc:  # noqa: BLE001
+                log.debug("freeing a GPM sample kept from before NVML went away: %s", exc)
         try:
             self.driver_version = _text(lib.nvmlSystemGetDriverVersion())
             cuda = lib.nvmlSystemGetCudaDriverVersion()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Literal
+
+from agent.gpu.health import Verdict
+from agent.gpu.state import GpuState
 
 Kind = Literal["gauge", "counter", "untyped"]
 Labels = tuple[tuple[str, str], ...]
@@ -21,6 +24,9 @@ class Family:
     kind: Kind
     help: str
     labels: tuple[str, ...] = ()
+    # printf-style spelling of the values ("%d", "%f") where another exporter's exact text must be kept
+    # (--compat dcgm); empty: Prometheus' shortest float. Only the fast renderer can honour it.
+    value_format: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,13 +51,26 @@ def by_family(families: Iterable[Family], readings: Iterable[Reading]) -> Iterat
             yield fam, rows
 
 
+@dataclass(frozen=True, slots=True)
+class Collected:
+    """What one source contributes to a snapshot beyond its readings: typed fields the consumers read."""
+
+    readings: tuple[Reading, ...]
+    gpus: tuple[GpuState, ...] = ()
+    health: dict[str, Verdict] = field(default_factory=dict)  # GPU uuid -> verdict
+    problems: tuple[str, ...] = ()
+
+    def __iter__(self):  # a Collected reads as its readings, as a plain source's result does
+        return iter(self.readings)
+
+
 class Source:
     """A subsystem the sampler reads once per interval. `collect()` returns its readings."""
 
     name: str = ""
     families: tuple[Family, ...] = ()
 
-    def collect(self) -> Iterable[Reading]:
+    def collect(self) -> Iterable[Reading] | Collected:
         raise NotImplementedError
 
     def close(self) -> None:

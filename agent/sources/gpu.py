@@ -11,10 +11,9 @@ from agent.cgroup import Owner, owner_of
 from agent.gpu import dcgm
 from agent.gpu.health import STATES, Verdict, verdict
 from agent.gpu.nvml import NvmlUnavailable
-from agent.sampler import Collected
 from agent.gpu.state import CLOCK_EVENT_REASONS, GpuState, clock_event_names
 from agent.gpu.xid import CATALOGUE
-from agent.sources.base import Family, NoData, Reading, Source, reading, register
+from agent.sources.base import Collected, Family, NoData, Reading, Source, reading, register
 
 log = logging.getLogger("fleetscope.agent.gpu")
 
