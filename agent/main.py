@@ -14,8 +14,6 @@ from agent.listener import Listener
 from agent.sampler import Sampler
 from agent.shipper import Shipper
 from agent.sources import build_sources
-from agent.sources.gpu import GpuSource
-from agent.sources.inference import InferenceServersSource
 
 log = logging.getLogger("fleetscope.agent")
 
@@ -23,22 +21,19 @@ log = logging.getLogger("fleetscope.agent")
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
-        self.sources = build_sources(config)
-        self.sampler = Sampler(self.sources, config.interval_s)
         self.shipper: Shipper | None = None
         if config.collector_url:
             if not config.collector_token:
                 raise ValueError("a collector URL needs an ingest token: --collector-token or FLEETSCOPE_INGEST_TOKEN")
             self.shipper = Shipper(config.collector_url, config.collector_token, agent_id=config.agent_id, node=config.node,
                                    labels=config.labels, spool_dir=config.spool_dir or None, spool_bytes=config.spool_bytes)
-            self.sampler.subscribe(self.shipper.enqueue_snapshot)
         host, port = split_address(config.events_address, "127.0.0.1")
         self.listener = Listener(host, port, node=config.node, deliver=self._deliver, gpu_lookup=self._gpu_for)
-        for source in self.sources:
-            if isinstance(source, GpuSource):
-                source.workload_lookup = self.listener.workloads.get
-            if isinstance(source, InferenceServersSource) and self.shipper is not None:
-                source.deliver = self.shipper.enqueue_server_frame
+        self.sources = build_sources(config, workload_lookup=self.listener.workloads.get,
+                                     deliver_server_frame=self.shipper.enqueue_server_frame if self.shipper else None)
+        self.sampler = Sampler(self.sources, config.interval_s)
+        if self.shipper is not None:
+            self.sampler.subscribe(self.shipper.enqueue_snapshot)
         providers = [self.listener] + ([self.shipper] if self.shipper else [])
         self.collector = AgentCollector(self.sampler, providers, version=fleetscope.__version__, labels=config.labels)
         self.registry = make_registry(self.collector)

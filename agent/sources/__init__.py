@@ -23,8 +23,12 @@ log = logging.getLogger("fleetscope.agent.sources")
 __all__ = ["REGISTRY", "NoData", "Reading", "Source", "build_sources"]
 
 
-def build_sources(config) -> list[Source]:
-    """Instantiate every enabled source; one that fails to start is logged and left out."""
+def build_sources(config, *, workload_lookup=None, deliver_server_frame=None) -> list[Source]:
+    """Instantiate every enabled source, each with all it needs (nothing is wired after it is built);
+    one that fails to start is logged and left out.
+
+    `workload_lookup(pid)` names the training job and rank of a process (from the listener's events);
+    `deliver_server_frame(frame)` takes the inference servers' frames (the shipper's queue)."""
     unknown = set(config.disable_sources) - set(REGISTRY)
     if unknown:
         raise ValueError(f"unknown source(s) to disable: {', '.join(sorted(unknown))}; known: {', '.join(sorted(REGISTRY))}")
@@ -34,7 +38,7 @@ def build_sources(config) -> list[Source]:
             continue
         kwargs: dict[str, object] = {"exclude_interfaces": config.exclude_interfaces, "procfs": config.procfs, "sysfs": config.sysfs,
                                    "rootfs": config.rootfs, "inference_servers": config.inference_servers,
-                                   "node": config.node}
+                                   "node": config.node, "workload_lookup": workload_lookup, "deliver": deliver_server_frame}
         if name == "gpu":
             if config.scenario and config.gpu_backend != "simulated":
                 raise ValueError("a fault scenario plays on simulated GPUs only: add --gpu-backend simulated")

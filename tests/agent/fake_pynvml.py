@@ -100,6 +100,7 @@ class FakeNvml:
         self.devices = devices
         self.init_error = init_error
         self.counts: Counter[str] = Counter()
+        self.utilization_since: list[int] = []  # the timestamps process utilisation was asked from
         self.initialized = False
         self.gpm_live: set[int] = set()  # ids of GPM samples allocated and not yet freed
         self._faults: list[dict] = []
@@ -457,7 +458,7 @@ class FakeNvml:
         return self._answer(h, "procs")
 
     def nvmlDeviceGetProcessUtilization(self, h, since):
-        self.counts[f"process_utilization_since:{since}"] += 1
+        self.utilization_since.append(since)
         samples = [s for s in self._answer(h, "proc_util") if s.timeStamp > since]
         if not samples:
             raise real.NVMLError_NotFound()

@@ -216,7 +216,7 @@ def test_gpu_processes_are_attributed_to_their_container_pod_slurm_job_and_train
     assert reg.get_sample_value("fleetscope_gpu_process_sm_utilization_ratio", labels) == 0.73
     sampler.sample_once()
     # the next read asks only for samples newer than the last one seen; none came, so no utilisation
-    assert fake.counts["process_utilization_since:1000000"] == 1
+    assert fake.utilization_since[-1] == 1_000_000
     assert reg.get_sample_value("fleetscope_gpu_process_sm_utilization_ratio", labels) is None
     assert reg.get_sample_value("fleetscope_gpu_process_memory_used_bytes", labels) == 2**30
 
