@@ -25,7 +25,11 @@ AGENT_FAMILIES = (
     Family("fleetscope_agent_source_up", "gauge", "1 when the source's last collection succeeded, 0 when it failed or had no data.", ("source",)),
     Family("fleetscope_agent_source_duration_seconds", "gauge", "How long the source's last collection took.", ("source",)),
     Family("fleetscope_agent_source_error", "gauge",
-           "1 when the source's last collection failed with an error (not merely absent hardware).", ("source",)),
+           "1 when the source's last collection failed with an error, overran its deadline, or reports a problem "
+           "(not merely absent hardware).", ("source",)),
+    Family("fleetscope_agent_source_problem", "gauge",
+           "1 for each problem a source reports while it runs (e.g. a driver/library mismatch, a kernel log it may not read).",
+           ("source", "problem")),
     Family("fleetscope_agent_last_sample_timestamp_seconds", "gauge", "Unix time of the latest snapshot."),
 )
 
@@ -34,16 +38,20 @@ def build_families(families: Sequence[Family], readings: Iterable[Reading]) -> l
     """Group readings into Prometheus metric families; families with no reading are left out."""
     out: list[Metric] = []
     for fam, rows in by_family(families, readings):
-        if fam.kind == "counter":
-            metric: Metric = CounterMetricFamily(fam.name.removesuffix("_total"), fam.help, labels=fam.labels)
-        elif fam.kind == "untyped":
-            metric = Metric(fam.name, fam.help, "unknown")
+        # prometheus_client names every counter's samples `_total`; a counter named without it (dcgm-exporter's
+        # DCGM_FI_* under --compat dcgm) keeps its name only as untyped here. It cannot honour value_format
+        # either: the served /metrics is agent.exposition.render's, which keeps both.
+        untyped = fam.kind == "untyped" or (fam.kind == "counter" and not fam.name.endswith("_total"))
+        if untyped:
+            metric: Metric = Metric(fam.name, fam.help, "unknown")
+        elif fam.kind == "counter":
+            metric = CounterMetricFamily(fam.name.removesuffix("_total"), fam.help, labels=fam.labels)
         else:
             metric = GaugeMetricFamily(fam.name, fam.help, labels=fam.labels)
         for r in rows:
             labels = dict(r.labels)
             values = [labels.get(name, "") for name in fam.labels]
-            if fam.kind == "untyped":
+            if untyped:
                 metric.add_sample(fam.name, dict(zip(fam.labels, values)), r.value)
             else:
                 metric.add_metric(values, r.value)
@@ -85,7 +93,10 @@ class AgentCollector:
         for name, st in snapshot.status.items():
             yield Reading("fleetscope_agent_source_up", 1.0 if st.up else 0.0, (("source", name),))
             yield Reading("fleetscope_agent_source_duration_seconds", st.duration_s, (("source", name),))
-            yield Reading("fleetscope_agent_source_error", 0.0 if st.up or st.no_data else 1.0, (("source", name),))
+            failed = (not st.up and not st.no_data) or bool(st.problems)
+            yield Reading("fleetscope_agent_source_error", 1.0 if failed else 0.0, (("source", name),))
+            for problem in st.problems:
+                yield Reading("fleetscope_agent_source_problem", 1.0, (("source", name), ("problem", problem)))
         yield from snapshot.readings
 
     def readings(self) -> list[Reading]:

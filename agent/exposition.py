@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import math
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Iterable, Sequence
@@ -38,14 +39,22 @@ def render(families: Sequence[Family], readings: Iterable[Reading]) -> bytes:
     for fam, rows in by_family(families, readings):
         out.append(f"# HELP {fam.name} {_escape_help(fam.help)}\n# TYPE {fam.name} {_TYPES[fam.kind]}\n")
         wanted = sorted(fam.labels)
+        spell = _formatted(fam.value_format) if fam.value_format else floatToGoString
         for r in rows:
             if wanted:
                 have = dict(r.labels)
                 labels = ",".join(f'{k}="{_escape_value(have.get(k, ""))}"' for k in wanted)
-                out.append(f"{fam.name}{{{labels}}} {floatToGoString(r.value)}\n")
+                out.append(f"{fam.name}{{{labels}}} {spell(r.value)}\n")
             else:
-                out.append(f"{fam.name} {floatToGoString(r.value)}\n")
+                out.append(f"{fam.name} {spell(r.value)}\n")
     return "".join(out).encode()
+
+
+def _formatted(fmt: str) -> Callable[[float], str]:
+    """Values as `fmt` spells them (dcgm-exporter writes "%d" for DCGM's integer fields and "%f" for its
+    doubles); NaN and infinities keep Prometheus' spelling, which "%d" cannot write.
+    generate_latest always writes Go's shortest float, so for such a family it is not byte-for-byte equal."""
+    return lambda value: fmt % value if math.isfinite(value) else floatToGoString(value)
 
 
 class MetricsServer:

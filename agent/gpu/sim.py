@@ -2,7 +2,9 @@
 
 Each GPU follows a workload (busy with jitter, a short dip every few minutes as if checkpointing);
 power follows utilisation, temperature follows power with a thermal time constant, and the SM
-clock boosts with headroom and backs off near the slowdown temperature. A fault scenario
+clock boosts with headroom and backs off near the slowdown temperature; the graphics engine is busy a
+little less than utilisation says, the video decoder a little (data loading), the encoder never. Every
+GPU is registered with the node's NVSwitch fabric, as on an HGX board. A fault scenario
 (`agent/gpu/scenario.py`) makes things go wrong the way NVML reports them: clock-event reasons,
 XIDs, ECC counters, a GPU that is lost, NVLink errors, a narrower PCIe link. Time comes from an
 injectable clock so a test can step it; the same seed and the same steps give the same values.
@@ -14,10 +16,11 @@ import math
 import random
 import time
 import uuid as uuidlib
+import zlib
 from typing import Callable, Iterable
 
 from agent.gpu.scenario import Fault
-from agent.gpu.state import GpuState, NvLinkState, PcieState, RemappedRows
+from agent.gpu.state import FabricState, GpuState, NvLinkState, PcieState, RemappedRows
 
 GIB = 1024**3
 NAME = "NVIDIA H100 80GB HBM3 (simulated)"
@@ -35,6 +38,9 @@ IDLE, SW_POWER_CAP, HW_SLOWDOWN, SW_THERMAL, HW_THERMAL = 0x1, 0x4, 0x8, 0x20, 0
 class _Gpu:
     def __init__(self, index: int, node: str, seed: int) -> None:
         self.index = index
+        # One NVLink domain per node; its id comes from the node, not from the random stream, so the
+        # other values stay what they were before the fabric was simulated.
+        self.clique_id = zlib.crc32(f"{seed}:{node}".encode()) % 0x7FFF + 1
         self.rng = random.Random(f"{seed}:{node}:{index}")
         self.uuid = "GPU-" + str(uuidlib.uuid5(uuidlib.NAMESPACE_DNS, f"fleetscope-sim:{seed}:{node}:{index}"))
         self.serial = f"SIM{self.rng.randrange(10**10):010d}"
@@ -162,6 +168,11 @@ class _Gpu:
             sm_occupancy_ratio=round(self.util * 0.42, 3),
             tensor_activity_ratio=round(self.util * 0.61, 3),
             dram_activity_ratio=round(self.util * 0.47, 3),
+            gr_engine_activity_ratio=round(self.util * 0.97, 3),
+            # NVML reports the video engines in whole percents
+            encoder_utilization_ratio=0.0,
+            decoder_utilization_ratio=round(self.util * 0.03, 2),
+            fabric=FabricState(state="completed", status="success", clique_id=self.clique_id, health="healthy"),
             xid_counts=dict(self.xids),
             last_xid=self.last_xid,
         )
