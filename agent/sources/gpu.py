@@ -110,6 +110,10 @@ class GpuSource(Source):
                G + ("mig_uuid", "gpu_instance", "compute_instance", "profile")),
         Family("fleetscope_gpu_mig_memory_used_bytes", "gauge", "Device memory in use in a MIG instance.", G + ("mig_uuid",)),
         Family("fleetscope_gpu_mig_memory_total_bytes", "gauge", "Device memory of a MIG instance.", G + ("mig_uuid",)),
+        Family("fleetscope_gpu_mig_graphics_engine_activity_ratio", "gauge",
+               "Share of time a MIG instance's graphics/compute engine had work (GPM, 0-1).", G + ("mig_uuid",)),
+        Family("fleetscope_gpu_mig_sm_activity_ratio", "gauge",
+               "Share of time a MIG instance's SMs had work (GPM, 0-1).", G + ("mig_uuid",)),
         Family("fleetscope_gpu_fabric_info", "gauge",
                "NVSwitch fabric registration of the GPU (HGX); the value is always 1.",
                G + ("state", "status", "clique_id", "health")),
@@ -278,6 +282,10 @@ def _mig(s: GpuState, ids: tuple):
             yield _r("fleetscope_gpu_mig_memory_used_bytes", m.memory_used_bytes, ids, mig)
         if m.memory_total_bytes is not None:
             yield _r("fleetscope_gpu_mig_memory_total_bytes", m.memory_total_bytes, ids, mig)
+        if m.gr_engine_activity_ratio is not None:
+            yield _r("fleetscope_gpu_mig_graphics_engine_activity_ratio", m.gr_engine_activity_ratio, ids, mig)
+        if m.sm_activity_ratio is not None:
+            yield _r("fleetscope_gpu_mig_sm_activity_ratio", m.sm_activity_ratio, ids, mig)
 
 
 def _opt(value: int | None) -> str:

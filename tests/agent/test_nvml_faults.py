@@ -314,3 +314,31 @@ def test_reasons_are_stable_snake_case():
     assert reason_of(pynvml.NVMLError_GpuIsLost()) == "gpu_lost"
     assert reason_of(pynvml.NVMLError_Unknown()) == "unknown_error"
     assert reason_of(pynvml.NVMLLibraryMismatchError("x")) == "library_mismatch"
+
+
+def test_mig_instances_have_their_own_activity_and_hidden_instances_are_reported():
+    from types import SimpleNamespace
+
+    def mig(n, gi):
+        return {"uuid": f"MIG-{n}", "gi": gi, "ci": 0, "name": "NVIDIA H100 80GB HBM3 MIG 3g.40gb",
+                "mem": SimpleNamespace(used=n * 2**30, free=(40 - n) * 2**30, total=40 * 2**30),
+                "gpm": {pynvml.NVML_GPM_METRIC_GRAPHICS_UTIL: 10.0 * n, pynvml.NVML_GPM_METRIC_SM_UTIL: 5.0 * n}}
+
+    n = Node(2, mig_mode=(1, 1))
+    n.fake.devices[0]["mig"] = [mig(1, 1), mig(2, 2)]
+    try:
+        n.sample()
+        n.sample()
+        assert n.v("fleetscope_gpu_mig_graphics_engine_activity_ratio", 0, mig_uuid="MIG-2") == 0.2
+        assert n.v("fleetscope_gpu_mig_sm_activity_ratio", 0, mig_uuid="MIG-1") == 0.05
+        live = len(n.fake.gpm_live)
+        for _ in range(3):
+            n.sample()
+        assert len(n.fake.gpm_live) == live  # per-instance buffers are reused, not allocated per sample
+        # Under the unit's DynamicUser the driver may refuse the instances: said, not silently empty.
+        n.fake.fail("nvmlDeviceGetMigDeviceHandleByIndex", pynvml.NVMLError_NoPermission, gpu=1)
+        n.fake.devices[1]["mig"] = [mig(3, 1)]
+        n.sample()
+        assert n.v("fleetscope_gpu_data_hidden", 1, data="mig_instances", reason="no_permission") == 1
+    finally:
+        n.close()
