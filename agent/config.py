@@ -10,12 +10,14 @@ import uuid
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from fleetscope.vocabulary import AGENT_EVENTS_PORT, AGENT_METRICS_PORT
+
 
 @dataclass
 class AgentConfig:
     node: str = field(default_factory=socket.gethostname)
-    metrics_address: str = "0.0.0.0:9835"
-    events_address: str = "127.0.0.1:9836"
+    metrics_address: str = f"0.0.0.0:{AGENT_METRICS_PORT}"
+    events_address: str = f"127.0.0.1:{AGENT_EVENTS_PORT}"
     interval_s: float = 5.0
     gpu_backend: str = "auto"  # auto | nvml | simulated | none
     gpus: int = 8  # simulated GPUs

@@ -13,10 +13,11 @@ import msgspec
 
 from agent.sources.base import Family, Reading
 from fleetscope.schema import Event, SchemaError, UnsupportedVersion, decode_event
+from fleetscope.vocabulary import UDP_MAX_BYTES
 
 log = logging.getLogger("fleetscope.agent.listener")
 
-MAX_DATAGRAM = 65_535
+MAX_DATAGRAM = UDP_MAX_BYTES
 # The client never sends more than this; anything larger is refused as a whole.
 MAX_EVENT_BYTES = 60_000
 

@@ -68,11 +68,15 @@ ALERTS: list[Alert] = [
     # --- GPU -----------------------------------------------------------------------------------
     # NVML itself says the GPU is lost: no scrape glitch can fake that, so it fires at once.
     Alert("FleetscopeGpuLost", "fleetscope-gpu", "fleetscope_gpu_up == 0", "0m", "page",
-          "GPU {{ $labels.gpu }} on {{ $labels.instance }} has fallen off the bus",
-          GPU + " no longer answers NVML (XID 79 or GPU lost). Its job is dead or hung.",
-          "The GPU disappeared from the driver: a PCIe or power fault, or a GPU failure. Its XIDs are inhibited by this alert.",
-          "`nvidia-smi` on the node lists it with an error or not at all; `dmesg | grep -i -e NVRM -e Xid`.",
-          "Drain the node, power-cycle it (a reset rarely brings a lost GPU back), and open a hardware case if it happens again."),
+          "GPU {{ $labels.gpu }} on {{ $labels.instance }} cannot be read",
+          GPU + " no longer answers NVML (fallen off the bus, needs a reset, or stuck). Its job is dead or hung.",
+          "NVML cannot read the GPU; `fleetscope_gpu_health_reason` says why: gpu_lost (XID 79, off the bus), reset_required "
+          "(after XIDs 48/94/95/119), not_ready, timeout or unknown_error. The other GPUs of the node are read as usual. "
+          "Its XIDs are inhibited by this alert.",
+          "`nvidia-smi` on the node lists it with an error or not at all; `dmesg | grep -i -e NVRM -e Xid`; "
+          "`nvidia-smi -q -d RECOVERY` (drivers 550+) names the recovery action.",
+          "Drain the node. reset_required: `nvidia-smi -r -i <gpu>` once drained. gpu_lost: power-cycle the node (a reset "
+          "rarely brings a lost GPU back). Open a hardware case if it happens again."),
     Alert("FleetscopeGpusMissing", "fleetscope-gpu", "fleetscope_gpus_present < fleetscope_gpus_expected", "2m", "page",
           "{{ $labels.instance }} has fewer GPUs than expected",
           "{{ $labels.instance }} reports {{ $value }} GPUs present, fewer than the node is configured to have.",

@@ -15,16 +15,25 @@ from pathlib import Path
 import yaml
 
 from alerts.definitions import ALERTS, Alert
+from fleetscope import vocabulary
 
 HERE = Path(__file__).resolve().parent
+SHARED = (("gpu", "temperature_margin_celsius", vocabulary.TEMPERATURE_MARGIN_C),
+          ("host", "memory_stalled_share", vocabulary.MEMORY_STALLED_SHARE))
 RULES = HERE / "fleetscope.rules.yml"
 RUNBOOKS = HERE / "runbooks"
 _PLACEHOLDER = re.compile(r"(?<!\{)\{([a-z_]+)\.([a-z0-9_]+)\}(?!\})")
 
 
 def thresholds(path: Path = HERE / "thresholds.toml") -> dict:
+    """thresholds.toml, plus the thresholds the collector shares with the rules (fleetscope/vocabulary.py)."""
     with open(path, "rb") as fh:
-        return tomllib.load(fh)
+        values = tomllib.load(fh)
+    for section, key, value in SHARED:
+        if key in values.get(section, {}):
+            raise ValueError(f"{path}: {section}.{key} is shared with the collector: set it in fleetscope/vocabulary.py")
+        values.setdefault(section, {})[key] = value
+    return values
 
 
 def fill(text: str, values: dict) -> str:

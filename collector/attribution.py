@@ -13,6 +13,8 @@ from typing import Callable
 
 import polars as pl
 
+from fleetscope.vocabulary import MEMORY_STALLED_SHARE
+
 # kind ("gpus" | "hosts"), since, until, (key column, values) -> samples
 SampleSource = Callable[[str, float, float, tuple[str, list]], pl.DataFrame]
 
@@ -88,7 +90,7 @@ def host_causes(host: pl.DataFrame, peers: pl.DataFrame) -> list[dict]:
     span = (stalled["ts"].max() or 0) - (stalled["ts"].min() or 0)
     if span > 0:
         rate = _increase(stalled, "memory_stalled_seconds_total") / span
-        if rate > 0.05:
+        if rate > MEMORY_STALLED_SHARE:
             causes.append({"cause": "memory_pressure", "score": min(1.0, rate * 4), "evidence": {"memory_stalled_share": round(rate, 3)}})
     return causes
 

@@ -11,11 +11,9 @@ from __future__ import annotations
 import polars as pl
 
 from collector.tables import CAT, F32, F64, I16, I32, I64, SCHEMAS
+from fleetscope.vocabulary import HEALTH_STATES, HW_SLOWDOWN_BITS, POWER_CAP_BIT, THERMAL_BITS
 
-THERMAL_BITS = 0x20 | 0x40  # sw and hw thermal slowdown
-POWER_CAP_BIT = 0x4
-HW_SLOWDOWN_BITS = 0x8 | 0x80  # hw slowdown, power brake
-HEALTH = pl.Enum(["healthy", "degraded", "unhealthy"])
+HEALTH = pl.Enum(list(HEALTH_STATES))
 
 STEP_AGGS: dict[str, pl.DataType] = {
     "job": CAT, "step": I64, "ts": F64, "end_ts": F64, "ranks": I32, "world_size": I32,

@@ -14,6 +14,8 @@ from typing import Iterable
 import msgspec
 import polars as pl
 
+from fleetscope.vocabulary import HEALTH_STATES
+
 from fleetscope.schema import Batch, PauseEvent, RequestEvent, StepEvent
 
 _encode = msgspec.json.Encoder().encode
@@ -65,7 +67,7 @@ SCHEMAS: dict[str, dict[str, pl.DataType]] = {
         "ts": F64, "node": CAT, "index": I16, "uuid": CAT, "name": CAT, "up": pl.Boolean,
         "utilization_ratio": F32, "memory_used_bytes": I64, "memory_total_bytes": I64, "temperature_celsius": F32,
         "power_watts": F32, "power_limit_watts": F32, "sm_clock_hertz": F32, "sm_clock_max_hertz": F32,
-        "clock_event_mask": I64, "health": pl.Enum(["healthy", "degraded", "unhealthy"]), "health_reasons": pl.List(CAT),
+        "clock_event_mask": I64, "health": pl.Enum(list(HEALTH_STATES)), "health_reasons": pl.List(CAT),
         "xid_total": I64, "xid_counts": CAT, "ecc_corrected_total": I64, "ecc_uncorrected_total": I64,
         "remap_pending": pl.Boolean, "remap_failure": pl.Boolean,
     },

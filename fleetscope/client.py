@@ -17,11 +17,14 @@ import time
 from contextlib import ContextDecorator, contextmanager
 from typing import Any, Iterator
 
+from fleetscope import vocabulary
+from fleetscope.vocabulary import AGENT_EVENTS_PORT
+
 SCHEMA_VERSION = 1
 DEFAULT_AGENT_HOST = "127.0.0.1"
-DEFAULT_AGENT_PORT = 9836
+DEFAULT_AGENT_PORT = AGENT_EVENTS_PORT
 # One datagram must fit in a single UDP payload on loopback; the agent refuses larger ones.
-MAX_DATAGRAM_BYTES = 60_000
+MAX_DATAGRAM_BYTES = vocabulary.MAX_DATAGRAM_BYTES
 
 log = logging.getLogger("fleetscope.client")
 

@@ -7,11 +7,10 @@ from dataclasses import dataclass
 from agent.gpu.state import GpuState, clock_event_names
 from agent.gpu.xid import describe
 
-HEALTHY, DEGRADED, UNHEALTHY = "healthy", "degraded", "unhealthy"
-STATES = (HEALTHY, DEGRADED, UNHEALTHY)
-# Clock events that mean something is wrong, as opposed to idling or a power cap the operator set.
-TROUBLE_EVENTS = {"hw_slowdown", "hw_thermal_slowdown", "hw_power_brake_slowdown", "sw_thermal_slowdown"}
-TEMPERATURE_MARGIN_C = 5.0
+from fleetscope.vocabulary import DEGRADED, HEALTHY, TEMPERATURE_MARGIN_C, TROUBLE_EVENTS, UNHEALTHY
+from fleetscope.vocabulary import HEALTH_STATES as STATES
+
+__all__ = ["DEGRADED", "HEALTHY", "STATES", "UNHEALTHY", "Verdict", "verdict"]
 
 
 @dataclass(frozen=True)

@@ -4,18 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# Clock-event (throttle) reasons: NVML's bit values, and our label for each.
-CLOCK_EVENT_REASONS = {
-    0x0000000000000001: "gpu_idle",
-    0x0000000000000002: "applications_clocks_setting",
-    0x0000000000000004: "sw_power_cap",
-    0x0000000000000008: "hw_slowdown",
-    0x0000000000000010: "sync_boost",
-    0x0000000000000020: "sw_thermal_slowdown",
-    0x0000000000000040: "hw_thermal_slowdown",
-    0x0000000000000080: "hw_power_brake_slowdown",
-    0x0000000000000100: "display_clock_setting",
-}
+from fleetscope.vocabulary import CLOCK_EVENT_REASONS
 
 
 def clock_event_names(mask: int) -> list[str]:

@@ -1,0 +1,43 @@
+"""The shared vocabulary is the one place its values live: every health reason the agent can give is
+in it, and no copy of a shared threshold sits in alerts/thresholds.toml."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+from agent.gpu import health
+from fleetscope import vocabulary
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_reason_the_verdict_can_give_is_in_the_vocabulary():
+    source = Path(health.__file__).read_text()
+    given = set(re.findall(r'(?:bad|weak)\.append\("([a-z_0-9]+)"\)', source))
+    assert given, "the verdict's reasons were not found: has agent/gpu/health.py changed shape?"
+    assert given <= set(vocabulary.HEALTH_REASONS), given - set(vocabulary.HEALTH_REASONS)
+    from agent.gpu.nvml import _GPU_FATAL, reason_of  # the reasons an unreadable GPU is reported with
+
+    import pynvml
+    for name in _GPU_FATAL:
+        assert reason_of(getattr(pynvml, f"NVMLError_{name}")()) in vocabulary.HEALTH_REASONS
+
+
+def test_shared_thresholds_are_not_copied_into_the_alert_thresholds():
+    values = tomllib.loads((ROOT / "alerts" / "thresholds.toml").read_text())
+    assert "memory_stalled_share" not in values["host"]
+    assert "temperature_margin_celsius" not in values["gpu"]
+    from alerts.generate import thresholds
+
+    merged = thresholds()
+    assert merged["host"]["memory_stalled_share"] == vocabulary.MEMORY_STALLED_SHARE
+    assert merged["gpu"]["temperature_margin_celsius"] == vocabulary.TEMPERATURE_MARGIN_C
+
+
+def test_clock_event_bit_groups_are_made_of_named_bits():
+    names = {bit: name for bit, name in vocabulary.CLOCK_EVENT_REASONS.items()}
+    assert {names[b] for b in names if b & vocabulary.THERMAL_BITS} == {"sw_thermal_slowdown", "hw_thermal_slowdown"}
+    assert names[vocabulary.POWER_CAP_BIT] == "sw_power_cap"
+    assert vocabulary.TROUBLE_EVENTS <= set(names.values())
