@@ -139,6 +139,7 @@ class GpuSource(Source):
         self.hostname = hostname
         if compat_dcgm:
             self.families = GpuSource.families + dcgm.FAMILIES
+        self._nvlink_bandwidth = dcgm.NvLinkBandwidth()
         self.expected = expected_gpus
         self.clock = clock
         self._last_t: float | None = None
@@ -163,7 +164,8 @@ class GpuSource(Source):
         for pid in set(self._owners) - live:  # pids get reused: forget processes gone from every GPU
             del self._owners[pid]
         if self.compat_dcgm:
-            readings.extend(dcgm.dcgm_readings(states, self.hostname, getattr(self.backend, "driver_version", None) or ""))
+            readings.extend(dcgm.dcgm_readings(states, self.hostname, getattr(self.backend, "driver_version", None) or "",
+                                               self._nvlink_bandwidth.update(states, now)))
         return Collected(tuple(readings), tuple(states), health, tuple(getattr(self.backend, "problems", ())))
 
     def _recent_xids(self, gpu: GpuState, now: float) -> dict[int, int]:

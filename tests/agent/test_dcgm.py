@@ -27,8 +27,6 @@ XID_LABELS = {"err_code", "err_msg"}
 # Default counters the agent does not serve, and why.
 NOT_SERVED = {
     "DCGM_FI_DEV_VGPU_LICENSE_STATUS": "vGPU licensing: the agent does not read vGPUs",
-    "DCGM_FI_DEV_NVLINK_BANDWIDTH_TOTAL": "a rate between two reads: GpuSource must keep a dcgm.NvLinkBandwidth "
-                                          "(see test_nvlink_bandwidth_is_the_rate_dcgm_computes)",
 }
 # DCGM_FT_DOUBLE fields (dcgm_fields.cpp), which dcgm-exporter prints with "%f"; every other field is DCGM_FT_INT64 ("%d").
 DOUBLES = {"DCGM_FI_DEV_POWER_USAGE", "DCGM_FI_DEV_POWER_MGMT_LIMIT", "DCGM_FI_PROF_GR_ENGINE_ACTIVE",

@@ -10,9 +10,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, generate_latest
-
-from agent.exporter import build_families
+from agent.exposition import render
 from agent.gpu.scenario import parse_scenario
 from agent.gpu.sim import SimulatedGpus
 from agent.sources.gpu import GpuSource
@@ -26,14 +24,6 @@ FAULTS = parse_scenario({"fault": [
 ]})
 
 
-class Once:
-    def __init__(self, source):
-        self.source = source
-
-    def collect(self):
-        return build_families(self.source.families, self.source.collect())
-
-
 def exposition() -> bytes:
     t = [0.0]
     clock = lambda: t[0]  # noqa: E731
@@ -42,9 +32,7 @@ def exposition() -> bytes:
     for _ in range(3):  # 0 s, 20 s: GPU 0 has its XID 48, GPU 1 a narrow link; 40 s: GPU 1 is lost
         t[0] += 20
         source.collect()
-    reg = CollectorRegistry(auto_describe=False)
-    reg.register(Once(source))
-    return generate_latest(reg)
+    return render(source.families, source.collect())  # what /metrics serves
 
 
 def test_gpu_exposition_matches_the_golden_file():
