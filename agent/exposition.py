@@ -33,20 +33,35 @@ def _escape_value(text: str) -> str:
     return text.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
 
 
+# Rendered label sets, by (family name, labels): a node's series keep their labels from one sample to
+# the next, so each set is escaped and joined once, not at every render. Bounded: cleared when full.
+_LABEL_TEXT: dict[tuple, str] = {}
+_LABEL_TEXT_MAX = 200_000
+
+
+def _label_text(name: str, wanted: tuple[str, ...], labels: tuple) -> str:
+    key = (name, labels)
+    text = _LABEL_TEXT.get(key)
+    if text is None:
+        if len(_LABEL_TEXT) >= _LABEL_TEXT_MAX:
+            _LABEL_TEXT.clear()
+        have = dict(labels)
+        text = _LABEL_TEXT[key] = ",".join(f'{k}="{_escape_value(have.get(k, ""))}"' for k in wanted)
+    return text
+
+
 def render(families: Sequence[Family], readings: Iterable[Reading]) -> bytes:
     """Families in the given order, each with its readings; a family without readings is left out."""
     out: list[str] = []
     for fam, rows in by_family(families, readings):
         out.append(f"# HELP {fam.name} {_escape_help(fam.help)}\n# TYPE {fam.name} {_TYPES[fam.kind]}\n")
-        wanted = sorted(fam.labels)
+        wanted = tuple(sorted(fam.labels))
         spell = _formatted(fam.value_format) if fam.value_format else floatToGoString
-        for r in rows:
-            if wanted:
-                have = dict(r.labels)
-                labels = ",".join(f'{k}="{_escape_value(have.get(k, ""))}"' for k in wanted)
-                out.append(f"{fam.name}{{{labels}}} {spell(r.value)}\n")
-            else:
-                out.append(f"{fam.name} {spell(r.value)}\n")
+        name = fam.name
+        if wanted:
+            out.extend(f"{name}{{{_label_text(name, wanted, r.labels)}}} {spell(r.value)}\n" for r in rows)
+        else:
+            out.extend(f"{name} {spell(r.value)}\n" for r in rows)
     return "".join(out).encode()
 
 

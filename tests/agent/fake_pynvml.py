@@ -256,20 +256,34 @@ class FakeNvml:
     def nvmlDeviceGetDecoderUtilization(self, h):
         return list(self._answer(h, "decoder"))
 
+    _LINK_ERRORS = {real.NVML_FI_DEV_NVLINK_ERROR_DL_CRC: real.NVML_NVLINK_ERROR_DL_CRC_FLIT,
+                    real.NVML_FI_DEV_NVLINK_ERROR_DL_REPLAY: real.NVML_NVLINK_ERROR_DL_REPLAY,
+                    real.NVML_FI_DEV_NVLINK_ERROR_DL_RECOVERY: real.NVML_NVLINK_ERROR_DL_RECOVERY}
+    _ECC_FIELDS = {
+        real.NVML_FI_DEV_ECC_SBE_VOL_TOTAL: (real.NVML_MEMORY_ERROR_TYPE_CORRECTED, real.NVML_VOLATILE_ECC),
+        real.NVML_FI_DEV_ECC_DBE_VOL_TOTAL: (real.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, real.NVML_VOLATILE_ECC),
+        real.NVML_FI_DEV_ECC_SBE_AGG_TOTAL: (real.NVML_MEMORY_ERROR_TYPE_CORRECTED, real.NVML_AGGREGATE_ECC),
+        real.NVML_FI_DEV_ECC_DBE_AGG_TOTAL: (real.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, real.NVML_AGGREGATE_ECC),
+    }
+
     def _field_value(self, d, fid, scope):
+        links = d["nvlinks"] if d["nvlinks"] is not NotSupported else ()
+        if scope is not None:  # the per-link fields, most of every call: answered first
+            if scope >= len(links):
+                return NotSupported
+            if fid == real.NVML_FI_DEV_NVLINK_GET_STATE:
+                return int(bool(links[scope]))
+            if fid == real.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX:
+                return d["nvlink_tx_kib"].get(scope, NotSupported)
+            if fid == real.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX:
+                return d["nvlink_rx_kib"].get(scope, NotSupported)
+            if fid in self._LINK_ERRORS:
+                return d["nvlink_errors"].get((scope, self._LINK_ERRORS[fid]), 0)
+            raise AssertionError(f"the fake does not know scoped field {fid}")
         ecc = d["ecc"]
         remapped = d["remapped_rows"]
         retired = d["retired_pages"]
-        links = d["nvlinks"] if d["nvlinks"] is not NotSupported else []
-        errors = {real.NVML_FI_DEV_NVLINK_ERROR_DL_CRC: real.NVML_NVLINK_ERROR_DL_CRC_FLIT,
-                  real.NVML_FI_DEV_NVLINK_ERROR_DL_REPLAY: real.NVML_NVLINK_ERROR_DL_REPLAY,
-                  real.NVML_FI_DEV_NVLINK_ERROR_DL_RECOVERY: real.NVML_NVLINK_ERROR_DL_RECOVERY}
-        ecc_fields = {
-            real.NVML_FI_DEV_ECC_SBE_VOL_TOTAL: (real.NVML_MEMORY_ERROR_TYPE_CORRECTED, real.NVML_VOLATILE_ECC),
-            real.NVML_FI_DEV_ECC_DBE_VOL_TOTAL: (real.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, real.NVML_VOLATILE_ECC),
-            real.NVML_FI_DEV_ECC_SBE_AGG_TOTAL: (real.NVML_MEMORY_ERROR_TYPE_CORRECTED, real.NVML_AGGREGATE_ECC),
-            real.NVML_FI_DEV_ECC_DBE_AGG_TOTAL: (real.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, real.NVML_AGGREGATE_ECC),
-        }
+        errors, ecc_fields = self._LINK_ERRORS, self._ECC_FIELDS
         if fid == real.NVML_FI_DEV_MEMORY_TEMP:
             return d["mem_temp"]
         if fid == real.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION:
