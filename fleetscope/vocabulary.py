@@ -48,6 +48,7 @@ HEALTH_REASONS = {
     "not_ready": "the GPU does not answer yet (e.g. still initialising after a reset)",
     "unknown_error": "NVML answered with an unknown error on every vital field",
     "timeout": "NVML timed out on every vital field (often GSP timeouts)",
+    "library_mismatch": "the NVML library (pynvml) and the driver do not match: the GPU cannot be identified",
     # memory
     "ecc_uncorrected": "an uncorrectable ECC error since the driver loaded",
     "row_remap_failed": "a memory row could not be remapped: replace the GPU",

@@ -335,7 +335,7 @@ class Nvml:
             self._init_locked()
             try:
                 count = self.lib.nvmlDeviceGetCount()
-            except self.lib.NVMLError as exc:
+            except (self.lib.NVMLError, *self.errors.library_mismatch) as exc:
                 if type(exc).__name__.removeprefix("NVMLError_") in _LIBRARY_GONE:
                     self._lose_library(reason_of(exc))
                 raise NvmlUnavailable(f"NVML cannot count the GPUs: {reason_of(exc)}") from exc
@@ -494,6 +494,9 @@ class Nvml:
         for _ in range(MAX_EVENTS_PER_SAMPLE):
             try:
                 data = lib.nvmlEventSetWait_v2(gpu.event_set, 0)
+            except self.errors.library_mismatch as exc:
+                self.mismatch(f"nvmlEventSetWait_v2: {exc}")
+                return
             except lib.NVMLError as exc:
                 kind = type(exc).__name__.removeprefix("NVMLError_")
                 if kind == "Timeout":

@@ -342,3 +342,18 @@ def test_mig_instances_have_their_own_activity_and_hidden_instances_are_reported
         assert n.v("fleetscope_gpu_data_hidden", 1, data="mig_instances", reason="no_permission") == 1
     finally:
         n.close()
+
+
+@pytest.mark.parametrize("function", ["nvmlDeviceGetCount", "nvmlEventSetWait_v2", "nvmlDeviceGetHandleByIndex",
+                                      "nvmlDeviceGetUUID", "nvmlDeviceGetFieldValues", "nvmlGpmMetricsGet"])
+def test_the_library_mismatch_error_escapes_no_handler(node, function):
+    """NVMLLibraryMismatchError is not an NVMLError: wherever it is raised, the agent carries on."""
+    node.fake.fail(function, pynvml.NVMLLibraryMismatchError("Unversioned function called"), gpu=None if function == "nvmlDeviceGetCount" else 2)
+    node.sample()
+    node.sample()
+    assert node.collector.render()
+    if function == "nvmlDeviceGetCount":
+        assert node.v("fleetscope_agent_source_error", source="gpu") == 1
+    else:
+        assert node.v("fleetscope_gpu_up", 3) == 1
+        assert node.v("fleetscope_gpus_present") >= 7
