@@ -1,30 +1,68 @@
-"""Agent overhead against node_exporter, measured in the same run on the same machine.
+"""Total CPU of the agent against Debian's node_exporter, both running and scraped over the same wall time.
 
-Figures per process, each from its own CPU-time counters (psutil):
-- CPU per second at rest: nothing scrapes it for DURATION seconds (for the agent: its 1-second
-  sampler over every source, 8 simulated GPUs, the listener and shipper threads idling);
-- CPU per scrape: one scrape a second for DURATION seconds, less the CPU at rest, per scrape
-  (every scrape sees a new snapshot, as in production), and 200 back-to-back scrapes (the
-  agent serves those from its cached rendering; node_exporter collects again each time);
-- resident memory, exposition size and series count.
-node_exporter is Debian's `prometheus-node-exporter` with its defaults; without it only the
-agent's figures print. Goals (issue #3): CPU per scrape no more than node_exporter's, resident
-memory under 60 MB, the 1-second sampler under 1% of one core.
+What is measured, per run: the agent and node_exporter start together, warm up, and are then
+scraped by this bench at the same cadence (every 15 s, Prometheus' default, or every 1 s) for the
+same window (--duration, 60 s by default). Each one's figure is the user+system CPU time of its
+whole process tree (psutil) over that window, per minute: everything it did, its own sampling
+(the agent's sampler at its default interval, read from agent/config.py) as well as the scrapes.
+Nothing is subtracted. The scrapes ask as Prometheus does (its Accept header, gzip).
+Agent configurations: no GPUs (`--gpu-backend none`), and 8 GPUs on the real NVML backend
+(agent/gpu/nvml.py) driven by the tests' fake NVML (bench/fake_nvml_agent.py), not the simulator.
+Each configuration and cadence runs --repeats times (interleaved), and every run prints, then
+the median. Also: resident memory (RSS) at the end of the window, the size and series count of
+one scrape, and, in this process, NVML calls per GPU per sample and the time per sample of
+`Nvml(FakeNvml(8 GPUs)).read()`.
 
-    python -m bench.agent_overhead [--duration 30] [--scrapes 200]
+What a sceptic should ask:
+- The fake answers NVML calls from a dict, in Python, with a counter and fault checks per call.
+  A real call is an ioctl into the driver, often slower; the call count is real, the time is not.
+  bench/gpu_check.sh counts and times the calls on a real GPU.
+- CPU time comes in 10 ms ticks (/proc), so a 60 s window is good to about ±10 ms/min per
+  reading; a --quick run's short windows are much coarser.
+- Both processes see this machine: its core count, interfaces and filesystems (node_exporter's
+  cost grows with them; the agent's InfiniBand and hwmon sources find nothing on a VM), and
+  whatever else runs on it. They run at the same time, so load hits both, but CPU time per unit of
+  work still rises on a busy machine; figures from a busy machine are indicative only. The
+  bench's own scraping is charged to neither.
+- Every run starts a fresh agent, which imports the agent's source anew: the bench warns when that
+  source changed on disk during the run, and prints the commit and uncommitted files it measured.
+- `--no-gpm` exists for a gateway that cannot yet read the fake's GPM answers; its figures leave
+  out the GPM calls a Hopper GPU gets.
+- node_exporter runs with its defaults and collects on every scrape; the agent samples on its
+  own clock whether scraped or not, so at long scrape intervals its sampling dominates.
+- RSS is read once, at the end; the fake NVML module and its imports add to the 8-GPU agent's.
+
+    python -m bench.agent_overhead [--duration 60] [--repeats 3] [--quick] [--no-gpm]
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
+import gzip
+import hashlib
+import os
+import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass, fields
 
 import psutil
+
+from agent.config import AgentConfig
+
+AGENT_INTERVAL_S = next(f.default for f in fields(AgentConfig) if f.name == "interval_s")
+# What Prometheus 2.x sends when it scrapes.
+PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,"
+                     "text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
+CADENCES_S = (15.0, 1.0)
+GPUS = 8
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
@@ -33,88 +71,295 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
         return s.getsockname()[1]
 
 
-def cpu(ps: psutil.Process) -> float:
-    t = ps.cpu_times()
-    return t.user + t.system
-
-
-def measure(name: str, argv: list[str], url: str, duration: float, scrapes: int) -> dict:
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def tree(ps: psutil.Process) -> list[psutil.Process]:
     try:
-        deadline = time.monotonic() + 30
+        return [ps, *ps.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def tree_cpu_s(ps: psutil.Process) -> float:
+    total = 0.0
+    for p in tree(ps):
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass  # a child that exited takes its time with it; neither process forks in steady state
+    return total
+
+
+def tree_rss(ps: psutil.Process) -> int:
+    total = 0
+    for p in tree(ps):
+        try:
+            total += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def scrape(url: str, like_prometheus: bool = True) -> tuple[bytes, int]:
+    """The exposition text and the bytes that crossed the wire."""
+    headers = {"Accept": PROMETHEUS_ACCEPT, "Accept-Encoding": "gzip"} if like_prometheus else {}
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as resp:
+        wire = resp.read()
+        text = gzip.decompress(wire) if resp.headers.get("Content-Encoding") == "gzip" else wire
+    return text, len(wire)
+
+
+def series(text: bytes) -> int:
+    return sum(1 for line in text.splitlines() if line and not line.startswith(b"#"))
+
+
+@dataclass
+class Target:
+    name: str
+    argv: list[str]
+    url: str
+    log: str = ""
+    proc: subprocess.Popen | None = None
+    ps: psutil.Process | None = None
+
+    def start(self, logdir: str) -> None:
+        stem = re.sub(r"\W+", "-", self.name)
+        self.log = os.path.join(logdir, f"{stem}-{time.monotonic_ns()}.log")
+        with open(self.log, "wb") as fh:
+            self.proc = subprocess.Popen(self.argv, stdout=fh, stderr=subprocess.STDOUT)
+        self.ps = psutil.Process(self.proc.pid)
+
+    def wait_ready(self, deadline: float) -> None:
         while True:
             try:
-                urllib.request.urlopen(url, timeout=1).read()
-                break
-            except Exception:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"{name} did not start")
+                scrape(self.url, like_prometheus=False)
+                return
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.name} did not answer on {self.url}; its log:\n{self.log_tail()}") from None
                 time.sleep(0.2)
-        time.sleep(3)  # past start-up costs (imports, first samples)
-        ps = psutil.Process(proc.pid)
 
-        c0, t0 = cpu(ps), time.monotonic()
-        time.sleep(duration)
-        rest = (cpu(ps) - c0) / (time.monotonic() - t0)
+    def log_tail(self, lines: int = 12) -> str:
+        with open(self.log, errors="replace") as fh:
+            return "".join(fh.readlines()[-lines:])
 
-        # One scrape a second, as many samples: every scrape sees a new snapshot (the agent renders it).
-        c0, t0, n = cpu(ps), time.monotonic(), 0
-        while time.monotonic() - t0 < duration:
-            s = time.monotonic()
-            urllib.request.urlopen(url, timeout=5).read()
-            n += 1
-            time.sleep(max(0.0, 1.0 - (time.monotonic() - s)))
-        fresh = ((cpu(ps) - c0) - rest * (time.monotonic() - t0)) / n
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
-        body = b""
-        c0 = cpu(ps)
-        for _ in range(scrapes):
-            body = urllib.request.urlopen(url, timeout=5).read()
-        per_scrape = (cpu(ps) - c0) / scrapes
-        rss = ps.memory_info().rss
+
+def agent_target(gpus: int, gpm: bool) -> Target:
+    port = free_port()
+    common = ["agent", "--interval", str(AGENT_INTERVAL_S), "--metrics-address", f"127.0.0.1:{port}",
+              "--events-address", f"127.0.0.1:{free_port(socket.SOCK_DGRAM)}", "--spool-dir", ""]
+    if gpus == 0:
+        argv = [sys.executable, "-m", "fleetscope", *common, "--gpu-backend", "none"]
+    else:
+        fake = ["--fake-gpus", str(gpus)] + ([] if gpm else ["--no-gpm"])
+        argv = [sys.executable, "-m", "bench.fake_nvml_agent", *fake, *common, "--gpu-backend", "nvml"]
+    return Target(agent_name(gpus, gpm), argv, f"http://127.0.0.1:{port}/metrics")
+
+
+def agent_name(gpus: int, gpm: bool) -> str:
+    return "agent, no GPU" if gpus == 0 else f"agent, {gpus} fake-NVML GPUs" + ("" if gpm else " (no GPM)")
+
+
+def exporter_target(binary: str) -> Target:
+    port = free_port()
+    return Target("node_exporter", [binary, f"--web.listen-address=127.0.0.1:{port}"], f"http://127.0.0.1:{port}/metrics")
+
+
+def probe_ms() -> float:
+    """CPU milliseconds for a fixed piece of work in this process: how fast the machine is just now.
+    On a shared VM it varies from run to run, and the figures of the two processes with it."""
+    t = time.process_time()
+    total = 0
+    for i in range(1_000_000):
+        total += i
+    return (time.process_time() - t) * 1000
+
+
+def gpu_source_problem(text: bytes, gpus: int) -> str | None:
+    """Why an agent that should read `gpus` GPUs is not measuring them, or None when it is."""
+    if gpus == 0:
+        return None
+    if b'fleetscope_agent_source_up{source="gpu"} 1.0' not in text:
+        return "its gpu source is down (fleetscope_agent_source_up{source=\"gpu\"} is not 1)"
+    up = sum(1 for line in text.splitlines() if line.startswith(b"fleetscope_gpu_up{") and line.endswith(b" 1.0"))
+    return None if up == gpus else f"{up} of {gpus} GPUs are up"
+
+
+def run_once(agent: Target, exporter: Target, gpus: int, cadence: float, duration: float, warmup: float,
+             logdir: str) -> dict:
+    both = (agent, exporter)
+    try:
+        for t in both:
+            t.start(logdir)
+        deadline = time.monotonic() + 60
+        for t in both:
+            t.wait_ready(deadline)
+        time.sleep(warmup)  # past start-up: imports, the first samples, GPM's first pair
+        scrapes, failed, wire = 0, 0, {t.name: 0 for t in both}
+        cpu0 = {t.name: tree_cpu_s(t.ps) for t in both}
+        t0 = time.monotonic()
+        for k in range(max(1, int(duration // cadence))):
+            time.sleep(max(0.0, t0 + k * cadence - time.monotonic()))
+            for t in (both if k % 2 == 0 else both[::-1]):  # neither always goes first
+                try:
+                    wire[t.name] = scrape(t.url)[1]
+                except OSError:
+                    failed += 1
+            scrapes += 1
+        time.sleep(max(0.0, t0 + duration - time.monotonic()))
+        cpu1 = {t.name: tree_cpu_s(t.ps) for t in both}
+        window = time.monotonic() - t0
+        out = {"window_s": window, "scrapes": scrapes, "failed": failed, "probe_ms": probe_ms()}
+        for t in both:  # after the window: not counted
+            text = scrape(t.url, like_prometheus=False)[0]
+            out[t.name] = {"cpu_ms_min": (cpu1[t.name] - cpu0[t.name]) / window * 60_000, "rss_mib": tree_rss(t.ps) / 2**20,
+                           "kib": len(text) / 1024, "wire_kib": wire[t.name] / 1024, "series": series(text)}
+        problem = gpu_source_problem(scrape(agent.url, like_prometheus=False)[0], gpus)
+        if problem:
+            out["invalid"] = f"{agent.name}: {problem}; its log:\n{agent.log_tail()}"
+        return out
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-    return {
-        "name": name,
-        "scrape_ms": per_scrape * 1000,
-        "fresh_ms": fresh * 1000,
-        "rest_pct": rest * 100,
-        "rss_mib": rss / 2**20,
-        "kib": len(body) / 1024,
-        "series": sum(1 for line in body.splitlines() if line and not line.startswith(b"#")),
-    }
+        for t in both:
+            t.stop()
+
+
+def nvml_cost(gpus: int, samples: int, warmup: int, gpm: bool) -> dict:
+    """NVML calls per GPU per sample and seconds per sample of the real gateway on the fake."""
+    from agent.gpu.nvml import Nvml
+    from tests.agent.fake_pynvml import FakeNvml, NotSupported, device
+
+    fake = FakeNvml([device(i, **({} if gpm else {"gpm": NotSupported})) for i in range(gpus)])
+    nvml = Nvml(fake)
+    try:
+        for _ in range(warmup):  # the first read initialises; GPM needs two samples before it reads metrics
+            nvml.read()
+        fake.counts.clear()
+        times = []
+        for _ in range(samples):
+            t = time.perf_counter()
+            nvml.read()
+            times.append(time.perf_counter() - t)
+    except Exception as exc:  # noqa: BLE001 - the gateway and the fake disagree: say how, measure nothing
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        nvml.shutdown()
+    # The fake also counts bookkeeping keys (e.g. "process_utilization_since:..."); only nvml* are calls.
+    calls = {name: n for name, n in fake.counts.items() if name.startswith("nvml")}
+    return {"calls_per_gpu": sum(calls.values()) / (samples * gpus), "median_ms": statistics.median(times) * 1000,
+            "max_ms": max(times) * 1000, "top": sorted(calls.items(), key=lambda kv: -kv[1])[:6], "samples": samples}
+
+
+def median_of(runs: list[dict], side: str) -> dict[str, float]:
+    return {key: statistics.median(r[side][key] for r in runs) for key in ("cpu_ms_min", "rss_mib")}
+
+
+def agent_code_digest() -> str:
+    """A digest of the agent's source as it is on disk: every run starts a fresh agent, which imports it anew."""
+    h = hashlib.sha256()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for folder in ("agent", "tests/agent"):
+        for path in sorted(glob.glob(os.path.join(root, folder, "**", "*.py"), recursive=True)):
+            with open(path, "rb") as fh:
+                h.update(path.encode() + fh.read())
+    return h.hexdigest()[:12]
+
+
+def code_state() -> str:
+    """The commit measured, and whether the agent's code differs from it (figures belong to a code state)."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], check=False, capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+    head = git("rev-parse", "--short", "HEAD").strip() or "(not a git checkout)"
+    dirty = [line[3:] for line in git("status", "--porcelain", "--", "agent", "tests/agent/fake_pynvml.py").splitlines()]
+    return head + (f", with uncommitted changes in {', '.join(dirty)}" if dirty else "")
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--duration", type=float, default=30.0, help="seconds at rest")
-    p.add_argument("--scrapes", type=int, default=200)
+    p.add_argument("--duration", type=float, help="seconds of each measured window (default 60; --quick: 30)")
+    p.add_argument("--repeats", type=int, help="runs of each configuration and cadence (default 3; --quick: 1)")
+    p.add_argument("--warmup", type=float, help="seconds after start-up before the window opens (default 10; --quick: 3)")
+    p.add_argument("--samples", type=int, help="in-process NVML reads timed (default 200; --quick: 20)")
+    p.add_argument("--quick", action="store_true", help="a smoke run: short windows, one run each")
+    p.add_argument("--no-gpm", action="store_true",
+                   help="fake GPUs without GPU performance monitoring (as pre-Hopper GPUs answer)")
     args = p.parse_args(argv)
-    rows = []
-    for label, backend in (("fleetscope agent, no GPU", "none"), ("fleetscope agent, 8 simulated GPUs", "simulated")):
-        port = free_port()
-        rows.append(measure(label, [sys.executable, "-m", "fleetscope", "agent", "--gpu-backend", backend, "--gpus", "8",
-                                    "--interval", "1", "--metrics-address", f"127.0.0.1:{port}",
-                                    "--events-address", f"127.0.0.1:{free_port(socket.SOCK_DGRAM)}"],
-                            f"http://127.0.0.1:{port}/metrics", args.duration, args.scrapes))
-    exporter = shutil.which("prometheus-node-exporter") or shutil.which("node_exporter")
-    if exporter:
-        port = free_port()
-        rows.append(measure("node_exporter, defaults", [exporter, f"--web.listen-address=127.0.0.1:{port}"],
-                            f"http://127.0.0.1:{port}/metrics", args.duration, args.scrapes))
-    print(f"{'':36} {'CPU/scrape ms':>13} {'(back-to-back)':>14} {'CPU at rest %':>13} {'RSS MiB':>8} {'KiB':>7} {'series':>7}")
-    for r in rows:
-        print(f"{r['name']:36} {r['fresh_ms']:13.2f} {r['scrape_ms']:14.2f} {r['rest_pct']:13.3f} {r['rss_mib']:8.1f} "
-              f"{r['kib']:7.1f} {r['series']:7d}")
-    if exporter:
-        ne = rows[-1]
-        for r in rows[:-1]:
-            print(f"{r['name']} / node_exporter: CPU per scrape x{r['fresh_ms'] / ne['fresh_ms']:.2f} "
-                  f"(back-to-back x{r['scrape_ms'] / ne['scrape_ms']:.2f}), "
-                  f"RSS x{r['rss_mib'] / ne['rss_mib']:.2f}, series x{r['series'] / ne['series']:.2f}")
+    duration = args.duration or (30.0 if args.quick else 60.0)
+    repeats = args.repeats or (1 if args.quick else 3)
+    warmup = args.warmup if args.warmup is not None else (3.0 if args.quick else 10.0)
+    samples = args.samples or (20 if args.quick else 200)
+    gpm = not args.no_gpm
+
+    binary = shutil.which("prometheus-node-exporter") or shutil.which("node_exporter")
+    if binary is None:
+        raise SystemExit("agent_overhead: node_exporter is not installed (apt-get install prometheus-node-exporter); "
+                         "this bench measures the agent against it and has nothing to compare without it")
+    version = subprocess.run([binary, "--version"], check=False, capture_output=True, text=True).stdout.split("\n")[0]
+    print(f"fleetscope {code_state()}")
+    digest = agent_code_digest()
+    print(f"{os.cpu_count()} CPUs, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; {version}; "
+          f"agent sampling every {AGENT_INTERVAL_S:g} s; windows of {duration:g} s after {warmup:g} s warm-up; "
+          f"{repeats} run(s) each")
+
+    cost = nvml_cost(GPUS, samples, 3, gpm)
+    if "error" in cost:
+        print(f"NVML in-process ({GPUS} fake GPUs{'' if gpm else ', no GPM'}): FAILED: {cost['error']}")
     else:
-        print("node_exporter is not installed (apt-get install prometheus-node-exporter): no ratio this run")
+        print(f"NVML in-process ({GPUS} fake GPUs{'' if gpm else ', no GPM'}, {cost['samples']} samples): "
+              f"{cost['calls_per_gpu']:.1f} calls per GPU per sample; {cost['median_ms']:.2f} ms per sample median, "
+              f"{cost['max_ms']:.2f} max (the fake's Python, not a driver's ioctls)")
+        print("  most called: " + ", ".join(f"{name} {n / (cost['samples'] * GPUS):g}" for name, n in cost["top"]))
+
+    rows = [(gpus, cadence) for gpus in (0, GPUS) for cadence in CADENCES_S]
+    results: dict[tuple[int, float], list[dict]] = {row: [] for row in rows}
+    with tempfile.TemporaryDirectory(prefix="agent-overhead-") as logdir:
+        print(f"\n{'run':44} {'agent ms/min':>12} {'node_exp ms/min':>15} {'ratio':>6} {'agent MiB':>9} {'node_exp MiB':>12}"
+              f" {'probe ms':>8}")
+        for r in range(repeats):
+            for gpus, cadence in rows:
+                agent = agent_target(gpus, gpm)
+                label = f"{agent.name}, scraped every {cadence:g} s #{r + 1}"
+                res = run_once(agent, exporter_target(binary), gpus, cadence, duration, warmup, logdir)
+                res["agent"], res["exporter"] = res.pop(agent.name), res.pop("node_exporter")
+                a, n = res["agent"], res["exporter"]
+                ratio = a["cpu_ms_min"] / n["cpu_ms_min"] if n["cpu_ms_min"] else float("inf")
+                res["ratio"] = ratio
+                flag = "  INVALID" if "invalid" in res else (f"  ({res['failed']} scrapes failed)" if res["failed"] else "")
+                print(f"{label:44} {a['cpu_ms_min']:12.0f} {n['cpu_ms_min']:15.0f} {ratio:6.2f} {a['rss_mib']:9.1f} "
+                      f"{n['rss_mib']:12.1f} {res['probe_ms']:8.0f}{flag}", flush=True)
+                if "invalid" in res:
+                    print(f"  not counted: {res['invalid']}")
+                else:
+                    results[(gpus, cadence)].append(res)
+
+    print(f"\nmedians{'':37} {'agent ms/min':>12} {'node_exp ms/min':>15} {'ratio':>6} {'agent MiB':>9} {'node_exp MiB':>12}"
+          f" {'KiB (gzip)':>14} {'series':>6} {'n_e KiB (gzip)':>16} {'n_e series':>10}")
+    for gpus, cadence in rows:
+        runs = results[(gpus, cadence)]
+        label = f"{agent_name(gpus, gpm)}, every {cadence:g} s"
+        if not runs:
+            print(f"{label:44} no valid run")
+            continue
+        a, n, last = median_of(runs, "agent"), median_of(runs, "exporter"), runs[-1]
+        print(f"{label:44} {a['cpu_ms_min']:12.0f} {n['cpu_ms_min']:15.0f} {statistics.median(r['ratio'] for r in runs):6.2f} "
+              f"{a['rss_mib']:9.1f} {n['rss_mib']:12.1f} {last['agent']['kib']:7.1f} ({last['agent']['wire_kib']:4.1f}) "
+              f"{last['agent']['series']:6d} {last['exporter']['kib']:8.1f} ({last['exporter']['wire_kib']:4.1f}) "
+              f"{last['exporter']['series']:10d}")
+    print(f"\nload average now {' '.join(f'{x:.2f}' for x in os.getloadavg())}; ratio = agent / node_exporter, "
+          "median of the runs' ratios; CPU is user+system of each process tree over the same window; probe: CPU ms "
+          f"of a fixed loop after each window (machine speed; {probe_ms():.0f} now)")
+    if agent_code_digest() != digest:
+        print("WARNING: the agent's source changed on disk during this run; its runs measured different code")
 
 
 if __name__ == "__main__":
