@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import logging
 import math
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Iterable, Sequence
@@ -109,7 +110,10 @@ class MetricsServer:
         self.httpd = ThreadingHTTPServer((host, port), Handler)
         self.httpd.daemon_threads = True
         self.address = self.httpd.server_address
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="metrics-http", daemon=True)
+        # serve_forever polls for shutdown every poll_interval; an hour keeps an idle agent asleep, and stop()
+        # wakes the loop with a connection of its own instead of waiting.
+        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 3600},
+                                        name="metrics-http", daemon=True)
 
     def body(self, gzip_ok: bool) -> tuple[bytes, str | None]:
         with self._lock:
@@ -128,5 +132,17 @@ class MetricsServer:
         self._thread.start()
 
     def stop(self) -> None:
-        self.httpd.shutdown()
+        stopper = threading.Thread(target=self.httpd.shutdown, daemon=True)
+        stopper.start()
+        host, port = self.httpd.server_address[:2]
+        for _ in range(50):  # until the loop has seen the shutdown request
+            try:
+                with socket.create_connection(("127.0.0.1" if host in ("0.0.0.0", "") else host, port), timeout=1):
+                    pass
+            except OSError:
+                break
+            stopper.join(timeout=0.1)
+            if not stopper.is_alive():
+                break
+        stopper.join(timeout=5)
         self.httpd.server_close()

@@ -49,7 +49,7 @@ class Listener:
         # A burst of steps from 8 ranks must not overflow the kernel buffer while we enrich.
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
         self.sock.bind((host, port))
-        self.sock.settimeout(0.5)
+        # Blocking, no timeout: an idle agent never wakes up for nothing; stop() wakes it with a datagram.
         self.address = self.sock.getsockname()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -97,14 +97,14 @@ class Listener:
         while not self._stop.is_set():
             try:
                 data, _ = self.sock.recvfrom(MAX_DATAGRAM)
-            except socket.timeout:
-                continue
             except OSError:
                 if self._stop.is_set():
                     return
                 log.exception("event socket failed")
                 time.sleep(0.5)
                 continue
+            if self._stop.is_set():
+                return
             try:
                 self.handle(data)
             except Exception:
@@ -117,5 +117,8 @@ class Listener:
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
+            host, port = self.address[:2]
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as wake:
+                wake.sendto(b"", ("127.0.0.1" if host in ("0.0.0.0", "") else host, port))
             self._thread.join(timeout=5)
         self.sock.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from queue import SimpleQueue
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -62,49 +62,115 @@ def _collect(source: Source) -> _Outcome:
     return _Outcome(got, None, time.perf_counter() - t0)
 
 
+class _Slot:
+    """One source's collection within a sample."""
+
+    __slots__ = ("index", "source", "started", "outcome", "taken")
+
+    def __init__(self, index: int, source: Source) -> None:
+        self.index, self.source = index, source
+        self.started: float | None = None
+        self.outcome: _Outcome | None = None
+        self.taken = False  # moved to another worker before this one started it
+
+
+class _Worker:
+    """A thread that runs a sample's sources one after another. When one of them overruns its deadline
+    the sampler abandons the worker to it and hands the sources not yet started to a fresh worker."""
+
+    def __init__(self, n: int) -> None:
+        self.jobs: SimpleQueue = SimpleQueue()
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._run, name=f"sources-{n}", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            slots, done = job
+            for slot in slots:
+                with self.lock:
+                    if slot.taken:
+                        return  # the rest went to another worker: this one was abandoned
+                    slot.started = time.perf_counter()
+                slot.outcome = _collect(slot.source)
+            done.set()
+
+
 class Sampler:
-    """Runs the sources on a fixed interval, each on its own thread under a deadline: a failing or
-    stuck source never stops or delays the others, nor the snapshot."""
+    """Runs the sources on a fixed interval under a deadline: a failing or stuck source never stops the
+    others, and never holds the snapshot past its deadline.
+
+    The sources run one after another on one worker thread (two thread wake-ups per sample, however
+    many sources: an idle agent costs little), those that may block on hardware or the network last.
+    A source still running at its deadline is reported (source_up 0, and for how long it has been
+    running), left to finish alone on that worker, and not started again until it returns; the
+    sources after it move to a fresh worker with a deadline of their own."""
 
     def __init__(self, sources: Sequence[Source], interval_s: float = 5.0, deadline_s: float | None = None) -> None:
-        self.sources = list(sources)
+        self.sources = sorted(sources, key=lambda s: getattr(s, "may_block", False))
         self.interval_s = interval_s
-        # A source gets most of the interval; one that takes longer is reported and left to finish alone.
+        # A sample gets most of the interval; a source that takes longer is reported and left to finish alone.
         self.deadline_s = deadline_s if deadline_s is not None else max(0.5, 0.8 * interval_s)
         self.latest: Snapshot | None = None
         self._listeners: list[Callable[[Snapshot], None]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._failing: set[str] = set()
-        self._workers = [ThreadPoolExecutor(1, thread_name_prefix=f"source-{s.name}") for s in self.sources]
-        self._running: dict[int, tuple[Future, float]] = {}  # a source's collection under way, and its start
+        self._workers = 0
+        self._worker = self._new_worker()
+        self._stuck: dict[int, _Slot] = {}  # sources still running on an abandoned worker
+
+    def _new_worker(self) -> _Worker:
+        self._workers += 1
+        return _Worker(self._workers)
 
     def subscribe(self, callback: Callable[[Snapshot], None]) -> None:
         self._listeners.append(callback)
+
+    def _run_sources(self) -> list[_Slot]:
+        for i in [i for i, slot in self._stuck.items() if slot.outcome is not None]:
+            del self._stuck[i]  # it returned at last: its late result is dropped, and it runs again from now
+        slots = [_Slot(i, s) for i, s in enumerate(self.sources) if i not in self._stuck]
+        todo = slots
+        while todo:
+            done = threading.Event()
+            self._worker.jobs.put((todo, done))
+            if done.wait(self.deadline_s):
+                break
+            with self._worker.lock:
+                running = [s for s in todo if s.started is not None and s.outcome is None]
+                rest = [s for s in todo if s.started is None]
+                for s in rest:
+                    s.taken = True
+            for s in running:
+                self._stuck[s.index] = s
+            self._worker = self._new_worker()  # the old one finishes the stuck source alone, then exits
+            todo = [_Slot(s.index, s.source) for s in rest]
+            slots = [s for s in slots if not s.taken] + todo
+        return slots
 
     def sample_once(self) -> Snapshot:
         readings: list[Reading] = []
         status: dict[str, SourceStatus] = {}
         gpus: tuple[GpuState, ...] = ()
         health: dict[str, Verdict] = {}
-        for i, source in enumerate(self.sources):
-            if i not in self._running:
-                self._running[i] = (self._workers[i].submit(_collect, source), time.perf_counter())
-        wait([f for f, _ in self._running.values()], timeout=self.deadline_s)
+        outcomes = {slot.index: slot.outcome for slot in self._run_sources() if slot.outcome is not None}
         now = time.perf_counter()
         for i, source in enumerate(self.sources):
-            future, t0 = self._running[i]
-            if not future.done():
+            if i in self._stuck:
                 # Still running from this or an earlier sample: report it, do not wait, do not start another.
-                status[source.name] = SourceStatus(False, now - t0, f"overran its {self.deadline_s:.1f} s deadline "
-                                                   f"(running for {now - t0:.1f} s)", overran=True)
+                running_for = now - (self._stuck[i].started or now)
+                status[source.name] = SourceStatus(False, running_for, f"overran its {self.deadline_s:.1f} s deadline "
+                                                   f"(running for {running_for:.1f} s)", overran=True)
                 if source.name not in self._failing:
                     log.error("source %s did not finish within %.1f s; the snapshot goes on without it",
                               source.name, self.deadline_s)
                     self._failing.add(source.name)
                 continue
-            del self._running[i]
-            outcome: _Outcome = future.result()
+            outcome = outcomes[i]
             duration, exc = outcome.duration_s, outcome.error
             if isinstance(exc, NoData):
                 log.debug("source %s: no data (%s)", source.name, exc)
@@ -151,8 +217,7 @@ class Sampler:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
-        for worker in self._workers:
-            worker.shutdown(wait=False, cancel_futures=True)
+        self._worker.jobs.put(None)
         for source in self.sources:
             try:
                 source.close()

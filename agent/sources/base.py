@@ -69,6 +69,7 @@ class Source:
 
     name: str = ""
     families: tuple[Family, ...] = ()
+    may_block = False  # it talks to hardware or the network and can hang: the sampler runs it after the others
 
     def collect(self) -> Iterable[Reading] | Collected:
         raise NotImplementedError

@@ -77,6 +77,7 @@ def _r(metric: str, value: float, ids: tuple, *extra: tuple[str, str]) -> Readin
 @register("gpu")
 class GpuSource(Source):
     name = "gpu"
+    may_block = True  # a GPU in GSP timeouts holds an NVML call for seconds
     families = (
         Family("fleetscope_gpu_info", "gauge", "GPU identity; the value is always 1.",
                ("gpu", "uuid", "name", "serial", "pci_bus_id", "vbios", "driver", "cuda_driver")),

@@ -25,6 +25,7 @@ S = ("service", "model")
 
 @register("inference")
 class InferenceServersSource(Source):
+    may_block = True  # HTTP to the servers
     name = "inference"
     families = (
         Family("fleetscope_inference_server_up", "gauge", "1 when the server's /metrics answered at the last sample.", ("service", "url")),
