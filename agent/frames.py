@@ -1,18 +1,13 @@
 """Snapshot -> wire records: what the collector receives of one sample. Pure: no I/O, no state.
 
-The GPU part comes from the Snapshot's typed fields (GPU states and health verdicts); the host
-figures are the host sources' readings, picked by metric name.
+Everything comes from the Snapshot's typed fields: GPU states, health verdicts, and the host figures
+that the host sources' families declare they feed (agent/sources/base.py, `feeding`).
 """
 
 from __future__ import annotations
 
 from agent.sampler import Snapshot
 from fleetscope.schema import GpuFrame, HostFrame
-
-
-def _sum(snapshot: Snapshot, names: tuple[str, ...]) -> float | None:
-    values = [r.value for r in snapshot.readings if r.name in names]
-    return sum(values) if values else None
 
 
 def _ecc(gpu, kind: str) -> int | None:
@@ -25,13 +20,10 @@ def _ecc(gpu, kind: str) -> int | None:
 def host_frame(snapshot: Snapshot, node: str, labels: dict[str, str] | None = None) -> HostFrame:
     """The collector's view of one snapshot: a few host figures and every GPU's state."""
 
-    def opt(name: str) -> float | None:
-        return snapshot.value(name)
-
-    total = opt("fleetscope_memory_total_bytes")
-    avail = opt("fleetscope_memory_available_bytes")
-    cpu = opt("fleetscope_cpu_utilization_ratio")
-    load1 = opt("fleetscope_cpu_load1")
+    host = snapshot.host
+    total = host.get("memory_total_bytes")
+    avail = host.get("memory_available_bytes")
+    cpu = host.get("cpu_utilization_ratio")
     gpus = [
         GpuFrame(
             index=g.index,
@@ -65,16 +57,14 @@ def host_frame(snapshot: Snapshot, node: str, labels: dict[str, str] | None = No
         cpu_utilization_ratio=min(1.0, max(0.0, cpu)) if cpu is not None else None,
         memory_used_bytes=int(total - avail) if total is not None and avail is not None else None,
         memory_total_bytes=int(total) if total is not None else None,
-        load1=load1,
-        network_errors_total=_sum(snapshot, ("fleetscope_network_receive_errs_total", "fleetscope_network_transmit_errs_total",
-                                             "fleetscope_network_receive_drop_total", "fleetscope_network_transmit_drop_total")),
-        infiniband_errors_total=_sum(snapshot, ("fleetscope_infiniband_symbol_errors_total", "fleetscope_infiniband_receive_errors_total",
-                                                "fleetscope_infiniband_link_downed_total", "fleetscope_infiniband_transmit_discards_total")),
-        memory_stalled_seconds_total=snapshot.value("fleetscope_pressure_memory_stalled_seconds_total"),
-        network_receive_bytes_total=_sum(snapshot, ("fleetscope_network_receive_bytes_total",)),
-        network_transmit_bytes_total=_sum(snapshot, ("fleetscope_network_transmit_bytes_total",)),
-        disk_read_bytes_total=_sum(snapshot, ("fleetscope_disk_read_bytes_total",)),
-        disk_written_bytes_total=_sum(snapshot, ("fleetscope_disk_written_bytes_total",)),
+        load1=host.get("load1"),
+        network_errors_total=host.get("network_errors_total"),
+        infiniband_errors_total=host.get("infiniband_errors_total"),
+        memory_stalled_seconds_total=host.get("memory_stalled_seconds_total"),
+        network_receive_bytes_total=host.get("network_receive_bytes_total"),
+        network_transmit_bytes_total=host.get("network_transmit_bytes_total"),
+        disk_read_bytes_total=host.get("disk_read_bytes_total"),
+        disk_written_bytes_total=host.get("disk_written_bytes_total"),
         gpus=gpus,
         sources_down=sorted(name for name, st in snapshot.status.items() if not st.up),
         labels=dict(labels or {}),

@@ -35,6 +35,8 @@ class Snapshot:
     status: dict[str, SourceStatus]
     gpus: tuple[GpuState, ...] = field(default=())
     health: dict[str, Verdict] = field(default_factory=dict)  # GPU uuid -> verdict
+    # The host figures (HostFrame fields) the sources' families feed, each the sum of its families' readings.
+    host: dict[str, float] = field(default_factory=dict)
 
     def value(self, name: str, **labels: str) -> float | None:
         """The value of one series, or None when it is absent."""
@@ -122,6 +124,7 @@ class Sampler:
         self._workers = 0
         self._worker = self._new_worker()
         self._stuck: dict[int, _Slot] = {}  # sources still running on an abandoned worker
+        self._feeds = [{f.name: f.host for f in s.families if f.host} for s in self.sources]
 
     def _new_worker(self) -> _Worker:
         self._workers += 1
@@ -157,6 +160,7 @@ class Sampler:
         status: dict[str, SourceStatus] = {}
         gpus: tuple[GpuState, ...] = ()
         health: dict[str, Verdict] = {}
+        host: dict[str, float] = {}
         outcomes = {slot.index: slot.outcome for slot in self._run_sources() if slot.outcome is not None}
         now = time.perf_counter()
         for i, source in enumerate(self.sources):
@@ -187,11 +191,17 @@ class Sampler:
                 log.info("source %s recovered", source.name)
                 self._failing.discard(source.name)
             got = outcome.collected
+            feeds = self._feeds[i]
+            if feeds:
+                for r in got.readings:
+                    figure = feeds.get(r.name)
+                    if figure is not None:
+                        host[figure] = host.get(figure, 0.0) + r.value
             readings.extend(got.readings)
             gpus = got.gpus or gpus
             health.update(got.health)
             status[source.name] = SourceStatus(True, duration, problems=got.problems)
-        snapshot = Snapshot(time.time(), tuple(readings), status, gpus, health)
+        snapshot = Snapshot(time.time(), tuple(readings), status, gpus, health, host)
         self.latest = snapshot
         for callback in self._listeners:
             try:

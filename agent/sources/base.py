@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Literal
 
@@ -27,6 +28,8 @@ class Family:
     # printf-style spelling of the values ("%d", "%f") where another exporter's exact text must be kept
     # (--compat dcgm); empty: Prometheus' shortest float. Only the fast renderer can honour it.
     value_format: str = ""
+    # The host figure (a HostFrame field, agent/frames.py) this family's readings add up to, if any.
+    host: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +41,14 @@ class Reading:
 
 def reading(metric: str, value: float, /, **labels: object) -> Reading:
     return Reading(metric, float(value), tuple((k, str(v)) for k, v in labels.items()))
+
+
+def feeding(families: tuple[Family, ...], figures: dict[str, str]) -> tuple[Family, ...]:
+    """`families`, each named in `figures` marked with the host figure its readings add up to."""
+    unknown = set(figures) - {f.name for f in families}
+    if unknown:
+        raise ValueError(f"no such families: {sorted(unknown)}")
+    return tuple(dataclasses.replace(f, host=figures[f.name]) if f.name in figures else f for f in families)
 
 
 def by_family(families: Iterable[Family], readings: Iterable[Reading]) -> Iterator[tuple[Family, list[Reading]]]:

@@ -6,7 +6,7 @@ import os
 
 import psutil
 
-from agent.sources.base import Family, Source, reading, register
+from agent.sources.base import Family, Source, feeding, reading, register
 
 
 @register("cpu")
@@ -21,6 +21,7 @@ class CpuSource(Source):
         Family("fleetscope_cpu_load5", "gauge", "5-minute load average."),
         Family("fleetscope_cpu_load15", "gauge", "15-minute load average."),
     )
+    families = feeding(families, {"fleetscope_cpu_utilization_ratio": "cpu_utilization_ratio", "fleetscope_cpu_load1": "load1"})
 
     def __init__(self, **_: object) -> None:
         # The first call primes psutil's counter; later calls measure since the previous one.

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 from agent.procfs import read_text
-from agent.sources.base import Family, NoData, Source, reading, register
+from agent.sources.base import Family, NoData, Source, feeding, reading, register
 
 P = ("device", "port")
 
@@ -56,6 +56,8 @@ class InfinibandSource(Source):
         Family("fleetscope_infiniband_rate_bytes", "gauge", "Link rate in bytes per second.", P),
         *(Family(f"fleetscope_infiniband_{suffix}", "counter", help_, P) for _, suffix, _, help_ in _COUNTERS),
     )
+    families = feeding(families, {f"fleetscope_infiniband_{n}": "infiniband_errors_total" for n in (
+        "symbol_errors_total", "receive_errors_total", "link_downed_total", "transmit_discards_total")})
 
     def __init__(self, *, sysfs: str = "/sys", **_: object) -> None:
         self.root = Path(sysfs) / "class" / "infiniband"

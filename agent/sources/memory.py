@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from agent.procfs import parse_keyed, read_text
-from agent.sources.base import Family, NoData, Source, reading, register
+from agent.sources.base import Family, NoData, Source, feeding, reading, register
 
 # (meminfo key, metric, help)
 _MEMINFO = (
@@ -31,6 +31,8 @@ class MemorySource(Source):
         Family("fleetscope_memory_used_bytes", "gauge", "Memory in use: total minus available."),
         Family("fleetscope_memory_oom_kills_total", "counter", "Processes the kernel's OOM killer ended."),
     )
+    families = feeding(families, {"fleetscope_memory_total_bytes": "memory_total_bytes",
+                                  "fleetscope_memory_available_bytes": "memory_available_bytes"})
 
     def __init__(self, *, procfs: str = "/proc", **_: object) -> None:
         self.procfs = Path(procfs)

@@ -8,7 +8,7 @@ from pathlib import Path
 import psutil
 
 from agent.procfs import read_text
-from agent.sources.base import Family, Source, reading, register
+from agent.sources.base import Family, Source, feeding, reading, register
 
 _COUNTERS = (
     ("receive_bytes", "bytes_recv", "Bytes received."),
@@ -33,6 +33,11 @@ class NetworkSource(Source):
         Family("fleetscope_network_mtu_bytes", "gauge", "Interface MTU.", ("device",)),
         Family("fleetscope_network_carrier_changes_total", "counter", "Times the link went up or down (a flapping cable or port).", ("device",)),
     )
+    families = feeding(families, {
+        **{f"fleetscope_network_{n}_total": "network_errors_total" for n in ("receive_errs", "transmit_errs", "receive_drop", "transmit_drop")},
+        "fleetscope_network_receive_bytes_total": "network_receive_bytes_total",
+        "fleetscope_network_transmit_bytes_total": "network_transmit_bytes_total",
+    })
 
     def __init__(self, *, exclude_interfaces: str = r"^lo$", sysfs: str = "/sys", **_: object) -> None:
         self.exclude = re.compile(exclude_interfaces) if exclude_interfaces else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from agent.procfs import parse_pressure, read_text
-from agent.sources.base import Family, NoData, Source, reading, register
+from agent.sources.base import Family, NoData, Source, feeding, reading, register
 
 RESOURCES = ("cpu", "memory", "io")
 
@@ -19,6 +19,7 @@ class PressureSource(Source):
         for kind, help_ in (("waiting", f"Time at least one task waited for {res}."),
                             ("stalled", f"Time all non-idle tasks were stalled on {res}."))
     )
+    families = feeding(families, {"fleetscope_pressure_memory_stalled_seconds_total": "memory_stalled_seconds_total"})
 
     def __init__(self, *, procfs: str = "/proc", **_: object) -> None:
         self.root = Path(procfs) / "pressure"

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.procfs import parse_diskstats, read_text
-from agent.sources.base import Family, NoData, Source, reading, register
+from agent.sources.base import Family, NoData, Source, feeding, reading, register
 
 # Virtual devices whose I/O is counted again on the real device underneath.
 _SKIP_DISKS = re.compile(r"^(loop|ram|zram|sr|fd)\d*$|^nvme\d+n\d+p\d+$|^[shv]d[a-z]+\d+$")
@@ -81,6 +81,8 @@ class StorageSource(Source):
                "I/O time weighted by the requests in flight (its rate is the average queue length).", ("device",)),
         Family("fleetscope_disk_io_now", "gauge", "I/O requests in flight.", ("device",)),
     )
+    families = feeding(families, {"fleetscope_disk_read_bytes_total": "disk_read_bytes_total",
+                                  "fleetscope_disk_written_bytes_total": "disk_written_bytes_total"})
 
     def __init__(self, *, procfs: str = "/proc", rootfs: str = "/", **_: object) -> None:
         self.procfs = Path(procfs)

@@ -104,3 +104,22 @@ def test_an_idle_agent_wakes_two_threads_per_sample_not_one_per_source():
         assert sampler._workers == 1  # one worker thread for every source, every sample
     finally:
         sampler.stop()
+
+
+def test_host_figures_are_summed_from_the_families_that_feed_them():
+    from agent.sources.base import feeding
+
+    class Nics(Source):
+        name = "nics"
+        families = feeding((Family("nic_errors_total", "counter", "Errors.", ("device",)),
+                            Family("nic_up", "gauge", "Up.", ("device",))), {"nic_errors_total": "network_errors_total"})
+
+        def collect(self):
+            return [reading("nic_errors_total", 3, device="eth0"), reading("nic_errors_total", 4, device="ib0"),
+                    reading("nic_up", 1, device="eth0")]
+
+    sampler = Sampler([Nics()], interval_s=1.0)
+    try:
+        assert sampler.sample_once().host == {"network_errors_total": 7.0}
+    finally:
+        sampler.stop()

@@ -82,10 +82,8 @@ def test_batches_are_cut_at_the_size_limit():
 
 def test_snapshots_become_host_frames():
     s, collector = shipper([])
-    snap = Snapshot(ts=5.0, readings=(
-        Reading("fleetscope_memory_total_bytes", 100.0), Reading("fleetscope_memory_available_bytes", 40.0),
-        Reading("fleetscope_cpu_utilization_ratio", 0.25),
-    ), status={})
+    snap = Snapshot(ts=5.0, readings=(), status={},
+                    host={"memory_total_bytes": 100.0, "memory_available_bytes": 40.0, "cpu_utilization_ratio": 0.25})
     s.enqueue_snapshot(snap)
     s.send_once()
     (frame,) = collector.bodies[0].frames
