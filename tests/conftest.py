@@ -64,8 +64,8 @@ def http_get(url: str, token: str | None = None, timeout: float = 5.0) -> tuple[
 
 
 # `pytest -m "not e2e and not slow"` is the quick loop (about a minute): real processes on loopback
-# (tests/e2e) and the real-framework integrations (torch, transformers, lightning) are left out.
-_MARKED_DIRS = {"e2e": "e2e", "integrations": "slow"}
+# (tests/e2e, and the attacks of tests/security) and the real-framework integrations (torch, transformers, lightning) are left out.
+_MARKED_DIRS = {"e2e": "e2e", "security": "e2e", "integrations": "slow"}
 
 
 def pytest_collection_modifyitems(config, items):
