@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 import time
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import polars as pl
 import streamlit as st
+
+from dashboards.auth import gate, md  # noqa: F401 - md is for the pages
 
 
 class CollectorError(Exception):
@@ -53,6 +56,7 @@ def page(title: str) -> Collector:
     """Start a console page: its config and heading, the time range and refresh controls, the collector client."""
     st.set_page_config(page_title=f"fleetscope · {title}" if title != "fleetscope" else title, layout="wide")
     st.title(title)
+    gate()  # nothing below is shown, or fetched, to a viewer who may not see it
     with st.sidebar:
         st.selectbox("Time range", list(RANGES), index=1, key="time_range")
         default = int(os.environ.get("FLEETSCOPE_CONSOLE_REFRESH_S", "30"))
@@ -93,6 +97,12 @@ def refresh() -> None:
     if seconds > 0:
         time.sleep(seconds)
         st.rerun()
+
+
+def api_path(*segments: object) -> str:
+    """An API path with each name (job, node, service: anything from the API or the user) quoted as one
+    segment: a name with '/', '?' or '..' in it cannot reach another endpoint."""
+    return "/" + "/".join(quote(str(s), safe="") for s in segments)
 
 
 def fetch(collector: Collector, path: str, **params: Any) -> dict:

@@ -10,7 +10,7 @@ import altair as alt
 import polars as pl
 import streamlit as st
 
-from dashboards.api import fetch, frames, page, refresh
+from dashboards.api import fetch, frames, md, page, refresh
 
 MAP_NODES = 64
 
@@ -70,7 +70,7 @@ gpus = pl.DataFrame(fetch(collector, "/v1/gpus", node=",".join(shown["node"].to_
 if gpus.height:
     st.subheader("GPUs")
     if shown.height < nodes.height:
-        st.caption(f"{shown.height} of {nodes.height:,} nodes: " + (f"rack {rack}" if rack and rack in racks else
+        st.caption(f"{shown.height} of {nodes.height:,} nodes: " + (f"rack {md(rack)}" if rack and rack in racks else
                                                                    "those with the most GPUs unhealthy, down, degraded or hot"))
     has_health = "health" in gpus.columns and gpus["health"].null_count() < gpus.height
     measure = st.radio(  # health first, when the agents report it (older agents do not)

@@ -6,7 +6,7 @@ import altair as alt
 import polars as pl
 import streamlit as st
 
-from dashboards.api import fetch, frames, page, refresh, since
+from dashboards.api import api_path, fetch, frames, md, page, refresh, since
 
 collector = page("Training")
 (jobs,) = frames(collector, ("/v1/jobs", "jobs", {"since": since()}))
@@ -16,8 +16,8 @@ if jobs.height == 0:
     st.stop()
 
 job = st.selectbox("Job", jobs["job"].to_list(), key="job")
-detail = fetch(collector, f"/v1/jobs/{job}", since=since(), top=200)  # the ranks that computed longest
-series = pl.DataFrame(fetch(collector, f"/v1/jobs/{job}/steps", since=since(), max_points=1000).get("steps") or [])
+detail = fetch(collector, api_path("v1", "jobs", job), since=since(), top=200)  # the ranks that computed longest
+series = pl.DataFrame(fetch(collector, api_path("v1", "jobs", job, "steps"), since=since(), max_points=1000).get("steps") or [])
 
 summary = detail.get("job", {})
 cols = st.columns(5)
@@ -32,9 +32,9 @@ cols[4].metric("MFU", f"{mfu:.0%}" if mfu is not None else "–", help="declare 
 
 job_findings = [f for f in fetch(collector, "/v1/findings", job=job, since=since()).get("findings", []) if f["active"]]
 for f in job_findings:
-    causes = ", ".join(c["cause"] for c in f.get("probable_causes", [])[:3])
-    where = ", ".join(f"{k} {v}" for k, v in f["subject"].items() if k != "job" and v is not None)
-    st.warning(f"**{f['kind']}** {where}: probable cause {causes or 'unknown'}")
+    causes = ", ".join(md(c["cause"]) for c in f.get("probable_causes", [])[:3])
+    where = ", ".join(f"{md(k)} {md(v)}" for k, v in f["subject"].items() if k != "job" and v is not None)
+    st.warning(f"**{md(f['kind'])}** {where}: probable cause {causes or 'unknown'}")
 
 st.subheader("Step time")
 if series.height:
@@ -47,7 +47,7 @@ if series.height:
     st.caption("Line: median over ranks; band: median to 95th percentile; dashed: the slowest rank.")
 
 st.subheader("Ranks over time")
-answer = fetch(collector, f"/v1/jobs/{job}/matrix", last=100)
+answer = fetch(collector, api_path("v1", "jobs", job, "matrix"), last=100)
 matrix = pl.DataFrame(answer.get("cells") or [])
 if matrix.height:
     if answer.get("ranks_shown", 0) < answer.get("ranks_total", 0):

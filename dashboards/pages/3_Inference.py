@@ -5,7 +5,7 @@ from __future__ import annotations
 import polars as pl
 import streamlit as st
 
-from dashboards.api import fetch, frames, page, refresh, since
+from dashboards.api import api_path, fetch, frames, md, page, refresh, since
 
 collector = page("Inference")
 (services,) = frames(collector, ("/v1/services", "services", {"since": since()}))
@@ -16,9 +16,9 @@ if services.height == 0:
 
 st.dataframe(services, hide_index=True, width="stretch")
 service = st.selectbox("Service", services["service"].unique().sort().to_list(), key="service")
-models = pl.DataFrame(fetch(collector, f"/v1/services/{service}", since=since()).get("models") or [])
+models = pl.DataFrame(fetch(collector, api_path("v1", "services", service), since=since()).get("models") or [])
 for row in models.iter_rows(named=True):
-    st.subheader(f"{service} · {row['model']}")
+    st.subheader(f"{md(service)} · {md(row['model'])}")
     cols = st.columns(4)
     for col, (label, key) in zip(cols, [("e2e", "e2e"), ("queue", "queue"), ("TTFT", "ttft"), ("time per output token", "tpot")]):
         p50, p99 = row.get(f"{key}_p50_s"), row.get(f"{key}_p99_s")

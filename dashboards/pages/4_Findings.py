@@ -8,7 +8,7 @@ import time
 import httpx
 import streamlit as st
 
-from dashboards.api import fetch, page, refresh, since
+from dashboards.api import fetch, md, page, refresh, since
 
 collector = page("Findings")
 findings = fetch(collector, "/v1/findings", since=since()).get("findings", [])
@@ -23,16 +23,16 @@ cols[2].metric("Resolved in the last hour", len(findings) - len(active))
 if not findings:
     st.success("Nothing holds work back right now.")
 for f in findings:
-    subject = ", ".join(f"{k} {v}" for k, v in f["subject"].items() if v is not None)
+    subject = ", ".join(f"{md(k)} {md(v)}" for k, v in f["subject"].items() if v is not None)
     age = time.time() - f["start_ts"]
     # Plain words, not emoji: consoles on servers often lack an emoji font.
-    title = f"{f['severity'].upper()} · {f['kind']}: {subject} (since {age / 60:.0f} min)"
+    title = f"{md(f['severity'].upper())} · {md(f['kind'])}: {subject} (since {age / 60:.0f} min)"
     if not f["active"]:
-        title = f"resolved · {f['kind']}: {subject}"
+        title = f"resolved · {md(f['kind'])}: {subject}"
     with st.expander(title, expanded=f["active"]):
         causes = f.get("probable_causes") or []
         if causes:
-            st.markdown("**Probable causes**: " + ", ".join(f"`{c['cause']}` ({c['score']:.2f})" for c in causes))
+            st.markdown("**Probable causes**: " + ", ".join(f"{md(c['cause'])} ({c['score']:.2f})" for c in causes))
         st.json({"evidence": f["evidence"], "probable_causes": causes}, expanded=False)
 
 am_url = os.environ.get("FLEETSCOPE_ALERTMANAGER_URL")

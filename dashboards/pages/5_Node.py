@@ -8,7 +8,7 @@ import streamlit as st
 
 import time
 
-from dashboards.api import fetch, frames, line_chart, page, refresh, since
+from dashboards.api import api_path, fetch, frames, line_chart, page, refresh, since
 
 collector = page("Node")
 (nodes,) = frames(collector, ("/v1/nodes", "nodes", {"fields": "node"}))
@@ -17,8 +17,8 @@ if nodes.height == 0:
     st.stop()
 
 node = st.selectbox("Node", nodes["node"].to_list(), key="node")
-data = fetch(collector, f"/v1/nodes/{node}/series", since=since(), max_points=200)  # a chart is a few hundred px wide
-latest = fetch(collector, f"/v1/nodes/{node}").get("gpus", [])
+data = fetch(collector, api_path("v1", "nodes", node, "series"), since=since(), max_points=200)  # a chart is a few hundred px wide
+latest = fetch(collector, api_path("v1", "nodes", node)).get("gpus", [])
 
 host = pl.DataFrame(data.get("host") or [])
 gpus = pl.DataFrame(data.get("gpus") or [])
@@ -65,7 +65,7 @@ else:
 
 st.subheader("Reliability record")
 days = st.selectbox("Over the last", [7, 30, 90], index=1, format_func=lambda d: f"{d} days", key="history_days")
-history = fetch(collector, f"/v1/nodes/{node}/history", since=time.time() - days * 86400)
+history = fetch(collector, api_path("v1", "nodes", node, "history"), since=time.time() - days * 86400)
 records = history.get("gpus") or []
 if records:
     totals = history["totals"]
