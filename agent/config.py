@@ -1,15 +1,15 @@
-"""Agent configuration: a TOML file, overridden by command-line flags."""
+"""Agent configuration: a TOML file, overridden by command-line flags; the ingest token from a credential file."""
 
 from __future__ import annotations
 
 import os
 import re
 import socket
-import tomllib
 import uuid
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from fleetscope.secrets import load_private_toml, read_secret
 from fleetscope.vocabulary import AGENT_EVENTS_PORT, AGENT_METRICS_PORT
 
 
@@ -25,6 +25,9 @@ class AgentConfig:
     scenario: str | None = None  # fault scenario file for simulated GPUs (agent/gpu/scenario.py)
     expected_gpus: int | None = None
     collector_url: str | None = None
+    # Best left out of the file: $CREDENTIALS_DIRECTORY/ingest-token (systemd LoadCredential=), the file
+    # $FLEETSCOPE_INGEST_TOKEN_FILE names, or $FLEETSCOPE_INGEST_TOKEN (fleetscope/secrets.py). A config file
+    # that holds it must be private (mode 0600).
     collector_token: str | None = None
     agent_id: str | None = None
     # Where unacknowledged batches wait while the collector is unreachable (systemd's StateDirectory
@@ -53,7 +56,7 @@ class AgentConfig:
         if self.interval_s <= 0:
             raise ValueError(f"interval_s must be positive, got {self.interval_s}")
         if self.collector_token is None:
-            self.collector_token = os.environ.get("FLEETSCOPE_INGEST_TOKEN")
+            self.collector_token = read_secret("FLEETSCOPE_INGEST_TOKEN")
         if self.spool_dir is None:
             state = os.environ.get("STATE_DIRECTORY") or os.path.expanduser(f"~/.local/state/fleetscope/{self.node}")
             self.spool_dir = os.path.join(state.split(":")[0], "spool")
@@ -65,8 +68,7 @@ class AgentConfig:
     def load(cls, path: str | Path | None = None, **overrides: object) -> "AgentConfig":
         values: dict[str, object] = {}
         if path is not None:
-            with open(path, "rb") as fh:
-                values.update(tomllib.load(fh).get("agent", {}))
+            values.update(load_private_toml(path, "agent").get("agent", {}))
             known = {f.name for f in fields(cls)}
             unknown = sorted(set(values) - known)
             if unknown:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import sys
 from pathlib import Path
+
+from fleetscope.secrets import SecretError, load_private_toml, read_secret, read_secrets, refused_flag_message
 
 
 def _logging(verbose: bool) -> None:
@@ -30,6 +33,21 @@ def _labels(pairs: list[str] | None) -> dict[str, str] | None:
     return out
 
 
+class _RefusedTokenFlag(argparse.Action):
+    """A token flag that used to exist: refused with what to use instead, before anything runs."""
+
+    def __init__(self, option_strings, dest, command: str, env: str, **kwargs) -> None:
+        self.command, self.env = command, env
+        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        parser.exit(2, refused_flag_message(self.command, option_string or self.option_strings[0], self.env))
+
+
+def _refuse_token_flag(parser: argparse.ArgumentParser, flag: str, command: str, env: str) -> None:
+    parser.add_argument(flag, action=_RefusedTokenFlag, command=command, env=env)
+
+
 def _agent(args: argparse.Namespace) -> int:
     from agent.config import AgentConfig
     from agent.main import Agent
@@ -47,12 +65,15 @@ def _agent(args: argparse.Namespace) -> int:
             scenario=args.scenario,
             expected_gpus=args.expected_gpus,
             collector_url=args.collector_url,
-            collector_token=args.collector_token,
             disable_sources=args.disable_source or None,
             compat=args.compat or None,
             labels=_labels(args.label),
             spool_dir=args.spool_dir,
         )
+        if config.collector_url and not config.collector_token:
+            raise ValueError(f"shipping to {config.collector_url} needs an ingest token: put it in a file only the agent can "
+                             "read and set FLEETSCOPE_INGEST_TOKEN_FILE (or systemd LoadCredential=ingest-token:<file>, "
+                             "or FLEETSCOPE_INGEST_TOKEN)")
         agent = Agent(config)
     except (ValueError, OSError) as exc:
         print(f"fleetscope agent: {exc}", file=sys.stderr)
@@ -69,6 +90,7 @@ def _collector(args: argparse.Namespace) -> int:
     listen = "0.0.0.0:9837"
     try:
         if args.config:
+            load_private_toml(args.config, "collector")  # a [collector] table that holds a token must be private
             kwargs, other = load_config(args.config)
             listen = str(other.get("listen", listen))
         # Flags win over the config file, which wins over the environment.
@@ -80,10 +102,15 @@ def _collector(args: argparse.Namespace) -> int:
             value = getattr(args, flag)
             if value is not None:
                 kwargs[name] = parse(value, f"--{flag.replace('_', '-')}")
-        if args.ingest_token:
-            kwargs["ingest_tokens"] = frozenset(args.ingest_token)
-        if args.read_token:
-            kwargs["read_tokens"] = frozenset(args.read_token)
+        # Tokens from credential files or the environment (fleetscope/secrets.py), never from flags.
+        for name, env, credential, who in (("ingest_tokens", "FLEETSCOPE_INGEST_TOKEN", "ingest-token", "agents"),
+                                           ("read_tokens", "FLEETSCOPE_READ_TOKEN", "read-token", "readers")):
+            if name not in kwargs:
+                kwargs[name] = read_secrets(env)
+            if not kwargs[name]:
+                raise ValueError(f"no {credential}: put the token(s) {who} use in a file only the collector can read (one a "
+                                 f"line) and set {env}_FILE=<file>, or under systemd LoadCredential={credential}:<file>, "
+                                 f"or set {env}")
         settings = Settings(**kwargs)  # type: ignore[arg-type]
     except (OSError, ValueError) as exc:
         print(f"fleetscope collector: {exc}", file=sys.stderr)
@@ -93,11 +120,42 @@ def _collector(args: argparse.Namespace) -> int:
     return 0
 
 
+def _loopback(address: str) -> bool:
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False  # a host name, or "" (every interface): not known to be loopback
+
+
 def _dashboard(args: argparse.Namespace) -> int:
+    # The console holds a read token and shows the whole fleet to whoever reaches it: without sign-in it
+    # may listen on loopback only (reached through an SSH tunnel or an authenticating proxy).
+    if args.auth == "oidc":
+        print("fleetscope dashboard: --auth oidc is not implemented yet; use --auth none on a loopback address",
+              file=sys.stderr)
+        return 2
+    if args.auth == "none" and not _loopback(args.address) and not args.insecure:
+        print(f"fleetscope dashboard: refusing to listen on {args.address or 'every interface'} without sign-in: anyone "
+              "who can reach it would read the whole fleet with the console's read token. Listen on 127.0.0.1 (the default) "
+              "and reach it through an SSH tunnel or an authenticating reverse proxy, or add --insecure if something "
+              "in front of it already restricts who connects.", file=sys.stderr)
+        return 2
+    try:
+        token = read_secret("FLEETSCOPE_READ_TOKEN")
+    except SecretError as exc:
+        print(f"fleetscope dashboard: {exc}", file=sys.stderr)
+        return 2
     import dashboards
 
     app = Path(dashboards.__file__).parent / "app.py"
     env = dict(os.environ)
+    # The console reads its token from its environment (readable by its own user only, unlike the command line).
+    env.pop("FLEETSCOPE_READ_TOKEN_FILE", None)
+    if token:
+        env["FLEETSCOPE_READ_TOKEN"] = token
+    env["FLEETSCOPE_CONSOLE_AUTH"] = args.auth
     if args.collector_url:
         env["FLEETSCOPE_COLLECTOR_URL"] = args.collector_url
     argv = [
@@ -110,9 +168,14 @@ def _dashboard(args: argparse.Namespace) -> int:
 
 
 def _dashboards_push(args: argparse.Namespace) -> int:
-    token = args.token or os.environ.get("GRAFANA_TOKEN")
+    try:
+        token = read_secret("GRAFANA_TOKEN")
+    except SecretError as exc:
+        print(f"fleetscope dashboards push: {exc}", file=sys.stderr)
+        return 2
     if not token:
-        print("fleetscope dashboards push: give a Grafana service-account token (--token or $GRAFANA_TOKEN)", file=sys.stderr)
+        print("fleetscope dashboards push: give a Grafana service-account token: a file named by $GRAFANA_TOKEN_FILE "
+              "(or $GRAFANA_TOKEN)", file=sys.stderr)
         return 2
     try:
         from dashboards.grafana.push import push
@@ -152,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scenario", help="TOML fault scenario for simulated GPUs (see agent/gpu/scenario.py)")
     p.add_argument("--expected-gpus", type=int, help="GPUs this node should have")
     p.add_argument("--collector-url", help="collector base URL, e.g. http://collector:9837")
-    p.add_argument("--collector-token", help="ingest token (default: $FLEETSCOPE_INGEST_TOKEN)")
+    _refuse_token_flag(p, "--collector-token", "agent", "FLEETSCOPE_INGEST_TOKEN")
     p.add_argument("--spool-dir", help="where batches wait while the collector is unreachable (default: $STATE_DIRECTORY/spool)")
     p.add_argument("--label", action="append", metavar="KEY=VALUE", help="the node's place in the fleet, e.g. cluster=a rack=r12")
     p.add_argument("--compat", action="append", choices=["dcgm"], help="also emit another exporter's metric names (dcgm)")
@@ -170,13 +233,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retention", help="how long history stays on disk (default 30d)")
     p.add_argument("--retention-bytes", help="most disk the history may use (default: 40%% of the data disk)")
     p.add_argument("--checkpoint-interval", help="how often the WAL is written to Parquet (default 30s)")
-    p.add_argument("--ingest-token", action="append", help="token agents use (default: $FLEETSCOPE_INGEST_TOKEN)")
-    p.add_argument("--read-token", action="append", help="token readers use (default: $FLEETSCOPE_READ_TOKEN)")
+    _refuse_token_flag(p, "--ingest-token", "collector", "FLEETSCOPE_INGEST_TOKEN")
+    _refuse_token_flag(p, "--read-token", "collector", "FLEETSCOPE_READ_TOKEN")
     p.set_defaults(func=_collector)
 
     p = sub.add_parser("dashboard", help="run the Streamlit console")
     p.add_argument("--port", type=int, default=8501)
-    p.add_argument("--address", default="0.0.0.0")
+    p.add_argument("--address", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; another needs sign-in, --auth, or --insecure)")
+    p.add_argument("--auth", choices=["none", "oidc"], default="none", help="who may see the console: none (no sign-in, "
+                   "loopback only unless --insecure) or oidc (OpenID Connect sign-in; not implemented yet)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --address without sign-in (only behind something that restricts who connects)")
     p.add_argument("--collector-url", help="collector base URL (default: $FLEETSCOPE_COLLECTOR_URL or http://127.0.0.1:9837)")
     p.set_defaults(func=_dashboard)
 
@@ -184,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     dash = p.add_subparsers(dest="dashboards_command", required=True)
     p = dash.add_parser("push", help="upload fleetscope's dashboards to a Grafana through its HTTP API")
     p.add_argument("--url", default=os.environ.get("GRAFANA_URL", "http://127.0.0.1:3000"))
-    p.add_argument("--token", help="service-account token (default: $GRAFANA_TOKEN)")
+    _refuse_token_flag(p, "--token", "dashboards push", "GRAFANA_TOKEN")
     p.add_argument("--folder", default="fleetscope", help="folder to put them in (created when missing)")
     p.set_defaults(func=_dashboards_push)
 

@@ -114,7 +114,7 @@ class FakeGrafana:
 GRAFANA_PY = ROOT / ".venv-grafana" / "bin" / "python"
 
 
-def test_push_creates_the_folder_and_overwrites_each_dashboard():
+def test_push_creates_the_folder_and_overwrites_each_dashboard(tmp_path):
     import os
     import subprocess
 
@@ -126,8 +126,11 @@ def test_push_creates_the_folder_and_overwrites_each_dashboard():
 
         pytest.skip(message)
     grafana = FakeGrafana()
-    result = subprocess.run([str(GRAFANA_PY), "-m", "fleetscope", "dashboards", "push", "--url", grafana.url,
-                             "--token", "glsa_test"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    token = tmp_path / "grafana-token"
+    token.write_text("glsa_test\n")
+    env = {k: v for k, v in os.environ.items() if k != "GRAFANA_TOKEN"} | {"GRAFANA_TOKEN_FILE": str(token)}
+    result = subprocess.run([str(GRAFANA_PY), "-m", "fleetscope", "dashboards", "push", "--url", grafana.url],
+                            capture_output=True, text=True, cwd=ROOT, timeout=60, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     posts = [(path, body) for method, path, auth, body in grafana.requests if method == "POST"]
     assert posts[0] == ("/api/folders", {"title": "fleetscope"})
@@ -141,18 +144,21 @@ def test_push_creates_the_folder_and_overwrites_each_dashboard():
 
 def test_push_without_a_token_says_so(capsys, monkeypatch):
     monkeypatch.delenv("GRAFANA_TOKEN", raising=False)
+    monkeypatch.delenv("GRAFANA_TOKEN_FILE", raising=False)
     assert cli(["dashboards", "push", "--url", "http://127.0.0.1:1"]) == 2
     assert "token" in capsys.readouterr().err
 
 
-def test_push_without_grafana_client_says_how_to_get_it(capsys):
+def test_push_without_grafana_client_says_how_to_get_it(capsys, monkeypatch):
     import importlib.util
 
     if importlib.util.find_spec("grafana_client") is not None:
         import pytest
 
         pytest.skip("grafana-client is installed in this environment")
-    assert cli(["dashboards", "push", "--url", "http://127.0.0.1:1", "--token", "t"]) == 2
+    monkeypatch.delenv("GRAFANA_TOKEN_FILE", raising=False)
+    monkeypatch.setenv("GRAFANA_TOKEN", "t")
+    assert cli(["dashboards", "push", "--url", "http://127.0.0.1:1"]) == 2
     assert "fleetscope[grafana]" in capsys.readouterr().err
 
 
