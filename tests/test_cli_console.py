@@ -1,0 +1,97 @@
+"""`fleetscope dashboard` listens on loopback unless sign-in is on or --insecure is given."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fleetscope.cli import main as cli
+from tests.conftest import free_port, wait_until
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def listening(port: int) -> list[str]:
+    """Local addresses (hex, as /proc/net/tcp{,6} write them) of the sockets listening on `port`."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            address, _, hexport = local.rpartition(":")
+            if state == "0A" and int(hexport, 16) == port:
+                found.append(address)
+    return found
+
+
+def test_by_default_the_console_listens_on_loopback_only(tmp_path):
+    port = free_port()
+    log = tmp_path / "console.log"
+    proc = subprocess.Popen([sys.executable, "-m", "fleetscope", "dashboard", "--port", str(port),
+                             "--collector-url", "http://127.0.0.1:9"], cwd=ROOT, stdout=log.open("wb"),
+                            stderr=subprocess.STDOUT)
+    try:
+        addresses = wait_until(lambda: listening(port) or proc.poll() is not None, timeout=60, what="the console to listen")
+        assert proc.poll() is None, log.read_text(errors="replace")
+        assert addresses == ["0100007F"], addresses  # 127.0.0.1, and nothing else (not 0.0.0.0, not ::)
+        argv = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
+        assert argv[argv.index(b"--server.address") + 1] == b"127.0.0.1"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_another_address_without_sign_in_is_refused():
+    result = subprocess.run([sys.executable, "-m", "fleetscope", "dashboard", "--address", "0.0.0.0"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "refusing to listen on 0.0.0.0 without sign-in" in result.stderr and "--insecure" in result.stderr
+
+
+def test_oidc_is_not_there_yet_and_says_so():
+    result = subprocess.run([sys.executable, "-m", "fleetscope", "dashboard", "--auth", "oidc"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "not implemented yet" in result.stderr
+
+
+@pytest.fixture
+def exec_calls(monkeypatch):
+    """What `fleetscope dashboard` would exec, instead of exec-ing it (which would replace the test process)."""
+    calls = []
+    monkeypatch.setattr(os, "execve", lambda path, argv, env: calls.append((argv, env)))
+    return calls
+
+
+@pytest.mark.parametrize("address, extra, allowed", [
+    ("127.0.0.1", [], True), ("::1", [], True), ("localhost", [], True), ("127.0.0.2", [], True),
+    ("0.0.0.0", [], False), ("::", [], False), ("10.1.2.3", [], False), ("console.example.internal", [], False),
+    ("", [], False), ("0.0.0.0", ["--insecure"], True),
+])
+def test_which_addresses_need_sign_in(address, extra, allowed, exec_calls):
+    assert cli(["dashboard", "--address", address, *extra]) == (0 if allowed else 2)
+    assert len(exec_calls) == (1 if allowed else 0)
+    if allowed:
+        argv, env = exec_calls[0]
+        assert argv[argv.index("--server.address") + 1] == address and env["FLEETSCOPE_CONSOLE_AUTH"] == "none"
+
+
+def test_the_console_gets_its_read_token_from_a_file_in_its_environment(tmp_path, monkeypatch, exec_calls):
+    token = tmp_path / "read-token"
+    token.write_text("r-token\n")
+    monkeypatch.delenv("FLEETSCOPE_READ_TOKEN", raising=False)
+    monkeypatch.setenv("FLEETSCOPE_READ_TOKEN_FILE", str(token))
+    assert cli(["dashboard"]) == 0
+    argv, env = exec_calls[0]
+    assert env["FLEETSCOPE_READ_TOKEN"] == "r-token" and "FLEETSCOPE_READ_TOKEN_FILE" not in env
+    assert not any("r-token" in arg for arg in argv)
