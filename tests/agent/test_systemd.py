@@ -40,6 +40,29 @@ def test_the_agent_runs_as_its_own_user_on_a_read_only_system():
     assert s["ExecStart"][0].endswith("fleetscope agent --config /etc/fleetscope/agent.toml")
 
 
+def test_the_token_is_a_credential_and_the_agent_is_bounded_and_fenced():
+    s = service()
+    assert s["LoadCredential"] == ["ingest-token:/etc/fleetscope/ingest-token"]
+    assert "--collector-token" not in s["ExecStart"][0]
+    assert s["UMask"] == ["0077"]  # the spool is the agent's alone
+    assert 0 < int(s["TasksMax"][0]) <= 256 and 0 < int(s["LimitNOFILE"][0]) <= 65536
+    # loopback only until the operator allows the collector and the scrapers (a commented line says how)
+    assert s["IPAddressDeny"] == ["any"] and s["IPAddressAllow"] == ["localhost"]
+    lines = UNIT.read_text().splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("#IPAddressAllow="))
+    assert "collector" in lines[first - 1]
+    text = "\n".join(lines)
+    # why ProtectKernelLogs is absent is written down where someone would add it
+    assert "ProtectKernelLogs=yes is left out on purpose" in text
+
+
+def test_the_example_config_keeps_the_token_out():
+    example = UNIT.parent / "agent.toml.example"
+    for line in example.read_text().splitlines():
+        assert not line.lstrip("# ").startswith("collector_token"), line
+    assert "/etc/fleetscope/ingest-token" in example.read_text()
+
+
 def test_systemd_analyze_accepts_the_unit(tmp_path):
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
