@@ -4,16 +4,26 @@ prometheus_client's generate_latest spends most of a scrape building objects; wi
 GPU series that is several milliseconds. This renderer writes the same bytes (a test holds it
 to generate_latest's output) straight from the readings, and the server keeps the rendered text
 (and its gzip) until a new snapshot arrives, so ten scrapers cost what one does.
+
+The server gives no client a thread until its request has arrived in full: one reader thread collects
+request heads from every connection (a connection has CONNECTION_TIMEOUT_S to send one, or is closed), and
+at most MAX_HANDLERS threads answer complete requests. Idle or trickling connections (slowloris) thus cost a
+socket each, never a thread, and a scrape is answered while they wait.
 """
 
 from __future__ import annotations
 
 import gzip
+import io
 import logging
 import math
+import queue
+import selectors
 import socket
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import time
+from collections import deque
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Callable, Iterable, Sequence
 
 from prometheus_client.utils import floatToGoString
@@ -24,6 +34,11 @@ log = logging.getLogger("fleetscope.agent.exposition")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _TYPES = {"gauge": "gauge", "counter": "counter", "untyped": "untyped"}
+
+CONNECTION_TIMEOUT_S = 10.0  # to send a request, and again to take the answer; then the connection is closed
+MAX_HANDLERS = 16  # threads answering requests at once; further complete requests wait their turn
+MAX_CONNECTIONS = 256  # connections still sending their request; a new one pushes out the oldest
+_MAX_HEAD = 16 * 1024  # a scrape's request head is a few hundred bytes
 
 
 def _escape_help(text: str) -> str:
@@ -76,9 +91,14 @@ def _formatted(fmt: str) -> Callable[[float], str]:
 class MetricsServer:
     """Serves GET /metrics from `render_latest()`, re-rendering only when `generation()` changes."""
 
-    def __init__(self, host: str, port: int, render_latest: Callable[[], bytes], generation: Callable[[], object]) -> None:
+    def __init__(self, host: str, port: int, render_latest: Callable[[], bytes], generation: Callable[[], object], *,
+                 connection_timeout_s: float = CONNECTION_TIMEOUT_S, max_handlers: int = MAX_HANDLERS,
+                 max_connections: int = MAX_CONNECTIONS) -> None:
         self.render_latest = render_latest
         self.generation = generation
+        self.connection_timeout_s = connection_timeout_s
+        self.max_handlers = max_handlers
+        self.max_connections = max_connections
         self._lock = threading.Lock()
         self._cached_for: object = object()
         self._plain = b""
@@ -86,6 +106,17 @@ class MetricsServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = connection_timeout_s  # on the socket while the answer is written
+
+            def __init__(self, request: socket.socket, client_address, httpd, head: bytes) -> None:
+                self._head = head
+                super().__init__(request, client_address, httpd)
+
+            def setup(self) -> None:
+                super().setup()
+                self.rfile.close()
+                self.rfile = io.BytesIO(self._head)  # the request, already read by the reader thread
+
             def do_GET(self) -> None:  # noqa: N802 - the http.server API
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
@@ -107,9 +138,20 @@ class MetricsServer:
             def log_message(self, format: str, *args: object) -> None:
                 pass  # one line per scrape would drown the agent's log
 
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
-        self.httpd.daemon_threads = True
+        self._handler_class = Handler
+        self.httpd = _AcceptingServer((host, port), self._accepted)
         self.address = self.httpd.server_address
+        # Connections accepted, on their way to the reader thread, which a byte on _wake_w wakes.
+        self._incoming: deque[tuple[socket.socket, object]] = deque()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._closing = False
+        self._ready: queue.SimpleQueue = queue.SimpleQueue()  # complete requests, for the handler threads
+        self._handlers: list[threading.Thread] = []
+        self._idle_handlers = 0
+        self._handlers_lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read_requests, name="metrics-requests", daemon=True)
         # serve_forever polls for shutdown every poll_interval; an hour keeps an idle agent asleep, and stop()
         # wakes the loop with a connection of its own instead of waiting.
         self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 3600},
@@ -129,6 +171,7 @@ class MetricsServer:
             return self._gzipped, "gzip"
 
     def start(self) -> None:
+        self._reader.start()
         self._thread.start()
 
     def stop(self) -> None:
@@ -146,3 +189,137 @@ class MetricsServer:
                 break
         stopper.join(timeout=5)
         self.httpd.server_close()
+        self._closing = True
+        self._wake()
+        if self._reader.is_alive():
+            self._reader.join(timeout=5)
+        with self._handlers_lock:
+            for _ in self._handlers:
+                self._ready.put(None)  # each handler ends after the request it may be answering
+        self._wake_r.close()
+        self._wake_w.close()
+
+    # The accepting thread: hand the connection over, never wait on it.
+    def _accepted(self, sock: socket.socket, client_address: object) -> None:
+        sock.setblocking(False)
+        self._incoming.append((sock, client_address))
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:  # the pipe is full (the reader is awake already) or closed (stopping)
+            pass
+
+    # The reader thread: request heads from every connection, each under its deadline.
+    def _read_requests(self) -> None:
+        selector = selectors.DefaultSelector()
+        selector.register(self._wake_r, selectors.EVENT_READ)
+        pending: dict[socket.socket, _Pending] = {}  # in order of arrival: the first is the first to expire
+
+        def drop(sock: socket.socket) -> None:
+            pending.pop(sock, None)
+            selector.unregister(sock)
+            self.httpd.shutdown_request(sock)
+
+        try:
+            while not self._closing:
+                timeout = max(0.0, next(iter(pending.values())).deadline - time.monotonic()) if pending else None
+                for key, _ in selector.select(timeout):
+                    sock = key.fileobj
+                    if sock is self._wake_r:
+                        self._drain_wake()
+                        while self._incoming:
+                            sock, client_address = self._incoming.popleft()
+                            if len(pending) >= self.max_connections:
+                                drop(next(iter(pending)))
+                            pending[sock] = _Pending(client_address, time.monotonic() + self.connection_timeout_s)
+                            selector.register(sock, selectors.EVENT_READ)
+                        continue
+                    request = pending.get(sock)
+                    if request is None:
+                        continue
+                    try:
+                        data = sock.recv(4096)
+                    except BlockingIOError:
+                        continue
+                    except OSError:
+                        data = b""
+                    request.head += data
+                    if not data or len(request.head) > _MAX_HEAD:
+                        drop(sock)
+                    elif b"\r\n\r\n" in request.head or b"\n\n" in request.head:
+                        del pending[sock]
+                        selector.unregister(sock)
+                        self._dispatch(sock, request.client_address, bytes(request.head))
+                now = time.monotonic()
+                while pending:
+                    sock, request = next(iter(pending.items()))
+                    if request.deadline > now:
+                        break
+                    drop(sock)  # too slow: idle, or trickling its request a byte at a time
+        finally:
+            for sock in list(pending):
+                drop(sock)
+            while self._incoming:
+                self.httpd.shutdown_request(self._incoming.popleft()[0])
+            selector.close()
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except OSError:
+            pass
+
+    # Handler threads: started as complete requests need them, at most max_handlers, idle ones blocked on the queue.
+    def _dispatch(self, sock: socket.socket, client_address: object, head: bytes) -> None:
+        self._ready.put((sock, client_address, head))
+        with self._handlers_lock:
+            if self._ready.qsize() > self._idle_handlers and len(self._handlers) < self.max_handlers:
+                thread = threading.Thread(target=self._answer_requests, name=f"metrics-handler-{len(self._handlers)}",
+                                          daemon=True)
+                self._handlers.append(thread)
+                thread.start()
+
+    def _answer_requests(self) -> None:
+        while True:
+            with self._handlers_lock:
+                self._idle_handlers += 1
+            item = self._ready.get()
+            with self._handlers_lock:
+                self._idle_handlers -= 1
+            if item is None:
+                return
+            sock, client_address, head = item
+            try:
+                sock.setblocking(True)
+                self._handler_class(sock, client_address, self.httpd, head)
+            except OSError as exc:  # the client went away, or took longer than the timeout to read the answer
+                log.debug("metrics: answering %s: %s", client_address, exc)
+            except Exception:  # noqa: BLE001 - one bad request never stops the server
+                log.exception("metrics: answering %s", client_address)
+            finally:
+                self.httpd.shutdown_request(sock)
+
+
+class _Pending:
+    __slots__ = ("client_address", "deadline", "head")
+
+    def __init__(self, client_address: object, deadline: float) -> None:
+        self.client_address = client_address
+        self.deadline = deadline
+        self.head = bytearray()
+
+
+class _AcceptingServer(HTTPServer):
+    """Accepts connections and passes each on at once: no thread per connection."""
+
+    request_queue_size = 128  # socketserver's 5 drops the SYNs of a burst of connections (a 1 s retry each)
+
+    def __init__(self, address: tuple[str, int], on_connection: Callable[[socket.socket, object], None]) -> None:
+        self.on_connection = on_connection
+        super().__init__(address, BaseHTTPRequestHandler)
+
+    def process_request(self, request, client_address) -> None:  # type: ignore[override]
+        self.on_connection(request, client_address)

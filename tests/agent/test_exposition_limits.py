@@ -1,0 +1,162 @@
+"""The agent's /metrics server under idle, trickling and crowding clients, with real sockets."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from agent import exposition
+from agent.exposition import MetricsServer
+from tests.conftest import wait_until
+
+BODY = b"fleetscope_x 1.0\n"
+
+
+@pytest.fixture
+def serve():
+    servers = []
+
+    def start(render=lambda: BODY, **limits) -> MetricsServer:
+        server = MetricsServer("127.0.0.1", 0, render, lambda: None, **limits)
+        server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def scrape(server: MetricsServer, timeout: float = 5.0) -> bytes:
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.address[1]}/metrics", timeout=timeout) as resp:
+        assert resp.status == 200
+        return resp.read()
+
+
+def connect(server: MetricsServer) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", server.address[1]))
+    sock.settimeout(10)
+    return sock
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def handler_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("metrics-handler")]
+
+
+def test_the_defaults_bound_every_connection_and_the_threads():
+    assert exposition.CONNECTION_TIMEOUT_S == 10.0 and exposition.MAX_HANDLERS == 16
+    server = MetricsServer("127.0.0.1", 0, lambda: BODY, lambda: None)
+    try:
+        assert server.connection_timeout_s == 10.0 and server.max_handlers == 16
+    finally:
+        server.httpd.server_close()
+
+
+def test_fifty_idle_connections_cost_no_thread_and_a_scrape_is_answered_at_once(serve):
+    server = serve(connection_timeout_s=5.0, max_handlers=2)
+    threads_before = threading.active_count()
+    idle = [connect(server) for _ in range(50)]
+    half_sent = idle[:10]
+    for sock in half_sent:
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # a request head never finished
+    try:
+        started = time.monotonic()
+        assert scrape(server, timeout=2) == BODY
+        assert time.monotonic() - started < 1.0
+        assert threading.active_count() - threads_before <= 3  # the reader and the answering handler, not 50
+        assert len(handler_threads()) <= 2
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_idle_and_trickling_connections_are_closed_after_the_timeout(serve):
+    server = serve(connection_timeout_s=0.5)
+    idle = connect(server)
+    trickling = connect(server)
+    stop = threading.Event()
+
+    def trickle():  # slowloris: a byte every 0.1 s, so no read ever waits long
+        for byte in b"GET /metrics HTTP/1.1\r\nHost: agent\r\nX-Padding: " + b"a" * 200:
+            if stop.is_set():
+                return
+            try:
+                trickling.send(bytes([byte]))
+            except OSError:
+                return
+            time.sleep(0.1)
+
+    threading.Thread(target=trickle, daemon=True).start()
+    started = time.monotonic()
+    try:
+        assert closed_by_server(idle)
+        assert closed_by_server(trickling)
+        assert 0.4 < time.monotonic() - started < 3.0
+        assert scrape(server) == BODY  # and the server answers the next scrape
+    finally:
+        stop.set()
+        idle.close()
+        trickling.close()
+
+
+def test_at_most_max_handlers_answer_at_once_and_the_rest_wait_their_turn(serve):
+    release = threading.Event()
+
+    def slow_render() -> bytes:
+        release.wait(10)
+        return BODY
+
+    server = serve(render=slow_render, max_handlers=3)
+    results: list[bytes] = []
+    clients = [threading.Thread(target=lambda: results.append(scrape(server, timeout=10))) for _ in range(10)]
+    for client in clients:
+        client.start()
+    try:
+        wait_until(lambda: len(handler_threads()) >= 3, timeout=5, what="three handler threads")
+        time.sleep(0.3)  # room for a fourth, were there no cap
+        assert len(handler_threads()) == 3
+    finally:
+        release.set()
+        for client in clients:
+            client.join(timeout=10)
+    assert results == [BODY] * 10  # queued, not refused
+
+
+def test_a_crowd_of_new_connections_pushes_out_the_oldest(serve):
+    server = serve(connection_timeout_s=5.0, max_connections=5)
+    oldest = connect(server)
+    time.sleep(0.05)
+    others = [connect(server) for _ in range(5)]
+    try:
+        assert closed_by_server(oldest)
+        assert scrape(server) == BODY
+    finally:
+        for sock in [oldest, *others]:
+            sock.close()
+
+
+def test_stop_is_prompt_with_connections_still_open():
+    server = MetricsServer("127.0.0.1", 0, lambda: BODY, lambda: None)
+    server.start()
+    idle = [connect(server) for _ in range(20)]
+    assert scrape(server) == BODY
+    started = time.monotonic()
+    server.stop()
+    try:
+        assert time.monotonic() - started < 3.0
+        assert all(closed_by_server(sock) for sock in idle)
+        assert not server._reader.is_alive()
+    finally:
+        for sock in idle:
+            sock.close()
