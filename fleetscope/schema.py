@@ -9,6 +9,7 @@ Only the agent and the collector import this module (it needs msgspec); the clie
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal, Union
 
 import msgspec
@@ -204,6 +205,18 @@ class MalformedError(SchemaError):
     """A body that is not JSON at all."""
 
 
+class TooDeep(MalformedError):
+    """A body whose arrays and objects nest deeper than any record does (MAX_DEPTH)."""
+
+
+# A batch nests 6 levels (batch > frames > host frame > gpus > gpu > xid_counts); decoding something nested
+# far deeper (or skipping it, as msgspec does before a union's tag) recurses until Python refuses.
+MAX_DEPTH = 64
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_AS_SQUARE = bytes.maketrans(b"{}", b"[]")  # for depth, an object is as deep as an array
+
+
 _envelope_decoder = msgspec.json.Decoder(_Envelope)
 _batch_decoder = msgspec.json.Decoder(Batch)
 _event_decoder = msgspec.json.Decoder(Event)
@@ -227,12 +240,37 @@ def _check_version(data: bytes, what: str) -> str:
     return what
 
 
+def _nested_deeper_than(data: bytes, limit: int) -> bool:
+    """Whether the arrays and objects of a JSON text nest more than `limit` levels (strings ignored): each
+    pass removes the innermost pairs, at C speed. Unbalanced brackets stop it early (not JSON anyway)."""
+    brackets = _JSON_STRING.sub(b"", data).translate(_AS_SQUARE, _NOT_BRACKETS)
+    for _ in range(limit):
+        shorter = brackets.replace(b"[]", b"")  # one pass: what a removal exposes waits for the next
+        if not shorter or len(shorter) == len(brackets):
+            return False
+        brackets = shorter
+    return True
+
+
+def _too_deep(what: str) -> TooDeep:
+    return TooDeep(f"{what}: JSON nested more than {MAX_DEPTH} levels deep (a valid record nests at most 6); not decoded")
+
+
 def _decode(data: bytes, decoder: msgspec.json.Decoder, what: str):
     try:
         record = decoder.decode(data)
+    except RecursionError:
+        raise _too_deep(what) from None
     except msgspec.DecodeError as exc:
+        # A record that decodes nests as little as the schema does: depth is looked at only on failure,
+        # before anything decodes the body without a schema (the version envelope would recurse).
+        if _nested_deeper_than(data, MAX_DEPTH):
+            raise _too_deep(what) from None
         # Say what is wrong in the order a reader cares: not JSON, then the version, then the field.
-        what = _check_version(data, what)
+        try:
+            what = _check_version(data, what)
+        except RecursionError:
+            raise _too_deep(what) from None
         raise SchemaError(f"{what}: {exc}") from None
     # JSON strings hold control characters only as escapes: a body without a backslash has none.
     if b"\\" in data:
