@@ -1,4 +1,10 @@
-"""The collector's /metrics: its own ingest counters and the training and inference signals for alert rules."""
+"""The collector's /metrics: its own ingest counters and the training and inference signals for alert rules.
+
+Names of jobs and services come from whoever holds an ingest token, so the series they make are bounded:
+at most `max_jobs` jobs, `max_services` (service, model) pairs and `max_ranks` ranks are exported, the most
+troubled first (an active finding), then the most recent; what is left out is counted in
+fleetscope_collector_metrics_omitted{kind} and stays readable through the query API.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ import polars as pl
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from collector.bounds import REASONS, RECORD_KINDS
 from collector.findings import FindingsTracker
 from collector.store import Store
 from collector.views import jobs_now
@@ -35,7 +42,8 @@ RECENT_S = 300.0
 
 class CollectorMetrics:
     def __init__(self, store: Store, tracker: FindingsTracker | None = None, *, cluster: str | None = None,
-                 memory_budget: int | None = None, views=None) -> None:
+                 memory_budget: int | None = None, views=None, max_jobs: int = 500, max_services: int = 200,
+                 max_ranks: int = 1000) -> None:
         self.store = store
         self.views = views
         self.tracker = tracker
@@ -49,6 +57,8 @@ class CollectorMetrics:
         self.events: Counter[str] = Counter()
         self.batches: Counter[str] = Counter()
         self.rejections: Counter[str] = Counter()
+        self.refusals: Counter[tuple[str, str]] = Counter()
+        self.max_jobs, self.max_services, self.max_ranks = max_jobs, max_services, max_ranks
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
 
@@ -67,9 +77,15 @@ class CollectorMetrics:
         with self._lock:
             self.rejections[reason] += 1
 
+    def refused(self, counts: dict[tuple[str, str], int]) -> None:
+        """Count records refused one by one (collector.bounds), by (kind, reason)."""
+        with self._lock:
+            self.refusals.update(counts)
+
     def collect(self) -> Iterable[Metric]:
         with self._lock:
             events, batches, rejections = dict(self.events), dict(self.batches), dict(self.rejections)
+            refusals = dict(self.refusals)
         m = CounterMetricFamily("fleetscope_collector_events_ingested", "Records applied, by kind.", labels=["kind"])
         for kind in ("step", "request", "pause", "host_frame"):
             m.add_metric([kind], events.get(kind, 0))
@@ -79,13 +95,72 @@ class CollectorMetrics:
             m.add_metric([outcome], batches.get(outcome, 0))
         yield m
         m = CounterMetricFamily("fleetscope_collector_ingest_rejected", "Ingest requests refused, by reason.", labels=["reason"])
-        for reason in ("malformed", "schema", "too_large", "storage", "unavailable"):
+        for reason in ("malformed", "too_deep", "schema", "too_large", "storage", "unavailable"):
             m.add_metric([reason], rejections.get(reason, 0))
         yield m
+        m = CounterMetricFamily("fleetscope_collector_events_refused",
+                                "Records left out of acknowledged batches by the input bounds: dated too far ahead (future), "
+                                "older than retention (too_old), or a step number that jumps (step_jump).",
+                                labels=["kind", "reason"])
+        for kind in RECORD_KINDS:
+            for reason in REASONS:
+                if reason != "step_jump" or kind == "step":
+                    m.add_metric([kind, reason], refusals.get((kind, reason), 0))
+        yield m
         yield from self._storage()
-        yield from self._training()
-        yield from self._inference()
-        yield from self._findings()
+        omitted: dict[str, int] = {}
+        troubled = self._troubled()
+        jobs = jobs_now(self.store, self.views)
+        keep = self._keep_jobs(jobs, troubled[0], omitted)
+        yield from self._training(jobs, keep)
+        yield from self._inference(troubled[2], omitted)
+        yield from self._findings(keep, troubled[1], omitted)
+        m = GaugeMetricFamily("fleetscope_collector_metrics_omitted",
+                              "Jobs, services (per model) and ranks left out of this exposition by the collector's limits "
+                              "(metrics_max_jobs, _services, _ranks): the most troubled, then the most recent, are kept.",
+                              labels=["kind"])
+        for kind in ("job", "service", "rank"):
+            m.add_metric([kind], omitted.get(kind, 0))
+        yield m
+
+    def _troubled(self) -> tuple[dict[str, int], set[tuple[str, int]], set[str]]:
+        """From the active findings: job -> 0 (paging) or 1 (ticket), the (job, rank)s and the services named."""
+        jobs: dict[str, int] = {}
+        ranks: set[tuple[str, int]] = set()
+        services: set[str] = set()
+        if self.tracker is None:
+            return jobs, ranks, services
+        for f in self.tracker.findings():
+            if not f.active:
+                continue
+            job = f.subject.get("job")
+            if job is not None:
+                jobs[job] = min(jobs.get(job, 1), 0 if f.severity == "page" else 1)
+                if f.subject.get("rank") is not None:
+                    ranks.add((job, int(f.subject["rank"])))
+            if f.subject.get("service") is not None:
+                services.add(f.subject["service"])
+        return jobs, ranks, services
+
+    def _keep_jobs(self, jobs: pl.DataFrame, troubled: dict[str, int], omitted: dict[str, int]) -> set[str]:
+        """The jobs this exposition shows: those with findings (paging ones first), then the latest to report."""
+        last: dict[str, float] = {}
+        signals = self.tracker.signals if self.tracker is not None else None
+        if signals is not None:
+            for job, ts in signals.progress.select(pl.col("job").cast(pl.String), "last_progress_ts").iter_rows():
+                last[job] = ts or 0.0
+            for frame in (signals.scores, signals.changes):
+                for job in frame["job"].cast(pl.String).to_list():
+                    last.setdefault(job, 0.0)
+        for job, ts in jobs.select(pl.col("job").cast(pl.String), "last_report_ts").iter_rows():
+            last[job] = max(last.get(job, 0.0), ts or 0.0)
+        for job in troubled:
+            last.setdefault(job, 0.0)
+        if len(last) <= self.max_jobs:
+            return set(last)
+        ranked = sorted(last, key=lambda j: (troubled.get(j, 2), -last[j], j))
+        omitted["job"] = len(ranked) - self.max_jobs
+        return set(ranked[:self.max_jobs])
 
     def _storage(self) -> Iterable[Metric]:
         store = self.store
@@ -124,13 +199,36 @@ class CollectorMetrics:
         yield GaugeMetricFamily("fleetscope_collector_hot_maintenance_seconds", "Duration of the last hot-tier upkeep pass.",
                                 value=store.hot.maintenance_s)
 
-    def _findings(self) -> Iterable[Metric]:
+    def _keep_ranks(self, scores: pl.DataFrame, jobs: set[str], troubled: set[tuple[str, int]],
+                    omitted: dict[str, int]) -> pl.DataFrame:
+        """The straggler-score rows this exposition shows: ranks with findings, then the highest scores."""
+        scores = scores.filter(pl.col("straggler_score").is_not_null())
+        total = scores.height
+        scores = scores.filter(pl.col("job").cast(pl.String).is_in(list(jobs)))
+        if scores.height > self.max_ranks:
+            flagged = pl.DataFrame(list(troubled), schema={"job": pl.String, "rank": scores.schema["rank"]}, orient="row")
+            scores = (scores.with_columns(pl.col("job").cast(pl.String))
+                      .join(flagged.with_columns(pl.lit(True).alias("_troubled")), on=["job", "rank"], how="left",
+                            coalesce=True)
+                      .sort([pl.col("_troubled").fill_null(False), "straggler_score"], descending=[True, True])
+                      .head(self.max_ranks).drop("_troubled"))
+        if total > scores.height:
+            omitted["rank"] = total - scores.height
+        return scores
+
+    def _findings(self, jobs: set[str], troubled_ranks: set[tuple[str, int]], omitted: dict[str, int]) -> Iterable[Metric]:
         if self.tracker is None:
             return
+        signals = self.tracker.signals
+        shown = self._keep_ranks(signals.scores, jobs, troubled_ranks, omitted) if signals is not None else None
+        shown_ranks = set(shown.select(pl.col("job").cast(pl.String), "rank").iter_rows()) if shown is not None else set()
         labels = ["kind", "severity", "training_job", "rank", "node", "service"]
         active = GaugeMetricFamily("fleetscope_finding_active", "1 for each finding active now (see GET /v1/findings).",
                                    labels=labels + self._c)
         for f in self.tracker.findings():
+            job, rank = f.subject.get("job"), f.subject.get("rank")
+            if job is not None and (job not in jobs or (rank is not None and (job, int(rank)) not in shown_ranks)):
+                continue  # past the limits: GET /v1/findings lists it
             if f.active:
                 subject = {"training_job": f.subject.get("job", ""), **{k: v for k, v in f.subject.items() if k != "job"}}
                 active.add_metric([f.kind, f.severity, *(str(subject.get(k, "")) for k in labels[2:]), *self._cv], 1)
@@ -148,21 +246,21 @@ class CollectorMetrics:
             budget.add_metric([r["slo"], r["service"], *self._cv], r["error_budget_remaining_ratio"])
             objective.add_metric([r["slo"], r["service"], *self._cv], r["objective"])
         yield from (burn, budget, objective)
-        signals = self.tracker.signals
-        if signals is None:
+        if signals is None or shown is None:
             return
         score = GaugeMetricFamily("fleetscope_training_straggler_score",
                                   "How much longer the rank computes than its stage's median, over the last 20 steps (0.1 = 10%).",
                                   labels=["training_job", "rank", "node"] + self._c)
-        for row in signals.scores.iter_rows(named=True):
-            if row["straggler_score"] is not None:
-                score.add_metric([row["job"], str(row["rank"]), row["node"] or "", *self._cv], row["straggler_score"])
+        for row in shown.iter_rows(named=True):
+            score.add_metric([row["job"], str(row["rank"]), row["node"] or "", *self._cv], row["straggler_score"])
         age = GaugeMetricFamily("fleetscope_training_last_progress_age_seconds", "Seconds since any rank of the job finished a step.",
                                 labels=["training_job"] + self._c)
         allowed = GaugeMetricFamily("fleetscope_training_hang_threshold_seconds",
                                     "Silence after which the job counts as hung: max(3 x median step, 30 s).", labels=["training_job"] + self._c)
         paused = GaugeMetricFamily("fleetscope_training_paused", "1 while a rank of the job declares a pause.", labels=["training_job"] + self._c)
         for row in signals.progress.iter_rows(named=True):
+            if row["job"] not in jobs:
+                continue
             age.add_metric([row["job"], *self._cv], row["silence_s"])
             allowed.add_metric([row["job"], *self._cv], row["hang_after_s"])
             paused.add_metric([row["job"], *self._cv], 1 if row["paused"] else 0)
@@ -170,11 +268,12 @@ class CollectorMetrics:
                                    "Median step time of the last 150 steps against 400 steps before them (0.03 = 3% slower).",
                                    labels=["training_job"] + self._c)
         for row in signals.changes.iter_rows(named=True):
+            if row["job"] not in jobs:
+                continue
             change.add_metric([row["job"], *self._cv], row["change_ratio"])
         yield from (score, age, allowed, paused, change)
 
-    def _training(self) -> Iterable[Metric]:
-        jobs = jobs_now(self.store, self.views)
+    def _training(self, jobs: pl.DataFrame, keep: set[str]) -> Iterable[Metric]:
         last = GaugeMetricFamily("fleetscope_training_last_step", "Highest step number any rank of the job reported.", labels=["training_job"] + self._c)
         seen = GaugeMetricFamily("fleetscope_training_last_report_timestamp_seconds", "Unix time the job's last step ended.", labels=["training_job"] + self._c)
         p50 = GaugeMetricFamily("fleetscope_training_step_time_p50_seconds", "Median step time of the job over the collector's window.", labels=["training_job"] + self._c)
@@ -183,6 +282,8 @@ class CollectorMetrics:
         mfu = GaugeMetricFamily("fleetscope_training_mfu_ratio",
                                 "Model FLOPs utilisation: achieved FLOP/s over the GPUs' dense BF16 peak (0-1).", labels=["training_job"] + self._c)
         for row in jobs.iter_rows(named=True):
+            if row["job"] not in keep:
+                continue
             if row["tokens_per_s"] is not None:
                 tps.add_metric([row["job"], *self._cv], row["tokens_per_s"])
             if row["mfu"] is not None:
@@ -192,14 +293,22 @@ class CollectorMetrics:
             p50.add_metric([row["job"], *self._cv], row["step_time_p50_s"])
         yield from (last, seen, p50, tps, mfu)
 
-    def _inference(self) -> Iterable[Metric]:
-        recent = self.store.frame("requests").filter((pl.col("ts") >= time.time() - RECENT_S) & (pl.col("status") == "ok"))
+    def _inference(self, troubled: set[str], omitted: dict[str, int]) -> Iterable[Metric]:
+        window = self.store.frame("requests").filter(pl.col("ts") >= time.time() - RECENT_S)
+        errors = window.group_by(pl.col("service").cast(pl.String), pl.col("model").cast(pl.String)).agg(
+            (pl.col("status") == "error").mean().alias("ratio"), pl.col("ts").max().alias("last_ts"))
+        if errors.height > self.max_services:
+            # The services with findings (a burning SLO), then the most failing, then the latest to serve.
+            omitted["service"] = errors.height - self.max_services
+            errors = (errors.sort([pl.col("service").is_in(list(troubled)), "ratio", "last_ts"], descending=True)
+                      .head(self.max_services))
+            window = window.join(errors.select(pl.col("service").cast(window.schema["service"]),
+                                               pl.col("model").cast(window.schema["model"])), on=["service", "model"], how="semi")
+        recent = window.filter(pl.col("status") == "ok")
         summary = recent.group_by(pl.col("service").cast(pl.String), pl.col("model").cast(pl.String)).agg(
             pl.col("e2e_s").quantile(0.95, interpolation="linear").alias("e2e"),
             pl.col("ttft_s").quantile(0.95, interpolation="linear").alias("ttft"),
         )
-        window = self.store.frame("requests").filter(pl.col("ts") >= time.time() - RECENT_S)
-        errors = window.group_by(pl.col("service").cast(pl.String), pl.col("model").cast(pl.String)).agg((pl.col("status") == "error").mean().alias("ratio"))
         error_ratio = GaugeMetricFamily("fleetscope_inference_error_ratio", "Share of requests that failed over the last 5 minutes.",
                                         labels=["service", "model"] + self._c)
         for row in errors.iter_rows(named=True):

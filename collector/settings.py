@@ -33,6 +33,13 @@ def _quantity(value: object, what: str, units: dict[str, int], expected: str) ->
     return float(m.group(1)) * units[m.group(2).lower()]
 
 
+def _count(value: object, what: str) -> int:
+    """A whole number (TOML integer), not a float or a string that happens to hold one."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{what}: a whole number, got {value!r}")
+    return value
+
+
 def parse_size(value: object, what: str) -> int:
     return int(_quantity(value, what, _SIZE_UNITS, "a size in bytes or with a unit (B, KB, MB, GB, KiB, MiB, GiB, TiB)"))
 
@@ -77,6 +84,16 @@ class Settings:
     max_points: int = 500  # a history query returns at most this many points per series
     fsync: bool = True  # off only in benchmarks that want to see the cost of everything else
     slos: tuple = ()  # collector.slo.Slo, from the config file's [[slo]] tables
+    # Input bounds (collector.bounds): a record dated further ahead than this, or older than retention, is
+    # refused on its own (counted, and listed in the ingest reply); so is a step number more than
+    # max_step_jump above the highest step its job and rank have reported.
+    max_future_skew_s: float = 600.0
+    max_step_jump: int = 1_000_000
+    # The collector's own /metrics exports at most this many jobs, services (one per model served) and
+    # ranks (straggler scores): the most troubled, then the most recent; the rest are counted as omitted.
+    metrics_max_jobs: int = 500
+    metrics_max_services: int = 200
+    metrics_max_ranks: int = 1000
 
     def __post_init__(self) -> None:
         if not self.ingest_tokens:
@@ -87,7 +104,8 @@ class Settings:
         if self.retention_bytes is None:
             object.__setattr__(self, "retention_bytes", default_retention_bytes(self.data_dir))
         for name in ("memory_budget", "window_s", "raw_window_s", "raw_steps", "checkpoint_interval_s",
-                     "analysis_interval_s", "maintenance_interval_s", "max_points", "max_body_bytes"):
+                     "analysis_interval_s", "maintenance_interval_s", "max_points", "max_body_bytes",
+                     "max_future_skew_s", "max_step_jump", "metrics_max_jobs", "metrics_max_services", "metrics_max_ranks"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"collector: {name} must be positive, got {getattr(self, name)}")
         if self.memory_budget < 128 * 2**20:
@@ -111,6 +129,11 @@ CONFIG_KEYS = {
     "maintenance_interval": ("maintenance_interval_s", parse_duration),
     "max_points": ("max_points", lambda v, w: int(v)),
     "max_body_bytes": ("max_body_bytes", parse_size),
+    "max_future_skew": ("max_future_skew_s", parse_duration),
+    "max_step_jump": ("max_step_jump", lambda v, w: _count(v, w)),
+    "metrics_max_jobs": ("metrics_max_jobs", lambda v, w: _count(v, w)),
+    "metrics_max_services": ("metrics_max_services", lambda v, w: _count(v, w)),
+    "metrics_max_ranks": ("metrics_max_ranks", lambda v, w: _count(v, w)),
     "listen": ("", lambda v, w: str(v)),  # read by the command line, not a Settings field
 }
 

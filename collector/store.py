@@ -1,7 +1,8 @@
 """The collector's storage: the write-ahead log, the hot tier in memory, the warm tier on disk.
 
 Ingest: a batch already applied (its sequence number is at or below its agent's watermark) is
-acknowledged and ignored. Otherwise its frames are built outside any lock, its body is appended
+acknowledged and ignored. Otherwise the records that break the input bounds are taken out of it
+(collector.bounds: counted and reported, never stored), its frames are built outside any lock, its body is appended
 to the WAL (group commit: concurrent batches share one fdatasync) and, once durable, its frames
 join the hot tier and the rows waiting for the next checkpoint.
 
@@ -31,6 +32,7 @@ from typing import Callable, Protocol
 import polars as pl
 
 from collector import faults, partitions
+from collector.bounds import Bounds, Refusal, StepHistory, screen, step_highs
 from collector.hot import HotTier, merge_small
 from collector.rollups import ALL_SCHEMAS
 from collector.tables import KINDS, batch_frames, conform
@@ -61,6 +63,9 @@ class IngestResult:
     events: int
     frames: int
     counts: dict | None = None  # records applied, by kind (step, request, pause, host_frame)
+    refused: int = 0  # records refused one by one (collector.bounds); the rest of the batch was applied
+    refused_counts: dict | None = None  # (kind, reason) -> records refused
+    refusals: tuple[Refusal, ...] = ()  # the first of them, to tell the sender
 
 
 _KIND_OF = {"steps": "step", "requests": "request", "pauses": "pause", "hosts": "host_frame"}
@@ -70,6 +75,7 @@ class Store:
     def __init__(self, data_dir: Path, *, window_s: float = 6 * 3600.0, raw_s: float = 300.0, raw_steps: int = 120,
                  retention_s: float | None = 30 * 86400.0, retention_bytes: int | None = None,
                  memory_budget: int | None = None, fsync: bool = True,
+                 max_future_s: float | None = 600.0, max_step_jump: int | None = 1_000_000,
                  observers: tuple[Callable[[str, pl.DataFrame], None], ...] = (),
                  persisted: dict[str, Persisted] | None = None, start: bool = True) -> None:
         self.data_dir = Path(data_dir)
@@ -78,6 +84,8 @@ class Store:
         self.persisted = dict(persisted or {})
         self.retention_s = retention_s
         self.retention_bytes = retention_bytes
+        self.bounds = Bounds(max_future_s=max_future_s, max_age_s=retention_s, max_step_jump=max_step_jump)
+        self.steps_seen = StepHistory()  # the highest step of each job and rank, for the jump bound
         self.memory_budget = memory_budget
         # Rows waiting for a checkpoint get a sixteenth of the budget (writing them takes a few times their
         # size for a moment); past it a checkpoint is due now, past twice that (the disk refuses
@@ -118,6 +126,7 @@ class Store:
         self.hot.restore(hot_state)
         self.startup = {"phase": "loading the hot tier from disk"}
         self._load_hot(hot_state)
+        self._seed_steps_seen()
         for name, thing in self.persisted.items():
             path = self.data_dir / f"{name}-{self.committed:020d}.json"
             if path.exists():
@@ -134,9 +143,9 @@ class Store:
             if self._is_duplicate(batch):
                 skipped += 1
                 continue
-            frames = batch_frames(batch)
+            frames = batch_frames(batch)  # what the log holds passed the bounds when it was written
             with self._gate:
-                self._apply(batch, frames)
+                self._apply(batch, frames, step_highs(batch.events))
             self._notify(frames)
             replayed += 1
         if replayed or skipped:
@@ -184,8 +193,17 @@ class Store:
         # Agents send their batches in sequence order and resend a failed one with the same number.
         return mark is not None and batch.seq <= mark[0]
 
-    def _apply(self, batch: Batch, frames: dict[str, pl.DataFrame]) -> None:
+    def _seed_steps_seen(self) -> None:
+        """The jump bound's history from the steps the hot tier read back (the WAL replay adds the rest)."""
+        now = time.time()
+        ranks = self.hot.raw("steps").group_by(pl.col("job").cast(pl.String), "rank").agg(pl.col("step").max())
+        self.steps_seen.raise_to({(j, r): s for j, r, s in ranks.iter_rows()}, now)
+        jobs = self.hot.step_aggs().group_by(pl.col("job").cast(pl.String)).agg(pl.col("step").max())
+        self.steps_seen.raise_jobs(dict(jobs.iter_rows()), now)  # ranks trimmed from the hot tier included
+
+    def _apply(self, batch: Batch, frames: dict[str, pl.DataFrame], highs: dict[tuple[str, int], int]) -> None:
         """Add a batch's frames to the hot tier and to what the next checkpoint writes (under the gate)."""
+        self.steps_seen.raise_to(highs, time.time())
         self.hot.append(frames)
         for kind, frame in frames.items():
             self._unwritten[kind].append(frame)
@@ -217,11 +235,15 @@ class Store:
             self._inflight += 1
             self._reserved[agent] = batch.seq
         try:
+            # Records out of bounds are refused one by one (collector.bounds); the log holds what passed.
+            screened = screen(batch, time.time(), self.bounds, self.steps_seen)
+            if screened.refused:
+                batch, body = screened.batch, None
             frames = batch_frames(batch)
             self.wal.ensure_open()
             self.wal.append(body if body is not None else encode(batch))
             with self._gate:
-                self._apply(batch, frames)
+                self._apply(batch, frames, screened.highs)
             self._notify(frames)  # SLO bookkeeping stays off the gate, but inside the in-flight count
         finally:
             with self._gate:
@@ -229,8 +251,9 @@ class Store:
                 if self._reserved.get(agent) == batch.seq:
                     del self._reserved[agent]
                 self._gate.notify_all()
-        return IngestResult(False, counts.events, counts.frames,
-                            {_KIND_OF[k]: f.height for k, f in frames.items() if k in _KIND_OF})
+        return IngestResult(False, len(batch.events), len(batch.frames),
+                            {_KIND_OF[k]: f.height for k, f in frames.items() if k in _KIND_OF},
+                            screened.refused, dict(screened.counts), tuple(screened.listed))
 
     # --- reads --------------------------------------------------------------------------------
     def frame(self, kind: str) -> pl.DataFrame:
@@ -392,6 +415,7 @@ class Store:
         """The hot tier's upkeep, then the rows waiting for a checkpoint merged from one small frame per
         batch into a few large ones (each small frame costs about its own size again in overhead)."""
         self.hot.maintain(now)
+        self.steps_seen.forget((time.time() if now is None else now) - self.window_s)
         with self._gate:
             snap = {k: list(v) for k, v in self._unwritten.items() if len(v) > 16}
         merged = {k: merge_small(v) for k, v in snap.items()}

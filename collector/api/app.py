@@ -48,7 +48,8 @@ def create_app(settings: Settings, store: Store | None = None) -> FastAPI:
     store = store if store is not None else Store(
         settings.data_dir, window_s=settings.window_s, raw_s=settings.raw_window_s, raw_steps=settings.raw_steps,
         retention_s=settings.retention_s, retention_bytes=settings.retention_bytes, memory_budget=settings.memory_budget,
-        fsync=settings.fsync, observers=(observe,), persisted={"slo": ledger} if settings.slos else {}, start=False)
+        fsync=settings.fsync, max_future_s=settings.max_future_skew_s, max_step_jump=settings.max_step_jump,
+        observers=(observe,), persisted={"slo": ledger} if settings.slos else {}, start=False)
     tracker = FindingsTracker()
 
     def open_store() -> None:
@@ -143,7 +144,8 @@ def create_app(settings: Settings, store: Store | None = None) -> FastAPI:
     app.state.views = Views(settings.analysis_interval_s)
     app.state.history_views = Views(60.0)
     app.state.metrics = CollectorMetrics(store, tracker, cluster=settings.cluster, memory_budget=settings.memory_budget,
-                                         views=app.state.views)
+                                         views=app.state.views, max_jobs=settings.metrics_max_jobs,
+                                         max_services=settings.metrics_max_services, max_ranks=settings.metrics_max_ranks)
     for module in (ingest, fleet, jobs, services, findings, health):
         app.include_router(module.router)
 

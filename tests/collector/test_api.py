@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -15,6 +16,8 @@ from collector.settings import Settings
 from collector.store import Store
 
 INGEST, READ = "ingest-secret", "read-secret"
+# Events are dated ten minutes ago: the collector refuses records dated ahead of its clock (collector.bounds).
+T0 = float(int(time.time()) - 600)
 W = {"Authorization": f"Bearer {INGEST}"}
 R = {"Authorization": f"Bearer {READ}"}
 
@@ -32,16 +35,16 @@ def client(tmp_path):
 
 def step(job, rank, n, duration, **kw):
     return {"v": 1, "kind": "step", "job": job, "rank": rank, "world_size": 2, "step": n,
-            "ts": 1_800_000_000.0 + n, "duration_s": duration, "node": f"node-{rank}", **kw}
+            "ts": T0 + n, "duration_s": duration, "node": f"node-{rank}", **kw}
 
 
 def request(service, model, e2e, ttft, status="ok"):
-    return {"v": 1, "kind": "request", "service": service, "model": model, "ts": 1_800_000_000.0,
+    return {"v": 1, "kind": "request", "service": service, "model": model, "ts": T0,
             "e2e_s": e2e, "ttft_s": ttft, "status": status, "output_tokens": 10}
 
 
 def batch(seq, events=(), frames=(), agent="agent-a"):
-    return {"v": 1, "agent_id": agent, "seq": seq, "node": "node-0", "sent_ts": 1_800_000_000.0,
+    return {"v": 1, "agent_id": agent, "seq": seq, "node": "node-0", "sent_ts": T0,
             "events": list(events), "frames": list(frames)}
 
 
@@ -86,7 +89,7 @@ def test_a_batch_is_applied_once(client):
 
 
 def test_nodes_and_gpus_from_host_frames(client):
-    frame = {"v": 1, "kind": "host", "node": "node-0", "ts": 1_800_000_000.0, "cpu_utilization_ratio": 0.5,
+    frame = {"v": 1, "kind": "host", "node": "node-0", "ts": T0, "cpu_utilization_ratio": 0.5,
              "memory_used_bytes": 10, "memory_total_bytes": 100, "labels": {"cluster": "east", "rack": "r12"},
              "gpus": [{"index": 0, "uuid": "GPU-a", "utilization_ratio": 0.9, "temperature_celsius": 70.0, "power_watts": 500.0},
                       {"index": 1, "uuid": "GPU-b", "up": False}]}
@@ -196,8 +199,8 @@ def test_settings_refuse_to_run_without_tokens(tmp_path, monkeypatch):
 
 def test_declared_pauses_are_kept_with_the_job(client):
     pause = {"v": 1, "kind": "pause", "job": "llm", "rank": 0, "world_size": 2, "reason": "checkpoint",
-             "phase": "begin", "ts": 1_800_000_010.0}
-    post(client, batch(0, [step("llm", 0, 0, 1.0), pause, {**pause, "phase": "end", "ts": 1_800_000_070.0, "duration_s": 60.0}]))
+             "phase": "begin", "ts": T0 + 10}
+    post(client, batch(0, [step("llm", 0, 0, 1.0), pause, {**pause, "phase": "end", "ts": T0 + 70, "duration_s": 60.0}]))
     pauses = client.get("/v1/jobs/llm", headers=R).json()["pauses"]
     assert [(p["phase"], p["reason"], p["duration_s"]) for p in pauses] == [("begin", "checkpoint", None), ("end", "checkpoint", 60.0)]
 
@@ -210,7 +213,7 @@ def test_scraped_servers_get_quantiles_from_their_histograms(client):
                 "gauges": {"running": 4, "waiting": 1, "kv_cache": 0.5},
                 "counters": {"requests_ok": ok, "requests_error": 1, "generation_tokens": 500}}
     body = batch(0)
-    body["servers"] = [frame(1_800_000_000.0, [0, 5, 5, 5], 4), frame(1_800_000_005.0, [0, 5, 10, 10], 9)]
+    body["servers"] = [frame(T0, [0, 5, 5, 5], 4), frame(T0 + 5, [0, 5, 10, 10], 9)]
     assert post(client, body).status_code == 200
     detail = client.get("/v1/services/chat", headers=R).json()
     (ttft,) = detail["scraped_latency"]
@@ -247,13 +250,13 @@ def test_findings_are_served_and_exported_as_metrics(client):
 
 
 def test_throughput_and_mfu_when_the_job_declares_its_flops_per_token(client):
-    frame = {"v": 1, "kind": "host", "node": "node-0", "ts": 1_800_000_000.0,
+    frame = {"v": 1, "kind": "host", "node": "node-0", "ts": T0,
              "gpus": [{"index": i, "uuid": f"GPU-{i}", "name": "NVIDIA H100 80GB HBM3"} for i in range(2)]}
     events = [step("mfu", r, n, 1.0, tokens=100_000, samples=8, flops_per_token=4.0e9, gpu_uuid=f"GPU-{r}")
               for r in range(2) for n in range(4)]
     # steps of 1 s starting 1 s apart: 4 steps span 4 s; 2 ranks x 4 x 100,000 tokens
     for e in events:
-        e["ts"] = 1_800_000_000.0 + e["step"]
+        e["ts"] = T0 + e["step"]
     assert post(client, batch(0, events, frames=[frame])).status_code == 200
     job = client.get("/v1/jobs/mfu", headers=R).json()["job"]
     assert job["tokens_per_s"] == pytest.approx(200_000) and job["samples_per_s"] == pytest.approx(16)

@@ -1,31 +1,53 @@
-"""POST /v1/ingest: strict decoding, a body-size limit, once-only application per (agent_id, seq)."""
+"""POST /v1/ingest: strict decoding, a body-size limit, once-only application per (agent_id, seq).
+
+A body that is not a valid batch is refused whole (4xx): too large 413, not JSON or nested deeper than any
+batch 400, not the schema 422. A valid batch is applied even when some of its records break the input
+bounds (dated too far ahead, older than retention, a step number that jumps: collector.bounds): those
+are left out, counted, and listed in the reply's `refusals`; refusing the whole batch would make the
+agent drop the good records with the bad.
+"""
 
 from __future__ import annotations
 
 import asyncio
 
 from fastapi import APIRouter, HTTPException, Request
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from collector.api.deps import IngestAuth, MetricsDep, SettingsDep, StoreDep
 from collector.store import StoreUnavailable
-from fleetscope.schema import MalformedError, SchemaError, decode_batch
+from fleetscope.schema import MalformedError, SchemaError, TooDeep, decode_batch
 
 router = APIRouter(tags=["ingest"])
+
+
+class Refused(BaseModel):
+    """One record of the batch left out, and why."""
+
+    field: str = Field(description="the batch's list that held it: events, frames or servers")
+    index: int = Field(description="its position in that list, as sent")
+    kind: str = Field(description="step, request, pause, host_frame or server_frame")
+    reason: str = Field(description="future (dated too far ahead), too_old (older than retention) or step_jump")
+    message: str
 
 
 class IngestReply(BaseModel):
     agent_id: str
     seq: int
-    events: int
-    frames: int
+    events: int = Field(description="events applied (or, for a duplicate, received)")
+    frames: int = Field(description="host frames applied (or, for a duplicate, received)")
     duplicate: bool
+    # Present only when records were refused: the rest of the batch is applied all the same.
+    refused: int = Field(0, description="records of the batch refused one by one (counted in "
+                                        "fleetscope_collector_events_refused_total); the rest were applied")
+    refusals: list[Refused] = Field([], description="the first 100 refused records")
 
 
 @router.post(
     "/v1/ingest",
     dependencies=[IngestAuth],
     response_model=IngestReply,
+    response_model_exclude_defaults=True,
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -53,10 +75,15 @@ async def ingest(request: Request, store: StoreDep, settings: SettingsDep, metri
         batch = decode_batch(data)
         result = store.ingest(batch, data)
         metrics.ingested(batch, result.duplicate, result.counts)
+        if result.refused:
+            metrics.refused(result.refused_counts or {})
         return batch, result
 
     try:
         batch, result = await asyncio.to_thread(decode_and_store)
+    except TooDeep as exc:
+        metrics.rejected("too_deep")
+        raise HTTPException(400, str(exc)) from None
     except MalformedError as exc:
         metrics.rejected("malformed")
         raise HTTPException(400, str(exc)) from None
@@ -73,4 +100,7 @@ async def ingest(request: Request, store: StoreDep, settings: SettingsDep, metri
                             headers={"Retry-After": "5"}) from None
     if store.problem and store.problem.startswith("cannot write the write-ahead log"):
         store.problem = None
-    return IngestReply(agent_id=batch.agent_id, seq=batch.seq, events=result.events, frames=result.frames, duplicate=result.duplicate)
+    return IngestReply(agent_id=batch.agent_id, seq=batch.seq, events=result.events, frames=result.frames,
+                       duplicate=result.duplicate, refused=result.refused,
+                       refusals=[Refused(field=r.field, index=r.index, kind=r.kind, reason=r.reason, message=r.message)
+                                 for r in result.refusals])
