@@ -109,9 +109,11 @@ alerting:
         - targets: ['127.0.0.1:{ALERTMANAGER_PORT}']
 scrape_configs:
   - job_name: fleetscope-agent
+    sample_limit: 20000
     static_configs:
       - targets: [{agents}]
   - job_name: fleetscope-collector
+    sample_limit: 20000
     authorization:
       credentials: '{read_token}'
     static_configs:

@@ -250,3 +250,19 @@ def test_the_metrics_export_at_most_the_configured_jobs_services_and_ranks(tmp_p
     with TestClient(create_app(settings(tmp_path, **limits))) as c:
         wait_ready(c)
         assert len(c.get("/v1/jobs", headers=R).json()["jobs"]) == 42
+
+
+def test_every_shipped_scrape_job_has_a_sample_limit():
+    from pathlib import Path
+
+    import yaml
+
+    from fleetscope.demo import prometheus_config
+
+    root = Path(__file__).resolve().parents[2]
+    for name, config in (("deploy/prometheus.yml", (root / "deploy/prometheus.yml").read_text()),
+                         ("fleetscope demo", prometheus_config(2, "token", []))):
+        jobs = yaml.safe_load(config)["scrape_configs"]
+        assert {j["job_name"] for j in jobs} == {"fleetscope-agent", "fleetscope-collector"}, name
+        # generous for an agent (about 1,700 series with 8 GPUs) and the collector at its default limits
+        assert all(j.get("sample_limit") == 20000 for j in jobs), name

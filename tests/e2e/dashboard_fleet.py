@@ -75,8 +75,8 @@ def start_fleet(procs, tmp_path: Path, *, cluster: str | None = None, remote_wri
         "global": {"scrape_interval": "2s", "evaluation_interval": "2s"},
         "rule_files": [str(ROOT / "alerts" / "fleetscope.rules.yml")],
         "scrape_configs": [
-            {"job_name": "fleetscope-agent", "static_configs": [{"targets": [f"127.0.0.1:{m}" for m, _ in agents]}]},
-            {"job_name": "fleetscope-collector", "authorization": {"credentials": READ},
+            {"job_name": "fleetscope-agent", "sample_limit": 20000, "static_configs": [{"targets": [f"127.0.0.1:{m}" for m, _ in agents]}]},
+            {"job_name": "fleetscope-collector", "sample_limit": 20000, "authorization": {"credentials": READ},
              "static_configs": [{"targets": [f"127.0.0.1:{c_port}"]}]},
         ],
     }

@@ -98,8 +98,8 @@ def test_a_gpu_off_the_bus_pages_once_and_tickets_are_routed_and_silenced(procs,
         "global: {scrape_interval: 5s, evaluation_interval: 5s}\n"
         f"rule_files: ['{ALERTS / 'fleetscope.rules.yml'}']\n"
         f"alerting: {{alertmanagers: [{{static_configs: [{{targets: ['127.0.0.1:{am_port}']}}]}}]}}\n"
-        f"scrape_configs:\n  - job_name: fleetscope-agent\n    static_configs:\n      - targets: ['127.0.0.1:{metrics_port}']\n"
-        f"  - job_name: fleetscope-collector\n    authorization: {{credentials: '{READ}'}}\n"
+        f"scrape_configs:\n  - job_name: fleetscope-agent\n    sample_limit: 20000\n    static_configs:\n      - targets: ['127.0.0.1:{metrics_port}']\n"
+        f"  - job_name: fleetscope-collector\n    sample_limit: 20000\n    authorization: {{credentials: '{READ}'}}\n"
         f"    static_configs:\n      - targets: ['127.0.0.1:{collector.port}']\n")
     procs("prometheus", [prometheus, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
                          f"--web.listen-address=127.0.0.1:{prom_port}"])

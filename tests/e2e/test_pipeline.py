@@ -83,7 +83,7 @@ def test_events_flow_from_client_through_agent_to_collector_and_prometheus_scrap
     config = tmp_path / "prometheus.yml"
     config.write_text(
         "global: {scrape_interval: 1s}\n"
-        f"scrape_configs:\n  - job_name: fleetscope-agent\n    static_configs:\n      - targets: ['{target}']\n"
+        f"scrape_configs:\n  - job_name: fleetscope-agent\n    sample_limit: 20000\n    static_configs:\n      - targets: ['{target}']\n"
     )
     procs("prometheus", [prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
                          f"--web.listen-address=127.0.0.1:{prom_port}"])
