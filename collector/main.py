@@ -1,18 +1,117 @@
-"""Runs the collector under uvicorn."""
+"""Runs the collector under uvicorn, with bounds on connections and on how long a client may take to send a request.
+
+uvicorn has a keep-alive timeout but no deadline for a request to arrive: a client that opens a
+connection and sends nothing, or a header a byte at a time (slowloris), holds its connection, and
+`limit_concurrency` counts connections, so a few hundred such clients would turn every agent away with
+503. BoundedH11Protocol gives each request HEADER_TIMEOUT_S for its head and BODY_TIMEOUT_S for its
+body, then closes the connection.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import resource
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from collector.api import create_app
 from collector.settings import Settings
 
 log = logging.getLogger("fleetscope.collector")
 
+# Every agent keeps a connection open between its posts (4,096 nodes in bench/fleet.py), and Prometheus,
+# the console and API readers add theirs; past this many open connections requests are answered 503.
+MAX_CONNECTIONS = 8192
+KEEP_ALIVE_S = 5  # an idle kept-alive connection is closed after this long (uvicorn's default)
+HEADER_TIMEOUT_S = 10.0  # from a connection's opening, or a request's first byte, to the end of its head
+BODY_TIMEOUT_S = 60.0  # for a body to arrive once its head has: a 16 MiB batch at 2.3 Mbit/s
+_RESERVED_FILES = 1024  # open files besides connections: WAL, Parquet partitions, libraries
 
-def run(settings: Settings, host: str = "0.0.0.0", port: int = 9837) -> None:
-    app = create_app(settings)
-    log.info("collector on http://%s:%d, data in %s", host, port, settings.data_dir)
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+
+def bounded_protocol(header_timeout_s: float = HEADER_TIMEOUT_S, body_timeout_s: float = BODY_TIMEOUT_S) -> type[H11Protocol]:
+    """uvicorn's h11 protocol with a deadline for each request's head and body."""
+
+    class BoundedH11Protocol(H11Protocol):
+        header_timeout = header_timeout_s
+        body_timeout = body_timeout_s
+        _read_deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm(self.header_timeout)
+
+        def data_received(self, data: bytes) -> None:
+            if self._read_deadline is None and self.conn.their_state is h11.IDLE:
+                self._arm(self.header_timeout)  # a further request on a kept-alive connection begins
+            before = self.conn.their_state
+            super().data_received(data)
+            after = self.conn.their_state
+            if after is h11.SEND_BODY and before is not h11.SEND_BODY:
+                self._arm(self.body_timeout)
+            elif after is not h11.IDLE and after is not h11.SEND_BODY:
+                self._disarm()  # the request is in (or the connection is done): the app's time is not bounded here
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self, seconds: float) -> None:
+            self._disarm()
+            self._read_deadline = self.loop.call_later(seconds, self._too_slow)
+
+        def _disarm(self) -> None:
+            if self._read_deadline is not None:
+                self._read_deadline.cancel()
+                self._read_deadline = None
+
+        def _too_slow(self) -> None:
+            self._read_deadline = None
+            if not self.transport.is_closing():
+                log.debug("closing a connection from %s: its request did not arrive in time", self.client)
+                self.transport.close()
+
+    return BoundedH11Protocol
+
+
+def server_config(settings: Settings, host: str = "0.0.0.0", port: int = 9837, *, max_connections: int = MAX_CONNECTIONS,
+                  header_timeout_s: float = HEADER_TIMEOUT_S, body_timeout_s: float = BODY_TIMEOUT_S) -> uvicorn.Config:
+    """The uvicorn configuration the collector runs with."""
+    return uvicorn.Config(
+        create_app(settings), host=host, port=port, log_level="warning", access_log=False,
+        http=bounded_protocol(header_timeout_s, body_timeout_s),  # h11 even where httptools is installed
+        limit_concurrency=max_connections, timeout_keep_alive=KEEP_ALIVE_S,
+        backlog=min(max_connections, 4096),
+    )
+
+
+def raise_open_files_limit(wanted: int) -> int:
+    """Raise this process's soft limit on open files towards `wanted` (as far as the hard limit allows), as Go
+    programs do at start; the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            soft = new
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-files limit from %d to %d: %s", soft, new, exc)
+    return soft
+
+
+def run(settings: Settings, host: str = "0.0.0.0", port: int = 9837, *, max_connections: int = MAX_CONNECTIONS) -> None:
+    files = raise_open_files_limit(max_connections + _RESERVED_FILES)
+    if files < max_connections + _RESERVED_FILES:
+        log.warning("only %d open files allowed (LimitNOFILE, ulimit -n): beyond about %d connections, new ones wait",
+                    files, max(files - _RESERVED_FILES, 0))
+    config = server_config(settings, host, port, max_connections=max_connections)
+    log.info("collector on http://%s:%d, data in %s (at most %d connections)", host, port, settings.data_dir, max_connections)
+    server = uvicorn.Server(config)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    if not server.started:  # the port is taken, or the app did not start: as uvicorn.run does
+        raise SystemExit(3)

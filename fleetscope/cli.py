@@ -83,7 +83,7 @@ def _agent(args: argparse.Namespace) -> int:
 
 
 def _collector(args: argparse.Namespace) -> int:
-    from collector.main import run
+    from collector.main import MAX_CONNECTIONS, run
     from collector.settings import Settings, load_config, parse_duration, parse_size
 
     kwargs: dict[str, object] = {}
@@ -111,12 +111,14 @@ def _collector(args: argparse.Namespace) -> int:
                 raise ValueError(f"no {credential}: put the token(s) {who} use in a file only the collector can read (one a "
                                  f"line) and set {env}_FILE=<file>, or under systemd LoadCredential={credential}:<file>, "
                                  f"or set {env}")
+        if args.max_connections is not None and args.max_connections <= 0:
+            raise ValueError(f"--max-connections must be positive, got {args.max_connections}")
         settings = Settings(**kwargs)  # type: ignore[arg-type]
     except (OSError, ValueError) as exc:
         print(f"fleetscope collector: {exc}", file=sys.stderr)
         return 2
     host, _, port = (args.listen or listen).rpartition(":")
-    run(settings, host or "0.0.0.0", int(port))
+    run(settings, host or "0.0.0.0", int(port), max_connections=args.max_connections or MAX_CONNECTIONS)
     return 0
 
 
@@ -233,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retention", help="how long history stays on disk (default 30d)")
     p.add_argument("--retention-bytes", help="most disk the history may use (default: 40%% of the data disk)")
     p.add_argument("--checkpoint-interval", help="how often the WAL is written to Parquet (default 30s)")
+    p.add_argument("--max-connections", type=int, help="open connections beyond which requests are answered 503 "
+                   "(default 8192; every agent keeps one open)")
     _refuse_token_flag(p, "--ingest-token", "collector", "FLEETSCOPE_INGEST_TOKEN")
     _refuse_token_flag(p, "--read-token", "collector", "FLEETSCOPE_READ_TOKEN")
     p.set_defaults(func=_collector)

@@ -98,7 +98,7 @@ def test_the_collector_takes_its_tokens_from_files(tmp_path, monkeypatch):
     import collector.main
 
     started = {}
-    monkeypatch.setattr(collector.main, "run", lambda settings, host, port: started.update(settings=settings))
+    monkeypatch.setattr(collector.main, "run", lambda settings, host, port, **limits: started.update(settings=settings))
     monkeypatch.setenv("FLEETSCOPE_INGEST_TOKEN_FILE", str(secret_file(tmp_path / "ingest", "a1, a2\n")))
     monkeypatch.setenv("FLEETSCOPE_READ_TOKEN_FILE", str(secret_file(tmp_path / "read", "r1\n")))
     assert cli(["collector", "--data-dir", str(tmp_path / "data")]) == 0

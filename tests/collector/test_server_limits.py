@@ -1,0 +1,166 @@
+"""The collector's HTTP server: bounded connections, and a deadline for each request to arrive."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import uvicorn
+
+from collector import main as collector_main
+from collector.settings import Settings
+from tests.conftest import free_port, http_get, wait_until
+
+
+def settings(tmp_path) -> Settings:
+    return Settings(data_dir=tmp_path / "data", ingest_tokens=frozenset({"i"}), read_tokens=frozenset({"r"}))
+
+
+def connect(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.settimeout(15)
+    return sock
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    try:
+        while True:  # a 4xx the server may write before closing is read past
+            if not sock.recv(4096):
+                return True
+    except ConnectionResetError:
+        return True
+
+
+def test_the_collector_runs_with_bounded_connections_and_request_deadlines(tmp_path):
+    config = collector_main.server_config(settings(tmp_path), "127.0.0.1", 9837)
+    assert config.limit_concurrency == collector_main.MAX_CONNECTIONS == 8192
+    assert config.timeout_keep_alive == 5
+    config.load()
+    protocol = config.http_protocol_class
+    assert issubclass(protocol, collector_main.H11Protocol)
+    assert (protocol.header_timeout, protocol.body_timeout) == (10.0, 60.0)
+
+
+def test_run_hands_uvicorn_that_configuration(tmp_path, monkeypatch):
+    seen = {}
+
+    class Server:
+        started = True
+
+        def __init__(self, config):
+            seen["config"] = config
+
+        def run(self):
+            pass
+
+    monkeypatch.setattr(collector_main.uvicorn, "Server", Server)
+    collector_main.run(settings(tmp_path), "127.0.0.1", 1, max_connections=100)
+    assert seen["config"].limit_concurrency == 100 and seen["config"].timeout_keep_alive == 5
+    assert seen["config"].http.header_timeout == 10.0
+
+
+@pytest.fixture
+def collector(tmp_path):
+    """A collector in this process on a real socket, with deadlines short enough to watch."""
+    port = free_port()
+    config = collector_main.server_config(settings(tmp_path), "127.0.0.1", port, header_timeout_s=0.5, body_timeout_s=1.0)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_until(lambda: http_get(f"http://127.0.0.1:{port}/healthz")[0] == 200, timeout=30, what="the collector")
+    yield port
+    server.should_exit = True
+    thread.join(timeout=20)
+
+
+def test_idle_connections_do_not_keep_readers_waiting_and_are_closed(collector):
+    idle = [connect(collector) for _ in range(50)]
+    try:
+        started = time.monotonic()
+        assert http_get(f"http://127.0.0.1:{collector}/healthz", timeout=2)[0] == 200
+        assert time.monotonic() - started < 1.0
+        assert all(closed_by_server(sock) for sock in idle)
+        assert time.monotonic() - started < 5.0
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_a_trickled_head_and_a_stalled_body_are_cut_off(collector):
+    trickling, stalled = connect(collector), connect(collector)
+    stalled.sendall(b"POST /v1/ingest HTTP/1.1\r\nHost: c\r\nAuthorization: Bearer i\r\nContent-Length: 1000\r\n\r\n{")
+    stop = threading.Event()
+
+    def trickle():  # slowloris: a byte every 0.1 s, each one resetting any per-read timeout
+        for byte in b"GET /healthz HTTP/1.1\r\nHost: collector\r\nX-Padding: " + b"a" * 200:
+            if stop.is_set():
+                return
+            try:
+                trickling.send(bytes([byte]))
+            except OSError:
+                return
+            time.sleep(0.1)
+
+    threading.Thread(target=trickle, daemon=True).start()
+    started = time.monotonic()
+    try:
+        assert closed_by_server(trickling)
+        assert 0.4 < time.monotonic() - started < 3.0
+        assert closed_by_server(stalled)
+        assert time.monotonic() - started < 4.0
+    finally:
+        stop.set()
+        trickling.close()
+        stalled.close()
+
+
+def read_response(sock: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(4096)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")))
+    while len(body) < length:
+        body += sock.recv(4096)
+    return head
+
+
+def test_a_kept_alive_connection_still_serves_several_requests(collector):
+    sock = connect(collector)
+    try:
+        for _ in range(3):
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: c\r\n\r\n")
+            assert read_response(sock).startswith(b"HTTP/1.1 200")
+            time.sleep(0.3)  # under the keep-alive timeout, and the head deadline starts only with the next request
+    finally:
+        sock.close()
+
+
+@pytest.mark.e2e
+def test_the_real_collector_process_closes_a_slowloris_connection(tmp_path):
+    for name, token in (("ingest", "i"), ("read", "r")):
+        (tmp_path / name).write_text(token)
+        (tmp_path / name).chmod(0o600)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETSCOPE_")}
+    env |= {"FLEETSCOPE_INGEST_TOKEN_FILE": str(tmp_path / "ingest"), "FLEETSCOPE_READ_TOKEN_FILE": str(tmp_path / "read")}
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "fleetscope", "collector", "--listen", f"127.0.0.1:{port}",
+                             "--data-dir", str(tmp_path / "data")], env=env,
+                            stdout=(tmp_path / "collector.log").open("wb"), stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: http_get(f"http://127.0.0.1:{port}/healthz")[0] == 200, timeout=30, what="the collector")
+        idle = [connect(port) for _ in range(50)]
+        half = connect(port)
+        half.sendall(b"GET /healthz HTTP/1.1\r\nHost: c\r\n")  # never finished
+        started = time.monotonic()
+        assert http_get(f"http://127.0.0.1:{port}/healthz", timeout=2)[0] == 200
+        assert closed_by_server(half) and all(closed_by_server(sock) for sock in idle)
+        assert 9.0 < time.monotonic() - started < 14.0  # HEADER_TIMEOUT_S
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
