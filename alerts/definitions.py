@@ -65,6 +65,21 @@ ALERTS: list[Alert] = [
           "`curl http://<collector>:9837/healthz` from the node.",
           "Bring the collector back or fix the token. Past the bound the oldest batches are dropped and counted in "
           "`fleetscope_agent_shipper_dropped_total{reason=\"spool_full\"}`."),
+    # The shipper's own fault (not the collector's): its thread died or hangs, or its spool cannot be written, so
+    # what the node's workloads report waits in memory only, bounded, and a restart or a full queue loses it.
+    Alert("FleetscopeAgentShipperDown", "fleetscope-agent", "fleetscope_agent_shipper_up == 0", "5m", "ticket",
+          "the agent on {{ $labels.instance }} cannot keep what it ships",
+          "The shipper of the agent on {{ $labels.instance }} has been down for 5 minutes: its spool fails or its thread "
+          "is dead or stuck; workload events wait in memory only.",
+          "The agent still answers scrapes, but what it forwards to the collector is at risk: batches wait in memory "
+          "(bounded; the oldest are dropped and counted as `fleetscope_agent_shipper_dropped_total{reason=\"queue_full\"}`) "
+          "and a restart loses them. Usually the spool's disk is full or read-only.",
+          "`fleetscope_agent_shipper_spool_errors_total` names the error (enospc, erofs, eacces, eio); "
+          "`journalctl -u fleetscope-agent | grep -i spool` has the message; `df -h /var/lib/fleetscope-agent` on the node. "
+          "No spool error: `fleetscope_agent_shipper_errors_total` rising, or a hung send (`py-spy dump --pid <agent pid>`).",
+          "Free space on (or remount read-write) the spool's filesystem: the agent tries it again every second and "
+          "`fleetscope_agent_shipper_up` returns to 1 by itself. A dead or stuck thread: restart the agent and report it "
+          "with its log."),
     # --- GPU -----------------------------------------------------------------------------------
     # NVML itself says the GPU is lost: no scrape glitch can fake that, so it fires at once.
     Alert("FleetscopeGpuLost", "fleetscope-gpu", "fleetscope_gpu_up == 0", "0m", "page",
