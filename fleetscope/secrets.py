@@ -42,7 +42,7 @@ def read_secret(name: str, environ: Mapping[str, str] | None = None) -> str | No
     credential = CREDENTIALS.get(name)
     directory = env.get("CREDENTIALS_DIRECTORY")
     if credential and directory:
-        path = Path(directory.split(":")[0]) / credential
+        path = Path(directory) / credential
         if path.exists():
             return _read_file(path, f"systemd credential {credential!r}")
     file_var = f"{name}_FILE"
