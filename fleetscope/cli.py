@@ -134,10 +134,23 @@ def _loopback(address: str) -> bool:
 def _dashboard(args: argparse.Namespace) -> int:
     # The console holds a read token and shows the whole fleet to whoever reaches it: without sign-in it
     # may listen on loopback only (reached through an SSH tunnel or an authenticating proxy).
+    secrets_file = None
     if args.auth == "oidc":
-        print("fleetscope dashboard: --auth oidc is not implemented yet; use --auth none on a loopback address",
-              file=sys.stderr)
-        return 2
+        missing = [flag for flag, value in (("--oidc-issuer", args.oidc_issuer), ("--oidc-client-id", args.oidc_client_id),
+                                            ("--public-url", args.public_url)) if not value]
+        try:
+            client_secret = read_secret("FLEETSCOPE_OIDC_CLIENT_SECRET")
+        except SecretError as exc:
+            print(f"fleetscope dashboard: {exc}", file=sys.stderr)
+            return 2
+        if not client_secret:
+            missing.append("the client secret ($FLEETSCOPE_OIDC_CLIENT_SECRET_FILE or $FLEETSCOPE_OIDC_CLIENT_SECRET)")
+        if missing:
+            print(f"fleetscope dashboard: --auth oidc needs {', '.join(missing)}", file=sys.stderr)
+            return 2
+        from dashboards.auth import write_oidc_secrets
+
+        secrets_file = write_oidc_secrets(args.oidc_issuer, args.oidc_client_id, client_secret, args.public_url)
     if args.auth == "none" and not _loopback(args.address) and not args.insecure:
         print(f"fleetscope dashboard: refusing to listen on {args.address or 'every interface'} without sign-in: anyone "
               "who can reach it would read the whole fleet with the console's read token. Listen on 127.0.0.1 (the default) "
@@ -155,6 +168,8 @@ def _dashboard(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     # The console reads its token from its environment (readable by its own user only, unlike the command line).
     env.pop("FLEETSCOPE_READ_TOKEN_FILE", None)
+    env.pop("FLEETSCOPE_OIDC_CLIENT_SECRET", None)
+    env.pop("FLEETSCOPE_OIDC_CLIENT_SECRET_FILE", None)
     if token:
         env["FLEETSCOPE_READ_TOKEN"] = token
     env["FLEETSCOPE_CONSOLE_AUTH"] = args.auth
@@ -165,6 +180,8 @@ def _dashboard(args: argparse.Namespace) -> int:
         "--server.port", str(args.port), "--server.address", args.address,
         "--server.headless", "true", "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal",
     ]
+    if secrets_file is not None:  # st.login's [auth] settings, in a file only this user can read
+        argv += ["--secrets.files", str(secrets_file)]
     os.execve(sys.executable, argv, env)
     return 0  # not reached
 
@@ -246,7 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1; another needs sign-in, --auth, or --insecure)")
     p.add_argument("--auth", choices=["none", "oidc"], default="none", help="who may see the console: none (no sign-in, "
-                   "loopback only unless --insecure) or oidc (OpenID Connect sign-in; not implemented yet)")
+                   "loopback only unless --insecure) or oidc (OpenID Connect sign-in through Streamlit's st.login)")
+    p.add_argument("--oidc-issuer", help="--auth oidc: the provider's URL (its /.well-known/openid-configuration is read)")
+    p.add_argument("--oidc-client-id", help="--auth oidc: the console's client id at the provider (the secret comes from "
+                   "$FLEETSCOPE_OIDC_CLIENT_SECRET_FILE)")
+    p.add_argument("--public-url", help="--auth oidc: where users reach the console, e.g. https://console.example:8501 "
+                   "(the provider sends them back to <public-url>/oauth2callback)")
     p.add_argument("--insecure", action="store_true",
                    help="allow a non-loopback --address without sign-in (only behind something that restricts who connects)")
     p.add_argument("--collector-url", help="collector base URL (default: $FLEETSCOPE_COLLECTOR_URL or http://127.0.0.1:9837)")

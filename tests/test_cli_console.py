@@ -59,10 +59,12 @@ def test_another_address_without_sign_in_is_refused():
     assert "refusing to listen on 0.0.0.0 without sign-in" in result.stderr and "--insecure" in result.stderr
 
 
-def test_oidc_is_not_there_yet_and_says_so():
-    result = subprocess.run([sys.executable, "-m", "fleetscope", "dashboard", "--auth", "oidc"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode != 0 and "not implemented yet" in result.stderr
+def test_oidc_without_its_settings_is_refused_and_says_what_is_missing(monkeypatch):
+    monkeypatch.delenv("FLEETSCOPE_OIDC_CLIENT_SECRET", raising=False)
+    result = subprocess.run([sys.executable, "-m", "fleetscope", "dashboard", "--auth", "oidc", "--oidc-issuer",
+                             "https://idp.example"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "--oidc-client-id" in result.stderr and "--public-url" in result.stderr and "client secret" in result.stderr
 
 
 @pytest.fixture
@@ -95,3 +97,23 @@ def test_the_console_gets_its_read_token_from_a_file_in_its_environment(tmp_path
     argv, env = exec_calls[0]
     assert env["FLEETSCOPE_READ_TOKEN"] == "r-token" and "FLEETSCOPE_READ_TOKEN_FILE" not in env
     assert not any("r-token" in arg for arg in argv)
+
+
+def test_oidc_sign_in_may_listen_anywhere_and_its_secret_is_neither_in_argv_nor_env(tmp_path, monkeypatch, exec_calls):
+    import tomllib
+
+    secret = tmp_path / "client-secret"
+    secret.write_text("oidc-s3cret\n")
+    monkeypatch.setenv("FLEETSCOPE_OIDC_CLIENT_SECRET_FILE", str(secret))
+    assert cli(["dashboard", "--address", "0.0.0.0", "--auth", "oidc", "--oidc-issuer", "https://idp.example",
+                "--oidc-client-id", "console", "--public-url", "https://console.example"]) == 0
+    argv, env = exec_calls[0]
+    assert env["FLEETSCOPE_CONSOLE_AUTH"] == "oidc"
+    assert not any("oidc-s3cret" in a for a in argv) and not any("oidc-s3cret" in v for v in env.values())
+    settings = Path(argv[argv.index("--secrets.files") + 1])
+    try:
+        assert tomllib.loads(settings.read_text())["auth"]["client_secret"] == "oidc-s3cret"
+        assert settings.stat().st_mode & 0o077 == 0
+    finally:
+        settings.unlink()
+        settings.parent.rmdir()
