@@ -111,30 +111,33 @@ def screen(batch: Batch, now: float, bounds: Bounds, history: StepHistory) -> Sc
     out = Screened(batch)
     refused: dict[str, set[int]] = {}
 
-    def refuse(where: str, index: int, kind: str, reason: str, message: str) -> None:
+    def refuse(where: str, index: int, kind: str, reason: str, explain) -> None:
         out.refused += 1
         out.counts[(kind, reason)] += 1
         refused.setdefault(where, set()).add(index)
-        if len(out.listed) < LISTED:
-            out.listed.append(Refusal(where, index, kind, reason, f"$.{where}[{index}]{message}"))
+        if len(out.listed) < LISTED:  # a flood of refusals costs no message each
+            out.listed.append(Refusal(where, index, kind, reason, f"$.{where}[{index}]{explain()}"))
 
-    def dated(ts: float) -> tuple[str, str] | None:
+    def dated(where: str, index: int, kind: str, ts: float) -> bool:
+        """Refuse a record dated out of bounds; True when it was."""
         if ts > latest:
-            return "future", (f".ts: {ts!r} is {ts - now:.0f} s ahead of the collector's clock; at most "
-                              f"{bounds.max_future_s:.0f} s are allowed (is the sender's clock wrong?)")
+            refuse(where, index, kind, "future", lambda: (
+                f".ts: {ts!r} is {ts - now:.0f} s ahead of the collector's clock; at most "
+                f"{bounds.max_future_s:.0f} s are allowed (is the sender's clock wrong?)"))
+            return True
         if ts < earliest:
-            return "too_old", (f".ts: {ts!r} is {now - ts:.0f} s in the past, older than the collector's "
-                               f"retention of {bounds.max_age_s:.0f} s")
-        return None
+            refuse(where, index, kind, "too_old", lambda: (
+                f".ts: {ts!r} is {now - ts:.0f} s in the past, older than the collector's retention of "
+                f"{bounds.max_age_s:.0f} s"))
+            return True
+        return False
 
     highs = out.highs
     job_highs: dict[str, int] = {}
     ranks, jobs = history.ranks, history.jobs  # the dicts of this moment (forget swaps them)
     for i, ev in enumerate(batch.events):
-        kind = ev.__struct_config__.tag
-        bad = dated(ev.ts)
-        if bad is not None:
-            refuse("events", i, kind, *bad)
+        ts = ev.ts
+        if (ts > latest or ts < earliest) and dated("events", i, ev.__struct_config__.tag, ts):
             continue
         if type(ev) is not StepEvent:
             continue
@@ -148,21 +151,17 @@ def screen(batch: Batch, now: float, bounds: Bounds, history: StepHistory) -> Sc
             known = [b for b in (job_highs.get(ev.job), seen[0] if seen is not None else None) if b is not None]
             base = max(known) if known else None
         if jump is not None and base is not None and ev.step > base + jump:
-            refuse("events", i, kind, "step_jump",
-                   f".step: {ev.step} is {ev.step - base} above the highest step ({base}) of job {ev.job!r} "
-                   f"rank {ev.rank}; at most {jump} are allowed")
+            refuse("events", i, "step", "step_jump", lambda: (
+                f".step: {ev.step} is {ev.step - base} above the highest step ({base}) of job {ev.job!r} "
+                f"rank {ev.rank}; at most {jump} are allowed"))
             continue
         highs[key] = ev.step if base is None or ev.step > base else base
         if ev.step > job_highs.get(ev.job, -1):
             job_highs[ev.job] = ev.step
     for i, frame in enumerate(batch.frames):
-        bad = dated(frame.ts)
-        if bad is not None:
-            refuse("frames", i, "host_frame", *bad)
+        dated("frames", i, "host_frame", frame.ts)
     for i, server in enumerate(batch.servers):
-        bad = dated(server.ts)
-        if bad is not None:
-            refuse("servers", i, "server_frame", *bad)
+        dated("servers", i, "server_frame", server.ts)
     if refused:
         out.batch = msgspec.structs.replace(batch, **{
             where: [r for i, r in enumerate(getattr(batch, where)) if i not in gone] for where, gone in refused.items()})
