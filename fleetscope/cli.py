@@ -98,7 +98,12 @@ def _collector(args: argparse.Namespace) -> int:
                                   ("memory_budget", "memory_budget", parse_size), ("window", "window_s", parse_duration),
                                   ("raw_window", "raw_window_s", parse_duration), ("retention", "retention_s", parse_duration),
                                   ("retention_bytes", "retention_bytes", parse_size),
-                                  ("checkpoint_interval", "checkpoint_interval_s", parse_duration)):
+                                  ("checkpoint_interval", "checkpoint_interval_s", parse_duration),
+                                  ("max_future_skew", "max_future_skew_s", parse_duration),
+                                  ("max_step_jump", "max_step_jump", _positive_int),
+                                  ("metrics_max_jobs", "metrics_max_jobs", _positive_int),
+                                  ("metrics_max_services", "metrics_max_services", _positive_int),
+                                  ("metrics_max_ranks", "metrics_max_ranks", _positive_int)):
             value = getattr(args, flag)
             if value is not None:
                 kwargs[name] = parse(value, f"--{flag.replace('_', '-')}")
@@ -129,6 +134,16 @@ def _loopback(address: str) -> bool:
         return ipaddress.ip_address(address).is_loopback
     except ValueError:
         return False  # a host name, or "" (every interface): not known to be loopback
+
+
+def _positive_int(value: str, what: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise ValueError(f"{what} must be a whole number, got {value!r}") from None
+    if n <= 0:
+        raise ValueError(f"{what} must be positive, got {n}")
+    return n
 
 
 def _dashboard(args: argparse.Namespace) -> int:
@@ -252,6 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retention", help="how long history stays on disk (default 30d)")
     p.add_argument("--retention-bytes", help="most disk the history may use (default: 40%% of the data disk)")
     p.add_argument("--checkpoint-interval", help="how often the WAL is written to Parquet (default 30s)")
+    p.add_argument("--max-future-skew", help="how far ahead of the collector's clock a record may be dated (default 10m)")
+    p.add_argument("--max-step-jump", help="how far above its job and rank's highest step a step may jump (default 1000000)")
+    p.add_argument("--metrics-max-jobs", help="jobs the collector's /metrics exports at most, troubled first (default 500)")
+    p.add_argument("--metrics-max-services", help="service/model pairs /metrics exports at most (default 200)")
+    p.add_argument("--metrics-max-ranks", help="ranks with a straggler score /metrics exports at most (default 1000)")
     p.add_argument("--max-connections", type=int, help="open connections beyond which requests are answered 503 "
                    "(default 8192; every agent keeps one open)")
     _refuse_token_flag(p, "--ingest-token", "collector", "FLEETSCOPE_INGEST_TOKEN")

@@ -82,3 +82,16 @@ def test_the_command_line_refuses_an_unknown_key_and_flags_win_over_the_file(tmp
     out = subprocess.run([sys.executable, "-m", "fleetscope", "collector", "--config", str(path), "--memory-budget", "1MiB"],
                          env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "memory_budget" in out.stderr and "128 MiB" in out.stderr  # the flag's value was used
+
+
+def test_the_input_bound_flags_reach_the_settings_and_bad_values_are_named(tmp_path):
+    env = {"FLEETSCOPE_INGEST_TOKEN": "i", "FLEETSCOPE_READ_TOKEN": "r", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-m", "fleetscope", "collector", "--data-dir", str(tmp_path),
+                          "--max-step-jump", "0"], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--max-step-jump must be positive" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "fleetscope", "collector", "--data-dir", str(tmp_path),
+                          "--metrics-max-jobs", "many"], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--metrics-max-jobs must be a whole number" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "fleetscope", "collector", "--data-dir", str(tmp_path),
+                          "--max-future-skew", "soon"], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--max-future-skew" in out.stderr
