@@ -1,20 +1,30 @@
-"""Receives workload events over UDP, validates them, adds node and GPU, and hands them to the shipper.
+"""Receives workload events, validates them, adds node and GPU, and hands them to the shipper.
 
-Each sender (source address and port) gets a token bucket of events and bytes per second, so one
-runaway or hostile process cannot fill the agent's bounded queue with its own events; what a
-bucket refuses is counted (`reason="rate_limited"`) without being decoded. A datagram that cannot
-be decoded (not JSON, the wrong schema, nested too deeply for the decoder) is refused and counted
-with one log line per ten seconds, never a traceback per datagram.
+Two transports, one or both (`events_address = "unix:/run/fleetscope/events.sock,127.0.0.1:9836"`):
+- a Unix datagram socket with SO_PASSCRED: the kernel tells the agent each sender's pid and uid, so the
+  event's pid is the kernel's (a different claim is counted and corrected) and the event is verified;
+- UDP on loopback, the fallback: any local process can send, and the pid is only what the event says.
+Each sender gets a token bucket of events and bytes per second (a Unix sender: its uid, however many
+sockets it opens; a UDP sender: its address and port), so one runaway or hostile process cannot fill
+the agent's bounded queue with its own events; what a bucket refuses is counted
+(`reason="rate_limited"`) without being decoded. A datagram that cannot be decoded (not JSON, the
+wrong schema, nested too deeply for the decoder) is refused and counted with one log line per ten
+seconds, never a traceback per datagram.
 """
 
 from __future__ import annotations
 
+import grp
 import logging
+import os
+import selectors
 import socket
+import stat
+import struct
 import threading
 import time
 from collections import Counter
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import msgspec
 
@@ -28,6 +38,91 @@ MAX_DATAGRAM = UDP_MAX_BYTES
 # The client never sends more than this; anything larger is refused as a whole.
 MAX_EVENT_BYTES = 60_000
 REJECT_REASONS = ("invalid", "version", "too_large", "too_deep", "rate_limited", "error")
+# struct ucred: pid, uid, gid, as SCM_CREDENTIALS carries it
+_UCRED = struct.Struct("iII")
+_CMSG_SPACE = socket.CMSG_SPACE(_UCRED.size)
+_DRAIN = 256  # datagrams read from one socket before the others get a turn
+
+
+class Endpoint(NamedTuple):
+    """One socket the listener binds: `unix` (path, and the group allowed to send, or everyone) or `udp` (host, port)."""
+
+    transport: str
+    host: str = ""
+    port: int = 0
+    path: str = ""
+    group: str | None = None
+
+
+def parse_events_address(spec: str, default_host: str = "127.0.0.1") -> list[Endpoint]:
+    """`unix:/path[?group=NAME]` and `host:port`, comma-separated; at most one of each transport."""
+    endpoints = []
+    for part in (p.strip() for p in spec.split(",")):
+        if part.startswith("unix:"):
+            path, _, query = part[len("unix:"):].partition("?")
+            group = None
+            for option in filter(None, query.split("&")):
+                key, _, value = option.partition("=")
+                if key != "group" or not value:
+                    raise ValueError(f"events_address {part!r}: the only option is ?group=NAME, got {option!r}")
+                group = value
+            if not os.path.isabs(path):
+                raise ValueError(f"events_address {part!r}: the socket path must be absolute (unix:/run/fleetscope/events.sock)")
+            endpoints.append(Endpoint("unix", path=path, group=group))
+        else:
+            host, _, port = part.rpartition(":")
+            try:
+                endpoints.append(Endpoint("udp", host=host or default_host, port=int(port)))
+            except ValueError:
+                raise ValueError(f"events_address {part!r} is neither host:port nor unix:/path") from None
+    if not endpoints or len({e.transport for e in endpoints}) != len(endpoints):
+        raise ValueError(f"events_address {spec!r}: give one unix:/path, one host:port, or one of each")
+    return endpoints
+
+
+def bind_unix(path: str, group: str | None) -> socket.socket:
+    """A Unix datagram socket at `path` that receives its senders' credentials, writable by all (or by `group`).
+
+    A socket file left by an agent that died is removed; one a live process still reads is not, nor a file
+    that is not a socket."""
+    if os.path.lexists(path):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise OSError(f"events socket {path} exists and is not a socket; remove it or choose another path")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.connect(path)
+            except (ConnectionRefusedError, FileNotFoundError):
+                os.unlink(path)  # stale: nobody reads it
+            else:
+                raise OSError(f"events socket {path} is in use by another process (another agent?)")
+    folder = os.path.dirname(path)
+    if not os.path.isdir(folder):
+        os.makedirs(folder)
+        os.chmod(folder, 0o755)  # every workload user must reach the socket; the umask (0077 in the unit) would not let them
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        sock.bind(path)
+        if group is None:
+            os.chmod(path, 0o666)
+        else:
+            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+            os.chown(path, -1, gid)
+            os.chmod(path, 0o660)
+    except BaseException:
+        sock.close()
+        if os.path.lexists(path):
+            os.unlink(path)
+        raise
+    return sock
+
+
+def credentials(ancdata) -> tuple[int, int, int] | None:
+    """(pid, uid, gid) from recvmsg's ancillary data, or None when the kernel sent none."""
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(data) >= _UCRED.size:
+            return _UCRED.unpack_from(data)
+    return None
 
 
 class SenderLimits:
@@ -65,42 +160,76 @@ class SenderLimits:
 class Listener:
     families = (
         Family("fleetscope_agent_events_received_total", "counter", "Workload events accepted from the client.", ("kind",)),
+        Family("fleetscope_agent_events_verified_total", "counter",
+               "Workload events accepted over the Unix socket, their sender's pid and uid vouched for by the kernel "
+               "(the rest of received_total came over UDP, unverified).", ("kind",)),
+        Family("fleetscope_agent_events_pid_mismatch_total", "counter",
+               "Events over the Unix socket that claimed a pid other than their sender's, recorded with the sender's."),
         Family("fleetscope_agent_events_rejected_total", "counter", "Workload datagrams refused, by reason.", ("reason",)),
     )
 
     def __init__(
         self,
         host: str,
-        port: int,
+        port: int | None = None,
         *,
         node: str,
         deliver: Callable[[Event], None],
         gpu_lookup: Callable[[int, int], str | None] = lambda pid, local_rank: None,
         limits: SenderLimits | None = None,
     ) -> None:
+        """`host`, `port`: the UDP socket; or `host` alone, the whole `events_address` (see `parse_events_address`).
+
+        `split_address` of "unix:/p,127.0.0.1:9836" gives ("unix:/p,127.0.0.1", 9836), which is joined again here."""
         self.node = node
         self.limits = limits if limits is not None else SenderLimits()
         self.deliver = deliver
         self.gpu_lookup = gpu_lookup
         self.received: Counter[str] = Counter()
+        self.verified: Counter[str] = Counter()
+        self.pid_mismatch = 0
         self.rejected: Counter[str] = Counter()
         # pid -> (training job, rank), so the GPU source can name the job a GPU process belongs to
         self.workloads: dict[int, tuple[str, str]] = {}
+        self._verified_pids: dict[int, None] = {}  # pids a Unix sender proved: a UDP claim cannot rename them
         self._last_log = 0.0
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        # A burst of steps from 8 ranks must not overflow the kernel buffer while we enrich.
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
-        self.sock.bind((host, port))
-        # Blocking, no timeout: an idle agent never wakes up for nothing; stop() wakes it with a datagram.
-        self.address = self.sock.getsockname()
+        self.endpoints = parse_events_address(host if port is None else f"{host}:{port}")
+        self.sock: socket.socket | None = None  # UDP
+        self.unix_sock: socket.socket | None = None
+        self.unix_path: str | None = None
+        self._unix_inode = 0
+        try:
+            for endpoint in self.endpoints:
+                if endpoint.transport == "udp":
+                    self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                    # A burst of steps from 8 ranks must not overflow the kernel buffer while we enrich.
+                    self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+                    self.sock.bind((endpoint.host, endpoint.port))
+                else:
+                    self.unix_sock = bind_unix(endpoint.path, endpoint.group)
+                    self.unix_path = endpoint.path
+                    self._unix_inode = os.stat(endpoint.path).st_ino
+        except BaseException:
+            self._close()
+            raise
+        # What a client is given: the UDP (host, port) where there is one, for compatibility, else the path.
+        self.address = self.sock.getsockname() if self.sock is not None else self.unix_path
+        self.addresses = ([f"unix:{self.unix_path}"] if self.unix_sock is not None else []) + \
+            ([f"udp:{self.address[0]}:{self.address[1]}"] if self.sock is not None else [])
+        # The thread sleeps in select() until a datagram comes; stop() wakes it through this pair.
+        self._wake_r, self._wake_w = socket.socketpair()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def handle(self, data: bytes, sender: object = None) -> Event | None:
-        """Validate and enrich one datagram from `sender` (its address); returns the event delivered, or None if refused."""
-        if not self.limits.allow(sender, len(data)):
-            self._reject("rate_limited", f"sender {sender} is over {self.limits.events_per_s:g} events or "
-                                         f"{self.limits.bytes_per_s:g} bytes a second")
+    def handle(self, data: bytes, sender: object = None, creds: tuple[int, int, int] | None = None) -> Event | None:
+        """Validate and enrich one datagram; returns the event delivered, or None if refused.
+
+        `sender`: a UDP sender's address. `creds`: a Unix sender's (pid, uid, gid) from the kernel, which then
+        decide the bucket (the uid) and the event's pid."""
+        key = sender if creds is None else ("uid", creds[1])
+        if not self.limits.allow(key, len(data)):
+            self._reject("rate_limited", f"sender {self._name(sender, creds)} is over {self.limits.events_per_s:g} "
+                                         f"events or {self.limits.bytes_per_s:g} bytes a second")
             return None
         if len(data) > MAX_EVENT_BYTES:
             self._reject("too_large", f"datagram of {len(data)} bytes exceeds {MAX_EVENT_BYTES}")
@@ -113,23 +242,39 @@ class Listener:
         except (TooDeep, RecursionError) as exc:
             # msgspec gives up on deep nesting (even in a field it would skip) with RecursionError; the schema
             # names it TooDeep.
-            self._reject("too_deep", f"datagram of {len(data)} bytes from {sender}: {exc}")
+            self._reject("too_deep", f"datagram of {len(data)} bytes from {self._name(sender, creds)}: {exc}")
             return None
         except SchemaError as exc:
             self._reject("invalid", str(exc))
             return None
-        if event.node is not None or event.gpu_uuid is not None:
-            # Those fields are the agent's to set; a client that sets them is confused or lying.
-            event = msgspec.structs.replace(event, node=None, gpu_uuid=None)
-        local_rank = getattr(event, "local_rank", -1)
-        event = msgspec.structs.replace(event, node=self.node, gpu_uuid=self.gpu_lookup(event.pid, local_rank))
-        self.received[type(event).__struct_config__.tag] += 1
-        if event.pid and hasattr(event, "job"):
-            self.workloads[event.pid] = (event.job, str(event.rank))
+        kind = type(event).__struct_config__.tag
+        pid = event.pid
+        if creds is not None and pid != creds[0]:
+            # The kernel's pid, in the agent's pid namespace (0 when the sender is not visible from it). A workload
+            # in a container with its own pid namespace claims its inner pid: counted here too, and corrected.
+            if pid:
+                self.pid_mismatch += 1
+            pid = creds[0]
+        # node and gpu_uuid are the agent's to set; a client that sets them is confused or lying.
+        event = msgspec.structs.replace(event, node=self.node, pid=pid,
+                                        gpu_uuid=self.gpu_lookup(pid, getattr(event, "local_rank", -1)))
+        self.received[kind] += 1
+        if creds is not None:
+            self.verified[kind] += 1
+        if pid and hasattr(event, "job") and (creds is not None or pid not in self._verified_pids):
+            self.workloads[pid] = (event.job, str(event.rank))
             if len(self.workloads) > 65536:  # bounded: drop the oldest pids
                 del self.workloads[next(iter(self.workloads))]
+            if creds is not None:
+                self._verified_pids[pid] = None
+                if len(self._verified_pids) > 65536:
+                    del self._verified_pids[next(iter(self._verified_pids))]
         self.deliver(event)
         return event
+
+    @staticmethod
+    def _name(sender: object, creds: tuple[int, int, int] | None) -> str:
+        return str(sender) if creds is None else f"uid {creds[1]} (pid {creds[0]})"
 
     def _reject(self, reason: str, message: str, exc_info: bool = False) -> None:
         self.rejected[reason] += 1
@@ -141,25 +286,60 @@ class Listener:
     def readings(self):
         for kind in ("step", "request", "pause"):
             yield Reading("fleetscope_agent_events_received_total", float(self.received[kind]), (("kind", kind),))
+        for kind in ("step", "request", "pause"):
+            yield Reading("fleetscope_agent_events_verified_total", float(self.verified[kind]), (("kind", kind),))
+        yield Reading("fleetscope_agent_events_pid_mismatch_total", float(self.pid_mismatch), ())
         for reason in REJECT_REASONS:
             yield Reading("fleetscope_agent_events_rejected_total", float(self.rejected[reason]), (("reason", reason),))
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
+    def _drain_udp(self, sock: socket.socket) -> None:
+        for _ in range(_DRAIN):
             try:
-                data, sender = self.sock.recvfrom(MAX_DATAGRAM)
-            except OSError:
-                if self._stop.is_set():
-                    return
-                log.exception("event socket failed")
-                time.sleep(0.5)
-                continue
-            if self._stop.is_set():
+                data, sender = sock.recvfrom(MAX_DATAGRAM)
+            except BlockingIOError:
                 return
+            self._handle_safely(data, sender, None)
+
+    def _drain_unix(self, sock: socket.socket) -> None:
+        for _ in range(_DRAIN):
             try:
-                self.handle(data, sender)
-            except Exception as exc:  # a bug, not the sender's fault: counted, and its traceback at most every 10 s
-                self._reject("error", f"unexpected error handling a datagram from {sender}: {exc!r}", exc_info=True)
+                data, ancdata, flags, _ = sock.recvmsg(MAX_DATAGRAM, _CMSG_SPACE)
+            except BlockingIOError:
+                return
+            creds = credentials(ancdata)
+            if creds is None:  # SO_PASSCRED is set, so the kernel always sends them; never trust a sender without
+                self._reject("error", "a datagram on the Unix socket came without its sender's credentials")
+            elif flags & socket.MSG_TRUNC:
+                self._reject("too_large", f"datagram from uid {creds[1]} over {MAX_DATAGRAM} bytes")
+            else:
+                self._handle_safely(data, None, creds)
+
+    def _handle_safely(self, data: bytes, sender: object, creds: tuple[int, int, int] | None) -> None:
+        try:
+            self.handle(data, sender, creds)
+        except Exception as exc:  # a bug, not the sender's fault: counted, and its traceback at most every 10 s
+            self._reject("error", f"unexpected error handling a datagram from {self._name(sender, creds)}: {exc!r}",
+                         exc_info=True)
+
+    def _run(self) -> None:
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._wake_r, selectors.EVENT_READ, None)
+            for sock, drain in ((self.sock, self._drain_udp), (self.unix_sock, self._drain_unix)):
+                if sock is not None:
+                    sock.setblocking(False)
+                    selector.register(sock, selectors.EVENT_READ, drain)
+            while not self._stop.is_set():
+                try:
+                    ready = selector.select()
+                    for key, _ in ready:
+                        if key.data is None or self._stop.is_set():
+                            return
+                        key.data(key.fileobj)
+                except OSError:
+                    if self._stop.is_set():
+                        return
+                    log.exception("event socket failed")
+                    time.sleep(0.5)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="listener", daemon=True)
@@ -168,8 +348,19 @@ class Listener:
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            host, port = self.address[:2]
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as wake:
-                wake.sendto(b"", ("127.0.0.1" if host in ("0.0.0.0", "") else host, port))
+            self._wake_w.send(b"x")
             self._thread.join(timeout=5)
-        self.sock.close()
+        self._close()
+        for sock in (self._wake_r, self._wake_w):
+            sock.close()
+
+    def _close(self) -> None:
+        for sock in (self.sock, self.unix_sock):
+            if sock is not None:
+                sock.close()
+        if self.unix_path is not None:
+            try:  # only the file this agent bound: a newer agent's socket at the same path stays
+                if os.stat(self.unix_path).st_ino == self._unix_inode:
+                    os.unlink(self.unix_path)
+            except FileNotFoundError:
+                pass

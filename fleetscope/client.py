@@ -1,9 +1,11 @@
-"""Workload client: training steps and inference requests sent over UDP to the node's agent.
+"""Workload client: training steps and inference requests sent as datagrams to the node's agent.
 
 Zero dependencies, never blocks, never raises into the caller. Each event is one JSON datagram
 (the `StepEvent` / `RequestEvent` records of `fleetscope/schema.py`, without the fields the agent
-adds). A datagram that cannot be sent is counted in `dropped`, never retried: a workload must
-not slow down because its monitoring is unwell.
+adds), sent to the agent's Unix socket (/run/fleetscope/events.sock), where the kernel tells the agent
+who sent it, or else to UDP 127.0.0.1:9836. A datagram that cannot be sent (no agent, its queue
+full) is counted in `dropped`, never retried: a workload must not slow down because its monitoring
+is unwell.
 """
 
 from __future__ import annotations
@@ -23,40 +25,78 @@ from fleetscope.vocabulary import AGENT_EVENTS_PORT
 SCHEMA_VERSION = 1
 DEFAULT_AGENT_HOST = "127.0.0.1"
 DEFAULT_AGENT_PORT = AGENT_EVENTS_PORT
+# The agent's Unix datagram socket (agent/systemd's RuntimeDirectory=fleetscope): used when it exists.
+DEFAULT_AGENT_SOCKET = "/run/fleetscope/events.sock"
 # One datagram must fit in a single UDP payload on loopback; the agent refuses larger ones.
 MAX_DATAGRAM_BYTES = vocabulary.MAX_DATAGRAM_BYTES
+# While the default fell back to UDP, how often to look again for the agent's Unix socket (an agent that
+# started after the workload, or was reconfigured).
+DEFAULT_RECHECK_S = 10.0
 
 log = logging.getLogger("fleetscope.client")
 
+def parse_agent_address(raw: str) -> tuple[str, int] | str:
+    """`unix:/path` (a path) or `host:port` (a tuple); raises ValueError for anything else."""
+    if raw.startswith("unix:"):
+        path = raw[len("unix:"):]
+        if not path.startswith("/"):
+            raise ValueError(f"{raw!r} is not unix:/absolute/path")
+        return path
+    host, _, port = raw.rpartition(":")
+    return (host or DEFAULT_AGENT_HOST, int(port))
 
-def _agent_address() -> tuple[str, int]:
-    """Where the agent listens: FLEETSCOPE_AGENT_ADDR=host:port overrides the default."""
-    raw = os.environ.get("FLEETSCOPE_AGENT_ADDR", "")
-    if raw:
-        host, _, port = raw.rpartition(":")
-        try:
-            return (host or DEFAULT_AGENT_HOST, int(port))
-        except ValueError:
-            log.warning("fleetscope: FLEETSCOPE_AGENT_ADDR=%r is not host:port; using the default", raw)
+
+def default_agent_address() -> tuple[str, int] | str:
+    """The agent's Unix socket where it exists, else UDP on loopback."""
+    if os.path.exists(DEFAULT_AGENT_SOCKET):
+        return DEFAULT_AGENT_SOCKET
     return (DEFAULT_AGENT_HOST, DEFAULT_AGENT_PORT)
 
 
-class Emitter:
-    """Sends events as datagrams; safe across threads and after fork (the socket is per process)."""
+def _agent_address() -> tuple[str, int] | str | None:
+    """Where the agent listens as FLEETSCOPE_AGENT_ADDR says (unix:/path or host:port); None: the default."""
+    raw = os.environ.get("FLEETSCOPE_AGENT_ADDR", "")
+    if raw:
+        try:
+            return parse_agent_address(raw)
+        except ValueError:
+            log.warning("fleetscope: FLEETSCOPE_AGENT_ADDR=%r is neither unix:/path nor host:port; using the default",
+                        raw)
+    return None
 
-    def __init__(self, address: tuple[str, int] | None = None) -> None:
-        self.address = address or _agent_address()
+
+class Emitter:
+    """Sends events as datagrams; safe across threads and after fork (the socket is per process).
+
+    `address`: UDP (host, port), a Unix socket's path, or "unix:/path". Without one, FLEETSCOPE_AGENT_ADDR
+    decides, else the default: the agent's Unix socket if it exists, else UDP 127.0.0.1:9836, looked at
+    again every DEFAULT_RECHECK_S while on UDP and whenever the Unix socket went away."""
+
+    def __init__(self, address: tuple[str, int] | str | None = None) -> None:
+        if isinstance(address, str) and address.startswith("unix:"):
+            address = address[len("unix:"):]
+        if address is None:
+            address = _agent_address()
+        self._default = address is None  # chosen here, and again when the agent's sockets change
+        self.address = default_agent_address() if address is None else address
         self.sent = 0
         self.dropped = 0
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._pid = -1
+        self._recheck_at = 0.0  # nonzero while the default fell back to UDP: when to look for the socket again
 
     def _socket(self, pid: int) -> socket.socket:
         # A forked child must not share its parent's socket object state; make a new one.
-        if self._sock is None or self._pid != pid:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            sock.setblocking(False)
+        if self._default:
+            self.address = default_agent_address()
+            self._recheck_at = 0.0 if isinstance(self.address, str) else time.monotonic() + DEFAULT_RECHECK_S
+        family = socket.AF_UNIX if isinstance(self.address, str) else socket.AF_INET
+        if self._sock is None or self._pid != pid or self._sock.family != family:
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            sock.setblocking(False)  # a full agent queue (EAGAIN) is a drop, never a wait
+            if self._sock is not None and self._pid == pid:
+                self._sock.close()
             self._sock, self._pid = sock, pid
         return self._sock
 
@@ -76,12 +116,14 @@ class Emitter:
                 pid = os.getpid()
             with self._lock:
                 sock = self._sock
-                if sock is None or self._pid != pid:
+                if sock is None or self._pid != pid or (self._recheck_at and time.monotonic() > self._recheck_at):
                     sock = self._socket(pid)
                 sock.sendto(data, self.address)
                 self.sent += 1
             return True
         except Exception as exc:  # never raise into the workload
+            if self._default and isinstance(exc, (FileNotFoundError, ConnectionRefusedError)):
+                self._pid = -1  # the agent's socket went away: choose again at the next event
             return self._drop(exc)
 
     def _drop(self, exc: Exception) -> bool:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
+import stat
 
 import pytest
 
 import fleetscope
-from agent.listener import MAX_EVENT_BYTES, Listener, SenderLimits
+from agent.listener import MAX_EVENT_BYTES, Listener, SenderLimits, credentials, parse_events_address
 from fleetscope.client import Emitter
 from tests.conftest import wait_until
 
@@ -139,3 +141,155 @@ def test_an_unexpected_error_is_counted_and_logged_once_not_per_datagram(listene
     sock.close()
     wait_until(lambda: listener.rejected["error"] == 30, timeout=5, what="30 errors counted")
     assert sum(1 for r in caplog.records if r.exc_info) == 1
+
+
+# The Unix socket: the kernel's word on who sent an event.
+
+@pytest.fixture
+def folder():
+    import tempfile
+    # Not tmp_path: a Unix socket's path must fit in 108 bytes.
+    with tempfile.TemporaryDirectory(prefix="fs-", dir="/tmp") as path:
+        yield path
+
+
+def unix_listener(folder, got, **kwargs) -> Listener:
+    return Listener(f"unix:{os.path.join(folder, 'events.sock')}", node="gpu-007", deliver=got.append, **kwargs)
+
+
+def test_a_unix_sender_is_known_by_the_kernel_and_its_forged_pid_is_corrected(folder):
+    got = []
+    seen = []
+    lst = unix_listener(folder, got, gpu_lookup=lambda pid, local_rank: seen.append(pid) or None)
+    lst.start()
+    try:
+        assert stat.S_IMODE(os.stat(lst.address).st_mode) == 0o666  # every workload user can send
+        emitter = Emitter(f"unix:{lst.address}")
+        assert emitter.emit({**STEP, "pid": 1})  # claims to be init
+        run = fleetscope.training(job="honest", rank=0, world_size=1, emitter=emitter)
+        with run.step():
+            pass
+        wait_until(lambda: len(got) == 2, timeout=5, what="2 events")
+    finally:
+        lst.stop()
+    assert [e.pid for e in got] == [os.getpid(), os.getpid()] and seen == [os.getpid(), os.getpid()]
+    assert lst.pid_mismatch == 1 and lst.verified["step"] == 2 == lst.received["step"]
+    assert lst.workloads[os.getpid()] == ("honest", "0") and 1 not in lst.workloads
+    values = {(r.name, r.labels): r.value for r in lst.readings()}
+    assert values[("fleetscope_agent_events_pid_mismatch_total", ())] == 1
+    assert values[("fleetscope_agent_events_verified_total", (("kind", "step"),))] == 2
+    assert not os.path.exists(os.path.join(folder, "events.sock"))  # unlinked at stop
+
+
+def test_credentials_are_read_from_the_ancillary_data():
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with a, b:
+        b.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        a.send(b"{}")
+        _, ancdata, _, _ = b.recvmsg(100, socket.CMSG_SPACE(12))
+    assert credentials(ancdata) == (os.getpid(), os.getuid(), os.getgid())
+    assert credentials([]) is None
+
+
+def test_unix_senders_are_limited_per_uid_however_many_sockets_they_open():
+    limits = SenderLimits(events_per_s=100, bytes_per_s=1_000_000, burst_s=1.0)
+    got = []
+    lst = Listener("127.0.0.1", 0, node="n", deliver=got.append, limits=limits)
+    try:
+        data = json.dumps(STEP).encode()
+        real_allow = limits.allow
+        limits.allow = lambda sender, size, now=None: real_allow(sender, size, 0.0)
+        # 1,000 events from 1,000 pids (sockets, processes) of uid 1000: one bucket
+        accepted = sum(lst.handle(data, None, (10_000 + i, 1000, 1000)) is not None for i in range(1000))
+        assert accepted == 100
+        assert lst.handle(data, None, (20_000, 1001, 1001)) is not None  # another user is unaffected
+        assert lst.rejected["rate_limited"] == 900
+        # a UDP sender is still keyed by its address and port
+        assert lst.handle(data, ("127.0.0.1", 40000)) is not None
+    finally:
+        lst.stop()
+
+
+def test_a_sender_the_kernel_cannot_see_gets_pid_0_not_its_claim(listener):
+    event = listener.handle(json.dumps(STEP).encode(), None, (0, 1000, 1000))  # another pid namespace
+    assert event.pid == 0 and event.gpu_uuid is None and listener.pid_mismatch == 1
+
+
+def test_a_udp_claim_cannot_rename_a_pid_a_unix_sender_proved(listener):
+    listener.handle(json.dumps({**STEP, "job": "real", "pid": 5}).encode(), None, (4242, 1000, 1000))
+    listener.handle(json.dumps({**STEP, "job": "forged", "pid": 4242}).encode(), ("127.0.0.1", 40000))
+    assert listener.workloads[4242] == ("real", "0")
+    assert listener.received["step"] == 2 and listener.verified["step"] == 1
+
+
+def test_both_sockets_at_once_as_split_address_hands_them_over(folder):
+    from agent.config import split_address
+    path = os.path.join(folder, "events.sock")
+    got = []
+    lst = Listener(*split_address(f"unix:{path},127.0.0.1:0", "127.0.0.1"), node="n", deliver=got.append)
+    lst.start()
+    try:
+        assert lst.unix_path == path and lst.address[0] == "127.0.0.1" and lst.address[1] > 0
+        assert lst.addresses == [f"unix:{path}", f"udp:127.0.0.1:{lst.address[1]}"]
+        assert Emitter(path).emit({**STEP, "job": "unix"})
+        assert Emitter(lst.address).emit({**STEP, "job": "udp"})
+        wait_until(lambda: len(got) == 2, timeout=5, what="one event on each socket")
+    finally:
+        lst.stop()
+    assert sorted(e.job for e in got) == ["udp", "unix"]
+    assert lst.verified["step"] == 1 and lst.received["step"] == 2
+    assert [e.pid for e in got if e.job == "udp"] == [77]  # UDP: only the claim, unverified
+
+
+def test_a_stale_socket_is_replaced_a_live_one_and_other_files_are_not(folder):
+    path = os.path.join(folder, "events.sock")
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    stale.bind(path)
+    stale.close()  # an agent that died: its file stays
+    lst = Listener(f"unix:{path}", node="n", deliver=lambda e: None)
+    try:
+        with pytest.raises(OSError, match="in use"):
+            Listener(f"unix:{path}", node="n", deliver=lambda e: None)
+        assert os.path.exists(path)  # the live agent keeps its socket
+    finally:
+        lst.stop()
+    other = os.path.join(folder, "notes.txt")
+    with open(other, "w") as fh:
+        fh.write("mine")
+    with pytest.raises(OSError, match="not a socket"):
+        Listener(f"unix:{other}", node="n", deliver=lambda e: None)
+    assert open(other).read() == "mine"
+
+
+def test_a_group_can_be_given_the_socket_instead_of_everyone(folder):
+    path = os.path.join(folder, "events.sock")
+    lst = Listener(f"unix:{path}?group={os.getgid()}", node="n", deliver=lambda e: None)
+    try:
+        st = os.stat(path)
+        assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == os.getgid()
+    finally:
+        lst.stop()
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("unix:relative.sock", "absolute"),
+    ("unix:/a.sock,unix:/b.sock", "one of each"),
+    ("localhost", "neither"),
+    ("unix:/a.sock?mode=0600", "only option"),
+])
+def test_a_bad_events_address_is_refused_with_the_reason(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse_events_address(spec)
+
+
+def test_a_truncated_unix_datagram_is_refused_not_decoded(folder):
+    got = []
+    lst = unix_listener(folder, got)
+    lst.start()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(b"x" * 100_000, lst.address)  # over what the agent reads
+        wait_until(lambda: lst.rejected["too_large"] == 1, timeout=5, what="the big datagram refused")
+    finally:
+        lst.stop()
+    assert got == []

@@ -11,6 +11,7 @@ import time
 import pytest
 
 import fleetscope
+from fleetscope import client
 from fleetscope.client import MAX_DATAGRAM_BYTES, Emitter
 
 
@@ -133,11 +134,15 @@ def test_a_forked_child_sends_through_its_own_socket(udp):
     assert event["who"] == "child" and event["pid"] == pid
 
 
-def test_agent_address_from_environment(monkeypatch):
+def test_agent_address_from_environment(monkeypatch, tmp_path):
+    monkeypatch.setattr(client, "DEFAULT_AGENT_SOCKET", str(tmp_path / "absent.sock"))  # no agent socket here
     monkeypatch.setenv("FLEETSCOPE_AGENT_ADDR", "127.0.0.2:9999")
     assert Emitter().address == ("127.0.0.2", 9999)
-    monkeypatch.setenv("FLEETSCOPE_AGENT_ADDR", "garbage")
-    assert Emitter().address == ("127.0.0.1", 9836)
+    monkeypatch.setenv("FLEETSCOPE_AGENT_ADDR", "unix:/run/elsewhere/events.sock")
+    assert Emitter().address == "/run/elsewhere/events.sock"
+    for garbage in ("garbage", "unix:relative.sock"):
+        monkeypatch.setenv("FLEETSCOPE_AGENT_ADDR", garbage)
+        assert Emitter().address == ("127.0.0.1", 9836)
 
 
 def test_a_declared_pause_is_reported_when_it_begins_and_when_it_ends(udp):
