@@ -293,3 +293,19 @@ def test_a_truncated_unix_datagram_is_refused_not_decoded(folder):
     finally:
         lst.stop()
     assert got == []
+
+
+def test_the_shipped_unit_and_example_config_give_the_socket_its_folder_and_address():
+    from pathlib import Path
+
+    from fleetscope.client import DEFAULT_AGENT_SOCKET
+    systemd = Path(__file__).resolve().parents[2] / "agent" / "systemd"
+    unit = (systemd / "fleetscope-agent.service").read_text().splitlines()
+    # the agent binds /run/fleetscope/events.sock; with UMask=0077 alone its folder would be the agent's only
+    assert "RuntimeDirectory=fleetscope" in unit and "RuntimeDirectoryMode=0755" in unit
+    families = next(line for line in unit if line.startswith("RestrictAddressFamilies="))
+    assert "AF_UNIX" in families.split("=", 1)[1].split()
+    example = (systemd / "agent.toml.example").read_text().splitlines()
+    address = next(line for line in example if line.startswith("events_address")).split('"')[1]
+    assert [(e.transport, e.path or e.port) for e in parse_events_address(address)] == \
+        [("unix", DEFAULT_AGENT_SOCKET), ("udp", 9836)]
