@@ -29,6 +29,14 @@ class AgentConfig:
     # $FLEETSCOPE_INGEST_TOKEN_FILE names, or $FLEETSCOPE_INGEST_TOKEN (fleetscope/secrets.py). A config file
     # that holds it must be private (mode 0600).
     collector_token: str | None = None
+    # An https collector_url: its certificate is verified against ca_file (PEM; default: the system's CAs). A
+    # collector serving mutual TLS takes tls_cert/tls_key (PEM) as this agent's identity (its common name must
+    # be `node`), with or without a token.
+    ca_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    # Default: "<node>-<12 random hex digits>", new at each start. A collector that knows agents by their own token
+    # or certificate takes only "<node>" or "<node>-<anything>" here.
     agent_id: str | None = None
     # Where unacknowledged batches wait while the collector is unreachable (systemd's StateDirectory
     # when it runs as a service); "" keeps them in memory only.
@@ -53,6 +61,12 @@ class AgentConfig:
         for key in self.labels:
             if not re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", key) or key.startswith("__"):
                 raise ValueError(f"label {key!r} is not a Prometheus label name (letters, digits, _; not starting with __)")
+        if self.tls_key and not self.tls_cert:
+            raise ValueError("tls_key needs tls_cert (the client certificate it belongs to)")
+        for name in ("ca_file", "tls_cert", "tls_key"):
+            path = getattr(self, name)
+            if path and not os.path.isfile(path):
+                raise ValueError(f"{name} {path} is not a readable file")
         if self.interval_s <= 0:
             raise ValueError(f"interval_s must be positive, got {self.interval_s}")
         if self.collector_token is None:

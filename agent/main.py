@@ -23,10 +23,12 @@ class Agent:
         self.config = config
         self.shipper: Shipper | None = None
         if config.collector_url:
-            if not config.collector_token:
-                raise ValueError("a collector URL needs an ingest token: --collector-token or FLEETSCOPE_INGEST_TOKEN")
+            if not config.collector_token and not config.tls_cert:
+                raise ValueError("a collector URL needs an ingest token (FLEETSCOPE_INGEST_TOKEN_FILE) or a client "
+                                 "certificate (tls_cert)")
             self.shipper = Shipper(config.collector_url, config.collector_token, agent_id=config.agent_id, node=config.node,
-                                   labels=config.labels, spool_dir=config.spool_dir or None, spool_bytes=config.spool_bytes)
+                                   labels=config.labels, spool_dir=config.spool_dir or None, spool_bytes=config.spool_bytes,
+                                   ca_file=config.ca_file, tls_cert=config.tls_cert, tls_key=config.tls_key)
         host, port = split_address(config.events_address, "127.0.0.1")
         self.listener = Listener(host, port, node=config.node, deliver=self._deliver, gpu_lookup=self._gpu_for)
         self.sources = build_sources(config, workload_lookup=self.listener.workloads.get,

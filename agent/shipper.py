@@ -1,8 +1,12 @@
 """Ships workload events and host frames to the collector in numbered batches, retrying with backoff.
 
-Every batch carries the agent id and a sequence number; a batch that failed is resent with the
-same number, and batches go out in sequence order, so the collector applies each once (it keeps
-the highest number it applied per agent). Numbers advance by SEQ_STRIDE: a batch over the
+Every batch carries the agent id, the boot epoch (new at each start of the process) and a sequence
+number; a batch that failed is resent with the same number, and batches go out in sequence order,
+so the collector applies each once (it keeps the highest number it applied per agent and epoch).
+Batches spooled before a restart keep the epoch they were written with (the spool holds the bodies as
+sent), so they are still deduplicated against their own epoch, and the new epoch's numbers, from 0
+again, never look like duplicates. Before a number would pass EPOCH_SEQ_LIMIT a new epoch begins, so
+no number comes near the collector's bound on jumps (2**32 above its watermark). Numbers advance by SEQ_STRIDE: a batch over the
 collector's body limit (known up front as `max_batch_bytes`, or learnt from a 413) is split into
 halves numbered inside its own range, still in order and still once-only, so no batch is ever
 dropped whole for its size.
@@ -21,6 +25,8 @@ from __future__ import annotations
 import errno
 import logging
 import random
+import secrets
+import ssl
 import threading
 import time
 from collections import Counter, deque
@@ -39,6 +45,23 @@ from fleetscope.schema import Batch, Event, ServerFrame, encode
 log = logging.getLogger("fleetscope.agent.shipper")
 
 SEQ_STRIDE = 1024  # numbers a batch owns: room to halve it ten times
+EPOCH_SEQ_LIMIT = 2**31  # a new epoch, numbered from 0, before a batch would be numbered past this
+
+
+def new_epoch() -> str:
+    """A boot epoch: the start time, for people, and random digits, so two starts in one second differ."""
+    return f"{int(time.time())}-{secrets.token_hex(6)}"
+
+
+def client_tls(ca_file: str | None = None, tls_cert: str | None = None, tls_key: str | None = None) -> ssl.SSLContext | bool:
+    """What httpx verifies an https collector with: the system's CAs (True), or ca_file's; and the client
+    certificate a mutual-TLS collector knows this agent by."""
+    if not ca_file and not tls_cert:
+        return True
+    context = ssl.create_default_context(cafile=ca_file)
+    if tls_cert:
+        context.load_cert_chain(tls_cert, tls_key)
+    return context
 _OVERHEAD = 96  # bytes a queued record costs beyond its JSON (the Raw, its bytes object, a deque slot)
 _ENVELOPE = 256  # a batch's own fields, beyond its records and names
 _RECORDS = ("events", "frames", "servers")
@@ -104,7 +127,7 @@ class Shipper:
     def __init__(
         self,
         url: str,
-        token: str,
+        token: str | None,
         *,
         agent_id: str,
         node: str,
@@ -118,6 +141,9 @@ class Shipper:
         labels: dict[str, str] | None = None,
         spool_dir: str | Path | None = None,
         spool_bytes: int = 512 * 1024 * 1024,
+        ca_file: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
     ) -> None:
         self.labels = dict(labels or {})
         self.url = url.rstrip("/") + "/v1/ingest"
@@ -134,6 +160,7 @@ class Shipper:
         self.event_bytes = self.frame_bytes = self.outbox_bytes = 0
         self.outbox: deque[Outgoing] = deque()  # numbered batches in memory, oldest first, not (yet) on disk
         self.seq = 0
+        self.epoch = new_epoch()
         self.spool = Spool(Path(spool_dir), spool_bytes) if spool_dir is not None else None
         self.sent_batches = self.sent_events = self.failures = self.splits = self.errors = 0
         self.dropped: Counter[str] = Counter({"queue_full": 0, "frames_queue_full": 0, "rejected": 0, "too_large": 0})
@@ -149,9 +176,11 @@ class Shipper:
         self._keeper_wake = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self.client = httpx.Client(
-            timeout=timeout_s, headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"}, transport=transport
-        )
+        headers = {"Content-Type": "application/json"}
+        if token:  # none when a client certificate is this agent's identity
+            headers["Authorization"] = f"Bearer {token}"
+        self.client = httpx.Client(timeout=timeout_s, headers=headers, transport=transport,
+                                   verify=client_tls(ca_file, tls_cert, tls_key))
         if self.spool is not None and self.spool.open_error is not None:
             self._spool_fault("open", self.spool.open_error)
 
@@ -233,7 +262,7 @@ class Shipper:
         """Cut the next numbered batch from what is queued in memory, under `max_batch_bytes`."""
         if not self.events and not self.frames:
             return None
-        budget = self.max_batch_bytes - _ENVELOPE - len(self.agent_id) - len(self.node)
+        budget = self.max_batch_bytes - _ENVELOPE - len(self.agent_id) - len(self.node) - len(self.epoch)
         used, events, host, servers = 0, [], [], []
 
         def take_frames(limit: int) -> None:
@@ -251,8 +280,10 @@ class Shipper:
             used += len(raw) + 1
             events.append(raw)
         take_frames(budget)
+        if self.seq + SEQ_STRIDE > EPOCH_SEQ_LIMIT:
+            self.epoch, self.seq = new_epoch(), 0
         batch = Batch(v=1, agent_id=self.agent_id, seq=self.seq, node=self.node, sent_ts=time.time(), events=events,
-                      frames=host, servers=servers)
+                      frames=host, servers=servers, epoch=self.epoch)
         self.seq += SEQ_STRIDE
         return Outgoing(encode(batch), batch.seq, len(events), len(host) + len(servers))
 

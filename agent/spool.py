@@ -1,7 +1,9 @@
 """The agent's disk spool: batches the collector has not acknowledged, oldest first, bounded in bytes.
 
 One file per batch, named `<creation ns>-<events>-<frames>.batch` so the order and what a drop
-loses are known without reading it; the body is the batch exactly as it is POSTed. A batch is
+loses are known without reading it; the body is the batch exactly as it is POSTed, boot epoch and
+sequence number included, so a batch spooled before a restart is sent under the epoch it was numbered
+in and the collector still knows it if it was applied before. A batch is
 written to a temporary name, fsynced, renamed and the folder fsynced before it counts as spooled,
 so a crash (or power loss) leaves either the whole batch or none of it. Past `max_bytes` the oldest
 batches are deleted and their events counted as dropped.

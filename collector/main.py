@@ -5,6 +5,11 @@ connection and sends nothing, or a header a byte at a time (slowloris), holds it
 `limit_concurrency` counts connections, so a few hundred such clients would turn every agent away with
 503. BoundedH11Protocol gives each request HEADER_TIMEOUT_S for its head and BODY_TIMEOUT_S for its
 body, then closes the connection.
+
+With settings.tls_cert uvicorn serves HTTPS only (a plain-HTTP request on that port fails its handshake);
+with tls_client_ca a client certificate is asked for, verified against that CA when given (readers
+such as Prometheus may still come without one, with a token), and its common name is put in each
+request's state as `tls_client`: the agent's identity (collector.api.deps).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+import ssl
 
 import h11
 import uvicorn
@@ -41,6 +47,9 @@ def bounded_protocol(header_timeout_s: float = HEADER_TIMEOUT_S, body_timeout_s:
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            peer = client_identity(transport)
+            if peer is not None:  # each request's scope["state"] is a copy of app_state: this connection's only
+                self.app_state = {**self.app_state, "tls_client": peer}
             self._arm(self.header_timeout)
 
         def data_received(self, data: bytes) -> None:
@@ -76,6 +85,32 @@ def bounded_protocol(header_timeout_s: float = HEADER_TIMEOUT_S, body_timeout_s:
     return BoundedH11Protocol
 
 
+def client_identity(transport: asyncio.BaseTransport) -> str | None:
+    """The common name of the client certificate verified on this TLS connection (the first DNS name when it
+    has none), or None."""
+    ssl_object = transport.get_extra_info("ssl_object")
+    cert = ssl_object.getpeercert() if ssl_object is not None else None  # {} unless verified
+    if not cert:
+        return None
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return value
+    return next((value for kind, value in cert.get("subjectAltName", ()) if kind == "DNS"), None)
+
+
+def tls_options(settings: Settings) -> dict:
+    """uvicorn's ssl_* options for the settings' certificate, key and client CA (none without tls_cert)."""
+    if settings.tls_cert is None:
+        return {}
+    options: dict = {"ssl_certfile": str(settings.tls_cert), "ssl_keyfile": str(settings.tls_key) if settings.tls_key else None}
+    if settings.tls_client_ca is not None:
+        # Optional, not required: Prometheus and the console read with tokens; an agent's certificate, when it
+        # presents one, must verify, and names it.
+        options.update(ssl_ca_certs=str(settings.tls_client_ca), ssl_cert_reqs=ssl.CERT_OPTIONAL)
+    return options
+
+
 def server_config(settings: Settings, host: str = "0.0.0.0", port: int = 9837, *, max_connections: int = MAX_CONNECTIONS,
                   header_timeout_s: float = HEADER_TIMEOUT_S, body_timeout_s: float = BODY_TIMEOUT_S) -> uvicorn.Config:
     """The uvicorn configuration the collector runs with."""
@@ -83,7 +118,7 @@ def server_config(settings: Settings, host: str = "0.0.0.0", port: int = 9837, *
         create_app(settings), host=host, port=port, log_level="warning", access_log=False,
         http=bounded_protocol(header_timeout_s, body_timeout_s),  # h11 even where httptools is installed
         limit_concurrency=max_connections, timeout_keep_alive=KEEP_ALIVE_S,
-        backlog=min(max_connections, 4096),
+        backlog=min(max_connections, 4096), **tls_options(settings),
     )
 
 
@@ -107,7 +142,8 @@ def run(settings: Settings, host: str = "0.0.0.0", port: int = 9837, *, max_conn
         log.warning("only %d open files allowed (LimitNOFILE, ulimit -n): beyond about %d connections, new ones wait",
                     files, max(files - _RESERVED_FILES, 0))
     config = server_config(settings, host, port, max_connections=max_connections)
-    log.info("collector on http://%s:%d, data in %s (at most %d connections)", host, port, settings.data_dir, max_connections)
+    scheme = "https" if settings.tls_cert is not None else "http"
+    log.info("collector on %s://%s:%d, data in %s (at most %d connections)", scheme, host, port, settings.data_dir, max_connections)
     server = uvicorn.Server(config)
     try:
         server.run()

@@ -1,5 +1,10 @@
 """Collector settings: defaults, the config file's [collector] table, flags; tokens are required.
 
+Ingest tokens come one to a line (or comma-separated), each either `<token>` alone, a fleet token that
+any agent may use under any name, or `<token> <identity>`, an agent token: the agent that holds it may
+write only as node <identity> (parse_ingest_tokens). With `tls_client_ca` an agent may authenticate by
+its client certificate instead (its identity is the certificate's common name).
+
 Sizes may be written as bytes or with a unit ("2GiB", "500MB"), durations as seconds or with a
 unit ("30d", "6h", "90s"). An unknown key is an error that names it.
 """
@@ -21,6 +26,28 @@ _TIME_UNITS = {"": 1, "s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 
 
 def _tokens(env: str) -> frozenset[str]:
     return frozenset(t.strip() for t in os.environ.get(env, "").split(",") if t.strip())
+
+
+def parse_ingest_tokens(text: str, what: str = "ingest tokens") -> tuple[frozenset[str], tuple[tuple[str, str], ...]]:
+    """(fleet tokens, (agent token, identity) pairs) from entries separated by new lines or commas, each
+    `<token>` or `<token> <identity>`; a blank entry or one starting with # is skipped."""
+    fleet: set[str] = set()
+    agents: dict[str, str] = {}
+    for n, entry in enumerate(re.split(r"[\n,]", text), 1):
+        words = entry.split()
+        if not words or words[0].startswith("#"):
+            continue
+        if len(words) > 2:
+            raise ValueError(f"{what}: entry {n} has {len(words)} words; write '<token>' for a fleet token or "
+                             "'<token> <node>' for an agent's own token, one a line")
+        token = words[0]
+        if token in fleet or token in agents:
+            raise ValueError(f"{what}: a token is listed twice (entry {n}); each agent needs a token of its own")
+        if len(words) == 1:
+            fleet.add(token)
+        else:
+            agents[token] = words[1]
+    return frozenset(fleet), tuple(sorted(agents.items()))
 
 
 def _quantity(value: object, what: str, units: dict[str, int], expected: str) -> float:
@@ -68,7 +95,10 @@ def default_retention_bytes(data_dir: Path) -> int:
 @dataclass(frozen=True)
 class Settings:
     data_dir: Path = field(default_factory=lambda: Path(os.environ.get("FLEETSCOPE_DATA_DIR", ".fleetscope/collector")))
+    # Fleet tokens: any agent may use one and write as any node (small, trusted setups only).
     ingest_tokens: frozenset[str] = field(default_factory=lambda: _tokens("FLEETSCOPE_INGEST_TOKEN"))
+    # Agent tokens: (token, identity) pairs; the agent holding one writes only as node <identity>.
+    agent_tokens: tuple[tuple[str, str], ...] = ()
     read_tokens: frozenset[str] = field(default_factory=lambda: _tokens("FLEETSCOPE_READ_TOKEN"))
     cluster: str | None = None  # labels this collector's findings and job metrics (several clusters, one store)
     max_body_bytes: int = 16 * 1024 * 1024
@@ -94,10 +124,24 @@ class Settings:
     metrics_max_jobs: int = 500
     metrics_max_services: int = 200
     metrics_max_ranks: int = 1000
+    # HTTPS: the server's certificate chain and key (PEM); with tls_client_ca, agents may present a client
+    # certificate signed by that CA and are then known by its common name. With tls_cert, plain HTTP is refused.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
 
     def __post_init__(self) -> None:
-        if not self.ingest_tokens:
+        if not self.ingest_tokens and not self.agent_tokens and self.tls_client_ca is None:
             raise ValueError("collector: no ingest token; set FLEETSCOPE_INGEST_TOKEN (comma-separated for several) or --ingest-token")
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
+        if self.tls_cert is None and (self.tls_key is not None or self.tls_client_ca is not None):
+            raise ValueError("collector: tls_key and tls_client_ca need tls_cert (the server's certificate)")
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"collector: {name} {path} is not a readable file")
         if not self.read_tokens:
             raise ValueError("collector: no read token; set FLEETSCOPE_READ_TOKEN (comma-separated for several) or --read-token")
         object.__setattr__(self, "data_dir", Path(self.data_dir))
@@ -134,6 +178,9 @@ CONFIG_KEYS = {
     "metrics_max_jobs": ("metrics_max_jobs", lambda v, w: _count(v, w)),
     "metrics_max_services": ("metrics_max_services", lambda v, w: _count(v, w)),
     "metrics_max_ranks": ("metrics_max_ranks", lambda v, w: _count(v, w)),
+    "tls_cert": ("tls_cert", lambda v, w: Path(str(v))),
+    "tls_key": ("tls_key", lambda v, w: Path(str(v))),
+    "tls_client_ca": ("tls_client_ca", lambda v, w: Path(str(v))),
     "listen": ("", lambda v, w: str(v)),  # read by the command line, not a Settings field
 }
 

@@ -1,7 +1,11 @@
 """The collector's storage: the write-ahead log, the hot tier in memory, the warm tier on disk.
 
-Ingest: a batch already applied (its sequence number is at or below its agent's watermark) is
-acknowledged and ignored. Otherwise the records that break the input bounds are taken out of it
+Ingest: a batch already applied (its sequence number is at or below its watermark) is acknowledged
+and ignored. Watermarks are kept per (node, agent_id, boot epoch): the routes have checked that the node
+is the identity the agent authenticated as (collector.api.deps), so one agent cannot move another's, and
+a restarted agent (a new epoch) numbers from 0 again without its batches looking like duplicates. A
+number more than `max_seq_jump` above its watermark (above 0 for a new one) is refused (SequenceJump): one
+batch must not be able to silence every later one. Otherwise the records that break the input bounds are taken out of it
 (collector.bounds: counted and reported, never stored), its frames are built outside any lock, its body is appended
 to the WAL (group commit: concurrent batches share one fdatasync) and, once durable, its frames
 join the hot tier and the rows waiting for the next checkpoint.
@@ -49,6 +53,22 @@ class StoreUnavailable(Exception):
     """The store cannot take a batch now (starting, or out of disk or memory); the message says why."""
 
 
+class SequenceJump(ValueError):
+    """A batch numbered too far above its watermark; the message says by how much and what is allowed."""
+
+
+# Whose batches a watermark counts: (node, agent_id, boot epoch or None for agents that send none).
+MarkKey = tuple[str, str, "str | None"]
+
+# Agents number batches SEQ_STRIDE (1,024) apart and start a new epoch before 2**31 (agent/shipper.py), so a
+# real agent never comes near this; a batch numbered 2**53 could otherwise silence its watermark for good.
+MAX_SEQ_JUMP = 2**32
+
+
+def mark_key(batch: Batch) -> MarkKey:
+    return (batch.node, batch.agent_id, batch.epoch)
+
+
 class Persisted(Protocol):
     """State kept beside the tables (the SLO ledger), snapshotted at each checkpoint."""
 
@@ -76,6 +96,7 @@ class Store:
                  retention_s: float | None = 30 * 86400.0, retention_bytes: int | None = None,
                  memory_budget: int | None = None, fsync: bool = True,
                  max_future_s: float | None = 600.0, max_step_jump: int | None = 1_000_000,
+                 max_seq_jump: int = MAX_SEQ_JUMP,
                  observers: tuple[Callable[[str, pl.DataFrame], None], ...] = (),
                  persisted: dict[str, Persisted] | None = None, start: bool = True) -> None:
         self.data_dir = Path(data_dir)
@@ -86,6 +107,7 @@ class Store:
         self.retention_bytes = retention_bytes
         self.bounds = Bounds(max_future_s=max_future_s, max_age_s=retention_s, max_step_jump=max_step_jump)
         self.steps_seen = StepHistory()  # the highest step of each job and rank, for the jump bound
+        self.max_seq_jump = max_seq_jump
         self.memory_budget = memory_budget
         # Rows waiting for a checkpoint get a sixteenth of the budget (writing them takes a few times their
         # size for a moment); past it a checkpoint is due now, past twice that (the disk refuses
@@ -99,11 +121,13 @@ class Store:
         self._checkpoint_lock = threading.Lock()
         self._rotating = False
         self._inflight = 0
-        self._reserved: dict[str, int] = {}  # agent -> seq of its batch in flight
+        self._reserved: dict[MarkKey, int] = {}  # watermark -> seq of its batch in flight
         self._unwritten: dict[str, list[pl.DataFrame]] = {k: [] for k in KINDS}
         self._unwritten_bytes = 0
         self._checkpointing: dict[str, list[pl.DataFrame]] = {}
-        self.watermarks: dict[str, tuple[int, float]] = {}  # agent id -> (highest applied seq, when)
+        self.watermarks: dict[MarkKey, tuple[int, float]] = {}  # -> (highest applied seq, when)
+        # From a checkpoint written before epochs: agent_id -> (seq, when), for batches that carry no epoch.
+        self.legacy_watermarks: dict[str, tuple[int, float]] = {}
         self.committed = 0
         self.ready = False
         self.problem: str | None = None  # why the store cannot write now, for /healthz
@@ -160,7 +184,8 @@ class Store:
         if not path.exists():
             return {}
         state = json.loads(path.read_text())
-        self.watermarks = {agent: (int(seq), float(ts)) for agent, (seq, ts) in state["watermarks"].items()}
+        self.watermarks = {(node, agent, epoch): (int(seq), float(ts)) for node, agent, epoch, seq, ts in state.get("marks", [])}
+        self.legacy_watermarks = {agent: (int(seq), float(ts)) for agent, (seq, ts) in state.get("watermarks", {}).items()}
         self.committed = int(state["segment"])
         return state
 
@@ -188,10 +213,25 @@ class Store:
                 log.info("loaded %d %s rows from the warm tier", frame.height, kind)
 
     # --- ingest -------------------------------------------------------------------------------
+    def _mark(self, batch: Batch) -> tuple[int, float] | None:
+        mark = self.watermarks.get(mark_key(batch))
+        if mark is None and batch.epoch is None:
+            mark = self.legacy_watermarks.get(batch.agent_id)
+        return mark
+
     def _is_duplicate(self, batch: Batch) -> bool:
-        mark = self.watermarks.get(batch.agent_id)
+        mark = self._mark(batch)
         # Agents send their batches in sequence order and resend a failed one with the same number.
         return mark is not None and batch.seq <= mark[0]
+
+    def _check_jump(self, batch: Batch) -> None:
+        mark = self._mark(batch)
+        base = mark[0] if mark is not None else 0
+        if batch.seq - base > self.max_seq_jump:
+            where = f"its watermark {base}" if mark is not None else "0 (the first batch of this agent and epoch)"
+            raise SequenceJump(f"batch {batch.seq} from agent {batch.agent_id} (node {batch.node}, epoch {batch.epoch}) "
+                               f"is {batch.seq - base} above {where}, more than the {self.max_seq_jump} allowed; an agent "
+                               "numbers its batches 1,024 apart and starts a new epoch long before that")
 
     def _seed_steps_seen(self) -> None:
         """The jump bound's history from the steps the hot tier read back (the WAL replay adds the rest)."""
@@ -208,7 +248,7 @@ class Store:
         for kind, frame in frames.items():
             self._unwritten[kind].append(frame)
             self._unwritten_bytes += frame.estimated_size()
-        self.watermarks[batch.agent_id] = (batch.seq, time.time())
+        self.watermarks[mark_key(batch)] = (batch.seq, time.time())
         if self.unwritten_limit is not None and self._unwritten_bytes > self.unwritten_limit:
             self.checkpoint_due.set()
 
@@ -219,16 +259,17 @@ class Store:
 
     def ingest(self, batch: Batch, body: bytes | None = None) -> IngestResult:
         """Apply a batch once, durably: when this returns, the batch survives a crash.
-        Raises StoreUnavailable (try later) or OSError (the disk refused the log record)."""
+        Raises StoreUnavailable (try later), SequenceJump (never) or OSError (the disk refused the log record)."""
         counts = IngestResult(False, len(batch.events), len(batch.frames))
         if not self.ready:
             raise StoreUnavailable(f"the collector is starting ({self.startup['phase']})")
-        agent = batch.agent_id
+        agent = mark_key(batch)
         with self._gate:
             while self._rotating or self._reserved.get(agent, -1) >= batch.seq:  # a resend of a batch in flight waits
                 self._gate.wait()
             if self._is_duplicate(batch):
                 return IngestResult(True, counts.events, counts.frames)
+            self._check_jump(batch)
             if self.unwritten_limit is not None and self._unwritten_bytes > 4 * self.unwritten_limit:
                 raise StoreUnavailable("the collector's memory for rows not yet on disk is full: checkpoints are "
                                        f"failing ({self.problem or 'unknown reason'})")
@@ -377,17 +418,20 @@ class Store:
                 os.fsync(fh.fileno())
         tmp.rename(path)
 
-    def _commit(self, segment: int, watermarks: dict[str, tuple[int, float]], hot_state: dict) -> None:
+    def _commit(self, segment: int, watermarks: dict[MarkKey, tuple[int, float]], hot_state: dict) -> None:
         # Forget agents not heard from for longer than anything is kept.
+        legacy = self.legacy_watermarks
         if self.retention_s:
             old = time.time() - self.retention_s
             watermarks = {a: m for a, m in watermarks.items() if m[1] >= old}
+            legacy = {a: m for a, m in legacy.items() if m[1] >= old}
+        marks = [[*key, seq, ts] for key, (seq, ts) in watermarks.items()]
         if self.fsync:
             fsync_dir(self.data_dir)  # the extras' renames
         path = self.data_dir / "checkpoint.json"
         tmp = path.with_suffix(".tmp")
         with open(tmp, "wb") as fh:
-            fh.write(json.dumps({"segment": segment, "watermarks": watermarks, "hot": hot_state}).encode())
+            fh.write(json.dumps({"segment": segment, "marks": marks, "watermarks": legacy, "hot": hot_state}).encode())
             fh.flush()
             if self.fsync:
                 os.fsync(fh.fileno())

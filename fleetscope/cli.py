@@ -69,11 +69,14 @@ def _agent(args: argparse.Namespace) -> int:
             compat=args.compat or None,
             labels=_labels(args.label),
             spool_dir=args.spool_dir,
+            ca_file=args.ca_file,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
         )
-        if config.collector_url and not config.collector_token:
+        if config.collector_url and not config.collector_token and not config.tls_cert:
             raise ValueError(f"shipping to {config.collector_url} needs an ingest token: put it in a file only the agent can "
                              "read and set FLEETSCOPE_INGEST_TOKEN_FILE (or systemd LoadCredential=ingest-token:<file>, "
-                             "or FLEETSCOPE_INGEST_TOKEN)")
+                             "or FLEETSCOPE_INGEST_TOKEN), or give it a client certificate (--tls-cert, --tls-key)")
         agent = Agent(config)
     except (ValueError, OSError) as exc:
         print(f"fleetscope agent: {exc}", file=sys.stderr)
@@ -84,7 +87,7 @@ def _agent(args: argparse.Namespace) -> int:
 
 def _collector(args: argparse.Namespace) -> int:
     from collector.main import MAX_CONNECTIONS, run
-    from collector.settings import Settings, load_config, parse_duration, parse_size
+    from collector.settings import Settings, load_config, parse_duration, parse_ingest_tokens, parse_size
 
     kwargs: dict[str, object] = {}
     listen = "0.0.0.0:9837"
@@ -103,15 +106,21 @@ def _collector(args: argparse.Namespace) -> int:
                                   ("max_step_jump", "max_step_jump", _positive_int),
                                   ("metrics_max_jobs", "metrics_max_jobs", _positive_int),
                                   ("metrics_max_services", "metrics_max_services", _positive_int),
-                                  ("metrics_max_ranks", "metrics_max_ranks", _positive_int)):
+                                  ("metrics_max_ranks", "metrics_max_ranks", _positive_int),
+                                  ("tls_cert", "tls_cert", lambda v, w: Path(v)), ("tls_key", "tls_key", lambda v, w: Path(v)),
+                                  ("tls_client_ca", "tls_client_ca", lambda v, w: Path(v))):
             value = getattr(args, flag)
             if value is not None:
                 kwargs[name] = parse(value, f"--{flag.replace('_', '-')}")
-        # Tokens from credential files or the environment (fleetscope/secrets.py), never from flags.
+        # Tokens from credential files or the environment (fleetscope/secrets.py), never from flags. Ingest tokens:
+        # `<token>` (a fleet token) or `<token> <node>` (that agent's own), one a line (collector.settings).
+        kwargs["ingest_tokens"], kwargs["agent_tokens"] = parse_ingest_tokens(read_secret("FLEETSCOPE_INGEST_TOKEN") or "",
+                                                                              "the ingest-token credential")
+        kwargs["read_tokens"] = read_secrets("FLEETSCOPE_READ_TOKEN")
         for name, env, credential, who in (("ingest_tokens", "FLEETSCOPE_INGEST_TOKEN", "ingest-token", "agents"),
                                            ("read_tokens", "FLEETSCOPE_READ_TOKEN", "read-token", "readers")):
-            if name not in kwargs:
-                kwargs[name] = read_secrets(env)
+            if name == "ingest_tokens" and (kwargs["agent_tokens"] or kwargs.get("tls_client_ca")):
+                continue  # agents come with their own tokens or client certificates
             if not kwargs[name]:
                 raise ValueError(f"no {credential}: put the token(s) {who} use in a file only the collector can read (one a "
                                  f"line) and set {env}_FILE=<file>, or under systemd LoadCredential={credential}:<file>, "
@@ -250,6 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expected-gpus", type=int, help="GPUs this node should have")
     p.add_argument("--collector-url", help="collector base URL, e.g. http://collector:9837")
     _refuse_token_flag(p, "--collector-token", "agent", "FLEETSCOPE_INGEST_TOKEN")
+    p.add_argument("--ca-file", help="CA certificate(s) (PEM) that an https collector URL's certificate must verify against "
+                   "(default: the system's)")
+    p.add_argument("--tls-cert", help="client certificate (PEM) to present to a mutual-TLS collector; its common name is "
+                   "this node's identity")
+    p.add_argument("--tls-key", help="the private key of --tls-cert (PEM), unless the certificate file holds it")
     p.add_argument("--spool-dir", help="where batches wait while the collector is unreachable (default: $STATE_DIRECTORY/spool)")
     p.add_argument("--label", action="append", metavar="KEY=VALUE", help="the node's place in the fleet, e.g. cluster=a rack=r12")
     p.add_argument("--compat", action="append", choices=["dcgm"], help="also emit another exporter's metric names (dcgm)")
@@ -272,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-max-jobs", help="jobs the collector's /metrics exports at most, troubled first (default 500)")
     p.add_argument("--metrics-max-services", help="service/model pairs /metrics exports at most (default 200)")
     p.add_argument("--metrics-max-ranks", help="ranks with a straggler score /metrics exports at most (default 1000)")
+    p.add_argument("--tls-cert", help="serve HTTPS only, with this certificate chain (PEM); plain HTTP is then refused")
+    p.add_argument("--tls-key", help="the private key of --tls-cert (PEM), unless the certificate file holds it")
+    p.add_argument("--tls-client-ca", help="mutual TLS: agents may present a client certificate signed by this CA (PEM); "
+                   "its common name is the node they write as")
     p.add_argument("--max-connections", type=int, help="open connections beyond which requests are answered 503 "
                    "(default 8192; every agent keeps one open)")
     _refuse_token_flag(p, "--ingest-token", "collector", "FLEETSCOPE_INGEST_TOKEN")

@@ -173,7 +173,7 @@ class ServerFrame(Struct, forbid_unknown_fields=True, omit_defaults=True):
 
 
 class Batch(Struct, forbid_unknown_fields=True, omit_defaults=True):
-    """What an agent POSTs to /v1/ingest: events and frames, applied once per (agent_id, seq)."""
+    """What an agent POSTs to /v1/ingest: events and frames, applied once per (node, agent_id, epoch, seq)."""
 
     v: Literal[1]
     agent_id: Name
@@ -183,6 +183,9 @@ class Batch(Struct, forbid_unknown_fields=True, omit_defaults=True):
     events: list[Event] = []
     frames: list[HostFrame] = []
     servers: list[ServerFrame] = []
+    # The agent process's boot epoch, new at each start: sequence numbers count from 0 again in a new epoch,
+    # and the collector keeps a watermark per (identity, epoch). Absent (older agents): one watermark per agent_id.
+    epoch: Name | None = None
 
 
 class _Envelope(Struct):

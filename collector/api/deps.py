@@ -1,4 +1,10 @@
-"""Dependencies shared by the routes: the store, the settings, and bearer-token scopes."""
+"""Dependencies shared by the routes: the store, the settings, bearer-token scopes and the ingesting agent's identity.
+
+An agent authenticates as itself with an agent token (settings.agent_tokens: token -> identity) or a client
+certificate (its common name, when the collector serves mutual TLS); a fleet token names no one, and its
+batches are taken for the node they name (small, trusted setups). `check_identity` refuses (403) a batch
+written as any node but the one that authenticated.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ from fastapi import Depends, HTTPException, Query, Request
 from collector.metrics import CollectorMetrics
 from collector.settings import Settings
 from collector.store import Store
+from fleetscope.schema import Batch
 
 
 def get_store(request: Request) -> Store:
@@ -62,16 +69,73 @@ def _require(request: Request, allowed: frozenset[str], other: frozenset[str], r
     raise HTTPException(401, "unknown token", headers={"WWW-Authenticate": "Bearer"})
 
 
-def require_ingest(request: Request, settings: SettingsDep) -> None:
-    _require(request, settings.ingest_tokens, settings.read_tokens, "this token may only read; ingest needs an ingest token")
+def _agent_token(token: str, pairs: tuple[tuple[str, str], ...]) -> str | None:
+    """The identity an agent token is bound to, or None; every pair is compared, in constant time each."""
+    found = None
+    for known, identity in pairs:
+        if hmac.compare_digest(token.encode(), known.encode()):
+            found = identity
+    return found
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who sent an ingest request: `identity` is the node it may write as, None for a fleet token (any node)."""
+
+    identity: str | None
+    via: str  # "agent token", "client certificate" or "fleet token"
+
+
+def tls_peer(request: Request) -> str | None:
+    """The common name of the verified client certificate on this connection (collector.main puts it there)."""
+    return (request.scope.get("state") or {}).get("tls_client")
+
+
+def require_ingest(request: Request, settings: SettingsDep) -> Principal:
+    peer = tls_peer(request)
+    if peer is not None and not request.headers.get("authorization"):
+        return Principal(peer, "client certificate")
+    token = _bearer(request)
+    identity = _agent_token(token, settings.agent_tokens)
+    if identity is not None:
+        if peer is not None and peer != identity:
+            raise HTTPException(403, f"the client certificate is for {peer!r} but the token for {identity!r}; an agent "
+                                     "authenticates as one node")
+        return Principal(identity, "agent token")
+    if _matches(token, settings.ingest_tokens):
+        return Principal(peer, "client certificate") if peer is not None else Principal(None, "fleet token")
+    if _matches(token, settings.read_tokens):
+        raise HTTPException(403, "this token may only read; ingest needs an ingest token")
+    raise HTTPException(401, "unknown token", headers={"WWW-Authenticate": "Bearer"})
 
 
 def require_read(request: Request, settings: SettingsDep) -> None:
     # An ingest token does not read: a compromised node must not see the whole fleet.
-    _require(request, settings.read_tokens, settings.ingest_tokens, "this token may only ingest; reading needs a read token")
+    ingest = settings.ingest_tokens | {t for t, _ in settings.agent_tokens}
+    _require(request, settings.read_tokens, ingest, "this token may only ingest; reading needs a read token")
+
+
+def check_identity(batch: Batch, principal: Principal) -> None:
+    """403 unless every node the batch names is the one that authenticated (a fleet token may name any)."""
+    me = principal.identity
+    if me is None:
+        return
+    if batch.node != me:
+        raise HTTPException(403, f"batch {batch.seq}: node {batch.node!r} is not {me!r}, the identity of this "
+                                 f"{principal.via}; an agent writes only as itself")
+    if batch.agent_id != me and not batch.agent_id.startswith(me + "-"):
+        raise HTTPException(403, f"batch {batch.seq}: agent_id {batch.agent_id!r} is not {me!r} or {me!r}-<suffix>, "
+                                 f"as the identity of this {principal.via} requires")
+    for field, records in (("frames", batch.frames), ("servers", batch.servers), ("events", batch.events)):
+        for i, record in enumerate(records):
+            node = getattr(record, "node", None)
+            if node is not None and node != me:
+                raise HTTPException(403, f"batch {batch.seq}: {field}[{i}] is for node {node!r}, not {me!r}, the "
+                                         f"identity of this {principal.via}")
 
 
 IngestAuth = Depends(require_ingest)
+IngestPrincipal = Annotated[Principal, Depends(require_ingest)]
 ReadAuth = Depends(require_read)
 
 

@@ -1,4 +1,8 @@
-"""POST /v1/ingest: strict decoding, a body-size limit, once-only application per (agent_id, seq).
+"""POST /v1/ingest: strict decoding, a body-size limit, once-only application per (node, agent_id, epoch, seq).
+
+An agent that authenticated as itself (agent token or client certificate) may send only batches that name
+it (403 otherwise: collector.api.deps.check_identity); a batch numbered more than 2**32 above its watermark
+is refused whole with 422 (collector.store.SequenceJump).
 
 A body that is not a valid batch is refused whole (4xx): too large 413, not JSON or nested deeper than any
 batch 400, not the schema 422. A valid batch is applied even when some of its records break the input
@@ -14,8 +18,8 @@ import asyncio
 from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel, Field
 
-from collector.api.deps import IngestAuth, MetricsDep, SettingsDep, StoreDep
-from collector.store import StoreUnavailable
+from collector.api.deps import IngestPrincipal, MetricsDep, SettingsDep, StoreDep, check_identity
+from collector.store import SequenceJump, StoreUnavailable
 from fleetscope.schema import MalformedError, SchemaError, TooDeep, decode_batch
 
 router = APIRouter(tags=["ingest"])
@@ -45,7 +49,6 @@ class IngestReply(BaseModel):
 
 @router.post(
     "/v1/ingest",
-    dependencies=[IngestAuth],
     response_model=IngestReply,
     response_model_exclude_defaults=True,
     openapi_extra={
@@ -55,7 +58,8 @@ class IngestReply(BaseModel):
         }
     },
 )
-async def ingest(request: Request, store: StoreDep, settings: SettingsDep, metrics: MetricsDep) -> IngestReply:
+async def ingest(request: Request, principal: IngestPrincipal, store: StoreDep, settings: SettingsDep,
+                 metrics: MetricsDep) -> IngestReply:
     limit = settings.max_body_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -73,6 +77,11 @@ async def ingest(request: Request, store: StoreDep, settings: SettingsDep, metri
         # Decoding a batch takes milliseconds and the WAL fsync blocks: both off the event loop, so other
         # requests keep flowing while this one is decoded and made durable.
         batch = decode_batch(data)
+        try:
+            check_identity(batch, principal)
+        except HTTPException:
+            metrics.rejected("identity")
+            raise
         result = store.ingest(batch, data)
         metrics.ingested(batch, result.duplicate, result.counts)
         if result.refused:
@@ -89,6 +98,9 @@ async def ingest(request: Request, store: StoreDep, settings: SettingsDep, metri
         raise HTTPException(400, str(exc)) from None
     except SchemaError as exc:
         metrics.rejected("schema")
+        raise HTTPException(422, str(exc)) from None
+    except SequenceJump as exc:
+        metrics.rejected("seq_jump")
         raise HTTPException(422, str(exc)) from None
     except StoreUnavailable as exc:
         metrics.rejected("unavailable")
