@@ -29,8 +29,8 @@ class Agent:
             self.shipper = Shipper(config.collector_url, config.collector_token, agent_id=config.agent_id, node=config.node,
                                    labels=config.labels, spool_dir=config.spool_dir or None, spool_bytes=config.spool_bytes,
                                    ca_file=config.ca_file, tls_cert=config.tls_cert, tls_key=config.tls_key)
-        host, port = split_address(config.events_address, "127.0.0.1")
-        self.listener = Listener(host, port, node=config.node, deliver=self._deliver, gpu_lookup=self._gpu_for)
+        # events_address: "unix:/path", "host:port", or one of each, comma-separated (agent/listener.py)
+        self.listener = Listener(config.events_address, node=config.node, deliver=self._deliver, gpu_lookup=self._gpu_for)
         self.sources = build_sources(config, workload_lookup=self.listener.workloads.get,
                                      deliver_server_frame=self.shipper.enqueue_server_frame if self.shipper else None)
         self.sampler = Sampler(self.sources, config.interval_s)
@@ -69,8 +69,8 @@ class Agent:
         self._http = MetricsServer(host, port, self.collector.render, lambda: self.sampler.latest)
         self._http.start()
         log.info(
-            "agent on node %s: metrics on http://%s:%d/metrics, events on udp://%s:%d, shipping to %s",
-            self.config.node, host, port, *self.listener.address, self.config.collector_url or "(nowhere)",
+            "agent on node %s: metrics on http://%s:%d/metrics, events on %s, shipping to %s",
+            self.config.node, host, port, ", ".join(self.listener.addresses), self.config.collector_url or "(nowhere)",
         )
 
     def stop(self) -> None:

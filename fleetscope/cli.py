@@ -250,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="TOML file with an [agent] table")
     p.add_argument("--node", help="node name (default: hostname)")
     p.add_argument("--metrics-address", help="host:port for /metrics (default 0.0.0.0:9835)")
-    p.add_argument("--events-address", help="host:port of the UDP event socket (default 127.0.0.1:9836)")
+    p.add_argument("--events-address", help="where workloads send events: unix:/path (a Unix socket that tells the agent "
+                   "each sender's real pid and uid), host:port (UDP), or one of each, comma-separated (default 127.0.0.1:9836)")
     p.add_argument("--interval", type=float, help="seconds between samples (default 5)")
     p.add_argument("--gpu-backend", choices=["auto", "nvml", "simulated", "none"])
     p.add_argument("--gpus", type=int, help="number of simulated GPUs (default 8)")

@@ -309,3 +309,16 @@ def test_the_shipped_unit_and_example_config_give_the_socket_its_folder_and_addr
     address = next(line for line in example if line.startswith("events_address")).split('"')[1]
     assert [(e.transport, e.path or e.port) for e in parse_events_address(address)] == \
         [("unix", DEFAULT_AGENT_SOCKET), ("udp", 9836)]
+
+
+def test_the_agent_listens_on_a_unix_socket_alone(tmp_path):
+    from agent.config import AgentConfig
+    from agent.main import Agent
+
+    path = tmp_path / "events.sock"
+    agent = Agent(AgentConfig(gpu_backend="none", metrics_address="127.0.0.1:0", events_address=f"unix:{path}"))
+    try:
+        assert agent.listener.addresses == [f"unix:{path}"] and path.is_socket()
+    finally:
+        agent.listener.stop()
+        agent.sampler.stop()
