@@ -94,8 +94,10 @@ class CollectorMetrics:
         for outcome in ("applied", "duplicate"):
             m.add_metric([outcome], batches.get(outcome, 0))
         yield m
-        m = CounterMetricFamily("fleetscope_collector_ingest_rejected", "Ingest requests refused, by reason.", labels=["reason"])
-        for reason in ("malformed", "too_deep", "schema", "too_large", "storage", "unavailable"):
+        m = CounterMetricFamily("fleetscope_collector_ingest_rejected", "Ingest requests refused, by reason (identity: a "
+                                "batch for another node than the one that authenticated; seq_jump: a sequence number far "
+                                "above the agent's own).", labels=["reason"])
+        for reason in ("malformed", "too_deep", "schema", "too_large", "storage", "unavailable", "identity", "seq_jump"):
             m.add_metric([reason], rejections.get(reason, 0))
         yield m
         m = CounterMetricFamily("fleetscope_collector_events_refused",

@@ -145,3 +145,19 @@ def test_a_fleet_token_may_name_any_node_but_not_jump_its_numbers(client):
     assert r.status_code == 422 and "more than the 4294967296 allowed" in r.json()["detail"]
     r = post(client, FLEET, body(1024, node="gpu-c"))
     assert r.status_code == 200 and r.json()["duplicate"] is False
+
+
+def test_identity_and_sequence_refusals_are_counted_on_the_collectors_metrics(client):
+    import re
+
+    post(client, TOKEN_B, body(0, node="gpu-a"))  # B posing as A
+    post(client, FLEET, body(0, node="gpu-d"))
+    post(client, FLEET, body(2**53, node="gpu-d"))
+    text = client.get("/metrics", headers={"Authorization": f"Bearer {READ}"}).text
+
+    def count(reason: str) -> float:
+        m = re.search(rf'fleetscope_collector_ingest_rejected_total\{{reason="{reason}"\}} (\S+)', text)
+        assert m, reason
+        return float(m.group(1))
+
+    assert count("identity") >= 1 and count("seq_jump") >= 1
