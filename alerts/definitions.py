@@ -326,4 +326,27 @@ ALERTS: list[Alert] = [
           "The server cannot keep up with its traffic; time to first token rises with the queue.",
           "`fleetscope_inference_requests_running`, `fleetscope_inference_kv_cache_usage_ratio` on the same server.",
           "Add replicas or move traffic; a full KV cache calls for smaller batches or more memory per replica."),
+    # --- collector -----------------------------------------------------------------------------
+    Alert("FleetscopeCollectorRefusedIdentity", "fleetscope-collector",
+          'increase(fleetscope_collector_ingest_rejected_total{{reason=~"identity|seq_jump"}}[15m]) > 0', "0m", "ticket",
+          "the collector {{ $labels.instance }} refused batches that claim another identity ({{ $labels.reason }})",
+          "The collector {{ $labels.instance }} refused {{ $value }} ingest requests in 15 minutes because they wrote as "
+          "another node than the one that authenticated, or numbered their batches far above their own ({{ $labels.reason }}).",
+          "Someone holding a node's token or certificate tries to write as another node or to silence another agent, or an "
+          "agent is misconfigured (its token bound to another node, a copied agent.toml). Nothing was stored.",
+          "The collector's log names the refused node and agent_id; compare with the ingest-token file's `<token> <node>` "
+          "lines or the client certificate's common name.",
+          "A misconfigured agent: give it its own token (its batches wait in its spool meanwhile). An unknown sender: "
+          "revoke that token or certificate."),
+    Alert("FleetscopeCollectorMetricsOmitted", "fleetscope-collector", "fleetscope_collector_metrics_omitted > 0", "30m",
+          "ticket",
+          "the collector {{ $labels.instance }} leaves {{ $value }} {{ $labels.kind }} out of its /metrics",
+          "The collector {{ $labels.instance }} has more {{ $labels.kind }} than its /metrics exports: "
+          "{{ $value }} are left out, the quiet ones first.",
+          "The collector bounds the series it exports (metrics_max_jobs, _services, _ranks); past the bound the least "
+          "troubled and least recent subjects go. Alerts on the left-out ones resolve although the API still has them. "
+          "A flood of made-up job names can cause it too.",
+          "`curl -s <collector>/metrics | grep metrics_omitted`; the console and `/v1/jobs` list every job.",
+          "Raise the bound (`--metrics-max-jobs` and friends) if the cluster really runs that many, and check the ingest "
+          "tokens if it does not."),
 ]
