@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import ssl
 import time
 from typing import Any
 from urllib.parse import quote
@@ -22,7 +23,8 @@ class Collector:
     def __init__(self, url: str | None = None, token: str | None = None, timeout_s: float = 5.0) -> None:
         self.url = (url or os.environ.get("FLEETSCOPE_COLLECTOR_URL") or "http://127.0.0.1:9837").rstrip("/")
         token = token if token is not None else os.environ.get("FLEETSCOPE_READ_TOKEN", "")
-        self.client = httpx.Client(base_url=self.url, timeout=timeout_s, headers={"Authorization": f"Bearer {token}"})
+        self.client = httpx.Client(base_url=self.url, timeout=timeout_s, headers={"Authorization": f"Bearer {token}"},
+                                   verify=verify_context())
 
     def get(self, path: str, **params: Any) -> dict:
         try:
@@ -36,6 +38,17 @@ class Collector:
         if resp.status_code >= 400:
             raise CollectorError(f"collector answered {resp.status_code} to {path}: {resp.text[:300]}")
         return resp.json()
+
+
+def verify_context(ca_file: str | None = None) -> ssl.SSLContext:
+    """What an https collector's certificate must verify against: the CA certificate(s) in `ca_file` or
+    FLEETSCOPE_CA_FILE (PEM; a private CA such as the demo's), else the system's."""
+    ca_file = ca_file or os.environ.get("FLEETSCOPE_CA_FILE") or None
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise CollectorError(f"FLEETSCOPE_CA_FILE={ca_file}: cannot load CA certificates from it ({exc}); "
+                             "name a PEM file of CA certificates, or unset it for the system's") from None
 
 
 @st.cache_resource(show_spinner=False)

@@ -13,6 +13,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -81,12 +82,14 @@ def port_free(port: int) -> bool:
             return False
 
 
-def wait_http(url: str, timeout: float = 30.0, headers: dict[str, str] | None = None) -> bool:
+def wait_http(url: str, timeout: float = 30.0, headers: dict[str, str] | None = None, ca_file: Path | None = None) -> bool:
+    """Whether `url` answers (below 500) within `timeout`; an https URL must verify against `ca_file`."""
+    context = ssl.create_default_context(cafile=str(ca_file)) if ca_file else None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             req = urllib.request.Request(url, headers=headers or {})
-            with urllib.request.urlopen(req, timeout=2) as resp:
+            with urllib.request.urlopen(req, timeout=2, context=context) as resp:
                 if resp.status < 500:
                     return True
         except Exception:
@@ -94,9 +97,12 @@ def wait_http(url: str, timeout: float = 30.0, headers: dict[str, str] | None = 
     return False
 
 
-def prometheus_config(n_nodes: int, read_token: str, rules: list[Path]) -> str:
+def prometheus_config(n_nodes: int, read_token: str, rules: list[Path], ca_file: Path | None = None) -> str:
+    """Prometheus scraping the agents, and the collector with the read token (over HTTPS, verified against
+    `ca_file`, when given)."""
     agents = ", ".join(f"'127.0.0.1:{agent_ports(i)[0]}'" for i in range(n_nodes))
     rule_lines = "".join(f"  - '{r}'\n" for r in rules)
+    tls = f"    scheme: https\n    tls_config:\n      ca_file: '{ca_file}'\n" if ca_file else ""
     return f"""# Written by `fleetscope demo`.
 global:
   scrape_interval: 5s
@@ -116,7 +122,7 @@ scrape_configs:
     sample_limit: 20000
     authorization:
       credentials: '{read_token}'
-    static_configs:
+{tls}    static_configs:
       - targets: ['127.0.0.1:{COLLECTOR_PORT}']
 """
 
@@ -199,13 +205,31 @@ def notifications_url() -> str:
     return f"http://127.0.0.1:{server.server_address[1]}"
 
 
+def demo_tls(folder: Path) -> tuple[Path, Path, Path] | None:
+    """(CA certificate, collector's certificate, its key) of a CA made now in `folder`, or None without the
+    `cryptography` package (the demo then runs over plain HTTP)."""
+    try:
+        from fleetscope.certs import CA
+    except ImportError:
+        return None
+    # A new CA each start: the previous one's files go, so nothing is left trusting a CA no process holds a key for.
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True, mode=0o700)
+    ca = CA(folder, days=30)  # the demo may run for days; the CA is thrown away at the next start
+    cert, key = ca.issue("collector", server=True)
+    return ca.path, cert, key
+
+
 def main(args) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     py = sys.executable
     workdir = Path(args.workdir).resolve()
     demo = Demo(workdir)
-    ingest_token, read_token = secrets.token_urlsafe(16), secrets.token_urlsafe(16)
-    tokens = {"FLEETSCOPE_INGEST_TOKEN": ingest_token, "FLEETSCOPE_READ_TOKEN": read_token}
+    # Each agent has a token of its own, bound to its node: a stolen one writes as that node only.
+    agent_tokens = {f"node-{i:02d}": secrets.token_urlsafe(16) for i in range(args.nodes)}
+    read_token = secrets.token_urlsafe(16)
+    read = {"FLEETSCOPE_READ_TOKEN": read_token}
+    collector_env = {**read, "FLEETSCOPE_INGEST_TOKEN": "\n".join(f"{t} {node}" for node, t in agent_tokens.items())}
 
     prom, am = shutil.which("prometheus"), shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
     want_prom = bool(prom) and not args.no_prometheus
@@ -217,12 +241,18 @@ def main(args) -> int:
         print(f"fleetscope demo: port(s) {', '.join(map(str, busy))} already in use; stop what holds them and retry", file=sys.stderr)
         return 2
 
-    collector_url = f"http://127.0.0.1:{COLLECTOR_PORT}"
+    tls = demo_tls(workdir / "tls")
+    ca_file = tls[0] if tls else None
+    if tls is None:
+        print("fleetscope demo: the cryptography package is not installed, so the collector serves plain HTTP; "
+              "`pip install 'fleetscope[demo]'` (or `make demo`) installs it", file=sys.stderr)
+    collector_url = f"{'https' if tls else 'http'}://127.0.0.1:{COLLECTOR_PORT}"
     try:
         (workdir / "collector.toml").write_text(DEMO_SLOS)
         demo.start("collector", [py, "-m", "fleetscope", "collector", "--listen", f"127.0.0.1:{COLLECTOR_PORT}",
-                                 "--data-dir", str(workdir / "collector"), "--config", str(workdir / "collector.toml")], tokens)
-        if not wait_http(f"{collector_url}/healthz"):
+                                 "--data-dir", str(workdir / "collector"), "--config", str(workdir / "collector.toml"),
+                                 *(["--tls-cert", str(tls[1]), "--tls-key", str(tls[2])] if tls else [])], collector_env)
+        if not wait_http(f"{collector_url}/healthz", ca_file=ca_file):
             print(f"fleetscope demo: the collector did not start; see {workdir / 'logs/collector.log'}", file=sys.stderr)
             return 1
         event_addrs = []
@@ -237,12 +267,13 @@ def main(args) -> int:
                 "--metrics-address", f"127.0.0.1:{metrics_port}", "--events-address", f"127.0.0.1:{events_port}",
                 "--collector-url", collector_url, "--spool-dir", str(workdir / f"spool-node-{i:02d}"),
                 *(["--scenario", str(scenario)] if i == 1 and args.gpus > 5 else []),
-            ], tokens)
+                *(["--ca-file", str(ca_file)] if ca_file else []),
+            ], {"FLEETSCOPE_INGEST_TOKEN": agent_tokens[f"node-{i:02d}"]})
         for i in range(args.nodes):
             wait_http(f"http://127.0.0.1:{agent_ports(i)[0]}/metrics")
         if want_prom:
             rules = sorted((REPO / "alerts").glob("*.rules.yml"))
-            (workdir / "prometheus.yml").write_text(prometheus_config(args.nodes, read_token, rules))
+            (workdir / "prometheus.yml").write_text(prometheus_config(args.nodes, read_token, rules, ca_file))
             demo.start("prometheus", [prom, f"--config.file={workdir / 'prometheus.yml'}",
                                       f"--storage.tsdb.path={workdir / 'prometheus-data'}",
                                       f"--web.listen-address=127.0.0.1:{PROMETHEUS_PORT}"])
@@ -260,12 +291,15 @@ def main(args) -> int:
                                  "--agent", event_addrs[0], *(["--spike-at", "180"] if story else [])])
         if not args.no_console:
             demo.start("console", [py, "-m", "fleetscope", "dashboard", "--address", "127.0.0.1", "--port", str(CONSOLE_PORT),
-                                   "--collector-url", collector_url], tokens)
+                                   "--collector-url", collector_url],
+                       {**read, **({"FLEETSCOPE_CA_FILE": str(ca_file)} if ca_file else {})})
 
         print("fleetscope demo is running:")
         if not args.no_console:
             print(f"  console        http://127.0.0.1:{CONSOLE_PORT}")
         print(f"  collector API  {collector_url}/docs   (read token: {read_token})")
+        if ca_file:
+            print(f"  CA certificate {ca_file}   (the collector's HTTPS; e.g. curl --cacert)")
         for i in range(args.nodes):
             print(f"  agent node-{i:02d}  http://127.0.0.1:{agent_ports(i)[0]}/metrics")
         if want_prom:
