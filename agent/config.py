@@ -35,6 +35,9 @@ class AgentConfig:
     ca_file: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+    # A Prometheus web configuration file (exporter-toolkit's format, fleetscope/webconfig.py): TLS and/or basic auth
+    # on the metrics port.
+    web_config: str | None = None
     # Default: "<node>-<12 random hex digits>", new at each start. A collector that knows agents by their own token
     # or certificate takes only "<node>" or "<node>-<anything>" here.
     agent_id: str | None = None
@@ -63,7 +66,7 @@ class AgentConfig:
                 raise ValueError(f"label {key!r} is not a Prometheus label name (letters, digits, _; not starting with __)")
         if self.tls_key and not self.tls_cert:
             raise ValueError("tls_key needs tls_cert (the client certificate it belongs to)")
-        for name in ("ca_file", "tls_cert", "tls_key"):
+        for name in ("ca_file", "tls_cert", "tls_key", "web_config"):
             path = getattr(self, name)
             if path and not os.path.isfile(path):
                 raise ValueError(f"{name} {path} is not a readable file")

@@ -9,6 +9,10 @@ The server gives no client a thread until its request has arrived in full: one r
 request heads from every connection (a connection has CONNECTION_TIMEOUT_S to send one, or is closed), and
 at most MAX_HANDLERS threads answer complete requests. Idle or trickling connections (slowloris) thus cost a
 socket each, never a thread, and a scrape is answered while they wait.
+
+With TLS (a Prometheus web config's tls_server_config, fleetscope/webconfig.py) the reader thread also does each
+connection's handshake, without blocking and under the same deadline, so a client that stalls its handshake costs
+a socket too. With basic_auth_users, a handler answers 401 to a request without the right password.
 """
 
 from __future__ import annotations
@@ -20,15 +24,19 @@ import math
 import queue
 import selectors
 import socket
+import ssl
 import threading
 import time
 from collections import deque
 from http.server import BaseHTTPRequestHandler, HTTPServer
-from typing import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 from prometheus_client.utils import floatToGoString
 
 from agent.sources.base import Family, Reading, by_family
+
+if TYPE_CHECKING:
+    from fleetscope.webconfig import BasicAuth
 
 log = logging.getLogger("fleetscope.agent.exposition")
 
@@ -93,8 +101,11 @@ class MetricsServer:
 
     def __init__(self, host: str, port: int, render_latest: Callable[[], bytes], generation: Callable[[], object], *,
                  connection_timeout_s: float = CONNECTION_TIMEOUT_S, max_handlers: int = MAX_HANDLERS,
-                 max_connections: int = MAX_CONNECTIONS) -> None:
+                 max_connections: int = MAX_CONNECTIONS, ssl_context: ssl.SSLContext | None = None,
+                 basic_auth: BasicAuth | None = None) -> None:
         self.render_latest = render_latest
+        self.ssl_context = ssl_context
+        self.basic_auth = basic_auth
         self.generation = generation
         self.connection_timeout_s = connection_timeout_s
         self.max_handlers = max_handlers
@@ -118,6 +129,15 @@ class MetricsServer:
                 self.rfile = io.BytesIO(self._head)  # the request, already read by the reader thread
 
             def do_GET(self) -> None:  # noqa: N802 - the http.server API
+                if server.basic_auth is not None and not server.basic_auth.check(self.headers.get("Authorization")):
+                    body = b"Unauthorized\n"
+                    self.send_response(401)
+                    self.send_header("WWW-Authenticate", 'Basic realm="fleetscope agent"')
+                    self.send_header("Content-Type", "text/plain; charset=utf-8")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
                     body, encoding = server.body("gzip" in self.headers.get("Accept-Encoding", ""))
@@ -202,6 +222,12 @@ class MetricsServer:
     # The accepting thread: hand the connection over, never wait on it.
     def _accepted(self, sock: socket.socket, client_address: object) -> None:
         sock.setblocking(False)
+        if self.ssl_context is not None:
+            try:  # no handshake yet: the reader thread does it as the client's bytes arrive
+                sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            except OSError:
+                self.httpd.shutdown_request(sock)
+                return
         self._incoming.append((sock, client_address))
         self._wake()
 
@@ -233,15 +259,33 @@ class MetricsServer:
                             sock, client_address = self._incoming.popleft()
                             if len(pending) >= self.max_connections:
                                 drop(next(iter(pending)))
-                            pending[sock] = _Pending(client_address, time.monotonic() + self.connection_timeout_s)
+                            pending[sock] = _Pending(client_address, time.monotonic() + self.connection_timeout_s,
+                                                     handshaking=isinstance(sock, ssl.SSLSocket))
                             selector.register(sock, selectors.EVENT_READ)
                         continue
                     request = pending.get(sock)
                     if request is None:
                         continue
+                    if request.handshaking:
+                        try:
+                            sock.do_handshake()
+                        except ssl.SSLWantReadError:
+                            selector.modify(sock, selectors.EVENT_READ)
+                            continue
+                        except ssl.SSLWantWriteError:
+                            selector.modify(sock, selectors.EVENT_WRITE)
+                            continue
+                        except (OSError, ValueError) as exc:  # not TLS (plain HTTP), an untrusted client certificate...
+                            log.debug("metrics: TLS handshake with %s: %s", request.client_address, exc)
+                            drop(sock)
+                            continue
+                        request.handshaking = False
+                        selector.modify(sock, selectors.EVENT_READ)
                     try:
                         data = sock.recv(4096)
-                    except BlockingIOError:
+                        while isinstance(sock, ssl.SSLSocket) and sock.pending() and len(data) <= _MAX_HEAD:
+                            data += sock.recv(sock.pending())  # decrypted already: the selector would not report it
+                    except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
                         continue
                     except OSError:
                         data = b""
@@ -304,11 +348,12 @@ class MetricsServer:
 
 
 class _Pending:
-    __slots__ = ("client_address", "deadline", "head")
+    __slots__ = ("client_address", "deadline", "handshaking", "head")
 
-    def __init__(self, client_address: object, deadline: float) -> None:
+    def __init__(self, client_address: object, deadline: float, *, handshaking: bool = False) -> None:
         self.client_address = client_address
         self.deadline = deadline
+        self.handshaking = handshaking
         self.head = bytearray()
 
 

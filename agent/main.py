@@ -39,6 +39,12 @@ class Agent:
         providers = [self.listener] + ([self.shipper] if self.shipper else [])
         self.collector = AgentCollector(self.sampler, providers, version=fleetscope.__version__, labels=config.labels)
         self.registry = make_registry(self.collector)
+        self._metrics_security = (None, None)
+        if config.web_config:  # read now, so that a bad file stops the agent before it starts anything
+            from fleetscope.webconfig import load_web_config
+
+            web = load_web_config(config.web_config)
+            self._metrics_security = (web.ssl_context(), web.basic_auth())
         self._http = None
         self._stopped = threading.Event()
 
@@ -66,11 +72,13 @@ class Agent:
             self.shipper.start()
         host, port = split_address(self.config.metrics_address)
         # The latest snapshot is rendered once; counters of the listener and shipper are as fresh as it.
-        self._http = MetricsServer(host, port, self.collector.render, lambda: self.sampler.latest)
+        ssl_context, basic_auth = self._metrics_security
+        self._http = MetricsServer(host, port, self.collector.render, lambda: self.sampler.latest,
+                                   ssl_context=ssl_context, basic_auth=basic_auth)
         self._http.start()
         log.info(
-            "agent on node %s: metrics on http://%s:%d/metrics, events on %s, shipping to %s",
-            self.config.node, host, port, ", ".join(self.listener.addresses), self.config.collector_url or "(nowhere)",
+            "agent on node %s: metrics on %s://%s:%d/metrics%s, events on %s, shipping to %s",
+            self.config.node, "https" if ssl_context else "http", host, port, " (basic auth)" if basic_auth else "", ", ".join(self.listener.addresses), self.config.collector_url or "(nowhere)",
         )
 
     def stop(self) -> None:

@@ -129,8 +129,15 @@ class Settings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    # A Prometheus web configuration file (fleetscope/webconfig.py): its basic_auth_users guard /metrics (Prometheus
+    # scrapes with a password instead of a read token); its tls_server_config, when tls_cert is not set, becomes the
+    # whole server's TLS (with tls_cert too it is refused as ambiguous).
+    web_config: Path | None = None
+    metrics_basic_auth: object = field(default=None, compare=False, repr=False)  # a BasicAuth, from web_config
 
     def __post_init__(self) -> None:
+        if self.web_config is not None:
+            self._take_web_config()
         if not self.ingest_tokens and not self.agent_tokens and self.tls_client_ca is None:
             raise ValueError("collector: no ingest token; set FLEETSCOPE_INGEST_TOKEN (comma-separated for several) or --ingest-token")
         for name in ("tls_cert", "tls_key", "tls_client_ca"):
@@ -157,6 +164,23 @@ class Settings:
         if self.raw_window_s > self.window_s:
             raise ValueError("collector: raw_window must not be longer than window")
 
+    def _take_web_config(self) -> None:
+        from fleetscope.webconfig import load_web_config
+
+        web = load_web_config(self.web_config)  # WebConfigError is a ValueError naming the file and key
+        object.__setattr__(self, "metrics_basic_auth", web.basic_auth())
+        if web.tls is None:
+            return
+        if self.tls_cert is not None:
+            raise ValueError(f"collector: web config {self.web_config} has tls_server_config and tls_cert is set too; "
+                             "give the server's TLS one way: remove tls_server_config, or tls_cert/tls_key/tls_client_ca")
+        if web.tls.client_auth_type != "NoClientCert":
+            raise ValueError(f"collector: web config {self.web_config}: client certificates are configured with "
+                             "tls_client_ca (mutual TLS for the agents), not client_auth_type; remove client_auth_type "
+                             "and client_ca_file")
+        object.__setattr__(self, "tls_cert", web.tls.cert_file)
+        object.__setattr__(self, "tls_key", web.tls.key_file)
+
 
 # The [collector] table: key -> (Settings field, parser).
 CONFIG_KEYS = {
@@ -181,6 +205,7 @@ CONFIG_KEYS = {
     "tls_cert": ("tls_cert", lambda v, w: Path(str(v))),
     "tls_key": ("tls_key", lambda v, w: Path(str(v))),
     "tls_client_ca": ("tls_client_ca", lambda v, w: Path(str(v))),
+    "web_config": ("web_config", lambda v, w: Path(str(v))),
     "listen": ("", lambda v, w: str(v)),  # read by the command line, not a Settings field
 }
 

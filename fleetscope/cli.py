@@ -72,6 +72,7 @@ def _agent(args: argparse.Namespace) -> int:
             ca_file=args.ca_file,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
+            web_config=args.web_config,
         )
         if config.collector_url and not config.collector_token and not config.tls_cert:
             raise ValueError(f"shipping to {config.collector_url} needs an ingest token: put it in a file only the agent can "
@@ -108,7 +109,8 @@ def _collector(args: argparse.Namespace) -> int:
                                   ("metrics_max_services", "metrics_max_services", _positive_int),
                                   ("metrics_max_ranks", "metrics_max_ranks", _positive_int),
                                   ("tls_cert", "tls_cert", lambda v, w: Path(v)), ("tls_key", "tls_key", lambda v, w: Path(v)),
-                                  ("tls_client_ca", "tls_client_ca", lambda v, w: Path(v))):
+                                  ("tls_client_ca", "tls_client_ca", lambda v, w: Path(v)),
+                                  ("web_config", "web_config", lambda v, w: Path(v))):
             value = getattr(args, flag)
             if value is not None:
                 kwargs[name] = parse(value, f"--{flag.replace('_', '-')}")
@@ -265,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-cert", help="client certificate (PEM) to present to a mutual-TLS collector; its common name is "
                    "this node's identity")
     p.add_argument("--tls-key", help="the private key of --tls-cert (PEM), unless the certificate file holds it")
+    p.add_argument("--web-config", help="Prometheus web configuration file (YAML, as node_exporter's --web.config.file): "
+                   "tls_server_config and basic_auth_users for /metrics")
     p.add_argument("--spool-dir", help="where batches wait while the collector is unreachable (default: $STATE_DIRECTORY/spool)")
     p.add_argument("--label", action="append", metavar="KEY=VALUE", help="the node's place in the fleet, e.g. cluster=a rack=r12")
     p.add_argument("--compat", action="append", choices=["dcgm"], help="also emit another exporter's metric names (dcgm)")
@@ -291,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key", help="the private key of --tls-cert (PEM), unless the certificate file holds it")
     p.add_argument("--tls-client-ca", help="mutual TLS: agents may present a client certificate signed by this CA (PEM); "
                    "its common name is the node they write as")
+    p.add_argument("--web-config", help="Prometheus web configuration file (YAML): basic_auth_users for /metrics (then "
+                   "a read token is not needed there); its tls_server_config is the server's TLS when --tls-cert is not given")
     p.add_argument("--max-connections", type=int, help="open connections beyond which requests are answered 503 "
                    "(default 8192; every agent keeps one open)")
     _refuse_token_flag(p, "--ingest-token", "collector", "FLEETSCOPE_INGEST_TOKEN")

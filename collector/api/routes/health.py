@@ -1,13 +1,13 @@
 """GET /healthz (no token): ready only once the WAL replay is done, and not while the store cannot write;
-GET /metrics (read token)."""
+GET /metrics (read token, or the web config's basic auth password)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from collector.api.deps import MetricsDep, ReadAuth
+from collector.api.deps import MetricsDep, SettingsDep, require_read
 
 router = APIRouter(tags=["health"])
 
@@ -24,6 +24,17 @@ def healthz(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok", "startup": store.startup})
 
 
-@router.get("/metrics", dependencies=[ReadAuth], response_class=Response)
+def require_metrics_reader(request: Request, settings: SettingsDep) -> None:
+    # Sync, so bcrypt's ~70 ms (first scrape only) runs in the thread pool, not on the event loop.
+    basic_auth = settings.metrics_basic_auth
+    header = request.headers.get("authorization", "")
+    if basic_auth is None or header.lower().startswith("bearer "):
+        require_read(request, settings)  # a read token still works
+    elif not basic_auth.check(header):
+        raise HTTPException(401, "/metrics needs a user name and password (basic_auth_users in the web config) or a "
+                                 "read token", headers={"WWW-Authenticate": 'Basic realm="fleetscope collector"'})
+
+
+@router.get("/metrics", dependencies=[Depends(require_metrics_reader)], response_class=Response)
 def metrics(m: MetricsDep) -> Response:
     return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
