@@ -205,3 +205,34 @@ def test_a_stalled_handshake_costs_a_socket_not_the_reader(tmp_path, pki, server
         sock.settimeout(5)
         assert sock.recv(1) == b""  # closed by the server at its 2 s deadline
         sock.close()
+
+
+# The collector: the web config's basic auth guards its /metrics; its TLS is the server's own.
+
+def test_the_collectors_metrics_take_the_password_or_a_read_token(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from collector.api import create_app
+    from collector.settings import Settings
+
+    web = write(tmp_path, f"basic_auth_users:\n  prometheus: {HASH}\n")
+    settings = Settings(data_dir=tmp_path / "data", ingest_tokens=frozenset({"ingest-t"}), read_tokens=frozenset({"read-t"}),
+                        web_config=web)
+    with TestClient(create_app(settings)) as client:
+        refused = client.get("/metrics")
+        assert refused.status_code == 401 and refused.headers["www-authenticate"].startswith("Basic")
+        assert client.get("/metrics", auth=("prometheus", "wrong")).status_code == 401
+        assert client.get("/metrics", auth=("prometheus", PASSWORD)).status_code == 200
+        assert client.get("/metrics", headers={"Authorization": "Bearer read-t"}).status_code == 200
+        assert client.get("/metrics", headers={"Authorization": "Bearer ingest-t"}).status_code == 403
+
+
+def test_the_collector_refuses_tls_from_both_the_web_config_and_its_flags(tmp_path, pki):
+    from collector.settings import Settings
+
+    ca, cert, key, _, _ = pki
+    web = write(tmp_path, f"tls_server_config:\n  cert_file: {cert}\n  key_file: {key}\n")
+    common = dict(data_dir=tmp_path / "data", ingest_tokens=frozenset({"i"}), read_tokens=frozenset({"r"}), web_config=web)
+    with pytest.raises(ValueError, match="tls_server_config and tls_cert is set too"):
+        Settings(tls_cert=cert, tls_key=key, **common)
+    assert Settings(**common).tls_cert == cert  # alone, the web config's certificate is the server's
