@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
 import shutil
+import ssl
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
+
+import pytest
 
 from fleetscope.demo import ALERTMANAGER_PORT, COLLECTOR_PORT, CONSOLE_PORT, PROMETHEUS_PORT, agent_ports, port_free
 from tests.conftest import http_get, wait_until
+
+
+def https_get(url: str, token: str, ca_file) -> tuple[int, bytes]:
+    """GET over HTTPS, the server's certificate verified against `ca_file` (and its name, 127.0.0.1)."""
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=5, context=ssl.create_default_context(cafile=str(ca_file))) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
 
 
 def holders(ports: list[int]) -> list[str]:
@@ -28,6 +44,7 @@ def holders(ports: list[int]) -> list[str]:
 
 
 def test_demo_runs_every_part_and_stops_them(tmp_path):
+    pytest.importorskip("cryptography", reason="the demo serves HTTPS only with the cryptography package (the demo extra)")
     ports = [COLLECTOR_PORT, CONSOLE_PORT, *agent_ports(0), *agent_ports(1)]
     with_prometheus = bool(shutil.which("prometheus"))
     if with_prometheus:
@@ -49,12 +66,26 @@ def test_demo_runs_every_part_and_stops_them(tmp_path):
         token = wait_until(lambda: re.search(r"read token: (\S+)\)", printed()), timeout=60, what="the demo's URLs").group(1)
         text = printed()
         assert f"http://127.0.0.1:{CONSOLE_PORT}" in text and f"127.0.0.1:{agent_ports(1)[0]}/metrics" in text
+        ca_file = tmp_path / "demo" / "tls" / "fleetscope-demo-CA.crt"
+        assert f"https://127.0.0.1:{COLLECTOR_PORT}/docs" in text and str(ca_file) in text
 
-        base = f"http://127.0.0.1:{COLLECTOR_PORT}"
+        base = f"https://127.0.0.1:{COLLECTOR_PORT}"
 
         def get(path):
-            status, body = http_get(base + path, token)
+            status, body = https_get(base + path, token, ca_file)
             return json.loads(body) if status == 200 else None
+
+        # HTTPS only, with a certificate that the demo's CA signed and no other trusts
+        assert https_get(base + "/healthz", token, ca_file)[0] == 200
+        try:
+            status = http_get(f"http://127.0.0.1:{COLLECTOR_PORT}/healthz", token)[0]
+        except (OSError, http.client.HTTPException) as exc:  # the TLS server's alert is no HTTP status line
+            status = exc
+        assert not isinstance(status, int), f"the collector answered plain HTTP with {status}"
+        with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+            urllib.request.urlopen(base + "/healthz", timeout=5, context=ssl.create_default_context())
+        for key in (tmp_path / "demo" / "tls").glob("*.key"):
+            assert key.stat().st_mode & 0o077 == 0, f"{key} is readable by others"
 
         job = wait_until(lambda: (j := get("/v1/jobs/demo-llama-8b")) and j["job"]["ranks"] == 8 and j, timeout=60,
                          what="all 8 ranks of the demo job")
@@ -76,6 +107,9 @@ def test_demo_runs_every_part_and_stops_them(tmp_path):
                 return len(result) == 3 and all(r["value"][1] == "1" for r in result)
 
             wait_until(targets_up, timeout=60, what="Prometheus scraping both agents and the collector")
+            status, body = http_get(f"http://127.0.0.1:{PROMETHEUS_PORT}/api/v1/targets")
+            urls = {t["labels"]["job"]: t["scrapeUrl"] for t in json.loads(body)["data"]["activeTargets"]}
+            assert urls["fleetscope-collector"].startswith("https://"), urls
             status, body = http_get(f"http://127.0.0.1:{PROMETHEUS_PORT}/api/v1/rules")
             assert {g["name"] for g in json.loads(body)["data"]["groups"]} >= {"fleetscope-agent", "fleetscope-gpu"}
     finally:
