@@ -45,6 +45,14 @@ class AgentConfig:
     # when it runs as a service); "" keeps them in memory only.
     spool_dir: str | None = None
     spool_bytes: int = 512 * 1024 * 1024
+    # Memory the shipper may hold while the collector is slow or away (events and the batches cut from them), and
+    # the largest batch it posts (at most the collector's max_body_bytes).
+    max_queue_bytes: int = 64 * 1024 * 1024
+    max_batch_bytes: int = 4 * 1024 * 1024
+    # What one workload sender may send (per uid on the Unix socket, per address and port over UDP), each a token
+    # bucket holding 2 s of its rate.
+    events_per_sender: float = 5000.0
+    bytes_per_sender: int = 4 * 1024 * 1024
     disable_sources: list[str] = field(default_factory=list)
     compat: list[str] = field(default_factory=list)  # "dcgm": also emit dcgm-exporter's names
     exclude_interfaces: str = r"^lo$"
@@ -70,8 +78,9 @@ class AgentConfig:
             path = getattr(self, name)
             if path and not os.path.isfile(path):
                 raise ValueError(f"{name} {path} is not a readable file")
-        if self.interval_s <= 0:
-            raise ValueError(f"interval_s must be positive, got {self.interval_s}")
+        for name in ("interval_s", "spool_bytes", "max_queue_bytes", "max_batch_bytes", "events_per_sender", "bytes_per_sender"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.collector_token is None:
             self.collector_token = read_secret("FLEETSCOPE_INGEST_TOKEN")
         if self.spool_dir is None:

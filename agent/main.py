@@ -10,7 +10,7 @@ import fleetscope
 from agent.config import AgentConfig, split_address
 from agent.exporter import AgentCollector, make_registry
 from agent.exposition import MetricsServer
-from agent.listener import Listener
+from agent.listener import Listener, SenderLimits
 from agent.sampler import Sampler
 from agent.shipper import Shipper
 from agent.sources import build_sources
@@ -28,9 +28,11 @@ class Agent:
                                  "certificate (tls_cert)")
             self.shipper = Shipper(config.collector_url, config.collector_token, agent_id=config.agent_id, node=config.node,
                                    labels=config.labels, spool_dir=config.spool_dir or None, spool_bytes=config.spool_bytes,
-                                   ca_file=config.ca_file, tls_cert=config.tls_cert, tls_key=config.tls_key)
+                                   ca_file=config.ca_file, tls_cert=config.tls_cert, tls_key=config.tls_key,
+                                   max_queue_bytes=config.max_queue_bytes, max_batch_bytes=config.max_batch_bytes)
         # events_address: "unix:/path", "host:port", or one of each, comma-separated (agent/listener.py)
-        self.listener = Listener(config.events_address, node=config.node, deliver=self._deliver, gpu_lookup=self._gpu_for)
+        self.listener = Listener(config.events_address, node=config.node, deliver=self._deliver, gpu_lookup=self._gpu_for,
+                                 limits=SenderLimits(events_per_s=config.events_per_sender, bytes_per_s=config.bytes_per_sender))
         self.sources = build_sources(config, workload_lookup=self.listener.workloads.get,
                                      deliver_server_frame=self.shipper.enqueue_server_frame if self.shipper else None)
         self.sampler = Sampler(self.sources, config.interval_s)

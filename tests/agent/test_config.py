@@ -54,3 +54,22 @@ def test_node_labels_are_an_info_metric_and_travel_in_frames():
     reg.register(AgentCollector(sampler, labels={"rack": "r12", "cluster": "a"}))
     assert reg.get_sample_value("fleetscope_node_info", {"cluster": "a", "rack": "r12"}) == 1
     assert host_frame(snapshot, "n1", {"cluster": "a"}).labels == {"cluster": "a"}
+
+
+def test_the_shipper_and_sender_limits_come_from_the_config(tmp_path):
+    from agent.main import Agent
+
+    path = tmp_path / "agent.toml"
+    path.write_text('[agent]\nmax_queue_bytes = 1048576\nmax_batch_bytes = 65536\nevents_per_sender = 10.0\n'
+                    'bytes_per_sender = 4096\ncollector_url = "http://127.0.0.1:9"\ngpu_backend = "none"\n'
+                    'metrics_address = "127.0.0.1:0"\nevents_address = "127.0.0.1:0"\n')
+    path.chmod(0o600)
+    agent = Agent(AgentConfig.load(path, collector_token="t", spool_dir=""))
+    try:
+        assert agent.listener.limits.events_per_s == 10.0 and agent.listener.limits.bytes_per_s == 4096
+        assert agent.shipper.max_queue_bytes == 1048576 and agent.shipper.max_batch_bytes == 65536
+    finally:
+        agent.listener.stop()
+        agent.sampler.stop()
+    with pytest.raises(ValueError, match="max_queue_bytes must be positive"):
+        AgentConfig(max_queue_bytes=0, gpu_backend="none")
