@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
+import subprocess
+import threading
 import time
 import urllib.request
 from typing import Callable
@@ -82,3 +85,43 @@ def wait_ready(client, timeout: float = 30.0):
     """A TestClient of the collector once its store has opened (/healthz answers 200)."""
     wait_until(lambda: client.get("/healthz").status_code == 200, timeout=timeout, interval=0.02, what="the collector's store")
     return client
+
+
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+    """Stop a child process with `sig`, killing it if it has not ended within `timeout`; its return code."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    """True once the peer has closed `sock` (whatever it wrote before closing is read past)."""
+    try:
+        while True:
+            if not sock.recv(4096):
+                return True
+    except ConnectionResetError:
+        return True
+
+
+def slowloris(sock: socket.socket, head: bytes, stop: threading.Event, every_s: float = 0.1) -> threading.Thread:
+    """Send `head` a byte every `every_s` seconds from a thread (each byte resets any per-read timeout)."""
+
+    def trickle():
+        for byte in head:
+            if stop.is_set():
+                return
+            try:
+                sock.send(bytes([byte]))
+            except OSError:
+                return
+            time.sleep(every_s)
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    return thread

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fleetscope.cli import main as cli
-from tests.conftest import free_port, wait_until
+from tests.conftest import free_port, stop_process, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,12 +44,7 @@ def test_by_default_the_console_listens_on_loopback_only(tmp_path):
         argv = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
         assert argv[argv.index(b"--server.address") + 1] == b"127.0.0.1"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 def test_another_address_without_sign_in_is_refused():

@@ -14,7 +14,7 @@ import pytest
 from agent.config import AgentConfig
 from fleetscope.cli import main as cli
 from fleetscope.secrets import SecretError, read_secret, read_secrets
-from tests.conftest import free_port, wait_until
+from tests.conftest import free_port, stop_process, wait_until
 
 TOKEN = "s3cret-ingest-7f1c"
 
@@ -170,10 +170,5 @@ def test_the_running_agent_uses_the_token_file_and_no_user_can_see_the_token(tmp
         ps = subprocess.run(["ps", "-eo", "pid,args", "--width", "4096"], capture_output=True, text=True).stdout
         assert str(proc.pid) in ps and TOKEN not in ps
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         fake.httpd.shutdown()

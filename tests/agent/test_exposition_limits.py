@@ -11,7 +11,7 @@ import pytest
 
 from agent import exposition
 from agent.exposition import MetricsServer
-from tests.conftest import wait_until
+from tests.conftest import closed_by_server, slowloris, wait_until
 
 BODY = b"fleetscope_x 1.0\n"
 
@@ -41,13 +41,6 @@ def connect(server: MetricsServer) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", server.address[1]))
     sock.settimeout(10)
     return sock
-
-
-def closed_by_server(sock: socket.socket) -> bool:
-    try:
-        return sock.recv(1) == b""
-    except ConnectionResetError:
-        return True
 
 
 def handler_threads() -> list[str]:
@@ -86,18 +79,7 @@ def test_idle_and_trickling_connections_are_closed_after_the_timeout(serve):
     idle = connect(server)
     trickling = connect(server)
     stop = threading.Event()
-
-    def trickle():  # slowloris: a byte every 0.1 s, so no read ever waits long
-        for byte in b"GET /metrics HTTP/1.1\r\nHost: agent\r\nX-Padding: " + b"a" * 200:
-            if stop.is_set():
-                return
-            try:
-                trickling.send(bytes([byte]))
-            except OSError:
-                return
-            time.sleep(0.1)
-
-    threading.Thread(target=trickle, daemon=True).start()
+    slowloris(trickling, b"GET /metrics HTTP/1.1\r\nHost: agent\r\nX-Padding: " + b"a" * 200, stop)
     started = time.monotonic()
     try:
         assert closed_by_server(idle)

@@ -12,25 +12,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import wait_ready
 
 from collector.api import create_app
-from collector.settings import Settings, load_config
+from collector.settings import load_config
 from collector.store import Store
 from fleetscope.schema import decode_batch
 
-INGEST, READ = "ingest-secret", "read-secret"
-W = {"Authorization": f"Bearer {INGEST}"}
-R = {"Authorization": f"Bearer {READ}"}
+from tests.collector.test_api import INGEST, READ, R, W, client, settings  # noqa: F401 - the client fixture
+
 DAY = 86400.0
-
-
-def settings(tmp_path, **kw) -> Settings:
-    return Settings(data_dir=tmp_path / "data", ingest_tokens=frozenset({INGEST}), read_tokens=frozenset({READ}), **kw)
-
-
-@pytest.fixture
-def client(tmp_path):
-    with TestClient(create_app(settings(tmp_path))) as c:
-        wait_ready(c)
-        yield c
 
 
 def step(job, rank, n, ts, duration=1.0, world_size=2):

@@ -14,7 +14,7 @@ import uvicorn
 
 from collector import main as collector_main
 from collector.settings import Settings
-from tests.conftest import free_port, http_get, wait_until
+from tests.conftest import closed_by_server, free_port, http_get, slowloris, wait_until
 
 
 def settings(tmp_path) -> Settings:
@@ -25,15 +25,6 @@ def connect(port: int) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port))
     sock.settimeout(15)
     return sock
-
-
-def closed_by_server(sock: socket.socket) -> bool:
-    try:
-        while True:  # a 4xx the server may write before closing is read past
-            if not sock.recv(4096):
-                return True
-    except ConnectionResetError:
-        return True
 
 
 def test_the_collector_runs_with_bounded_connections_and_request_deadlines(tmp_path):
@@ -95,18 +86,7 @@ def test_a_trickled_head_and_a_stalled_body_are_cut_off(collector):
     trickling, stalled = connect(collector), connect(collector)
     stalled.sendall(b"POST /v1/ingest HTTP/1.1\r\nHost: c\r\nAuthorization: Bearer i\r\nContent-Length: 1000\r\n\r\n{")
     stop = threading.Event()
-
-    def trickle():  # slowloris: a byte every 0.1 s, each one resetting any per-read timeout
-        for byte in b"GET /healthz HTTP/1.1\r\nHost: collector\r\nX-Padding: " + b"a" * 200:
-            if stop.is_set():
-                return
-            try:
-                trickling.send(bytes([byte]))
-            except OSError:
-                return
-            time.sleep(0.1)
-
-    threading.Thread(target=trickle, daemon=True).start()
+    slowloris(trickling, b"GET /healthz HTTP/1.1\r\nHost: collector\r\nX-Padding: " + b"a" * 200, stop)
     started = time.monotonic()
     try:
         assert closed_by_server(trickling)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, http_get, wait_until
+from tests.conftest import free_port, http_get, stop_process, wait_until
 
 INGEST, READ = "e2e-ingest", "e2e-read"
 
@@ -26,15 +26,9 @@ class Proc:
         return self.log.read_text(errors="replace")
 
     def stop(self, sig=signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        code = stop_process(self.proc, sig)
         self.fh.close()
-        return self.proc.returncode
+        return code
 
 
 @pytest.fixture

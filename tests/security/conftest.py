@@ -9,7 +9,7 @@ import pytest
 from tests.conftest import free_port, http_get, wait_until
 from tests.e2e.conftest import INGEST, READ, collector, procs  # noqa: F401 - fixtures for these tests
 
-__all__ = ["INGEST", "READ", "collector", "procs", "collector_with"]
+__all__ = ["INGEST", "READ", "agent_metrics", "collector", "procs", "collector_with"]
 
 
 @pytest.fixture
@@ -29,3 +29,11 @@ def collector_with(procs, tmp_path):  # noqa: F811
         return proc
 
     return start
+
+
+def agent_metrics(agent) -> dict[str, float]:
+    """An agent's /metrics (`agent.metrics_url`) as {series: value}."""
+    status, body = http_get(agent.metrics_url, timeout=10)
+    assert status == 200
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in body.decode().splitlines()
+            if line and not line.startswith("#")}

@@ -19,7 +19,7 @@ import fleetscope
 from fleetscope.client import Emitter
 from tests.conftest import free_port, http_get, wait_until
 from tests.e2e.conftest import api
-from tests.security.conftest import INGEST
+from tests.security.conftest import INGEST, agent_metrics
 
 MEMORY_MAX = 256 * 1024 * 1024  # the systemd unit's MemoryMax
 
@@ -34,13 +34,6 @@ def start_agent(procs, collector_url: str, spool: Path):
     proc.events = ("127.0.0.1", events_port)
     wait_until(lambda: http_get(proc.metrics_url)[0] == 200, what="the agent's /metrics", timeout=30)
     return proc
-
-
-def agent_metrics(agent) -> dict[str, float]:
-    status, body = http_get(agent.metrics_url, timeout=10)
-    assert status == 200
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in body.decode().splitlines()
-            if line and not line.startswith("#")}
 
 
 def peak_rss(agent) -> int:

@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import free_port, http_get, wait_until
 from tests.e2e.conftest import api
-from tests.security.conftest import INGEST
+from tests.security.conftest import INGEST, agent_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -78,13 +78,6 @@ def start_agent(procs, socket_path: str, collector_url: str | None = None, spool
     proc.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     wait_until(lambda: http_get(proc.metrics_url)[0] == 200, what="the agent's /metrics", timeout=30)
     return proc
-
-
-def agent_metrics(agent) -> dict[str, float]:
-    status, body = http_get(agent.metrics_url, timeout=10)
-    assert status == 200
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in body.decode().splitlines()
-            if line and not line.startswith("#")}
 
 
 def run_python(code: str, *args: str) -> list[str]:
