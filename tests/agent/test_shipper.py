@@ -305,9 +305,9 @@ def test_a_send_that_hangs_does_not_keep_its_batch_only_in_memory(tmp_path):
     s.start()
     try:
         s.enqueue_event(step(0))
-        wait_until(lambda: len(s.spool) == 1, timeout=3, what="the hanging batch on disk")
+        wait_until(lambda: len(s.spool) == 1, timeout=10, what="the hanging batch on disk")
         s.enqueue_event(step(1))
-        wait_until(lambda: s.spool.events == 2, timeout=3, what="what came after it on disk too")
+        wait_until(lambda: s.spool.events == 2, timeout=10, what="what came after it on disk too")
         collector.hold.set()
         wait_until(lambda: collector.steps() == [("j", 0), ("j", 1)] and not len(s.spool), timeout=10, what="both delivered")
         assert len(collector.applied) == 2
