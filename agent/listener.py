@@ -29,14 +29,15 @@ from typing import Callable, NamedTuple
 import msgspec
 
 from agent.sources.base import Family, Reading
+from agent.config import split_address
 from fleetscope.schema import Event, SchemaError, TooDeep, UnsupportedVersion, decode_event
-from fleetscope.vocabulary import UDP_MAX_BYTES
+from fleetscope.vocabulary import MAX_DATAGRAM_BYTES, UDP_MAX_BYTES
 
 log = logging.getLogger("fleetscope.agent.listener")
 
 MAX_DATAGRAM = UDP_MAX_BYTES
 # The client never sends more than this; anything larger is refused as a whole.
-MAX_EVENT_BYTES = 60_000
+MAX_EVENT_BYTES = MAX_DATAGRAM_BYTES
 REJECT_REASONS = ("invalid", "version", "too_large", "too_deep", "rate_limited", "error")
 # struct ucred: pid, uid, gid, as SCM_CREDENTIALS carries it
 _UCRED = struct.Struct("iII")
@@ -70,9 +71,9 @@ def parse_events_address(spec: str, default_host: str = "127.0.0.1") -> list[End
                 raise ValueError(f"events_address {part!r}: the socket path must be absolute (unix:/run/fleetscope/events.sock)")
             endpoints.append(Endpoint("unix", path=path, group=group))
         else:
-            host, _, port = part.rpartition(":")
             try:
-                endpoints.append(Endpoint("udp", host=host or default_host, port=int(port)))
+                host, port = split_address(part, default_host)
+                endpoints.append(Endpoint("udp", host=host, port=port))
             except ValueError:
                 raise ValueError(f"events_address {part!r} is neither host:port nor unix:/path") from None
     if not endpoints or len({e.transport for e in endpoints}) != len(endpoints):

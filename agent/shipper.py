@@ -69,8 +69,7 @@ _RECORDS = ("events", "frames", "servers")
 
 @dataclass(eq=False)
 class Outgoing:
-    body: bytes
-    seq: int | None
+    body: bytes  # the batch as sent, its sequence number inside
     events: int
     frames: int
     spooled: Spooled | None = None  # its file, once it is on disk
@@ -285,7 +284,7 @@ class Shipper:
         batch = Batch(v=1, agent_id=self.agent_id, seq=self.seq, node=self.node, sent_ts=time.time(), events=events,
                       frames=host, servers=servers, epoch=self.epoch)
         self.seq += SEQ_STRIDE
-        return Outgoing(encode(batch), batch.seq, len(events), len(host) + len(servers))
+        return Outgoing(encode(batch), len(events), len(host) + len(servers))
 
     def _hold_locked(self, item: Outgoing) -> None:
         self.outbox.append(item)
@@ -303,7 +302,7 @@ class Shipper:
                     self._hold_locked(item)
                 return self.outbox[0]
         try:
-            return Outgoing(head.read(), None, head.events, head.frames, spooled=head)
+            return Outgoing(head.read(), head.events, head.frames, spooled=head)
         except OSError as exc:
             # Unreadable (gone, an I/O error): it would block every later batch; its loss is counted.
             self._spool_fault("read", exc)

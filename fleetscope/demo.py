@@ -21,13 +21,15 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from fleetscope.vocabulary import AGENT_EVENTS_PORT, AGENT_METRICS_PORT, COLLECTOR_PORT, CONSOLE_PORT
+
 REPO = Path(__file__).resolve().parent.parent
-COLLECTOR_PORT, CONSOLE_PORT, PROMETHEUS_PORT, ALERTMANAGER_PORT = 9837, 8501, 9090, 9093
+PROMETHEUS_PORT, ALERTMANAGER_PORT = 9090, 9093
 
 
 def agent_ports(i: int) -> tuple[int, int]:
     """(metrics, events) ports of the i-th simulated node; node 0 gets the defaults."""
-    return (9835, 9836) if i == 0 else (9900 + 2 * i, 9901 + 2 * i)
+    return (AGENT_METRICS_PORT, AGENT_EVENTS_PORT) if i == 0 else (9900 + 2 * i, 9901 + 2 * i)
 
 
 @dataclass

@@ -10,7 +10,9 @@ from agent.gpu.xid import describe
 from fleetscope.vocabulary import DEGRADED, HEALTHY, TEMPERATURE_MARGIN_C, TROUBLE_EVENTS, UNHEALTHY
 from fleetscope.vocabulary import HEALTH_STATES as STATES
 
-__all__ = ["DEGRADED", "HEALTHY", "STATES", "UNHEALTHY", "Verdict", "verdict"]
+__all__ = ["DEGRADED", "HEALTHY", "STATES", "UNHEALTHY", "XID_WINDOW_S", "Verdict", "verdict"]
+
+XID_WINDOW_S = 3600.0  # an XID keeps its GPU's verdict down this long after it happened
 
 
 @dataclass(frozen=True)

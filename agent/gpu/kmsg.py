@@ -104,8 +104,7 @@ class KernelXids:
         self._resume_after: int | None = None  # after a reopen, the ring is read again from its start
         self._overrun = False
         self._problem: str | None = None
-        self._retry_at = 0.0
-        self._open()
+        self._retry_at = 0.0  # opened at the first poll: a reader that is never polled never opens the log
 
     @property
     def problem(self) -> str | None:

@@ -37,6 +37,7 @@ from collections import Counter, deque
 from types import ModuleType
 from typing import Any
 
+from agent.gpu.health import XID_WINDOW_S
 from agent.gpu.kmsg import normalize_bus_id
 from agent.gpu.state import FabricState, GpuProcess, GpuState, MigInstance, NvLinkState, PcieState, RemappedRows
 
@@ -59,7 +60,6 @@ MIG_GPM_METRICS = (("NVML_GPM_METRIC_GRAPHICS_UTIL", "gr_engine_activity_ratio")
 MAX_EVENTS_PER_SAMPLE = 1000  # a storm must not stall the sampler; the rest waits for the next sample
 MAX_FIELDS_PER_CALL = 64
 INIT_BACKOFF_S = (1.0, 300.0)  # first retry after 1 s, doubling up to 5 min
-XID_RECENT_S = 3600.0  # XIDs within this window make the GPU's verdict (agent/gpu/health.py)
 
 _ABSENT = ("NotSupported", "NotFound", "InvalidArgument", "NoData", "ArgumentVersionMismatch", "Deprecated",
            "InsufficientSize", "VgpuEccNotSupported")
@@ -204,6 +204,18 @@ class Nvml:
             import pynvml as lib  # only here, so the agent starts without it
         self.lib = lib
         self.errors = _Errors(lib)
+        # Lookups that depend on the binding only, made once instead of at every read.
+        self._value_attr = {lib.NVML_VALUE_TYPE_DOUBLE: "dVal", lib.NVML_VALUE_TYPE_UNSIGNED_INT: "uiVal",
+                            lib.NVML_VALUE_TYPE_UNSIGNED_LONG: "ulVal", lib.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG: "ullVal",
+                            lib.NVML_VALUE_TYPE_SIGNED_LONG_LONG: "sllVal",
+                            getattr(lib, "NVML_VALUE_TYPE_SIGNED_INT", -1): "siVal"}
+        self._gpm_wanted = {metrics: [(getattr(lib, name), field) for name, field in metrics if hasattr(lib, name)]
+                            for metrics in (GPM_METRICS, MIG_GPM_METRICS)}
+        self._fabric_names = (
+            {getattr(lib, f"NVML_GPU_FABRIC_STATE_{s.upper()}", -1): s for s in ("not_started", "in_progress", "completed")},
+            {getattr(lib, f"NVML_GPU_FABRIC_HEALTH_SUMMARY_{s.upper()}", -1): s
+             for s in ("healthy", "unhealthy", "limited_capacity")},
+        )
         self.clock = clock
         self._lock = threading.Lock()
         self._initialized = False
@@ -524,7 +536,7 @@ class Nvml:
             side.setdefault(x.bus_id, Counter())[x.code] += 1
             self._last_xid[x.bus_id] = x.code
             when = now_wall - (now_boot_us - x.boot_us) / 1e6
-            if when >= now_wall - XID_RECENT_S:
+            if when >= now_wall - XID_WINDOW_S:
                 self._recent.setdefault(x.bus_id, deque()).append((when, x.code))
             if x.boot_us >= self._started_boot_us:
                 log.error("GPU %s: XID %d (kernel log): %s", x.bus_id, x.code, x.message)
@@ -543,7 +555,7 @@ class Nvml:
         events = self._recent.get(key)
         if not events:
             return {}
-        horizon = time.time() - XID_RECENT_S
+        horizon = time.time() - XID_WINDOW_S
         while events and events[0][0] < horizon:
             events.popleft()
         return dict(Counter(code for _, code in events))
@@ -614,9 +626,7 @@ class Nvml:
         """Field values in batches (ids are field ids or (field id, scope) pairs); None where unsupported."""
         lib = self.lib
         out: list[float | None] = []
-        kinds = {lib.NVML_VALUE_TYPE_DOUBLE: "dVal", lib.NVML_VALUE_TYPE_UNSIGNED_INT: "uiVal",
-                 lib.NVML_VALUE_TYPE_UNSIGNED_LONG: "ulVal", lib.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG: "ullVal",
-                 lib.NVML_VALUE_TYPE_SIGNED_LONG_LONG: "sllVal", getattr(lib, "NVML_VALUE_TYPE_SIGNED_INT", -1): "siVal"}
+        kinds = self._value_attr
         for start in range(0, len(ids), MAX_FIELDS_PER_CALL):
             chunk = ids[start:start + MAX_FIELDS_PER_CALL]
             values = gpu.call("nvmlDeviceGetFieldValues", gpu.handle, chunk)
@@ -684,7 +694,7 @@ class Nvml:
         lib = self.lib
         request = lib.c_nvmlGpmMetricsGet_t()
         request.version = lib.NVML_GPM_METRICS_GET_VERSION
-        wanted = [(getattr(lib, metric_id), field) for metric_id, field in metrics if hasattr(lib, metric_id)]
+        wanted = self._gpm_wanted[metrics]
         request.numMetrics = len(wanted)
         request.sample1, request.sample2 = first, second
         for i, (metric_id, _) in enumerate(wanted):
@@ -715,20 +725,15 @@ class Nvml:
         if state == lib.NVML_GPU_FABRIC_STATE_NOT_SUPPORTED:  # no NVSwitch fabric: not asked again for this handle
             gpu.static["no_fabric"] = True
             return None
-        states = {lib.NVML_GPU_FABRIC_STATE_NOT_STARTED: "not_started", lib.NVML_GPU_FABRIC_STATE_IN_PROGRESS: "in_progress",
-                  lib.NVML_GPU_FABRIC_STATE_COMPLETED: "completed"}
+        states, summary = self._fabric_names
         status = None
         if state == lib.NVML_GPU_FABRIC_STATE_COMPLETED:
             status = "success" if int(info.status) == lib.NVML_SUCCESS else reason_of(lib.NVMLError(int(info.status)))
-        summary = {getattr(lib, "NVML_GPU_FABRIC_HEALTH_SUMMARY_HEALTHY", -1): "healthy",
-                   getattr(lib, "NVML_GPU_FABRIC_HEALTH_SUMMARY_UNHEALTHY", -1): "unhealthy",
-                   getattr(lib, "NVML_GPU_FABRIC_HEALTH_SUMMARY_LIMITED_CAPACITY", -1): "limited_capacity"}
         mask = int(getattr(info, "healthMask", 0))
         shift, width = lib.NVML_GPU_FABRIC_HEALTH_MASK_SHIFT_DEGRADED_BW, lib.NVML_GPU_FABRIC_HEALTH_MASK_WIDTH_DEGRADED_BW
         degraded = (mask >> shift) & width
         return FabricState(
             state=states.get(state, f"state_{state}"), status=status, clique_id=int(info.cliqueId),
-            cluster_uuid=bytes(info.clusterUuid).hex() if hasattr(info, "clusterUuid") and any(info.clusterUuid) else None,
             health=summary.get(int(getattr(info, "healthSummary", 0))),
             degraded_bandwidth={lib.NVML_GPU_FABRIC_HEALTH_MASK_DEGRADED_BW_TRUE: True,
                                 lib.NVML_GPU_FABRIC_HEALTH_MASK_DEGRADED_BW_FALSE: False}.get(degraded),

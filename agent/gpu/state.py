@@ -63,7 +63,6 @@ class FabricState:
     state: str  # not_started | in_progress | completed
     status: str | None = None  # the registration's result once completed: "success" or NVML's error name
     clique_id: int | None = None
-    cluster_uuid: str | None = None
     health: str | None = None  # healthy | unhealthy | limited_capacity, from the health summary where the driver has it
     degraded_bandwidth: bool | None = None
 

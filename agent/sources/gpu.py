@@ -3,23 +3,20 @@ NVLink, XIDs and a health verdict, from NVML or the simulator."""
 
 from __future__ import annotations
 
-import logging
 import time
 from collections import deque
 
 from agent.cgroup import Owner, owner_of
 from agent.gpu import dcgm
-from agent.gpu.health import STATES, Verdict, verdict
+from agent.gpu.health import STATES, XID_WINDOW_S, Verdict, verdict
 from agent.gpu.nvml import NvmlUnavailable
 from agent.gpu.state import CLOCK_EVENT_REASONS, GpuState, clock_event_names
 from agent.gpu.xid import CATALOGUE
 from agent.sources.base import Collected, Family, NoData, Reading, Source, reading, register
 
-log = logging.getLogger("fleetscope.agent.gpu")
 
 G = ("gpu", "uuid")
 PROC = ("pid", "container", "pod_uid", "slurm_job", "training_job", "rank")
-XID_WINDOW_S = 3600.0  # an XID keeps its GPU's verdict down for an hour (or until the agent restarts)
 
 # (GpuState field, metric, kind, help)
 _FIELDS = (
