@@ -87,9 +87,6 @@ class StepHistory:
             self.ranks = {k: v for k, v in self.ranks.items() if v[1] >= before}
             self.jobs = {k: v for k, v in self.jobs.items() if v[1] >= before}
 
-    def __len__(self) -> int:
-        return len(self.ranks)
-
 
 def step_highs(events) -> dict[tuple[str, int], int]:
     """(job, rank) -> highest step among a batch's step events (for a batch replayed from the log)."""

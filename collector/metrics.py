@@ -62,11 +62,8 @@ class CollectorMetrics:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
 
-    def ingested(self, batch: Batch, duplicate: bool, counts: dict[str, int] | None = None) -> None:
-        """Count an acknowledged batch; `counts` (records by kind) spares a walk over its events."""
-        if counts is None and not duplicate:
-            counts = Counter(type(ev).__struct_config__.tag for ev in batch.events)
-            counts["host_frame"] = len(batch.frames)
+    def ingested(self, batch: Batch, duplicate: bool, counts: dict[str, int] | None) -> None:
+        """Count an acknowledged batch with its records applied by kind (None for a duplicate)."""
         with self._lock:
             self.batches["duplicate" if duplicate else "applied"] += 1
             if not duplicate and counts:
@@ -111,12 +108,13 @@ class CollectorMetrics:
         yield m
         yield from self._storage()
         omitted: dict[str, int] = {}
-        troubled = self._troubled()
+        found = self.tracker.findings() if self.tracker is not None else []  # sorted under the tracker's lock: once
+        troubled = self._troubled(found)
         jobs = jobs_now(self.store, self.views)
         keep = self._keep_jobs(jobs, troubled[0], omitted)
         yield from self._training(jobs, keep)
         yield from self._inference(troubled[2], omitted)
-        yield from self._findings(keep, troubled[1], omitted)
+        yield from self._findings(found, keep, troubled[1], omitted)
         m = GaugeMetricFamily("fleetscope_collector_metrics_omitted",
                               "Jobs, services (per model) and ranks left out of this exposition by the collector's limits "
                               "(metrics_max_jobs, _services, _ranks): the most troubled, then the most recent, are kept.",
@@ -125,14 +123,12 @@ class CollectorMetrics:
             m.add_metric([kind], omitted.get(kind, 0))
         yield m
 
-    def _troubled(self) -> tuple[dict[str, int], set[tuple[str, int]], set[str]]:
+    def _troubled(self, found: list) -> tuple[dict[str, int], set[tuple[str, int]], set[str]]:
         """From the active findings: job -> 0 (paging) or 1 (ticket), the (job, rank)s and the services named."""
         jobs: dict[str, int] = {}
         ranks: set[tuple[str, int]] = set()
         services: set[str] = set()
-        if self.tracker is None:
-            return jobs, ranks, services
-        for f in self.tracker.findings():
+        for f in found:
             if not f.active:
                 continue
             job = f.subject.get("job")
@@ -218,7 +214,8 @@ class CollectorMetrics:
             omitted["rank"] = total - scores.height
         return scores
 
-    def _findings(self, jobs: set[str], troubled_ranks: set[tuple[str, int]], omitted: dict[str, int]) -> Iterable[Metric]:
+    def _findings(self, found: list, jobs: set[str], troubled_ranks: set[tuple[str, int]],
+                  omitted: dict[str, int]) -> Iterable[Metric]:
         if self.tracker is None:
             return
         signals = self.tracker.signals
@@ -227,7 +224,7 @@ class CollectorMetrics:
         labels = ["kind", "severity", "training_job", "rank", "node", "service"]
         active = GaugeMetricFamily("fleetscope_finding_active", "1 for each finding active now (see GET /v1/findings).",
                                    labels=labels + self._c)
-        for f in self.tracker.findings():
+        for f in found:
             job, rank = f.subject.get("job"), f.subject.get("rank")
             if job is not None and (job not in jobs or (rank is not None and (job, int(rank)) not in shown_ranks)):
                 continue  # past the limits: GET /v1/findings lists it

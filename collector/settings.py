@@ -11,10 +11,10 @@ unit ("30d", "6h", "90s"). An unknown key is an error that names it.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,6 +92,10 @@ def default_retention_bytes(data_dir: Path) -> int:
     return int(shutil.disk_usage(folder).total * 0.4)
 
 
+def token_digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
 @dataclass(frozen=True)
 class Settings:
     data_dir: Path = field(default_factory=lambda: Path(os.environ.get("FLEETSCOPE_DATA_DIR", ".fleetscope/collector")))
@@ -134,8 +138,14 @@ class Settings:
     # whole server's TLS (with tls_cert too it is refused as ambiguous).
     web_config: Path | None = None
     metrics_basic_auth: object = field(default=None, compare=False, repr=False)  # a BasicAuth, from web_config
+    # Derived once from the tokens, for the check every request makes (collector/api/deps.py): the node each agent
+    # token is bound to, by the token's SHA-256 (a dict lookup, not a pass over every token); every ingest token.
+    agent_by_digest: dict = field(init=False, default_factory=dict, compare=False, repr=False)
+    all_ingest_tokens: frozenset = field(init=False, default=frozenset(), compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "agent_by_digest", {token_digest(t): node for t, node in self.agent_tokens})
+        object.__setattr__(self, "all_ingest_tokens", self.ingest_tokens | {t for t, _ in self.agent_tokens})
         if self.web_config is not None:
             self._take_web_config()
         if not self.ingest_tokens and not self.agent_tokens and self.tls_client_ca is None:
@@ -214,12 +224,9 @@ def load_config(path: str | Path) -> tuple[dict[str, object], dict[str, object]]
     """(Settings keyword arguments, other [collector] keys such as listen) from a TOML file with a
     [collector] table and [[slo]] tables. Raises ValueError naming what is wrong."""
     from collector.slo import parse_slos
+    from fleetscope.secrets import load_private_toml
 
-    with open(path, "rb") as fh:
-        try:
-            data = tomllib.load(fh)
-        except tomllib.TOMLDecodeError as exc:
-            raise ValueError(f"{path}: not valid TOML ({exc})") from None
+    data = load_private_toml(path, "collector")  # a [collector] table that holds a token must be private
     unknown = sorted(set(data) - {"collector", "slo"})
     if unknown:
         raise ValueError(f"{path}: unknown table or key(s) {', '.join(map(repr, unknown))}; expected [collector] and [[slo]]")

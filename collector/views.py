@@ -46,6 +46,6 @@ class Views:
 
 def jobs_now(store, views: Views | None) -> pl.DataFrame:
     """Every job over the hot tier's window (the /metrics and the default /v1/jobs view)."""
-    steps = store.frame("steps")
-    compute = lambda: with_mfu(jobs_overview(store.hot.step_aggs(), steps), store.hot.latest("gpus"))  # noqa: E731
-    return views.get("jobs", compute, rows=steps.height) if views is not None else compute()
+    # The steps table is put together only when the view is computed, not at every cache hit (every scrape).
+    compute = lambda: with_mfu(jobs_overview(store.hot.step_aggs(), store.frame("steps")), store.hot.latest("gpus"))  # noqa: E731
+    return views.get("jobs", compute, rows=store.hot.rows()["steps"]) if views is not None else compute()

@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from fleetscope.secrets import SecretError, load_private_toml, read_secret, read_secrets, refused_flag_message
+from fleetscope.secrets import SecretError, read_secret, read_secrets, refused_flag_message
 
 
 def _logging(verbose: bool) -> None:
@@ -94,7 +94,6 @@ def _collector(args: argparse.Namespace) -> int:
     listen = "0.0.0.0:9837"
     try:
         if args.config:
-            load_private_toml(args.config, "collector")  # a [collector] table that holds a token must be private
             kwargs, other = load_config(args.config)
             listen = str(other.get("listen", listen))
         # Flags win over the config file, which wins over the environment.
