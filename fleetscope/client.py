@@ -123,7 +123,8 @@ class Emitter:
             return True
         except Exception as exc:  # never raise into the workload
             if self._default and isinstance(exc, (FileNotFoundError, ConnectionRefusedError)):
-                self._pid = -1  # the agent's socket went away: choose again at the next event
+                with self._lock:  # the agent's socket went away: choose again at the next event (closing this one)
+                    self._recheck_at = float("-inf")
             return self._drop(exc)
 
     def _drop(self, exc: Exception) -> bool:
