@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 import schemathesis  # noqa: E402 - a test dependency: `make test` installs it
@@ -25,6 +26,9 @@ import tempfile  # noqa: E402
 _DATA = tempfile.mkdtemp(prefix="fleetscope-fuzz-")
 atexit.register(shutil.rmtree, _DATA, ignore_errors=True)
 _APP = make_app(_DATA)
+# 17 endpoints x 60 examples take about a minute: out of the quick loop, in `make test`.
+pytestmark = pytest.mark.slow
+
 schema = schemathesis.openapi.from_asgi("/openapi.json", _APP)
 
 
