@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from collector.bounds import REASONS, RECORD_KINDS
+from collector.goodput import BADPUT
 from collector.findings import FindingsTracker
 from collector.store import Store
 from collector.views import jobs_now
@@ -59,6 +60,7 @@ class CollectorMetrics:
         self.rejections: Counter[str] = Counter()
         self.refusals: Counter[tuple[str, str]] = Counter()
         self.max_jobs, self.max_services, self.max_ranks = max_jobs, max_services, max_ranks
+        self._badput: dict[tuple[str, str], float] = {}  # the last value exported: a counter never goes down
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
 
@@ -113,6 +115,7 @@ class CollectorMetrics:
         jobs = jobs_now(self.store, self.views)
         keep = self._keep_jobs(jobs, troubled[0], omitted)
         yield from self._training(jobs, keep)
+        yield from self._goodput(keep)
         yield from self._inference(troubled[2], omitted)
         yield from self._findings(found, keep, troubled[1], omitted)
         m = GaugeMetricFamily("fleetscope_collector_metrics_omitted",
@@ -291,6 +294,33 @@ class CollectorMetrics:
             seen.add_metric([row["job"], *self._cv], row["last_report_ts"])
             p50.add_metric([row["job"], *self._cv], row["step_time_p50_s"])
         yield from (last, seen, p50, tps, mfu)
+
+    def _goodput(self, keep: set[str]) -> Iterable[Metric]:
+        """Each shown job's goodput over its whole life (collector.goodput), shared for an analysis interval."""
+        ratio = GaugeMetricFamily("fleetscope_training_goodput_ratio",
+                                  "Productive GPU time over all the GPU time of the job's life, across its restarts (0-1).",
+                                  labels=["training_job"] + self._c)
+        badput = CounterMetricFamily("fleetscope_training_badput_seconds",
+                                     "GPU seconds of the job's life that were not productive, by reason: recomputed, checkpoint, "
+                                     "startup, hang, pause, data_stall, straggler_wait.", labels=["training_job", "reason"] + self._c)
+        compute = lambda: {job: self.store.goodput.report(job) for job in keep}  # noqa: E731
+        reports = self.views.get("goodput", compute) if self.views is not None else compute()
+        seen = {}
+        for job in sorted(keep):
+            report = reports.get(job)
+            if report is None:
+                continue
+            if report.goodput_ratio is not None:
+                ratio.add_metric([job, *self._cv], report.goodput_ratio)
+            for reason in BADPUT:
+                # A second can move between reasons as rows come late (a restore makes earlier steps recomputed):
+                # the exported counter holds its highest value until the ledger's catches up.
+                value = max(report.seconds[reason], self._badput.get((job, reason), 0.0))
+                seen[(job, reason)] = value
+                badput.add_metric([job, reason, *self._cv], value)
+        with self._lock:
+            self._badput = seen
+        yield from (ratio, badput)
 
     def _inference(self, troubled: set[str], omitted: dict[str, int]) -> Iterable[Metric]:
         window = self.store.frame("requests").filter(pl.col("ts") >= time.time() - RECENT_S)

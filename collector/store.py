@@ -36,6 +36,7 @@ from typing import Callable, Protocol
 import polars as pl
 
 from collector import faults, partitions
+from collector.goodput import GoodputLedger
 from collector.bounds import Bounds, Refusal, StepHistory, screen, step_highs
 from collector.hot import HotTier, merge_small
 from collector.rollups import ALL_SCHEMAS
@@ -101,8 +102,11 @@ class Store:
                  persisted: dict[str, Persisted] | None = None, start: bool = True) -> None:
         self.data_dir = Path(data_dir)
         self.window_s = window_s
-        self.observers = observers  # see each new row once, as it is applied (ingest and WAL replay)
-        self.persisted = dict(persisted or {})
+        # Where each training job's GPU-hours went, over its whole life (collector.goodput): kept as rows
+        # are applied, snapshotted with each checkpoint.
+        self.goodput = GoodputLedger(retention_s)
+        self.observers = (self.goodput.observe, *observers)  # see each new row once, as it is applied (ingest and WAL replay)
+        self.persisted = {"goodput": self.goodput, **(persisted or {})}
         self.retention_s = retention_s
         self.retention_bytes = retention_bytes
         self.bounds = Bounds(max_future_s=max_future_s, max_age_s=retention_s, max_step_jump=max_step_jump)
@@ -459,6 +463,7 @@ class Store:
         """The hot tier's upkeep, then the rows waiting for a checkpoint merged from one small frame per
         batch into a few large ones (each small frame costs about its own size again in overhead)."""
         self.hot.maintain(now)
+        self.goodput.maintain(now)
         self.steps_seen.forget((time.time() if now is None else now) - self.window_s)
         with self._gate:
             snap = {k: list(v) for k, v in self._unwritten.items() if len(v) > 16}

@@ -154,6 +154,20 @@ def default_emitter() -> Emitter:
         return _default_emitter
 
 
+def process_start_time(stat_path: str = "/proc/self/stat", proc_stat_path: str = "/proc/stat") -> float | None:
+    """When the OS started this process (Unix time), from Linux's /proc; None where that cannot be read."""
+    try:
+        with open(stat_path) as fh:
+            # Field 22 (starttime, in clock ticks after boot) counts from after the command name, which may
+            # hold spaces and parentheses: split after its closing parenthesis.
+            ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
+        with open(proc_stat_path) as fh:
+            boot = next(int(line.split()[1]) for line in fh if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except Exception:  # not Linux, no /proc, a format we do not know: the caller falls back
+        return None
+
+
 def _env_int(*names: str, default: int) -> int:
     for name in names:
         value = os.environ.get(name)
@@ -339,6 +353,35 @@ class TrainingRun:
         self.emitter = emitter or default_emitter()
         self._next_step = 0
         self._current: Step | None = None
+        # Sent with this run's first step (and the first after a restore), for the start-up time of goodput:
+        # when the process started, else when the run was made.
+        self.process_start_ts = process_start_time() or time.time()
+        self._lifecycle: str | None = None
+        self._mark_incarnation(None)
+
+    def _mark_incarnation(self, restored_step: int | None) -> None:
+        """The next step begins an incarnation: it carries the process start and the step restored, if any."""
+        try:
+            text = '"process_start_ts":%.6f' % float(self.process_start_ts)
+            if restored_step is not None:
+                text += ',"restored_step":%d' % int(restored_step)
+            self._lifecycle = text
+        except Exception:  # never raise into the workload
+            self._lifecycle = None
+
+    def restored(self, step: int) -> None:
+        """Declare that this run resumed from a checkpoint taken at `step` (the number of the next step it
+        runs): the first runs of the steps from there on were lost and are being recomputed. Step numbers
+        continue from `step`."""
+        try:
+            step = int(step)
+            if step < 0:
+                raise ValueError(f"step {step} is negative")
+        except Exception as exc:  # never raise into the workload
+            log.warning("fleetscope: run.restored(%r) ignored: %s", step, exc)
+            return
+        self._next_step = step
+        self._mark_incarnation(step)
 
     def step(self, *, tokens: int | None = None, samples: int | None = None, number: int | None = None) -> Step:
         if number is None:
@@ -395,6 +438,8 @@ class TrainingRun:
             out += ',"metrics":' + _json_floats(step._metrics)
         if failed:
             out += ',"failed":true'
+        if self._lifecycle is not None:
+            out += "," + self._lifecycle
         return (out + "}").encode(), pid
 
     def _emit_step(self, step: Step, duration: float, failed: bool) -> None:
@@ -403,6 +448,7 @@ class TrainingRun:
         except Exception:  # something unusual: json.dumps decides, as it always did
             pass
         else:
+            self._lifecycle = None
             self.emitter._send(data, pid)
             return
         event: dict[str, Any] = {
@@ -431,6 +477,12 @@ class TrainingRun:
             event["metrics"] = step._metrics
         if failed:
             event["failed"] = True
+        if self._lifecycle is not None:
+            try:
+                event.update(json.loads("{" + self._lifecycle + "}"))
+            except Exception:
+                pass
+            self._lifecycle = None
         self.emitter.emit(event)
 
 

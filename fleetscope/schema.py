@@ -53,6 +53,9 @@ class StepEvent(Struct, tag="step", tag_field="kind", forbid_unknown_fields=True
     phases: dict[Name, NonNegSeconds] = {}
     metrics: dict[Name, Finite] = {}
     failed: bool = False
+    # On the first step a run reports (and the first after a restore): where an incarnation of the job begins.
+    process_start_ts: UnixTime | None = None  # when the OS started this rank's process: start-up time
+    restored_step: Count | None = None  # the checkpoint's step this run resumed from (run.restored)
     # Added by the agent.
     node: Name | None = None
     gpu_uuid: Name | None = None

@@ -1,14 +1,18 @@
-"""GET /v1/jobs, /v1/jobs/{job} (step-time quantiles per rank) and /v1/jobs/{job}/steps (over time).
+"""GET /v1/jobs, /v1/jobs/{job} (step-time quantiles per rank), /v1/jobs/{job}/steps (over time) and
+/v1/jobs/{job}/goodput (where its GPU-hours went).
 
 Job summaries and step series read the per-step aggregates (the hot tier's for its window, the warm
-tier's before); per-rank figures read each rank's recent raw steps, which is what the hot tier keeps.
+tier's before); per-rank figures read each rank's recent raw steps, which is what the hot tier keeps;
+goodput reads the store's ledger (collector.goodput), which covers each job's whole life.
 """
 
 from __future__ import annotations
 
 import polars as pl
 from fastapi import APIRouter, HTTPException, Query, Request
+from pydantic import BaseModel, Field
 
+from collector import goodput
 from collector.api.deps import RangeDep, ReadAuth, StoreDep
 from collector.training import (jobs_overview, rank_breakdown, rank_step_matrix, rank_step_quantiles, slowest_ranks,
                                 step_series, with_mfu)
@@ -115,3 +119,56 @@ def get_job_matrix(job: str, request: Request, store: StoreDep, last: int = Quer
     cells = rank_step_matrix(steps, job, last, chosen)
     return {"job": job, "ranks_total": total, "ranks_shown": len(chosen) if chosen is not None else total,
             "cells": cells.to_dicts()}
+
+
+class GoodputSeconds(BaseModel):
+    """GPU seconds (wall seconds x the job's world size) of each reason; see the README's Goodput section."""
+
+    productive: float = Field(description="steps whose work was kept")
+    recomputed: float = Field(description="the first run of steps that a later incarnation ran again after a restore")
+    checkpoint: float = Field(description='declared pauses with reason "checkpoint"')
+    startup: float = Field(description="process start to first step, and from one incarnation's last step to the next's start")
+    hang: float = Field(description="undeclared silence between steps past the hang threshold")
+    pause: float = Field(description="other declared pauses (evaluation, validation)")
+    data_stall: float = Field(description="time in the data phase beyond the job's typical data phase")
+    straggler_wait: float = Field(description="ranks waiting for the slowest rank of the step")
+
+
+class GoodputIncarnation(BaseModel):
+    number: int = Field(description="0 for the first run of the job the collector saw, then one per restart")
+    start_ts: float = Field(description="the earliest process start of its ranks (its first step when unknown)")
+    first_step_ts: float
+    restored_from_step: int | None = Field(description="the checkpoint's step it declared it resumed from")
+    first_step: int
+    last_step: int
+    last_step_end_ts: float
+    pids: int = Field(description="processes seen")
+    world_size: int
+
+
+class GoodputBucket(GoodputSeconds):
+    ts: float = Field(description="start of the bucket (whole minutes)")
+
+
+class Goodput(BaseModel):
+    job: str
+    since: float | None
+    until: float | None
+    gpu_seconds: GoodputSeconds
+    total_gpu_seconds: float
+    goodput_ratio: float | None = Field(description="productive / total; null when nothing was counted")
+    incarnations: list[GoodputIncarnation]
+    over_time: list[GoodputBucket] = Field(description="GPU seconds per reason in buckets, at most max_points")
+
+
+@router.get("/v1/jobs/{job}/goodput", response_model=Goodput)
+def get_job_goodput(job: str, store: StoreDep, r: RangeDep) -> Goodput:
+    """Where the job's GPU time went over [since, until] (default: its whole life, across restarts)."""
+    report = store.goodput.report(job, r.since, r.until)
+    if report is None:
+        raise HTTPException(404, f"no job {job!r} has reported a step or a pause")
+    series = goodput.over_time(report.pieces, r.since, r.until, r.max_points)
+    return Goodput(job=job, since=r.since, until=r.until, gpu_seconds=GoodputSeconds(**report.seconds),
+                   total_gpu_seconds=sum(report.seconds.values()), goodput_ratio=report.goodput_ratio,
+                   incarnations=[GoodputIncarnation(**row) for row in report.incarnations.to_dicts()],
+                   over_time=[GoodputBucket(**row) for row in series.to_dicts()])

@@ -1,0 +1,175 @@
+"""Goodput: each reason a GPU-second can go to, shown by a job built by hand, through the ledger the store feeds."""
+
+from __future__ import annotations
+
+import polars as pl
+import pytest
+
+from collector.goodput import REASONS, SETTLE_S, GoodputLedger, account, over_time, totals
+from collector.tables import frame_from_rows
+
+T0 = 1_700_000_000.0
+RANKS = 4
+
+
+def run(first: int, last: int, *, t: float, pid: int, step_s: float = 1.0, process_start: float | None = None,
+        restored: int | None = None, ranks: int = RANKS, job: str = "llm", compute=None, data=None,
+        more: bool = False) -> list[dict]:
+    """Steps first..last of every rank, back to back from `t`; the first of each rank says where its process
+    began (as the client's first step does) unless the run goes on (`more`). `compute(step, rank)` /
+    `data(step, rank)` give phases."""
+    rows = []
+    for i, step in enumerate(range(first, last + 1)):
+        for rank in range(ranks):
+            row = {"job": job, "rank": rank, "world_size": ranks, "step": step, "ts": t + i * step_s,
+                   "duration_s": step_s, "pid": pid + rank}
+            if i == 0 and not more:
+                row.update(process_start_ts=process_start if process_start is not None else t, restored_step=restored)
+            phases = {}
+            if compute is not None:
+                phases["comm"] = step_s - compute(step, rank)
+            if data is not None:
+                phases["data"] = data(step, rank)
+            if phases:
+                row["phases"] = phases
+            rows.append(row)
+    return rows
+
+
+def pause(reason: str, start: float, end: float, rank: int = 0, job: str = "llm") -> list[dict]:
+    return [{"job": job, "rank": rank, "reason": reason, "phase": "begin", "ts": start},
+            {"job": job, "rank": rank, "reason": reason, "phase": "end", "ts": end, "duration_s": end - start}]
+
+
+def ledger_of(steps: list[dict], pauses: list[dict] = (), now: float = T0 + 10_000) -> GoodputLedger:
+    ledger = GoodputLedger()
+    ledger.observe("steps", frame_from_rows("steps", steps), now=now)
+    if pauses:
+        ledger.observe("pauses", frame_from_rows("pauses", pauses), now=now)
+    return ledger
+
+
+def seconds(ledger: GoodputLedger, job: str = "llm", **kw) -> dict[str, float]:
+    report = ledger.report(job, now=T0 + 10_000, **kw)
+    assert report is not None
+    return {k: round(v, 6) for k, v in report.seconds.items()}
+
+
+def only(**expected: float) -> dict[str, float]:
+    return {reason: expected.get(reason, 0.0) for reason in REASONS}
+
+
+def test_a_job_that_only_steps_is_all_productive():
+    ledger = ledger_of(run(0, 9, t=T0, pid=100))
+    assert seconds(ledger) == only(productive=10 * RANKS)
+    assert ledger.report("llm", now=T0 + 10_000).goodput_ratio == 1.0
+
+
+def test_start_up_counts_from_the_process_start_to_the_first_step():
+    ledger = ledger_of(run(0, 9, t=T0, pid=100, process_start=T0 - 25))
+    got = seconds(ledger)
+    assert got["startup"] == 25 * RANKS and got["productive"] == 10 * RANKS
+    assert ledger.report("llm", now=T0 + 10_000).goodput_ratio == pytest.approx(10 / 35)
+
+
+def test_a_restart_that_recomputes_30_steps_counts_exactly_those():
+    # steps 0..99, a crash; 30 s later a new process starts, loads for 20 s and resumes from step 70's checkpoint
+    steps = run(0, 99, t=T0, pid=100) + run(70, 119, t=T0 + 150, pid=200, process_start=T0 + 130, restored=70)
+    ledger = ledger_of(steps)
+    assert seconds(ledger) == only(productive=(70 + 50) * RANKS, recomputed=30 * RANKS, startup=(30 + 20) * RANKS)
+    incs = ledger.report("llm", now=T0 + 10_000).incarnations.to_dicts()
+    assert [(i["number"], i["first_step"], i["last_step"], i["restored_from_step"], i["pids"]) for i in incs] == [
+        (0, 0, 99, None, RANKS), (1, 70, 119, 70, RANKS)]
+    assert incs[1]["start_ts"] == T0 + 130 and incs[1]["first_step_ts"] == T0 + 150
+
+
+def test_a_restart_in_the_same_process_is_found_by_the_step_going_back():
+    # no restore declared, no new pid or process: the loop went back to step 40 after 10 s
+    steps = run(0, 49, t=T0, pid=100) + run(40, 59, t=T0 + 60, pid=100, more=True)
+    ledger = ledger_of(steps)
+    assert seconds(ledger) == only(productive=(40 + 20) * RANKS, recomputed=10 * RANKS, startup=10 * RANKS)
+    assert ledger.report("llm", now=T0 + 10_000).incarnations.height == 2
+
+
+def test_a_declared_checkpoint_counts_as_checkpoint_and_an_evaluation_as_a_pause():
+    steps = run(0, 9, t=T0, pid=100) + run(10, 19, t=T0 + 30, pid=100, more=True) + run(20, 29, t=T0 + 55, pid=100, more=True)
+    pauses = pause("checkpoint", T0 + 10, T0 + 30) + pause("evaluation", T0 + 40, T0 + 55)
+    pauses += pause("checkpoint", T0 + 10, T0 + 29, rank=1)  # another rank declares it too: counted once
+    assert seconds(ledger_of(steps, pauses)) == only(productive=30 * RANKS, checkpoint=20 * RANKS, pause=15 * RANKS)
+
+
+def test_an_undeclared_silence_past_the_hang_threshold_is_a_hang_and_a_short_one_is_not():
+    # 1 s steps: the threshold is max(3 x 1 s, 30 s). A 60 s silence is a hang; a 5 s one is the loop's business.
+    steps = run(0, 9, t=T0, pid=100) + run(10, 19, t=T0 + 70, pid=100, more=True) + run(20, 29, t=T0 + 85, pid=100, more=True)
+    assert seconds(ledger_of(steps)) == only(productive=(30 + 5) * RANKS, hang=60 * RANKS)
+
+
+def test_a_rank_computing_longer_makes_the_others_wait():
+    # rank 3 computes 0.9 s of each 1 s step, the others 0.5 s and then wait for it at the all-reduce
+    steps = run(0, 9, t=T0, pid=100, compute=lambda step, rank: 0.9 if rank == 3 else 0.5)
+    got = seconds(ledger_of(steps))
+    assert got["straggler_wait"] == pytest.approx(10 * 3 * 0.4)
+    assert got["productive"] == pytest.approx(10 * RANKS - 10 * 3 * 0.4)
+
+
+def test_data_phase_beyond_the_typical_one_is_a_data_stall():
+    # every step reads in 0.1 s, except step 5 where every rank waited 0.6 s on its loader
+    steps = run(0, 9, t=T0, pid=100, data=lambda step, rank: 0.6 if step == 5 else 0.1)
+    got = seconds(ledger_of(steps))
+    assert got["data_stall"] == pytest.approx(RANKS * 0.5)
+    assert sum(got.values()) == pytest.approx(10 * RANKS)
+
+
+def test_since_and_until_cut_the_job_life_in_proportion():
+    ledger = ledger_of(run(0, 99, t=T0, pid=100, process_start=T0 - 100))
+    assert seconds(ledger, since=T0 - 50, until=T0 + 50) == only(startup=50 * RANKS, productive=50 * RANKS)
+
+
+def test_folding_settled_steps_into_spans_keeps_every_sum_and_a_snapshot_restores_them():
+    steps = (run(0, 199, t=T0, pid=100, process_start=T0 - 10, compute=lambda s, r: 0.9 if r == 3 else 0.5)
+             + run(150, 249, t=T0 + 260, pid=200, process_start=T0 + 240, restored=150))
+    fresh = ledger_of(steps, now=T0)
+    before = seconds(fresh)
+    assert before["recomputed"] == 50 * RANKS
+    fresh.maintain(now=T0 + SETTLE_S + 1)  # everything settles into spans
+    assert fresh._jobs["llm"].steps == {} and 4 <= len(fresh._jobs["llm"].spans) < 20
+    assert seconds(fresh) == pytest.approx(before)
+    restored = GoodputLedger()
+    restored.restore(fresh.snapshot())
+    assert seconds(restored) == pytest.approx(before)
+
+
+def test_a_restore_inside_a_span_splits_it_by_steps():
+    ledger = ledger_of(run(0, 127, t=T0, pid=100), now=T0)
+    ledger.maintain(now=T0 + SETTLE_S + 1)  # two spans of 64 steps
+    ledger.observe("steps", frame_from_rows("steps", run(100, 129, t=T0 + 200, pid=200, restored=100)), now=T0 + 10_000)
+    assert seconds(ledger)["recomputed"] == pytest.approx(28 * RANKS)
+
+
+def test_a_pause_under_way_counts_until_now_but_one_never_ended_stops_counting():
+    steps = run(0, 9, t=T0, pid=100)
+    begin = [{"job": "llm", "rank": 0, "reason": "checkpoint", "phase": "begin", "ts": T0 + 10}]
+    ledger = ledger_of(steps, begin)
+    assert ledger.report("llm", now=T0 + 40).seconds["checkpoint"] == pytest.approx(30 * RANKS)
+    assert ledger.report("llm", now=T0 + 100_000).seconds["checkpoint"] == pytest.approx(600 * RANKS)
+
+
+def test_the_breakdown_over_time_adds_up_to_the_totals():
+    steps = run(0, 299, t=T0, pid=100, process_start=T0 - 120) + run(300, 309, t=T0 + 400, pid=100, more=True)
+    report = ledger_of(steps).report("llm", now=T0 + 10_000)
+    series = over_time(report.pieces, None, None, max_points=100)
+    assert series.height >= 8 and series["ts"].is_sorted()
+    assert {r: pytest.approx(series[r].sum()) for r in REASONS} == report.seconds
+
+
+def test_the_pure_accounting_reads_segments_incarnations_and_pauses():
+    segments = pl.DataFrame({"incarnation": [0, 0, 1], "step_lo": [0, 10, 5], "step_hi": [9, 19, 19],
+                             "ts": [0.0, 12.0, 40.0], "end_ts": [10.0, 22.0, 55.0], "world_size": [2, 2, 2],
+                             "straggler_gpu_s": [1.0, 0.0, 0.0], "data_gpu_s": [0.0, 2.0, 0.0]})
+    incs = pl.DataFrame({"incarnation": [0, 1], "start_ts": [None, 30.0], "restored_step": [None, 5], "pids": [2, 2]})
+    pauses = pl.DataFrame({"reason": ["checkpoint"], "start_ts": [10.0], "end_ts": [11.0]})
+    got = totals(account(segments, incs, pauses, hang_after_s=30.0))
+    # 0-9 kept but for step 5..9 (half the first span), 10-19 lost, gap 10-12: 1 s checkpoint + 1 s overhead of
+    # a half-lost span; restart 22 -> 30 and start-up 30 -> 40
+    assert got == pytest.approx(only(productive=10 - 0.5 + 1 * 2 * 0.5 + 30, recomputed=10 + 20 + 1 * 2 * 0.5,
+                                     straggler_wait=0.5, checkpoint=2, startup=16 + 20))
