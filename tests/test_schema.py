@@ -38,12 +38,23 @@ def test_a_valid_step_and_request_round_trip():
         ({"phases": {"for\nward": 0.1}}, "$.phases"),
         ({"rank": 2**24}, "$.rank"),
         ({"pid": 2**31}, "$.pid"),
+        ({"restored_step": -1}, "$.restored_step"),
+        ({"process_start_ts": 1e11}, "$.process_start_ts"),
     ],
 )
 def test_bad_fields_are_named(change, field):
     with pytest.raises(SchemaError) as err:
         decode_event(raw({**STEP, **change}))
     assert field in str(err.value)
+
+
+def test_a_step_that_begins_an_incarnation_round_trips_and_older_steps_still_decode():
+    first = decode_event(raw({**STEP, "process_start_ts": 1.7e9 - 30, "restored_step": 3}))
+    assert (first.process_start_ts, first.restored_step) == (1.7e9 - 30, 3)
+    assert decode_event(encode(first)) == first
+    plain = decode_event(raw(STEP))  # what clients before goodput send
+    assert (plain.process_start_ts, plain.restored_step) == (None, None)
+    assert b"restored_step" not in encode(plain)
 
 
 def test_missing_field_is_named():

@@ -5,7 +5,8 @@
 
 Rank and world size come from the Trainer's arguments; the loss of each logging step is attached
 to the next step; evaluation and checkpoint saving are reported as declared pauses (they begin
-when the Trainer decides on them at the end of a step and end in on_evaluate / on_save).
+when the Trainer decides on them at the end of a step and end in on_evaluate / on_save). A run
+resumed from a checkpoint (`resume_from_checkpoint`) declares the step it restored, for goodput.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ class FleetscopeCallback(TrainerCallback):
         job = self.job or args.run_name or args.output_dir.rstrip("/").rsplit("/", 1)[-1]
         self.run = fleetscope.training(job=job, rank=args.process_index, world_size=args.world_size,
                                        local_rank=max(args.local_process_index, 0), emitter=self.emitter)
+        if state.global_step > 0:  # resumed: the Trainer has loaded the checkpoint's state by now
+            self.run.restored(state.global_step)
 
     @guarded
     def on_step_begin(self, args, state, control, **kwargs):
