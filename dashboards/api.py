@@ -135,3 +135,21 @@ def frames(collector: Collector, *queries: tuple) -> list[pl.DataFrame]:
         rows = fetch(collector, path, **(params[0] if params else {})).get(key) or []
         out.append(pl.DataFrame(rows, infer_schema_length=None) if rows else pl.DataFrame())
     return out
+
+
+BADPUT_COLORS = {  # the reasons of GET /v1/jobs/{job}/goodput, productive first, in one colour each
+    "productive": "#2ca02c", "recomputed": "#d62728", "checkpoint": "#1f77b4", "startup": "#9467bd", "hang": "#8c564b",
+    "pause": "#17becf", "data_stall": "#ff7f0e", "straggler_wait": "#e377c2",
+}
+
+
+def goodput(collector: Collector, job: str, max_points: int = 200) -> tuple[dict, pl.DataFrame]:
+    """A job's goodput over its whole life, and its breakdown over time long: (time, reason, gpu_hours)."""
+    answer = fetch(collector, api_path("v1", "jobs", job, "goodput"), max_points=max_points)
+    rows = answer.get("over_time") or []
+    if not rows:
+        return answer, pl.DataFrame(schema={"time": pl.Datetime("ms", "UTC"), "reason": pl.String, "gpu_hours": pl.Float64})
+    series = (pl.DataFrame(rows).unpivot(index="ts", variable_name="reason", value_name="gpu_s")
+              .select(pl.from_epoch(pl.col("ts").cast(pl.Int64), time_unit="s").dt.replace_time_zone("UTC").alias("time"),
+                      "reason", (pl.col("gpu_s") / 3600).alias("gpu_hours")))
+    return answer, series

@@ -1,4 +1,4 @@
-"""Training: step time over time per job, and step-time quantiles per rank."""
+"""Training: step time over time per job, step-time quantiles per rank, and where the job's GPU-hours went."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import altair as alt
 import polars as pl
 import streamlit as st
 
-from dashboards.api import api_path, fetch, frames, md, page, refresh, since
+from dashboards.api import BADPUT_COLORS, api_path, fetch, frames, goodput, md, page, refresh, since
 
 collector = page("Training")
 (jobs,) = frames(collector, ("/v1/jobs", "jobs", {"since": since()}))
@@ -20,7 +20,8 @@ detail = fetch(collector, api_path("v1", "jobs", job), since=since(), top=200)  
 series = pl.DataFrame(fetch(collector, api_path("v1", "jobs", job, "steps"), since=since(), max_points=1000).get("steps") or [])
 
 summary = detail.get("job", {})
-cols = st.columns(5)
+spent, spent_series = goodput(collector, job)
+cols = st.columns(6)
 cols[0].metric("Ranks", summary.get("ranks"))
 cols[1].metric("Last step", summary.get("last_step"))
 p50 = summary.get("step_time_p50_s")
@@ -29,6 +30,9 @@ tps = summary.get("tokens_per_s")
 cols[3].metric("Tokens/s", f"{tps:,.0f}" if tps is not None else "–")
 mfu = summary.get("mfu")
 cols[4].metric("MFU", f"{mfu:.0%}" if mfu is not None else "–", help="declare flops_per_token in fleetscope.training() to see it")
+ratio = spent.get("goodput_ratio")
+cols[5].metric("Goodput", f"{ratio:.1%}" if ratio is not None else "–",
+               help="productive GPU time over all of the job's GPU time, across its restarts (see Goodput below)")
 
 job_findings = [f for f in fetch(collector, "/v1/findings", job=job, since=since()).get("findings", []) if f["active"]]
 for f in job_findings:
@@ -67,5 +71,25 @@ if ranks.height:
     if ranks.height < (detail.get("ranks_total") or 0):
         st.caption(f"The {ranks.height:,} of {detail['ranks_total']:,} ranks that computed longest.")
     st.dataframe(ranks, hide_index=True, width="stretch")
+
+st.subheader("Goodput")
+if spent_series.height:
+    reasons = [r for r in BADPUT_COLORS if spent_series.filter(pl.col("reason") == r)["gpu_hours"].sum() > 0]
+    stacked = alt.Chart(spent_series.filter(pl.col("reason").is_in(reasons)).to_pandas()).mark_area().encode(
+        x=alt.X("time:T", title=None), y=alt.Y("gpu_hours:Q", stack=True, title="GPU-hours"),
+        color=alt.Color("reason:N", title=None, sort=reasons,
+                        scale=alt.Scale(domain=reasons, range=[BADPUT_COLORS[r] for r in reasons])),
+        order=alt.Order("order:Q"), tooltip=["time:T", "reason:N", alt.Tooltip("gpu_hours:Q", format=".3f")],
+    ).transform_calculate(order=f"indexof({reasons!r}, datum.reason)")
+    st.altair_chart(stacked.properties(height=240), width="stretch")
+    seconds = spent.get("gpu_seconds") or {}
+    total = spent.get("total_gpu_seconds") or 0.0
+    st.dataframe(pl.DataFrame({"reason": list(seconds), "gpu_hours": [v / 3600 for v in seconds.values()],
+                               "share": [v / total if total else None for v in seconds.values()]}),
+                 hide_index=True, width="stretch")
+    st.caption("GPU time of the job's whole life by where it went: productive steps, steps recomputed after a restore, "
+               "checkpoint saves, start-up and restarts, hangs, other declared pauses, data-loader stalls and "
+               "waiting for stragglers. Each restart of the job is one incarnation:")
+    st.dataframe(pl.DataFrame(spent.get("incarnations") or []), hide_index=True, width="stretch")
 
 refresh()

@@ -97,6 +97,12 @@ def test_training_page_shows_the_job_and_its_ranks(collector_url, monkeypatch):
     ranks = at.dataframe[0].value
     assert ranks["rank"].tolist() == [0, 1, 2, 3]
     assert ranks["step_time_p50_s"].tolist() == pytest.approx([0.5, 0.51, 0.52, 0.53])
+    # goodput: 30 steps of 4 ranks a second apart (29.53 s), the other ranks waiting for rank 3 (0.53 s) each step
+    assert metric(at, "Goodput") == f"{1 - 30 * (0.03 + 0.02 + 0.01) / (4 * 29.53):.1%}"
+    spent = {r: h for r, h in zip(*at.dataframe[1].value[["reason", "gpu_hours"]].T.values)}
+    assert spent["straggler_wait"] * 3600 == pytest.approx(30 * 0.06, rel=1e-3) and spent["hang"] == 0
+    (incarnation,) = at.dataframe[2].value.to_dict("records")
+    assert (incarnation["first_step"], incarnation["last_step"], incarnation["world_size"]) == (0, 29, 4)
 
 
 def test_inference_page_shows_latency(collector_url, monkeypatch):
