@@ -14,8 +14,8 @@ import polars as pl
 
 from collector.attribution import SampleSource, probable_causes
 from collector.rollups import step_aggregates
-from collector.training import (REGRESSION_THRESHOLD, progress, slow_nodes, step_time_change, straggler_scores,
-                                stragglers)
+from collector.training import (REGRESSION_THRESHOLD, STRAGGLER_PAGE_SHARE, progress, rising_nodes, slow_nodes, step_time_change,
+                                straggler_scores, stragglers)
 
 RECENT_S = 3600.0  # resolved findings stay listed this long
 
@@ -53,10 +53,16 @@ class Signals:
     changes: pl.DataFrame
 
 
+def _severity(share: float, page_share: float) -> str:
+    """A slow rank or node pages when the job loses at least `page_share` of its throughput to it; else a ticket."""
+    return "page" if share >= page_share else "ticket"
+
+
 def analyse(steps: pl.DataFrame, pauses: pl.DataFrame, now: float, *, samples: SampleSource,
-            aggs: pl.DataFrame | None = None) -> tuple[list[Finding], Signals | None]:
+            aggs: pl.DataFrame | None = None, page_share: float = STRAGGLER_PAGE_SHARE) -> tuple[list[Finding], Signals | None]:
     """Findings from each rank's recent steps, the per-step aggregates of each job (computed from
-    `steps` when not given) and the GPU and host samples that `samples` serves for attribution."""
+    `steps` when not given) and the GPU and host samples that `samples` serves for attribution.
+    A straggler or slow node pages only when its peers wait at least `page_share` of each step for it."""
     out: list[Finding] = []
     if steps.height == 0:
         return out, None
@@ -81,20 +87,27 @@ def analyse(steps: pl.DataFrame, pauses: pl.DataFrame, now: float, *, samples: S
     peers = {r["job"]: (r["gpu_uuid"], r["node"]) for r in job_peers.iter_rows(named=True)}
     nodes = slow_nodes(scores)
     slow_node_keys = {(r["job"], r["node"]) for r in nodes.iter_rows(named=True)}
+    slow_node_keys |= {(r["job"], r["node"]) for r in rising_nodes(scores).iter_rows(named=True)}
     for row in nodes.iter_rows(named=True):
         gpu_peers, node_peers = peers.get(row["job"], ([], []))
-        out.append(Finding("slow_node", "page", {"job": row["job"], "node": row["node"]}, row["since_ts"] or now, {
-            "slow_ranks": row["slow_rank_list"], "ranks_on_node": row["ranks"], "median_score": round(row["median_score"], 4)},
+        out.append(Finding("slow_node", _severity(row["median_score"], page_share), {"job": row["job"], "node": row["node"]},
+                           row["since_ts"] or now, {
+            "slow_ranks": row["slow_rank_list"], "ranks_on_node": row["ranks"], "median_score": round(row["median_score"], 4),
+            "threshold": round(row["threshold"], 4), "throughput_lost_share": round(row["median_score"], 4)},
             probable_causes(node=row["node"], gpu_uuid=None, peer_gpus=gpu_peers, peer_nodes=node_peers,
                             samples=samples, since=row["since_ts"] or now, until=now)))
     for row in stragglers(scores).iter_rows(named=True):
         if (row["job"], row["node"]) in slow_node_keys:
-            continue  # reported once, as its node
+            continue  # reported once, as its node (or soon to be)
         gpu_peers, node_peers = peers.get(row["job"], ([], []))
         since = row["since_ts"] or now
-        out.append(Finding("straggler", "page", {"job": row["job"], "rank": row["rank"], "node": row["node"],
-                                                 "gpu_uuid": row["gpu_uuid"]}, since, {
-            "straggler_score": round(row["straggler_score"], 4), "steps_seen": row["steps_seen"], "stage": row["stage"]},
+        out.append(Finding("straggler", _severity(row["straggler_score"], page_share),
+                           {"job": row["job"], "rank": row["rank"], "node": row["node"], "gpu_uuid": row["gpu_uuid"]}, since, {
+            "straggler_score": round(row["straggler_score"], 4), "recent_score": round(row["recent_score"], 4),
+            "threshold": round(row["threshold"], 4), "steps_seen": row["steps_seen"], "stage": row["stage"],
+            # the others wait this long for it at every step: its share of the job's throughput
+            "excess_s": round(row["excess_s"], 6), "step_s": round(row["step_s"], 6),
+            "throughput_lost_share": round(row["straggler_score"], 4)},
             probable_causes(node=row["node"], gpu_uuid=row["gpu_uuid"], peer_gpus=gpu_peers, peer_nodes=node_peers,
                             samples=samples, since=since, until=now, data_vs_peers=row["data_vs_peers"])))
     changes = step_time_change(aggs.filter(~pl.col("job").is_in(list(silent))))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from collector.tables import as_f64, metrics_long, phases_long
+from collector.tables import PHASE_COLUMNS, as_f64, metrics_long, phases_long
 
 QUANTILES = (0.5, 0.95, 0.99)
 
@@ -127,15 +127,24 @@ def step_series(aggs: pl.DataFrame, job: str, *, last: int | None = None) -> pl.
 
 
 # --- detection ----------------------------------------------------------------------------------
-STRAGGLER_THRESHOLD = 0.04  # a rank computing 4% longer than its stage's median, persistently
-STRAGGLER_WINDOW = 20  # steps
-STRAGGLER_MIN_STEPS = 10
+STRAGGLER_THRESHOLD = 0.04  # the least excess that is a finding: 4% of the step, and past the job's own noise
+STRAGGLER_PAGE_SHARE = 0.05  # a straggler pages when its peers wait this share of every step for it; else a ticket
+STRAGGLER_WINDOW = 16  # steps scored: the excess must hold over them, in 3 of 4 of them and over the last half
+STRAGGLER_MIN_STEPS = 12  # a rank is judged on (nearly) a full window: the job's newest step may be half reported
+STRAGGLER_NOISE_K = 4.0  # a rank's excess must stand this many of its own noise's deviations above its peers'
+WARMUP_STEPS = 10  # the first steps of each incarnation of a rank are warm-up: never judged
 HANG_FACTOR, HANG_MIN_S = 3.0, 30.0
 STOPPED_AFTER_S = 600.0
 REGRESSION_THRESHOLD = 0.025
 REGRESSION_RECENT, REGRESSION_BASELINE, REGRESSION_GAP = 150, 400, 50  # 600 steps: what analyse() keeps
 
-
+# How much longer a rank took than its peers, whatever the job reports. DDP's arrival at its first
+# all-reduce says it directly. Otherwise the phases do: a straggler is longer in the phase where its extra
+# work is, and shorter in the one that holds the collective wait (it waits less), wherever that is:
+# backward under DDP, a `comm` phase, or none named. The wait phase is the one whose deviation from the
+# peers moves against the rank's other phases (each rank's own jitter shows in it, reversed), and the
+# rank's excess is the sum of its other phases' deviations. With neither, the whole step.
+WAIT_CORRELATION = -0.3  # a phase whose deviation correlates this negatively with the rest holds the wait
 def compute_times(steps: pl.DataFrame) -> pl.DataFrame:
     """Per step and rank, the time spent before waiting for peers: DDP's sync arrival when reported,
     else the step minus its `comm` phase, else the whole step."""
@@ -147,62 +156,161 @@ def compute_times(steps: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def straggler_scores(steps: pl.DataFrame, window: int = STRAGGLER_WINDOW) -> pl.DataFrame:
-    """Per job and rank over the job's last `window` steps: the median of how much longer the rank
-    computed than the median of its stage's ranks in the same step. Robust to jitter (medians), to
-    the whole job slowing down (relative to the same step), and to uneven pipeline stages."""
-    recent = compute_times(steps.filter(pl.col("step") > pl.col("step").max().over("job") - window))
-    ratios = recent.with_columns(
-        pl.col("compute_s").median().over("job", "stage", "step").alias("peer_s"),
-        pl.len().over("job", "stage", "step").alias("peers"),
-    ).filter((pl.col("peers") >= 3) & (pl.col("peer_s") > 0)).with_columns(
-        (pl.col("compute_s") / pl.col("peer_s") - 1).alias("excess"),
-        (pl.col("data_s") / pl.col("data_s").median().over("job", "stage", "step")).alias("data_vs_peers"),
+def current_incarnation(steps: pl.DataFrame, warmup: int = WARMUP_STEPS) -> pl.DataFrame:
+    """Each rank's rows since its latest (re)start, less its first `warmup` steps. A rank restarts when its
+    step number goes back (a checkpoint restored) or its pid changes; its first rows are warm-up (compiling,
+    allocators, caches filling) and say nothing about the hardware under it."""
+    rank = ("job", "rank")
+    ordered = steps.sort("ts")
+    prev_step, prev_pid = pl.col("step").shift(1).over(rank), pl.col("pid").shift(1).over(rank)
+    restart = (prev_step.is_null() | (pl.col("step") <= prev_step)
+               | ((pl.col("pid") != prev_pid) & (pl.col("pid") > 0) & (prev_pid > 0)).fill_null(False))
+    marked = ordered.with_columns(restart.cast(pl.Int32).cum_sum().over(rank).alias("_incarnation"))
+    marked = marked.with_columns(
+        (pl.col("_incarnation") == pl.col("_incarnation").max().over(rank)).alias("_latest"),
+        pl.int_range(pl.len()).over(*rank, "_incarnation").alias("_position"))
+    return marked.filter(pl.col("_latest") & (pl.col("_position") >= warmup)).drop("_incarnation", "_latest", "_position")
+
+
+def step_excess(steps: pl.DataFrame) -> pl.DataFrame:
+    """Per step and rank: `excess_s`, how much longer than its stage's peers the rank took (see above),
+    `step_s` the peers' median step, and `excess` the first over the second (0.1: its peers waited 10% of
+    the step for it). Steps with fewer than 3 peers are left out."""
+    keys, group = ("job", "stage", "step"), ("job", "stage")
+    phases = [c for c in PHASE_COLUMNS if c in steps.columns]
+
+    def deviation(column: str) -> pl.Expr:
+        return pl.col(column).cast(pl.Float64) - pl.col(column).cast(pl.Float64).median().over(keys)
+
+    rows = steps.with_columns(pl.col("stage").fill_null(0)).with_columns(
+        *(deviation(c).alias(f"_d{i}") for i, c in enumerate(phases)),
+        deviation("sync_arrival_s").alias("_sync"), deviation("duration_s").alias("_whole"),
+        pl.col("duration_s").cast(pl.Float64).median().over(keys).alias("step_s"),
+        pl.len().over(keys).alias("peers"),
+        (pl.col("phase_data_s") / pl.col("phase_data_s").median().over(keys)).alias("data_vs_peers"),
     )
-    return (
-        ratios.sort("ts")
+    d = [pl.col(f"_d{i}") for i in range(len(phases))]
+    total = pl.sum_horizontal(x.fill_null(0) for x in d)
+    rows = rows.with_columns(total.alias("_total"), pl.any_horizontal(x.is_not_null() for x in d).alias("_phased"))
+    # per job and stage, how each phase's deviation moves with the rest of the rank's step
+    rows = rows.with_columns(*(pl.corr(x, pl.col("_total") - x).over(group).fill_nan(None).alias(f"_c{i}")
+                               for i, x in enumerate(d)))
+    corrs = [pl.col(f"_c{i}").fill_null(1.0) for i in range(len(phases))]
+    lowest = pl.min_horizontal(corrs)
+    wait = pl.lit(0.0)
+    for x, c in zip(d, corrs):
+        wait = pl.when((c == lowest) & (lowest <= WAIT_CORRELATION)).then(x.fill_null(0)).otherwise(wait)
+    phased = pl.when(pl.col("_phased")).then(pl.col("_total") - wait)
+    excess = pl.coalesce(pl.max_horizontal(pl.col("_sync"), phased), pl.col("_whole"))
+    return (rows.with_columns(excess.alias("excess_s"))
+            .filter((pl.col("peers") >= 3) & (pl.col("step_s") > 0))
+            .with_columns((pl.col("excess_s") / pl.col("step_s")).alias("excess"))
+            .drop([c for c in rows.columns if c.startswith(("_d", "_c")) or c in ("_sync", "_whole", "_total", "_phased")]))
+
+
+def straggler_scores(steps: pl.DataFrame, window: int = STRAGGLER_WINDOW) -> pl.DataFrame:
+    """Per job and rank over the job's last `window` steps (of each rank's current incarnation, warm-up left
+    out): `straggler_score`, the median of the rank's excess (step_excess) above the typical excess of its
+    stage's ranks, i.e. the share of each step its peers wait for it; `recent_score`, the same over the last
+    half of the window; and `threshold`, what the score must reach for a finding: STRAGGLER_THRESHOLD, or
+    more in a noisy job (STRAGGLER_NOISE_K times the noise of a median of this many steps, from the spread
+    of the job's own per-step excess, and from the spread of its ranks' scores). Robust to jitter and
+    bursts (medians), to the whole job slowing down (relative to the same step), and to uneven stages."""
+    live = current_incarnation(steps)
+    live = live.filter(pl.col("step") > pl.col("step").max().over("job") - window)
+    excess = step_excess(live)
+    group = ("job", "stage")
+    excess = excess.with_columns(pl.col("excess").median().over(group).alias("_base")).with_columns(
+        (pl.col("excess") - pl.col("_base")).alias("_above"),
+        ((pl.col("excess") - pl.col("_base")).abs().median().over(group) * 1.4826).alias("_sigma"),
+        (pl.col("step") > pl.col("step").max().over("job") - window // 2).alias("_recent"),
+    )
+    ranks = (
+        excess.sort("ts")
         .group_by("job", "rank")
         .agg(
-            pl.col("excess").median().alias("straggler_score"),
+            pl.col("_above").median().alias("straggler_score"),
+            pl.col("_above").filter(pl.col("_recent")).median().alias("recent_score"),
+            pl.col("_above").quantile(0.25, "nearest").alias("floor_score"),
             pl.len().alias("steps_seen"),
             pl.col("stage").last(), pl.col("node").last().cast(pl.String), pl.col("gpu_uuid").last().cast(pl.String),
-            pl.col("ts").filter(pl.col("excess") >= STRAGGLER_THRESHOLD).min().alias("since_ts"),
+            pl.col("_sigma").first(),
+            pl.col("ts").filter(pl.col("_above") >= STRAGGLER_THRESHOLD).min().alias("since_ts"),
+            pl.col("excess_s").median().alias("excess_s"),
+            pl.col("step_s").median().alias("step_s"),
             pl.col("data_vs_peers").median().alias("data_vs_peers"),
         )
+    )
+    spread = (pl.col("straggler_score") - pl.col("straggler_score").median().over(group)).abs().median().over(group) * 1.4826
+    return (
+        ranks.with_columns(
+            pl.max_horizontal(
+                pl.lit(STRAGGLER_THRESHOLD),
+                STRAGGLER_NOISE_K * 1.2533 * pl.col("_sigma") / pl.col("steps_seen").cast(pl.Float64).sqrt(),
+                STRAGGLER_NOISE_K * spread,
+            ).alias("threshold"))
+        .drop("_sigma")
         .sort("job", "rank")
     )
 
 
-def stragglers(scores: pl.DataFrame, threshold: float = STRAGGLER_THRESHOLD) -> pl.DataFrame:
-    return scores.filter((pl.col("straggler_score") >= threshold) & (pl.col("steps_seen") >= STRAGGLER_MIN_STEPS))
+def _slow() -> pl.Expr:
+    return ((pl.col("straggler_score") >= pl.col("threshold")) & (pl.col("recent_score") >= pl.col("threshold"))
+            & (pl.col("floor_score") >= pl.col("threshold") / 2) & (pl.col("steps_seen") >= STRAGGLER_MIN_STEPS))
 
 
-def slow_nodes(scores: pl.DataFrame, threshold: float = STRAGGLER_THRESHOLD) -> pl.DataFrame:
-    """A node whose ranks are slow together: at least two of them, and half of its ranks in the job or a
-    node-wide median already most of the way there (its ranks cross the line together, not one by one)."""
+def stragglers(scores: pl.DataFrame) -> pl.DataFrame:
+    """The ranks whose excess holds above their threshold over the window and over its last half, and above
+    half of it in at least 3 of 4 steps (a rank slow in a few bursts is not a straggler)."""
+    return scores.filter(_slow())
+
+
+def _nodes(scores: pl.DataFrame) -> pl.DataFrame:
+    """Per job and node with peers (the job has at least as many ranks on other nodes as on it): its ranks,
+    how many are slow, their median score and threshold."""
+    judged = scores.filter(pl.col("steps_seen") >= STRAGGLER_MIN_STEPS).with_columns(
+        pl.len().over("job").alias("_job_ranks"), _slow().alias("_slow"))
     return (
-        scores.filter(pl.col("steps_seen") >= STRAGGLER_MIN_STEPS)
-        .group_by("job", "node")
-        .agg(pl.len().alias("ranks"), (pl.col("straggler_score") >= threshold).sum().alias("slow_ranks"),
-             pl.col("straggler_score").median().alias("median_score"), pl.col("since_ts").min(),
-             pl.col("rank").filter(pl.col("straggler_score") >= threshold).sort().alias("slow_rank_list"))
-        .filter((pl.col("slow_ranks") >= 2)
-                & ((pl.col("slow_ranks") * 2 >= pl.col("ranks")) | (pl.col("median_score") >= 0.75 * threshold)))
+        judged.group_by("job", "node")
+        .agg(pl.len().alias("ranks"), pl.col("_slow").sum().alias("slow_ranks"), pl.col("_job_ranks").first(),
+             pl.col("straggler_score").median().alias("median_score"), pl.col("threshold").median(),
+             pl.col("since_ts").min(), pl.col("rank").filter(pl.col("_slow")).sort().alias("slow_rank_list"))
+        .filter((pl.col("ranks") >= 2) & (pl.col("_job_ranks") >= 2 * pl.col("ranks")))
+        .drop("_job_ranks")
         .sort("job", "node")
     )
 
 
+def slow_nodes(scores: pl.DataFrame) -> pl.DataFrame:
+    """A node whose ranks are slow together: at least two of them, and half of its ranks in the job or a
+    node-wide median already most of the way there (its ranks cross the line together, not one by one).
+    Only a node with peers: the job has at least as many ranks on other nodes as on it."""
+    return _nodes(scores).filter(
+        (pl.col("slow_ranks") >= 2)
+        & ((pl.col("slow_ranks") * 2 >= pl.col("ranks")) | (pl.col("median_score") >= 0.75 * pl.col("threshold"))))
+
+
+def rising_nodes(scores: pl.DataFrame) -> pl.DataFrame:
+    """Nodes whose ranks are slowing together but are not (yet) a slow node: the node-wide median is half way
+    to the threshold. Their ranks are not reported one by one as stragglers: that would be the node, told
+    piecemeal, before it is told whole."""
+    return _nodes(scores).filter(pl.col("median_score") >= 0.5 * pl.col("threshold"))
+
+
 def progress(steps: pl.DataFrame, pauses: pl.DataFrame, now: float) -> pl.DataFrame:
     """Per job: when it last made progress, the silence allowed, whether a pause or an end is declared,
-    and which ranks reported last and which stopped first."""
+    which ranks reached the furthest step and which stopped a step (or more) before them."""
     ends = steps.with_columns((pl.col("ts") + pl.col("duration_s")).alias("end_ts"))
     per_rank = ends.group_by("job", "rank").agg(pl.col("end_ts").max(), pl.col("step").max().alias("last_step"))
     recent_median = (ends.filter(pl.col("step") > pl.col("step").max().over("job") - 200)
                      .group_by("job").agg(pl.col("duration_s").median().cast(pl.Float64).alias("median_step_s")))
     jobs = per_rank.group_by("job").agg(
         pl.col("end_ts").max().alias("last_progress_ts"),
-        pl.col("rank").filter(pl.col("end_ts") == pl.col("end_ts").max()).sort().alias("last_reporters"),
-        pl.col("rank").filter(pl.col("end_ts") == pl.col("end_ts").min()).sort().alias("first_stopped"),
+        # Ranks stuck in a collective finished one step more than the rank they wait for: the ranks that reached
+        # the furthest step, and those left behind (none when every rank stopped at the same step).
+        pl.col("rank").filter(pl.col("last_step") == pl.col("last_step").max()).sort().alias("last_reporters"),
+        pl.col("rank").filter((pl.col("last_step") == pl.col("last_step").min())
+                              & (pl.col("last_step").min() < pl.col("last_step").max())).sort().alias("first_stopped"),
         pl.col("last_step").max(),
     ).join(recent_median, on="job")
     latest_pause = (pauses.sort("ts").group_by("job", "rank").agg(pl.col("phase").last(), pl.col("reason").last(),
