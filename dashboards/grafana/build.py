@@ -18,8 +18,9 @@ import json
 import sys
 from pathlib import Path
 
-from grafana_foundation_sdk.builders import dashboard, prometheus, stat, table, timeseries
+from grafana_foundation_sdk.builders import common, dashboard, prometheus, stat, table, timeseries
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models.common import StackingMode
 from grafana_foundation_sdk.models.dashboard import DataSourceRef
 
 HERE = Path(__file__).resolve().parent
@@ -139,6 +140,14 @@ def training() -> dashboard.Dashboard:
                        q(f"fleetscope_training_hang_threshold_seconds{j}", "hang after {{training_job}}")))
         .with_panel(ts("Step time against baseline", "percentunit",
                        q(f"fleetscope_training_step_time_change_ratio{j}", "{{training_job}}")))
+        .with_row(dashboard.Row("Goodput: where the GPU-hours went, across restarts"))
+        .with_panel(ts("Goodput (productive share of the job's life)", "percentunit",
+                       q(f"fleetscope_training_goodput_ratio{j}", "{{training_job}}")))
+        # GPU-seconds lost per second: how many of the job's GPUs, on average, each reason kept from useful work.
+        .with_panel(ts("GPUs lost, by reason (stacked)", "short",
+                       q(f"sum by (cluster, training_job, reason) (rate(fleetscope_training_badput_seconds_total{j}[5m]))",
+                         "{{training_job}} {{reason}}"))
+                    .stacking(common.StackingConfig().mode(StackingMode.NORMAL)).fill_opacity(40))
         .with_panel(table.Panel().title("Findings").datasource(DS).span(24).height(8)
                     .with_target(q(f"fleetscope_finding_active{j}").instant().format("table").ref_id("A")))
     )
