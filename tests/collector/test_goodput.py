@@ -173,3 +173,31 @@ def test_the_pure_accounting_reads_segments_incarnations_and_pauses():
     # a half-lost span; restart 22 -> 30 and start-up 30 -> 40
     assert got == pytest.approx(only(productive=10 - 0.5 + 1 * 2 * 0.5 + 30, recomputed=10 + 20 + 1 * 2 * 0.5,
                                      straggler_wait=0.5, checkpoint=2, startup=16 + 20))
+
+
+def test_the_stores_ledger_survives_a_crash_with_part_in_a_checkpoint_and_part_in_the_log(tmp_path):
+    import json
+    import time
+
+    from collector.store import Store
+    from fleetscope.schema import decode_batch
+
+    now = time.time() - 600
+
+    def body(seq: int, rows: list[dict]) -> tuple:
+        events = [{"v": 1, "kind": "step", **{k: v for k, v in r.items() if v is not None}} for r in rows]
+        raw = json.dumps({"v": 1, "agent_id": "a", "seq": seq, "node": "n", "sent_ts": now, "events": events}).encode()
+        return decode_batch(raw), raw
+
+    first = run(0, 49, t=now, pid=100, process_start=now - 10)
+    second = run(30, 59, t=now + 80, pid=200, process_start=now + 70, restored=30)
+    s = Store(tmp_path, fsync=False)
+    s.ingest(*body(0, first))
+    s.checkpoint()  # the first incarnation in the checkpoint's snapshot
+    s.ingest(*body(1, second))  # the restart only in the write-ahead log
+    expected = s.goodput.report("llm").seconds
+    assert expected["recomputed"] == pytest.approx(20 * RANKS) and expected["startup"] == pytest.approx((10 + 20 + 10) * RANKS)
+    del s  # a crash: no final checkpoint
+    again = Store(tmp_path, fsync=False)
+    assert again.goodput.report("llm").seconds == pytest.approx(expected)
+    assert again.ingest(*body(1, second)).duplicate and again.goodput.report("llm").seconds == pytest.approx(expected)
