@@ -35,6 +35,7 @@ def _rss() -> float:
 
 # Latency quantiles on /metrics cover this recent window, so they move when the service does.
 RECENT_S = 300.0
+GOODPUT_EVERY_S = 30.0
 
 
 # Training metrics label the job `training_job`: Prometheus gives every scraped series a `job` label of its
@@ -61,6 +62,7 @@ class CollectorMetrics:
         self.refusals: Counter[tuple[str, str]] = Counter()
         self.max_jobs, self.max_services, self.max_ranks = max_jobs, max_services, max_ranks
         self._badput: dict[tuple[str, str], float] = {}  # the last value exported: a counter never goes down
+        self._goodput_cache: tuple[float, dict] = (float("-inf"), {})
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
 
@@ -303,8 +305,13 @@ class CollectorMetrics:
         badput = CounterMetricFamily("fleetscope_training_badput_seconds",
                                      "GPU seconds of the job's life that were not productive, by reason: recomputed, checkpoint, "
                                      "startup, hang, pause, data_stall, straggler_wait.", labels=["training_job", "reason"] + self._c)
-        compute = lambda: {job: self.store.goodput.report(job) for job in keep}  # noqa: E731
-        reports = self.views.get("goodput", compute) if self.views is not None else compute()
+        # A job's goodput moves slowly and costs a few ms to 0.1 s to read (collector.goodput): computed at most
+        # every GOODPUT_EVERY_S for the jobs shown then, not at every scrape.
+        now = time.monotonic()
+        reports = self._goodput_cache[1]
+        if now - self._goodput_cache[0] >= GOODPUT_EVERY_S or not keep <= reports.keys():
+            reports = {job: self.store.goodput.report(job) for job in keep}
+            self._goodput_cache = (now, reports)
         seen = {}
         for job in sorted(keep):
             report = reports.get(job)
