@@ -36,7 +36,7 @@ from typing import Callable, Protocol
 import polars as pl
 
 from collector import faults, partitions
-from collector.goodput import GoodputLedger
+from collector.goodput_ledger import GoodputLedger
 from collector.bounds import Bounds, Refusal, StepHistory, screen, step_highs
 from collector.hot import HotTier, merge_small
 from collector.rollups import ALL_SCHEMAS

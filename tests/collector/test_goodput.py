@@ -5,7 +5,8 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
-from collector.goodput import REASONS, SETTLE_S, GoodputLedger, account, over_time, totals
+from collector.goodput import REASONS, account, over_time, totals
+from collector.goodput_ledger import SETTLE_S, GoodputLedger
 from collector.tables import frame_from_rows
 
 T0 = 1_700_000_000.0
