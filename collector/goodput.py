@@ -20,24 +20,23 @@ job's whole life and survives a collector restart exactly. Per job it keeps:
   when it reports `restored_step`, or when its step number goes back; a rank that restarts joins
   the newest incarnation its job has, or opens the next one;
 - per (incarnation, step) sums over the ranks that reported it (start, end, compute total and
-  slowest, data-phase total), until no row has come for SETTLE_S;
-- then *spans* of up to SPAN_STEPS settled steps, broken wherever a gap between steps is a hang or
-  holds a declared pause: a week of 1 s steps is ~10,000 spans (about a megabyte), whatever the
-  number of ranks;
+  slowest, data-phase total), until no row has come for ten minutes (goodput_ledger.SETTLE_S);
+- then *spans* of up to 64 settled steps, broken wherever a gap between steps is a hang or holds a
+  declared pause: a week of 1 s steps is ~10,000 spans (under a megabyte), whatever the number of ranks;
 - the union of each kind of declared pause (thousands of ranks declaring the same checkpoint are one
   interval).
-A read (`report`) turns this into pieces of time (`account`, pure, here) and sums them over
-[since, until]. The ledger itself is collector.goodput_ledger. Lost work is exact to the step while the steps are unsettled (the last ~10
-minutes) and split by step count inside a span otherwise.
+A read turns this into pieces of time (`account`, pure, here) and sums them over [since, until]; the
+ledger itself is collector.goodput_ledger. Lost work is exact to the step while the steps are
+unsettled (the last ~10 minutes), and split by step count inside a span after that.
 
-Approximations, stated: a rank's data stall is the step's data-phase total beyond ranks x the
-job's typical data phase (per-step sums, not per-rank excesses); straggler wait uses each rank's
-compute as collector.training.compute_times defines it (DDP's sync arrival, else the step less its
-`comm` phase, else the whole step) - without phases, in synchronous training every rank's step
-lasts as long as the slowest's and the wait cannot be seen; with pipeline parallelism, stages uneven
-by design count as waiting too (the pipeline goes at its slowest stage's pace); sums from fewer ranks
-than the world size are scaled to it. History older than the ledger itself (before it was deployed, or a collector
-restored without its snapshot) is not counted.
+Approximations, stated: a rank's data stall is the step's data-phase total beyond ranks x the job's
+typical data phase (per-step sums, not per-rank excesses); straggler wait uses each rank's compute
+as collector.training.compute_times defines it (DDP's sync arrival, else the step less its `comm`
+phase, else the whole step): without phases, in synchronous training every rank's step lasts as
+long as the slowest's and the wait cannot be seen; with pipeline parallelism, stages uneven by
+design count as waiting too (the pipeline goes at its slowest stage's pace); sums from fewer ranks
+than the world size are scaled to it. History older than the ledger (before it was deployed, or a
+data directory restored without its checkpoint) is not counted.
 """
 
 from __future__ import annotations

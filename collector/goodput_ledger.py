@@ -68,7 +68,7 @@ class _Job:
     steps: dict = field(default_factory=dict)
     spans: list = field(default_factory=list)  # [inc, lo, hi, ts, end, world, straggler gpu-s, data gpu-s]
     pauses: dict = field(default_factory=lambda: {"checkpoint": [], "pause": []})
-    open: dict = field(default_factory=dict)  # (rank, reason) -> begin ts, a declared pause not ended yet
+    open: dict = field(default_factory=dict)  # rank -> {reason: begin ts}, declared pauses not ended yet
     step_s: float | None = None  # the job's typical step, for the hang threshold
     data_s: float | None = None  # its typical data phase
     seen: float = 0.0  # when a row of it last came
@@ -136,8 +136,7 @@ class GoodputLedger:
                             or (pstart is not None and r.process_start is not None and pstart != r.process_start)):
             inc = r.inc + 1 if r.inc >= job.max_inc else job.max_inc
             job.ranks[rank] = r = _Rank(inc, pid, pstart)
-            for key in [k for k in job.open if k[0] == rank]:  # a pause the old process never ended: gone with it
-                del job.open[key]
+            job.open.pop(rank, None)  # a pause the old process never ended: gone with it
         r.pid, r.process_start = r.pid or pid, r.process_start if pstart is None else pstart
         r.stepped, r.max_step = True, max(r.max_step, step)
         job.max_inc = max(job.max_inc, r.inc)
@@ -150,9 +149,10 @@ class GoodputLedger:
             meta.restored = restored
         if len(meta.pids) < MAX_PIDS:
             meta.pids.add(pid)
-        if job.open:  # a step of the same process after a pause began: the pause ended then
-            for key in [k for k in job.open if k[0] == rank and job.open[k] <= ts]:
-                job.pauses[_pause_class(key[1])].append((job.open.pop(key), ts))
+        begun = job.open.get(rank)
+        if begun:  # a step of the same process after a pause began: the pause ended then
+            for reason in [k for k, begin in begun.items() if begin <= ts]:
+                job.pauses[_pause_class(reason)].append((begun.pop(reason), ts))
         return r.inc
 
     def _pauses(self, frame: pl.DataFrame, now: float) -> None:
@@ -167,9 +167,9 @@ class GoodputLedger:
                     job = self._jobs[job_name] = _Job()
                 job.seen = now
                 if phase == "begin":
-                    job.open[(rank, reason)] = ts
+                    job.open.setdefault(rank, {})[reason] = ts
                     continue
-                begin = job.open.pop((rank, reason), None)
+                begin = job.open.get(rank, {}).pop(reason, None)
                 start = ts - duration if duration is not None else begin
                 if start is not None and ts >= start:
                     intervals = job.pauses[_pause_class(reason)]
@@ -247,7 +247,8 @@ class GoodputLedger:
             pauses = [(kind, a, b) for kind, ivs in j.pauses.items() for a, b in ivs]
             # A pause under way counts until now, but not for longer than a job may be silent before it is
             # stopped: one whose end never comes (the job died in it) must not count forever.
-            pauses += [(_pause_class(reason), ts, max(ts, min(now, ts + STOPPED_AFTER_S))) for (_, reason), ts in j.open.items()]
+            pauses += [(_pause_class(reason), ts, max(ts, min(now, ts + STOPPED_AFTER_S)))
+                       for begun in j.open.values() for reason, ts in begun.items()]
             limit = hang_after(j.step_s)
         return (pl.DataFrame(segments, schema=SEGMENTS, orient="row"), pl.DataFrame(incs, schema=INCARNATIONS, orient="row"),
                 pl.DataFrame(pauses, schema=PAUSES, orient="row"), limit)
@@ -303,7 +304,7 @@ def _dump(job: _Job) -> dict:
         "incs": [[i, m.start, m.restored, sorted(m.pids)] for i, m in job.incs.items()],
         "steps": [[inc, step, *acc] for (inc, step), acc in job.steps.items()],
         "spans": job.spans, "pauses": {k: [list(iv) for iv in union(v)] for k, v in job.pauses.items()},
-        "open": [[rank, reason, ts] for (rank, reason), ts in job.open.items()],
+        "open": [[rank, reason, ts] for rank, begun in job.open.items() for reason, ts in begun.items()],
     }
 
 
@@ -314,5 +315,6 @@ def _load(state: dict) -> _Job:
     job.steps = {(inc, step): acc for inc, step, *acc in state["steps"]}
     job.spans = state["spans"]
     job.pauses = {k: [tuple(iv) for iv in v] for k, v in state["pauses"].items()}
-    job.open = {(rank, reason): ts for rank, reason, ts in state["open"]}
+    for rank, reason, ts in state["open"]:
+        job.open.setdefault(rank, {})[reason] = ts
     return job

@@ -153,6 +153,12 @@ def test_a_pause_under_way_counts_until_now_but_one_never_ended_stops_counting()
     ledger = ledger_of(steps, begin)
     assert ledger.report("llm", now=T0 + 40).seconds["checkpoint"] == pytest.approx(30 * RANKS)
     assert ledger.report("llm", now=T0 + 100_000).seconds["checkpoint"] == pytest.approx(600 * RANKS)
+    again = GoodputLedger()
+    again.restore(ledger.snapshot())  # a pause under way is still under way after a collector restart
+    assert again.report("llm", now=T0 + 40).seconds["checkpoint"] == pytest.approx(30 * RANKS)
+    # and the next step of the same process ends it
+    again.observe("steps", frame_from_rows("steps", run(10, 19, t=T0 + 50, pid=100, more=True)), now=T0 + 60)
+    assert again.report("llm", now=T0 + 10_000).seconds == pytest.approx(only(productive=20 * RANKS, checkpoint=40 * RANKS))
 
 
 def test_the_breakdown_over_time_adds_up_to_the_totals():
