@@ -21,9 +21,11 @@ moment `GET /v1/findings` names it hung. `stopped` (10 minutes of silence) is me
 analysis at the collector's 5 s cadence.
 
 `--ddp N` adds the rows measured on a real PyTorch DDP job (`tests/e2e/ddp_job.py`, gloo on the CPU,
-4 ranks under torchrun): N runs with one rank 10% slower in its forward pass from a third of the way
-in, and N runs with no slow rank, each instrumented the README's way and with `instrument_ddp`. The
-job's datagrams are received by the bench and analysed as above.
+4 ranks under torchrun): N runs with one rank 10% slower in its forward pass (10% of its own median
+step before the onset) from a third of the way in, and N runs with no slow rank, each instrumented the
+README's way and with `instrument_ddp`. The model is small, so each step also sleeps 0.25 s as a rank
+waits for its GPU's kernels (steps of about 0.3 s; the jitter is the real job's). The job's datagrams
+are received by the bench and analysed as above, at the collector's 5 s cadence.
 
     python -m bench.detection [--runs 20] [--ddp 10] [--quick] [--skip-live]
 """
@@ -243,6 +245,9 @@ def stopped_latency() -> float:
     return float("nan")
 
 
+DDP_DEVICE_S = 0.25  # each step also waits this long, as for a GPU's kernels: steps of ~0.3 s, not 16 ms
+
+
 # --- a real DDP job --------------------------------------------------------------------------------
 def ddp_run(slow: bool, instrument: bool, steps: int, seed: int) -> tuple[pl.DataFrame, float | None, int | None]:
     """Run tests/e2e/ddp_job.py under torchrun (4 ranks); its steps as the collector's table, the onset."""
@@ -267,6 +272,7 @@ def ddp_run(slow: bool, instrument: bool, steps: int, seed: int) -> tuple[pl.Dat
     onset = steps // 3
     env = {**os.environ, "JOB": f"ddp-{seed}", "STEPS": str(steps), "SLOW_RANK": "2" if slow else "-1",
            "SLOW_MODE": "forward10", "SLOW_AFTER": str(onset), "INSTRUMENT_DDP": "1" if instrument else "0",
+           "DEVICE_S": str(DDP_DEVICE_S),
            "FLEETSCOPE_AGENT_ADDR": f"127.0.0.1:{receiver.getsockname()[1]}", "OMP_NUM_THREADS": "1",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master), "PYTHONPATH": str(REPO)}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "4",

@@ -140,10 +140,12 @@ REGRESSION_RECENT, REGRESSION_BASELINE, REGRESSION_GAP = 150, 400, 50  # 600 ste
 
 # How much longer a rank took than its peers, whatever the job reports. DDP's arrival at its first
 # all-reduce says it directly. Otherwise the phases do: a straggler is longer in the phase where its extra
-# work is, and shorter in the one that holds the collective wait (it waits less), wherever that is:
-# backward under DDP, a `comm` phase, or none named. The wait phase is the one whose deviation from the
-# peers moves against the rank's other phases (each rank's own jitter shows in it, reversed), and the
-# rank's excess is the sum of its other phases' deviations. With neither, the whole step.
+# work is, and shorter in the one that holds the collective wait (it waits less); its excess is the sum
+# of its other phases' deviations from its peers. The wait is in `comm` when the job times one, else in
+# `backward` (where DDP all-reduces); a job with neither holds it in the phase whose deviation moves
+# against the rest of the rank's step (each rank's own jitter shows in it, reversed). With no phases,
+# the whole step. (From one rank's numbers alone "longer in A, shorter in B" reads both ways; the names
+# break the tie where the statistics cannot: with one straggler, both phases move against the rest.)
 WAIT_CORRELATION = -0.3  # a phase whose deviation correlates this negatively with the rest holds the wait
 def compute_times(steps: pl.DataFrame) -> pl.DataFrame:
     """Per step and rank, the time spent before waiting for peers: DDP's sync arrival when reported,
@@ -200,6 +202,10 @@ def step_excess(steps: pl.DataFrame) -> pl.DataFrame:
     wait = pl.lit(0.0)
     for x, c in zip(d, corrs):
         wait = pl.when((c == lowest) & (lowest <= WAIT_CORRELATION)).then(x.fill_null(0)).otherwise(wait)
+    for name in ("phase_backward_s", "phase_comm_s"):  # named: comm first, then backward (later wins)
+        if name in phases:
+            x = d[phases.index(name)]
+            wait = pl.when(x.is_not_null().any().over(group)).then(x.fill_null(0)).otherwise(wait)
     phased = pl.when(pl.col("_phased")).then(pl.col("_total") - wait)
     excess = pl.coalesce(pl.max_horizontal(pl.col("_sync"), phased), pl.col("_whole"))
     return (rows.with_columns(excess.alias("excess_s"))
