@@ -72,6 +72,7 @@ class _Job:
     step_s: float | None = None  # the job's typical step, for the hang threshold
     data_s: float | None = None  # its typical data phase
     seen: float = 0.0  # when a row of it last came
+    changes: int = 0  # bumped by every change, so that a snapshot encodes again only the jobs that changed
 
 
 def _pause_class(reason: str) -> str:
@@ -85,6 +86,7 @@ class GoodputLedger:
         self.retention_s = retention_s
         self._lock = threading.Lock()
         self._jobs: dict[str, _Job] = {}
+        self._encoded: dict[str, tuple[int, str]] = {}  # job -> (its changes, its JSON) at the last snapshot
 
     # --- rows in ----------------------------------------------------------------------------------
     def observe(self, kind: str, frame: pl.DataFrame, now: float | None = None) -> None:
@@ -111,6 +113,7 @@ class GoodputLedger:
                 if job is None:
                     job = self._jobs[job_name] = _Job()
                 job.seen = now
+                job.changes += 1
                 inc = self._incarnation_of(job, rank, pid or 0, step, pstart, restored, ts)
                 acc = job.steps.get((inc, step))
                 if acc is None:
@@ -166,6 +169,7 @@ class GoodputLedger:
                 if job is None:
                     job = self._jobs[job_name] = _Job()
                 job.seen = now
+                job.changes += 1
                 if phase == "begin":
                     job.open.setdefault(rank, {})[reason] = ts
                     continue
@@ -186,6 +190,8 @@ class GoodputLedger:
                 for name in [n for n, j in self._jobs.items() if j.seen < now - self.retention_s]:
                     del self._jobs[name]
             for job in self._jobs.values():
+                if job.steps:
+                    job.changes += 1
                 self._typical(job)
                 settled = sorted(((k, v) for k, v in job.steps.items() if v[8] < now - SETTLE_S), key=lambda kv: kv[1][0])
                 for key, _ in settled:
@@ -278,13 +284,24 @@ class GoodputLedger:
 
     # --- checkpoint -------------------------------------------------------------------------------
     def snapshot(self) -> bytes:
+        """Every job, for the store's checkpoint; a job that did not change since the last one (it ended) is
+        not encoded again."""
         with self._lock:
-            return json.dumps({name: _dump(job) for name, job in self._jobs.items()}).encode()
+            parts = []
+            for name, job in self._jobs.items():
+                cached = self._encoded.get(name)
+                if cached is None or cached[0] != job.changes:
+                    cached = self._encoded[name] = (job.changes, json.dumps(_dump(job)))
+                parts.append(f"{json.dumps(name)}:{cached[1]}")
+            for gone in self._encoded.keys() - self._jobs.keys():
+                del self._encoded[gone]
+            return ("{" + ",".join(parts) + "}").encode()
 
     def restore(self, data: bytes) -> None:
         saved = json.loads(data)
         with self._lock:
             self._jobs = {name: _load(state) for name, state in saved.items()}
+            self._encoded = {}
 
 
 def _waits(acc: list, data_s: float | None) -> tuple[float, float]:

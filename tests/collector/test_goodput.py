@@ -138,6 +138,10 @@ def test_folding_settled_steps_into_spans_keeps_every_sum_and_a_snapshot_restore
     restored = GoodputLedger()
     restored.restore(fresh.snapshot())
     assert seconds(restored) == pytest.approx(before)
+    # a job that changed is encoded again, one that did not is taken as it was
+    fresh.observe("steps", frame_from_rows("steps", run(250, 259, t=T0 + 360, pid=200, more=True)), now=T0 + 10_000)
+    restored.restore(fresh.snapshot())
+    assert seconds(restored)["productive"] == pytest.approx(before["productive"] + 10 * RANKS)
 
 
 def test_a_restore_inside_a_span_splits_it_by_steps():
