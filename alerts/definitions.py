@@ -251,16 +251,26 @@ ALERTS: list[Alert] = [
           "`iostat -x 5` on the node; the average queue is `rate(fleetscope_disk_io_time_weighted_seconds_total[5m])`.",
           "Find the heavy reader or writer (`iotop`); spread checkpoints or move data to faster storage."),
     # --- training (from the collector) ------------------------------------------------------------
-    Alert("FleetscopeTrainingStraggler", "fleetscope-training", 'fleetscope_finding_active{{kind="straggler"}} == 1',
+    Alert("FleetscopeTrainingStraggler", "fleetscope-training", 'fleetscope_finding_active{{kind="straggler",severity="page"}} == 1',
           "{training.straggler_for}", "page",
           "rank {{ $labels.rank }} of {{ $labels.training_job }} on {{ $labels.node }} is a straggler",
           "Rank {{ $labels.rank }} of job {{ $labels.training_job }} (node {{ $labels.node }}) computes persistently longer than its "
-          "peers; every rank waits for it. GET /v1/findings?job={{ $labels.training_job }} lists the probable cause.",
+          "peers; every rank waits for it, at least 5% of each step (the collector's straggler_page_share). GET /v1/findings?job={{ $labels.training_job }} lists the probable cause.",
           "One rank holds the whole synchronous job back: every step runs at its speed.",
           "The finding's probable causes (thermal slowdown, power cap, XID, NIC errors, data loader); "
           "`fleetscope_training_straggler_score{training_job=...}` per rank.",
           "Act on the cause: a throttling GPU or bad link, drain the node and restart the job from its checkpoint without it."),
-    Alert("FleetscopeTrainingSlowNode", "fleetscope-training", 'fleetscope_finding_active{{kind="slow_node"}} == 1',
+    Alert("FleetscopeTrainingStragglerMinor", "fleetscope-training",
+          'fleetscope_finding_active{{kind=~"straggler|slow_node",severity="ticket"}} == 1',
+          "{training.straggler_minor_for}", "ticket",
+          "job {{ $labels.training_job }} waits a little for rank {{ $labels.rank }} / node {{ $labels.node }}",
+          "A rank (or node) of job {{ $labels.training_job }} is persistently slower than its peers, but costs the job less than the "
+          "collector's straggler_page_share of its throughput. GET /v1/findings?job={{ $labels.training_job }} lists the probable cause.",
+          "A small but persistent loss: a few percent of every step of the job, every hour it runs.",
+          "The finding's evidence (`throughput_lost_share`, the threshold it passed) and probable causes; "
+          "`fleetscope_training_straggler_score{training_job=...}` per rank.",
+          "Look at the cause at the next maintenance window; if the score grows past the page share it pages."),
+    Alert("FleetscopeTrainingSlowNode", "fleetscope-training", 'fleetscope_finding_active{{kind="slow_node",severity="page"}} == 1',
           "{training.slow_node_for}", "page",
           "node {{ $labels.node }} slows job {{ $labels.training_job }}",
           "The ranks of job {{ $labels.training_job }} on node {{ $labels.node }} are slow together. GET /v1/findings names the cause.",

@@ -60,6 +60,13 @@ def _quantity(value: object, what: str, units: dict[str, int], expected: str) ->
     return float(m.group(1)) * units[m.group(2).lower()]
 
 
+def _share(value: object, what: str) -> float:
+    """A number (TOML integer or float), not a string that happens to hold one."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{what}: a number, got {value!r}")
+    return float(value)
+
+
 def _count(value: object, what: str) -> int:
     """A whole number (TOML integer), not a float or a string that happens to hold one."""
     if isinstance(value, bool) or not isinstance(value, int):
@@ -114,6 +121,9 @@ class Settings:
     retention_bytes: int | None = None  # ... and within this size (default: 40% of the data disk)
     checkpoint_interval_s: float = 30.0  # WAL -> Parquet
     analysis_interval_s: float = 5.0  # hot-tier upkeep, then stragglers, hangs, regressions
+    # A straggler (or slow node) pages when the job's other ranks wait at least this share of each step for it;
+    # below, it is a ticket (collector.findings).
+    straggler_page_share: float = 0.05
     maintenance_interval_s: float = 300.0  # compaction of closed hours, retention
     max_points: int = 500  # a history query returns at most this many points per series
     fsync: bool = True  # off only in benchmarks that want to see the cost of everything else
@@ -169,6 +179,8 @@ class Settings:
                      "max_future_skew_s", "max_step_jump", "metrics_max_jobs", "metrics_max_services", "metrics_max_ranks"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"collector: {name} must be positive, got {getattr(self, name)}")
+        if not 0 < self.straggler_page_share <= 1:
+            raise ValueError(f"collector: straggler_page_share is a share of each step, in (0, 1], got {self.straggler_page_share}")
         if self.memory_budget < 128 * 2**20:
             raise ValueError(f"collector: memory_budget of {self.memory_budget} bytes is below the 128 MiB the process itself needs")
         if self.raw_window_s > self.window_s:
@@ -205,6 +217,7 @@ CONFIG_KEYS = {
     "checkpoint_interval": ("checkpoint_interval_s", parse_duration),
     "analysis_interval": ("analysis_interval_s", parse_duration),
     "maintenance_interval": ("maintenance_interval_s", parse_duration),
+    "straggler_page_share": ("straggler_page_share", lambda v, w: _share(v, w)),
     "max_points": ("max_points", lambda v, w: int(v)),
     "max_body_bytes": ("max_body_bytes", parse_size),
     "max_future_skew": ("max_future_skew_s", parse_duration),

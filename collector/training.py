@@ -165,7 +165,7 @@ def current_incarnation(steps: pl.DataFrame, warmup: int = WARMUP_STEPS) -> pl.D
     rank = ("job", "rank")
     ordered = steps.sort("ts")
     prev_step, prev_pid = pl.col("step").shift(1).over(rank), pl.col("pid").shift(1).over(rank)
-    restart = (prev_step.is_null() | (pl.col("step") <= prev_step)
+    restart = (prev_step.is_null() | (pl.col("step") < prev_step)
                | ((pl.col("pid") != prev_pid) & (pl.col("pid") > 0) & (prev_pid > 0)).fill_null(False))
     marked = ordered.with_columns(restart.cast(pl.Int32).cum_sum().over(rank).alias("_incarnation"))
     marked = marked.with_columns(

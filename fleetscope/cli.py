@@ -107,6 +107,7 @@ def _collector(args: argparse.Namespace) -> int:
                                   ("metrics_max_jobs", "metrics_max_jobs", _positive_int),
                                   ("metrics_max_services", "metrics_max_services", _positive_int),
                                   ("metrics_max_ranks", "metrics_max_ranks", _positive_int),
+                                  ("straggler_page_share", "straggler_page_share", _number),
                                   ("tls_cert", "tls_cert", lambda v, w: Path(v)), ("tls_key", "tls_key", lambda v, w: Path(v)),
                                   ("tls_client_ca", "tls_client_ca", lambda v, w: Path(v)),
                                   ("web_config", "web_config", lambda v, w: Path(v))):
@@ -144,6 +145,13 @@ def _loopback(address: str) -> bool:
         return ipaddress.ip_address(address).is_loopback
     except ValueError:
         return False  # a host name, or "" (every interface): not known to be loopback
+
+
+def _number(value: str, what: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"{what} must be a number, got {value!r}") from None
 
 
 def _positive_int(value: str, what: str) -> int:
@@ -290,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-max-jobs", help="jobs the collector's /metrics exports at most, troubled first (default 500)")
     p.add_argument("--metrics-max-services", help="service/model pairs /metrics exports at most (default 200)")
     p.add_argument("--metrics-max-ranks", help="ranks with a straggler score /metrics exports at most (default 1000)")
+    p.add_argument("--straggler-page-share", help="a straggler pages when the other ranks wait this share of each "
+                                                  "step for it, else it opens a ticket (default 0.05)")
     p.add_argument("--tls-cert", help="serve HTTPS only, with this certificate chain (PEM); plain HTTP is then refused")
     p.add_argument("--tls-key", help="the private key of --tls-cert (PEM), unless the certificate file holds it")
     p.add_argument("--tls-client-ca", help="mutual TLS: agents may present a client certificate signed by this CA (PEM); "

@@ -71,7 +71,7 @@ def create_app(settings: Settings, store: Store | None = None) -> FastAPI:
         store.maintain_hot()
         now = time.time()
         found, signals = analyse(store.frame("steps"), store.frame("pauses"), now, samples=samples,
-                                 aggs=store.hot.step_aggs())
+                                 aggs=store.hot.step_aggs(), page_share=settings.straggler_page_share)
         report = ledger.report(now)
         found += slo_findings(report, now)
         tracker.update(found, signals, slo_report=report)

@@ -148,3 +148,75 @@ def test_a_data_loader_that_grew_is_a_cause():
         pl.when(pl.col("rank") == 3).then(pl.col("phase_data_s") * 4).otherwise(pl.col("phase_data_s")).alias("phase_data_s"))
     (f,) = analyse(steps, pauses, NO_GPUS, NO_HOSTS, end_ts(steps) + 1)[0]
     assert f.causes[0]["cause"] == "data_loader"
+
+
+# --- what the issue asked of detection on real jobs ----------------------------------------------------
+def test_the_readme_example_finds_the_slow_rank_without_instrument_ddp():
+    # data, forward, backward (holding DDP's wait), optimizer: no comm phase, no sync_arrival_s
+    for phase in ("forward", "data"):
+        (f,) = findings(Trace(ranks=16, steps=60, slow_rank=5, slow_phase=phase, instrument="readme"))
+        assert f.kind == "straggler" and f.subject["rank"] == 5
+    # and with whole steps only there is nothing to tell a straggler by: no finding rather than a guess
+    assert findings(Trace(ranks=16, steps=60, slow_rank=5, instrument="none")) == []
+
+
+def test_a_straggler_that_costs_the_job_little_is_a_ticket_and_the_share_is_configurable():
+    steps, pauses = generate(Trace(ranks=16, steps=60, slow_rank=5, slow_factor=0.10))
+
+    def judged(page_share):
+        (f,) = analyse_samples(steps, pauses, end_ts(steps) + 1, samples=frame_samples(NO_GPUS, NO_HOSTS),
+                               page_share=page_share)[0]
+        assert f.kind == "straggler" and f.subject["rank"] == 5
+        return f
+
+    share = judged(0.05).evidence["throughput_lost_share"]
+    assert 0.05 < share < 0.08 and judged(0.05).severity == "page" and judged(0.08).severity == "ticket"
+
+
+def test_warm_up_and_a_restart_from_a_checkpoint_are_not_judged():
+    # every rank's first 10 steps run up to 50% slow, at random per rank, after the start and after a restart
+    # (at the 120th step, back to step 100: new pids, step numbers going back) ...
+    steps, pauses = generate(Trace(ranks=16, steps=200, warmup_steps=10, restart_after=120, restore_to=100,
+                                   restart_gap_s=20, seed=3))
+    # ... and rank 2 (loading its checkpoint shard lazily) takes 60% longer for its first 10 steps after it
+    restarted = steps.sort("ts").with_columns(pl.int_range(pl.len()).over("rank").alias("executed"))
+    steps = restarted.with_columns(
+        pl.when((pl.col("rank") == 2) & pl.col("executed").is_between(120, 129)).then(pl.col("sync_arrival_s") * 1.6)
+        .otherwise(pl.col("sync_arrival_s")).alias("sync_arrival_s")).drop("executed")
+    starts = steps["ts"].unique().sort()
+    for upto in range(20, 200, 2):
+        known = steps.filter(pl.col("ts") < starts[upto])
+        found, _ = analyse(known, pauses, NO_GPUS, NO_HOSTS, end_ts(known) + 0.5)
+        assert found == [], (upto, [(f.kind, f.subject) for f in found])
+    # judged as steady state, that warm-up would have been a straggler
+    from collector import training
+
+    after = steps.filter(pl.col("ts") < starts[132])
+    original = training.current_incarnation.__defaults__
+    try:
+        training.current_incarnation.__defaults__ = (0,)
+        assert training.stragglers(training.straggler_scores(after))["rank"].to_list() == [2]
+    finally:
+        training.current_incarnation.__defaults__ = original
+
+
+def test_a_burst_on_one_rank_is_not_a_straggler_but_a_persistent_one_is():
+    base = Trace(ranks=16, steps=60, seed=1)
+    steps, pauses = generate(base)
+    burst = (pl.col("rank") == 3) & pl.col("step").is_between(45, 51)  # 7 of the last 16 steps, 40% slower
+    bursty = steps.with_columns(pl.when(burst).then(pl.col("sync_arrival_s") * 1.4).otherwise(pl.col("sync_arrival_s"))
+                                .alias("sync_arrival_s"))
+    assert analyse(bursty, pauses, NO_GPUS, NO_HOSTS, end_ts(steps) + 1)[0] == []
+    persistent = steps.with_columns(pl.when((pl.col("rank") == 3) & (pl.col("step") >= 40)).then(pl.col("sync_arrival_s") * 1.15)
+                                    .otherwise(pl.col("sync_arrival_s")).alias("sync_arrival_s"))
+    (f,) = analyse(persistent, pauses, NO_GPUS, NO_HOSTS, end_ts(steps) + 1)[0]
+    assert f.subject["rank"] == 3
+
+
+def test_the_threshold_rises_with_the_jobs_own_noise():
+    def scores(jitter):
+        steps, pauses = generate(Trace(ranks=16, steps=60, jitter=jitter))
+        return analyse(steps, pauses, NO_GPUS, NO_HOSTS, end_ts(steps) + 1)[1].scores
+
+    quiet, noisy = scores(0.01), scores(0.15)
+    assert quiet["threshold"].max() == pytest.approx(0.04) and noisy["threshold"].min() > 0.05

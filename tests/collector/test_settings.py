@@ -95,3 +95,21 @@ def test_the_input_bound_flags_reach_the_settings_and_bad_values_are_named(tmp_p
     out = subprocess.run([sys.executable, "-m", "fleetscope", "collector", "--data-dir", str(tmp_path),
                           "--max-future-skew", "soon"], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "--max-future-skew" in out.stderr
+
+
+def test_the_straggler_page_share_comes_from_the_file_or_the_flag_and_must_be_a_share(tmp_path):
+    path = tmp_path / "collector.toml"
+    path.write_text("[collector]\nstraggler_page_share = 0.1\n")
+    kwargs, _ = load_config(path)
+    assert Settings(**kwargs, data_dir=tmp_path, **TOKENS).straggler_page_share == 0.1
+    assert Settings(data_dir=tmp_path, **TOKENS).straggler_page_share == 0.05
+    for bad in (0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="straggler_page_share"):
+            Settings(straggler_page_share=bad, data_dir=tmp_path, **TOKENS)
+    path.write_text('[collector]\nstraggler_page_share = "ten percent"\n')
+    with pytest.raises(ValueError, match="straggler_page_share"):
+        load_config(path)
+    env = {"FLEETSCOPE_INGEST_TOKEN": "i", "FLEETSCOPE_READ_TOKEN": "r", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-m", "fleetscope", "collector", "--data-dir", str(tmp_path),
+                          "--straggler-page-share", "2"], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "straggler_page_share" in out.stderr
