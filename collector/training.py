@@ -143,8 +143,8 @@ REGRESSION_RECENT, REGRESSION_BASELINE, REGRESSION_GAP = 150, 400, 50  # 600 ste
 # work is, and shorter in the one that holds the collective wait (it waits less); its excess is the sum
 # of its other phases' deviations from its peers. The wait is in `comm` when the job times one, else in
 # `backward` (where DDP all-reduces); a job with neither holds it in the phase whose deviation moves
-# against the rest of the rank's step (each rank's own jitter shows in it, reversed). With no phases,
-# the whole step. (From one rank's numbers alone "longer in A, shorter in B" reads both ways; the names
+# against the rest of the rank's step (each rank's own jitter shows in it, reversed). The whole step
+# counts too (it is the same on every rank of a synchronous job, but a job need not be synchronous). (From one rank's numbers alone "longer in A, shorter in B" reads both ways; the names
 # break the tie where the statistics cannot: with one straggler, both phases move against the rest.)
 WAIT_CORRELATION = -0.3  # a phase whose deviation correlates this negatively with the rest holds the wait
 def compute_times(steps: pl.DataFrame) -> pl.DataFrame:
@@ -207,10 +207,13 @@ def step_excess(steps: pl.DataFrame) -> pl.DataFrame:
             x = d[phases.index(name)]
             wait = pl.when(x.is_not_null().any().over(group)).then(x.fill_null(0)).otherwise(wait)
     phased = pl.when(pl.col("_phased")).then(pl.col("_total") - wait)
-    excess = pl.coalesce(pl.max_horizontal(pl.col("_sync"), phased), pl.col("_whole"))
-    return (rows.with_columns(excess.alias("excess_s"))
+    measured = pl.coalesce(pl.max_horizontal(pl.col("_sync"), phased), pl.col("_whole"))
+    # the whole step too: the same on every rank of a synchronous job, but not of every job
+    return (rows.with_columns(pl.max_horizontal(measured, pl.col("_whole")).alias("excess_s"), measured.alias("_measured"))
             .filter((pl.col("peers") >= 3) & (pl.col("step_s") > 0))
-            .with_columns((pl.col("excess_s") / pl.col("step_s")).alias("excess"))
+            .with_columns((pl.col("excess_s") / pl.col("step_s")).alias("excess"),
+                          (pl.col("_measured") / pl.col("step_s")).alias("measured_excess"))
+            .drop("_measured")
             .drop([c for c in rows.columns if c.startswith(("_d", "_c")) or c in ("_sync", "_whole", "_total", "_phased")]))
 
 
@@ -228,7 +231,9 @@ def straggler_scores(steps: pl.DataFrame, window: int = STRAGGLER_WINDOW) -> pl.
     group = ("job", "stage")
     excess = excess.with_columns(pl.col("excess").median().over(group).alias("_base")).with_columns(
         (pl.col("excess") - pl.col("_base")).alias("_above"),
-        ((pl.col("excess") - pl.col("_base")).abs().median().over(group) * 1.4826).alias("_sigma"),
+        # the noise of the measure itself (not of its max with the whole step, which is flat when it is synchronous)
+        ((pl.col("measured_excess") - pl.col("measured_excess").median().over(group)).abs().median().over(group)
+         * 1.4826).alias("_sigma"),
         (pl.col("step") > pl.col("step").max().over("job") - window // 2).alias("_recent"),
     )
     ranks = (

@@ -231,11 +231,12 @@ def test_findings_are_served_and_exported_as_metrics(client):
 
     from bench.traces import Trace, generate
 
-    steps, _ = generate(Trace(ranks=8, steps=40, slow_rank=6, slow_factor=0.15, start_ts=_time.time() - 60))
+    steps, _ = generate(Trace(ranks=8, steps=40, slow_rank=6, slow_factor=0.15, instrument="comm", start_ts=_time.time() - 60))
     events = [{"v": 1, "kind": "step", "job": "found", "rank": r["rank"], "world_size": 8, "step": r["step"], "ts": r["ts"],
                "duration_s": r["duration_s"], "node": r["node"], "gpu_uuid": r["gpu_uuid"],
-               "phases": {"data": r["phase_data_s"], "comm": r["phase_comm_s"]},
-               "metrics": {"sync_arrival_s": r["sync_arrival_s"]}} for r in steps.iter_rows(named=True)]
+               "phases": {k: r[f"phase_{k}_s"] for k in ("data", "forward", "backward", "comm", "optimizer")
+                          if r[f"phase_{k}_s"] is not None},
+               } for r in steps.iter_rows(named=True)]
     assert post(client, batch(0, events)).status_code == 200
     client.app.state.analyse_now()
     (f,) = client.get("/v1/findings", headers=R).json()["findings"]
