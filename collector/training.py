@@ -71,9 +71,11 @@ def with_mfu(jobs: pl.DataFrame, gpus: pl.DataFrame) -> pl.DataFrame:
 
 def rank_step_quantiles(steps: pl.DataFrame, job: str) -> pl.DataFrame:
     """Per rank of `job`: step count and step-time p50/p95/p99, the mean time before it waited for its
-    peers (compute_mean_s, see compute_times), with the node and GPU it ran on last."""
+    peers (compute_mean_s, see compute_times), the mean share of each step its peers waited for it
+    (excess_mean, see step_excess), with the node and GPU it ran on last."""
     rows = steps.filter(pl.col("job") == job)
     latest = pl.col("ts").arg_max()
+    excess = step_excess(rows).group_by("rank").agg(pl.col("excess").mean().round(5).alias("excess_mean"))
     return (
         rows.with_columns(pl.col("duration_s").cast(pl.Float64), compute_times(rows)["compute_s"])
         .group_by("rank")
@@ -89,13 +91,14 @@ def rank_step_quantiles(steps: pl.DataFrame, job: str) -> pl.DataFrame:
         .with_columns(pl.col("node", "gpu_uuid").cast(pl.String))
         .rename({"duration_p50_s": "step_time_p50_s", "duration_p95_s": "step_time_p95_s", "duration_p99_s": "step_time_p99_s"})
         .with_columns(pl.col("^step_time_.*$", "compute_mean_s").round_sig_figs(7))
+        .join(excess, on="rank", how="left")
         .sort("rank")
     )
 
 
 def slowest_ranks(quantiles: pl.DataFrame, top: int) -> pl.DataFrame:
-    """The `top` ranks that spent longest before reaching their peers (the likeliest stragglers)."""
-    return quantiles.sort("compute_mean_s", descending=True, nulls_last=True).head(top).sort("rank")
+    """The `top` ranks that kept their peers waiting longest (the likeliest stragglers)."""
+    return quantiles.sort(["excess_mean", "compute_mean_s"], descending=True, nulls_last=True).head(top).sort("rank")
 
 
 def rank_breakdown(steps: pl.DataFrame, job: str) -> pl.DataFrame:
@@ -370,11 +373,18 @@ def step_time_change(aggs: pl.DataFrame) -> pl.DataFrame:
 
 def rank_step_matrix(steps: pl.DataFrame, job: str, last: int = 100, ranks: list[int] | None = None) -> pl.DataFrame:
     """Per step and rank of `job`'s last steps: compute time over the step's median (1.0 = typical), for a
-    heatmap; only `ranks` when given (the median is still over all of them)."""
+    heatmap; only `ranks` when given (the median is still over all of them). A job that reports neither DDP's
+    arrival nor a `comm` phase has no compute time apart from its wait: its cells are 1 + the rank's excess
+    over its peers (step_excess), the same scale."""
     rows = steps.filter(pl.col("job") == job)
     rows = rows.filter(pl.col("step") > pl.col("step").max() - last)
-    cells = (compute_times(rows)
-             .with_columns((pl.col("compute_s") / pl.col("compute_s").median().over("stage", "step")).alias("relative")))
+    direct = (pl.col("sync_arrival_s").is_not_null() | pl.col("phase_comm_s").is_not_null()).any()
+    cells = compute_times(rows).with_columns(
+        (pl.col("compute_s") / pl.col("compute_s").median().over("stage", "step")).alias("relative"))
+    if rows.height and not rows.select(direct).item():
+        excess = step_excess(rows).select("rank", "step", "excess")
+        cells = cells.join(excess, on=["rank", "step"], how="left").with_columns(
+            pl.when(pl.col("excess").is_not_null()).then(1 + pl.col("excess")).otherwise(pl.col("relative")).alias("relative"))
     if ranks is not None:
         cells = cells.filter(pl.col("rank").is_in(ranks))
     return cells.select("step", "rank", pl.col("node").cast(pl.String), "compute_s", "relative").sort("step", "rank")

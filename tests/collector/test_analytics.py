@@ -124,3 +124,14 @@ def test_rank_step_matrix_is_relative_to_the_steps_median():
     got = rank_step_matrix(frame, "j", last=2)
     assert got["step"].unique().sort().to_list() == [1, 2]
     assert got.filter(pl.col("rank") == 2)["relative"].to_list() == [1.5, 1.5]
+
+
+def test_a_job_timed_the_readme_way_still_shows_its_slow_rank_in_the_matrix_and_the_slowest_ranks():
+    from bench.traces import Trace, generate
+    from collector.training import rank_step_matrix, rank_step_quantiles, slowest_ranks
+
+    frame, _ = generate(Trace(ranks=8, steps=30, slow_rank=6, instrument="readme"))
+    cells = rank_step_matrix(frame, "trace", last=10)
+    mean = cells.group_by("rank").agg(pl.col("relative").mean()).sort("relative", descending=True)
+    assert mean["rank"][0] == 6 and 1.04 < mean["relative"][0] < 1.1 and mean["relative"][1] < 1.01
+    assert slowest_ranks(rank_step_quantiles(frame, "trace"), 1)["rank"].to_list() == [6]
