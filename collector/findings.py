@@ -82,8 +82,9 @@ def analyse(steps: pl.DataFrame, pauses: pl.DataFrame, now: float, *, samples: S
 
     live = steps.filter(~pl.col("job").is_in(list(silent)))  # a hung job's last steps say nothing new
     scores = straggler_scores(live)
-    job_peers = live.group_by(pl.col("job").cast(pl.String)).agg(pl.col("gpu_uuid").drop_nulls().cast(pl.String).unique(),
-                                                             pl.col("node").drop_nulls().cast(pl.String).unique())
+    job_peers = (live.select("job", "gpu_uuid", "node").unique()  # unique first: far fewer to cast to strings
+                 .group_by(pl.col("job").cast(pl.String))
+                 .agg(pl.col("gpu_uuid").drop_nulls().unique().cast(pl.String), pl.col("node").drop_nulls().unique().cast(pl.String)))
     peers = {r["job"]: (r["gpu_uuid"], r["node"]) for r in job_peers.iter_rows(named=True)}
     nodes = slow_nodes(scores)
     slow_node_keys = {(r["job"], r["node"]) for r in nodes.iter_rows(named=True)}

@@ -71,11 +71,12 @@ def with_mfu(jobs: pl.DataFrame, gpus: pl.DataFrame) -> pl.DataFrame:
 
 def rank_step_quantiles(steps: pl.DataFrame, job: str) -> pl.DataFrame:
     """Per rank of `job`: step count and step-time p50/p95/p99, the mean time before it waited for its
-    peers (compute_mean_s, see compute_times), the mean share of each step its peers waited for it
-    (excess_mean, see step_excess), with the node and GPU it ran on last."""
+    peers (compute_mean_s, see compute_times), the mean share of each of the last STRAGGLER_WINDOW steps its
+    peers waited for it (excess_mean, see step_excess), with the node and GPU it ran on last."""
     rows = steps.filter(pl.col("job") == job)
     latest = pl.col("ts").arg_max()
-    excess = step_excess(rows).group_by("rank").agg(pl.col("excess").mean().round(5).alias("excess_mean"))
+    recent = rows.filter(pl.col("step") > pl.col("step").max() - STRAGGLER_WINDOW)
+    excess = step_excess(recent).group_by("rank").agg(pl.col("excess").mean().round(5).alias("excess_mean"))
     return (
         rows.with_columns(pl.col("duration_s").cast(pl.Float64), compute_times(rows)["compute_s"])
         .group_by("rank")
@@ -181,43 +182,46 @@ def step_excess(steps: pl.DataFrame) -> pl.DataFrame:
     """Per step and rank: `excess_s`, how much longer than its stage's peers the rank took (see above),
     `step_s` the peers' median step, and `excess` the first over the second (0.1: its peers waited 10% of
     the step for it). Steps with fewer than 3 peers are left out."""
-    keys, group = ("job", "stage", "step"), ("job", "stage")
+    keys, group = ["job", "stage", "step"], ["job", "stage"]
     phases = [c for c in PHASE_COLUMNS if c in steps.columns]
-
-    def deviation(column: str) -> pl.Expr:
-        return pl.col(column).cast(pl.Float64) - pl.col(column).cast(pl.Float64).median().over(keys)
-
-    rows = steps.with_columns(pl.col("stage").fill_null(0)).with_columns(
-        *(deviation(c).alias(f"_d{i}") for i, c in enumerate(phases)),
-        deviation("sync_arrival_s").alias("_sync"), deviation("duration_s").alias("_whole"),
-        pl.col("duration_s").cast(pl.Float64).median().over(keys).alias("step_s"),
-        pl.len().over(keys).alias("peers"),
-        (pl.col("phase_data_s") / pl.col("phase_data_s").median().over(keys)).alias("data_vs_peers"),
+    measures = [*phases, "sync_arrival_s", "duration_s"]
+    rows = steps.with_columns(pl.col("stage").fill_null(0), *(pl.col(c).cast(pl.Float64) for c in measures))
+    # the peers' medians: one group-by joined back (a window per column costs ten times as much)
+    peers = rows.group_by(keys).agg(*(pl.col(c).median().alias(f"_m{i}") for i, c in enumerate(measures)),
+                                    pl.len().alias("peers"))
+    rows = rows.join(peers, on=keys, how="left").with_columns(
+        *((pl.col(c) - pl.col(f"_m{i}")).alias(f"_d{i}") for i, c in enumerate(measures)),  # deviations from the peers
+        pl.col(f"_m{len(measures) - 1}").alias("step_s"),
+        (pl.col("phase_data_s") / pl.col(f"_m{measures.index('phase_data_s')}")).alias("data_vs_peers")
+        if "phase_data_s" in measures else pl.lit(None, pl.Float64).alias("data_vs_peers"),
     )
-    d = [pl.col(f"_d{i}") for i in range(len(phases))]
+    dev = {c: pl.col(f"_d{i}") for i, c in enumerate(measures)}
+    d = [dev[c] for c in phases]
     total = pl.sum_horizontal(x.fill_null(0) for x in d)
     rows = rows.with_columns(total.alias("_total"), pl.any_horizontal(x.is_not_null() for x in d).alias("_phased"))
-    # per job and stage, how each phase's deviation moves with the rest of the rank's step
-    rows = rows.with_columns(*(pl.corr(x, pl.col("_total") - x).over(group).fill_nan(None).alias(f"_c{i}")
-                               for i, x in enumerate(d)))
-    corrs = [pl.col(f"_c{i}").fill_null(1.0) for i in range(len(phases))]
-    lowest = pl.min_horizontal(corrs)
-    wait = pl.lit(0.0)
-    for x, c in zip(d, corrs):
-        wait = pl.when((c == lowest) & (lowest <= WAIT_CORRELATION)).then(x.fill_null(0)).otherwise(wait)
-    for name in ("phase_backward_s", "phase_comm_s"):  # named: comm first, then backward (later wins)
-        if name in phases:
-            x = d[phases.index(name)]
-            wait = pl.when(x.is_not_null().any().over(group)).then(x.fill_null(0)).otherwise(wait)
-    phased = pl.when(pl.col("_phased")).then(pl.col("_total") - wait)
-    measured = pl.coalesce(pl.max_horizontal(pl.col("_sync"), phased), pl.col("_whole"))
+    # the phase that holds the wait: comm, else backward, when the job (and stage) reports it ...
+    named = [c for c in ("phase_comm_s", "phase_backward_s") if c in phases]
+    reported = rows.group_by(group).agg(*(pl.col(c).is_not_null().any().alias(f"_has{i}") for i, c in enumerate(named)))
+    rows = rows.join(reported, on=group, how="left")
+    wait = pl.lit(None, pl.Float64)
+    for i, c in reversed(list(enumerate(named))):
+        wait = pl.when(pl.col(f"_has{i}")).then(dev[c].fill_null(0)).otherwise(wait)
+    # ... else the one that moves against the rest of the rank's step (only computed where needed)
+    if rows.select(wait.is_null() & pl.col("_phased")).to_series().any():
+        corrs = [pl.corr(x, pl.col("_total") - x).over(group).fill_nan(None).fill_null(1.0) for x in d]
+        lowest = pl.min_horizontal(corrs)
+        guess = pl.lit(0.0)
+        for x, c in zip(d, corrs):
+            guess = pl.when((c == lowest) & (lowest <= WAIT_CORRELATION)).then(x.fill_null(0)).otherwise(guess)
+        wait = pl.coalesce(wait, guess)
+    phased = pl.when(pl.col("_phased")).then(pl.col("_total") - wait.fill_null(0))
+    measured = pl.coalesce(pl.max_horizontal(dev["sync_arrival_s"], phased), dev["duration_s"])
     # the whole step too: the same on every rank of a synchronous job, but not of every job
-    return (rows.with_columns(pl.max_horizontal(measured, pl.col("_whole")).alias("excess_s"), measured.alias("_measured"))
-            .filter((pl.col("peers") >= 3) & (pl.col("step_s") > 0))
-            .with_columns((pl.col("excess_s") / pl.col("step_s")).alias("excess"),
-                          (pl.col("_measured") / pl.col("step_s")).alias("measured_excess"))
-            .drop("_measured")
-            .drop([c for c in rows.columns if c.startswith(("_d", "_c")) or c in ("_sync", "_whole", "_total", "_phased")]))
+    out = (rows.with_columns(pl.max_horizontal(measured, dev["duration_s"]).alias("excess_s"), measured.alias("_measured"))
+           .filter((pl.col("peers") >= 3) & (pl.col("step_s") > 0))
+           .with_columns((pl.col("excess_s") / pl.col("step_s")).alias("excess"),
+                         (pl.col("_measured") / pl.col("step_s")).alias("measured_excess")))
+    return out.select(*steps.columns, "step_s", "peers", "data_vs_peers", "excess_s", "excess", "measured_excess")
 
 
 def straggler_scores(steps: pl.DataFrame, window: int = STRAGGLER_WINDOW) -> pl.DataFrame:
@@ -228,7 +232,12 @@ def straggler_scores(steps: pl.DataFrame, window: int = STRAGGLER_WINDOW) -> pl.
     more in a noisy job (STRAGGLER_NOISE_K times the noise of a median of this many steps, from the spread
     of the job's own per-step excess, and from the spread of its ranks' scores). Robust to jitter and
     bursts (medians), to the whole job slowing down (relative to the same step), and to uneven stages."""
-    live = current_incarnation(steps)
+    # Only the recent past can hold the window: its steps and the warm-up before them, three times over for
+    # pauses (sorting each rank's whole history to find its incarnations costs seconds at 16k ranks). After a
+    # pause longer than that, a rank is judged again once it has a window of steps.
+    span = (3 * (window + WARMUP_STEPS) * pl.col("duration_s").median()).over("job")
+    recent = steps.filter(pl.col("ts") >= pl.col("ts").max().over("job") - span)
+    live = current_incarnation(recent)
     live = live.filter(pl.col("step") > pl.col("step").max().over("job") - window)
     excess = step_excess(live)
     group = ("job", "stage")
