@@ -2,7 +2,8 @@
 
 Each server names things its own way; `SERVERS` maps its names onto ours: latency histograms
 (e2e, queue, ttft, tpot), gauges (running, waiting, kv_cache) and counters (prompt and generated
-tokens, successful and failed requests). `parse` reads one exposition text into cumulative values
+tokens, successful and failed requests, aborted ones among the failed, preemptions, prefix-cache
+queried and hit tokens). `parse` reads one exposition text into cumulative values
 per model; `delta` turns two consecutive readings into what happened in between, which is what
 the collector aggregates (counters are cumulative, and a server restart resets them).
 """
@@ -14,20 +15,40 @@ from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
 
-# kind -> {our name: (their family name(s), unit scale to seconds)} ; families are tried in order
+# Which series of a family count: (label, values, True) keeps those values, (label, values, False) the others.
+ERRORS = ("finished_reason", frozenset({"abort", "error"}), True)
+NOT_ERRORS = ("finished_reason", frozenset({"abort", "error"}), False)
+ABORTS = ("finished_reason", frozenset({"abort"}), True)
+
+# kind -> our names -> their family names, tried in order (the first present wins). Histograms carry the unit
+# scale to seconds; gauges how a model's series (one per data-parallel engine or rank) combine: running and
+# waiting requests add up, a usage ratio is averaged (summed, two engines at 60% would read 120%).
+# The golden expositions in tests/agent/fixtures/servers/ come from each server's own definitions (their
+# headers name the file and release): a name here that a release drops fails tests/agent/test_inference_servers.py.
 SERVERS: dict[str, dict] = {
     "vllm": {
         "model_label": "model_name",
         "histograms": {
             "e2e": (["vllm:e2e_request_latency_seconds"], 1.0),
+            # Its smallest bucket is 0.3 s: queue quantiles below that are interpolated, the mean is exact.
             "queue": (["vllm:request_queue_time_seconds"], 1.0),
             "ttft": (["vllm:time_to_first_token_seconds"], 1.0),
-            "tpot": (["vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds"], 1.0),
+            # One observation per request. Not vllm:inter_token_latency_seconds: that one counts tokens, so long
+            # answers outweigh short ones. time_per_output_token_seconds is the V0 engine's (per token too).
+            "tpot": (["vllm:request_time_per_output_token_seconds", "vllm:time_per_output_token_seconds"], 1.0),
         },
-        "gauges": {"running": ["vllm:num_requests_running"], "waiting": ["vllm:num_requests_waiting"],
-                   "kv_cache": ["vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"]},  # both 0-1 despite the name
-        "counters": {"prompt_tokens": ["vllm:prompt_tokens"], "generation_tokens": ["vllm:generation_tokens"],
-                     "requests_ok": ["vllm:request_success"]},
+        "gauges": {"running": (["vllm:num_requests_running"], "sum"), "waiting": (["vllm:num_requests_waiting"], "sum"),
+                   # 0-1 despite the name; gpu_cache_usage_perc is the V0 engine's
+                   "kv_cache": (["vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"], "mean")},
+        "counters": {"prompt_tokens": (["vllm:prompt_tokens"], None),
+                     "generation_tokens": (["vllm:generation_tokens"], None),
+                     # finished_reason stop, length (and repetition) are successes; abort and error are not
+                     "requests_ok": (["vllm:request_success"], NOT_ERRORS),
+                     "requests_error": (["vllm:request_success"], ERRORS),
+                     "requests_aborted": (["vllm:request_success"], ABORTS),
+                     "preemptions": (["vllm:num_preemptions"], None),
+                     "prefix_cache_queries": (["vllm:prefix_cache_queries", "vllm:gpu_prefix_cache_queries"], None),
+                     "prefix_cache_hits": (["vllm:prefix_cache_hits", "vllm:gpu_prefix_cache_hits"], None)},
     },
     "sglang": {
         "model_label": "model_name",
@@ -35,21 +56,29 @@ SERVERS: dict[str, dict] = {
             "e2e": (["sglang:e2e_request_latency_seconds"], 1.0),
             "queue": (["sglang:queue_time_seconds"], 1.0),
             "ttft": (["sglang:time_to_first_token_seconds"], 1.0),
-            "tpot": (["sglang:inter_token_latency_seconds", "sglang:time_per_output_token_seconds"], 1.0),
+            "tpot": (["sglang:request_time_per_output_token_seconds", "sglang:time_per_output_token_seconds"], 1.0),
         },
-        "gauges": {"running": ["sglang:num_running_reqs"], "waiting": ["sglang:num_queue_reqs"], "kv_cache": ["sglang:token_usage"]},
-        "counters": {"prompt_tokens": ["sglang:prompt_tokens"], "generation_tokens": ["sglang:generation_tokens"],
-                     "requests_ok": ["sglang:num_requests"], "requests_error": ["sglang:num_aborted_requests"]},
+        "gauges": {"running": (["sglang:num_running_reqs"], "sum"), "waiting": (["sglang:num_queue_reqs"], "sum"),
+                   "kv_cache": (["sglang:token_usage"], "mean")},
+        "counters": {"prompt_tokens": (["sglang:prompt_tokens"], None),
+                     "generation_tokens": (["sglang:generation_tokens"], None),
+                     # num_requests counts every finished request, aborted ones too: ok = all - aborted (below)
+                     "requests_all": (["sglang:num_requests"], None),
+                     "requests_error": (["sglang:num_aborted_requests"], None),
+                     "requests_aborted": (["sglang:num_aborted_requests"], None),
+                     "preemptions": (["sglang:num_retracted_requests"], None),  # SGLang retracts under KV pressure
+                     "prefix_cache_queries": (["sglang:prompt_tokens"], None),
+                     "prefix_cache_hits": (["sglang:cached_tokens"], None)},
     },
-    "tgi": {  # one model per server, no model label: the configured model name is used
+    "tgi": {  # one model per server, no model label: the configured model name is used. No TTFT histogram.
         "model_label": None,
         "histograms": {
             "e2e": (["tgi_request_duration"], 1.0),
             "queue": (["tgi_request_queue_duration"], 1.0),
             "tpot": (["tgi_request_mean_time_per_token_duration"], 1.0),
         },
-        "gauges": {"running": ["tgi_batch_current_size"], "waiting": ["tgi_queue_size"]},
-        "counters": {"requests_ok": ["tgi_request_success"], "requests_error": ["tgi_request_failure"]},
+        "gauges": {"running": (["tgi_batch_current_size"], "sum"), "waiting": (["tgi_queue_size"], "sum")},
+        "counters": {"requests_ok": (["tgi_request_success"], None), "requests_error": (["tgi_request_failure"], None)},
         "histogram_sums": {"prompt_tokens": "tgi_request_input_length", "generation_tokens": "tgi_request_generated_tokens"},
     },
     "triton": {
@@ -58,10 +87,18 @@ SERVERS: dict[str, dict] = {
         # Triton's latencies are cumulative microsecond counters: a mean per interval, no quantiles.
         "means": {"e2e": ("nv_inference_request_duration_us", "nv_inference_request_success", 1e-6),
                   "queue": ("nv_inference_queue_duration_us", "nv_inference_request_success", 1e-6)},
-        "gauges": {"waiting": ["nv_inference_pending_request_count"]},
-        "counters": {"requests_ok": ["nv_inference_request_success"], "requests_error": ["nv_inference_request_failure"]},
+        "gauges": {"waiting": (["nv_inference_pending_request_count"], "sum")},
+        "counters": {"requests_ok": (["nv_inference_request_success"], None),
+                     "requests_error": (["nv_inference_request_failure"], None)},
     },
 }
+
+
+def _kept(labels: dict, where) -> bool:
+    if where is None:
+        return True
+    label, values, keep = where
+    return (labels.get(label) in values) == keep
 
 
 @dataclass
@@ -117,15 +154,17 @@ def parse(kind: str, text: str, default_model: str) -> dict[str, ModelReading]:
             bounds = sorted(m["buckets"])
             out.setdefault(model, ModelReading()).histograms[ours] = Histogram(
                 bounds, [m["buckets"][b] for b in bounds], m["sum"], m["count"])
-    for ours, names in spec.get("gauges", {}).items():
+    for ours, (names, how) in spec.get("gauges", {}).items():
+        fam = first(names)
+        values: dict[str, list[float]] = {}
+        for s in fam.samples if fam else ():
+            values.setdefault(model_of(s.labels), []).append(s.value)
+        for model, vs in values.items():
+            out.setdefault(model, ModelReading()).gauges[ours] = sum(vs) / len(vs) if how == "mean" else sum(vs)
+    for ours, (names, where) in spec.get("counters", {}).items():
         fam = first(names)
         for s in fam.samples if fam else ():
-            reading = out.setdefault(model_of(s.labels), ModelReading())
-            reading.gauges[ours] = reading.gauges.get(ours, 0.0) + s.value
-    for ours, names in spec.get("counters", {}).items():
-        fam = first(names)
-        for s in fam.samples if fam else ():
-            if s.name.endswith("_created"):
+            if s.name.endswith("_created") or not _kept(s.labels, where):
                 continue
             reading = out.setdefault(model_of(s.labels), ModelReading())
             reading.counters[ours] = reading.counters.get(ours, 0.0) + s.value
@@ -143,6 +182,10 @@ def parse(kind: str, text: str, default_model: str) -> dict[str, ModelReading]:
                     continue
                 reading = out.setdefault(model_of(s.labels), ModelReading())
                 reading.counters[key] = reading.counters.get(key, 0.0) + s.value * (scale if key.endswith("_sum") else 1)
+    for reading in out.values():
+        every = reading.counters.pop("requests_all", None)
+        if every is not None:
+            reading.counters["requests_ok"] = max(every - reading.counters.get("requests_error", 0.0), 0.0)
     return out
 
 

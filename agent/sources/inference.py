@@ -4,7 +4,10 @@ Configured in the agent's TOML as `[[agent.inference_servers]]` tables with `url
 `service` and, for servers that do not label their model (TGI), `model`. Each sample reads every
 server once, exposes its state (up, running, waiting, KV-cache use) and hands what happened since
 the previous sample (histogram and counter deltas per model) to the shipper as `ServerFrame`s, so
-the collector can compute latency quantiles for services that are not instrumented with the client.
+the collector treats a service read only from its servers like one instrumented with the client:
+listed, charted, and in its request-rate, error and latency metrics. Which server names are read,
+and why (vLLM's per-request TPOT, its finish reasons, averaging KV-cache use over data-parallel
+engines), is in agent/inference_servers.py.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ from fleetscope.schema import HistogramDelta, ServerFrame
 
 log = logging.getLogger("fleetscope.agent.inference")
 S = ("service", "model")
+COUNTERS = (("preemptions", "fleetscope_inference_preemptions_total"),
+            ("prefix_cache_queries", "fleetscope_inference_prefix_cache_queried_tokens_total"),
+            ("prefix_cache_hits", "fleetscope_inference_prefix_cache_hit_tokens_total"))
 
 
 @register("inference")
@@ -31,7 +37,14 @@ class InferenceServersSource(Source):
         Family("fleetscope_inference_server_up", "gauge", "1 when the server's /metrics answered at the last sample.", ("service", "url")),
         Family("fleetscope_inference_requests_running", "gauge", "Requests the server is working on.", S),
         Family("fleetscope_inference_requests_waiting", "gauge", "Requests queued in the server.", S),
-        Family("fleetscope_inference_kv_cache_usage_ratio", "gauge", "Share of the KV cache in use (0-1).", S),
+        Family("fleetscope_inference_kv_cache_usage_ratio", "gauge",
+               "Share of the KV cache in use (0-1), averaged over the server's data-parallel engines.", S),
+        Family("fleetscope_inference_preemptions_total", "counter",
+               "Requests the server preempted (SGLang: retracted) to free KV cache, as the server counts them.", S),
+        Family("fleetscope_inference_prefix_cache_queried_tokens_total", "counter",
+               "Prompt tokens looked up in the server's prefix cache, as the server counts them.", S),
+        Family("fleetscope_inference_prefix_cache_hit_tokens_total", "counter",
+               "Prompt tokens found in the server's prefix cache, as the server counts them.", S),
     )
 
     def __init__(self, *, inference_servers: list[dict] | None = None, node: str = "",
@@ -72,6 +85,9 @@ class InferenceServersSource(Source):
                                       ("kv_cache", "fleetscope_inference_kv_cache_usage_ratio")):
                     if gauge in current.gauges:
                         out.append(reading(metric, current.gauges[gauge], **labels))
+                for counter, metric in COUNTERS:
+                    if counter in current.counters:  # the server's own cumulative count: it resets when the server does
+                        out.append(reading(metric, current.counters[counter], **labels))
                 key = (server["url"], model)
                 previous = self._previous.get(key)
                 self._previous[key] = (now, current)

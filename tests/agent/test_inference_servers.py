@@ -1,13 +1,20 @@
-"""Inference servers' /metrics, in each server's documented names, served over HTTP and read by the agent."""
+"""Inference servers' /metrics, in each server's own names, served over HTTP and read by the agent.
+
+The golden expositions in fixtures/servers/ are written by fixtures/servers/generate.py from each server's
+metric definitions at a pinned release (each file's header names the upstream file and version)."""
 
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from agent.inference_servers import SERVERS, delta, parse
 from agent.sources.inference import InferenceServersSource
+
+FIXTURES = Path(__file__).parent / "fixtures" / "servers"
 
 
 def hist(name: str, labels: str, bounds: list[str], counts: list[float], total: float) -> str:
@@ -43,12 +50,13 @@ def vllm(n: int) -> str:  # n: how many of each event so far
     m = 'model_name="llama3-8b"'
     return (hist("vllm:time_to_first_token_seconds", m, B, [2 * n, 3 * n, 4 * n, 4 * n], 0.6 * n)
             + hist("vllm:e2e_request_latency_seconds", m, B, [0, n, 3 * n, 4 * n], 3.0 * n)
-            + hist("vllm:inter_token_latency_seconds", m, B, [4 * n, 4 * n, 4 * n, 4 * n], 0.04 * n)
+            + hist("vllm:request_time_per_output_token_seconds", m, B, [4 * n, 4 * n, 4 * n, 4 * n], 0.04 * n)
             + hist("vllm:request_queue_time_seconds", m, B, [4 * n, 4 * n, 4 * n, 4 * n], 0.01 * n)
             + gauge("vllm:num_requests_running", m, 5) + gauge("vllm:num_requests_waiting", m, 2)
             + gauge("vllm:kv_cache_usage_perc", m, 0.42)
             + counter("vllm:prompt_tokens", (m, 100 * n)) + counter("vllm:generation_tokens", (m, 400 * n))
-            + counter("vllm:request_success", (m + ',finished_reason="stop"', 3 * n), (m + ',finished_reason="length"', n)))
+            + counter("vllm:request_success", (m + ',finished_reason="stop"', 3 * n), (m + ',finished_reason="length"', n),
+                      (m + ',finished_reason="abort"', 0), (m + ',finished_reason="error"', 0)))
 
 
 def sglang(n: int) -> str:
@@ -157,3 +165,136 @@ def test_a_server_that_does_not_answer_is_down_and_the_others_carry_on(servers):
 def test_bad_configuration_is_refused():
     with pytest.raises(ValueError, match="kind must be one of"):
         InferenceServersSource(inference_servers=[{"url": "http://x/metrics", "kind": "ollama", "service": "s"}])
+
+
+# --- the golden expositions ---------------------------------------------------------------------------------
+# What the collector relies on from each kind of server (its quantiles, error ratio, tokens/s, the Inference
+# page's KV-cache, queue, preemption and prefix-cache panels). A release that renames one of these fails here
+# once its fixture is regenerated.
+RELIED_ON = {
+    "vllm_v1": ("vllm", {"e2e", "queue", "ttft", "tpot"}, {"running", "waiting", "kv_cache"},
+                {"prompt_tokens", "generation_tokens", "requests_ok", "requests_error", "requests_aborted", "preemptions",
+                 "prefix_cache_queries", "prefix_cache_hits"}),
+    "vllm_v0": ("vllm", {"e2e", "queue", "ttft", "tpot"}, {"running", "waiting", "kv_cache"},
+                {"prompt_tokens", "generation_tokens", "requests_ok", "requests_error", "requests_aborted", "preemptions"}),
+    "sglang": ("sglang", {"e2e", "queue", "ttft", "tpot"}, {"running", "waiting", "kv_cache"},
+               {"prompt_tokens", "generation_tokens", "requests_ok", "requests_error", "requests_aborted", "preemptions",
+                "prefix_cache_queries", "prefix_cache_hits"}),
+    "tgi": ("tgi", {"e2e", "queue", "tpot"}, {"running", "waiting"},  # TGI has no time-to-first-token histogram
+            {"prompt_tokens", "generation_tokens", "requests_ok", "requests_error"}),
+    "triton": ("triton", {"ttft"}, {"waiting"}, {"requests_ok", "requests_error", "e2e_sum", "e2e_count", "queue_sum",
+                                                  "queue_count"}),  # means only, from cumulative microseconds
+}
+
+
+def fixture(name: str) -> str:
+    return (FIXTURES / f"{name}.prom").read_text()
+
+
+@pytest.mark.parametrize("name", sorted(RELIED_ON))
+def test_every_golden_exposition_names_its_source_and_yields_what_the_collector_relies_on(name):
+    text = fixture(name)
+    assert text.startswith("# Golden exposition") and "generate.py" in text.splitlines()[0]
+    kind, histograms, gauges, counters = RELIED_ON[name]
+    models = parse(kind, text, "configured-model")
+    assert models, f"{name}: nothing parsed"
+    everything = {"h": set(), "g": set(), "c": set()}
+    for reading in models.values():
+        everything["h"] |= set(reading.histograms)
+        everything["g"] |= set(reading.gauges)
+        everything["c"] |= set(reading.counters)
+        for h in reading.histograms.values():
+            assert h.le == sorted(h.le) and h.le[-1] == float("inf") and h.counts[-1] == h.count
+    assert histograms <= everything["h"], f"{name}: missing histograms {histograms - everything['h']}"
+    assert gauges <= everything["g"], f"{name}: missing gauges {gauges - everything['g']}"
+    assert counters <= everything["c"], f"{name}: missing counters {counters - everything['c']}"
+
+
+@pytest.mark.parametrize("name", sorted(RELIED_ON))
+def test_each_name_the_agent_reads_first_is_in_the_golden_exposition(name):
+    """The first (current) name of each of our figures is the one the release exposes: a fallback that
+    silently stands in for a renamed metric would hide the rename. vLLM's V0 fixture is the fallbacks' test."""
+    kind = RELIED_ON[name][0]
+    text = fixture(name)
+    families = set()
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            family = line.split()[2]
+            families |= {family, family.removesuffix("_total")}
+    spec = SERVERS[kind]
+    wanted = [names[0] for names, *_ in (*spec.get("histograms", {}).values(), *spec.get("gauges", {}).values(),
+                                        *spec.get("counters", {}).values())]
+    if name == "vllm_v0":
+        wanted = [n for n in wanted if n not in ("vllm:request_time_per_output_token_seconds", "vllm:kv_cache_usage_perc",
+                                                 "vllm:prefix_cache_queries", "vllm:prefix_cache_hits")]
+    if kind == "triton":
+        wanted += [total for total, _, _ in spec["means"].values()]
+    missing = [n for n in wanted if n not in families]
+    assert not missing, f"{name}: {missing} not in the exposition"
+
+
+def test_vllm_v1_counts_aborts_and_errors_as_failures_and_averages_kv_cache_over_engines():
+    (model,) = parse("vllm", fixture("vllm_v1"), "x").values()
+    # 200 requests over two engines: 3 aborted and 1 error; stop, length and repetition are successes
+    assert model.counters["requests_ok"] == 196 and model.counters["requests_error"] == 4
+    assert model.counters["requests_aborted"] == 3
+    assert model.gauges["kv_cache"] == pytest.approx(0.55)  # (0.62 + 0.48) / 2, not 1.10
+    assert model.gauges["running"] == 21 and model.gauges["waiting"] == 3  # requests add up over engines
+    # TPOT is one observation per request (vllm:request_time_per_output_token_seconds), not per token
+    assert model.histograms["tpot"].count == 200
+    assert model.histograms["tpot"].sum == pytest.approx(200 * (0.015 + 0.02 + 0.04) / 3, rel=0.02)
+
+
+def test_vllm_v0_falls_back_to_its_own_names():
+    (model,) = parse("vllm", fixture("vllm_v0"), "x").values()
+    assert model.gauges["kv_cache"] == pytest.approx(0.55)  # vllm:gpu_cache_usage_perc
+    assert model.histograms["tpot"].count == 1000  # vllm:time_per_output_token_seconds (per token in V0)
+    assert model.counters["requests_error"] == 2 and model.counters["requests_ok"] == 48
+
+
+def test_sglang_successes_are_requests_less_aborts():
+    (model,) = parse("sglang", fixture("sglang"), "x").values()
+    assert model.counters["requests_ok"] == 114 and model.counters["requests_error"] == 6
+    assert model.counters["prefix_cache_hits"] / model.counters["prefix_cache_queries"] == pytest.approx(0.25)
+    assert model.histograms["ttft"].count == 120  # streaming and not, summed
+
+
+def test_tgi_and_triton_say_what_they_cannot_give():
+    (tgi,) = parse("tgi", fixture("tgi"), "mistral-7b").values()
+    assert "ttft" not in tgi.histograms and tgi.counters["requests_error"] == 3  # every `err` reason
+    assert tgi.counters["generation_tokens"] == 50 * 120 + 50 * 250
+    triton = parse("triton", fixture("triton"), "x")
+    assert set(triton) == {"resnet50", "llama-ensemble"}
+    assert triton["resnet50"].histograms == {}  # means only
+    assert triton["resnet50"].counters["e2e_sum"] / triton["resnet50"].counters["e2e_count"] == pytest.approx(0.021)
+    assert triton["llama-ensemble"].histograms["ttft"].le[0] == pytest.approx(0.1)  # milliseconds to seconds
+
+
+def test_a_fixture_read_twice_with_more_traffic_gives_the_difference():
+    text = fixture("vllm_v1")
+    doubled = "\n".join(_scaled(line, 2) for line in text.splitlines())
+    (first,) = parse("vllm", text, "x").values()
+    (second,) = parse("vllm", doubled, "x").values()
+    d = delta(second, first)
+    assert d.counters["requests_error"] == 4 and d.histograms["ttft"].count == 200
+
+
+def _scaled(line: str, factor: float) -> str:
+    """A sample line of a counter or histogram with its value multiplied: what more traffic looks like."""
+    if line.startswith("#") or not line.strip():
+        return line
+    name, value = line.rsplit(" ", 1)
+    base = name.split("{")[0]
+    if base.endswith(("_total", "_bucket", "_sum", "_count")) and not base.endswith("_created"):
+        return f"{name} {float(value) * factor}"
+    return line
+
+
+@pytest.mark.skipif(__import__("shutil").which("promtool") is None, reason="promtool not installed")
+@pytest.mark.parametrize("name", ["vllm_v1", "vllm_v0", "sglang"])
+def test_prometheus_client_fixtures_are_valid_expositions(name):
+    import subprocess
+
+    result = subprocess.run(["promtool", "check", "metrics"], input=fixture(name), capture_output=True, text=True)
+    # promtool lints names (vLLM's colons, counters without _total); only parse errors fail it outright
+    assert "error while linting" not in result.stderr.lower() and "text format parsing error" not in result.stderr.lower()
