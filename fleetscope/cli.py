@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from fleetscope import assets
 from fleetscope.secrets import SecretError, read_secret, read_secrets, refused_flag_message
 
 
@@ -74,6 +75,14 @@ def _agent(args: argparse.Namespace) -> int:
             tls_key=args.tls_key,
             web_config=args.web_config,
         )
+        # A config file is an install (the unit runs one): it must say where to ship, or "" for /metrics alone.
+        if args.config and config.collector_url is None:
+            raise ValueError(f"{args.config} sets no collector_url: set collector_url = \"https://<collector>:9837\" in its "
+                             "[agent] table (and this node's token in /etc/fleetscope/ingest-token), or collector_url = \"\" "
+                             "to serve /metrics only")
+        if not config.collector_url:
+            logging.getLogger("fleetscope.agent").warning(
+                "no collector_url: serving /metrics only; workload events and samples are not shipped")
         if config.collector_url and not config.collector_token and not config.tls_cert:
             raise ValueError(f"shipping to {config.collector_url} needs an ingest token: put it in a file only the agent can "
                              "read and set FLEETSCOPE_INGEST_TOKEN_FILE (or systemd LoadCredential=ingest-token:<file>, "
@@ -244,6 +253,37 @@ def _dashboards_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rules(args: argparse.Namespace) -> int:
+    if args.output is None:  # one file today; several would print one after the other, each a YAML document
+        for i, path in enumerate(assets.rule_files()):
+            sys.stdout.write(("---\n" if i else "") + path.read_text())
+        return 0
+    for path in assets.export_rules(Path(args.output)):
+        print(path)
+    return 0
+
+
+def _dashboards_export(args: argparse.Namespace) -> int:
+    for path in assets.export_dashboards(Path(args.folder)):
+        print(path)
+    return 0
+
+
+def _agent_print_unit(args: argparse.Namespace) -> int:
+    sys.stdout.write(assets.agent_unit_text(args.bin))
+    here = Path(sys.argv[0]).resolve() if Path(sys.argv[0]).name == "fleetscope" else None
+    target = Path(args.bin or assets.UNIT_EXEC)
+    if here is not None and here != target.resolve():
+        print(f"fleetscope agent print-unit: the unit runs {target}, not this fleetscope ({here}); --bin {here} "
+              "points it here", file=sys.stderr)
+    return 0
+
+
+def _agent_print_config(args: argparse.Namespace) -> int:
+    sys.stdout.write(assets.agent_config_example().read_text())
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from fleetscope.demo import main as demo_main
 
@@ -281,6 +321,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compat", action="append", choices=["dcgm"], help="also emit another exporter's metric names (dcgm)")
     p.add_argument("--disable-source", action="append", help="source to disable (cpu, memory, storage, network, gpu)")
     p.set_defaults(func=_agent)
+    # Without one of these the agent runs; they hand out what installing it as a service takes.
+    agent_sub = p.add_subparsers(dest="agent_command", metavar="{print-unit,print-config}")
+    q = agent_sub.add_parser("print-unit", help="print the agent's systemd unit (fleetscope-agent.service)")
+    q.add_argument("--bin", help=f"the fleetscope command its ExecStart runs (default {assets.UNIT_EXEC})")
+    q.set_defaults(func=_agent_print_unit)
+    q = agent_sub.add_parser("print-config", help="print an example /etc/fleetscope/agent.toml")
+    q.set_defaults(func=_agent_print_config)
 
     p = sub.add_parser("collector", help="run the central collector")
     p.add_argument("--listen", help="host:port to serve on (default 0.0.0.0:9837)")
@@ -335,6 +382,14 @@ def build_parser() -> argparse.ArgumentParser:
     _refuse_token_flag(p, "--token", "dashboards push", "GRAFANA_TOKEN")
     p.add_argument("--folder", default="fleetscope", help="folder to put them in (created when missing)")
     p.set_defaults(func=_dashboards_push)
+    p = dash.add_parser("export", help="write fleetscope's Grafana dashboards (JSON) into a folder, e.g. for file provisioning")
+    p.add_argument("folder", help="where to write them (created when missing)")
+    p.set_defaults(func=_dashboards_export)
+
+    p = sub.add_parser("rules", help="print the Prometheus alert rules, or write them with their runbooks into a folder")
+    p.add_argument("--output", metavar="DIR", help="write fleetscope.rules.yml, runbooks/*.md and alertmanager.yml "
+                   "(its receivers to fill: python -m alerts.render_alertmanager) into DIR instead of printing the rules")
+    p.set_defaults(func=_rules)
 
     p = sub.add_parser("demo", help="run the whole platform on this machine on a simulated fleet")
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: until Ctrl-C)")
@@ -350,7 +405,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _logging(args.verbose)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except assets.AssetMissing as exc:  # an install without its rules, dashboards or unit: say which, not a traceback
+        print(f"fleetscope {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ def service() -> dict[str, list[str]]:
 
 def test_the_agent_runs_as_its_own_user_on_a_read_only_system():
     s = service()
-    assert s["DynamicUser"] == ["yes"] and "User" not in s
+    # the package's system user where it exists, else a dynamic one of that name: never root either way
+    assert s["DynamicUser"] == ["yes"] and s["User"] == ["fleetscope"]
     assert s["ProtectSystem"] == ["strict"] and s["NoNewPrivileges"] == ["yes"]
     # one capability only: CAP_SYSLOG, to read XIDs from /dev/kmsg under kernel.dmesg_restrict=1
     assert s["CapabilityBoundingSet"] == ["CAP_SYSLOG"] and s["AmbientCapabilities"] == ["CAP_SYSLOG"]
@@ -72,7 +73,7 @@ def test_systemd_analyze_accepts_the_unit(tmp_path):
     fake.write_text("#!/bin/sh\n")
     fake.chmod(0o755)
     unit = tmp_path / UNIT.name
-    unit.write_text(UNIT.read_text().replace("/opt/fleetscope/venv/bin/fleetscope", str(fake)))
+    unit.write_text(UNIT.read_text().replace("/opt/fleetscope/bin/fleetscope", str(fake)))
     result = subprocess.run([analyze, "verify", "--man=no", str(unit)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     for complaint in ("Unknown key", "nvalid", "Failed to parse", "ignoring"):
