@@ -160,3 +160,93 @@ def services_overview_approx(requests: pl.LazyFrame) -> pl.DataFrame:
     for col in ("e2e_s", "ttft_s"):
         out = out.join(_quantiles_from_buckets(_bucketed(rows, keys, col), keys, col.removesuffix("_s"), (0.5,)), on=keys, how="left")
     return out.select("service", "model", "requests", "error_ratio", "e2e_p50_s", "ttft_p50_s", "last_request_ts", "nodes").sort(keys)
+
+
+# --- one view of every service, whichever way it reports ----------------------------------------------------
+# A service instrumented with the client and also scraped from its servers reports the same requests twice:
+# adding the two would double-count. Per (service, model) one source is used: the client's events when there
+# are any (each request exactly, as its caller saw it), else the servers' histograms. `source` says which.
+SERVED_QUANTILES = (0.5, 0.95, 0.99)
+
+
+def histogram_quantiles(histograms: pl.DataFrame, keys: list[str], qs: tuple[float, ...] = SERVED_QUANTILES) -> pl.DataFrame:
+    """Per `keys` and metric: count, mean and quantiles from the sum of histogram deltas (bucket layouts kept apart
+    and the larger count kept where a server changed its buckets within the range)."""
+    # lowest_bound_s: the smallest finite bucket bound. A quantile below it is interpolated between 0 and that
+    # bound (vLLM's queue time starts at 0.3 s), not measured; the mean is exact.
+    schema = {**{k: histograms.schema.get(k, pl.String) for k in keys}, "metric": pl.String, "count": pl.Float64,
+              "mean_s": pl.Float64, **{f"p{round(q * 100)}_s": pl.Float64 for q in qs}, "lowest_bound_s": pl.Float64}
+    schema = {k: (pl.String if isinstance(v, pl.Categorical) else v) for k, v in schema.items()}
+    if histograms.height == 0:
+        return pl.DataFrame(schema=schema)
+    rows = histograms.with_columns(pl.col(c).cast(pl.String) for c in (*keys, "metric") if isinstance(histograms.schema[c], pl.Categorical))
+    rows = rows.with_columns(pl.col("le").cast(pl.List(pl.String)).list.join(",").alias("_bounds"))
+    summed = (rows.explode(["le", "counts"]).group_by(*keys, "metric", "_bounds", "le")
+              .agg(pl.col("counts").sum()).sort("le"))
+    totals = rows.group_by(*keys, "metric", "_bounds").agg(pl.col("count").sum(), pl.col("sum").sum())
+    best: dict[tuple, dict] = {}
+    for key, group in summed.group_by(*keys, "metric", "_bounds", maintain_order=True):
+        counts = group["counts"].to_list()
+        row = dict(zip([*keys, "metric"], key[:-1]))
+        for q in qs:
+            row[f"p{round(q * 100)}_s"] = histogram_quantile(group["le"].to_list(), counts, q)
+        row["_n"] = counts[-1] if counts else 0.0
+        row["lowest_bound_s"] = next((b for b in group["le"].to_list() if b < 1e300), None)
+        at = tuple(key[:-1])
+        if at not in best or row["_n"] > best[at]["_n"]:
+            best[at] = row
+    out = pl.DataFrame([{k: v for k, v in r.items() if k != "_n"} for r in best.values()],
+                       schema={k: v for k, v in schema.items() if k not in ("count", "mean_s")})
+    means = (totals.group_by(*keys, "metric").agg(pl.col("count").sum(), pl.col("sum").sum())
+             .select(*keys, "metric", "count", (pl.col("sum") / pl.col("count")).fill_nan(None).alias("mean_s")))
+    return out.join(means, on=[*keys, "metric"], how="left").select(list(schema)).cast(schema)  # type: ignore[arg-type]
+
+
+def _wide(quantiles: pl.DataFrame, keys: list[str], metrics=("e2e", "ttft", "tpot", "queue")) -> pl.DataFrame:
+    """(keys, metric, p50_s, ...) long -> one row per keys with e2e_p50_s, ttft_p95_s, ... columns."""
+    out = quantiles.select(keys).unique()
+    for metric in metrics:
+        part = quantiles.filter(pl.col("metric") == metric).select(
+            *keys, *(pl.col(c).alias(f"{metric}_{c}") for c in quantiles.columns if c.startswith("p") and c.endswith("_s")))
+        out = out.join(part, on=keys, how="left", nulls_equal=True)
+    return out
+
+
+def server_services(stats: pl.DataFrame, histograms: pl.DataFrame) -> pl.DataFrame:
+    """services_overview's shape for services read from their servers: requests, error ratio, median e2e and
+    TTFT (from the histograms; Triton's e2e is its mean), the last frame, the nodes, and the servers' state now."""
+    keys = ["service", "model"]
+    overview = server_overview(stats)
+    if overview.height == 0:
+        return pl.DataFrame(schema={"service": pl.String, "model": pl.String, "requests": pl.Float64,
+                                    "error_ratio": pl.Float64, "e2e_p50_s": pl.Float64, "ttft_p50_s": pl.Float64,
+                                    "last_request_ts": pl.Float64, "nodes": pl.List(pl.String), "kind": pl.String,
+                                    "running": pl.Float64, "waiting": pl.Float64, "kv_cache_usage_ratio": pl.Float64,
+                                    "generation_tokens_per_s": pl.Float64})
+    nodes = stats.group_by(pl.col("service").cast(pl.String), pl.col("model").cast(pl.String)).agg(
+        pl.col("node").drop_nulls().cast(pl.String).unique().sort().alias("nodes"))
+    wide = _wide(histogram_quantiles(histograms, keys), keys, ("e2e", "ttft"))
+    return (overview.join(nodes, on=keys, how="left").join(wide, on=keys, how="left")
+            .with_columns(pl.col("e2e_p50_s").fill_null(pl.col("e2e_mean_s")))
+            .rename({"last_frame_ts": "last_request_ts"})
+            .select(*keys, "requests", "error_ratio", "e2e_p50_s", "ttft_p50_s", "last_request_ts", "nodes", "kind",
+                    "running", "waiting", "kv_cache_usage_ratio", "generation_tokens_per_s"))
+
+
+def all_services(client: pl.DataFrame, servers: pl.DataFrame) -> pl.DataFrame:
+    """Every (service, model), instrumented or scraped, one row each: the client's figures where it has any
+    (`source` "client"), else the servers' ("server"); `scraped` says whether its servers are read too, and
+    their state now (running, waiting, KV cache) is added either way."""
+    keys = ["service", "model"]
+    state = ["kind", "running", "waiting", "kv_cache_usage_ratio", "generation_tokens_per_s"]
+    client = client.with_columns(pl.col("service", "model").cast(pl.String), pl.lit("client").alias("source"))
+    servers = servers.with_columns(pl.col("service", "model").cast(pl.String))
+    both = client.join(servers.select(*keys, *state), on=keys, how="left").with_columns(
+        pl.col("kind").is_not_null().alias("scraped"))
+    only_server = servers.join(client.select(keys), on=keys, how="anti").with_columns(
+        pl.lit("server").alias("source"), pl.lit(True).alias("scraped"))
+    columns = ["service", "model", "source", "scraped", "requests", "error_ratio", "e2e_p50_s", "ttft_p50_s",
+               "last_request_ts", "nodes", *state]
+    frames = [f.select([pl.col(c) if c in f.columns else pl.lit(None).alias(c) for c in columns]) for f in (both, only_server)]
+    frames = [f.cast({"requests": pl.Float64, "nodes": pl.List(pl.String), "kind": pl.String}) for f in frames]  # type: ignore[dict-item]
+    return pl.concat(frames, how="vertical_relaxed").sort(keys)

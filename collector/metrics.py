@@ -20,6 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from collector.bounds import REASONS, RECORD_KINDS
 from collector.goodput import BADPUT
+from collector.inference_series import recent_inference
 from collector.findings import FindingsTracker
 from collector.store import Store
 from collector.views import jobs_now
@@ -330,31 +331,34 @@ class CollectorMetrics:
         yield from (ratio, badput)
 
     def _inference(self, troubled: set[str], omitted: dict[str, int]) -> Iterable[Metric]:
-        window = self.store.frame("requests").filter(pl.col("ts") >= time.time() - RECENT_S)
-        errors = window.group_by(pl.col("service").cast(pl.String), pl.col("model").cast(pl.String)).agg(
-            (pl.col("status") == "error").mean().alias("ratio"), pl.col("ts").max().alias("last_ts"))
-        if errors.height > self.max_services:
+        """Each service and model over the last RECENT_S, from the client's request events where it has any in the
+        window (source="client"), else from its servers' histogram and counter deltas (source="server"): one
+        source per (service, model), so summing over `source` never counts a request twice."""
+        rows = recent_inference(self.store.frame("requests"), self.store.frame("server_stats"),
+                                self.store.frame("server_histograms"), time.time() - RECENT_S, RECENT_S)
+        if len(rows) > self.max_services:
             # The services with findings (a burning SLO), then the most failing, then the latest to serve.
-            omitted["service"] = errors.height - self.max_services
-            errors = (errors.sort([pl.col("service").is_in(list(troubled)), "ratio", "last_ts"], descending=True)
-                      .head(self.max_services))
-            window = window.join(errors.select(pl.col("service").cast(window.schema["service"]),
-                                               pl.col("model").cast(window.schema["model"])), on=["service", "model"], how="semi")
-        recent = window.filter(pl.col("status") == "ok")
-        summary = recent.group_by(pl.col("service").cast(pl.String), pl.col("model").cast(pl.String)).agg(
-            pl.col("e2e_s").quantile(0.95, interpolation="linear").alias("e2e"),
-            pl.col("ttft_s").quantile(0.95, interpolation="linear").alias("ttft"),
-        )
-        error_ratio = GaugeMetricFamily("fleetscope_inference_error_ratio", "Share of requests that failed over the last 5 minutes.",
-                                        labels=["service", "model"] + self._c)
-        for row in errors.iter_rows(named=True):
-            error_ratio.add_metric([row["service"], row["model"], *self._cv], row["ratio"])
-        yield error_ratio
-        e2e = GaugeMetricFamily("fleetscope_inference_e2e_p95_seconds", "95th percentile end-to-end latency over the last 5 minutes.", labels=["service", "model"] + self._c)
-        ttft = GaugeMetricFamily("fleetscope_inference_ttft_p95_seconds", "95th percentile time to first token over the last 5 minutes.", labels=["service", "model"] + self._c)
-        for row in summary.iter_rows(named=True):
-            if row["e2e"] is not None:
-                e2e.add_metric([row["service"], row["model"], *self._cv], row["e2e"])
-            if row["ttft"] is not None:
-                ttft.add_metric([row["service"], row["model"], *self._cv], row["ttft"])
-        yield from (e2e, ttft)
+            omitted["service"] = len(rows) - self.max_services
+            rows = sorted(rows, key=lambda r: (r["service"] in troubled, r["error_ratio"] or 0.0, r["last_ts"] or 0.0),
+                          reverse=True)[:self.max_services]
+        labels = ["service", "model", "source"] + self._c
+        families = {
+            "error_ratio": GaugeMetricFamily("fleetscope_inference_error_ratio",
+                                             "Share of requests that failed over the last 5 minutes (aborted ones too).", labels=labels),
+            "requests_per_s": GaugeMetricFamily("fleetscope_inference_requests_per_second",
+                                                "Requests finished per second over the last 5 minutes.", labels=labels),
+            "output_tokens_per_s": GaugeMetricFamily("fleetscope_inference_output_tokens_per_second",
+                                                     "Output tokens generated per second over the last 5 minutes.", labels=labels),
+        }
+        for what, name in (("e2e", "end-to-end latency"), ("ttft", "time to first token"), ("tpot", "time per output token")):
+            for q in ("p50", "p95", "p99"):
+                families[f"{what}_{q}_s"] = GaugeMetricFamily(
+                    f"fleetscope_inference_{what}_{q}_seconds",
+                    f"{q[1:]}th percentile {name} over the last 5 minutes (source=\"server\": interpolated within the "
+                    "server's histogram buckets).", labels=labels)
+        for row in rows:
+            values = [row["service"], row["model"], row["source"], *self._cv]
+            for key, family in families.items():
+                if row.get(key) is not None:
+                    family.add_metric(values, row[key])
+        yield from families.values()

@@ -52,10 +52,13 @@ SCHEMAS: dict[str, dict[str, pl.DataType]] = {
         "ts": F64, "service": CAT, "model": CAT, "server": CAT, "kind": CAT, "node": CAT, "interval_s": F32,
         "running": F64, "waiting": F64, "kv_cache": F64, "prompt_tokens": F64, "generation_tokens": F64,
         "requests_ok": F64, "requests_error": F64, "e2e_sum": F64, "e2e_count": F64, "queue_sum": F64, "queue_count": F64,
+        # added with the servers' finish reasons, preemptions and prefix cache: null in older files
+        "requests_aborted": F64, "preemptions": F64, "prefix_cache_queries": F64, "prefix_cache_hits": F64,
     },
     "server_histograms": {
         "ts": F64, "service": CAT, "model": CAT, "server": CAT, "metric": CAT,
         "le": pl.List(F64), "counts": pl.List(F64), "sum": F64, "count": F64,
+        "node": CAT,  # the replica's node, for per-replica quantiles: null in older files
     },
     "hosts": {
         "ts": F64, "node": CAT, "cpu_utilization_ratio": F32, "memory_used_bytes": I64, "memory_total_bytes": I64,
@@ -136,7 +139,7 @@ def _pauses(events: list[PauseEvent], batch: Batch) -> pl.DataFrame:
 
 
 _STAT_COUNTERS = ("prompt_tokens", "generation_tokens", "requests_ok", "requests_error", "e2e_sum", "e2e_count",
-                  "queue_sum", "queue_count")
+                  "queue_sum", "queue_count", "requests_aborted", "preemptions", "prefix_cache_queries", "prefix_cache_hits")
 
 
 def _servers(batch: Batch) -> dict[str, pl.DataFrame]:
@@ -153,7 +156,8 @@ def _servers(batch: Batch) -> dict[str, pl.DataFrame]:
             if metric in ("e2e", "queue") and row[f"{metric}_count"] is None:
                 row[f"{metric}_sum"], row[f"{metric}_count"] = h.sum, h.count
             hists.append({"ts": sf.ts, "service": sf.service, "model": sf.model, "server": sf.server, "metric": metric,
-                          "le": list(h.le), "counts": list(h.counts), "sum": h.sum, "count": h.count})
+                          "le": list(h.le), "counts": list(h.counts), "sum": h.sum, "count": h.count,
+                          "node": row["node"]})
         stats.append(row)
     out = {}
     if stats:
