@@ -7,7 +7,7 @@ TEST_STAMP := $(VENV)/.installed-test
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv system-deps bench lint clean
+.PHONY: demo test venv system-deps bench lint clean package
 
 demo: $(STAMP)
 	$(PY) -m fleetscope demo $(DEMO_ARGS)
@@ -41,7 +41,8 @@ $(TEST_STAMP): $(STAMP) pyproject.toml
 	touch $(TEST_STAMP)
 
 # Debian's Prometheus and Alertmanager (promtool comes with prometheus), VictoriaMetrics (the scale-out
-# metrics store) and Chromium for the browser tests; installed only when running as root on a machine
+# metrics store), Chromium for the browser tests, and what the agent's .deb test builds, installs and checks
+# it with (dpkg-deb, the python3.11 it runs on, adduser, systemd-analyze); installed only when running as root on a machine
 # with apt. Tests that need them skip with a message saying so when they are absent.
 system-deps:
 	@missing=""; \
@@ -49,12 +50,21 @@ system-deps:
 	command -v prometheus-alertmanager >/dev/null || command -v alertmanager >/dev/null || missing="$$missing prometheus-alertmanager"; \
 	command -v victoria-metrics >/dev/null || missing="$$missing victoria-metrics"; \
 	command -v chromium >/dev/null || missing="$$missing chromium chromium-driver"; \
+	command -v dpkg-deb >/dev/null || missing="$$missing dpkg"; \
+	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
+	command -v adduser >/dev/null || missing="$$missing adduser"; \
+	[ -x /usr/bin/python3.11 ] || missing="$$missing python3.11"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing:$$missing"; \
 	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
 	  else echo "not root or no apt: tests that need$$missing will skip"; fi; \
 	fi
+
+# dist/fleetscope-<version>-py3-none-any.whl and dist/fleetscope-agent_<version>_<arch>.deb, offline: the .deb's
+# environment (/opt/fleetscope, on Debian's python3.11) gets the agent's dependencies from .venv (deploy/debian/build.py).
+package: $(STAMP)
+	$(PY) deploy/debian/build.py --out dist
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[all,bench]'
