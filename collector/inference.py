@@ -70,21 +70,10 @@ def histogram_quantile(le: list[float], counts: list[float], q: float) -> float 
 
 
 def server_latency_quantiles(histograms: pl.DataFrame, service: str) -> pl.DataFrame:
-    """Per model and latency of a scraped service: quantiles from the sum of its histogram deltas."""
-    rows = histograms.filter(pl.col("service") == service).with_columns(pl.col("model", "metric").cast(pl.String))
-    out = []
-    for (model, metric), group in rows.group_by("model", "metric", maintain_order=True):
-        for _, part in group.group_by(pl.col("le").cast(pl.List(pl.String)).list.join(",").alias("_bounds")):
-            bounds = part["le"][0].to_list()
-            summed = [sum(c) for c in zip(*part["counts"].to_list())]
-            count, total = float(part["count"].sum()), float(part["sum"].sum())
-            row = {"model": model, "metric": metric, "count": count, "mean_s": total / count if count else None}
-            for q in QUANTILES:
-                row[f"p{round(q * 100)}_s"] = histogram_quantile(bounds, summed, q)
-            out.append(row)
-    schema = {"model": pl.String, "metric": pl.String, "count": pl.Float64, "mean_s": pl.Float64,
-              **{f"p{round(q * 100)}_s": pl.Float64 for q in QUANTILES}}
-    return pl.DataFrame(out, schema=schema).sort("model", "metric")
+    """Per model and latency of a scraped service: quantiles from the sum of its histogram deltas, with the
+    lowest bucket bound below which they are interpolated."""
+    rows = histograms.filter(pl.col("service") == service)
+    return histogram_quantiles(rows, ["model"], QUANTILES).sort("model", "metric")
 
 
 def server_overview(stats: pl.DataFrame) -> pl.DataFrame:
