@@ -336,6 +336,17 @@ ALERTS: list[Alert] = [
           "The server cannot keep up with its traffic; time to first token rises with the queue.",
           "`fleetscope_inference_requests_running`, `fleetscope_inference_kv_cache_usage_ratio` on the same server.",
           "Add replicas or move traffic; a full KV cache calls for smaller batches or more memory per replica."),
+    Alert("FleetscopeInferenceKvCacheFull", "fleetscope-inference",
+          "fleetscope_inference_kv_cache_usage_ratio > {inference.kv_cache_full_ratio}", "{inference.kv_cache_full_for}",
+          "ticket", "the KV cache of {{ $labels.service }} ({{ $labels.model }}) stays full on {{ $labels.instance }}",
+          "The {{ $labels.service }} server on {{ $labels.instance }} has kept its KV cache over {inference.kv_cache_full_ratio} "
+          "full for {inference.kv_cache_full_for}: {{ $value | humanizePercentage }} now.",
+          "New requests wait for cache space and running ones get preempted (recomputed or swapped out): time to first "
+          "token and time per output token rise, throughput falls.",
+          "`rate(fleetscope_inference_preemptions_total[5m])` and `fleetscope_inference_requests_waiting` on the same "
+          "server; the Grafana inference dashboard's KV-cache and preemption panels.",
+          "Add replicas or move traffic; lower max_num_seqs / the batch size, shorten max_model_len, or give the server "
+          "more GPU memory (gpu_memory_utilization, tensor parallelism)."),
     # --- collector -----------------------------------------------------------------------------
     Alert("FleetscopeCollectorRefusedIdentity", "fleetscope-collector",
           'increase(fleetscope_collector_ingest_rejected_total{{reason=~"identity|seq_jump"}}[15m]) > 0', "0m", "ticket",
