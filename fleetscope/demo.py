@@ -4,6 +4,12 @@ Starts the collector, one agent per simulated node (simulated GPUs), a synchrono
 across the nodes and an inference service (both reporting through the real client), the
 Streamlit console, and Prometheus + Alertmanager when they are installed. Prints the URLs and
 stops everything it started on Ctrl-C or after --duration seconds.
+
+The story (`Story`, with two nodes of six GPUs or more): a fault scenario that node-01's agent plays
+and that the training ranks on node-01 play too, for the GPU under each (fleetscope.sim.training),
+from the same start: GPU 3 overheats and its rank slows with its clock; later GPU 5's XID kills the
+rank on it and the job restarts from its last checkpoint. The chat service's latency spike is the
+inference process's own, timed on the story's clock.
 """
 
 from __future__ import annotations
@@ -129,19 +135,55 @@ scrape_configs:
 """
 
 
-# What goes wrong in the demo, on node-01 (see agent/gpu/scenario.py for the format).
-DEMO_SCENARIO = """# Written by `fleetscope demo`.
-[[fault]]   # GPU 3 loses its cooling: it heats into thermal slowdown
-at_s = 90
+@dataclass(frozen=True)
+class Story:
+    """When things happen in the demo's story, in seconds from its start (when the agents start), and
+    how the training job checkpoints and restarts. FLEETSCOPE_DEMO_STORY="thermal=0,xid=60,..." changes
+    them (the tests tell the story in under two minutes)."""
+
+    thermal: float = 90.0  # GPU 3 of node-01 loses its cooling
+    spike: float = 180.0  # the chat service's prefill slows down for spike_s
+    spike_s: float = 120.0
+    xid: float = 240.0  # GPU 5 of node-01 reports XID 13: the rank on it dies, and the job restarts
+    checkpoint_every: int = 50  # steps between checkpoint saves
+    checkpoint_s: float = 3.0  # how long a save takes
+    restart_delay: float = 10.0  # from the rank's death to the job's new processes
+    startup_s: float = 5.0  # from a rank's process start to its first step (loading the checkpoint)
+
+    @classmethod
+    def parse(cls, text: str) -> Story:
+        values: dict[str, float | int] = {}
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            key, _, raw = item.partition("=")
+            kind = cls.__dataclass_fields__.get(key.strip())
+            if kind is None:
+                raise ValueError(f"FLEETSCOPE_DEMO_STORY: unknown {key.strip()!r}; known: {', '.join(cls.__dataclass_fields__)}")
+            try:
+                values[key.strip()] = int(raw) if kind.type == "int" else float(raw)
+            except ValueError:
+                raise ValueError(f"FLEETSCOPE_DEMO_STORY: {key.strip()} must be a number of {'steps' if kind.type == 'int' else 'seconds'}, "
+                                 f"got {raw!r}") from None
+        return cls(**values)  # type: ignore[arg-type]
+
+
+def demo_scenario(story: Story, start_ts: float) -> str:
+    """What goes wrong in the demo, on node-01 (see agent/gpu/scenario.py for the format). Its agent and the
+    training ranks on that node play it from the same start."""
+    return f"""# Written by `fleetscope demo`.
+start_ts = {start_ts:.3f}   # fault times count from here (the demo's start), for the agent and the training ranks alike
+
+[[fault]]   # GPU 3 loses its cooling: it heats into thermal slowdown, and the rank on it computes at its clock
+at_s = {story.thermal:g}
 gpu = 3
 kind = "thermal"
 
-[[fault]]   # an application error on GPU 5 (XID 13 opens a ticket, it does not page)
-at_s = 150
+[[fault]]   # an application error on GPU 5: the rank on it dies, so the job restarts (XID 13 opens a ticket, it does not page)
+at_s = {story.xid:g}
 gpu = 5
 kind = "xid"
 xid = 13
 """
+
 
 DEMO_SLOS = """# Written by `fleetscope demo`.
 [[slo]]
@@ -224,6 +266,11 @@ def demo_tls(folder: Path) -> tuple[Path, Path, Path] | None:
 
 def main(args) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        story = Story.parse(getattr(args, "story", None) or os.environ.get("FLEETSCOPE_DEMO_STORY", ""))
+    except ValueError as exc:
+        print(f"fleetscope demo: {exc}", file=sys.stderr)
+        return 2
     py = sys.executable
     workdir = Path(args.workdir).resolve()
     demo = Demo(workdir)
@@ -258,8 +305,10 @@ def main(args) -> int:
             print(f"fleetscope demo: the collector did not start; see {workdir / 'logs/collector.log'}", file=sys.stderr)
             return 1
         event_addrs = []
+        story_told = args.nodes > 1 and args.gpus > 5
         scenario = workdir / "faults.toml"
-        scenario.write_text(DEMO_SCENARIO)
+        start_ts = time.time()  # the story's clock: the agents and the training ranks count fault times from it
+        scenario.write_text(demo_scenario(story, start_ts))
         for i in range(args.nodes):
             metrics_port, events_port = agent_ports(i)
             event_addrs.append(f"127.0.0.1:{events_port}")
@@ -268,7 +317,7 @@ def main(args) -> int:
                 "--gpus", str(args.gpus), "--seed", str(i), "--interval", "2",
                 "--metrics-address", f"127.0.0.1:{metrics_port}", "--events-address", f"127.0.0.1:{events_port}",
                 "--collector-url", collector_url, "--spool-dir", str(workdir / f"spool-node-{i:02d}"),
-                *(["--scenario", str(scenario)] if i == 1 and args.gpus > 5 else []),
+                *(["--scenario", str(scenario)] if i == 1 and story_told else []),
                 *(["--ca-file", str(ca_file)] if ca_file else []),
             ], {"FLEETSCOPE_INGEST_TOKEN": agent_tokens[f"node-{i:02d}"]})
         for i in range(args.nodes):
@@ -284,13 +333,17 @@ def main(args) -> int:
                 demo.start("alertmanager", [am, f"--config.file={workdir / 'alertmanager.yml'}",
                                             f"--storage.path={workdir / 'alertmanager-data'}",
                                             f"--web.listen-address=127.0.0.1:{ALERTMANAGER_PORT}", "--cluster.listen-address="])
-        story = args.nodes > 1 and args.gpus > 5
-        # The rank on node-01's GPU 3 slows when that GPU overheats (the scenario), as a real rank would.
-        slow = ["--slow-rank", str(args.gpus + 3), "--slow-factor", "0.15", "--slow-after", "100"] if story else []
+        # Each rank computes at the clock of the simulated GPU under it, the one its node's agent reports:
+        # the rank on node-01's GPU 3 slows when the scenario overheats that GPU, and the rank on GPU 5 dies at its XID.
         demo.start("training", [py, "-m", "fleetscope.sim.training", "--job", "demo-llama-8b",
-                                "--agents", ",".join(event_addrs), "--gpus-per-node", str(args.gpus), *slow])
+                                "--agents", ",".join(event_addrs), "--gpus-per-node", str(args.gpus), "--gpu-model",
+                                *(["--scenario", f"node-01={scenario}"] if story_told else []),
+                                "--checkpoint-every", str(story.checkpoint_every), "--checkpoint-s", str(story.checkpoint_s),
+                                "--restart-delay", str(story.restart_delay), "--startup-s", str(story.startup_s)])
+        spike_at = story.spike - (time.time() - start_ts)  # the story's clock, not the inference process's
         demo.start("inference", [py, "-m", "fleetscope.sim.inference", "--service", "chat", "--model", "llama3-8b",
-                                 "--agent", event_addrs[0], *(["--spike-at", "180"] if story else [])])
+                                 "--agent", event_addrs[0],
+                                 *(["--spike-at", f"{spike_at:.1f}", "--spike-s", str(story.spike_s)] if story_told else [])])
         if not args.no_console:
             demo.start("console", [py, "-m", "fleetscope", "dashboard", "--address", "127.0.0.1", "--port", str(CONSOLE_PORT),
                                    "--collector-url", collector_url],
@@ -310,9 +363,12 @@ def main(args) -> int:
                 print(f"  Alertmanager   http://127.0.0.1:{ALERTMANAGER_PORT}")
         elif not args.no_prometheus:
             print("  (Prometheus is not installed; `make test` as root installs it)")
-        if args.nodes > 1 and args.gpus > 5:
-            print("  the story: at 90 s GPU 3 of node-01 loses its cooling and its rank becomes a straggler;")
-            print("  at 150 s GPU 5 there reports XID 13; at 180 s the chat service's time to first token spikes")
+        if story_told:
+            print(f"  the story: at {story.thermal:g} s GPU 3 of node-01 loses its cooling, slows into thermal slowdown and its rank")
+            print(f"  becomes a straggler; at {story.spike:g} s the chat service's time to first token spikes and burns its SLO;")
+            print(f"  at {story.xid:g} s GPU 5 of node-01 reports XID 13, the rank on it dies, and the job restarts from its last")
+            print(f"  checkpoint (every {story.checkpoint_every} steps) {story.restart_delay + story.startup_s:g} s later: "
+                  "its goodput counts the recomputed steps and the restart")
         print(f"  logs in {demo.logs}")
         print("Ctrl-C stops everything." if args.duration is None else f"Stopping after {args.duration:.0f} s.")
         sys.stdout.flush()

@@ -7,7 +7,9 @@ little less than utilisation says, the video decoder a little (data loading), th
 GPU is registered with the node's NVSwitch fabric, as on an HGX board. A fault scenario
 (`agent/gpu/scenario.py`) makes things go wrong the way NVML reports them: clock-event reasons,
 XIDs, ECC counters, a GPU that is lost, NVLink errors, a narrower PCIe link. Time comes from an
-injectable clock so a test can step it; the same seed and the same steps give the same values.
+injectable clock so a test can step it; the same seed and the same steps give the same values. The
+demo's training ranks (fleetscope.sim.training) build the same model for the GPU each runs on (same
+node, seed, scenario and start), so a GPU the agent reports throttled slows the rank on it.
 """
 
 from __future__ import annotations
@@ -185,11 +187,14 @@ class SimulatedGpus:
     cuda_driver_version = "12.8"
 
     def __init__(self, count: int = 8, *, seed: int = 0, node: str = "sim", clock: Callable[[], float] = time.monotonic,
-                 faults: Iterable[Fault] = ()) -> None:
+                 faults: Iterable[Fault] = (), start: float | None = None) -> None:
+        """`start`: the clock's reading when the GPUs were switched on (default: now). A model built later
+        with the same seed, node, faults and start (the demo's training ranks, fleetscope.sim.training)
+        integrates from then at its first read, and plays the same GPUs as the agent that started then."""
         if count < 0:
             raise ValueError(f"simulated GPU count must be >= 0, got {count}")
         self.clock = clock
-        self.t0 = clock()
+        self.t0 = clock() if start is None else start
         self.last = self.t0
         self.gpus = [_Gpu(i, node, seed) for i in range(count)]
         self.faults: dict[int, list[Fault]] = {}
