@@ -153,3 +153,33 @@ def goodput(collector: Collector, job: str, max_points: int = 200) -> tuple[dict
               .select(pl.from_epoch(pl.col("ts").cast(pl.Int64), time_unit="s").dt.replace_time_zone("UTC").alias("time"),
                       "reason", (pl.col("gpu_s") / 3600).alias("gpu_hours")))
     return answer, series
+
+
+# --- inference -----------------------------------------------------------------------------------------------
+def as_times(frame: pl.DataFrame, *columns: str) -> pl.DataFrame:
+    """Unix-seconds columns as UTC datetimes, so a table shows times and not epoch floats."""
+    present = [c for c in columns if c in frame.columns]
+    return frame.with_columns(pl.from_epoch(pl.col(c).cast(pl.Float64) * 1000, time_unit="ms").dt.replace_time_zone("UTC")
+                              for c in present)
+
+
+def service_series(collector: Collector, service: str, by: str = "model") -> tuple[pl.DataFrame, pl.DataFrame]:
+    """A service over the picked time range (GET /v1/services/{service}/series): its latency quantiles and rates
+    per model or node (`by`), and its servers' state (KV cache, queue, preemptions, prefix-cache hits)."""
+    answer = fetch(collector, api_path("v1", "services", service, "series"), since=since(), by=by)
+    series = pl.DataFrame(answer.get("series") or [], infer_schema_length=None)
+    state = pl.DataFrame(answer.get("server_state") or [], infer_schema_length=None)
+    return series, state
+
+
+def long_series(frame: pl.DataFrame, key: str, columns: dict[str, str]) -> pl.DataFrame:
+    """(ts, series, value) for line_chart(..., color="series"): one line per `key` value and column, named
+    "<key value> <label>"; rows without a value are left out."""
+    present = {c: label for c, label in columns.items() if c in frame.columns}
+    if frame.height == 0 or not present:
+        return pl.DataFrame(schema={"ts": pl.Float64, "series": pl.String, "value": pl.Float64})
+    return (frame.unpivot(index=["ts", key], on=list(present), variable_name="column", value_name="value")
+            .drop_nulls("value")
+            .select("ts", pl.concat_str(pl.col(key).cast(pl.String), pl.lit(" "),
+                                        pl.col("column").replace_strict(present, return_dtype=pl.String)).alias("series"),
+                    pl.col("value").cast(pl.Float64)))

@@ -153,14 +153,41 @@ def training() -> dashboard.Dashboard:
     )
 
 
+def quantiles(title: str, what: str, sel: str) -> timeseries.Panel:
+    """p50, p95 and p99 of one latency, per service and model, from the collector (client events or servers)."""
+    return ts(title, "s", *(q(f"fleetscope_inference_{what}_{p}_seconds{sel}", f"{p} {{{{service}}}} {{{{model}}}}")
+                            for p in ("p50", "p95", "p99")), width=8)
+
+
 def inference() -> dashboard.Dashboard:
     s = f'{{{C}, service=~"$service"}}'
+    by_server = "sum by (cluster, instance, service, model)"
     return (
         base("fleetscope-inference", "fleetscope / Inference service")
-        .with_variable(variable("service", f"label_values(fleetscope_inference_e2e_p95_seconds{{{C}}}, service)", "Service"))
-        .with_panel(ts("End-to-end p95", "s", q(f"fleetscope_inference_e2e_p95_seconds{s}", "{{service}} {{model}}")))
-        .with_panel(ts("Time to first token p95", "s", q(f"fleetscope_inference_ttft_p95_seconds{s}", "{{service}} {{model}}")))
-        .with_panel(ts("Error ratio", "percentunit", q(f"fleetscope_inference_error_ratio{s}", "{{service}} {{model}}")))
+        # every service the collector knows, whether it reports with the client or is read from its servers
+        .with_variable(variable("service", f"label_values(fleetscope_inference_requests_per_second{{{C}}}, service)", "Service"))
+        .with_row(dashboard.Row("Traffic and latency (the client's events, else the servers' histograms: see `source`)"))
+        .with_panel(ts("Requests per second", "reqps",
+                       q(f"fleetscope_inference_requests_per_second{s}", "{{service}} {{model}} ({{source}})"), width=8))
+        .with_panel(ts("Error ratio", "percentunit", q(f"fleetscope_inference_error_ratio{s}", "{{service}} {{model}}"), width=8))
+        .with_panel(ts("Output tokens per second", "short",
+                       q(f"fleetscope_inference_output_tokens_per_second{s}", "{{service}} {{model}}"), width=8))
+        .with_panel(quantiles("Time to first token", "ttft", s))
+        .with_panel(quantiles("Time per output token", "tpot", s))
+        .with_panel(quantiles("End to end", "e2e", s))
+        .with_row(dashboard.Row("Servers, per replica (read by the agent on each node from vLLM, SGLang, TGI, Triton)"))
+        .with_panel(ts("KV-cache use", "percentunit",
+                       q(f"fleetscope_inference_kv_cache_usage_ratio{s}", "{{instance}} {{service}} {{model}}"), width=8))
+        .with_panel(ts("Running and waiting requests", "short",
+                       q(f"fleetscope_inference_requests_running{s}", "running {{instance}} {{model}}"),
+                       q(f"fleetscope_inference_requests_waiting{s}", "waiting {{instance}} {{model}}"), width=8))
+        .with_panel(ts("Preemptions per second", "short",
+                       q(f"{by_server} (rate(fleetscope_inference_preemptions_total{s}[5m]))", "{{instance}} {{model}}"), width=8))
+        .with_panel(ts("Prefix-cache hit ratio", "percentunit",
+                       q(f"{by_server} (rate(fleetscope_inference_prefix_cache_hit_tokens_total{s}[5m])) / "
+                         f"{by_server} (rate(fleetscope_inference_prefix_cache_queried_tokens_total{s}[5m]))",
+                         "{{instance}} {{model}}"), width=8))
+        .with_row(dashboard.Row("SLOs"))
         .with_panel(ts("SLO burn rate", "short", q(f"fleetscope_slo_burn_rate{s}", "{{slo}} {{window}}")))
         .with_panel(ts("Error budget left", "percentunit", q(f"fleetscope_slo_error_budget_remaining_ratio{s}", "{{slo}}")))
     )

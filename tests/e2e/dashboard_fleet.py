@@ -1,5 +1,6 @@
-"""A small real fleet for the dashboard tests: a collector, two agents, a training job and an inference
-service through the real client, scraped by a real Prometheus; and the check that every Grafana panel's
+"""A small real fleet for the dashboard tests: a collector, two agents, a training job, an inference service
+through the real client and one read only from its server's /metrics (a vLLM exposition that grows), scraped
+by a real Prometheus; and the check that every Grafana panel's
 query returns a series from a store's query API."""
 
 from __future__ import annotations
@@ -54,13 +55,20 @@ def start_fleet(procs, tmp_path: Path, *, cluster: str | None = None, remote_wri
     collector = f"http://127.0.0.1:{c_port}"
     wait_until(lambda: http_get(collector + "/healthz")[0] == 200, what="the collector")
     (tmp_path / "faults.toml").write_text(SCENARIO)
+    server_port = free_port()
+    procs("vllm", [sys.executable, "-m", "tests.e2e.fake_inference_server", "--port", str(server_port)])
+    agent_toml = tmp_path / "agent0.toml"  # node-0's agent reads the server: the inference panels' per-replica row
+    agent_toml.write_text(f'[agent]\n[[agent.inference_servers]]\nurl = "http://127.0.0.1:{server_port}/metrics"\n'
+                          'kind = "vllm"\nservice = "scraped"\n')
+    agent_toml.chmod(0o600)
     agents = []
     for i in range(2):
         m_port, e_port = free_port(), free_port(socket.SOCK_DGRAM)
         procs(f"agent{i}", [sys.executable, "-m", "fleetscope", "agent", "--node", f"node-{i}", "--gpu-backend", "simulated",
                             "--gpus", "4", "--seed", str(i), "--interval", "1", "--metrics-address", f"127.0.0.1:{m_port}",
                             "--events-address", f"127.0.0.1:{e_port}", "--collector-url", collector,
-                            "--spool-dir", str(tmp_path / f"spool{i}"), "--scenario", str(tmp_path / "faults.toml")], env)
+                            "--spool-dir", str(tmp_path / f"spool{i}"), "--scenario", str(tmp_path / "faults.toml"),
+                            *(["--config", str(agent_toml)] if i == 0 else [])], env)
         agents.append((m_port, e_port))
     for m_port, _ in agents:
         wait_until(lambda: http_get(f"http://127.0.0.1:{m_port}/metrics")[0] == 200, what="an agent")
