@@ -6,8 +6,8 @@ metric definitions at a pinned release (each file's header names the upstream fi
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
@@ -295,6 +295,6 @@ def _scaled(line: str, factor: float) -> str:
 def test_prometheus_client_fixtures_are_valid_expositions(name):
     import subprocess
 
-    result = subprocess.run(["promtool", "check", "metrics"], input=fixture(name), capture_output=True, text=True)
+    result = subprocess.run(["promtool", "check", "metrics"], check=False, input=fixture(name), capture_output=True, text=True)
     # promtool lints names (vLLM's colons, counters without _total); only parse errors fail it outright
     assert "error while linting" not in result.stderr.lower() and "text format parsing error" not in result.stderr.lower()
