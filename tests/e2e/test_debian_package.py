@@ -36,6 +36,9 @@ def machine():
             pytest.skip(f"{tool} is not installed (Debian: make test installs it as root)")
     if not os.access("/usr/bin/python3.11", os.X_OK):
         pytest.skip("/usr/bin/python3.11, which the package runs on, is not installed")
+    if sys.version_info[:2] != (3, 11):
+        pytest.skip(f"the package's dependencies are copied from this Python ({sys.version.split()[0]}); its "
+                    "environment runs on Debian's python3.11, so they must come from a 3.11 (make test's .venv)")
     with open("/run/lock/fleetscope-debian-package-test.lock" if os.path.isdir("/run/lock") else "/tmp/fleetscope-deb.lock",
               "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another checkout's run installs the same package
