@@ -230,12 +230,14 @@ def main(argv: list[str] | None = None) -> int:
         failed = wait_for_ranks(procs, stop)
         if failed is None:
             return 0
-        for proc in procs:  # the job fails as a whole: its other ranks would time out in the collective
+        # The job fails as a whole: its other ranks would time out in the collective. Their barrier goes
+        # with them (never aborted: that would wait for the killed ranks it holds to wake).
+        state["barrier"] = None
+        for proc in procs:
             if proc.is_alive():
                 proc.terminate()
         for proc in procs:
             proc.join()
-        barrier.abort()
         if incarnation == args.max_restarts:
             print(f"training: rank {failed} died and {args.max_restarts} restarts are spent; giving up", file=sys.stderr, flush=True)
             return 1
