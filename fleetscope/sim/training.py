@@ -96,7 +96,7 @@ class RankGpu:
 
 
 def rank_main(job: str, rank: int, world: int, local_rank: int, agent: str, barrier, stop, checkpoint,
-              restored: int | None, gpu: GpuSpec | None, started: float, args) -> None:
+              restored: int | None, spec: GpuSpec | None, started: float, args) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher decides when ranks stop
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the launcher's handler: a terminated rank just ends
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank), FLEETSCOPE_AGENT_ADDR=agent)
@@ -105,7 +105,7 @@ def rank_main(job: str, rank: int, world: int, local_rank: int, agent: str, barr
     # ~6 x 1B parameters: with 32k tokens per 0.5 s step on a simulated H100, an MFU of about 40%
     run = fleetscope.training(job=job, flops_per_token=6e9)
     rng = random.Random(f"{args.seed}:{rank}:{os.getpid()}")
-    device = RankGpu(gpu, local_rank, started) if gpu is not None else None
+    device = RankGpu(spec, local_rank, started) if spec is not None else None
     manual = 1.0 + (args.slow_factor if rank == args.slow_rank else 0.0)
 
     def gpu() -> float:

@@ -5,6 +5,7 @@ restart from its checkpoint is counted in its goodput."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import ssl
@@ -78,7 +79,7 @@ def test_the_demo_tells_its_story(tmp_path):
     demo = subprocess.Popen(
         [sys.executable, "-m", "fleetscope", "demo", "--duration", "400", "--nodes", "2", "--gpus", str(GPUS),
          "--no-console", "--no-prometheus", "--workdir", str(tmp_path / "demo")],
-        stdout=out, stderr=subprocess.STDOUT, text=True, env={**__import__("os").environ, "FLEETSCOPE_DEMO_STORY": STORY})
+        stdout=out, stderr=subprocess.STDOUT, text=True, env={**os.environ, "FLEETSCOPE_DEMO_STORY": STORY})
     try:
         def printed():
             out.flush()
