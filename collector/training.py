@@ -232,10 +232,11 @@ def straggler_scores(steps: pl.DataFrame, window: int = STRAGGLER_WINDOW) -> pl.
     more in a noisy job (STRAGGLER_NOISE_K times the noise of a median of this many steps, from the spread
     of the job's own per-step excess, and from the spread of its ranks' scores). Robust to jitter and
     bursts (medians), to the whole job slowing down (relative to the same step), and to uneven stages."""
-    # Only the recent past can hold the window: its steps and the warm-up before them, three times over for
-    # pauses (sorting each rank's whole history to find its incarnations costs seconds at 16k ranks). After a
-    # pause longer than that, a rank is judged again once it has a window of steps.
-    span = (3 * (window + WARMUP_STEPS) * pl.col("duration_s").median()).over("job")
+    # Only the recent past can hold the window: its steps and the warm-up before them, twice over for pauses
+    # (sorting each rank's whole history to find its incarnations costs seconds at 16k ranks). After a pause
+    # longer than that, a rank is judged again once it has a window of steps. (The mean step: a median of
+    # millions of rows costs more than the rest.)
+    span = (2 * (window + WARMUP_STEPS) * pl.col("duration_s").mean()).over("job")
     recent = steps.filter(pl.col("ts") >= pl.col("ts").max().over("job") - span)
     live = current_incarnation(recent)
     live = live.filter(pl.col("step") > pl.col("step").max().over("job") - window)
