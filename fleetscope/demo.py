@@ -27,6 +27,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from fleetscope import assets
 from fleetscope.vocabulary import AGENT_EVENTS_PORT, AGENT_METRICS_PORT, COLLECTOR_PORT, CONSOLE_PORT
 
 REPO = Path(__file__).resolve().parent.parent
@@ -216,10 +217,10 @@ def _interrupt(signum, frame):
 
 def alertmanager_config(webhook: str) -> str:
     """The project's routing and inhibitions (alerts/alertmanager.yml), with both receivers pointed at the demo."""
-    routing = REPO / "alerts" / "alertmanager.yml"
-    if not routing.exists():
+    try:
+        text = assets.alertmanager_template().read_text()
+    except assets.AssetMissing:
         return ALERTMANAGER_CONFIG
-    text = routing.read_text()
     for kind in ("page", "ticket"):
         text = text.replace(f"http://127.0.0.1:9/fleetscope-{kind}-webhook-placeholder", f"{webhook}/{kind}")
     return text
@@ -323,7 +324,7 @@ def main(args) -> int:
         for i in range(args.nodes):
             wait_http(f"http://127.0.0.1:{agent_ports(i)[0]}/metrics")
         if want_prom:
-            rules = sorted((REPO / "alerts").glob("*.rules.yml"))
+            rules = assets.rule_files()  # AssetMissing (a broken install) stops the demo, saying what is missing
             (workdir / "prometheus.yml").write_text(prometheus_config(args.nodes, read_token, rules, ca_file))
             demo.start("prometheus", [prom, f"--config.file={workdir / 'prometheus.yml'}",
                                       f"--storage.tsdb.path={workdir / 'prometheus-data'}",
