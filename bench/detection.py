@@ -27,7 +27,8 @@ README's way and with `instrument_ddp`. The model is small, so each step also sl
 waits for its GPU's kernels (steps of about 0.3 s; the jitter is the real job's). The job's datagrams
 are received by the bench and analysed as above, at the collector's 5 s cadence.
 
-    python -m bench.detection [--runs 20] [--ddp 10] [--quick] [--skip-live]
+    python -m bench.detection [--runs 20] [--ddp 10 [--ddp-steps 100] [--ddp-device-s 0.25] [--ddp-only]]
+                              [--quick] [--skip-live]
 """
 
 from __future__ import annotations
@@ -249,8 +250,10 @@ DDP_DEVICE_S = 0.25  # each step also waits this long, as for a GPU's kernels: s
 
 
 # --- a real DDP job --------------------------------------------------------------------------------
-def ddp_run(slow: bool, instrument: bool, steps: int, seed: int) -> tuple[pl.DataFrame, float | None, int | None]:
+def ddp_run(slow: bool, instrument: bool, steps: int, seed: int,
+            device_s: float | None = None) -> tuple[pl.DataFrame, float | None, int | None]:
     """Run tests/e2e/ddp_job.py under torchrun (4 ranks); its steps as the collector's table, the onset."""
+    device_s = DDP_DEVICE_S if device_s is None else device_s
     receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     receiver.bind(("127.0.0.1", 0))
     receiver.settimeout(0.5)
@@ -272,7 +275,7 @@ def ddp_run(slow: bool, instrument: bool, steps: int, seed: int) -> tuple[pl.Dat
     onset = steps // 3
     env = {**os.environ, "JOB": f"ddp-{seed}", "STEPS": str(steps), "SLOW_RANK": "2" if slow else "-1",
            "SLOW_MODE": "forward10", "SLOW_AFTER": str(onset), "INSTRUMENT_DDP": "1" if instrument else "0",
-           "DEVICE_S": str(DDP_DEVICE_S),
+           "DEVICE_S": str(device_s),
            "FLEETSCOPE_AGENT_ADDR": f"127.0.0.1:{receiver.getsockname()[1]}", "OMP_NUM_THREADS": "1",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master), "PYTHONPATH": str(REPO)}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "4",
@@ -299,14 +302,14 @@ def ddp_run(slow: bool, instrument: bool, steps: int, seed: int) -> tuple[pl.Dat
     return frame, onset_ts, onset if slow else None
 
 
-def ddp_rows(runs: int, steps: int) -> list[dict]:
+def ddp_rows(runs: int, steps: int, device_s: float | None = None) -> list[dict]:
     rows = []
     for instrument in (False, True):
         how = "instrument_ddp" if instrument else "readme"
         for slow in (True, False):
             total = Tally()
             for seed in range(runs):
-                frame, onset_ts, onset = ddp_run(slow, instrument, steps, seed)
+                frame, onset_ts, onset = ddp_run(slow, instrument, steps, seed, device_s)
                 total.add(replay(frame, empty("pauses"), straggler(2) if slow else None, onset_ts, onset))
             rows.append(summary(f"real DDP, {how}, {'rank 2 10% slower' if slow else 'clean'}", total, slow))
             print_rows(rows[-1:])
@@ -357,7 +360,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--ddp", type=int, default=0, help="runs of each real DDP row (0: skip them)")
-    p.add_argument("--ddp-steps", type=int, default=150)
+    p.add_argument("--ddp-steps", type=int, default=100)
+    p.add_argument("--ddp-device-s", type=float, default=DDP_DEVICE_S, help="seconds each DDP step waits as for a GPU")
+    p.add_argument("--ddp-only", action="store_true", help="only the real DDP rows")
     p.add_argument("--quick", action="store_true", help="5 runs, 32-rank jobs, no weeks")
     p.add_argument("--skip-live", action="store_true", help="no live collector (hang latency)")
     p.add_argument("--only", help="only the rows whose name contains this")
@@ -365,6 +370,11 @@ def main(argv: list[str] | None = None) -> None:
     runs = 5 if args.quick else args.runs
     ranks = 32 if args.quick else 64
     t0 = time.perf_counter()
+    if args.ddp_only:
+        print(f"real DDP job (4 ranks, gloo on the CPU, {args.ddp_steps} steps, {args.ddp_device_s:g} s of device time a step, "
+              f"{args.ddp} runs per row):")
+        ddp_rows(args.ddp, args.ddp_steps, args.ddp_device_s)
+        return
     global ONLY
     ONLY = args.only
     rows = [r for r in synthetic_rows(runs, ranks) if r["runs"]]
@@ -386,8 +396,9 @@ def main(argv: list[str] | None = None) -> None:
         alarms = sum(regression_alarms_per_week(seed) for seed in range(weeks))
         print(f"regression false alarms on clean weeks of 1 s steps (drift 2%/day): {alarms} in {weeks} simulated weeks")
     if args.ddp:
-        print(f"real DDP job (4 ranks, gloo on the CPU, {args.ddp_steps} steps, {args.ddp} runs per row):")
-        ddp_rows(args.ddp, args.ddp_steps)
+        print(f"real DDP job (4 ranks, gloo on the CPU, {args.ddp_steps} steps, {args.ddp_device_s:g} s of device time a step, "
+              f"{args.ddp} runs per row):")
+        ddp_rows(args.ddp, args.ddp_steps, args.ddp_device_s)
 
     big = big_job(1024 if args.quick else 16_384)
     times = []
