@@ -130,7 +130,9 @@ def test_the_demo_tells_its_story(tmp_path):
         def restarted():
             g = last["goodput"] = get("/v1/jobs/demo-llama-8b/goodput")
             seconds = g["gpu_seconds"] if g else {}
-            ready = g and len(g["incarnations"]) == 2 and all(seconds[k] > 0 for k in ("recomputed", "startup", "checkpoint"))
+            # every rank of the new incarnation has stepped (they start within a second or two of each other)
+            ready = (g and len(g["incarnations"]) == 2 and g["incarnations"][1]["pids"] == 2 * GPUS
+                     and all(seconds[k] > 0 for k in ("recomputed", "startup", "checkpoint")))
             return g if ready else None
 
         try:

@@ -102,7 +102,7 @@ def test_a_step_numbered_2_to_the_53_does_not_push_the_real_steps_out_of_the_ana
     trace, _ = generate(Trace(job="train", ranks=8, steps=40, step_s=20.0, slow_rank=6, slow_factor=0.15, start_ts=0.0))
     shift = now - 2 - max(r["ts"] + r["duration_s"] for r in trace.iter_rows(named=True))  # the last step just ended
     events = [step("train", r["rank"], r["step"], r["ts"] + shift, r["duration_s"], world_size=8, node=r["node"],
-                   phases={"data": r["phase_data_s"], "comm": r["phase_comm_s"]},
+                   phases={k: r[f"phase_{k}_s"] for k in ("data", "forward", "backward", "optimizer")},
                    metrics={"sync_arrival_s": r["sync_arrival_s"]}) for r in trace.iter_rows(named=True)]
     assert post(collector, "node-a", 0, events).json()["events"] == 320
     wait_until(lambda: active(collector, "straggler", "train"), timeout=30, what="the straggler finding")
