@@ -74,6 +74,7 @@ def _agent(args: argparse.Namespace) -> int:
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             web_config=args.web_config,
+            pod_resources_socket=args.pod_resources_socket,
         )
         # A config file is an install (the unit runs one): it must say where to ship, or "" for /metrics alone.
         if args.config and config.collector_url is None:
@@ -320,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", action="append", metavar="KEY=VALUE", help="the node's place in the fleet, e.g. cluster=a rack=r12")
     p.add_argument("--compat", action="append", choices=["dcgm"], help="also emit another exporter's metric names (dcgm)")
     p.add_argument("--disable-source", action="append", help="source to disable (cpu, memory, storage, network, gpu)")
+    p.add_argument("--pod-resources-socket", help="the kubelet's PodResources socket, for pod, namespace and container labels "
+                   "on GPU series (default /var/lib/kubelet/pod-resources/kubelet.sock where it exists; \"\" for none)")
     p.set_defaults(func=_agent)
     # Without one of these the agent runs; they hand out what installing it as a service takes.
     agent_sub = p.add_subparsers(dest="agent_command", metavar="{print-unit,print-config}")

@@ -14,6 +14,9 @@ internal/pkg/rendermetrics/render_metrics.go) and from DCGM's dcgmlib/src/dcgm_f
   parent's value for device-wide fields (clocks, temperatures, power, errors), and no NVML utilisation.
   We do the same, and leave out the DCP fields the agent has only for the whole GPU. On a whole GPU's series
   the two labels are empty, which Prometheus treats as absent.
+- Kubernetes: where the agent reads the kubelet's PodResources API (agent/kubernetes.py), every series also has
+  dcgm-exporter's pod, namespace and container labels (internal/pkg/transformation/const.go), those of the
+  container holding that GPU or GPU instance, empty where none (or several) does.
 Not emitted: DCGM_FI_DEV_VGPU_LICENSE_STATUS (vGPU licensing; the agent does not read vGPUs), and
 DCGM_FI_DEV_NVLINK_BANDWIDTH_TOTAL unless the caller keeps an NvLinkBandwidth (DCGM's value is a rate over two reads).
 Like dcgm-exporter, the XID field is the last XID code seen (fleetscope_gpu_xid_errors_total counts them).
@@ -152,11 +155,19 @@ _FIELDS = (
               lambda g: g.fp16_activity_ratio),
 )
 
-FAMILIES = (
-    *(Family(f.name, f.kind, f.help, XID_LABELS if f.name == XID else LABELS, "%d" if f.integer else "%f")
-      for f in _FIELDS),
-    Family(NVLINK_BANDWIDTH, "counter", "Total number of NVLink bandwidth counters for all lanes.", LABELS, "%d"),
-)
+POD_LABELS = ("pod", "namespace", "container")
+
+
+def _families(extra: tuple[str, ...] = ()) -> tuple[Family, ...]:
+    return (
+        *(Family(f.name, f.kind, f.help, (XID_LABELS if f.name == XID else LABELS) + extra, "%d" if f.integer else "%f")
+          for f in _FIELDS),
+        Family(NVLINK_BANDWIDTH, "counter", "Total number of NVLink bandwidth counters for all lanes.", LABELS + extra, "%d"),
+    )
+
+
+FAMILIES = _families()
+POD_FAMILIES = _families(POD_LABELS)  # on Kubernetes
 
 
 class NvLinkBandwidth:
@@ -193,8 +204,10 @@ def _nvlink_kib(g: GpuState) -> float | None:
 
 
 def dcgm_readings(states: Iterable[GpuState], hostname: str, driver: str,
-                  nvlink_bandwidth: Mapping[str, int] | None = None) -> Iterator[Reading]:
-    """dcgm-exporter's series for these GPUs; `nvlink_bandwidth` is NvLinkBandwidth.update's result, if kept."""
+                  nvlink_bandwidth: Mapping[str, int] | None = None,
+                  pod_labels: Callable[[GpuState, MigInstance | None], tuple] | None = None) -> Iterator[Reading]:
+    """dcgm-exporter's series for these GPUs; `nvlink_bandwidth` is NvLinkBandwidth.update's result, if kept;
+    `pod_labels(gpu, instance or None)` gives a series' pod, namespace and container on Kubernetes."""
     for g in states:
         if not g.up:
             continue  # dcgm-exporter drops a GPU it cannot read
@@ -203,6 +216,8 @@ def dcgm_readings(states: Iterable[GpuState], hostname: str, driver: str,
         entities: list[tuple[MigInstance | None, tuple]] = [
             (m, gpu + (("GPU_I_PROFILE", m.profile), ("GPU_I_ID", "" if m.gpu_instance is None else str(m.gpu_instance))))
             for m in g.mig_instances] or [(None, gpu)]
+        if pod_labels is not None:
+            entities = [(m, labels + pod_labels(g, m)) for m, labels in entities]
         for f in _FIELDS:
             for m, labels in entities:
                 value = f.gpu(g) if m is None else f.instance(g, m) if f.instance else None

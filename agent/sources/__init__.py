@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from agent.gpu.backend import make_backend
+from agent.kubernetes import make_client as make_pod_resources_client
 from agent.sources import (  # noqa: F401 - registration
     cpu,
     gpu,
@@ -47,6 +48,7 @@ def build_sources(config, *, workload_lookup=None, deliver_server_frame=None) ->
             kwargs["expected_gpus"] = config.expected_gpus
             kwargs["compat_dcgm"] = "dcgm" in config.compat
             kwargs["hostname"] = config.node
+            kwargs["pod_resources"] = make_pod_resources_client(config.pod_resources_socket)
         try:
             sources.append(reg.factory(**kwargs))
         except Exception:

@@ -3,6 +3,8 @@ NVLink, XIDs and a health verdict, from NVML or the simulator."""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import time
 from collections import deque
 
@@ -12,11 +14,23 @@ from agent.gpu.health import STATES, XID_WINDOW_S, Verdict, verdict
 from agent.gpu.nvml import NvmlUnavailable
 from agent.gpu.state import CLOCK_EVENT_REASONS, GpuState, clock_event_names
 from agent.gpu.xid import CATALOGUE
+from agent.kubernetes import LABELS as POD, NO_POD, Assignment, PodResourcesUnavailable
 from agent.sources.base import Collected, Family, NoData, Reading, Source, reading, register
 
+log = logging.getLogger("fleetscope.agent.sources.gpu")
 
 G = ("gpu", "uuid")
 PROC = ("pid", "container", "pod_uid", "slurm_job", "training_job", "rank")
+# Families that take the holding pod's labels on Kubernetes (agent/kubernetes.py): per GPU and per MIG instance.
+# Not the per-process ones: their `container` is the process's container id, from its cgroup.
+_NOT_BY_POD = ("fleetscope_gpu_process_memory_used_bytes", "fleetscope_gpu_process_sm_utilization_ratio")
+POD_FAMILIES = (
+    Family("fleetscope_gpu_pod_resources_up", "gauge",
+           "1 when the kubelet's PodResources API answered this sample (pod labels on the GPU series), 0 when not."),
+    Family("fleetscope_gpu_pod_info", "gauge",
+           "A container the kubelet allocated this GPU or MIG instance (mig_uuid) to; the value is always 1.",
+           G + ("mig_uuid",) + POD),
+)
 
 # (GpuState field, metric, kind, help)
 _FIELDS = (
@@ -127,8 +141,11 @@ class GpuSource(Source):
 
     def __init__(self, *, backend=None, expected_gpus: int | None = None, clock=time.monotonic,
                  compat_dcgm: bool = False, hostname: str = "", procfs: str = "/proc",
-                 workload_lookup=None, **_: object) -> None:
+                 workload_lookup=None, pod_resources=None, **_: object) -> None:
         self.backend = backend
+        # agent/kubernetes.py's client where the kubelet's pod-resources socket is configured
+        self.pod_resources = pod_resources
+        self._pod_error: str | None = None
         self.procfs = procfs
         # pid -> (training job, rank) from the workload events the listener saw; set by the agent
         self.workload_lookup = workload_lookup or (lambda pid: None)
@@ -136,7 +153,9 @@ class GpuSource(Source):
         self.compat_dcgm = compat_dcgm
         self.hostname = hostname
         if compat_dcgm:
-            self.families = GpuSource.families + dcgm.FAMILIES
+            self.families = GpuSource.families + (dcgm.POD_FAMILIES if pod_resources is not None else dcgm.FAMILIES)
+        if pod_resources is not None:
+            self.families = tuple(_by_pod(f) for f in self.families) + POD_FAMILIES
         self._nvlink_bandwidth = dcgm.NvLinkBandwidth()
         self.expected = expected_gpus
         self.clock = clock
@@ -157,14 +176,35 @@ class GpuSource(Source):
         dt = 0.0 if self._last_t is None else now - self._last_t
         self._last_t = now
         health = {s.uuid: verdict(s, self._recent_xids(s, now)) for s in states}
-        readings = list(self._readings(states, health, dt))
+        pods = self._assignment()
+        readings = list(self._readings(states, health, dt, pods))
+        if self.pod_resources is not None:
+            readings.append(reading("fleetscope_gpu_pod_resources_up", 1 if pods is not None else 0))
+            readings.extend(_pod_info(states, pods))
         live = {p.pid for s in states for p in s.processes}
         for pid in set(self._owners) - live:  # pids get reused: forget processes gone from every GPU
             del self._owners[pid]
         if self.compat_dcgm:
             readings.extend(dcgm.dcgm_readings(states, self.hostname, getattr(self.backend, "driver_version", None) or "",
-                                               self._nvlink_bandwidth.update(states, now)))
+                                               self._nvlink_bandwidth.update(states, now),
+                                               pod_labels=_pod_labels(pods) if self.pod_resources is not None else None))
         return Collected(tuple(readings), tuple(states), health, tuple(getattr(self.backend, "problems", ())))
+
+    def _assignment(self) -> Assignment | None:
+        """This sample's pods by GPU; None (and logged once per distinct error) while the kubelet does not answer."""
+        if self.pod_resources is None:
+            return None
+        try:
+            pods = self.pod_resources.assignment()
+        except PodResourcesUnavailable as exc:
+            if str(exc) != self._pod_error:
+                log.warning("%s; GPU series carry no pod labels until it answers", exc)
+            self._pod_error = str(exc)
+            return None
+        if self._pod_error is not None:
+            log.info("kubelet PodResources API answers again on %s", self.pod_resources.socket_path)
+            self._pod_error = None
+        return pods
 
     def _recent_xids(self, gpu: GpuState, now: float) -> dict[int, int]:
         """XIDs of this GPU within the last XID_WINDOW_S: the backend's, by when each happened, where it knows."""
@@ -180,7 +220,8 @@ class GpuSource(Source):
         base = history[0][1] if history[0][0] <= now - XID_WINDOW_S else {}
         return {code: n - base.get(code, 0) for code, n in gpu.xid_counts.items() if n - base.get(code, 0) > 0}
 
-    def _readings(self, states: list[GpuState], health: dict[str, Verdict], dt: float):
+    def _readings(self, states: list[GpuState], health: dict[str, Verdict], dt: float, pods: Assignment | None = None):
+        by_pod = self.pod_resources is not None
         driver = getattr(self.backend, "driver_version", None) or ""
         cuda = getattr(self.backend, "cuda_driver_version", None) or ""
         errors: dict[str, list] = {}
@@ -192,7 +233,8 @@ class GpuSource(Source):
         for x in CATALOGUE.values():
             yield reading("fleetscope_gpu_xid_catalogue_info", 1, xid=x.code, name=x.name, severity=x.severity)
         for s in states:
-            ids = (("gpu", str(s.index)), ("uuid", s.uuid))
+            gpu_ids = (("gpu", str(s.index)), ("uuid", s.uuid))
+            ids = gpu_ids + (Assignment.labels(pods.of_gpu(s.uuid, s.index)) if pods else NO_POD) if by_pod else gpu_ids
             yield _r("fleetscope_gpu_up", 1 if s.up else 0, ids)
             if s.xid_counts is not None:
                 # Every catalogued code starts at 0, so the first XID is an increase Prometheus can see.
@@ -221,9 +263,9 @@ class GpuSource(Source):
                 if value is not None:
                     yield _r(metric, value, ids)
             yield from self._clock_events(s, ids, dt)
-            yield from self._processes(s, ids)
+            yield from self._processes(s, gpu_ids)
             yield from _memory_errors(s, ids)
-            yield from _mig(s, ids)
+            yield from _mig(s, gpu_ids, pods if by_pod else None)
             if s.pcie is not None:
                 for field, metric, _, _ in _PCIE:
                     value = getattr(s.pcie, field)
@@ -268,14 +310,49 @@ class GpuSource(Source):
     def close(self) -> None:
         if self.backend is not None:
             self.backend.shutdown()
+        if self.pod_resources is not None:
+            self.pod_resources.close()
 
 
-def _mig(s: GpuState, ids: tuple):
+def _by_pod(f: Family) -> Family:
+    if f.labels[:2] != G or f.name in _NOT_BY_POD:
+        return f
+    return dataclasses.replace(f, labels=f.labels + POD)
+
+
+def _pod_labels(pods: Assignment | None):
+    """dcgm_readings' pod labels of a GPU (instance None) or of one of its MIG instances."""
+    def labels(g: GpuState, m) -> tuple:
+        if pods is None:
+            return NO_POD
+        refs = pods.of_gpu(g.uuid, g.index) if m is None else pods.of_mig(m.uuid, g.index, m.gpu_instance)
+        return Assignment.labels(refs)
+    return labels
+
+
+def _pod_info(states, pods: Assignment | None):
+    if pods is None:
+        return
+    for s in states:
+        gpu = (("gpu", str(s.index)), ("uuid", s.uuid))
+        for ref in pods.of_gpu(s.uuid, s.index):
+            yield _r("fleetscope_gpu_pod_info", 1, gpu, ("mig_uuid", ""), *ref.labels)
+        for m in s.mig_instances:
+            for ref in pods.of_mig(m.uuid, s.index, m.gpu_instance):
+                yield _r("fleetscope_gpu_pod_info", 1, gpu, ("mig_uuid", m.uuid), *ref.labels)
+
+
+def _mig(s: GpuState, gpu_ids: tuple, pods: Assignment | None):
+    """MIG series; on Kubernetes (pods given) the GPU's with its holder's labels, each instance's with its own."""
     if s.mig_enabled is None:
         return
+    by_pod = pods is not None
+    ids = gpu_ids + Assignment.labels(pods.of_gpu(s.uuid, s.index)) if by_pod else gpu_ids
     yield _r("fleetscope_gpu_mig_enabled", 1 if s.mig_enabled else 0, ids)
     for m in s.mig_instances:
         mig = ("mig_uuid", m.uuid)
+        if by_pod:
+            ids = gpu_ids + Assignment.labels(pods.of_mig(m.uuid, s.index, m.gpu_instance))
         yield _r("fleetscope_gpu_mig_info", 1, ids, mig, ("gpu_instance", _opt(m.gpu_instance)),
                  ("compute_instance", _opt(m.compute_instance)), ("profile", m.profile))
         if m.memory_used_bytes is not None:
