@@ -22,8 +22,10 @@ log = logging.getLogger("fleetscope.agent.sources.gpu")
 G = ("gpu", "uuid")
 PROC = ("pid", "container", "pod_uid", "slurm_job", "training_job", "rank")
 # Families that take the holding pod's labels on Kubernetes (agent/kubernetes.py): per GPU and per MIG instance.
-# Not the per-process ones: their `container` is the process's container id, from its cgroup.
-_NOT_BY_POD = ("fleetscope_gpu_process_memory_used_bytes", "fleetscope_gpu_process_sm_utilization_ratio")
+# Not the per-process ones (their `container` is the process's container id, from its cgroup), nor the GPU's
+# identity (fleetscope_gpu_pod_info is the one to join on).
+_NOT_BY_POD = ("fleetscope_gpu_process_memory_used_bytes", "fleetscope_gpu_process_sm_utilization_ratio",
+               "fleetscope_gpu_info")
 POD_FAMILIES = (
     Family("fleetscope_gpu_pod_resources_up", "gauge",
            "1 when the kubelet's PodResources API answered this sample (pod labels on the GPU series), 0 when not."),
@@ -234,7 +236,7 @@ class GpuSource(Source):
             yield reading("fleetscope_gpu_xid_catalogue_info", 1, xid=x.code, name=x.name, severity=x.severity)
         for s in states:
             gpu_ids = (("gpu", str(s.index)), ("uuid", s.uuid))
-            ids = gpu_ids + (Assignment.labels(pods.of_gpu(s.uuid, s.index)) if pods else NO_POD) if by_pod else gpu_ids
+            ids = gpu_ids + _of(pods, lambda: pods.of_gpu(s.uuid, s.index)) if by_pod else gpu_ids
             yield _r("fleetscope_gpu_up", 1 if s.up else 0, ids)
             if s.xid_counts is not None:
                 # Every catalogued code starts at 0, so the first XID is an increase Prometheus can see.
@@ -265,7 +267,7 @@ class GpuSource(Source):
             yield from self._clock_events(s, ids, dt)
             yield from self._processes(s, gpu_ids)
             yield from _memory_errors(s, ids)
-            yield from _mig(s, gpu_ids, pods if by_pod else None)
+            yield from _mig(s, gpu_ids, by_pod, pods)
             if s.pcie is not None:
                 for field, metric, _, _ in _PCIE:
                     value = getattr(s.pcie, field)
@@ -342,17 +344,22 @@ def _pod_info(states, pods: Assignment | None):
                 yield _r("fleetscope_gpu_pod_info", 1, gpu, ("mig_uuid", m.uuid), *ref.labels)
 
 
-def _mig(s: GpuState, gpu_ids: tuple, pods: Assignment | None):
-    """MIG series; on Kubernetes (pods given) the GPU's with its holder's labels, each instance's with its own."""
+def _of(pods: Assignment | None, refs) -> tuple:
+    """Pod labels, always all three (empty while the kubelet does not answer): the exposition caches each
+    series' label text by its labels, so a series must not leave out labels that its family has."""
+    return Assignment.labels(refs()) if pods is not None else NO_POD
+
+
+def _mig(s: GpuState, gpu_ids: tuple, by_pod: bool, pods: Assignment | None):
+    """MIG series; on Kubernetes the GPU's with its holder's labels, each instance's with its own."""
     if s.mig_enabled is None:
         return
-    by_pod = pods is not None
-    ids = gpu_ids + Assignment.labels(pods.of_gpu(s.uuid, s.index)) if by_pod else gpu_ids
+    ids = gpu_ids + _of(pods, lambda: pods.of_gpu(s.uuid, s.index)) if by_pod else gpu_ids
     yield _r("fleetscope_gpu_mig_enabled", 1 if s.mig_enabled else 0, ids)
     for m in s.mig_instances:
         mig = ("mig_uuid", m.uuid)
         if by_pod:
-            ids = gpu_ids + Assignment.labels(pods.of_mig(m.uuid, s.index, m.gpu_instance))
+            ids = gpu_ids + _of(pods, lambda: pods.of_mig(m.uuid, s.index, m.gpu_instance))
         yield _r("fleetscope_gpu_mig_info", 1, ids, mig, ("gpu_instance", _opt(m.gpu_instance)),
                  ("compute_instance", _opt(m.compute_instance)), ("profile", m.profile))
         if m.memory_used_bytes is not None:
