@@ -68,7 +68,7 @@ def test_a_stuck_source_is_reported_and_never_delays_the_others():
         snap = sampler.sample_once()
         assert snap.value("quick_value") == 2
         assert stuck.started == 1  # not started again while the first collection hangs
-        assert snap.status["stuck"].duration_s >= 0.2  # how long it has been running
+        assert snap.status["stuck"].duration_s >= 0.15  # how long it has been running (since just after the first sample began)
         stuck.release.set()
         time.sleep(0.05)
         snap = sampler.sample_once()  # the late result is dropped; a fresh collection starts and finishes
