@@ -57,14 +57,16 @@ def _escape_value(text: str) -> str:
     return text.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
 
 
-# Rendered label sets, by (family name, labels): a node's series keep their labels from one sample to
-# the next, so each set is escaped and joined once, not at every render. Bounded: cleared when full.
+# Rendered label sets, by (family name, its label names, labels): a node's series keep their labels from one
+# sample to the next, so each set is escaped and joined once, not at every render. The label names are part of
+# the key: a family declared with other names (pod labels on Kubernetes only) must not reuse the text of the
+# old ones. Bounded: cleared when full.
 _LABEL_TEXT: dict[tuple, str] = {}
 _LABEL_TEXT_MAX = 200_000
 
 
 def _label_text(name: str, wanted: tuple[str, ...], labels: tuple) -> str:
-    key = (name, labels)
+    key = (name, wanted, labels)
     text = _LABEL_TEXT.get(key)
     if text is None:
         if len(_LABEL_TEXT) >= _LABEL_TEXT_MAX:

@@ -190,3 +190,15 @@ def test_the_metrics_server_renders_once_per_snapshot_and_gzips():
             assert exc.code == 404
     finally:
         server.stop()
+
+
+def test_a_family_declared_again_with_other_label_names_is_rendered_with_those():
+    from agent.exposition import render
+    from agent.sources.base import Family, Reading
+
+    reading = Reading("fleetscope_test_labels", 1.0, (("gpu", "0"),))
+    plain = Family("fleetscope_test_labels", "gauge", "a test family", ("gpu",))
+    podded = Family("fleetscope_test_labels", "gauge", "a test family", ("gpu", "pod"))
+    assert b'fleetscope_test_labels{gpu="0"} 1.0' in render([plain], [reading])
+    assert b'fleetscope_test_labels{gpu="0",pod=""} 1.0' in render([podded], [reading])
+    assert b'fleetscope_test_labels{gpu="0"} 1.0' in render([plain], [reading])
