@@ -11,14 +11,22 @@
 
 from __future__ import annotations
 
+import os
+
 from fleetscope.client import Emitter, InferenceService, Request, Step, TrainingRun
 
 __all__ = ["training", "inference", "TrainingRun", "InferenceService", "Step", "Request", "Emitter"]
 __version__ = "0.1.0"
 
 
-def training(job: str, **kwargs) -> TrainingRun:
-    """Report the steps of this rank of `job`; rank and world size come from torchrun/Slurm env."""
+def training(job: str | None = None, **kwargs) -> TrainingRun:
+    """Report the steps of this rank of `job`; rank and world size come from torchrun/Slurm env. Under
+    `srun`/`sbatch` the job name defaults to Slurm's (SLURM_JOB_NAME); elsewhere it must be given."""
+    if job is None:
+        job = os.environ.get("SLURM_JOB_NAME") or None
+        if job is None:
+            raise TypeError("fleetscope.training(): give the job's name (job=...); only under Slurm does it default "
+                            "to SLURM_JOB_NAME")
     return TrainingRun(job, **kwargs)
 
 

@@ -153,3 +153,18 @@ def test_a_declared_pause_is_reported_when_it_begins_and_when_it_ends(udp):
     end = receive(udp)
     assert (begin["kind"], begin["phase"], begin["reason"], begin["rank"]) == ("pause", "begin", "checkpoint", 2)
     assert end["phase"] == "end" and end["duration_s"] >= 0.02 and "duration_s" not in begin
+
+
+def test_under_slurm_training_needs_no_arguments(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # torchrun's names win over Slurm's when both are set
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_JOB_NAME", "pretrain-7b")
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_NTASKS", "16")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    run = fleetscope.training(emitter=Emitter(("127.0.0.1", 9)))
+    assert (run.job, run.rank, run.world_size, run.local_rank) == ("pretrain-7b", 5, 16, 1)
+    assert fleetscope.training(job="named", emitter=Emitter(("127.0.0.1", 9))).job == "named"
+    monkeypatch.delenv("SLURM_JOB_NAME")
+    with pytest.raises(TypeError, match="job="):
+        fleetscope.training(emitter=Emitter(("127.0.0.1", 9)))
