@@ -4,21 +4,16 @@ vLLM server (the golden exposition, through the agent's own parse) and one instr
 from __future__ import annotations
 
 import json
-import threading
 import time
 
-import httpx
 import msgspec
 import pytest
-import uvicorn
 from streamlit.testing.v1 import AppTest
 
 from agent.inference_servers import delta, parse
 from agent.sources.inference import _frame
-from collector.api import create_app
-from collector.settings import Settings
 from tests.agent.test_inference_servers import _scaled, fixture
-from tests.conftest import free_port, wait_until
+from tests.dashboards.conftest import serve_collector
 from tests.dashboards.test_pages import DASHBOARDS
 
 INGEST, READ = "inf-ingest", "inf-read"
@@ -41,19 +36,7 @@ def seed() -> dict:
 
 @pytest.fixture(scope="module")
 def collector_url(tmp_path_factory):
-    settings = Settings(data_dir=tmp_path_factory.mktemp("inf"), ingest_tokens=frozenset({INGEST}),
-                        read_tokens=frozenset({READ}))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    wait_until(lambda: httpx.get(url + "/healthz").status_code == 200, what="the collector")
-    resp = httpx.post(url + "/v1/ingest", content=json.dumps(seed()), headers={"Authorization": f"Bearer {INGEST}"})
-    assert resp.status_code == 200, resp.text
-    yield url
-    server.should_exit = True
-    thread.join(timeout=10)
+    yield from serve_collector(tmp_path_factory.mktemp("inf"), INGEST, READ, seed())
 
 
 @pytest.fixture

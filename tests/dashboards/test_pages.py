@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 from pathlib import Path
 
-import httpx
 import pytest
-import uvicorn
 from streamlit.testing.v1 import AppTest
 
-from collector.api import create_app
-from collector.settings import Settings
 from tests.conftest import free_port, wait_until
+from tests.dashboards.conftest import serve_collector
 
 DASHBOARDS = Path(__file__).resolve().parents[2] / "dashboards"
 PAGES = ["app.py", "pages/1_Fleet.py", "pages/2_Training.py", "pages/3_Inference.py", "pages/4_Findings.py", "pages/5_Node.py"]
@@ -46,18 +42,7 @@ def seed_batch() -> dict:
 
 @pytest.fixture(scope="module")
 def collector_url(tmp_path_factory):
-    settings = Settings(data_dir=tmp_path_factory.mktemp("dash"), ingest_tokens=frozenset({INGEST}), read_tokens=frozenset({READ}))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    wait_until(lambda: httpx.get(url + "/healthz").status_code == 200, what="the collector")
-    resp = httpx.post(url + "/v1/ingest", content=json.dumps(seed_batch()), headers={"Authorization": f"Bearer {INGEST}"})
-    assert resp.status_code == 200, resp.text
-    yield url
-    server.should_exit = True
-    thread.join(timeout=10)
+    yield from serve_collector(tmp_path_factory.mktemp("dash"), INGEST, READ, seed_batch())
 
 
 def run_page(page: str, url: str, token: str, monkeypatch) -> AppTest:
