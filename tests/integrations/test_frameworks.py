@@ -22,6 +22,28 @@ def drain(sock) -> list[dict]:
             return events
 
 
+def tiny_module(lightning):
+    """A one-layer Lightning module (a validation step too, used when a validation loader is given)."""
+
+    class Tiny(lightning.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(8, 1)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return torch.nn.functional.mse_loss(self.layer(x), y)
+
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            self.log("val_loss", torch.nn.functional.mse_loss(self.layer(x), y))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    return Tiny()
+
+
 def test_hugging_face_trainer_reports_steps_losses_and_checkpoint_pauses(udp, tmp_path):
     transformers = pytest.importorskip("transformers")
     from fleetscope.integrations.hf import FleetscopeCallback
@@ -49,29 +71,13 @@ def test_lightning_reports_steps_with_phases_and_validation_pauses(udp, tmp_path
     lightning = pytest.importorskip("lightning.pytorch")
     from fleetscope.integrations.lightning import FleetscopeCallback
 
-    class Tiny(lightning.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.layer = torch.nn.Linear(8, 1)
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            return torch.nn.functional.mse_loss(self.layer(x), y)
-
-        def validation_step(self, batch, batch_idx):
-            x, y = batch
-            self.log("val_loss", torch.nn.functional.mse_loss(self.layer(x), y))
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
     dataset = torch.utils.data.TensorDataset(torch.randn(20, 8), torch.randn(20, 1))
     loader = torch.utils.data.DataLoader(dataset, batch_size=4)
     trainer = lightning.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                                 enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                                 default_root_dir=str(tmp_path),
                                 callbacks=[FleetscopeCallback(job="tiny-lightning", emitter=Emitter(udp.getsockname()))])
-    trainer.fit(Tiny(), loader, loader)
+    trainer.fit(tiny_module(lightning), loader, loader)
 
     events = drain(udp)
     steps = [e for e in events if e["kind"] == "step"]

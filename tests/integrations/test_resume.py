@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from fleetscope.client import Emitter
-from tests.integrations.test_frameworks import drain
+from tests.integrations.test_frameworks import drain, tiny_module
 
 torch = pytest.importorskip("torch", reason="make test installs torch==2.13.0 (CPU)")
 
@@ -40,18 +40,6 @@ def test_lightning_declares_checkpoint_saves_and_the_step_a_fit_resumed_from(udp
     lightning = pytest.importorskip("lightning.pytorch")
     from fleetscope.integrations.lightning import FleetscopeCallback
 
-    class Tiny(lightning.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.layer = torch.nn.Linear(8, 1)
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            return torch.nn.functional.mse_loss(self.layer(x), y)
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(24, 8), torch.randn(24, 1)), batch_size=4)
 
     def fit(**kw) -> list[dict]:
@@ -60,7 +48,7 @@ def test_lightning_declares_checkpoint_saves_and_the_step_a_fit_resumed_from(udp
         trainer = lightning.Trainer(max_steps=6, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                                     enable_model_summary=False, default_root_dir=str(tmp_path),
                                     callbacks=[FleetscopeCallback(job="tiny", emitter=Emitter(udp.getsockname())), saves])
-        trainer.fit(Tiny(), loader, **kw)
+        trainer.fit(tiny_module(lightning), loader, **kw)
         return drain(udp)
 
     events = fit()
