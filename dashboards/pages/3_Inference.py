@@ -67,6 +67,16 @@ st.header("Over time")
 by = st.radio("Per", ["model", "node"], horizontal=True, key="by",
               format_func=lambda b: {"model": "model", "node": "replica (node)"}[b])
 series, state = service_series(collector, service, by)
+def small_chart(frame, title: str, columns: dict, unit: str, empty: str) -> None:
+    """One titled chart of `columns` of `frame` per model or replica, or why there is none."""
+    st.markdown(f"**{title}**")
+    lines = long_series(frame, by, columns)
+    if lines.height:
+        line_chart(lines, "value", color="series", title=unit)
+    else:
+        st.caption(empty)
+
+
 if series.height:
     for title, key in (("Time to first token", "ttft"), ("Time per output token", "tpot"), ("End to end", "e2e")):
         lines = long_series(series, by, {f"{key}_p{p}_s": f"p{p}" for p in (50, 95, 99)})
@@ -80,12 +90,7 @@ if series.height:
         ("Output tokens per second", {"output_tokens_per_s": "tokens/s"}, "tokens per second"),
     ]):
         with col:
-            st.markdown(f"**{title}**")
-            lines = long_series(series, by, columns)
-            if lines.height:
-                line_chart(lines, "value", color="series", title=unit)
-            else:
-                st.caption("no data in the range")
+            small_chart(series, title, columns, unit, "no data in the range")
 if state.height:
     st.header("Servers")
     cols = st.columns(2)
@@ -96,12 +101,7 @@ if state.height:
         ("Prefix-cache hit ratio", {"prefix_cache_hit_ratio": "hits"}, "share of prompt tokens"),
     ]):
         with cols[i % 2]:
-            st.markdown(f"**{title}**")
-            lines = long_series(state, by, columns)
-            if lines.height:
-                line_chart(lines, "value", color="series", title=unit)
-            else:
-                st.caption("the servers do not report it")
+            small_chart(state, title, columns, unit, "the servers do not report it")
 
 slos = [s for s in fetch(collector, "/v1/slos").get("slos", []) if s["service"] == service]
 if slos:
