@@ -14,8 +14,8 @@ import polars as pl
 
 from collector.attribution import SampleSource, probable_causes
 from collector.rollups import step_aggregates
-from collector.training import (REGRESSION_THRESHOLD, STRAGGLER_PAGE_SHARE, progress, rising_nodes, slow_nodes, step_time_change,
-                                straggler_scores, stragglers)
+from collector.training import (REGRESSION_THRESHOLD, STRAGGLER_PAGE_SHARE, node_scores, progress, rising_nodes, slow_nodes,
+                                step_time_change, straggler_scores, stragglers)
 
 RECENT_S = 3600.0  # resolved findings stay listed this long
 
@@ -86,9 +86,10 @@ def analyse(steps: pl.DataFrame, pauses: pl.DataFrame, now: float, *, samples: S
                  .group_by(pl.col("job").cast(pl.String))
                  .agg(pl.col("gpu_uuid").drop_nulls().unique().cast(pl.String), pl.col("node").drop_nulls().unique().cast(pl.String)))
     peers = {r["job"]: (r["gpu_uuid"], r["node"]) for r in job_peers.iter_rows(named=True)}
-    nodes = slow_nodes(scores)
+    per_node = node_scores(scores)  # once, for both the slow nodes and the rising ones
+    nodes = slow_nodes(per_node)
     slow_node_keys = {(r["job"], r["node"]) for r in nodes.iter_rows(named=True)}
-    slow_node_keys |= {(r["job"], r["node"]) for r in rising_nodes(scores).iter_rows(named=True)}
+    slow_node_keys |= {(r["job"], r["node"]) for r in rising_nodes(per_node).iter_rows(named=True)}
     for row in nodes.iter_rows(named=True):
         gpu_peers, node_peers = peers.get(row["job"], ([], []))
         out.append(Finding("slow_node", _severity(row["median_score"], page_share), {"job": row["job"], "node": row["node"]},

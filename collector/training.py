@@ -289,7 +289,7 @@ def stragglers(scores: pl.DataFrame) -> pl.DataFrame:
     return scores.filter(_slow())
 
 
-def _nodes(scores: pl.DataFrame) -> pl.DataFrame:
+def node_scores(scores: pl.DataFrame) -> pl.DataFrame:
     """Per job and node with peers (the job has at least as many ranks on other nodes as on it): its ranks,
     how many are slow, their median score and threshold."""
     judged = scores.filter(pl.col("steps_seen") >= STRAGGLER_MIN_STEPS).with_columns(
@@ -305,20 +305,20 @@ def _nodes(scores: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def slow_nodes(scores: pl.DataFrame) -> pl.DataFrame:
+def slow_nodes(nodes: pl.DataFrame) -> pl.DataFrame:
     """A node whose ranks are slow together: at least two of them, and half of its ranks in the job or a
     node-wide median already most of the way there (its ranks cross the line together, not one by one).
-    Only a node with peers: the job has at least as many ranks on other nodes as on it."""
-    return _nodes(scores).filter(
+    Only a node with peers: the job has at least as many ranks on other nodes as on it. `nodes`: node_scores'."""
+    return nodes.filter(
         (pl.col("slow_ranks") >= 2)
         & ((pl.col("slow_ranks") * 2 >= pl.col("ranks")) | (pl.col("median_score") >= 0.75 * pl.col("threshold"))))
 
 
-def rising_nodes(scores: pl.DataFrame) -> pl.DataFrame:
+def rising_nodes(nodes: pl.DataFrame) -> pl.DataFrame:
     """Nodes whose ranks are slowing together but are not (yet) a slow node: the node-wide median is half way
     to the threshold. Their ranks are not reported one by one as stragglers: that would be the node, told
     piecemeal, before it is told whole."""
-    return _nodes(scores).filter(pl.col("median_score") >= 0.5 * pl.col("threshold"))
+    return nodes.filter(pl.col("median_score") >= 0.5 * pl.col("threshold"))
 
 
 def progress(steps: pl.DataFrame, pauses: pl.DataFrame, now: float) -> pl.DataFrame:
