@@ -148,9 +148,12 @@ REGRESSION_RECENT, REGRESSION_BASELINE, REGRESSION_GAP = 150, 400, 50  # 600 ste
 # of its other phases' deviations from its peers. The wait is in `comm` when the job times one, else in
 # `backward` (where DDP all-reduces); a job with neither holds it in the phase whose deviation moves
 # against the rest of the rank's step (each rank's own jitter shows in it, reversed). The whole step
-# counts too (it is the same on every rank of a synchronous job, but a job need not be synchronous). (From one rank's numbers alone "longer in A, shorter in B" reads both ways; the names
-# break the tie where the statistics cannot: with one straggler, both phases move against the rest.)
+# counts too (it is the same on every rank of a synchronous job, but a job need not be synchronous).
+# From one rank's numbers alone "longer in A, shorter in B" reads both ways; the names break the tie
+# where the statistics cannot: with one straggler, both of its odd phases move against the rest.
 WAIT_CORRELATION = -0.3  # a phase whose deviation correlates this negatively with the rest holds the wait
+
+
 def compute_times(steps: pl.DataFrame) -> pl.DataFrame:
     """Per step and rank, the time spent before waiting for peers: DDP's sync arrival when reported,
     else the step minus its `comm` phase, else the whole step."""
