@@ -66,6 +66,7 @@ def test_an_agent_config_that_names_no_collector_is_refused(tmp_path, capsys):
     assert f"fleetscope agent: {config} sets no collector_url" in err and 'collector_url = ""' in err
 
 
+@pytest.mark.slow  # builds a wheel and a virtual environment
 def test_the_wheel_carries_them_and_its_cli_hands_them_out_outside_the_checkout(tmp_path):
     """The user's view: a wheel built from the project, installed into a fresh environment, run elsewhere."""
     dist, venv, work = tmp_path / "dist", tmp_path / "venv", tmp_path / "work"
