@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fleetscope import assets
 from fleetscope.cli import build_parser
+from tests.conftest import require_binary
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {"GRAFANA_ADMIN_PASSWORD": "pw"}
@@ -76,11 +78,17 @@ def test_the_console_runs_without_sign_in_only_behind_the_loopback_publish():
 
 
 def test_every_fleetscope_command_in_the_stack_is_one_the_cli_takes():
+    from alerts.render_alertmanager import build_parser as renderer
+
     for name, service in compose()["services"].items():
         if service["image"] == OURS:
             command = service["command"]
             assert not any("token" in arg for arg in command), (name, command)
-            build_parser().parse_args(command)  # exits on an unknown or refused flag
+            if "entrypoint" in service:  # the one other program the image runs: Alertmanager's config renderer
+                assert service["entrypoint"] == ["python", "-m", "alerts.render_alertmanager"], name
+                renderer().parse_args(command)
+            else:
+                build_parser().parse_args(command)  # exits on an unknown or refused flag
 
 
 def test_images_are_pinned_to_versions():
@@ -146,3 +154,185 @@ def test_grafana_has_no_default_admin_login():
     grafana = compose()["services"]["grafana"]
     assert grafana["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == ENV["GRAFANA_ADMIN_PASSWORD"]
     assert grafana["environment"]["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+
+
+# The configs as the containers see them. Each service's bind mounts and secrets are copied to where the
+# container would find them, under a folder standing for its root; a named volume is one folder every service
+# mounting it shares. Then the real promtool and amtool (Debian's, the versions the images pin) check them.
+
+URLS = {"page-webhook-url": "https://pager.example/fleetscope?key=a&b=c\n", "ticket-webhook-url": "https://chat.example/hooks/T0\n"}
+
+
+class Container:
+    """The files one service's container sees, under `root` (absolute container paths are root / path)."""
+
+    def __init__(self, spec: dict, name: str, root: Path, volumes: Path):
+        self.service = spec["services"][name]
+        self.root = root
+        for entry in self.service.get("volumes", []):
+            source, target = entry.split(":")[:2]
+            if source.startswith("./"):
+                self._copy(ROOT / source, self.path(target))
+            else:  # a named volume, shared between the services that mount it
+                (volumes / source).mkdir(parents=True, exist_ok=True)
+                self.path(target).parent.mkdir(parents=True, exist_ok=True)
+                self.path(target).symlink_to(volumes / source, target_is_directory=True)
+        for entry in self.service.get("secrets", []):
+            source, target = (entry, None) if isinstance(entry, str) else (entry["source"], entry.get("target"))
+            assert spec["secrets"][source]["file"].startswith("./deploy/secrets/"), source
+            at = self.path(target or f"/run/secrets/{source}")
+            at.parent.mkdir(parents=True, exist_ok=True)
+            at.write_text(URLS.get(source, "a-token\n"))
+
+    def path(self, container_path: str) -> Path:
+        assert container_path.startswith("/"), container_path
+        return self.root / container_path.lstrip("/")
+
+    @staticmethod
+    def _copy(source: Path, target: Path):
+        assert source.exists(), f"docker-compose.yml mounts {source}, which does not exist"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target)
+        else:
+            shutil.copyfile(source, target)
+
+    def flag(self, name: str) -> str:
+        (value,) = [arg.split("=", 1)[1] for arg in self.service["command"] if arg.startswith(f"{name}=")]
+        return value
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory) -> dict[str, Container]:
+    """Prometheus' and Alertmanager's containers, Alertmanager's config rendered as alertmanager-config renders it."""
+    from alerts.render_alertmanager import main as render
+
+    base = tmp_path_factory.mktemp("stack")
+    spec = compose()
+    made = {name: Container(spec, name, base / name, base / "volumes") for name in ("prometheus", "alertmanager-config", "alertmanager")}
+    writer = made["alertmanager-config"]
+    env = {key: str(writer.path(value)) if key.endswith("_FILE") else value for key, value in writer.service["environment"].items()}
+    args = writer.service["command"]
+    args = [str(writer.path(a)) if a.startswith("/") else a for a in args]
+    with pytest.MonkeyPatch.context() as mp:
+        for key in ("FLEETSCOPE_PAGE_WEBHOOK_URL", "FLEETSCOPE_TICKET_WEBHOOK_URL"):
+            mp.delenv(key, raising=False)
+            mp.delenv(f"{key}_FILE", raising=False)
+        for key, value in env.items():
+            mp.setenv(key, value)
+        render(args)
+    return made
+
+
+def test_alertmanager_runs_the_projects_routing_with_the_operators_receivers(stack):
+    amtool = require_binary("amtool")
+    am = stack["alertmanager"]
+    config = am.path(am.flag("--config.file"))
+    assert config.exists(), "Alertmanager's --config.file is not where alertmanager-config writes it"
+    result = subprocess.run([amtool, "check-config", str(config)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "5 inhibit rules" in result.stdout, result.stdout + result.stderr
+    # the same routing and inhibitions as alerts/alertmanager.yml: only the receivers' URLs differ
+    ours = yaml.safe_load((ROOT / "alerts/alertmanager.yml").read_text())
+    rendered = yaml.safe_load(config.read_text())
+    urls = {r["name"]: r["webhook_configs"][0].pop("url") for r in rendered["receivers"]}
+    for r in ours["receivers"]:
+        r["webhook_configs"][0].pop("url")
+    assert rendered == ours
+    assert urls == {"page": URLS["page-webhook-url"].strip(), "ticket": URLS["ticket-webhook-url"].strip()}
+
+    def route(labels: str) -> str:
+        out = subprocess.run([amtool, "config", "routes", "test", f"--config.file={config}", *labels.split()],
+                             capture_output=True, text=True, timeout=60)
+        return out.stdout.strip()
+
+    assert route("alertname=FleetscopeGpuLost severity=page") == "page"
+    assert route("alertname=FleetscopeGpuXid severity=ticket") == "ticket"
+
+
+def test_alertmanager_waits_for_its_config_and_mounts_the_projects_template_not_a_copy():
+    spec = compose()
+    writer, am = spec["services"]["alertmanager-config"], spec["services"]["alertmanager"]
+    assert am["depends_on"] == {"alertmanager-config": {"condition": "service_completed_successfully"}}
+    template = writer["command"][writer["command"].index("--template") + 1]
+    assert f"./alerts/alertmanager.yml:{template}:ro" in writer["volumes"]
+    assert not (ROOT / "deploy/alertmanager.yml").exists(), "a second Alertmanager config would drift from alerts/"
+    for name in ("page-webhook-url", "ticket-webhook-url"):  # the header tells the operator what to fill in
+        assert f"deploy/secrets/{name}" in (ROOT / "docker-compose.yml").read_text()
+
+
+def test_rendering_refuses_a_webhook_that_is_not_a_url(tmp_path):
+    from alerts.render_alertmanager import render
+
+    (tmp_path / "page").write_text("fill me in\n")
+    with pytest.raises(SystemExit, match="FLEETSCOPE_PAGE_WEBHOOK_URL must be an http"):
+        render({"FLEETSCOPE_PAGE_WEBHOOK_URL_FILE": str(tmp_path / "page"), "FLEETSCOPE_TICKET_WEBHOOK_URL": "https://chat.example/x"})
+    with pytest.raises(SystemExit, match="FLEETSCOPE_TICKET_WEBHOOK_URL_FILE"):
+        render({"FLEETSCOPE_PAGE_WEBHOOK_URL": "https://pager.example/x"})
+
+
+def _rebased(config: dict, container: Container) -> dict:
+    """The Prometheus config with every file it names moved under the container's root folder."""
+    config = yaml.safe_load(yaml.safe_dump(config))
+    config["rule_files"] = [str(container.path(p)) for p in config.get("rule_files", [])]
+    for job in config["scrape_configs"]:
+        for sd in job.get("file_sd_configs", []):
+            sd["files"] = [str(container.path(p)) for p in sd["files"]]
+        if "credentials_file" in job.get("authorization", {}):
+            job["authorization"]["credentials_file"] = str(container.path(job["authorization"]["credentials_file"]))
+    return config
+
+
+def test_promtool_accepts_prometheus_config_with_the_projects_rules_and_the_agents_targets(stack):
+    promtool = require_binary("promtool")
+    prom = stack["prometheus"]
+    config_path = prom.path(prom.flag("--config.file"))
+    config = yaml.safe_load(config_path.read_text())
+    # the rule files it loads are the project's own, all of them (the ./alerts mount)
+    loaded = sorted(p for pattern in config["rule_files"] for p in prom.root.glob(pattern.lstrip("/")))
+    assert [p.name for p in loaded] == [p.name for p in assets.rule_files()]
+    assert all(p.read_text() == (ROOT / "alerts" / p.name).read_text() for p in loaded)
+    rebased = config_path.with_name("rebased.yml")
+    rebased.write_text(yaml.safe_dump(_rebased(config, prom)))
+    result = subprocess.run([promtool, "check", "config", str(rebased)], capture_output=True, text=True, timeout=60)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    n_rules = sum(len(g["rules"]) for p in loaded for g in yaml.safe_load(p.read_text())["groups"])
+    assert f"SUCCESS: {n_rules} rules found" in out, out
+
+
+def _targets(job: dict, container: Container) -> list[str]:
+    found = []
+    for sd in job["file_sd_configs"]:
+        for pattern in sd["files"]:
+            for path in sorted(container.root.glob(pattern.lstrip("/"))):
+                found += [t for group in yaml.safe_load(path.read_text()) for t in group["targets"]]
+    return found
+
+
+def test_prometheus_finds_the_agents_by_file_under_the_job_name_the_agent_alerts_select(stack):
+    prom = stack["prometheus"]
+    config = yaml.safe_load(prom.path(prom.flag("--config.file")).read_text())
+    jobs = {j["job_name"]: j for j in config["scrape_configs"]}
+    rules = [r for p in assets.rule_files() for g in yaml.safe_load(p.read_text())["groups"] for r in g["rules"]]
+    selectors = {m.group(1) for r in rules for m in re.finditer(r'\bup\{[^}]*job=~?"([^"]+)"', r["expr"])}
+    assert selectors, "no alert watches the agents' up series any more: this test must learn the new selector"
+    for selector in selectors:
+        matching = [name for name in jobs if re.fullmatch(selector, name)]
+        assert matching and all("file_sd_configs" in jobs[name] for name in matching), (selector, list(jobs))
+    # the example targets file holds this stack's own agent, at the port its service listens on
+    services = compose()["services"]
+    agent_jobs = [j for name, j in jobs.items() if any(re.fullmatch(s, name) for s in selectors)]
+    assert "agent:9835" in [t for j in agent_jobs for t in _targets(j, prom)]
+    assert "agent" in services
+    assert [t for j in jobs.values() for sc in j.get("static_configs", []) for t in sc["targets"]] == ["collector:9837"]
+    assert "9837" in " ".join(services["collector"]["command"])
+    (alerting,) = [t for am in config["alerting"]["alertmanagers"] for sc in am["static_configs"] for t in sc["targets"]]
+    assert alerting == "alertmanager:9093" and "alertmanager" in services
+
+
+def test_the_console_gets_the_alertmanager_url():
+    services = compose()["services"]
+    url = services["console"]["environment"]["FLEETSCOPE_ALERTMANAGER_URL"]
+    assert url == "http://alertmanager:9093" and services["alertmanager"]["image"].startswith("prom/alertmanager:")
+    # the variable the console's Findings page reads
+    assert 'os.environ.get("FLEETSCOPE_ALERTMANAGER_URL")' in (ROOT / "dashboards/pages/4_Findings.py").read_text()
