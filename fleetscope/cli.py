@@ -293,7 +293,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fleetscope", description="Monitoring for AI datacenters.")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level (default: info)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("agent", help="run the per-node agent")
@@ -303,7 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--events-address", help="where workloads send events: unix:/path (a Unix socket that tells the agent "
                    "each sender's real pid and uid), host:port (UDP), or one of each, comma-separated (default 127.0.0.1:9836)")
     p.add_argument("--interval", type=float, help="seconds between samples (default 5)")
-    p.add_argument("--gpu-backend", choices=["auto", "nvml", "simulated", "none"])
+    p.add_argument("--gpu-backend", choices=["auto", "nvml", "simulated", "none"],
+                   help="where GPU readings come from: auto (NVML when its library is present), nvml, simulated "
+                        "(see --gpus, --seed, --scenario) or none (default auto)")
     p.add_argument("--gpus", type=int, help="number of simulated GPUs (default 8)")
     p.add_argument("--seed", type=int, help="seed of the simulated GPUs")
     p.add_argument("--scenario", help="TOML fault scenario for simulated GPUs (see agent/gpu/scenario.py)")
@@ -363,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_collector)
 
     p = sub.add_parser("dashboard", help="run the Streamlit console")
-    p.add_argument("--port", type=int, default=8501)
+    p.add_argument("--port", type=int, default=8501, help="port to serve the console on (default 8501)")
     p.add_argument("--address", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1; another needs sign-in, --auth, or --insecure)")
     p.add_argument("--auth", choices=["none", "oidc"], default="none", help="who may see the console: none (no sign-in, "
@@ -381,7 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dashboards", help="Grafana dashboards")
     dash = p.add_subparsers(dest="dashboards_command", required=True)
     p = dash.add_parser("push", help="upload fleetscope's dashboards to a Grafana through its HTTP API")
-    p.add_argument("--url", default=os.environ.get("GRAFANA_URL", "http://127.0.0.1:3000"))
+    p.add_argument("--url", default=os.environ.get("GRAFANA_URL", "http://127.0.0.1:3000"),
+                   help="Grafana's base URL (default: $GRAFANA_URL or http://127.0.0.1:3000); its API token in "
+                        "$GRAFANA_TOKEN_FILE or $GRAFANA_TOKEN")
     _refuse_token_flag(p, "--token", "dashboards push", "GRAFANA_TOKEN")
     p.add_argument("--folder", default="fleetscope", help="folder to put them in (created when missing)")
     p.set_defaults(func=_dashboards_push)
