@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.procfs import read_text
+from agent.slurm import parse_cgroup as parse_slurm_cgroup
 
 _CONTAINER = re.compile(r"(?:docker|cri-containerd|crio|containerd|libpod)[-:]([0-9a-f]{12,64})|/docker/([0-9a-f]{64})")
 _POD = re.compile(r"pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})")
-_SLURM = re.compile(r"/slurm[^/]*/(?:uid_\d+/)?job_(\d+)")
 
 
 @dataclass(frozen=True)
@@ -22,16 +22,14 @@ class Owner:
 
 def parse_cgroup(text: str) -> Owner:
     """/proc/<pid>/cgroup (v1 or v2) -> the container id (12 chars), pod UID and Slurm job id it shows."""
-    container = pod = slurm = ""
+    container = pod = ""
     for line in text.splitlines():
         path = line.split(":", 2)[-1]
         if not container and (m := _CONTAINER.search(path)):
             container = (m.group(1) or m.group(2))[:12]
         if not pod and (m := _POD.search(path)):
             pod = m.group(1).replace("_", "-")
-        if not slurm and (m := _SLURM.search(path)):
-            slurm = m.group(1)
-    return Owner(container, pod, slurm)
+    return Owner(container, pod, parse_slurm_cgroup(text).job)
 
 
 def owner_of(pid: int, procfs: str = "/proc") -> Owner:

@@ -30,7 +30,7 @@ import msgspec
 
 from agent.sources.base import Family, Reading
 from agent.config import split_address
-from fleetscope.schema import Event, SchemaError, TooDeep, UnsupportedVersion, decode_event
+from fleetscope.schema import Event, SchemaError, SlurmIds, TooDeep, UnsupportedVersion, decode_event
 from fleetscope.vocabulary import MAX_DATAGRAM_BYTES, UDP_MAX_BYTES
 
 log = logging.getLogger("fleetscope.agent.listener")
@@ -178,6 +178,7 @@ class Listener:
         deliver: Callable[[Event], None],
         gpu_lookup: Callable[[int, int], str | None] = lambda pid, local_rank: None,
         limits: SenderLimits | None = None,
+        slurm_lookup: Callable[[int], dict | None] | None = None,
     ) -> None:
         """`host`, `port`: the UDP socket; or `host` alone, the whole `events_address` (see `parse_events_address`).
 
@@ -186,6 +187,10 @@ class Listener:
         self.limits = limits if limits is not None else SenderLimits()
         self.deliver = deliver
         self.gpu_lookup = gpu_lookup
+        # pid -> the Slurm job's ids (agent/slurm.py, cached per process): set on the events of a Unix sender,
+        # whose pid the kernel vouches for; a UDP event keeps what its client sent.
+        self.slurm_lookup = slurm_lookup
+        self._slurm_structs: dict[int, tuple[dict, SlurmIds | None]] = {}
         self.received: Counter[str] = Counter()
         self.verified: Counter[str] = Counter()
         self.pid_mismatch = 0
@@ -257,8 +262,10 @@ class Listener:
                 self.pid_mismatch += 1
             pid = creds[0]
         # node and gpu_uuid are the agent's to set; a client that sets them is confused or lying.
+        slurm = self._slurm_of(pid) if creds is not None and pid and self.slurm_lookup is not None else None
         event = msgspec.structs.replace(event, node=self.node, pid=pid,
-                                        gpu_uuid=self.gpu_lookup(pid, getattr(event, "local_rank", -1)))
+                                        gpu_uuid=self.gpu_lookup(pid, getattr(event, "local_rank", -1)),
+                                        slurm=slurm or event.slurm)
         self.received[kind] += 1
         if creds is not None:
             self.verified[kind] += 1
@@ -272,6 +279,22 @@ class Listener:
                     del self._verified_pids[next(iter(self._verified_pids))]
         self.deliver(event)
         return event
+
+    def _slurm_of(self, pid: int) -> SlurmIds | None:
+        """The Slurm ids the agent reads for a process, as the schema's struct (made once per process)."""
+        ids = self.slurm_lookup(pid)
+        if ids is None:
+            return None
+        cached = self._slurm_structs.get(pid)
+        if cached is None or cached[0] is not ids:
+            try:
+                struct = msgspec.convert(ids, SlurmIds)
+            except msgspec.ValidationError:  # something /proc held that the schema refuses: the client's claim stays
+                struct = None
+            cached = self._slurm_structs[pid] = (ids, struct)
+            if len(self._slurm_structs) > 65536:
+                del self._slurm_structs[next(iter(self._slurm_structs))]
+        return cached[1]
 
     @staticmethod
     def _name(sender: object, creds: tuple[int, int, int] | None) -> str:

@@ -13,6 +13,7 @@ from agent.exposition import MetricsServer
 from agent.listener import Listener, SenderLimits
 from agent.sampler import Sampler
 from agent.shipper import Shipper
+from agent.slurm import SlurmAttribution
 from agent.sources import build_sources
 
 log = logging.getLogger("fleetscope.agent")
@@ -31,10 +32,15 @@ class Agent:
                                    ca_file=config.ca_file, tls_cert=config.tls_cert, tls_key=config.tls_key,
                                    max_queue_bytes=config.max_queue_bytes, max_batch_bytes=config.max_batch_bytes)
         # events_address: "unix:/path", "host:port", or one of each, comma-separated (agent/listener.py)
+        # The Slurm job of a process (cgroup, environ) and the jobs the prolog registered: for the GPU process
+        # series, the Slurm source and the events of Unix-socket senders.
+        self.slurm = SlurmAttribution(config.procfs, config.slurm_state_dir or None)
         self.listener = Listener(config.events_address, node=config.node, deliver=self._deliver, gpu_lookup=self._gpu_for,
+                                 slurm_lookup=self.slurm.wire,
                                  limits=SenderLimits(events_per_s=config.events_per_sender, bytes_per_s=config.bytes_per_sender))
         self.sources = build_sources(config, workload_lookup=self.listener.workloads.get,
-                                     deliver_server_frame=self.shipper.enqueue_server_frame if self.shipper else None)
+                                     deliver_server_frame=self.shipper.enqueue_server_frame if self.shipper else None,
+                                     slurm=self.slurm)
         self.sampler = Sampler(self.sources, config.interval_s)
         if self.shipper is not None:
             self.sampler.subscribe(self.shipper.enqueue_snapshot)

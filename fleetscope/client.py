@@ -179,6 +179,33 @@ def _env_int(*names: str, default: int) -> int:
     return default
 
 
+# The Slurm job's ids that go with every event (fleetscope.schema.SlurmIds): field -> environment variable.
+SLURM_ENV = (("job", "SLURM_JOB_ID"), ("step", "SLURM_STEP_ID"), ("user", "SLURM_JOB_USER"),
+             ("partition", "SLURM_JOB_PARTITION"), ("array_job", "SLURM_ARRAY_JOB_ID"),
+             ("array_task", "SLURM_ARRAY_TASK_ID"), ("name", "SLURM_JOB_NAME"), ("restart_count", "SLURM_RESTART_COUNT"))
+
+
+def slurm_ids(environ=None) -> dict[str, Any] | None:
+    """This process's Slurm job from its SLURM_* environment (srun, sbatch), as the events carry it; None
+    outside Slurm. Values the agent's schema would refuse (too long, control characters) are left out."""
+    env = os.environ if environ is None else environ
+    job = env.get("SLURM_JOB_ID", "")
+    if not job.isdigit() or len(job) > 64:
+        return None
+    out: dict[str, Any] = {}
+    for field, name in SLURM_ENV:
+        value = env.get(name, "")
+        if not value or len(value) > (256 if field in ("user", "partition", "name") else 64) \
+                or any(ord(c) < 0x20 for c in value):
+            continue
+        if field == "restart_count":
+            if value.isdigit():
+                out[field] = int(value)
+        else:
+            out[field] = value
+    return out
+
+
 def _finite(value: float | int | None) -> float | int | None:
     if value is None:
         return None
@@ -324,6 +351,7 @@ class TrainingRun:
     local_rank = _cached_prefix("local_rank")
     stage = _cached_prefix("stage")
     flops_per_token = _cached_prefix("flops_per_token")
+    slurm = _cached_prefix("slurm")
 
     _prefix: str | None = None  # the fixed fields of this run's step events, as JSON
 
@@ -350,6 +378,8 @@ class TrainingRun:
         self.stage = stage
         # Model FLOPs per token, forward and backward (about 6 x parameters for a dense transformer): for MFU.
         self.flops_per_token = flops_per_token
+        # Under srun/sbatch: the Slurm job's ids, with every event (the collector links the job to them).
+        self.slurm = slurm_ids()
         self.emitter = emitter or default_emitter()
         self._next_step = 0
         self._current: Step | None = None
@@ -410,6 +440,8 @@ class TrainingRun:
         }
         if duration is not None:
             event["duration_s"] = duration
+        if self.slurm:
+            event["slurm"] = self.slurm
         try:
             self.emitter.emit(event)
         except Exception:  # never raise into the workload
@@ -424,6 +456,8 @@ class TrainingRun:
                 fields["stage"] = int(self.stage)
             if self.flops_per_token is not None:
                 fields["flops_per_token"] = float(self.flops_per_token)
+            if self.slurm:
+                fields["slurm"] = self.slurm
             self._prefix = _json_prefix(fields)
         pid = os.getpid()
         out = '%s"step":%d,"ts":%.6f,"duration_s":%.9f,"pid":%d' % (
@@ -467,6 +501,8 @@ class TrainingRun:
             event["stage"] = int(self.stage)
         if self.flops_per_token is not None:
             event["flops_per_token"] = float(self.flops_per_token)
+        if self.slurm:
+            event["slurm"] = self.slurm
         if step.tokens is not None:
             event["tokens"] = int(step.tokens)
         if step.samples is not None:
@@ -541,11 +577,13 @@ class InferenceService:
 
     service = _cached_prefix("service")
     model = _cached_prefix("model")
+    slurm = _cached_prefix("slurm")
     _prefix: str | None = None  # the fixed fields of this service's request events, as JSON
 
     def __init__(self, service: str, *, model: str, emitter: Emitter | None = None) -> None:
         self.service = str(service)
         self.model = str(model)
+        self.slurm = slurm_ids()
         self.emitter = emitter or default_emitter()
 
     def request(self, *, input_tokens: int | None = None) -> Request:
@@ -554,8 +592,10 @@ class InferenceService:
     def _request_datagram(self, req: Request, end: float) -> tuple[bytes, int]:
         """The event `_emit_request`'s dict holds, written by hand (see `_json_str`); raises for anything unusual."""
         if self._prefix is None:
-            self._prefix = _json_prefix({"v": SCHEMA_VERSION, "kind": "request", "service": self.service,
-                                         "model": self.model})
+            fields = {"v": SCHEMA_VERSION, "kind": "request", "service": self.service, "model": self.model}
+            if self.slurm:
+                fields["slurm"] = self.slurm
+            self._prefix = _json_prefix(fields)
         pid = os.getpid()
         out = '%s"ts":%.6f,"e2e_s":%.9f,"status":%s,"pid":%d' % (
             self._prefix, req._wall0, max(end - req._t0, 1e-9), _json_str(req.status), pid)
@@ -605,4 +645,6 @@ class InferenceService:
             event["input_tokens"] = int(req.input_tokens)
         if req.output_tokens is not None:
             event["output_tokens"] = int(req.output_tokens)
+        if self.slurm:
+            event["slurm"] = self.slurm
         self.emitter.emit(event)

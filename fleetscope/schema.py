@@ -34,6 +34,23 @@ NonNeg = Annotated[float, Meta(ge=0, le=1e300)]
 Ratio = Annotated[float, Meta(ge=0, le=1)]
 
 
+SlurmId = Annotated[str, Meta(min_length=1, max_length=64)]
+
+
+class SlurmIds(Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """The Slurm job a workload process runs in: sent by the client from its SLURM_* environment, or set by the
+    agent from the process's cgroup and environment (agent/slurm.py) when the kernel names the sender."""
+
+    job: SlurmId  # SLURM_JOB_ID
+    step: SlurmId | None = None  # SLURM_STEP_ID: a number, or batch, extern, interactive
+    user: Name | None = None  # SLURM_JOB_USER
+    partition: Name | None = None  # SLURM_JOB_PARTITION
+    array_job: SlurmId | None = None  # SLURM_ARRAY_JOB_ID
+    array_task: SlurmId | None = None  # SLURM_ARRAY_TASK_ID
+    name: Name | None = None  # SLURM_JOB_NAME
+    restart_count: Count | None = None  # SLURM_RESTART_COUNT: a requeued job keeps its id and counts up
+
+
 class StepEvent(Struct, tag="step", tag_field="kind", forbid_unknown_fields=True, omit_defaults=True):
     """One training step of one rank."""
 
@@ -56,6 +73,7 @@ class StepEvent(Struct, tag="step", tag_field="kind", forbid_unknown_fields=True
     # On the first step a run reports (and the first after a restore): where an incarnation of the job begins.
     process_start_ts: UnixTime | None = None  # when the OS started this rank's process: start-up time
     restored_step: Count | None = None  # the checkpoint's step this run resumed from (run.restored)
+    slurm: SlurmIds | None = None  # under Slurm (optional: added in place, older senders leave it out)
     # Added by the agent.
     node: Name | None = None
     gpu_uuid: Name | None = None
@@ -76,6 +94,7 @@ class RequestEvent(Struct, tag="request", tag_field="kind", forbid_unknown_field
     tpot_s: NonNegSeconds | None = None
     input_tokens: Count | None = None
     output_tokens: Count | None = None
+    slurm: SlurmIds | None = None
     node: Name | None = None
     gpu_uuid: Name | None = None
 
@@ -93,6 +112,7 @@ class PauseEvent(Struct, tag="pause", tag_field="kind", forbid_unknown_fields=Tr
     duration_s: NonNegSeconds | None = None  # on "end"
     local_rank: Rank = 0
     pid: Pid = 0
+    slurm: SlurmIds | None = None
     node: Name | None = None
     gpu_uuid: Name | None = None
 

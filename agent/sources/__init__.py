@@ -15,6 +15,7 @@ from agent.sources import (  # noqa: F401 - registration
     memory,
     network,
     pressure,
+    slurm,
     storage,
 )
 from agent.sources.base import REGISTRY, NoData, Reading, Source
@@ -24,12 +25,13 @@ log = logging.getLogger("fleetscope.agent.sources")
 __all__ = ["REGISTRY", "NoData", "Reading", "Source", "build_sources"]
 
 
-def build_sources(config, *, workload_lookup=None, deliver_server_frame=None) -> list[Source]:
+def build_sources(config, *, workload_lookup=None, deliver_server_frame=None, slurm=None) -> list[Source]:
     """Instantiate every enabled source, each with all it needs (nothing is wired after it is built);
     one that fails to start is logged and left out.
 
     `workload_lookup(pid)` names the training job and rank of a process (from the listener's events);
-    `deliver_server_frame(frame)` takes the inference servers' frames (the shipper's queue)."""
+    `deliver_server_frame(frame)` takes the inference servers' frames (the shipper's queue); `slurm` (an
+    agent.slurm.SlurmAttribution) names the Slurm job of a process and the jobs on the node."""
     unknown = set(config.disable_sources) - set(REGISTRY)
     if unknown:
         raise ValueError(f"unknown source(s) to disable: {', '.join(sorted(unknown))}; known: {', '.join(sorted(REGISTRY))}")
@@ -39,7 +41,8 @@ def build_sources(config, *, workload_lookup=None, deliver_server_frame=None) ->
             continue
         kwargs: dict[str, object] = {"exclude_interfaces": config.exclude_interfaces, "procfs": config.procfs, "sysfs": config.sysfs,
                                    "rootfs": config.rootfs, "inference_servers": config.inference_servers,
-                                   "node": config.node, "workload_lookup": workload_lookup, "deliver": deliver_server_frame}
+                                   "node": config.node, "workload_lookup": workload_lookup, "deliver": deliver_server_frame,
+                                   "slurm": slurm}
         if name == "gpu":
             if config.scenario and config.gpu_backend != "simulated":
                 raise ValueError("a fault scenario plays on simulated GPUs only: add --gpu-backend simulated")

@@ -143,7 +143,7 @@ class GpuSource(Source):
 
     def __init__(self, *, backend=None, expected_gpus: int | None = None, clock=time.monotonic,
                  compat_dcgm: bool = False, hostname: str = "", procfs: str = "/proc",
-                 workload_lookup=None, pod_resources=None, **_: object) -> None:
+                 workload_lookup=None, pod_resources=None, slurm=None, **_: object) -> None:
         self.backend = backend
         # agent/kubernetes.py's client where the kubelet's pod-resources socket is configured
         self.pod_resources = pod_resources
@@ -152,6 +152,7 @@ class GpuSource(Source):
         # pid -> (training job, rank) from the workload events the listener saw; set by the agent
         self.workload_lookup = workload_lookup or (lambda pid: None)
         self._owners: dict[int, Owner] = {}
+        self.slurm = slurm  # agent/slurm.py's SlurmAttribution: a process's Slurm job from its cgroup and environ
         self.compat_dcgm = compat_dcgm
         self.hostname = hostname
         if compat_dcgm:
@@ -302,8 +303,10 @@ class GpuSource(Source):
             if owner is None:
                 owner = self._owners[p.pid] = owner_of(p.pid, self.procfs)
             job, rank = self.workload_lookup(p.pid) or ("", "")
+            slurm = self.slurm.of(p.pid) if self.slurm is not None else None
             labels = (("pid", str(p.pid)), ("container", owner.container), ("pod_uid", owner.pod_uid),
-                      ("slurm_job", owner.slurm_job), ("training_job", job), ("rank", rank))
+                      ("slurm_job", slurm.job if slurm is not None else owner.slurm_job), ("training_job", job),
+                      ("rank", rank))
             if p.used_memory_bytes is not None:
                 yield _r("fleetscope_gpu_process_memory_used_bytes", p.used_memory_bytes, ids, *labels)
             if p.sm_utilization_ratio is not None:
