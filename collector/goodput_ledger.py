@@ -99,11 +99,20 @@ class GoodputLedger:
         elif kind == "pauses":
             self._pauses(frame, now)
 
-    def _steps(self, frame: pl.DataFrame, now: float) -> None:
+    def tag(self, steps: pl.DataFrame, now: float | None = None) -> pl.DataFrame:
+        """Observe new step rows (as `observe` does) and return them with the incarnation each belongs to in
+        their `incarnation` column: the hot tier keeps the per-step aggregates of each incarnation apart."""
+        if steps.height == 0:
+            return steps
+        incs = self._steps(steps, time.time() if now is None else now)
+        return steps.with_columns(pl.Series("incarnation", incs, dtype=pl.Int32))
+
+    def _steps(self, frame: pl.DataFrame, now: float) -> list[int]:
         # Plain lists, not polars expressions: a batch holds a few rows, and expressions cost ~40 us a row there.
         columns = [frame.get_column(c).to_list() for c in (
             "job", "rank", "pid", "step", "ts", "duration_s", "world_size", "sync_arrival_s", "phase_comm_s",
             "phase_data_s", "process_start_ts", "restored_step")]
+        incs: list[int] = []
         with self._lock:
             for job_name, rank, pid, step, ts, duration, world, sync, comm, data, pstart, restored in zip(*columns):
                 end = ts + duration
@@ -115,6 +124,7 @@ class GoodputLedger:
                 job.seen = now
                 job.changes += 1
                 inc = self._incarnation_of(job, rank, pid or 0, step, pstart, restored, ts)
+                incs.append(inc)
                 acc = job.steps.get((inc, step))
                 if acc is None:
                     job.steps[(inc, step)] = [ts, end, 1, comp, comp, data or 0.0, 0 if data is None else 1, world, now]
@@ -127,6 +137,7 @@ class GoodputLedger:
                     acc[5] += data
                     acc[6] += 1
                 acc[7], acc[8] = max(acc[7], world), now
+        return incs
 
     @staticmethod
     def _incarnation_of(job: _Job, rank: int, pid: int, step: int, pstart: float | None, restored: int | None,

@@ -20,7 +20,7 @@ import time
 
 import polars as pl
 
-from collector.rollups import (ALL_SCHEMAS, STEP_AGGS, as_gpu_samples, as_host_samples,
+from collector.rollups import (ALL_SCHEMAS, STEP_AGGS, STEP_KEY, as_gpu_samples, as_host_samples, incarnation_of,
                                merge_step_aggregates, rollup_gpu_samples, rollup_host_samples, step_aggregates)
 from collector.tables import KINDS, empty
 
@@ -164,14 +164,15 @@ class HotTier:
             self._maintain_lock.release()
 
     def step_aggs(self) -> pl.DataFrame:
-        """Per (job, step) aggregates for the window, the steps reported since the last maintenance included."""
+        """Per (job, incarnation, step) aggregates for the window, the steps reported since the last maintenance
+        included."""
         with self._lock:
             aggs, fresh, chunks = self._aggs, list(self._fresh["steps"]), list(self._tables["steps"])
         if fresh:
             touched = pl.concat([f.select("job", "step") for f in fresh]).unique()
             steps = _concat(chunks, "steps").join(touched, on=["job", "step"], how="semi")
             aggs = merge_step_aggregates(aggs, step_aggregates(steps).with_columns(pl.lit(False).alias("final")))
-        return aggs.drop("final").sort("job", "step")
+        return aggs.drop("final").sort("job", "step", "incarnation")
 
     def latest(self, kind: str) -> pl.DataFrame:
         """The newest frame of each GPU (node, index) or node, as of the last maintenance and the fresh rows since."""
@@ -301,13 +302,13 @@ class HotTier:
                 self.steps_since = float(kept["ts"].min()) if kept.height else None  # type: ignore[arg-type]
             else:
                 kept = steps
-            live = kept.select("job", "step").unique()
+            live = kept.select("job", incarnation_of(kept), "step").unique()
         else:
-            live = pl.DataFrame(schema={"job": STEP_AGGS["job"], "step": STEP_AGGS["step"]})
+            live = pl.DataFrame(schema={k: STEP_AGGS[k] for k in STEP_KEY})
         # An aggregate whose step has no raw row left is final: it goes to disk once.
-        newly = aggs.filter(~pl.col("final")).join(live, on=["job", "step"], how="anti")
+        newly = aggs.filter(~pl.col("final")).join(live, on=list(STEP_KEY), how="anti")
         if newly.height:
-            aggs = (aggs.join(newly.select("job", "step", pl.lit(True).alias("_newly")), on=["job", "step"], how="left")
+            aggs = (aggs.join(newly.select(*STEP_KEY, pl.lit(True).alias("_newly")), on=list(STEP_KEY), how="left")
                     .with_columns(pl.col("final") | pl.col("_newly").fill_null(False)).drop("_newly"))
         cutoff = now - self.window_s
         aggs = aggs.filter(pl.col("end_ts") >= cutoff)

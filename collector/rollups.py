@@ -16,7 +16,7 @@ from fleetscope.vocabulary import HEALTH_STATES, HW_SLOWDOWN_BITS, POWER_CAP_BIT
 HEALTH = pl.Enum(list(HEALTH_STATES))
 
 STEP_AGGS: dict[str, pl.DataType] = {
-    "job": CAT, "step": I64, "ts": F64, "end_ts": F64, "ranks": I32, "world_size": I32,
+    "job": CAT, "incarnation": I32, "step": I64, "ts": F64, "end_ts": F64, "ranks": I32, "world_size": I32,
     "step_time_p50_s": F32, "step_time_p95_s": F32, "step_time_max_s": F32, "failed": I32,
     "tokens": I64, "samples": I64, "flops_per_token": F64,
 }
@@ -43,9 +43,19 @@ HOST_SAMPLES: dict[str, pl.DataType] = {
 HOST_COUNTERS = tuple(c for c in HOST_SAMPLES if c.endswith("_total"))
 
 
+STEP_KEY = ("job", "incarnation", "step")
+
+
+def incarnation_of(steps: pl.DataFrame) -> pl.Expr:
+    """Each step row's incarnation (collector.goodput_ledger numbers them as rows arrive; 0 for rows that
+    carry none: written before incarnations were kept, or built without a store)."""
+    return pl.col("incarnation").fill_null(0) if "incarnation" in steps.columns else pl.lit(0, I32).alias("incarnation")
+
+
 def step_aggregates(steps: pl.DataFrame) -> pl.DataFrame:
-    """One row per (job, step): when it started and ended, how many ranks reported it, step-time spread."""
-    return steps.group_by("job", "step").agg(
+    """One row per (job, incarnation, step): when it started and ended, how many ranks reported it, step-time
+    spread. A step that a restart ran again (restored from an earlier checkpoint) has a row for each run."""
+    return steps.group_by("job", incarnation_of(steps), "step").agg(
         pl.col("ts").min(),
         (pl.col("ts") + pl.col("duration_s")).max().alias("end_ts"),
         pl.len().alias("ranks"),
@@ -61,13 +71,21 @@ def step_aggregates(steps: pl.DataFrame) -> pl.DataFrame:
 
 
 def merge_step_aggregates(old: pl.DataFrame, new: pl.DataFrame) -> pl.DataFrame:
-    """Upsert by (job, step); a recomputation from fewer ranks (some already trimmed) never replaces
-    one from more."""
+    """Upsert by (job, incarnation, step); a recomputation from fewer ranks (some already trimmed) never
+    replaces one from more."""
     if new.height == 0:
         return old
     if old.height == 0:
         return new
-    return pl.concat([old, new]).sort("ranks", "end_ts").unique(["job", "step"], keep="last", maintain_order=False)
+    return pl.concat([old, new]).sort("ranks", "end_ts").unique(list(STEP_KEY), keep="last", maintain_order=False)
+
+
+def latest_runs(aggs: pl.DataFrame) -> pl.DataFrame:
+    """Per (job, step), the aggregate of its latest incarnation: the run whose work the job kept (an earlier
+    run of a step that a restart re-ran is superseded, as the step-time series and the regression see it)."""
+    if aggs.height == 0 or aggs["incarnation"].n_unique() <= 1:
+        return aggs
+    return aggs.sort("incarnation").unique(["job", "step"], keep="last", maintain_order=False)
 
 
 def _bit_share(bits: int) -> pl.Expr:

@@ -66,6 +66,14 @@ MarkKey = tuple[str, str, "str | None"]
 MAX_SEQ_JUMP = 2**32
 
 
+def _derived(lf: pl.LazyFrame, kind: str) -> pl.LazyFrame:
+    """A rollup kind's rows read from Parquet in the current schema (step_aggs written before incarnations were
+    kept apart: incarnation 0)."""
+    names = set(lf.collect_schema().names())
+    return lf.select(pl.col(c) if c in names else pl.lit(0 if c == "incarnation" else None).alias(c)
+                     for c in ALL_SCHEMAS[kind]).cast(ALL_SCHEMAS[kind])  # type: ignore[arg-type]
+
+
 def mark_key(batch: Batch) -> MarkKey:
     return (batch.node, batch.agent_id, batch.epoch)
 
@@ -105,7 +113,8 @@ class Store:
         # Where each training job's GPU-hours went, over its whole life (collector.goodput): kept as rows
         # are applied, snapshotted with each checkpoint.
         self.goodput = GoodputLedger(retention_s)
-        self.observers = (self.goodput.observe, *observers)  # see each new row once, as it is applied (ingest and WAL replay)
+        # See each new row once, as it is applied (ingest and WAL replay); the ledger sees step rows first (_tag).
+        self.observers = observers
         self.persisted = {"goodput": self.goodput, **(persisted or {})}
         self.retention_s = retention_s
         self.retention_bytes = retention_bytes
@@ -171,7 +180,7 @@ class Store:
             if self._is_duplicate(batch):
                 skipped += 1
                 continue
-            frames = batch_frames(batch)  # what the log holds passed the bounds when it was written
+            frames = self._tag(batch_frames(batch))  # what the log holds passed the bounds when it was written
             with self._gate:
                 self._apply(batch, frames, step_highs(batch.events))
             self._notify(frames)
@@ -211,7 +220,7 @@ class Store:
             lf = partitions.scan(self.data_dir, kind, self.committed, since=since)
             if lf is None:
                 continue
-            frame = conform(lf, kind).collect() if kind in KINDS else lf.select(list(ALL_SCHEMAS[kind])).collect()
+            frame = conform(lf, kind).collect() if kind in KINDS else _derived(lf, kind).collect()
             if frame.height:
                 self.hot.load(kind, frame.cast(ALL_SCHEMAS[kind]))  # type: ignore[arg-type]
                 log.info("loaded %d %s rows from the warm tier", frame.height, kind)
@@ -256,8 +265,17 @@ class Store:
         if self.unwritten_limit is not None and self._unwritten_bytes > self.unwritten_limit:
             self.checkpoint_due.set()
 
+    def _tag(self, frames: dict[str, pl.DataFrame]) -> dict[str, pl.DataFrame]:
+        """Step rows seen by the goodput ledger, which numbers each job's incarnations: each row gets its own
+        (the hot tier's per-step aggregates keep the runs of a step that a restart re-ran apart)."""
+        if "steps" in frames:
+            frames["steps"] = self.goodput.tag(frames["steps"])
+        return frames
+
     def _notify(self, frames: dict[str, pl.DataFrame]) -> None:
         for kind, frame in frames.items():
+            if kind != "steps":  # the ledger saw the steps in _tag
+                self.goodput.observe(kind, frame)
             for observe in self.observers:
                 observe(kind, frame)
 
@@ -287,6 +305,7 @@ class Store:
             frames = batch_frames(batch)
             self.wal.ensure_open()
             self.wal.append(body if body is not None else encode(batch))
+            frames = self._tag(frames)  # once durable: a refused append must not be counted
             with self._gate:
                 self._apply(batch, frames, screened.highs)
             self._notify(frames)  # SLO bookkeeping stays off the gate, but inside the in-flight count
@@ -344,7 +363,7 @@ class Store:
             upper = hot_since if until is None else min(until, hot_since)
             disk = partitions.scan(self.data_dir, kind, self.committed_segment(), since, upper)
             if disk is not None:
-                parts.insert(0, disk.filter(pl.col(ts) < hot_since).select(list(ALL_SCHEMAS[kind])).cast(ALL_SCHEMAS[kind]))
+                parts.insert(0, _derived(disk.filter(pl.col(ts) < hot_since), kind))
         return pl.concat(parts, how="vertical") if len(parts) > 1 else parts[0]
 
     # --- checkpoint ---------------------------------------------------------------------------

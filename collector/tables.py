@@ -38,6 +38,7 @@ SCHEMAS: dict[str, dict[str, pl.DataType]] = {
         **{c: F32 for c in PHASE_COLUMNS}, "sync_arrival_s": F32,
         "phases_other": OTHER, "metrics_other": OTHER,
         "node": CAT, "gpu_uuid": CAT, "pid": I32, "agent_id": CAT,
+        "slurm": CAT,  # the Slurm job's ids (schema.SlurmIds) as JSON, null outside Slurm: collector/slurm.py
     },
     "requests": {
         "ts": F64, "service": CAT, "model": CAT, "status": pl.Enum(["ok", "error", "cancelled"]), "e2e_s": F64,
@@ -96,6 +97,21 @@ def _json(value: dict) -> str:
     return _encode(value).decode()
 
 
+_SLURM_TEXT: dict = {}  # SlurmIds -> its JSON: a job has a few, sent with every step
+
+
+def _slurm_text(ids) -> str | None:
+    if ids is None:
+        return None
+    text = _SLURM_TEXT.get(ids)
+    if text is None:
+        text = _encode(ids).decode()
+        if len(_SLURM_TEXT) > 4096:
+            _SLURM_TEXT.clear()
+        _SLURM_TEXT[ids] = text
+    return text
+
+
 def _steps(events: list[StepEvent], batch: Batch) -> pl.DataFrame:
     node = batch.node
     columns: dict[str, list] = {
@@ -116,7 +132,8 @@ def _steps(events: list[StepEvent], batch: Batch) -> pl.DataFrame:
     columns["metrics_other"] = [None if m.keys() <= _KNOWN_METRICS else
                                 _json({k: v for k, v in m.items() if k not in _KNOWN_METRICS}) for m in metrics]
     columns.update(node=[e.node or node for e in events], gpu_uuid=[e.gpu_uuid for e in events],
-                   pid=[e.pid for e in events], agent_id=[batch.agent_id] * len(events))
+                   pid=[e.pid for e in events], agent_id=[batch.agent_id] * len(events),
+                   slurm=[_slurm_text(e.slurm) for e in events])
     return _frame("steps", columns)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import polars as pl
 
+from collector.rollups import latest_runs
 from collector.tables import PHASE_COLUMNS, as_f64, metrics_long, phases_long
 
 QUANTILES = (0.5, 0.95, 0.99)
@@ -120,11 +121,12 @@ def rank_breakdown(steps: pl.DataFrame, job: str) -> pl.DataFrame:
 
 def step_series(aggs: pl.DataFrame, job: str, *, last: int | None = None) -> pl.DataFrame:
     """Step time over time for `job`: per step number, when it started and the spread across ranks
-    (from the per-step aggregates, collector.rollups.step_aggregates)."""
+    (from the per-step aggregates, collector.rollups.step_aggregates), of the step's latest run: a step
+    that a restart ran again shows its new run, with the incarnation it belongs to."""
     series = (
-        aggs.filter(pl.col("job") == job)
+        latest_runs(aggs.filter(pl.col("job") == job))
         .select("step", "ts", pl.col("ranks").cast(pl.UInt32),
-                *(as_f64(c) for c in ("step_time_p50_s", "step_time_p95_s", "step_time_max_s")))
+                *(as_f64(c) for c in ("step_time_p50_s", "step_time_p95_s", "step_time_max_s")), "incarnation")
         .sort("step")
     )
     return series.tail(last) if last is not None else series
@@ -367,8 +369,8 @@ def step_time_change(aggs: pl.DataFrame) -> pl.DataFrame:
     """Per job: the median step time of its last REGRESSION_RECENT steps against a baseline of the
     REGRESSION_BASELINE steps before them (with a gap, so a change is not half in both windows).
     `change_ratio` 0.03 means 3% slower; jobs with too short a history are left out. Reads the
-    per-step aggregates (each step's median across ranks)."""
-    series = aggs.select("job", "step", pl.col("step_time_p50_s").cast(pl.Float64).alias("duration_s"), "ts").sort("job", "step")
+    per-step aggregates (each step's median across ranks; of its latest run, when a restart ran it again)."""
+    series = latest_runs(aggs).select("job", "step", pl.col("step_time_p50_s").cast(pl.Float64).alias("duration_s"), "ts").sort("job", "step")
     need = REGRESSION_RECENT + REGRESSION_GAP + REGRESSION_BASELINE
     return (
         series.group_by("job")
@@ -390,6 +392,8 @@ def rank_step_matrix(steps: pl.DataFrame, job: str, last: int = 100, ranks: list
     arrival nor a `comm` phase has no compute time apart from its wait: its cells are 1 + the rank's excess
     over its peers (step_excess), the same scale."""
     rows = steps.filter(pl.col("job") == job)
+    if "incarnation" in rows.columns and rows["incarnation"].n_unique() > 1:  # a step run again: its latest run
+        rows = rows.sort("incarnation").unique(["rank", "step"], keep="last", maintain_order=True)
     rows = rows.filter(pl.col("step") > pl.col("step").max() - last)
     direct = (pl.col("sync_arrival_s").is_not_null() | pl.col("phase_comm_s").is_not_null()).any()
     cells = compute_times(rows).with_columns(

@@ -27,6 +27,7 @@ from collector.findings import FindingsTracker, analyse, slo_findings
 from collector.metrics import CollectorMetrics
 from collector.settings import Settings
 from collector.slo import SloLedger
+from collector.slurm import SlurmLinks
 from collector.store import Store
 from collector.tables import conform, empty
 from fleetscope.schema import Batch
@@ -51,6 +52,10 @@ def create_app(settings: Settings, store: Store | None = None) -> FastAPI:
         fsync=settings.fsync, max_future_s=settings.max_future_skew_s, max_step_jump=settings.max_step_jump,
         observers=(observe,), persisted={"slo": ledger} if settings.slos else {}, start=False)
     tracker = FindingsTracker()
+    # Each training job's Slurm jobs (collector/slurm.py): kept as step rows are applied, snapshotted with checkpoints.
+    slurm = SlurmLinks(settings.retention_s)
+    store.observers = (*store.observers, slurm.observe)
+    store.persisted.setdefault("slurm", slurm)
 
     def open_store() -> None:
         if not store.ready:
@@ -140,6 +145,7 @@ def create_app(settings: Settings, store: Store | None = None) -> FastAPI:
     app.state.store = store
     app.state.tracker = tracker
     app.state.ledger = ledger
+    app.state.slurm = store.persisted["slurm"]
     app.state.analyse_now = analyse_now
     app.state.views = Views(settings.analysis_interval_s)
     app.state.history_views = Views(60.0)

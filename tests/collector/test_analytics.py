@@ -27,8 +27,8 @@ def test_step_series_spreads_across_ranks():
     got = step_series(step_aggregates(frame), "j")
     expected = pl.DataFrame(
         {"step": [0, 1], "ts": [10.0, 11.0], "ranks": [2, 1], "step_time_p50_s": [2.0, 2.0],
-         "step_time_p95_s": [2.9, 2.0], "step_time_max_s": [3.0, 2.0]},
-        schema_overrides={"ranks": pl.UInt32},
+         "step_time_p95_s": [2.9, 2.0], "step_time_max_s": [3.0, 2.0], "incarnation": [0, 0]},
+        schema_overrides={"ranks": pl.UInt32, "incarnation": pl.Int32},
     )
     assert_frame_equal(got, expected)
 

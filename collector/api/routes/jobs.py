@@ -54,11 +54,18 @@ def _ranks(store, views, steps: pl.DataFrame, job: str, whole: bool) -> pl.DataF
     return views.get(("ranks", job), lambda: rank_step_quantiles(steps, job), rows=store.hot.rows()["steps"])
 
 
+def _with_slurm(request: Request, jobs: list[dict]) -> list[dict]:
+    """Each job's Slurm job ids (oldest first) and the newest one's user and partition (collector/slurm.py)."""
+    slurm = request.app.state.slurm
+    return [{**row, **slurm.summary(row["job"])} for row in jobs]
+
+
 @router.get("/v1/jobs")
 def list_jobs(request: Request, store: StoreDep, r: RangeDep) -> dict:
     if r.since is None and r.until is None:
-        return {"jobs": jobs_now(store, request.app.state.views).to_dicts()}
-    return {"jobs": with_mfu(jobs_overview(_aggs(store, r), _steps(store, r)), store.hot.latest("gpus")).to_dicts()}
+        return {"jobs": _with_slurm(request, jobs_now(store, request.app.state.views).to_dicts())}
+    return {"jobs": _with_slurm(request, with_mfu(jobs_overview(_aggs(store, r), _steps(store, r)),
+                                                  store.hot.latest("gpus")).to_dicts())}
 
 
 @router.get("/v1/jobs/{job}")
@@ -81,6 +88,8 @@ def get_job(job: str, request: Request, store: StoreDep, r: RangeDep,
     ranks = quantiles.join(rank_breakdown(steps, job), on="rank", how="left")
     return {"job": overview, "ranks": ranks.to_dicts(), "ranks_total": overview["ranks"],
             "ranks_cover_last_steps": store.hot.raw_steps,
+            # the Slurm jobs that ran it, one per incarnation (sbatch, requeue), oldest first: collector/slurm.py
+            "slurm": request.app.state.slurm.links(job),
             "pauses": pauses.drop("agent_id").with_columns(pl.col(pl.Categorical, pl.Enum).cast(pl.String)).to_dicts()}
 
 
@@ -144,6 +153,7 @@ class GoodputIncarnation(BaseModel):
     last_step_end_ts: float
     pids: int = Field(description="processes seen")
     world_size: int
+    slurm_jobs: list[str] = Field(default_factory=list, description="the Slurm job ids whose steps ran in it")
 
 
 class GoodputBucket(GoodputSeconds):
@@ -162,13 +172,16 @@ class Goodput(BaseModel):
 
 
 @router.get("/v1/jobs/{job}/goodput", response_model=Goodput)
-def get_job_goodput(job: str, store: StoreDep, r: RangeDep) -> Goodput:
+def get_job_goodput(job: str, request: Request, store: StoreDep, r: RangeDep) -> Goodput:
     """Where the job's GPU time went over [since, until] (default: its whole life, across restarts)."""
     report = store.goodput.report(job, r.since, r.until)
     if report is None:
         raise HTTPException(404, f"no job {job!r} has reported a step or a pause")
     series = goodput.over_time(report.pieces, r.since, r.until, r.max_points)
+    incarnations = report.incarnations.to_dicts()
+    for row, slurm_jobs in zip(incarnations, request.app.state.slurm.incarnations_of(job, incarnations)):
+        row["slurm_jobs"] = slurm_jobs
     return Goodput(job=job, since=r.since, until=r.until, gpu_seconds=GoodputSeconds(**report.seconds),
                    total_gpu_seconds=sum(report.seconds.values()), goodput_ratio=report.goodput_ratio,
-                   incarnations=[GoodputIncarnation(**row) for row in report.incarnations.to_dicts()],
+                   incarnations=[GoodputIncarnation(**row) for row in incarnations],
                    over_time=[GoodputBucket(**row) for row in series.to_dicts()])

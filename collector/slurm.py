@@ -1,0 +1,163 @@
+"""Which Slurm jobs ran each training job: one per incarnation (a new sbatch of the same job name is a new
+Slurm job id; a requeue keeps the id and counts SLURM_RESTART_COUNT up; each srun is a new step).
+
+A store observer of step rows (their `slurm` column: the Slurm ids the client or the agent put on the event,
+fleetscope.schema.SlurmIds, as JSON) and a `Persisted` (snapshotted with each checkpoint), like the goodput
+ledger, so the links cover a job's whole life and survive a collector restart. The goodput API pairs them with
+its incarnations by time (`incarnations_of`).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+
+import polars as pl
+
+MAX_LINKS = 256  # Slurm jobs kept per training job: the newest
+MAX_NODES = 1024  # nodes named per link (the count goes on)
+MAX_RANKS = 1 << 20
+_IDS = ("user", "partition", "array_job", "array_task", "name")
+
+
+@dataclass
+class _Link:
+    slurm_job: str
+    restart_count: int
+    first_ts: float
+    last_ts: float
+    ids: dict = field(default_factory=dict)  # user, partition, array_job, array_task, name
+    steps: set = field(default_factory=set)  # Slurm step ids (srun launches)
+    nodes: set = field(default_factory=set)
+    ranks: set = field(default_factory=set)
+
+
+class SlurmLinks:
+    """Per training job, the Slurm jobs whose processes reported its steps (see the module docstring)."""
+
+    def __init__(self, retention_s: float | None = None) -> None:
+        self.retention_s = retention_s
+        self._lock = threading.Lock()
+        self._jobs: dict[str, dict[tuple[str, int], _Link]] = {}
+        self._decoded: dict[str, dict | None] = {}  # the column's JSON text -> its ids (a few per job)
+
+    def observe(self, kind: str, frame: pl.DataFrame) -> None:
+        """A store observer: see each new step row once (ingest and WAL replay)."""
+        if kind != "steps" or "slurm" not in frame.columns or frame.height == 0:
+            return
+        slurm = frame.get_column("slurm")
+        if slurm.null_count() == frame.height:  # not a Slurm job: the usual case costs this much
+            return
+        columns = [frame.get_column(c).to_list() for c in ("job", "slurm", "node", "rank", "ts", "duration_s")]
+        # Plain lists (a batch holds a few rows; expressions cost more there), folded per (job, ids) first.
+        folded: dict[tuple[str, str], list] = {}
+        for job, text, node, rank, ts, duration in zip(*columns):
+            if text is None:
+                continue
+            acc = folded.get((job, text))
+            end = ts + (duration or 0.0)
+            if acc is None:
+                folded[(job, text)] = [ts, end, {node}, {rank}]
+                continue
+            acc[0], acc[1] = min(acc[0], ts), max(acc[1], end)
+            acc[2].add(node)
+            acc[3].add(rank)
+        with self._lock:
+            for (job, text), (ts, end, nodes, ranks) in folded.items():
+                ids = self._ids(text)
+                if ids is None:
+                    continue
+                self._add(job, ids, ts, end, nodes, ranks)
+
+    def _ids(self, text: str) -> dict | None:
+        ids = self._decoded.get(text)
+        if ids is None and text not in self._decoded:
+            try:
+                ids = json.loads(text)
+                if not isinstance(ids, dict) or not isinstance(ids.get("job"), str):
+                    ids = None
+            except ValueError:
+                ids = None
+            if len(self._decoded) > 4096:
+                self._decoded.clear()
+            self._decoded[text] = ids
+        return ids
+
+    def _add(self, job: str, ids: dict, ts: float, end: float, nodes: set, ranks: set) -> None:
+        links = self._jobs.setdefault(job, {})
+        key = (ids["job"], int(ids.get("restart_count") or 0))
+        link = links.get(key)
+        if link is None:
+            link = links[key] = _Link(key[0], key[1], ts, end)
+            if len(links) > MAX_LINKS:
+                del links[min(links, key=lambda k: links[k].last_ts)]
+        link.first_ts, link.last_ts = min(link.first_ts, ts), max(link.last_ts, end)
+        for name in _IDS:
+            if ids.get(name) is not None:
+                link.ids[name] = ids[name]
+        if ids.get("step") is not None:
+            link.steps.add(str(ids["step"]))
+        if len(link.nodes) < MAX_NODES:
+            link.nodes |= {n for n in nodes if n is not None}
+        if len(link.ranks) < MAX_RANKS:
+            link.ranks |= ranks
+
+    # --- reads ------------------------------------------------------------------------------------
+    def links(self, job: str) -> list[dict]:
+        """The job's Slurm jobs, oldest first."""
+        with self._lock:
+            links = sorted(self._jobs.get(job, {}).values(), key=lambda link: (link.first_ts, link.slurm_job))
+            return [_row(link) for link in links]
+
+    def summary(self, job: str) -> dict:
+        """What a list of jobs shows: every Slurm job id (oldest first), and the newest one's user and partition."""
+        links = self.links(job)
+        latest = links[-1] if links else {}
+        return {"slurm_job_ids": [link["slurm_job"] for link in links], "slurm_job": latest.get("slurm_job"),
+                "slurm_user": latest.get("user"), "slurm_partition": latest.get("partition")}
+
+    def incarnations_of(self, job: str, incarnations: list[dict]) -> list[list[str]]:
+        """For each of the job's incarnations (first_step_ts, last_step_end_ts), the Slurm jobs whose steps
+        overlap it in time."""
+        links = self.links(job)
+        return [[link["slurm_job"] for link in links
+                 if link["first_step_ts"] <= inc["last_step_end_ts"] and link["last_step_end_ts"] >= inc["first_step_ts"]]
+                for inc in incarnations]
+
+    # --- checkpoint -------------------------------------------------------------------------------
+    def snapshot(self) -> bytes:
+        now = time.time()
+        with self._lock:
+            if self.retention_s is not None:
+                for job in [j for j, links in self._jobs.items()
+                            if max(link.last_ts for link in links.values()) < now - self.retention_s]:
+                    del self._jobs[job]
+            return json.dumps({job: [_dump(link) for link in links.values()]
+                               for job, links in self._jobs.items()}).encode()
+
+    def restore(self, data: bytes) -> None:
+        saved = json.loads(data)
+        with self._lock:
+            self._jobs = {job: {(d["slurm_job"], d["restart_count"]): _load(d) for d in links}
+                          for job, links in saved.items()}
+
+
+def _row(link: _Link) -> dict:
+    return {"slurm_job": link.slurm_job, "restart_count": link.restart_count,
+            **{name: link.ids.get(name) for name in _IDS},
+            "steps": sorted(link.steps, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s)),
+            "first_step_ts": link.first_ts, "last_step_end_ts": link.last_ts, "nodes": sorted(link.nodes),
+            "ranks": len(link.ranks)}
+
+
+def _dump(link: _Link) -> dict:
+    return {"slurm_job": link.slurm_job, "restart_count": link.restart_count, "first_ts": link.first_ts,
+            "last_ts": link.last_ts, "ids": link.ids, "steps": sorted(link.steps), "nodes": sorted(link.nodes),
+            "ranks": sorted(link.ranks)}
+
+
+def _load(d: dict) -> _Link:
+    return _Link(d["slurm_job"], d["restart_count"], d["first_ts"], d["last_ts"], dict(d["ids"]), set(d["steps"]),
+                 set(d["nodes"]), set(d["ranks"]))
