@@ -34,6 +34,12 @@ ratio = spent.get("goodput_ratio")
 cols[5].metric("Goodput", f"{ratio:.1%}" if ratio is not None else "–",
                help="productive GPU time over all of the job's GPU time, across its restarts (see Goodput below)")
 
+slurm_jobs = detail.get("slurm") or []
+if slurm_jobs:  # the Slurm job that runs it now (the newest); all of them, one per incarnation, under Slurm below
+    latest = slurm_jobs[-1]
+    st.caption(f"Slurm job **{md(latest['slurm_job'])}** · user {md(latest.get('user') or '?')} · partition "
+               f"{md(latest.get('partition') or '?')}" + (f" · {len(slurm_jobs)} Slurm jobs in all" if len(slurm_jobs) > 1 else ""))
+
 job_findings = [f for f in fetch(collector, "/v1/findings", job=job, since=since()).get("findings", []) if f["active"]]
 for f in job_findings:
     causes = ", ".join(md(c["cause"]) for c in f.get("probable_causes", [])[:3])
@@ -91,5 +97,16 @@ if spent_series.height:
                "checkpoint saves, start-up and restarts, hangs, other declared pauses, data-loader stalls and "
                "waiting for stragglers. Each restart of the job is one incarnation:")
     st.dataframe(pl.DataFrame(spent.get("incarnations") or []), hide_index=True, width="stretch")
+
+if slurm_jobs:
+    st.subheader("Slurm")
+    st.caption("The Slurm jobs whose processes reported this job's steps, oldest first: a new sbatch is a new job id, "
+               "a requeue keeps the id and counts restarts; steps are srun launches.")
+    table = pl.DataFrame(slurm_jobs).with_columns(
+        pl.col("steps").list.join(", "), pl.col("nodes").list.join(", "),
+        (pl.col("first_step_ts") * 1000).cast(pl.Int64).cast(pl.Datetime("ms")).alias("first_step"),
+        (pl.col("last_step_end_ts") * 1000).cast(pl.Int64).cast(pl.Datetime("ms")).alias("last_step_end"),
+    ).drop("first_step_ts", "last_step_end_ts")
+    st.dataframe(table, hide_index=True, width="stretch")
 
 refresh()
