@@ -187,6 +187,20 @@ ALERTS: list[Alert] = [
           "A job holds the GPU without using it: hung, waiting on something, or abandoned.",
           "`fleetscope_gpu_process_memory_used_bytes` names the pid, container, pod, Slurm job and training job.",
           "Ask the owner; end the job if it is abandoned."),
+    Alert("FleetscopeSlurmJobEndedGpuBusy", "fleetscope-gpu",
+          'count by (instance, slurm_job) (fleetscope_gpu_process_memory_used_bytes{{slurm_job!=""}})'
+          " and on(instance, slurm_job) fleetscope_slurm_job_running == 0",
+          "{gpu.slurm_ended_busy_for}", "ticket",
+          "Slurm job {{ $labels.slurm_job }} ended but its processes still hold GPUs on {{ $labels.instance }}",
+          "The epilog of Slurm job {{ $labels.slurm_job }} ran on {{ $labels.instance }}, yet {{ $value }} of its "
+          "processes still hold GPU memory there.",
+          "Processes outlived their Slurm job (left out of the job's cgroup, stuck in uninterruptible I/O, or a CUDA "
+          "context that does not let go): the GPU is not free for the next job Slurm places on it. Needs the "
+          "prolog and epilog of deploy/slurm/ on the node.",
+          "`fleetscope_gpu_process_memory_used_bytes{slurm_job=\"<id>\"}` names the pids and GPUs; on the node "
+          "`nvidia-smi --query-compute-apps=pid,used_memory --format=csv` and `ps -o pid,stat,wchan,cmd -p <pid>`.",
+          "Kill the leftover processes; if they are in D state or the memory stays held, drain the node "
+          "(`scontrol update nodename=<node> state=drain reason=gpu-held`) and reset the GPU when it is empty."),
     # --- host ----------------------------------------------------------------------------------
     Alert("FleetscopeFilesystemFillingUp", "fleetscope-host",
           "(fleetscope_filesystem_avail_bytes / fleetscope_filesystem_size_bytes < {host.filesystem_free_ratio}"
