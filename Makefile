@@ -54,6 +54,8 @@ system-deps:
 	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
 	command -v adduser >/dev/null || missing="$$missing adduser"; \
 	[ -x /usr/bin/python3.11 ] || missing="$$missing python3.11"; \
+	{ command -v slurmctld && command -v slurmd && command -v srun; } >/dev/null || missing="$$missing slurm-wlm"; \
+	command -v munged >/dev/null || missing="$$missing munge"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing:$$missing"; \
