@@ -64,7 +64,7 @@ class AgentConfig:
     # the `kubernetes` extra). Default: /var/lib/kubelet/pod-resources/kubelet.sock where it exists; "" for none.
     pod_resources_socket: str | None = None
     # Where deploy/slurm's prolog and epilog register the Slurm jobs on this node (agent/slurm.py); "" for none.
-    slurm_state_dir: str = "/run/fleetscope/slurm"
+    slurm_state_dir: str = "/run/fleetscope-slurm"
     # [[agent.inference_servers]] url = "http://127.0.0.1:8000/metrics", kind = "vllm", service = "chat"
     inference_servers: list[dict] = field(default_factory=list)  # cluster, rack, ...: on fleetscope_node_info and frames
 

@@ -15,7 +15,7 @@ What the prolog wrote about the job (below) fills in the user and partition the 
 Each pid is read once per process (pid and start time), not at every sample or event.
 
 The prolog and epilog (deploy/slurm/) keep one file per job on the node in the state directory
-(/run/fleetscope/slurm): `<job id>.job` (KEY=value lines of the prolog's SLURM_* environment) when a job starts,
+(/run/fleetscope-slurm): `<job id>.job` (KEY=value lines of the prolog's SLURM_* environment) when a job starts,
 and `<job id>.ended` (the end time) when it ends, so the agent knows which jobs run and which ended.
 """
 
@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-DEFAULT_STATE_DIR = "/run/fleetscope/slurm"
+DEFAULT_STATE_DIR = "/run/fleetscope-slurm"
 ENDED_KEPT_S = 3600.0  # a job the epilog ended is remembered this long (its processes may linger)
 RECHECK_S = 5.0  # how often a cached pid's start time is checked again (pids get reused)
 

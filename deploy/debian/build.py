@@ -174,6 +174,11 @@ def build_deb(out: Path, work: Path, wheel: Path, python: str) -> Path:
     etc = root / "etc/fleetscope"
     etc.mkdir(parents=True)
     shutil.copyfile(assets.agent_config_example(), etc / "agent.toml")
+    slurm = root / "usr/share/fleetscope/slurm"  # slurm.conf's Prolog= and Epilog= (README "Run on Slurm")
+    slurm.mkdir(parents=True)
+    for script in ("prolog.sh", "epilog.sh"):
+        shutil.copyfile(REPO / "deploy" / "slurm" / script, slurm / script)
+        (slurm / script).chmod(0o755)
     doc = root / f"usr/share/doc/{PACKAGE}"
     doc.mkdir(parents=True)
     (doc / "copyright").write_text(COPYRIGHT)

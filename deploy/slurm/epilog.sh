@@ -5,7 +5,7 @@
 # FleetscopeSlurmJobEndedGpuBusy. Files of jobs that ended over an hour ago are removed.
 #   slurm.conf:  Epilog=/usr/share/fleetscope/slurm/epilog.sh   (or call it from your own epilog)
 # POSIX sh, nothing but coreutils and find. It never fails: an epilog that fails drains the node.
-dir=${FLEETSCOPE_SLURM_DIR:-/run/fleetscope/slurm}
+dir=${FLEETSCOPE_SLURM_DIR:-/run/fleetscope-slurm}
 job=${SLURM_JOB_ID:-}
 case $job in '' | *[!0-9]*) exit 0 ;; esac
 {

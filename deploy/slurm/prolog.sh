@@ -4,7 +4,7 @@
 # Slurm folder; the agent reads it for fleetscope_slurm_job_info and fleetscope_slurm_job_running.
 #   slurm.conf:  Prolog=/usr/share/fleetscope/slurm/prolog.sh   (or call it from your own prolog)
 # POSIX sh, nothing but coreutils. It never fails: a prolog that fails drains the node.
-dir=${FLEETSCOPE_SLURM_DIR:-/run/fleetscope/slurm}
+dir=${FLEETSCOPE_SLURM_DIR:-/run/fleetscope-slurm}
 job=${SLURM_JOB_ID:-}
 case $job in '' | *[!0-9]*) exit 0 ;; esac
 {

@@ -218,8 +218,10 @@ def test_the_real_agent_attributes_this_very_process_from_its_own_proc(tmp_path,
     import subprocess
     import sys
 
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], env={**os.environ, **ENV})
+    child = subprocess.Popen([sys.executable, "-c", "import time; print('up', flush=True); time.sleep(30)"],
+                             env={**os.environ, **ENV}, stdout=subprocess.PIPE)
     try:
+        assert child.stdout.readline() == b"up\n"  # past exec: its environ is its own, not this process's copy
         job = SlurmAttribution("/proc", None).of(child.pid)
         assert job is not None and (job.job, job.user, job.partition, job.array_task) == ("4711", "alice", "gpu", "11")
     finally:
