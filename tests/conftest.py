@@ -10,6 +10,7 @@ import subprocess
 import threading
 import time
 import urllib.request
+from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -69,16 +70,44 @@ def http_get(url: str, token: str | None = None, timeout: float = 5.0) -> tuple[
 # `pytest -m "not e2e and not slow"` is the quick loop (about a minute): real processes on loopback
 # (tests/e2e, and the attacks of tests/security) and the real-framework integrations (torch, transformers, lightning) are left out.
 _MARKED_DIRS = {"e2e": "e2e", "security": "e2e", "integrations": "slow"}
+# Files that do heavy work when imported (the fuzz test builds its collector and schema at import): marked here
+# too, so that a run that leaves their marker out does not even import them.
+_MARKED_FILES = {"test_fuzz.py": "slow"}
+
+
+def _marker_of(path: Path) -> str | None:
+    parts = path.parts
+    if "tests" not in parts:
+        return None
+    rest = parts[parts.index("tests") + 1:]
+    if rest and rest[-1] in _MARKED_FILES:
+        return _MARKED_FILES[rest[-1]]
+    return _MARKED_DIRS.get(rest[0]) if rest else None
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        parts = item.path.parts
-        if "tests" in parts:
-            folder = parts[parts.index("tests") + 1] if parts.index("tests") + 1 < len(parts) else ""
-            marker = _MARKED_DIRS.get(folder)
-            if marker:
-                item.add_marker(getattr(pytest.mark, marker))
+        marker = _marker_of(item.path)
+        if marker:
+            item.add_marker(getattr(pytest.mark, marker))
+
+
+def pytest_ignore_collect(collection_path, config):
+    """Skip importing a marked folder or file when `-m` deselects its marker whatever else its tests carry: the
+    quick loop then does not pay for importing torch, schemathesis or a whole fuzzing app only to deselect them."""
+    markexpr = config.getoption("markexpr", "")
+    marker = _marker_of(Path(collection_path))
+    if not markexpr or not marker:
+        return None
+    from _pytest.mark.expression import Expression  # pytest's own -m grammar
+
+    try:
+        expr = Expression.compile(markexpr)
+    except Exception:  # noqa: BLE001 - a bad -m is pytest's to report
+        return None
+    only = expr.evaluate(lambda name, /, **_: name == marker)
+    every = expr.evaluate(lambda name, /, **_: True)
+    return True if not only and not every else None
 
 
 def wait_ready(client, timeout: float = 30.0):

@@ -83,6 +83,7 @@ def test_nothing_is_wrong_before_the_faults(played):
         assert v("fleetscope_gpu_health", gpu, state="unhealthy") == 0
 
 
+@pytest.mark.slow  # seconds of real time: in `make test`, out of the quick loop
 def test_lost_cooling_heats_the_gpu_into_thermal_slowdown(played):
     v = played(300)
     assert v("fleetscope_gpu_temperature_celsius", 0) >= 85

@@ -279,6 +279,7 @@ def test_the_spool_is_bounded_and_counts_what_it_drops(tmp_path):
     assert values(s)[("fleetscope_agent_shipper_dropped_total", (("reason", "spool_full"),))] == 10 - kept
 
 
+@pytest.mark.slow  # seconds of real time: in `make test`, out of the quick loop
 def test_while_the_collector_is_down_what_arrives_is_on_disk_within_a_second(tmp_path):
     s, collector = spooling_shipper(tmp_path)
     collector.down = True
@@ -299,6 +300,7 @@ def test_while_the_collector_is_down_what_arrives_is_on_disk_within_a_second(tmp
     assert collector.steps() == [("j", n) for n in range(4)]
 
 
+@pytest.mark.slow  # seconds of real time: in `make test`, out of the quick loop
 def test_a_send_that_hangs_does_not_keep_its_batch_only_in_memory(tmp_path):
     s, collector = spooling_shipper(tmp_path, timeout_s=30)
     collector.hold = threading.Event()
@@ -316,6 +318,7 @@ def test_a_send_that_hangs_does_not_keep_its_batch_only_in_memory(tmp_path):
         s.stop(drain_s=1)
 
 
+@pytest.mark.slow  # seconds of real time: in `make test`, out of the quick loop
 def test_a_full_disk_is_counted_exported_and_survived_and_nothing_is_lost(tmp_path, monkeypatch):
     with full_filesystem(tmp_path, monkeypatch) as (folder, free):
         s, collector = spooling_shipper(tmp_path, spool_dir=folder)

@@ -190,6 +190,7 @@ def test_basic_auth_without_tls(tmp_path, servers):
     conn.close()
 
 
+@pytest.mark.slow  # seconds of real time: in `make test`, out of the quick loop
 def test_a_stalled_handshake_costs_a_socket_not_the_reader(tmp_path, pki, servers):
     """Clients that connect and never finish (or start) a TLS handshake: a scrape is still answered at once, and
     the stalled ones are closed at the connection deadline."""

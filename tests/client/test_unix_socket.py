@@ -105,7 +105,9 @@ def test_a_full_unix_socket_never_blocks_or_raises(folder):
             slowest = max(slowest, time.perf_counter() - t0)
         emitter = run.emitter
         assert emitter.sent + emitter.dropped == 5000 and emitter.dropped > 0 and emitter.sent > 0
-        assert slowest < 0.05, f"a step took {slowest * 1e3:.1f} ms with the socket full"
+        # A blocking send would wait until someone reads, which nobody does: any bound well under "forever" tells
+        # it apart, and 1 s holds however loaded the machine is (a 50 ms bound failed under load).
+        assert slowest < 1.0, f"a step took {slowest * 1e3:.1f} ms with the socket full"
 
 
 def test_an_event_over_the_size_limit_is_dropped_on_unix_too(folder):

@@ -70,6 +70,7 @@ def test_each_rank_keeps_its_recent_steps_and_every_step_keeps_its_aggregate():
     assert final["step_aggs"][0].height == 80  # the steps that left the raw tier go to disk, once
 
 
+@pytest.mark.slow  # seconds of real time: in `make test`, out of the quick loop
 def test_the_hot_tier_stays_within_its_budget_by_dropping_its_oldest_minutes():
     budget = 2**20
     hot = HotTier(window_s=6 * 3600, raw_s=300, budget_bytes=budget)

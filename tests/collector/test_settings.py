@@ -71,6 +71,7 @@ def test_retention_by_size_defaults_to_a_share_of_the_data_disk(tmp_path):
     assert 128 * 2**20 <= s.memory_budget <= 2 * 2**30
 
 
+@pytest.mark.slow  # seconds of real time: in `make test`, out of the quick loop
 def test_the_command_line_refuses_an_unknown_key_and_flags_win_over_the_file(tmp_path):
     path = tmp_path / "collector.toml"
     path.write_text("[collector]\nretention_bytez = 1\n")
@@ -84,6 +85,7 @@ def test_the_command_line_refuses_an_unknown_key_and_flags_win_over_the_file(tmp
     assert out.returncode == 2 and "memory_budget" in out.stderr and "128 MiB" in out.stderr  # the flag's value was used
 
 
+@pytest.mark.slow  # seconds of real time: in `make test`, out of the quick loop
 def test_the_input_bound_flags_reach_the_settings_and_bad_values_are_named(tmp_path):
     env = {"FLEETSCOPE_INGEST_TOKEN": "i", "FLEETSCOPE_READ_TOKEN": "r", "PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "-m", "fleetscope", "collector", "--data-dir", str(tmp_path),
@@ -97,6 +99,7 @@ def test_the_input_bound_flags_reach_the_settings_and_bad_values_are_named(tmp_p
     assert out.returncode == 2 and "--max-future-skew" in out.stderr
 
 
+@pytest.mark.slow  # seconds of real time: in `make test`, out of the quick loop
 def test_the_straggler_page_share_comes_from_the_file_or_the_flag_and_must_be_a_share(tmp_path):
     path = tmp_path / "collector.toml"
     path.write_text("[collector]\nstraggler_page_share = 0.1\n")
