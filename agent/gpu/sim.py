@@ -84,10 +84,14 @@ class _Gpu:
         self.demand_w = max(IDLE_W * 0.8, min(TDP_W, IDLE_W + (TDP_W - IDLE_W) * self.util**1.15 + self.rng.gauss(0, 8)))
         limit = self.power_limit(t, faults)
         self.power = min(self.demand_w, limit)
-        if self.temp >= SLOWDOWN_C:  # hardware slowdown sheds power until the GPU is below its threshold
-            self.power *= 0.7
         cooling_lost = any(f.kind == "thermal" for f in active)
-        t_eq = AMBIENT_C + C_PER_W * self.power + (32.0 if cooling_lost else 0.0)
+        extra_c = 32.0 if cooling_lost else 0.0
+        if self.temp >= SLOWDOWN_C:
+            # Hardware slowdown sheds power until the GPU holds just above its slowdown temperature, so even with
+            # the cooling lost it settles there, well below its shutdown temperature (as a real GPU does).
+            hold_w = max(IDLE_W * 0.5, (SLOWDOWN_C + 2.0 - AMBIENT_C - extra_c) / C_PER_W)
+            self.power = min(self.power * 0.7, hold_w)
+        t_eq = AMBIENT_C + C_PER_W * self.power + extra_c
         self.temp += (t_eq - self.temp) * (1.0 - math.exp(-dt / THERMAL_TAU_S) if dt > 0 else 0.0)
         self.energy += self.power * dt
         self.nvlink_bytes += self.util * 20e9 * dt  # ~20 GB/s per link and direction when busy

@@ -87,6 +87,8 @@ def test_nothing_is_wrong_before_the_faults(played):
 def test_lost_cooling_heats_the_gpu_into_thermal_slowdown(played):
     v = played(300)
     assert v("fleetscope_gpu_temperature_celsius", 0) >= 85
+    # the hardware slowdown holds it there: it never reaches its shutdown temperature
+    assert v("fleetscope_gpu_temperature_celsius", 0) < v("fleetscope_gpu_temperature_shutdown_celsius", 0)
     assert v("fleetscope_gpu_clock_event_active", 0, reason="hw_thermal_slowdown") == 1 or \
         v("fleetscope_gpu_clock_event_active", 0, reason="sw_thermal_slowdown") == 1
     assert v("fleetscope_gpu_clock_event_seconds_total", 0, reason="sw_thermal_slowdown") > 0
