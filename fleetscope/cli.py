@@ -409,6 +409,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The third-party modules each command's extra brings (pyproject.toml), so that an install without the extra
+# says which one to add rather than ending in a ModuleNotFoundError traceback.
+_EXTRA_MODULES = {
+    "agent": ("agent", {"pynvml", "psutil", "prometheus_client", "msgspec", "httpx", "yaml", "bcrypt", "grpc", "google"}),
+    "collector": ("collector", {"fastapi", "uvicorn", "polars", "msgspec", "prometheus_client", "yaml", "bcrypt"}),
+    "dashboard": ("dashboard", {"streamlit", "authlib", "polars", "httpx"}),
+    "dashboards": ("grafana", {"grafana_client", "httpx", "yaml"}),
+    "demo": ("all", {"pynvml", "psutil", "prometheus_client", "msgspec", "httpx", "yaml", "bcrypt", "fastapi", "uvicorn",
+                     "polars", "streamlit", "authlib"}),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _logging(args.verbose)
@@ -416,6 +428,13 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except assets.AssetMissing as exc:  # an install without its rules, dashboards or unit: say which, not a traceback
         print(f"fleetscope {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        extra, modules = _EXTRA_MODULES.get(args.command, ("all", set()))
+        if (exc.name or "").partition(".")[0] not in modules:
+            raise
+        print(f"fleetscope {args.command}: the Python module {exc.name!r} is not installed; this command needs the "
+              f"'{extra}' extra: pip install 'fleetscope[{extra}]' (or the agent's Debian package)", file=sys.stderr)
         return 2
 
 
