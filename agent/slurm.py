@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import pwd
 import re
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -177,6 +178,7 @@ class SlurmAttribution:
         self.clock, self.wall = clock, wall
         # pid -> (start time, job or None, when checked, its wire dict); bounded
         self._pids: dict[int, tuple[str | None, SlurmJob | None, float, dict | None]] = {}
+        self._lock = threading.Lock()  # the listener's thread and the sampler's both look processes up
         self._files: dict[str, tuple[float, NodeJob | None]] = {}  # file name -> (mtime, what it said)
         self._registry: dict[str, NodeJob] = {}
         self._registry_at = float("-inf")
@@ -196,14 +198,17 @@ class SlurmAttribution:
         if cached is not None and now - cached[2] < RECHECK_S:
             return cached
         start = _start_time(self.procfs, pid)
-        if cached is not None and start is not None and cached[0] == start:
+        # A process found in a job keeps it; one found in none is read again (it may have been caught between
+        # fork and exec, with its parent's environment).
+        if cached is not None and start is not None and cached[0] == start and cached[1] is not None:
             entry = (start, cached[1], now, cached[3])
         else:
             job = self._read(pid) if start is not None else None
             entry = (start, job, now, job.wire() if job is not None else None)
-        self._pids[pid] = entry
-        while len(self._pids) > 65536:
-            del self._pids[next(iter(self._pids))]
+        with self._lock:
+            self._pids[pid] = entry
+            while len(self._pids) > 65536:
+                del self._pids[next(iter(self._pids))]
         return entry
 
     def _read(self, pid: int) -> SlurmJob | None:
@@ -223,9 +228,12 @@ class SlurmAttribution:
         """The Slurm job of each live process the agent has looked at (GPU processes, event senders); the
         cache forgets the processes that ended."""
         out = {}
-        for pid, entry in list(self._pids.items()):
+        with self._lock:
+            cached = list(self._pids.items())
+        for pid, entry in cached:
             if not os.path.exists(f"{self.procfs}/{pid}"):
-                self._pids.pop(pid, None)
+                with self._lock:
+                    self._pids.pop(pid, None)
             elif entry[1] is not None:
                 out[pid] = entry[1]
         return out
