@@ -3,14 +3,36 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Literal
+from typing import Callable, Generic, Iterable, Iterator, Literal, TypeVar
 
 from agent.gpu.health import Verdict
 from agent.gpu.state import GpuState
 
 Kind = Literal["gauge", "counter", "untyped"]
 Labels = tuple[tuple[str, str], ...]
+
+
+# Static facts (link speeds, the sensors present, the CPU count, mount tables where the kernel cannot say they
+# changed) are read again this often, not at every sample.
+SLOW_REFRESH_S = 60.0
+T = TypeVar("T")
+
+
+class Slow(Generic[T]):
+    """`read()`'s value, read again when it is SLOW_REFRESH_S old (or when asked to, `stale=True`)."""
+
+    def __init__(self, read: Callable[[], T], period_s: float = SLOW_REFRESH_S) -> None:
+        self.read, self.period_s = read, period_s
+        self._value: T | None = None
+        self._at = float("-inf")
+
+    def get(self, stale: bool = False) -> T:
+        now = time.monotonic()
+        if stale or now - self._at >= self.period_s:
+            self._value, self._at = self.read(), now
+        return self._value  # type: ignore[return-value]
 
 
 class NoData(Exception):

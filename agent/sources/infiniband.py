@@ -3,16 +3,18 @@
 psutil does not see these; GPU clusters move their all-reduce traffic over them. Counter files
 follow the kernel's names; port_rcv_data and port_xmit_data count 4-byte words (per the
 InfiniBand spec), so they are multiplied by 4. A counter file a driver does not provide is
-left out.
+left out. The ports present and their link layers are listed every SLOW_REFRESH_S; their state,
+rate and counters are read at every sample.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
 from agent.procfs import read_text
-from agent.sources.base import Family, NoData, Source, feeding, reading, register
+from agent.sources.base import Family, NoData, Slow, Source, feeding, reading, register
 
 P = ("device", "port")
 
@@ -61,18 +63,27 @@ class InfinibandSource(Source):
 
     def __init__(self, *, sysfs: str = "/sys", **_: object) -> None:
         self.root = Path(sysfs) / "class" / "infiniband"
+        self._ports: Slow[list[tuple[str, str, str, str]] | None] = Slow(self._find)
+
+    def _find(self) -> list[tuple[str, str, str, str]] | None:
+        """(port folder, device, port, link layer) of each port, or None without the class folder."""
+        if not self.root.is_dir():
+            return None
+        return [(str(d), d.parent.parent.name, d.name, (read_text(d / "link_layer") or "").strip())
+                for d in sorted(self.root.glob("*/ports/*"))]
 
     def collect(self):
-        if not self.root.is_dir():
+        ports = self._ports.get()
+        if ports is None:
             raise NoData(f"no {self.root} (no InfiniBand or RoCE adapter)")
         out = []
-        for port_dir in sorted(self.root.glob("*/ports/*")):
-            device, port = port_dir.parent.parent.name, port_dir.name
+        for port_dir, device, port, link_layer in ports:
             ids = {"device": device, "port": port}
-            state_text = read_text(port_dir / "state")
-            phys_text = read_text(port_dir / "phys_state")
-            rate_text = read_text(port_dir / "rate") or ""
-            link_layer = (read_text(port_dir / "link_layer") or "").strip()
+            state_text = read_text(f"{port_dir}/state")
+            if state_text is None and not os.path.isdir(port_dir):
+                continue  # the adapter went since the ports were listed
+            phys_text = read_text(f"{port_dir}/phys_state")
+            rate_text = read_text(f"{port_dir}/rate") or ""
             out.append(reading("fleetscope_infiniband_info", 1, **ids, link_layer=link_layer, rate=rate_text.strip()))
             if state_text is not None:
                 state, _ = parse_state(state_text)
@@ -83,7 +94,7 @@ class InfinibandSource(Source):
             if rate is not None:
                 out.append(reading("fleetscope_infiniband_rate_bytes", rate, **ids))
             for filename, suffix, mult, _ in _COUNTERS:
-                text = read_text(port_dir / "counters" / filename)
+                text = read_text(f"{port_dir}/counters/{filename}")
                 if text is not None and text.strip().isdigit():
                     out.append(reading(f"fleetscope_infiniband_{suffix}", int(text) * mult, **ids))
         return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agent.procfs import parse_keyed, read_text
+from agent.procfs import pick_keyed, read_text
 from agent.sources.base import Family, NoData, Source, feeding, reading, register
 
 # (meminfo key, metric, help)
@@ -23,6 +23,8 @@ _MEMINFO = (
     ("AnonHugePages", "fleetscope_memory_anon_hugepages_bytes", "Transparent huge pages in anonymous memory."),
 )
 
+_KEYS = tuple(key for key, _, _ in _MEMINFO)
+
 
 @register("memory")
 class MemorySource(Source):
@@ -36,19 +38,20 @@ class MemorySource(Source):
 
     def __init__(self, *, procfs: str = "/proc", **_: object) -> None:
         self.procfs = Path(procfs)
+        self._meminfo, self._vmstat = str(self.procfs / "meminfo"), str(self.procfs / "vmstat")
 
     def collect(self):
-        text = read_text(self.procfs / "meminfo")
+        text = read_text(self._meminfo)
         if text is None:
             raise NoData(f"no {self.procfs / 'meminfo'}")
-        info = parse_keyed(text)
+        info = pick_keyed(text, _KEYS)
         for key, metric, _ in _MEMINFO:
             if key in info:  # older kernels lack some keys: omitted, never 0
                 yield reading(metric, info[key])
         if "MemTotal" in info and "MemAvailable" in info:
             yield reading("fleetscope_memory_used_bytes", info["MemTotal"] - info["MemAvailable"])
-        vmstat = read_text(self.procfs / "vmstat")
+        vmstat = read_text(self._vmstat)
         if vmstat is not None:
-            oom = parse_keyed(vmstat).get("oom_kill")  # since Linux 4.13
+            oom = pick_keyed(vmstat, ("oom_kill",)).get("oom_kill")  # since Linux 4.13
             if oom is not None:
                 yield reading("fleetscope_memory_oom_kills_total", oom)

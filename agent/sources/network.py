@@ -1,14 +1,22 @@
-"""Network interfaces: bytes, packets, errors, drops, link state and speed."""
+"""Network interfaces: bytes, packets, errors, drops, link state and speed.
+
+Per sample: the counters from /proc/net/dev (one file, as psutil reads it), each interface's flags and MTU
+by ioctl on one socket kept open, and carrier_changes from sysfs. The link speed (an ethtool query, which
+some NIC drivers answer from firmware, slowly) is read every SLOW_REFRESH_S, and at once for an interface
+not seen before.
+"""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import re
-from pathlib import Path
-
+import socket
+import struct
 import psutil
 
 from agent.procfs import read_text
-from agent.sources.base import Family, Source, feeding, reading, register
+from agent.sources.base import Family, Reading, Slow, Source, feeding, reading, register
 
 _COUNTERS = (
     ("receive_bytes", "bytes_recv", "Bytes received."),
@@ -20,6 +28,23 @@ _COUNTERS = (
     ("receive_drop", "dropin", "Received packets dropped."),
     ("transmit_drop", "dropout", "Transmitted packets dropped."),
 )
+# Where each counter sits among /proc/net/dev's 16 columns (receive: bytes packets errs drop ...; transmit from 8).
+_COLUMNS = {"bytes_recv": 0, "packets_recv": 1, "errin": 2, "dropin": 3,
+            "bytes_sent": 8, "packets_sent": 9, "errout": 10, "dropout": 11}
+_PICK = tuple((f"fleetscope_network_{name}_total", _COLUMNS[attr]) for name, attr, _ in _COUNTERS)
+_SIOCGIFFLAGS, _SIOCGIFMTU = 0x8913, 0x8921
+_IFF_RUNNING = 0x40  # administratively up and operationally up: what psutil calls isup
+_IFREQ = struct.Struct("16si20x")  # struct ifreq: the name, then the union (flags or MTU as an int)
+
+
+def parse_net_dev(text: str) -> dict[str, list[int]]:
+    """/proc/net/dev: each interface's 16 counters (receive, then transmit), as the kernel prints them."""
+    out = {}
+    for line in text.splitlines()[2:]:
+        name, sep, rest = line.rpartition(":")
+        if sep:
+            out[name.strip()] = [int(x) for x in rest.split()]
+    return out
 
 
 @register("network")
@@ -39,23 +64,57 @@ class NetworkSource(Source):
         "fleetscope_network_transmit_bytes_total": "network_transmit_bytes_total",
     })
 
-    def __init__(self, *, exclude_interfaces: str = r"^lo$", sysfs: str = "/sys", **_: object) -> None:
+    def __init__(self, *, exclude_interfaces: str = r"^lo$", sysfs: str = "/sys", procfs: str = "/proc", **_: object) -> None:
         self.exclude = re.compile(exclude_interfaces) if exclude_interfaces else None
-        self.sysfs = Path(sysfs)
+        self.sysfs_net = f"{sysfs}/class/net"
+        self.net_dev = f"{procfs}/net/dev"
+        self._sock: socket.socket | None = None
+        # device -> Mbit/s as psutil reports it (0: unknown)
+        self._speeds: Slow[dict[str, int]] = Slow(lambda: {name: st.speed for name, st in psutil.net_if_stats().items()})
+
+    def _speed(self, device: str) -> int:
+        speeds = self._speeds.get()
+        if device not in speeds:  # a new interface: its speed now, not in a minute
+            speeds = self._speeds.get(stale=True)
+        return speeds.get(device, 0)
+
+    def _flags_mtu(self, device: str) -> tuple[int, int] | None:
+        """The interface's flags and MTU, or None when it has gone."""
+        if self._sock is None:
+            self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        name = device.encode()
+        try:
+            flags = _IFREQ.unpack(fcntl.ioctl(self._sock, _SIOCGIFFLAGS, _IFREQ.pack(name, 0)))[1] & 0xFFFF
+            mtu = _IFREQ.unpack(fcntl.ioctl(self._sock, _SIOCGIFMTU, _IFREQ.pack(name, 0)))[1]
+        except OSError as exc:
+            if exc.errno == errno.ENODEV:
+                return None
+            raise
+        return flags, mtu
 
     def collect(self):
-        stats = psutil.net_if_stats()
-        for device, io in psutil.net_io_counters(pernic=True).items():
+        text = read_text(self.net_dev)
+        if text is None:
+            return
+        for device, counters in parse_net_dev(text).items():
             if self.exclude and self.exclude.search(device):
                 continue
-            for name, attr, _ in _COUNTERS:
-                yield reading(f"fleetscope_network_{name}_total", getattr(io, attr), device=device)
-            st = stats.get(device)
-            if st is not None:
-                yield reading("fleetscope_network_up", 1 if st.isup else 0, device=device)
-                if st.speed > 0:  # psutil reports 0 when the speed is unknown: omit, never 0
-                    yield reading("fleetscope_network_speed_bytes", st.speed * 1_000_000 / 8, device=device)
-                yield reading("fleetscope_network_mtu_bytes", st.mtu, device=device)
-            changes = read_text(self.sysfs / "class" / "net" / device / "carrier_changes")
+            labels = (("device", device),)
+            for metric, column in _PICK:
+                yield Reading(metric, float(counters[column]), labels)
+            got = self._flags_mtu(device)
+            if got is not None:
+                flags, mtu = got
+                yield Reading("fleetscope_network_up", 1.0 if flags & _IFF_RUNNING else 0.0, labels)
+                speed = self._speed(device)
+                if speed > 0:  # psutil reports 0 when the speed is unknown: omit, never 0
+                    yield Reading("fleetscope_network_speed_bytes", speed * 1_000_000 / 8, labels)
+                yield Reading("fleetscope_network_mtu_bytes", float(mtu), labels)
+            changes = read_text(f"{self.sysfs_net}/{device}/carrier_changes")
             if changes is not None and changes.strip().isdigit():
                 yield reading("fleetscope_network_carrier_changes_total", int(changes), device=device)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None

@@ -23,11 +23,12 @@ class PressureSource(Source):
 
     def __init__(self, *, procfs: str = "/proc", **_: object) -> None:
         self.root = Path(procfs) / "pressure"
+        self._files = tuple((res, str(self.root / res)) for res in RESOURCES)
 
     def collect(self):
         found = False
-        for res in RESOURCES:
-            text = read_text(self.root / res)
+        for res, path in self._files:
+            text = read_text(path)
             if text is None:
                 continue
             found = True

@@ -1,21 +1,28 @@
 """Filesystems (size, free, available, inodes, read-only) and block-device I/O from /proc/diskstats.
 
 Mounts come from <procfs>/1/mounts (the host's when procfs is the host's /proc) and statvfs runs
-under <rootfs>, so a containerised agent reports the host's filesystems. A statvfs that hangs (a
-dead NFS server) is given up after a second: that mount reports fleetscope_filesystem_device_error
-1 and is skipped until the call returns, so one stuck mount never stalls the sampler.
+under <rootfs>, so a containerised agent reports the host's filesystems. The mount table is read again
+only when the kernel says it changed (a /proc mounts file polls POLLPRI after a mount or unmount), and
+at least every SLOW_REFRESH_S. A statvfs that may hang (a dead NFS server: any filesystem not in
+LOCAL_FSTYPES, or one mounted under such a filesystem) runs on a helper thread and is given up after a
+second: that mount reports fleetscope_filesystem_device_error 1 and is skipped until the call returns,
+so one stuck mount never stalls the sampler. A local filesystem answers statvfs from memory, so its
+call is made in place (no thread hand-off); the sampler's deadline still covers it.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import select
+import stat
+import time
 from concurrent.futures import Future, ThreadPoolExecutor, TimeoutError
 from dataclasses import dataclass
 from pathlib import Path
 
 from agent.procfs import parse_diskstats, read_text
-from agent.sources.base import Family, NoData, Source, feeding, reading, register
+from agent.sources.base import SLOW_REFRESH_S, Family, NoData, Reading, Source, feeding, register
 
 # Virtual devices whose I/O is counted again on the real device underneath.
 _SKIP_DISKS = re.compile(r"^(loop|ram|zram|sr|fd)\d*$|^nvme\d+n\d+p\d+$|^[shv]d[a-z]+\d+$")
@@ -26,7 +33,13 @@ _SKIP_MOUNTS = re.compile(r"^/(dev|proc|run/credentials/.+|sys|var/lib/docker/.+
                           r"var/lib/kubelet/pods/.+|mnt/sandboxing/.+)($|/)")
 _ALLOW_MOUNTS = re.compile(r"^/dev/shm$")  # NCCL and DataLoader workers live in /dev/shm: keep it
 STATVFS_TIMEOUT_S = 1.0
+# Filesystems whose statfs is answered from the kernel's memory, never from a server or a user-space daemon.
+LOCAL_FSTYPES = frozenset(("ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "vfat", "exfat", "tmpfs", "ramfs", "zfs"))
 FS = ("device", "mountpoint", "fstype")
+_DISK = ("fleetscope_disk_read_bytes_total", "fleetscope_disk_written_bytes_total", "fleetscope_disk_reads_completed_total",
+         "fleetscope_disk_writes_completed_total", "fleetscope_disk_read_time_seconds_total",
+         "fleetscope_disk_write_time_seconds_total", "fleetscope_disk_io_time_seconds_total",
+         "fleetscope_disk_io_time_weighted_seconds_total", "fleetscope_disk_io_now")
 
 
 @dataclass(frozen=True)
@@ -59,6 +72,62 @@ def parse_mounts(text: str) -> list[Mount]:
     return out
 
 
+def in_place(mounts: list[Mount]) -> set[str]:
+    """The mount points whose statvfs cannot hang: a local filesystem not mounted under one that can."""
+    remote = [m.mountpoint.rstrip("/") + "/" for m in mounts if m.fstype not in LOCAL_FSTYPES]
+    return {m.mountpoint for m in mounts
+            if m.fstype in LOCAL_FSTYPES and not any(m.mountpoint.startswith(r) for r in remote)}
+
+
+class MountTable:
+    """The mounts worth reporting, read again only after the kernel signals a change (or SLOW_REFRESH_S)."""
+
+    def __init__(self, procfs: Path) -> None:
+        self.paths = (procfs / "1" / "mounts", procfs / "self" / "mounts")
+        self._fd: int | None = None
+        self._poll: select.poll | None = None  # None: a plain file (a test's), read every time
+        self._mounts: list[Mount] | None = None
+        self._at = float("-inf")
+
+    def _open(self) -> None:
+        for path in self.paths:
+            try:
+                self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                break
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+        else:
+            raise NoData(f"no mount table under {self.paths[0].parent.parent}")
+        st = os.fstat(self._fd)
+        self._poll = None
+        if stat.S_ISREG(st.st_mode) and st.st_size == 0:  # a /proc file, which signals changes
+            self._poll = select.poll()
+            self._poll.register(self._fd, select.POLLPRI | select.POLLERR)
+
+    def get(self) -> list[Mount]:
+        if self._fd is None:
+            self._open()
+        now = time.monotonic()
+        if (self._mounts is not None and self._poll is not None and now - self._at < SLOW_REFRESH_S
+                and not self._poll.poll(0)):
+            return self._mounts
+        try:
+            os.lseek(self._fd, 0, os.SEEK_SET)
+            chunks = []
+            while chunk := os.read(self._fd, 65536):
+                chunks.append(chunk)
+        except OSError:
+            self.close()  # opened again at the next sample
+            raise
+        self._mounts, self._at = parse_mounts(b"".join(chunks).decode(errors="replace")), now
+        return self._mounts
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd, self._poll = None, None
+
+
 @register("storage")
 class StorageSource(Source):
     name = "storage"
@@ -89,21 +158,24 @@ class StorageSource(Source):
         self.rootfs = rootfs
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="statvfs")
         self._stuck: dict[str, Future] = {}
-
-    def _mounts(self) -> list[Mount]:
-        text = read_text(self.procfs / "1" / "mounts") or read_text(self.procfs / "self" / "mounts")
-        if text is None:
-            raise NoData(f"no mount table under {self.procfs}")
-        return parse_mounts(text)
+        self._table = MountTable(self.procfs)
+        self._seen: list[Mount] | None = None
+        self._in_place: set[str] = set()
+        self._labels: dict[str, tuple] = {}  # label tuples by mount point, and by "\0" + disk
 
     def _statvfs(self, mountpoint: str):
-        """statvfs with a timeout; None when it failed or is still hanging."""
+        """statvfs, with a timeout where it may hang; None when it failed or is still hanging."""
+        path = os.path.join(self.rootfs, mountpoint.lstrip("/"))
+        if mountpoint in self._in_place:
+            try:
+                return os.statvfs(path)
+            except OSError:
+                return None
         pending = self._stuck.get(mountpoint)
         if pending is not None:
             if not pending.done():
                 return None
             del self._stuck[mountpoint]
-        path = os.path.join(self.rootfs, mountpoint.lstrip("/"))
         future = self._pool.submit(os.statvfs, path)
         try:
             return future.result(timeout=STATVFS_TIMEOUT_S)
@@ -114,32 +186,40 @@ class StorageSource(Source):
             return None
 
     def collect(self):
-        for m in self._mounts():
-            labels = {"device": m.device, "mountpoint": m.mountpoint, "fstype": m.fstype}
+        mounts = self._table.get()
+        if mounts is not self._seen:
+            self._seen, self._in_place = mounts, in_place(mounts)
+            self._labels = {}
+        out = []
+        for m in mounts:
+            labels = self._labels.get(m.mountpoint)
+            if labels is None:
+                labels = self._labels[m.mountpoint] = (("device", m.device), ("mountpoint", m.mountpoint),
+                                                       ("fstype", m.fstype))
             st = self._statvfs(m.mountpoint)
-            yield reading("fleetscope_filesystem_device_error", 1 if st is None else 0, **labels)
+            out.append(Reading("fleetscope_filesystem_device_error", 1.0 if st is None else 0.0, labels))
             if st is None:
                 continue
-            yield reading("fleetscope_filesystem_size_bytes", st.f_blocks * st.f_frsize, **labels)
-            yield reading("fleetscope_filesystem_free_bytes", st.f_bfree * st.f_frsize, **labels)
-            yield reading("fleetscope_filesystem_avail_bytes", st.f_bavail * st.f_frsize, **labels)
-            yield reading("fleetscope_filesystem_files", st.f_files, **labels)
-            yield reading("fleetscope_filesystem_files_free", st.f_ffree, **labels)
             readonly = st.f_flag & os.ST_RDONLY or "ro" in m.options.split(",")
-            yield reading("fleetscope_filesystem_readonly", 1 if readonly else 0, **labels)
+            out += [Reading("fleetscope_filesystem_size_bytes", float(st.f_blocks * st.f_frsize), labels),
+                    Reading("fleetscope_filesystem_free_bytes", float(st.f_bfree * st.f_frsize), labels),
+                    Reading("fleetscope_filesystem_avail_bytes", float(st.f_bavail * st.f_frsize), labels),
+                    Reading("fleetscope_filesystem_files", float(st.f_files), labels),
+                    Reading("fleetscope_filesystem_files_free", float(st.f_ffree), labels),
+                    Reading("fleetscope_filesystem_readonly", 1.0 if readonly else 0.0, labels)]
         text = read_text(self.procfs / "diskstats")
         for d in parse_diskstats(text or ""):
             if _SKIP_DISKS.match(d.device):
                 continue
-            yield reading("fleetscope_disk_read_bytes_total", d.read_bytes, device=d.device)
-            yield reading("fleetscope_disk_written_bytes_total", d.written_bytes, device=d.device)
-            yield reading("fleetscope_disk_reads_completed_total", d.reads, device=d.device)
-            yield reading("fleetscope_disk_writes_completed_total", d.writes, device=d.device)
-            yield reading("fleetscope_disk_read_time_seconds_total", d.read_seconds, device=d.device)
-            yield reading("fleetscope_disk_write_time_seconds_total", d.write_seconds, device=d.device)
-            yield reading("fleetscope_disk_io_time_seconds_total", d.io_seconds, device=d.device)
-            yield reading("fleetscope_disk_io_time_weighted_seconds_total", d.weighted_io_seconds, device=d.device)
-            yield reading("fleetscope_disk_io_now", d.in_progress, device=d.device)
+            key = "\0" + d.device  # never a mount point
+            labels = self._labels.get(key)
+            if labels is None:
+                labels = self._labels[key] = (("device", d.device),)
+            values = (d.read_bytes, d.written_bytes, d.reads, d.writes, d.read_seconds, d.write_seconds, d.io_seconds,
+                      d.weighted_io_seconds, d.in_progress)
+            out += [Reading(metric, float(value), labels) for metric, value in zip(_DISK, values)]
+        return out
 
     def close(self) -> None:
+        self._table.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
