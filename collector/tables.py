@@ -35,6 +35,7 @@ SCHEMAS: dict[str, dict[str, pl.DataType]] = {
         "ts": F64, "job": CAT, "rank": I32, "local_rank": I32, "world_size": I32, "step": I64, "stage": I32,
         "duration_s": F32, "tokens": I64, "samples": I64, "flops_per_token": F64, "failed": pl.Boolean,
         "process_start_ts": F64, "restored_step": I64,  # on a run's first step: goodput's incarnations
+        "incarnation": I32,  # the job's incarnation the row belongs to, as the goodput ledger numbers them (not sent)
         **{c: F32 for c in PHASE_COLUMNS}, "sync_arrival_s": F32,
         "phases_other": OTHER, "metrics_other": OTHER,
         "node": CAT, "gpu_uuid": CAT, "pid": I32, "agent_id": CAT,
@@ -121,6 +122,7 @@ def _steps(events: list[StepEvent], batch: Batch) -> pl.DataFrame:
         "tokens": [e.tokens for e in events], "samples": [e.samples for e in events],
         "flops_per_token": [e.flops_per_token for e in events], "failed": [e.failed for e in events],
         "process_start_ts": [e.process_start_ts for e in events], "restored_step": [e.restored_step for e in events],
+        "incarnation": [None] * len(events),  # the store's goodput ledger tells (Store._tag)
     }
     phases = [e.phases for e in events]
     for name, column in zip(PHASES, PHASE_COLUMNS):

@@ -95,8 +95,9 @@ def get_job(job: str, request: Request, store: StoreDep, r: RangeDep,
 
 @router.get("/v1/jobs/{job}/steps")
 def get_job_steps(job: str, store: StoreDep, r: RangeDep, last: int | None = Query(None, ge=1, le=100_000)) -> dict:
-    """Per step: start, ranks, median, p95 and slowest step time. At most max_points rows: longer
-    ranges are cut into spans of steps (median of medians, highest p95 and max)."""
+    """Per step: start, ranks, median, p95 and slowest step time, and the incarnation of the job that ran it
+    (a step that a restart ran again shows its latest run). At most max_points rows: longer ranges are cut
+    into spans of steps (median of medians, highest p95 and max)."""
     series = step_series(_aggs(store, r, job), job)
     if series.height == 0:
         raise HTTPException(404, f"no job {job!r} has reported a step in the range")
@@ -107,7 +108,8 @@ def get_job_steps(job: str, store: StoreDep, r: RangeDep, last: int | None = Que
         series = (series.with_columns((pl.col("step") // span).alias("_bucket"))
                   .group_by("_bucket", maintain_order=True)
                   .agg(pl.col("step").first(), pl.col("ts").first(), pl.col("ranks").max(),
-                       pl.col("step_time_p50_s").median(), pl.col("step_time_p95_s").max(), pl.col("step_time_max_s").max())
+                       pl.col("step_time_p50_s").median(), pl.col("step_time_p95_s").max(), pl.col("step_time_max_s").max(),
+                       pl.col("incarnation").max())
                   .drop("_bucket"))
     return {"job": job, "steps": series.to_dicts()}
 
