@@ -189,8 +189,10 @@ def test_a_2_task_srun_job_is_attributed_on_the_node_and_linked_to_its_slurm_job
         assert (state_dir / f"{job_id}.job").read_text().count(f"SLURM_JOB_ID={job_id}") == 1
         info = wait_until(lambda: metric_lines(metrics, "fleetscope_slurm_job_info"), timeout=10, what="job info")
         assert f'slurm_job="{job_id}"' in info[0] and f'user="{user}"' in info[0] and f'partition="{PARTITION}"' in info[0]
-        assert metric_lines(metrics, "fleetscope_slurm_job_running") == [
-            f'fleetscope_slurm_job_running{{slurm_job="{job_id}"}} 1.0']
+        # The info can come first, from the tasks' own events; the running state from the prolog's record, read at
+        # the agent's next sample.
+        wait_until(lambda: metric_lines(metrics, "fleetscope_slurm_job_running") == [
+            f'fleetscope_slurm_job_running{{slurm_job="{job_id}"}} 1.0'], timeout=10, what="the prolog to be seen")
     finally:
         (tmp_path / "go").write_text("")
     out, _ = first.communicate(timeout=60)
