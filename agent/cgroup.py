@@ -11,6 +11,8 @@ from agent.slurm import parse_cgroup as parse_slurm_cgroup
 
 _CONTAINER = re.compile(r"(?:docker|cri-containerd|crio|containerd|libpod)[-:]([0-9a-f]{12,64})|/docker/([0-9a-f]{64})")
 _POD = re.compile(r"pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})")
+# The kubelet's cgroupfs driver names a container's cgroup by its bare id, under its pod's: .../pod<uid>/<id>
+_POD_CHILD = re.compile(r"pod[0-9a-f_-]{36}/([0-9a-f]{64})(?:/|$)")
 
 
 @dataclass(frozen=True)
@@ -25,7 +27,7 @@ def parse_cgroup(text: str) -> Owner:
     container = pod = ""
     for line in text.splitlines():
         path = line.split(":", 2)[-1]
-        if not container and (m := _CONTAINER.search(path)):
+        if not container and (m := _CONTAINER.search(path) or _POD_CHILD.search(path)):
             container = (m.group(1) or m.group(2))[:12]
         if not pod and (m := _POD.search(path)):
             pod = m.group(1).replace("_", "-")

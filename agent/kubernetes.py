@@ -1,4 +1,5 @@
-"""Which Kubernetes pod, namespace and container holds each GPU, from the kubelet's PodResources v1 API.
+"""Which Kubernetes pod, namespace and container holds each GPU (the kubelet's PodResources v1 API), and which one
+a process that sends events runs in (PodAttribution, at the end).
 
 The kubelet serves PodResourcesLister (agent/podresources/api.proto) on a Unix socket that only root can
 reach, /var/lib/kubelet/pod-resources/kubelet.sock; no Kubernetes RBAC is involved, only the socket mount.
@@ -21,8 +22,12 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 from dataclasses import dataclass
 from typing import Iterable, Mapping
+
+from agent.cgroup import owner_of
 
 log = logging.getLogger("fleetscope.agent.kubernetes")
 
@@ -160,4 +165,154 @@ def make_client(socket_path: str | None) -> PodResourcesClient | None:
     except ImportError as exc:
         log.warning("pod_resources_socket is %s, but grpcio/protobuf are not installed (%s): GPUs get no pod labels; "
                     "pip install 'fleetscope[kubernetes]'", socket_path, exc)
+        return None
+
+
+# --- the pod of a process, for the events it sends ---------------------------------------------------------------
+RECHECK_S = 5.0  # how often a cached pid's start time is checked again (pids get reused)
+_INDEX_EVERY_S = 1.0  # the log folders are listed again at most this often, and only for a pod not yet seen
+
+
+def parse_pod_dir(name: str) -> tuple[str, str, str] | None:
+    """A kubelet pod log folder's name, <namespace>_<pod>_<uid> -> (namespace, pod, uid); None for anything else.
+    Neither a namespace, a pod name nor a UID can hold "_" (DNS names, a UUID)."""
+    parts = name.split("_")
+    return (parts[0], parts[1], parts[2]) if len(parts) == 3 and all(parts) else None
+
+
+def parse_container_log(name: str) -> tuple[str, str, str, str] | None:
+    """A kubelet container log link's name, <pod>_<namespace>_<container>-<container id>.log ->
+    (namespace, pod, container, container id); None for anything else."""
+    if not name.endswith(".log"):
+        return None
+    parts = name[:-4].split("_")
+    if len(parts) != 3:
+        return None
+    container, dash, cid = parts[2].rpartition("-")
+    if not (dash and container and len(cid) >= 12 and all(c in "0123456789abcdef" for c in cid)):
+        return None
+    return parts[1], parts[0], container, cid
+
+
+class PodAttribution:
+    """The pod, namespace and container of a process, for the events it sends over the Unix socket (the kernel
+    names the sender): what the agent itself can vouch for, never what the process claims.
+
+    The process's cgroup names its pod UID and container id (agent/cgroup.py). The kubelet names both on the node,
+    in its log folders: /var/log/pods/<namespace>_<pod>_<uid>/<container>/ and the links
+    /var/log/containers/<pod>_<namespace>_<container>-<container id>.log (read under the agent's rootfs: the
+    DaemonSet mounts the host's / at /host). The container is the one whose id the cgroup shows, else the pod's
+    only container. Where the log folders are not there, the kubelet's PodResources List stands in: the one
+    container the kubelet gave the GPU that NVML lists the process on (`gpu_of(pid)` -> (uuid, index)); a process
+    that holds no GPU, or one that several containers share, is not named that way.
+
+    Each pid is looked up once per process (pid and start time), not at every event."""
+
+    def __init__(self, procfs: str = "/proc", log_root: str | None = "/var/log", assignment=None, gpu_of=None,
+                 clock=time.monotonic) -> None:
+        self.procfs = procfs
+        self.log_root = log_root
+        self.assignment = assignment  # () -> Assignment (PodResourcesClient.assignment), or None
+        self.gpu_of = gpu_of  # pid -> (GPU uuid, index) that NVML lists the process on, or None
+        self.clock = clock
+        self._pids: dict[int, tuple[str | None, dict | None, float]] = {}  # pid -> (start time, wire, checked)
+        self._lock = threading.Lock()
+        self._pods: dict[str, tuple[str, str, tuple[str, ...]]] = {}  # uid -> (namespace, pod, containers)
+        self._containers: dict[str, tuple[str, str, str]] = {}  # container id[:12] -> (namespace, pod, container)
+        self._indexed_at = float("-inf")
+
+    def wire(self, pid: int) -> dict | None:
+        """fleetscope.schema.PodIds fields of a process's pod (verified), for an event it sent; None outside a pod."""
+        now = self.clock()
+        cached = self._pids.get(pid)
+        if cached is not None and now - cached[2] < RECHECK_S:
+            return cached[1]
+        start = _start_time(self.procfs, pid)
+        if cached is not None and start is not None and cached[0] == start and cached[1] is not None:
+            ids = cached[1]
+        else:  # new, reused, or not found in a pod last time (the kubelet may not have written its folders yet)
+            ids = self._read(pid) if start is not None else None
+        with self._lock:
+            self._pids[pid] = (start, ids, now)
+            while len(self._pids) > 65536:
+                del self._pids[next(iter(self._pids))]
+        return ids
+
+    def _read(self, pid: int) -> dict | None:
+        owner = owner_of(pid, self.procfs)
+        if not owner.pod_uid:
+            return None
+        found = self._from_logs(owner.pod_uid, owner.container)
+        if found is None:
+            found = self._from_pod_resources(pid)
+        if found is None:
+            return None
+        namespace, pod, container = found
+        out = {"namespace": namespace, "pod": pod, "verified": True}
+        if container:
+            out["container"] = container
+        return out if all(0 < len(v) <= 256 for v in (namespace, pod, container or "x")) else None
+
+    def _from_logs(self, uid: str, container_id: str) -> tuple[str, str, str] | None:
+        if self.log_root is None:
+            return None
+        if uid not in self._pods or (container_id and container_id not in self._containers):
+            self._index()
+        pod = self._pods.get(uid)
+        if pod is None:
+            return None
+        namespace, name, containers = pod
+        by_id = self._containers.get(container_id) if container_id else None
+        if by_id is not None and by_id[:2] == (namespace, name):
+            return namespace, name, by_id[2]
+        return namespace, name, containers[0] if len(containers) == 1 else ""
+
+    def _index(self) -> None:
+        now = self.clock()
+        if now - self._indexed_at < _INDEX_EVERY_S:
+            return
+        self._indexed_at = now
+        pods: dict[str, tuple[str, str, tuple[str, ...]]] = {}
+        containers: dict[str, tuple[str, str, str]] = {}
+        try:
+            with os.scandir(os.path.join(self.log_root, "pods")) as entries:
+                for entry in entries:
+                    parsed = parse_pod_dir(entry.name)
+                    if parsed is None:
+                        continue
+                    try:
+                        names = tuple(sorted(n for n in os.listdir(entry.path) if not n.startswith(".")))
+                    except OSError:
+                        names = ()
+                    pods[parsed[2]] = (parsed[0], parsed[1], names)
+        except OSError:
+            pass
+        try:
+            for name in os.listdir(os.path.join(self.log_root, "containers")):
+                parsed = parse_container_log(name)
+                if parsed is not None:
+                    containers[parsed[3][:12]] = parsed[:3]
+        except OSError:
+            pass
+        self._pods, self._containers = pods, containers
+
+    def _from_pod_resources(self, pid: int) -> tuple[str, str, str] | None:
+        if self.assignment is None or self.gpu_of is None:
+            return None
+        gpu = self.gpu_of(pid)
+        if gpu is None:
+            return None
+        try:
+            refs = self.assignment().of_gpu(*gpu)
+        except PodResourcesUnavailable:
+            return None
+        return (refs[0].namespace, refs[0].pod, refs[0].container) if len(refs) == 1 else None
+
+
+def _start_time(procfs: str, pid: int) -> str | None:
+    """The process's start time in clock ticks after boot (field 22 of /proc/<pid>/stat), or None when gone."""
+    try:
+        with open(f"{procfs}/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
         return None

@@ -30,7 +30,7 @@ import msgspec
 
 from agent.sources.base import Family, Reading
 from agent.config import split_address
-from fleetscope.schema import Event, SchemaError, SlurmIds, TooDeep, UnsupportedVersion, decode_event
+from fleetscope.schema import Event, PodIds, SchemaError, SlurmIds, TooDeep, UnsupportedVersion, decode_event
 from fleetscope.vocabulary import MAX_DATAGRAM_BYTES, UDP_MAX_BYTES
 
 log = logging.getLogger("fleetscope.agent.listener")
@@ -179,6 +179,7 @@ class Listener:
         gpu_lookup: Callable[[int, int], str | None] = lambda pid, local_rank: None,
         limits: SenderLimits | None = None,
         slurm_lookup: Callable[[int], dict | None] | None = None,
+        pod_lookup: Callable[[int], dict | None] | None = None,
     ) -> None:
         """`host`, `port`: the UDP socket; or `host` alone, the whole `events_address` (see `parse_events_address`).
 
@@ -191,6 +192,11 @@ class Listener:
         # whose pid the kernel vouches for; a UDP event keeps what its client sent.
         self.slurm_lookup = slurm_lookup
         self._slurm_structs: dict[int, tuple[dict, SlurmIds | None]] = {}
+        # pid -> the Kubernetes pod the agent reads for it (agent/kubernetes.py PodAttribution), likewise for a Unix
+        # sender, `verified`; a pod the client names itself (UDP, or a sender the agent finds in no pod) is kept
+        # as its claim, never verified.
+        self.pod_lookup = pod_lookup
+        self._pod_structs: dict[int, tuple[dict, PodIds | None]] = {}
         self.received: Counter[str] = Counter()
         self.verified: Counter[str] = Counter()
         self.pid_mismatch = 0
@@ -263,9 +269,12 @@ class Listener:
             pid = creds[0]
         # node and gpu_uuid are the agent's to set; a client that sets them is confused or lying.
         slurm = self._slurm_of(pid) if creds is not None and pid and self.slurm_lookup is not None else None
+        pod = self._pod_of(pid) if creds is not None and pid and self.pod_lookup is not None else None
+        if pod is None and event.pod is not None and event.pod.verified:
+            pod = msgspec.structs.replace(event.pod, verified=False)  # only the agent verifies
         event = msgspec.structs.replace(event, node=self.node, pid=pid,
                                         gpu_uuid=self.gpu_lookup(pid, getattr(event, "local_rank", -1)),
-                                        slurm=slurm or event.slurm)
+                                        slurm=slurm or event.slurm, pod=pod or event.pod)
         self.received[kind] += 1
         if creds is not None:
             self.verified[kind] += 1
@@ -294,6 +303,22 @@ class Listener:
             cached = self._slurm_structs[pid] = (ids, struct)
             if len(self._slurm_structs) > 65536:
                 del self._slurm_structs[next(iter(self._slurm_structs))]
+        return cached[1]
+
+    def _pod_of(self, pid: int) -> PodIds | None:
+        """The pod the agent reads for a process, as the schema's struct (made once per process)."""
+        ids = self.pod_lookup(pid)
+        if ids is None:
+            return None
+        cached = self._pod_structs.get(pid)
+        if cached is None or cached[0] is not ids:
+            try:
+                struct = msgspec.convert(ids, PodIds)
+            except msgspec.ValidationError:
+                struct = None
+            cached = self._pod_structs[pid] = (ids, struct)
+            if len(self._pod_structs) > 65536:
+                del self._pod_structs[next(iter(self._pod_structs))]
         return cached[1]
 
     @staticmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 
@@ -10,6 +11,7 @@ import fleetscope
 from agent.config import AgentConfig, split_address
 from agent.exporter import AgentCollector, make_registry
 from agent.exposition import MetricsServer
+from agent.kubernetes import PodAttribution, PodResourcesUnavailable
 from agent.listener import Listener, SenderLimits
 from agent.sampler import Sampler
 from agent.shipper import Shipper
@@ -35,8 +37,12 @@ class Agent:
         # The Slurm job of a process (cgroup, environ) and the jobs the prolog registered: for the GPU process
         # series, the Slurm source and the events of Unix-socket senders.
         self.slurm = SlurmAttribution(config.procfs, config.slurm_state_dir or None)
+        # The Kubernetes pod of a Unix-socket sender: its cgroup and the kubelet's log folders under the agent's
+        # rootfs, else the kubelet's PodResources answer for the GPU it holds (agent/kubernetes.py).
+        self.pods = PodAttribution(config.procfs, os.path.join(config.rootfs, "var", "log"),
+                                   assignment=self._pod_assignment, gpu_of=self._gpu_of_pid)
         self.listener = Listener(config.events_address, node=config.node, deliver=self._deliver, gpu_lookup=self._gpu_for,
-                                 slurm_lookup=self.slurm.wire,
+                                 slurm_lookup=self.slurm.wire, pod_lookup=self.pods.wire,
                                  limits=SenderLimits(events_per_s=config.events_per_sender, bytes_per_s=config.bytes_per_sender))
         self.sources = build_sources(config, workload_lookup=self.listener.workloads.get,
                                      deliver_server_frame=self.shipper.enqueue_server_frame if self.shipper else None,
@@ -59,6 +65,22 @@ class Agent:
     def _deliver(self, event) -> None:
         if self.shipper is not None:
             self.shipper.enqueue_event(event)
+
+    def _pod_assignment(self):
+        """The kubelet's GPU assignment now, from the GPU source's PodResources client; raises off Kubernetes."""
+        for source in self.sources:
+            client = getattr(source, "pod_resources", None)
+            if client is not None:
+                return client.assignment()
+        raise PodResourcesUnavailable("no pod_resources_socket")
+
+    def _gpu_of_pid(self, pid: int) -> tuple[str, int] | None:
+        """The GPU (uuid, index) that NVML lists a process on, in the latest sample."""
+        snapshot = self.sampler.latest
+        for gpu in snapshot.gpus if snapshot is not None else ():
+            if pid in gpu.pids:
+                return gpu.uuid, gpu.index
+        return None
 
     def _gpu_for(self, pid: int, local_rank: int) -> str | None:
         """The GPU an event ran on: the GPU holding the process, else the torchrun convention local rank = GPU index."""

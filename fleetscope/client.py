@@ -206,6 +206,33 @@ def slurm_ids(environ=None) -> dict[str, Any] | None:
     return out
 
 
+# Where a pod's service account token is mounted (unless automountServiceAccountToken: false).
+SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+
+def pod_ids(environ=None, namespace_file: str | None = None) -> dict[str, str] | None:
+    """This process's Kubernetes pod as it describes itself (fleetscope.schema.PodIds), None outside Kubernetes.
+
+    POD_NAME and POD_NAMESPACE when the pod sets them from the downward API (metadata.name, metadata.namespace);
+    else the namespace of its service account and its hostname, which is the pod's name unless the pod runs with
+    hostNetwork (the node's name), sets spec.hostname, or has a name over 63 characters (cut): set POD_NAME there.
+    The agent marks this unverified, and replaces it with what it reads itself for a Unix-socket sender."""
+    env = os.environ if environ is None else environ
+    namespace = env.get("POD_NAMESPACE", "")
+    if not namespace:
+        try:
+            with open(namespace_file or SERVICE_ACCOUNT_NAMESPACE, encoding="utf-8") as fh:
+                namespace = fh.read(300).strip()
+        except (OSError, ValueError):
+            return None  # not in a pod, or one without its service account and without POD_NAMESPACE
+    pod = env.get("POD_NAME", "")
+    if not pod and env.get("KUBERNETES_SERVICE_HOST"):  # set in every container of a pod
+        pod = env.get("HOSTNAME", "") or socket.gethostname()
+    if not pod or any(not value or len(value) > 253 or any(ord(c) <= 0x20 for c in value) for value in (namespace, pod)):
+        return None
+    return {"namespace": namespace, "pod": pod}
+
+
 def _finite(value: float | int | None) -> float | int | None:
     if value is None:
         return None
@@ -352,6 +379,7 @@ class TrainingRun:
     stage = _cached_prefix("stage")
     flops_per_token = _cached_prefix("flops_per_token")
     slurm = _cached_prefix("slurm")
+    pod = _cached_prefix("pod")
 
     _prefix: str | None = None  # the fixed fields of this run's step events, as JSON
 
@@ -380,6 +408,8 @@ class TrainingRun:
         self.flops_per_token = flops_per_token
         # Under srun/sbatch: the Slurm job's ids, with every event (the collector links the job to them).
         self.slurm = slurm_ids()
+        # In a Kubernetes pod: its name and namespace, with every event (the agent verifies them where it can).
+        self.pod = pod_ids()
         self.emitter = emitter or default_emitter()
         self._next_step = 0
         self._current: Step | None = None
@@ -442,6 +472,8 @@ class TrainingRun:
             event["duration_s"] = duration
         if self.slurm:
             event["slurm"] = self.slurm
+        if self.pod:
+            event["pod"] = self.pod
         try:
             self.emitter.emit(event)
         except Exception:  # never raise into the workload
@@ -458,6 +490,8 @@ class TrainingRun:
                 fields["flops_per_token"] = float(self.flops_per_token)
             if self.slurm:
                 fields["slurm"] = self.slurm
+            if self.pod:
+                fields["pod"] = self.pod
             self._prefix = _json_prefix(fields)
         pid = os.getpid()
         out = '%s"step":%d,"ts":%.6f,"duration_s":%.9f,"pid":%d' % (
@@ -503,6 +537,8 @@ class TrainingRun:
             event["flops_per_token"] = float(self.flops_per_token)
         if self.slurm:
             event["slurm"] = self.slurm
+        if self.pod:
+            event["pod"] = self.pod
         if step.tokens is not None:
             event["tokens"] = int(step.tokens)
         if step.samples is not None:
@@ -578,12 +614,14 @@ class InferenceService:
     service = _cached_prefix("service")
     model = _cached_prefix("model")
     slurm = _cached_prefix("slurm")
+    pod = _cached_prefix("pod")
     _prefix: str | None = None  # the fixed fields of this service's request events, as JSON
 
     def __init__(self, service: str, *, model: str, emitter: Emitter | None = None) -> None:
         self.service = str(service)
         self.model = str(model)
         self.slurm = slurm_ids()
+        self.pod = pod_ids()
         self.emitter = emitter or default_emitter()
 
     def request(self, *, input_tokens: int | None = None) -> Request:
@@ -595,6 +633,8 @@ class InferenceService:
             fields = {"v": SCHEMA_VERSION, "kind": "request", "service": self.service, "model": self.model}
             if self.slurm:
                 fields["slurm"] = self.slurm
+            if self.pod:
+                fields["pod"] = self.pod
             self._prefix = _json_prefix(fields)
         pid = os.getpid()
         out = '%s"ts":%.6f,"e2e_s":%.9f,"status":%s,"pid":%d' % (
@@ -647,4 +687,6 @@ class InferenceService:
             event["output_tokens"] = int(req.output_tokens)
         if self.slurm:
             event["slurm"] = self.slurm
+        if self.pod:
+            event["pod"] = self.pod
         self.emitter.emit(event)

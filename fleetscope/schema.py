@@ -51,6 +51,18 @@ class SlurmIds(Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=Tr
     restart_count: Count | None = None  # SLURM_RESTART_COUNT: a requeued job keeps its id and counts up
 
 
+class PodIds(Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """The Kubernetes pod a workload process runs in. A client describes itself (POD_NAME and POD_NAMESPACE from
+    the downward API, else its hostname and its service account's namespace); the agent replaces that with what it
+    reads itself for a Unix-socket sender (the process's cgroup, the kubelet's log folders: agent/kubernetes.py)
+    and says which with `verified`, which only the agent sets."""
+
+    namespace: Name
+    pod: Name
+    container: Name | None = None
+    verified: bool = False  # the agent read it for the kernel-named sender; False: the client's own claim
+
+
 class StepEvent(Struct, tag="step", tag_field="kind", forbid_unknown_fields=True, omit_defaults=True):
     """One training step of one rank."""
 
@@ -74,6 +86,7 @@ class StepEvent(Struct, tag="step", tag_field="kind", forbid_unknown_fields=True
     process_start_ts: UnixTime | None = None  # when the OS started this rank's process: start-up time
     restored_step: Count | None = None  # the checkpoint's step this run resumed from (run.restored)
     slurm: SlurmIds | None = None  # under Slurm (optional: added in place, older senders leave it out)
+    pod: PodIds | None = None  # on Kubernetes (optional, as slurm)
     # Added by the agent.
     node: Name | None = None
     gpu_uuid: Name | None = None
@@ -95,6 +108,7 @@ class RequestEvent(Struct, tag="request", tag_field="kind", forbid_unknown_field
     input_tokens: Count | None = None
     output_tokens: Count | None = None
     slurm: SlurmIds | None = None
+    pod: PodIds | None = None
     node: Name | None = None
     gpu_uuid: Name | None = None
 
@@ -113,6 +127,7 @@ class PauseEvent(Struct, tag="pause", tag_field="kind", forbid_unknown_fields=Tr
     local_rank: Rank = 0
     pid: Pid = 0
     slurm: SlurmIds | None = None
+    pod: PodIds | None = None
     node: Name | None = None
     gpu_uuid: Name | None = None
 
