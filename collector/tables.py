@@ -40,11 +40,13 @@ SCHEMAS: dict[str, dict[str, pl.DataType]] = {
         "phases_other": OTHER, "metrics_other": OTHER,
         "node": CAT, "gpu_uuid": CAT, "pid": I32, "agent_id": CAT,
         "slurm": CAT,  # the Slurm job's ids (schema.SlurmIds) as JSON, null outside Slurm: collector/slurm.py
+        "pod": CAT,  # the Kubernetes pod (schema.PodIds) as JSON, null outside Kubernetes: collector/pods.py
     },
     "requests": {
         "ts": F64, "service": CAT, "model": CAT, "status": pl.Enum(["ok", "error", "cancelled"]), "e2e_s": F64,
         "queue_s": F64, "ttft_s": F64, "tpot_s": F64, "input_tokens": I64, "output_tokens": I64,
         "node": CAT, "gpu_uuid": CAT, "pid": I32, "agent_id": CAT,
+        "pod": CAT,  # as in steps
     },
     "pauses": {
         "ts": F64, "job": CAT, "rank": I32, "reason": CAT, "phase": pl.Enum(["begin", "end"]),
@@ -98,7 +100,7 @@ def _json(value: dict) -> str:
     return _encode(value).decode()
 
 
-_SLURM_TEXT: dict = {}  # SlurmIds -> its JSON: a job has a few, sent with every step
+_SLURM_TEXT: dict = {}  # SlurmIds (or PodIds) -> its JSON: a job has a few, sent with every step
 
 
 def _slurm_text(ids) -> str | None:
@@ -135,7 +137,7 @@ def _steps(events: list[StepEvent], batch: Batch) -> pl.DataFrame:
                                 _json({k: v for k, v in m.items() if k not in _KNOWN_METRICS}) for m in metrics]
     columns.update(node=[e.node or node for e in events], gpu_uuid=[e.gpu_uuid for e in events],
                    pid=[e.pid for e in events], agent_id=[batch.agent_id] * len(events),
-                   slurm=[_slurm_text(e.slurm) for e in events])
+                   slurm=[_slurm_text(e.slurm) for e in events], pod=[_slurm_text(e.pod) for e in events])
     return _frame("steps", columns)
 
 
@@ -146,6 +148,7 @@ def _requests(events: list[RequestEvent], batch: Batch) -> pl.DataFrame:
                             "output_tokens", "gpu_uuid", "pid")}
     columns["node"] = [e.node or node for e in events]
     columns["agent_id"] = [batch.agent_id] * len(events)
+    columns["pod"] = [_slurm_text(e.pod) for e in events]
     return _frame("requests", columns)
 
 

@@ -27,6 +27,7 @@ from collector.findings import FindingsTracker, analyse, slo_findings
 from collector.metrics import CollectorMetrics
 from collector.settings import Settings
 from collector.slo import SloLedger
+from collector.pods import PodLinks
 from collector.slurm import SlurmLinks
 from collector.store import Store
 from collector.tables import conform, empty
@@ -56,6 +57,10 @@ def create_app(settings: Settings, store: Store | None = None) -> FastAPI:
     slurm = SlurmLinks(settings.retention_s)
     store.observers = (*store.observers, slurm.observe)
     store.persisted.setdefault("slurm", slurm)
+    # The pod of each training rank and inference replica on Kubernetes (collector/pods.py), likewise.
+    pods = PodLinks(settings.retention_s)
+    store.observers = (*store.observers, pods.observe)
+    store.persisted.setdefault("pods", pods)
 
     def open_store() -> None:
         if not store.ready:
@@ -146,6 +151,7 @@ def create_app(settings: Settings, store: Store | None = None) -> FastAPI:
     app.state.tracker = tracker
     app.state.ledger = ledger
     app.state.slurm = store.persisted["slurm"]
+    app.state.pods = store.persisted["pods"]
     app.state.analyse_now = analyse_now
     app.state.views = Views(settings.analysis_interval_s)
     app.state.history_views = Views(60.0)

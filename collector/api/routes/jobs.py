@@ -90,6 +90,8 @@ def get_job(job: str, request: Request, store: StoreDep, r: RangeDep,
             "ranks_cover_last_steps": store.hot.raw_steps,
             # the Slurm jobs that ran it, one per incarnation (sbatch, requeue), oldest first: collector/slurm.py
             "slurm": request.app.state.slurm.links(job),
+            # on Kubernetes, the pod of each rank in `ranks` (the newest that reported it): collector/pods.py
+            "pods": request.app.state.pods.ranks(job, ranks["rank"].to_list()),
             "pauses": pauses.drop("agent_id").with_columns(pl.col(pl.Categorical, pl.Enum).cast(pl.String)).to_dicts()}
 
 

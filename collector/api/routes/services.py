@@ -13,7 +13,7 @@ import time
 from typing import Literal
 
 import polars as pl
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, HTTPException, Query, Request
 
 from collector.api.deps import RangeDep, ReadAuth, StoreDep
 from collector.inference import (all_services, latency_quantiles, latency_quantiles_approx, server_latency_quantiles,
@@ -59,7 +59,7 @@ def list_services(store: StoreDep, r: RangeDep) -> dict:
 
 
 @router.get("/v1/services/{service}")
-def get_service(service: str, store: StoreDep, r: RangeDep) -> dict:
+def get_service(service: str, request: Request, store: StoreDep, r: RangeDep) -> dict:
     if _in_hot(store, "requests", r):
         requests = _hot(store, "requests", r).filter(pl.col("service") == service)
         count = requests.height
@@ -80,6 +80,8 @@ def get_service(service: str, store: StoreDep, r: RangeDep) -> dict:
         "models": models.to_dicts(),
         "scraped": server_overview(stats).to_dicts(),
         "scraped_latency": server_latency_quantiles(histograms, service).to_dicts(),
+        # on Kubernetes, each replica's pod as its request events named it: collector/pods.py
+        "replicas": request.app.state.pods.replicas(service),
     }
 
 
