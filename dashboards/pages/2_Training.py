@@ -76,6 +76,9 @@ ranks = pl.DataFrame(detail.get("ranks") or [])
 if ranks.height:
     if ranks.height < (detail.get("ranks_total") or 0):
         st.caption(f"The {ranks.height:,} of {detail['ranks_total']:,} ranks that computed longest.")
+    pods = pl.DataFrame(detail.get("pods") or [])
+    if pods.height:  # on Kubernetes: each rank's pod (verified: read by the agent, not only claimed by the client)
+        ranks = ranks.join(pods.select("rank", "namespace", "pod", "container", "verified"), on="rank", how="left")
     st.dataframe(ranks, hide_index=True, width="stretch")
 
 st.subheader("Goodput")

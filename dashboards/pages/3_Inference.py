@@ -63,6 +63,14 @@ for model in [m for m, s in sources.items() if s == "server"]:  # read only from
     if o:
         st.caption(f"{o['requests']:.0f} requests, error ratio {(o['error_ratio'] or 0):.2%} · source: server ({o['kind']})")
 
+replicas = pl.DataFrame(detail.get("replicas") or [], infer_schema_length=None)
+if replicas.height:  # on Kubernetes: the pod of each replica, as its request events named it
+    st.subheader("Replicas")
+    st.dataframe(as_times(replicas.with_columns(pl.col("models").list.join(", ")), "first_request_ts", "last_request_ts"),
+                 hide_index=True, width="stretch")
+    st.caption("verified: the agent read the pod from the sending process (its Unix socket names the sender); "
+               "otherwise the client named its own pod (POD_NAME, POD_NAMESPACE or its hostname).")
+
 st.header("Over time")
 by = st.radio("Per", ["model", "node"], horizontal=True, key="by",
               format_func=lambda b: {"model": "model", "node": "replica (node)"}[b])
