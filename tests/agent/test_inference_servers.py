@@ -229,6 +229,7 @@ def test_each_name_the_agent_reads_first_is_in_the_golden_exposition(name):
                                                  "vllm:prefix_cache_queries", "vllm:prefix_cache_hits")]
     if kind == "triton":
         wanted += [total for total, _, _ in spec["means"].values()]
+        wanted += [summary for summary, _ in spec["summaries"].values()]
     missing = [n for n in wanted if n not in families]
     assert not missing, f"{name}: {missing} not in the exposition"
 
