@@ -82,6 +82,13 @@ ENVIRONMENT = {
     "SLURM_RESTART_COUNT": "Slurm: how many times the job was requeued and restarted.",
     "SLURM_JOB_RESTART_COUNT": "Slurm: the restart count under the name the prolog sees.",
     "SLURM_JOB_SLUID": "Slurm: the job's cluster-unique id (Slurm 25.05 and later).",
+    "POD_NAME": "Kubernetes: the pod's name, set from the downward API (metadata.name); the client names its pod "
+                "with it on every event.",
+    "POD_NAMESPACE": "Kubernetes: the pod's namespace, set from the downward API (metadata.namespace); else the "
+                     "client reads its service account's namespace file.",
+    "KUBERNETES_SERVICE_HOST": "Kubernetes: set in every container of a pod; without POD_NAME, the client then takes "
+                               "its hostname as its pod's name.",
+    "HOSTNAME": "The container's hostname: the pod's name in a Kubernetes pod (not with hostNetwork).",
 }
 
 

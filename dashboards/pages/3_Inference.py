@@ -50,7 +50,9 @@ for model in [m for m, s in sources.items() if s == "server"]:  # read only from
         if r is None:
             mean = overview.get(model, {}).get(f"{key}_mean_s")  # Triton: means only
             col.metric(f"{label} p50", "–" if mean is None else f"mean {ms(mean)}",
-                       help="the server reports no histogram for it" if mean is None else "the server reports means only")
+                       help="the server reports no histogram for it" if mean is None else
+                       "the server reports means only (Triton gives quantiles when started with "
+                       "--metrics-config summary_latencies=true)")
             continue
         note = ""
         if r["p50_s"] is not None and r["lowest_bound_s"] is not None and r["p50_s"] < r["lowest_bound_s"]:
