@@ -30,7 +30,7 @@ import msgspec
 
 from agent.sources.base import Family, Reading
 from agent.config import split_address
-from fleetscope.schema import Event, PodIds, SchemaError, SlurmIds, TooDeep, UnsupportedVersion, decode_event
+from fleetscope.schema import Event, PodIds, SchemaError, SlurmIds, TooDeep, UnsupportedVersion, decode_client_event
 from fleetscope.vocabulary import MAX_DATAGRAM_BYTES, UDP_MAX_BYTES
 
 log = logging.getLogger("fleetscope.agent.listener")
@@ -167,6 +167,8 @@ class Listener:
         Family("fleetscope_agent_events_pid_mismatch_total", "counter",
                "Events over the Unix socket that claimed a pid other than their sender's, recorded with the sender's."),
         Family("fleetscope_agent_events_rejected_total", "counter", "Workload datagrams refused, by reason.", ("reason",)),
+        Family("fleetscope_agent_events_unknown_fields_total", "counter",
+               "Events accepted without fields this agent does not know (from a newer client: upgrade the agent)."),
     )
 
     def __init__(
@@ -201,6 +203,8 @@ class Listener:
         self.verified: Counter[str] = Counter()
         self.pid_mismatch = 0
         self.rejected: Counter[str] = Counter()
+        self.unknown_fields = 0
+        self._unknown_logged: set[str] = set()
         # pid -> (training job, rank), so the GPU source can name the job a GPU process belongs to
         self.workloads: dict[int, tuple[str, str]] = {}
         self._verified_pids: dict[int, None] = {}  # pids a Unix sender proved: a UDP claim cannot rename them
@@ -247,7 +251,7 @@ class Listener:
             self._reject("too_large", f"datagram of {len(data)} bytes exceeds {MAX_EVENT_BYTES}")
             return None
         try:
-            event = decode_event(data)
+            event, unknown = decode_client_event(data)
         except UnsupportedVersion as exc:
             self._reject("version", str(exc))
             return None
@@ -260,6 +264,8 @@ class Listener:
             self._reject("invalid", str(exc))
             return None
         kind = type(event).__struct_config__.tag
+        if unknown:
+            self._unknown_fields(unknown)
         pid = event.pid
         if creds is not None and pid != creds[0]:
             # The kernel's pid, in the agent's pid namespace (0 when the sender is not visible from it). A workload
@@ -332,12 +338,21 @@ class Listener:
             self._last_log = now
             log.warning("refused a workload event (%s): %s", reason, message, exc_info=exc_info)
 
+    def _unknown_fields(self, paths: list[str]) -> None:
+        self.unknown_fields += 1
+        new = [p for p in paths if p not in self._unknown_logged]
+        if new and len(self._unknown_logged) < 64:  # once per field, a bounded number of fields
+            self._unknown_logged.update(new)
+            log.warning("a workload sent fields this agent does not know, dropped from its events: %s (a client newer "
+                        "than the agent: upgrade the agent)", ", ".join(new))
+
     def readings(self):
         for kind in ("step", "request", "pause"):
             yield Reading("fleetscope_agent_events_received_total", float(self.received[kind]), (("kind", kind),))
         for kind in ("step", "request", "pause"):
             yield Reading("fleetscope_agent_events_verified_total", float(self.verified[kind]), (("kind", kind),))
         yield Reading("fleetscope_agent_events_pid_mismatch_total", float(self.pid_mismatch), ())
+        yield Reading("fleetscope_agent_events_unknown_fields_total", float(self.unknown_fields), ())
         for reason in REJECT_REASONS:
             yield Reading("fleetscope_agent_events_rejected_total", float(self.rejected[reason]), (("reason", reason),))
 

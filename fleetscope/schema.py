@@ -13,6 +13,7 @@ import re
 from typing import Annotated, Literal, Union
 
 import msgspec
+import msgspec.inspect
 from msgspec import Meta, Struct
 
 SCHEMA_VERSION = 1
@@ -347,6 +348,54 @@ def decode_batch(data: bytes) -> Batch:
 def decode_event(data: bytes) -> Event:
     """Decode and validate one client datagram."""
     return _decode(data, _event_decoder, "event")
+
+
+def decode_client_event(data: bytes) -> tuple[Event, list[str]]:
+    """One client datagram, forward-compatibly: the agent on a node may be older than the clients in its jobs'
+    environments, so fields it does not know (a newer client's) are dropped and named, not refused. Everything
+    else is as strict as decode_event: types, ranges, the version, depth and control characters. The agent then
+    ships the event in its own schema, so the collector never sees the unknown fields."""
+    try:
+        return decode_event(data), []
+    except SchemaError as exc:
+        if "unknown field" not in str(exc):
+            raise
+        strict_error = exc
+    raw = msgspec.json.decode(data)  # not too deep and our version: the strict decode checked both first
+    cls = _EVENT_TYPES.get(raw.get("kind")) if isinstance(raw, dict) else None
+    if cls is None:
+        raise strict_error
+    dropped: list[str] = []
+    _drop_unknown(raw, cls, "$", dropped)
+    try:
+        event = msgspec.convert(raw, Event)
+    except msgspec.ValidationError as exc:
+        raise SchemaError(f"event: {exc}") from None
+    where = _control_characters(msgspec.to_builtins(event), "$")
+    if where:
+        raise SchemaError(f"event: control characters are not allowed in names or labels - at `{where}`")
+    return event, dropped
+
+
+_EVENT_TYPES = {cls.__struct_config__.tag: cls for cls in (StepEvent, RequestEvent, PauseEvent)}
+
+
+def _drop_unknown(raw: dict, cls: type[Struct], path: str, dropped: list[str]) -> None:
+    """Remove from `raw` the keys `cls` does not declare (its tag field aside), recursing into struct fields."""
+    info = msgspec.inspect.type_info(cls)
+    fields = {f.encode_name: f.type for f in info.fields}
+    keep = set(fields) | ({info.tag_field} if info.tag_field else set())
+    for key in [k for k in raw if k not in keep]:
+        del raw[key]
+        dropped.append(f"{path}.{key}")
+    for key, kind in fields.items():
+        value = raw.get(key)
+        if not isinstance(value, dict):
+            continue
+        kinds = kind.types if isinstance(kind, msgspec.inspect.UnionType) else (kind,)
+        for k in kinds:
+            if isinstance(k, msgspec.inspect.StructType):
+                _drop_unknown(value, k.cls, f"{path}.{key}", dropped)
 
 
 def encode(record: Struct) -> bytes:
