@@ -18,7 +18,7 @@ class AgentConfig:
     node: str = field(default_factory=socket.gethostname)
     metrics_address: str = f"0.0.0.0:{AGENT_METRICS_PORT}"
     events_address: str = f"127.0.0.1:{AGENT_EVENTS_PORT}"
-    interval_s: float = 5.0
+    interval_s: float = 5.0  # seconds between samples of every source (what /metrics serves and the collector gets)
     gpu_backend: str = "auto"  # auto | nvml | simulated | none
     gpus: int = 8  # simulated GPUs
     seed: int = 0
@@ -44,29 +44,29 @@ class AgentConfig:
     # Where unacknowledged batches wait while the collector is unreachable (systemd's StateDirectory
     # when it runs as a service); "" keeps them in memory only.
     spool_dir: str | None = None
-    spool_bytes: int = 512 * 1024 * 1024
+    spool_bytes: int = 512 * 1024 * 1024  # the spool's size on disk; past it the oldest batches go, counted
     # Memory the shipper may hold while the collector is slow or away (events and the batches cut from them), and
     # the largest batch it posts (at most the collector's max_body_bytes).
     max_queue_bytes: int = 64 * 1024 * 1024
-    max_batch_bytes: int = 4 * 1024 * 1024
+    max_batch_bytes: int = 4 * 1024 * 1024  # the largest batch posted; a larger one is split, never dropped
     # What one workload sender may send (per uid on the Unix socket, per address and port over UDP), each a token
     # bucket holding 2 s of its rate.
     events_per_sender: float = 5000.0
-    bytes_per_sender: int = 4 * 1024 * 1024
-    disable_sources: list[str] = field(default_factory=list)
+    bytes_per_sender: int = 4 * 1024 * 1024  # bytes a second one workload sender may send (as events_per_sender)
+    disable_sources: list[str] = field(default_factory=list)  # sources not to run, by name (cpu, network, gpu, ...)
     compat: list[str] = field(default_factory=list)  # "dcgm": also emit dcgm-exporter's names
-    exclude_interfaces: str = r"^lo$"
+    exclude_interfaces: str = r"^lo$"  # a regular expression: network interfaces left out of the network source
     procfs: str = "/proc"  # roots, so a containerised agent can read the host's (/host/proc)
-    sysfs: str = "/sys"
-    rootfs: str = "/"
-    labels: dict[str, str] = field(default_factory=dict)
+    sysfs: str = "/sys"  # read for InfiniBand, hwmon, NIC speeds (/host/sys in a container)
+    rootfs: str = "/"  # the host's root, for filesystems and the kubelet's folders (/host in a container)
+    labels: dict[str, str] = field(default_factory=dict)  # cluster, rack, ...: on fleetscope_node_info and frames
     # The kubelet's PodResources socket, for the pod, namespace and container holding each GPU (agent/kubernetes.py,
     # the `kubernetes` extra). Default: /var/lib/kubelet/pod-resources/kubelet.sock where it exists; "" for none.
     pod_resources_socket: str | None = None
     # Where deploy/slurm's prolog and epilog register the Slurm jobs on this node (agent/slurm.py); "" for none.
     slurm_state_dir: str = "/run/fleetscope-slurm"
     # [[agent.inference_servers]] url = "http://127.0.0.1:8000/metrics", kind = "vllm", service = "chat"
-    inference_servers: list[dict] = field(default_factory=list)  # cluster, rack, ...: on fleetscope_node_info and frames
+    inference_servers: list[dict] = field(default_factory=list)  # inference servers' /metrics to read each sample
 
     def __post_init__(self) -> None:
         if self.gpu_backend not in ("auto", "nvml", "simulated", "none"):

@@ -112,7 +112,7 @@ class Settings:
     agent_tokens: tuple[tuple[str, str], ...] = ()
     read_tokens: frozenset[str] = field(default_factory=lambda: _tokens("FLEETSCOPE_READ_TOKEN"))
     cluster: str | None = None  # labels this collector's findings and job metrics (several clusters, one store)
-    max_body_bytes: int = 16 * 1024 * 1024
+    max_body_bytes: int = 16 * 1024 * 1024  # the largest ingest body taken (413 past it; agents split their batches)
     memory_budget: int = field(default_factory=default_memory_budget)  # bytes the collector aims to stay within
     window_s: float = 6 * 3600.0  # the hot tier: rollups, step aggregates, requests kept in memory
     raw_window_s: float = 300.0  # raw GPU and host frames kept in memory
