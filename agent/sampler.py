@@ -76,37 +76,57 @@ class _Slot:
         self.taken = False  # moved to another worker before this one started it
 
 
+class _Round:
+    """One sample of the periodic schedule, run by a worker and watched by the sampler thread."""
+
+    __slots__ = ("slots", "scheduled", "started", "done", "taken_over")
+
+    def __init__(self, slots: list[_Slot], scheduled: float) -> None:
+        self.slots, self.scheduled = slots, scheduled
+        self.started = time.monotonic()
+        self.done = False  # the worker finished it and publishes it
+        self.taken_over = False  # it overran: the sampler thread finishes and publishes it
+
+
 class _Worker:
-    """A thread that runs a sample's sources one after another. When one of them overruns its deadline
-    the sampler abandons the worker to it and hands the sources not yet started to a fresh worker."""
+    """A thread that runs sources one after another: a sample's, handed over as a job, or every sample on the
+    schedule (Sampler._periodic). When one of them overruns its deadline the sampler abandons the worker to
+    it and hands the sources not yet started to a fresh worker."""
 
     def __init__(self, n: int) -> None:
         self.jobs: SimpleQueue = SimpleQueue()
         self.lock = threading.Lock()
+        self.abandoned = False
         self.thread = threading.Thread(target=self._run, name=f"sources-{n}", daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
         while True:
             job = self.jobs.get()
-            if job is None:
-                return
-            slots, done = job
-            for slot in slots:
-                with self.lock:
-                    if slot.taken:
-                        return  # the rest went to another worker: this one was abandoned
-                    slot.started = time.perf_counter()
-                slot.outcome = _collect(slot.source)
-            done.set()
+            if job is None or not job(self) or self.abandoned:
+                return  # stopped, or abandoned to a stuck source that has now returned
+
+    def run_slots(self, slots: list[_Slot]) -> bool:
+        """Collects each slot in turn; False when the rest were taken by another worker (this one was abandoned)."""
+        for slot in slots:
+            with self.lock:
+                if slot.taken:
+                    return False
+                slot.started = time.perf_counter()
+            slot.outcome = _collect(slot.source)
+        return True
 
 
 class Sampler:
     """Runs the sources on a fixed interval under a deadline: a failing or stuck source never stops the
     others, and never holds the snapshot past its deadline.
 
-    The sources run one after another on one worker thread (two thread wake-ups per sample, however
-    many sources: an idle agent costs little), those that may block on hardware or the network last.
+    The sources run one after another on one worker thread, those that may block on hardware or the
+    network last. On the schedule (start()) the worker keeps the time itself: it wakes, runs every source,
+    and publishes the snapshot; the sampler thread wakes once per sample, at its deadline, only to check
+    that the worker finished. Two thread wake-ups per sample however many sources, and the snapshot is
+    built by the thread whose caches the sample has just warmed (on a virtual machine, a thread waking
+    from idle runs several times slower for its first milliseconds).
     A source still running at its deadline is reported (source_up 0, and for how long it has been
     running), left to finish alone on that worker, and not started again until it returns; the
     sources after it move to a fresh worker with a deadline of their own."""
@@ -125,6 +145,8 @@ class Sampler:
         self._worker = self._new_worker()
         self._stuck: dict[int, _Slot] = {}  # sources still running on an abandoned worker
         self._feeds = [{f.name: f.host for f in s.families if f.host} for s in self.sources]
+        self._round: _Round | None = None  # the schedule's current sample
+        self._next_at = 0.0  # when the schedule's next sample starts
 
     def _new_worker(self) -> _Worker:
         self._workers += 1
@@ -133,35 +155,48 @@ class Sampler:
     def subscribe(self, callback: Callable[[Snapshot], None]) -> None:
         self._listeners.append(callback)
 
-    def _run_sources(self) -> list[_Slot]:
+    def _fresh_slots(self) -> list[_Slot]:
         for i in [i for i, slot in self._stuck.items() if slot.outcome is not None]:
             del self._stuck[i]  # it returned at last: its late result is dropped, and it runs again from now
-        slots = [_Slot(i, s) for i, s in enumerate(self.sources) if i not in self._stuck]
+        return [_Slot(i, s) for i, s in enumerate(self.sources) if i not in self._stuck]
+
+    def _abandon(self, worker: _Worker, slots: list[_Slot]) -> list[_Slot]:
+        """Leaves `worker` to the source it is running past its deadline; the slots it has not started, to run elsewhere."""
+        with worker.lock:
+            running = [s for s in slots if s.started is not None and s.outcome is None]
+            rest = [s for s in slots if s.started is None]
+            for s in rest:
+                s.taken = True
+        worker.abandoned = True
+        for s in running:
+            self._stuck[s.index] = s
+        self._worker = self._new_worker()  # the old one finishes the stuck source alone, then exits
+        return rest
+
+    def _run_slots(self, slots: list[_Slot]) -> list[_Slot]:
+        """Runs `slots` on the worker, each group under a deadline; the slots that ran (or are stuck)."""
         todo = slots
         while todo:
             done = threading.Event()
-            self._worker.jobs.put((todo, done))
+            self._worker.jobs.put(lambda worker, todo=todo, done=done: worker.run_slots(todo) and (done.set() or True))
             if done.wait(self.deadline_s):
                 break
-            with self._worker.lock:
-                running = [s for s in todo if s.started is not None and s.outcome is None]
-                rest = [s for s in todo if s.started is None]
-                for s in rest:
-                    s.taken = True
-            for s in running:
-                self._stuck[s.index] = s
-            self._worker = self._new_worker()  # the old one finishes the stuck source alone, then exits
+            rest = self._abandon(self._worker, todo)
             todo = [_Slot(s.index, s.source) for s in rest]
             slots = [s for s in slots if not s.taken] + todo
         return slots
 
     def sample_once(self) -> Snapshot:
+        """One sample now, on this thread's time (before start(), or without it)."""
+        return self._publish(self._run_slots(self._fresh_slots()))
+
+    def _publish(self, slots: list[_Slot]) -> Snapshot:
         readings: list[Reading] = []
         status: dict[str, SourceStatus] = {}
         gpus: tuple[GpuState, ...] = ()
         health: dict[str, Verdict] = {}
         host: dict[str, float] = {}
-        outcomes = {slot.index: slot.outcome for slot in self._run_sources() if slot.outcome is not None}
+        outcomes = {slot.index: slot.outcome for slot in slots if slot.outcome is not None}
         now = time.perf_counter()
         for i, source in enumerate(self.sources):
             if i in self._stuck:
@@ -210,14 +245,55 @@ class Sampler:
                 log.exception("snapshot subscriber failed")
         return snapshot
 
-    def _run(self) -> None:
-        next_at = time.monotonic()
-        while not self._stop.is_set():
-            self.sample_once()
-            next_at += self.interval_s
+    def _periodic(self, worker: _Worker, first_at: float) -> bool:
+        """The schedule, on a worker: sleep, run every source, publish, until stopped or abandoned."""
+        next_at = first_at
+        while not self._stop.wait(max(0.0, next_at - time.monotonic())):
+            round_ = _Round(self._fresh_slots(), next_at)
+            self._round = round_
+            if not worker.run_slots(round_.slots):
+                return False
+            with worker.lock:
+                if round_.taken_over:
+                    return False
+                round_.done = True
+                self._next_at = next_at + self.interval_s  # before the watchdog can look
+            self._publish(round_.slots)
             # If a sample overran the interval, skip ahead rather than bursting to catch up.
-            next_at = max(next_at, time.monotonic())
-            self._stop.wait(max(0.0, next_at - time.monotonic()))
+            next_at = self._next_at = max(self._next_at, time.monotonic())
+        return False
+
+    def _take_over(self, round_: _Round) -> None:
+        """The round overran its deadline: report what is stuck, run the rest elsewhere, publish, and go on
+        with the schedule on a fresh worker."""
+        worker = self._worker
+        with worker.lock:
+            if round_.done:
+                return
+            round_.taken_over = True
+        rest = self._abandon(worker, round_.slots)
+        slots = [s for s in round_.slots if not s.taken] + self._run_slots([_Slot(s.index, s.source) for s in rest])
+        self._publish(slots)
+        self._next_at = max(round_.scheduled + self.interval_s, time.monotonic())
+        self._worker.jobs.put(lambda w, at=self._next_at: self._periodic(w, at))
+
+    def _run(self) -> None:
+        """The watchdog: wakes at each sample's deadline; the worker keeps the schedule."""
+        self._next_at = time.monotonic()
+        self._worker.jobs.put(lambda w, at=self._next_at: self._periodic(w, at))
+        while True:
+            round_, now = self._round, time.monotonic()
+            if round_ is not None and not round_.done and not round_.taken_over:
+                due = round_.started + self.deadline_s
+                if now >= due:
+                    self._take_over(round_)
+                    continue
+            else:
+                due = self._next_at + self.deadline_s
+                if due <= now:  # the worker is late to start the next sample (a frozen machine): look again soon
+                    due = now + min(0.1, self.deadline_s)
+            if self._stop.wait(due - now):
+                return
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)

@@ -123,3 +123,40 @@ def test_host_figures_are_summed_from_the_families_that_feed_them():
         assert sampler.sample_once().host == {"network_errors_total": 7.0}
     finally:
         sampler.stop()
+
+
+def test_on_its_schedule_a_stuck_source_is_reported_at_the_deadline_and_the_others_go_on():
+    quick, stuck = Quick(), Stuck()
+    sampler = Sampler([stuck, quick], interval_s=0.2, deadline_s=0.1)
+    snapshots = []
+    sampler.subscribe(snapshots.append)
+    try:
+        sampler.start()
+        time.sleep(1.1)
+        assert len(snapshots) >= 3, len(snapshots)  # one per interval, none held by the stuck source
+        late = snapshots[-1]
+        assert late.value("quick_value") >= 3 and late.status["stuck"].overran and late.status["stuck"].duration_s > 0.5
+        assert stuck.started == 1  # not started again while it hangs
+        stuck.release.set()
+        time.sleep(0.7)
+        assert snapshots[-1].status["stuck"].up and snapshots[-1].value("stuck_value") == 1  # back on the schedule
+        assert snapshots[-1].value("quick_value") > late.value("quick_value")
+    finally:
+        stuck.release.set()
+        sampler.stop()
+
+
+def test_on_its_schedule_the_sampler_runs_every_source_on_one_worker():
+    sources = [Quick() for _ in range(4)]
+    for n, s in enumerate(sources):
+        s.name = f"quick{n}"
+    sampler = Sampler(sources, interval_s=0.05)
+    snapshots = []
+    sampler.subscribe(snapshots.append)
+    try:
+        sampler.start()
+        time.sleep(0.4)
+        assert len(snapshots) >= 4 and all(snapshots[-1].status[s.name].up for s in sources)
+        assert sampler._workers == 1  # the worker kept the schedule itself; no worker was abandoned
+    finally:
+        sampler.stop()
