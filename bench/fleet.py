@@ -21,6 +21,8 @@ each endpoint and page under 300 ms, the 30-day query under 1 s, restart under 3
 
     python -m bench.fleet            # the full fleet (about 15 minutes on 2 cores)
     python -m bench.fleet --quick    # 512 nodes, 2,048 ranks, 2 hours, 7 days (a couple of minutes)
+    python -m bench.fleet --training # the job's nodes only, 30 minutes, no history: the Training page and
+                                     # the job's endpoints at 16,384 ranks (a few minutes)
 """
 
 from __future__ import annotations
@@ -240,7 +242,7 @@ def timed(client: httpx.Client, path: str, params: dict | None = None, runs: int
     return statistics.median(times), max(times), size
 
 
-def console_pages(url: str) -> list[tuple[str, float, float]]:
+def console_pages(url: str, pages: list[str] | None = None, runs: int = 3) -> list[tuple[str, float, float]]:
     import logging
 
     from streamlit.testing.v1 import AppTest
@@ -251,14 +253,14 @@ def console_pages(url: str) -> list[tuple[str, float, float]]:
     dashboards = Path(__file__).resolve().parents[1] / "dashboards"
     os.environ.update(FLEETSCOPE_COLLECTOR_URL=url, FLEETSCOPE_READ_TOKEN=READ, FLEETSCOPE_CONSOLE_REFRESH_S="0")
     out = []
-    for page in ["app.py", "pages/1_Fleet.py", "pages/2_Training.py", "pages/3_Inference.py", "pages/4_Findings.py",
-                 "pages/5_Node.py"]:
+    for page in pages or ["app.py", "pages/1_Fleet.py", "pages/2_Training.py", "pages/3_Inference.py",
+                          "pages/4_Findings.py", "pages/5_Node.py"]:
         # One AppTest per page, run once untimed: its first run also pays Streamlit's one-time scan of the
         # installed packages (~0.4 s), which a served console pays once per process, not per page view.
         at = AppTest.from_file(str(dashboards / page), default_timeout=120)
         at.run()
         times = []
-        for _ in range(3):
+        for _ in range(runs):
             t0 = time.perf_counter()
             at.run()
             times.append(time.perf_counter() - t0)
@@ -266,6 +268,21 @@ def console_pages(url: str) -> list[tuple[str, float, float]]:
                 raise RuntimeError(f"{page}: {[e.value for e in at.exception]}")
         out.append((page, statistics.median(times), max(times)))
     return out
+
+
+def training_only(c: "Collector", job: str, now: float) -> None:
+    """The calls the Training page makes (with its default one-hour range), then the page itself, 7 times."""
+    since = {"since": now - 3600}
+    print(f"{'read endpoint (as the Training page asks)':48} {'median ms':>9} {'max ms':>7} {'KiB':>7}")
+    for path, params in [("/v1/jobs", since), (f"/v1/jobs/{job}", {**since, "top": 200}),
+                         (f"/v1/jobs/{job}/steps", {**since, "max_points": 1000}),
+                         (f"/v1/jobs/{job}/goodput", {"max_points": 200}),
+                         ("/v1/findings", {"job": job, **since}), (f"/v1/jobs/{job}/matrix", {"last": 100})]:
+        med, worst, size = timed(c.client, path, params, runs=7)
+        print(f"{path:48} {med * 1000:9.0f} {worst * 1000:7.0f} {size / 1024:7.0f}")
+    print(f"{'console page (script time on a rerun)':48} {'median ms':>9} {'max ms':>7}")
+    for page, med, worst in console_pages(c.url, ["pages/2_Training.py"], runs=7):
+        print(f"{page:48} {med * 1000:9.0f} {worst * 1000:7.0f}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -277,9 +294,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--days", type=float, default=30.0)
     p.add_argument("--senders", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="512 nodes, 2,048 ranks, 2 hours, 7 days")
+    p.add_argument("--training", action="store_true", help="only the job's nodes, 30 minutes, no history; then only "
+                                                              "the job's endpoints and the Training page")
     args = p.parse_args(argv)
     if args.quick:
         args.nodes, args.ranks, args.hours, args.days = 512, 2048, 2.0, 7.0
+    if args.training:
+        args.nodes, args.hours, args.days = args.ranks // 8, 0.5, 0.0
     ranks_per_node = 8
     with tempfile.TemporaryDirectory(prefix="fleetscope-fleet-") as tmp:
         data = Path(tmp) / "data"
@@ -345,6 +366,11 @@ def main(argv: list[str] | None = None) -> None:
         watch.phase = "reads"
         node, gpu, job = "node-00001", "GPU-00008-0", "llm-16k"  # GPU 64 is one of those the history throttles
         now = time.time()
+        if args.training:
+            training_only(c, job, now)
+            watch.stop.set()
+            c.stop()
+            return
         reads = [
             ("/v1/nodes", None), ("/v1/gpus", None), (f"/v1/nodes/{node}", None),
             (f"/v1/nodes/{node}/series", {"since": now - 3600}), (f"/v1/nodes/{node}/series", {"since": now - 6 * 3600}),

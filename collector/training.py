@@ -14,10 +14,19 @@ def _q(col: str, q: float) -> pl.Expr:
     return pl.col(col).quantile(q, interpolation="linear").alias(f"{col.removesuffix('_s')}_p{round(q * 100)}_s")
 
 
-def jobs_overview(aggs: pl.DataFrame, steps: pl.DataFrame) -> pl.DataFrame:
+def job_roster(steps: pl.DataFrame) -> pl.DataFrame:
+    """Per job of the raw steps: its ranks, nodes and GPUs."""
+    return steps.group_by("job").agg(  # unique before the cast to strings: far fewer of them
+        pl.col("rank").n_unique().alias("ranks"),
+        pl.col("node").drop_nulls().unique().cast(pl.String).sort().alias("nodes"),
+        pl.col("gpu_uuid").drop_nulls().unique().cast(pl.String).alias("gpu_uuids"),
+    )
+
+
+def jobs_overview(aggs: pl.DataFrame, steps: pl.DataFrame | None = None, *, roster: pl.DataFrame | None = None) -> pl.DataFrame:
     """One row per job: ranks seen, world size, latest step, last report, median step time, tokens/s.
     `aggs` (per-step aggregates, collector.rollups) cover the window; `steps` (raw, each rank's recent
-    steps) give the ranks, nodes and GPUs."""
+    steps) give the ranks, nodes and GPUs, or their `roster` (job_roster) computed already."""
     span = pl.col("end_ts").max() - pl.col("ts").min()
     per_job = aggs.group_by("job").agg(
         pl.col("world_size").max(),
@@ -30,11 +39,7 @@ def jobs_overview(aggs: pl.DataFrame, steps: pl.DataFrame) -> pl.DataFrame:
         pl.when(pl.col("samples").sum() > 0).then(pl.col("samples").sum() / span).alias("samples_per_s"),
         pl.col("flops_per_token").drop_nulls().last().alias("flops_per_token"),
     )
-    raw = steps.group_by("job").agg(  # unique before the cast to strings: far fewer of them
-        pl.col("rank").n_unique().alias("ranks"),
-        pl.col("node").drop_nulls().unique().cast(pl.String).sort().alias("nodes"),
-        pl.col("gpu_uuid").drop_nulls().unique().cast(pl.String).alias("gpu_uuids"),
-    )
+    raw = roster if roster is not None else job_roster(steps)  # type: ignore[arg-type]
     return (per_job.join(raw, on="job", how="left")
             .with_columns(pl.col("job").cast(pl.String), pl.col("ranks").fill_null(0))
             .select("job", "ranks", "world_size", "last_step", "last_report_ts", "step_events", "step_time_p50_s",
@@ -58,16 +63,21 @@ def peak_flops(gpu_name: str | None) -> float | None:
 
 def with_mfu(jobs: pl.DataFrame, gpus: pl.DataFrame) -> pl.DataFrame:
     """Model FLOPs utilisation: tokens/s x FLOPs per token over the peak of the job's GPUs, when both are known."""
-    names = (dict(gpus.select(pl.col("uuid").cast(pl.String), pl.col("name").cast(pl.String)).drop_nulls().unique("uuid").iter_rows())
-             if gpus.height else {})
-    mfu = []
-    for row in jobs.iter_rows(named=True):
-        peaks = [peak_flops(names.get(uuid)) for uuid in (row.get("gpu_uuids") or [])]
-        if row.get("flops_per_token") and row.get("tokens_per_s") and peaks and all(peaks):
-            mfu.append(row["tokens_per_s"] * row["flops_per_token"] / sum(peaks))  # type: ignore[arg-type]
-        else:
-            mfu.append(None)
-    return jobs.with_columns(pl.Series("mfu", mfu, dtype=pl.Float64)).drop("gpu_uuids")
+    known = jobs.filter((pl.col("flops_per_token").fill_null(0) != 0) & (pl.col("tokens_per_s").fill_null(0) != 0)
+                        & (pl.col("gpu_uuids").list.len() > 0))
+    if known.height == 0 or gpus.height == 0:
+        return jobs.with_columns(pl.lit(None, pl.Float64).alias("mfu")).drop("gpu_uuids")
+    # Each GPU's peak by its name, looked up once per name (a 16k-GPU job has a handful of names).
+    names = gpus.select(pl.col("uuid").cast(pl.String), pl.col("name").cast(pl.String)).drop_nulls().unique("uuid")
+    peaks = {name: peak_flops(name) for name in names["name"].unique().to_list()}
+    names = names.with_columns(pl.col("name").replace_strict(peaks, default=None, return_dtype=pl.Float64).alias("peak"))
+    per_job = (known.select("job", pl.col("gpu_uuids").alias("uuid")).explode("uuid")
+               .join(names.select("uuid", "peak"), on="uuid", how="left")
+               .group_by("job").agg(pl.col("peak").sum().alias("_peaks"), pl.col("peak").is_null().any().alias("_unknown")))
+    return (jobs.join(per_job, on="job", how="left", maintain_order="left")
+            .with_columns(pl.when(~pl.col("_unknown") & (pl.col("_peaks") > 0))
+                          .then(pl.col("tokens_per_s") * pl.col("flops_per_token") / pl.col("_peaks")).alias("mfu"))
+            .drop("gpu_uuids", "_peaks", "_unknown"))
 
 
 def rank_step_quantiles(steps: pl.DataFrame, job: str) -> pl.DataFrame:

@@ -85,6 +85,7 @@ def create_app(settings: Settings, store: Store | None = None) -> FastAPI:
         report = ledger.report(now)
         found += slo_findings(report, now)
         tracker.update(found, signals, slo_report=report)
+        app.state.views.refresh()  # the big views someone is reading, as of this pass (collector.views)
 
     async def analyse_forever() -> None:
         while True:

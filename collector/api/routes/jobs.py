@@ -8,15 +8,17 @@ goodput reads the store's ledger (collector.goodput), which covers each job's wh
 
 from __future__ import annotations
 
+import json
+
 import polars as pl
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, HTTPException, Query, Request, Response
 from pydantic import BaseModel, Field
 
 from collector import goodput
 from collector.api.deps import RangeDep, ReadAuth, StoreDep
 from collector.training import (jobs_overview, rank_breakdown, rank_step_matrix, rank_step_quantiles, slowest_ranks,
                                 step_series, with_mfu)
-from collector.views import jobs_now
+from collector.views import Views, jobs_now, roster
 
 router = APIRouter(tags=["training"], dependencies=[ReadAuth])
 MAX_RANKS = 1000  # per-rank rows in a job's answer unless asked for more: the slowest ones
@@ -47,11 +49,35 @@ def _steps(store, r, job: str | None = None) -> pl.DataFrame:
     return steps
 
 
-def _ranks(store, views, steps: pl.DataFrame, job: str, whole: bool) -> pl.DataFrame:
-    """Per-rank figures of a job; shared for a few seconds when they cover all of its recent steps."""
-    if not whole:
-        return rank_step_quantiles(steps, job)
-    return views.get(("ranks", job), lambda: rank_step_quantiles(steps, job), rows=store.hot.rows()["steps"])
+def _whole(store, r) -> bool:
+    """Whether the range covers every recent step the hot tier keeps (the usual case: the shared views)."""
+    return (r.since is None or r.since <= (store.hot.steps_since or 0)) and r.until is None
+
+
+def _ranks(store, views: Views, job: str) -> pl.DataFrame:
+    """Per-rank figures of a job over all of its recent steps (a shared view)."""
+    return views.get(("ranks", job), lambda: rank_step_quantiles(store.frame("steps"), job), rows=store.hot.rows()["steps"])
+
+
+def _rank_rows(store, views: Views, steps: pl.DataFrame | None, job: str, limit: int) -> pl.DataFrame:
+    """The `limit` slowest ranks of a job with their quantiles and phase breakdown: from `steps`, or (None)
+    from all of its recent steps, then a shared view."""
+    def compute(steps: pl.DataFrame | None = steps) -> pl.DataFrame:
+        quantiles = rank_step_quantiles(steps, job) if steps is not None else _ranks(store, views, job)
+        rows = steps if steps is not None else store.frame("steps").filter(pl.col("job") == job)
+        if quantiles.height > limit:
+            quantiles = slowest_ranks(quantiles, limit)
+            rows = rows.filter(pl.col("rank").is_in(quantiles["rank"].implode()))
+        return quantiles.join(rank_breakdown(rows, job), on="rank", how="left")
+
+    if steps is not None:
+        return compute()
+    return views.get(("rank_rows", job, limit), compute, rows=store.hot.rows()["steps"])
+
+
+def _known(store, views: Views, job: str) -> pl.DataFrame:
+    """The job's row of the shared roster (empty for a job the hot tier holds no raw step of)."""
+    return roster(store, views).filter(pl.col("job") == job)
 
 
 def _with_slurm(request: Request, jobs: list[dict]) -> list[dict]:
@@ -62,30 +88,29 @@ def _with_slurm(request: Request, jobs: list[dict]) -> list[dict]:
 
 @router.get("/v1/jobs")
 def list_jobs(request: Request, store: StoreDep, r: RangeDep) -> dict:
+    views = request.app.state.views
     if r.since is None and r.until is None:
-        return {"jobs": _with_slurm(request, jobs_now(store, request.app.state.views).to_dicts())}
-    return {"jobs": _with_slurm(request, with_mfu(jobs_overview(_aggs(store, r), _steps(store, r)),
-                                                  store.hot.latest("gpus")).to_dicts())}
+        return {"jobs": _with_slurm(request, jobs_now(store, views).to_dicts())}
+    overview = (jobs_overview(_aggs(store, r), roster=roster(store, views)) if _whole(store, r)
+                else jobs_overview(_aggs(store, r), _steps(store, r)))
+    return {"jobs": _with_slurm(request, with_mfu(overview, store.hot.latest("gpus")).to_dicts())}
 
 
 @router.get("/v1/jobs/{job}")
 def get_job(job: str, request: Request, store: StoreDep, r: RangeDep,
             top: int | None = Query(None, ge=1, le=100_000, description="only the N ranks that computed longest "
                                                                        "(default: every rank up to 1,000, else 1,000)")) -> dict:
-    aggs, steps = _aggs(store, r, job), _steps(store, r, job)  # the aggregates include the steps just reported
+    views = request.app.state.views
+    aggs = _aggs(store, r, job)  # the aggregates include the steps just reported
     if aggs.height == 0:
         raise HTTPException(404, f"no job {job!r} has reported a step in the range")
-    overview = with_mfu(jobs_overview(aggs, steps), store.hot.latest("gpus")).to_dicts()[0]
+    # The range covers every recent step the hot tier keeps (the usual case): the shared views.
+    known = _known(store, views, job) if _whole(store, r) else None
+    steps = None if known is not None and known.height else _steps(store, r, job)
+    overview = with_mfu(jobs_overview(aggs, steps, roster=known if steps is None else None),
+                        store.hot.latest("gpus")).to_dicts()[0]
     pauses = store.frame("pauses").filter(pl.col("job") == job).sort("ts").tail(50)
-    # The range covers every recent step the hot tier keeps (the usual case): the shared per-rank view.
-    whole = (r.since is None or r.since <= (store.hot.steps_since or 0)) and r.until is None
-    quantiles = _ranks(store, request.app.state.views, store.frame("steps").filter(pl.col("job") == job) if whole else steps,
-                       job, whole)
-    limit = top if top is not None else MAX_RANKS
-    if quantiles.height > limit:
-        quantiles = slowest_ranks(quantiles, limit)
-        steps = steps.filter(pl.col("rank").is_in(quantiles["rank"].implode()))
-    ranks = quantiles.join(rank_breakdown(steps, job), on="rank", how="left")
+    ranks = _rank_rows(store, views, steps, job, top if top is not None else MAX_RANKS)
     return {"job": overview, "ranks": ranks.to_dicts(), "ranks_total": overview["ranks"],
             "ranks_cover_last_steps": store.hot.raw_steps,
             # the Slurm jobs that ran it, one per incarnation (sbatch, requeue), oldest first: collector/slurm.py
@@ -122,16 +147,26 @@ def get_job_matrix(job: str, request: Request, store: StoreDep, last: int = Quer
                                                                             "(default: all when the matrix has at most "
                                                                             "20,000 cells, else 64)")) -> dict:
     """Each rank's compute time relative to its stage's median, per step of the last `last` steps."""
-    steps = store.frame("steps").filter(pl.col("job") == job)
-    if steps.height == 0:
+    views = request.app.state.views
+
+    def compute() -> bytes | None:
+        steps = store.frame("steps").filter(pl.col("job") == job)
+        if steps.height == 0:
+            return None
+        total = steps["rank"].n_unique()
+        chosen = None
+        if top is not None or total * last > MAX_CELLS:
+            chosen = slowest_ranks(_ranks(store, views, job), top or 64)["rank"].to_list()
+        cells = rank_step_matrix(steps, job, last, chosen)
+        return json.dumps({"job": job, "ranks_total": total, "ranks_shown": len(chosen) if chosen is not None else total,
+                           "cells": cells.to_dicts()}, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+
+    # A job the hot tier holds raw steps of: the shared view (never one for any name a client sends).
+    body = (views.get(("matrix", job, last, top), compute, rows=store.hot.rows()["steps"])
+            if _known(store, views, job).height else compute())
+    if body is None:
         raise HTTPException(404, f"no job {job!r} has reported a step")
-    total = steps["rank"].n_unique()
-    chosen = None
-    if top is not None or total * last > MAX_CELLS:
-        chosen = slowest_ranks(_ranks(store, request.app.state.views, steps, job, True), top or 64)["rank"].to_list()
-    cells = rank_step_matrix(steps, job, last, chosen)
-    return {"job": job, "ranks_total": total, "ranks_shown": len(chosen) if chosen is not None else total,
-            "cells": cells.to_dicts()}
+    return Response(body, media_type="application/json")
 
 
 class GoodputSeconds(BaseModel):
