@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Generic, Iterable, Iterator, Literal, TypeVar
+from typing import Callable, Generic, Iterable, Iterator, Literal, NamedTuple, TypeVar
 
 from agent.gpu.health import Verdict
 from agent.gpu.state import GpuState
@@ -54,8 +54,10 @@ class Family:
     host: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class Reading:
+class Reading(NamedTuple):
+    """One series' value. A named tuple, not a frozen dataclass: an 8-GPU node makes ~1,700 of these per
+    sample, and a tuple is built in half the time."""
+
     name: str
     value: float
     labels: Labels = ()
