@@ -113,30 +113,54 @@ class GoodputLedger:
             "job", "rank", "pid", "step", "ts", "duration_s", "world_size", "sync_arrival_s", "phase_comm_s",
             "phase_data_s", "process_start_ts", "restored_step")]
         incs: list[int] = []
+        append = incs.append
+        job_name_now, job = None, _Job()
+        last_step, last_inc, last_job, acc = None, None, None, None
         with self._lock:
             for job_name, rank, pid, step, ts, duration, world, sync, comm, data, pstart, restored in zip(*columns):
                 end = ts + duration
                 # A rank's compute before it waits for its peers, as collector.training.compute_times has it.
                 comp = sync if sync is not None else duration - comm if comm is not None else duration
-                job = self._jobs.get(job_name)
-                if job is None:
-                    job = self._jobs[job_name] = _Job()
-                job.seen = now
-                job.changes += 1
-                inc = self._incarnation_of(job, rank, pid or 0, step, pstart, restored, ts)
-                incs.append(inc)
-                acc = job.steps.get((inc, step))
-                if acc is None:
-                    job.steps[(inc, step)] = [ts, end, 1, comp, comp, data or 0.0, 0 if data is None else 1, world, now]
-                    continue
-                acc[0], acc[1] = min(acc[0], ts), max(acc[1], end)
+                if job_name != job_name_now:  # a batch holds one job's rows, or a few jobs' in runs
+                    job = self._jobs.get(job_name)
+                    if job is None:
+                        job = self._jobs[job_name] = _Job()
+                    job.seen, job_name_now = now, job_name
+                    job.changes += 1
+                pid = pid or 0
+                r = job.ranks.get(rank)
+                # The usual row: the same process's next step, nothing declared (what _incarnation_of would do).
+                meta = job.incs.get(r.inc) if r is not None else None
+                if (meta is not None and r.stepped and restored is None and pstart is None and step >= r.max_step
+                        and (pid == r.pid or not pid) and not job.open.get(rank)):
+                    r.max_step = step
+                    inc = r.inc
+                    if pid not in meta.pids and len(meta.pids) < MAX_PIDS:
+                        meta.pids.add(pid)
+                else:
+                    inc = self._incarnation_of(job, rank, pid, step, pstart, restored, ts)
+                append(inc)
+                if step != last_step or inc != last_inc or job is not last_job:  # a step's ranks come together
+                    acc = job.steps.get((inc, step))
+                    last_step, last_inc, last_job = step, inc, job
+                    if acc is None:
+                        acc = job.steps[(inc, step)] = [ts, end, 1, comp, comp, data or 0.0, 0 if data is None else 1,
+                                                        world, now]
+                        continue
+                if ts < acc[0]:
+                    acc[0] = ts
+                if end > acc[1]:
+                    acc[1] = end
                 acc[2] += 1
                 acc[3] += comp
-                acc[4] = max(acc[4], comp)
+                if comp > acc[4]:
+                    acc[4] = comp
                 if data is not None:
                     acc[5] += data
                     acc[6] += 1
-                acc[7], acc[8] = max(acc[7], world), now
+                if world > acc[7]:
+                    acc[7] = world
+                acc[8] = now
         return incs
 
     @staticmethod
