@@ -25,17 +25,79 @@ def read_text(path: Path | str) -> str | None:
     return (chunks[0] if len(chunks) == 1 else b"".join(chunks)).decode(errors="replace")
 
 
-def read_head(path: Path | str, size: int = 4096) -> str | None:
-    """The first `size` bytes of a file (at most), or None when it does not exist: for a file whose first line is
-    all one wants (/proc/stat, whose interrupt line alone runs to tens of kilobytes on a large node)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    try:
-        return os.read(fd, size).decode(errors="replace")
-    finally:
-        os.close(fd)
+class KeptFile:
+    """A /proc or /sys file read at every sample: opened once, then read with one pread from offset 0, for which
+    the kernel writes the text afresh (no open, close or path walk each time). A file with blocks on a disk (a
+    test's fixture, which may be replaced) is opened anew at each read."""
+
+    __slots__ = ("path", "_fd")
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = str(path)
+        self._fd: int | None = None
+
+    def read(self, head: int | None = None) -> str | None:
+        """The file's text (only its first `head` bytes, if given), or None when it does not exist (any more)."""
+        fd = self._fd
+        if fd is not None:
+            try:
+                return _pread_all(fd, head).decode(errors="replace")
+            except OSError:  # the device went (ENODEV), or the file was replaced: open it again below
+                self.close()
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        try:
+            data = _pread_all(fd, head)
+            keep = os.fstat(fd).st_blocks == 0  # procfs and sysfs files occupy no blocks
+        except BaseException:
+            os.close(fd)
+            raise
+        if keep:
+            self._fd = fd
+        else:
+            os.close(fd)
+        return data.decode(errors="replace")
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _pread_all(fd: int, head: int | None) -> bytes:
+    if head is not None:
+        return os.pread(fd, head, 0)
+    data = os.pread(fd, 65536, 0)
+    if len(data) < 65536:  # a short read is the end of a /proc or /sys file (and of a plain one)
+        return data
+    chunks = [data]
+    while chunk := os.pread(fd, 65536, sum(map(len, chunks))):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class KeptFiles:
+    """KeptFile by path, for files whose set changes (a network interface's, a sensor's): read(path)."""
+
+    def __init__(self) -> None:
+        self._files: dict[str, KeptFile] = {}
+
+    def read(self, path: str) -> str | None:
+        kept = self._files.get(path)
+        if kept is None:
+            kept = self._files[path] = KeptFile(path)
+        text = kept.read()
+        if text is None:  # gone: forget it, so that a changing set of files does not grow the table
+            kept.close()
+            del self._files[path]
+        return text
+
+    def close(self) -> None:
+        for kept in self._files.values():
+            kept.close()
+        self._files.clear()
 
 
 def parse_pressure(text: str) -> dict[str, float]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import glob
 import os
 
-from agent.procfs import read_head, read_text
+from agent.procfs import KeptFile, KeptFiles, read_text
 from agent.sources.base import Family, Reading, Slow, Source, feeding, register
 
 # /proc/stat's columns, in order (proc(5)); guest time is already counted in user/nice (as node_exporter notes).
@@ -72,7 +72,8 @@ class CpuSource(Source):
     families = feeding(families, {"fleetscope_cpu_utilization_ratio": "cpu_utilization_ratio", "fleetscope_cpu_load1": "load1"})
 
     def __init__(self, *, procfs: str = "/proc", **_: object) -> None:
-        self.stat = f"{procfs}/stat"
+        self.stat = KeptFile(f"{procfs}/stat")
+        self._freq = KeptFiles()
         self._logical = Slow(lambda: os.sysconf("SC_NPROCESSORS_ONLN"))
         self._freq_files = Slow(_frequency_files)
         self._cpuinfo_mhz = Slow(_cpuinfo_mhz)
@@ -81,9 +82,9 @@ class CpuSource(Source):
         self._last = self._times()
 
     def _times(self) -> dict[str, float]:
-        text = read_head(self.stat)
+        text = self.stat.read(4096)  # the first line is all it needs
         if text is None:
-            raise FileNotFoundError(self.stat)
+            raise FileNotFoundError(self.stat.path)
         return parse_cpu_line(text)
 
     def _frequency_hz(self) -> float | None:
@@ -93,7 +94,7 @@ class CpuSource(Source):
             return mhz * 1e6 if mhz else None
         khz = []
         for path in files:
-            text = read_text(path)  # None: the CPU went offline since the list was made
+            text = self._freq.read(path)  # None: the CPU went offline since the list was made
             if text is not None and text.strip().isdigit():
                 khz.append(int(text))
         return sum(khz) / len(khz) * 1e3 if khz else None
@@ -111,3 +112,7 @@ class CpuSource(Source):
         out += [Reading("fleetscope_cpu_load1", load1), Reading("fleetscope_cpu_load5", load5),
                 Reading("fleetscope_cpu_load15", load15)]
         return out
+
+    def close(self) -> None:
+        self.stat.close()
+        self._freq.close()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agent.procfs import read_text
+from agent.procfs import KeptFiles, read_text
 from agent.sources.base import Family, NoData, Reading, Slow, Source, register
 
 _INPUT, _MAX, _CRIT = ("fleetscope_hwmon_temperature_celsius", "fleetscope_hwmon_temperature_max_celsius",
@@ -46,6 +46,7 @@ class HwmonSource(Source):
     def __init__(self, *, sysfs: str = "/sys", **_: object) -> None:
         self.root = Path(sysfs) / "class" / "hwmon"
         self._sensors: Slow[list[_Sensor] | None] = Slow(self._find)
+        self._inputs = KeptFiles()
 
     def _find(self) -> list[_Sensor] | None:
         if not self.root.is_dir():
@@ -66,7 +67,7 @@ class HwmonSource(Source):
         out = []
         for s in sensors:
             try:
-                text = read_text(s.input)
+                text = self._inputs.read(s.input)
                 if text is None:
                     continue  # gone since the sensors were listed (a drive pulled): its thresholds go too
                 out.append(Reading(_INPUT, int(text) / 1000.0, s.labels))
@@ -77,3 +78,6 @@ class HwmonSource(Source):
             if s.crit is not None:
                 out.append(Reading(_CRIT, s.crit, s.labels))
         return out
+
+    def close(self) -> None:
+        self._inputs.close()

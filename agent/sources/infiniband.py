@@ -13,7 +13,7 @@ import os
 import re
 from pathlib import Path
 
-from agent.procfs import read_text
+from agent.procfs import KeptFiles, read_text
 from agent.sources.base import Family, NoData, Slow, Source, feeding, reading, register
 
 P = ("device", "port")
@@ -64,6 +64,7 @@ class InfinibandSource(Source):
     def __init__(self, *, sysfs: str = "/sys", **_: object) -> None:
         self.root = Path(sysfs) / "class" / "infiniband"
         self._ports: Slow[list[tuple[str, str, str, str]] | None] = Slow(self._find)
+        self._files = KeptFiles()
 
     def _find(self) -> list[tuple[str, str, str, str]] | None:
         """(port folder, device, port, link layer) of each port, or None without the class folder."""
@@ -79,11 +80,11 @@ class InfinibandSource(Source):
         out = []
         for port_dir, device, port, link_layer in ports:
             ids = {"device": device, "port": port}
-            state_text = read_text(f"{port_dir}/state")
+            state_text = self._files.read(f"{port_dir}/state")
             if state_text is None and not os.path.isdir(port_dir):
                 continue  # the adapter went since the ports were listed
-            phys_text = read_text(f"{port_dir}/phys_state")
-            rate_text = read_text(f"{port_dir}/rate") or ""
+            phys_text = self._files.read(f"{port_dir}/phys_state")
+            rate_text = self._files.read(f"{port_dir}/rate") or ""
             out.append(reading("fleetscope_infiniband_info", 1, **ids, link_layer=link_layer, rate=rate_text.strip()))
             if state_text is not None:
                 state, _ = parse_state(state_text)
@@ -94,7 +95,10 @@ class InfinibandSource(Source):
             if rate is not None:
                 out.append(reading("fleetscope_infiniband_rate_bytes", rate, **ids))
             for filename, suffix, mult, _ in _COUNTERS:
-                text = read_text(f"{port_dir}/counters/{filename}")
+                text = self._files.read(f"{port_dir}/counters/{filename}")
                 if text is not None and text.strip().isdigit():
                     out.append(reading(f"fleetscope_infiniband_{suffix}", int(text) * mult, **ids))
         return out
+
+    def close(self) -> None:
+        self._files.close()

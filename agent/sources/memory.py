@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agent.procfs import pick_keyed, read_text
+from agent.procfs import KeptFile, pick_keyed
 from agent.sources.base import Family, NoData, Source, feeding, reading, register
 
 # (meminfo key, metric, help)
@@ -38,10 +38,10 @@ class MemorySource(Source):
 
     def __init__(self, *, procfs: str = "/proc", **_: object) -> None:
         self.procfs = Path(procfs)
-        self._meminfo, self._vmstat = str(self.procfs / "meminfo"), str(self.procfs / "vmstat")
+        self._meminfo, self._vmstat = KeptFile(self.procfs / "meminfo"), KeptFile(self.procfs / "vmstat")
 
     def collect(self):
-        text = read_text(self._meminfo)
+        text = self._meminfo.read()
         if text is None:
             raise NoData(f"no {self.procfs / 'meminfo'}")
         info = pick_keyed(text, _KEYS)
@@ -50,8 +50,12 @@ class MemorySource(Source):
                 yield reading(metric, info[key])
         if "MemTotal" in info and "MemAvailable" in info:
             yield reading("fleetscope_memory_used_bytes", info["MemTotal"] - info["MemAvailable"])
-        vmstat = read_text(self._vmstat)
+        vmstat = self._vmstat.read()
         if vmstat is not None:
             oom = pick_keyed(vmstat, ("oom_kill",)).get("oom_kill")  # since Linux 4.13
             if oom is not None:
                 yield reading("fleetscope_memory_oom_kills_total", oom)
+
+    def close(self) -> None:
+        self._meminfo.close()
+        self._vmstat.close()

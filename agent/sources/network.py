@@ -15,7 +15,7 @@ import socket
 import struct
 import psutil
 
-from agent.procfs import read_text
+from agent.procfs import KeptFile, KeptFiles
 from agent.sources.base import Family, Reading, Slow, Source, feeding, reading, register
 
 _COUNTERS = (
@@ -67,7 +67,8 @@ class NetworkSource(Source):
     def __init__(self, *, exclude_interfaces: str = r"^lo$", sysfs: str = "/sys", procfs: str = "/proc", **_: object) -> None:
         self.exclude = re.compile(exclude_interfaces) if exclude_interfaces else None
         self.sysfs_net = f"{sysfs}/class/net"
-        self.net_dev = f"{procfs}/net/dev"
+        self.net_dev = KeptFile(f"{procfs}/net/dev")
+        self._carrier = KeptFiles()
         self._sock: socket.socket | None = None
         # device -> Mbit/s as psutil reports it (0: unknown)
         self._speeds: Slow[dict[str, int]] = Slow(lambda: {name: st.speed for name, st in psutil.net_if_stats().items()})
@@ -93,7 +94,7 @@ class NetworkSource(Source):
         return flags, mtu
 
     def collect(self):
-        text = read_text(self.net_dev)
+        text = self.net_dev.read()
         if text is None:
             return
         for device, counters in parse_net_dev(text).items():
@@ -110,11 +111,13 @@ class NetworkSource(Source):
                 if speed > 0:  # psutil reports 0 when the speed is unknown: omit, never 0
                     yield Reading("fleetscope_network_speed_bytes", speed * 1_000_000 / 8, labels)
                 yield Reading("fleetscope_network_mtu_bytes", float(mtu), labels)
-            changes = read_text(f"{self.sysfs_net}/{device}/carrier_changes")
+            changes = self._carrier.read(f"{self.sysfs_net}/{device}/carrier_changes")
             if changes is not None and changes.strip().isdigit():
                 yield reading("fleetscope_network_carrier_changes_total", int(changes), device=device)
 
     def close(self) -> None:
+        self.net_dev.close()
+        self._carrier.close()
         if self._sock is not None:
             self._sock.close()
             self._sock = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agent.procfs import parse_pressure, read_text
+from agent.procfs import KeptFile, parse_pressure
 from agent.sources.base import Family, NoData, Source, feeding, reading, register
 
 RESOURCES = ("cpu", "memory", "io")
@@ -23,12 +23,12 @@ class PressureSource(Source):
 
     def __init__(self, *, procfs: str = "/proc", **_: object) -> None:
         self.root = Path(procfs) / "pressure"
-        self._files = tuple((res, str(self.root / res)) for res in RESOURCES)
+        self._files = tuple((res, KeptFile(self.root / res)) for res in RESOURCES)
 
     def collect(self):
         found = False
-        for res, path in self._files:
-            text = read_text(path)
+        for res, kept in self._files:
+            text = kept.read()
             if text is None:
                 continue
             found = True
@@ -40,3 +40,7 @@ class PressureSource(Source):
                 yield reading(f"fleetscope_pressure_{res}_stalled_seconds_total", values["full"])
         if not found:
             raise NoData("no /proc/pressure (kernel without PSI, or psi=0)")
+
+    def close(self) -> None:
+        for _, kept in self._files:
+            kept.close()

@@ -21,7 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, TimeoutError
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.procfs import parse_diskstats, read_text
+from agent.procfs import KeptFile, parse_diskstats
 from agent.sources.base import SLOW_REFRESH_S, Family, NoData, Reading, Source, feeding, register
 
 # Virtual devices whose I/O is counted again on the real device underneath.
@@ -159,6 +159,7 @@ class StorageSource(Source):
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="statvfs")
         self._stuck: dict[str, Future] = {}
         self._table = MountTable(self.procfs)
+        self._diskstats = KeptFile(self.procfs / "diskstats")
         self._seen: list[Mount] | None = None
         self._in_place: set[str] = set()
         self._labels: dict[str, tuple] = {}  # label tuples by mount point, and by "\0" + disk
@@ -207,7 +208,7 @@ class StorageSource(Source):
                     Reading("fleetscope_filesystem_files", float(st.f_files), labels),
                     Reading("fleetscope_filesystem_files_free", float(st.f_ffree), labels),
                     Reading("fleetscope_filesystem_readonly", 1.0 if readonly else 0.0, labels)]
-        text = read_text(self.procfs / "diskstats")
+        text = self._diskstats.read()
         for d in parse_diskstats(text or ""):
             if _SKIP_DISKS.match(d.device):
                 continue
@@ -222,4 +223,5 @@ class StorageSource(Source):
 
     def close(self) -> None:
         self._table.close()
+        self._diskstats.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
