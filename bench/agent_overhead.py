@@ -16,7 +16,9 @@ one scrape, and, in this process, NVML calls per GPU per sample and the time per
 What a sceptic should ask:
 - The fake answers NVML calls from a dict, in Python, with a counter and fault checks per call.
   A real call is an ioctl into the driver, often slower; the call count is real, the time is not.
-  bench/gpu_check.sh counts and times the calls on a real GPU.
+  bench/gpu_check.sh counts and times the calls on a real GPU. The time spent inside the fake's own
+  functions is measured in this process (each wrapped with a timer) and printed, per sample and per
+  minute on a warm CPU: it is part of the 8-GPU agent's figure, never subtracted from it.
 - CPU time comes in 10 ms ticks (/proc), so a 60 s window is good to about ±10 ms/min per
   reading; a --quick run's short windows are much coarser.
 - Both processes see this machine: its core count, interfaces and filesystems (node_exporter's
@@ -238,6 +240,17 @@ def nvml_cost(gpus: int, samples: int, warmup: int, gpm: bool) -> dict:
 
     fake = FakeNvml([device(i, **({} if gpm else {"gpm": NotSupported})) for i in range(gpus)])
     nvml = Nvml(fake)
+    inside = [0.0]  # seconds spent inside the fake's functions (its Python, which a real driver does not run)
+
+    def timed(function):
+        def call(*args):
+            t = time.perf_counter()
+            try:
+                return function(*args)
+            finally:
+                inside[0] += time.perf_counter() - t
+        return call
+
     try:
         for _ in range(warmup):  # the first read initialises; GPM needs two samples before it reads metrics
             nvml.read()
@@ -247,14 +260,21 @@ def nvml_cost(gpus: int, samples: int, warmup: int, gpm: bool) -> dict:
             t = time.perf_counter()
             nvml.read()
             times.append(time.perf_counter() - t)
+        # The fake also counts bookkeeping keys (e.g. "process_utilization_since:..."); only nvml* are calls.
+        calls = {name: n for name, n in fake.counts.items() if name.startswith("nvml")}
+        for name in [n for n in vars(fake) if n.startswith("nvml") and callable(getattr(fake, n))]:
+            setattr(fake, name, timed(getattr(fake, name)))
+        t = time.perf_counter()
+        for _ in range(samples):
+            nvml.read()
+        timed_total = time.perf_counter() - t
     except Exception as exc:  # noqa: BLE001 - the gateway and the fake disagree: say how, measure nothing
         return {"error": f"{type(exc).__name__}: {exc}"}
     finally:
         nvml.shutdown()
-    # The fake also counts bookkeeping keys (e.g. "process_utilization_since:..."); only nvml* are calls.
-    calls = {name: n for name, n in fake.counts.items() if name.startswith("nvml")}
     return {"calls_per_gpu": sum(calls.values()) / (samples * gpus), "median_ms": statistics.median(times) * 1000,
-            "max_ms": max(times) * 1000, "top": sorted(calls.items(), key=lambda kv: -kv[1])[:6], "samples": samples}
+            "max_ms": max(times) * 1000, "top": sorted(calls.items(), key=lambda kv: -kv[1])[:6], "samples": samples,
+            "fake_ms": inside[0] / samples * 1000, "fake_share": inside[0] / timed_total if timed_total else 0.0}
 
 
 def median_of(runs: list[dict], side: str) -> dict[str, float]:
@@ -319,6 +339,9 @@ def main(argv: list[str] | None = None) -> None:
               f"{cost['calls_per_gpu']:.1f} calls per GPU per sample; {cost['median_ms']:.2f} ms per sample median, "
               f"{cost['max_ms']:.2f} max (the fake's Python, not a driver's ioctls)")
         print("  most called: " + ", ".join(f"{name} {n / (cost['samples'] * GPUS):g}" for name, n in cost["top"]))
+        print(f"  of which inside the fake's own functions: {cost['fake_ms']:.2f} ms per sample ({cost['fake_share']:.0%} of a "
+              f"read), about {cost['fake_ms'] * 60 / AGENT_INTERVAL_S:.0f} ms/min at the default interval on a warm CPU; it is "
+              "counted in the 8-GPU agent's figures below (a real driver's calls cost their own time instead)")
 
     rows = [(gpus, cadence) for gpus in (0, GPUS) for cadence in CADENCES_S]
     results: dict[tuple[int, float], list[dict]] = {row: [] for row in rows}
