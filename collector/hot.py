@@ -169,7 +169,7 @@ class HotTier:
         with self._lock:
             aggs, fresh, chunks = self._aggs, list(self._fresh["steps"]), list(self._tables["steps"])
         if fresh:
-            touched = pl.concat([f.select("job", "step") for f in fresh]).unique()
+            touched = pl.concat([f[["job", "step"]] for f in fresh]).unique()
             steps = _concat(chunks, "steps").join(touched, on=["job", "step"], how="semi")
             aggs = merge_step_aggregates(aggs, step_aggregates(steps).with_columns(pl.lit(False).alias("final")))
         return aggs.drop("final").sort("job", "step", "incarnation")
@@ -284,7 +284,7 @@ class HotTier:
         steps = _concat(chunks, "steps")
         aggs = self._aggs
         if fresh:
-            touched = pl.concat([f.select("job", "step") for f in fresh]).unique()
+            touched = pl.concat([f[["job", "step"]] for f in fresh]).unique()
             recent = step_aggregates(steps.join(touched, on=["job", "step"], how="semi"))
             aggs = merge_step_aggregates(aggs, recent.with_columns(pl.lit(False).alias("final")))
         if steps.height:
