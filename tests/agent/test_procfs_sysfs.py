@@ -148,3 +148,40 @@ def test_a_hanging_statvfs_is_given_up_and_reported(monkeypatch, tmp_path):
     finally:
         release.set()
         source.close()
+
+
+_MOUNT_CHANGE = """
+import os, subprocess, sys
+from pathlib import Path
+from agent.sources.storage import MountTable
+
+root = Path(sys.argv[1])
+(root / "proc").mkdir()
+os.symlink("/proc/self", root / "proc" / "1")  # this process's mount table, in its own mount namespace
+(root / "mnt").mkdir()
+table = MountTable(root / "proc")
+first = table.get()
+assert table.get() is first, "read again though nothing changed"
+subprocess.run(["mount", "-t", "tmpfs", "none", str(root / "mnt")], check=True)
+mounted = table.get()
+assert str(root / "mnt") in [m.mountpoint for m in mounted], "a new mount not seen"
+assert table.get() is mounted
+subprocess.run(["umount", str(root / "mnt")], check=True)
+assert str(root / "mnt") not in [m.mountpoint for m in table.get()], "an unmount not seen"
+table.close()
+"""
+
+
+def test_the_mount_table_is_read_again_only_when_the_kernel_says_it_changed(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare(1) to make a private mount namespace")
+    probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"user namespaces are not allowed here: {probe.stderr.decode(errors='replace').strip()}")
+    done = subprocess.run(["unshare", "-rm", sys.executable, "-c", _MOUNT_CHANGE, str(tmp_path)],
+                          cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
