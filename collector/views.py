@@ -5,7 +5,9 @@ milliseconds each to compute from its ranks' recent steps; the console, Promethe
 ask for them every few seconds. A view of a big table is computed once and then recomputed by each
 analysis pass (`refresh`, every analysis interval: the findings are that old too) for as long as someone
 keeps asking for it, so a request reads it instead of computing it; one not asked for in `keep_s` is
-dropped. A view of a small table is always computed afresh, so that what was just ingested shows at once.
+dropped. At most MAX_VIEWS are kept (the least recently asked go first), and a pass stops refreshing once
+it has spent an analysis interval on it: however many views readers ask for, the work stays bounded. A
+view of a small table is always computed afresh, so that what was just ingested shows at once.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ log = logging.getLogger("fleetscope.collector.views")
 
 T = TypeVar("T")
 BIG_ROWS = 100_000
+MAX_VIEWS = 16  # the console's Training page uses 3 per job it shows, plus 2 shared by all
 
 
 @dataclass
@@ -59,6 +62,8 @@ class Views:
         value = compute()
         with self._lock:
             self._cache[key] = _View(now, value, compute, now)
+            while len(self._cache) > MAX_VIEWS:
+                del self._cache[min(self._cache, key=lambda k: self._cache[k].asked)]
         return value
 
     def refresh(self) -> None:
@@ -69,6 +74,8 @@ class Views:
                 del self._cache[key]
             todo = list(self._cache.items())
         for key, view in todo:
+            if time.monotonic() - now > self.max_age_s:  # the rest are computed by their next request if stale
+                break
             try:
                 value = view.compute()
             except Exception:  # e.g. the job is gone: the next request computes (and answers) for itself

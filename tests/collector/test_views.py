@@ -56,3 +56,15 @@ def test_a_stale_view_is_computed_by_the_request_and_one_that_fails_to_refresh_i
     views.refresh()  # the failure is not raised in the analysis pass
     state["fail"] = False
     assert views.get("f", flaky) == "ok"
+
+
+def test_views_are_bounded_in_number_the_least_recently_read_going_first():
+    from collector.views import MAX_VIEWS
+
+    views = Views(max_age_s=60.0)
+    for i in range(MAX_VIEWS):
+        views.get(i, lambda i=i: i)
+    views.get(0, lambda: -1)  # read again: the most recent now
+    views.get("new", lambda: "n")  # one too many: view 1, read longest ago, goes
+    assert views.get(0, lambda: -1) == 0 and views.get("new", lambda: "x") == "n"
+    assert views.get(1, lambda: "recomputed") == "recomputed"
