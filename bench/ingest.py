@@ -23,6 +23,14 @@ at least 200,000 events/s on the 2-core machine, p99 under 50 ms at half that ra
 
     python -m bench.ingest [--mode both|saturation|paced] [--seconds 20] [--senders 4]
                            [--batch 1000] [--rate 100000] [--profile collector.txt]
+
+--breakdown times the same bodies through the collector's ingest path in this one process, one
+batch at a time, stage by stage (decode, input bounds, frame building, WAL append with its fsync,
+goodput ledger, hot tier, each observer, metrics): the milliseconds per batch of each stage, median
+of --batches batches spread over --senders agents, and the events/s that one core could take if
+nothing else ran (no HTTP, no GIL contention). Load-independent enough to compare commits:
+
+    python -m bench.ingest --breakdown [--batches 300] [--batch 1000]
 """
 
 from __future__ import annotations
@@ -256,6 +264,88 @@ def floor_records(log_path: Path) -> int:
     return n
 
 
+# --- in-process breakdown -----------------------------------------------------------------------
+def breakdown(batch: int, batches: int, senders: int, fsync: bool = True) -> dict[str, list[float]]:
+    """Each stage of Store.ingest (and the route around it) timed per batch, in the order the route runs them."""
+    from collector.api.app import create_app
+    from collector.bounds import screen
+    from collector.settings import Settings
+    from collector.tables import batch_frames
+    from fleetscope.schema import decode_batch
+
+    times: dict[str, list[float]] = {}
+    clock = time.perf_counter
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-breakdown-") as tmp:
+        app = create_app(Settings(data_dir=Path(tmp), fsync=fsync, ingest_tokens=frozenset({ingest_token(0)}),
+                                  read_tokens=frozenset({READ_TOKEN})))
+        store, metrics = app.state.store, app.state.metrics
+        store.open()
+        # Bound methods by their class (SlurmLinks), the app's SLO closure by where it is defined.
+        observers = [(type(o.__self__).__name__ if hasattr(o, "__self__") else o.__qualname__.replace(".<locals>", ""), o)
+                     for o in store.observers]
+        bodies = [Bodies(batch_template(i, batch)) for i in range(senders)]
+        for n in range(batches):
+            body = bodies[n % senders].make(n // senders + 1, time.time())
+            stages: list[tuple[str, float]] = []
+            t = clock()
+
+            def lap(name: str) -> None:
+                nonlocal t
+                now = clock()
+                stages.append((name, now - t))
+                t = now
+
+            b = decode_batch(body)
+            lap("decode")
+            screened = screen(b, time.time(), store.bounds, store.steps_seen)
+            lap("bounds")
+            assert not screened.refused, screened.listed[:1]
+            frames = batch_frames(b)
+            lap("frames")
+            store.wal.ensure_open()
+            store.wal.append(body)
+            lap("WAL append + fsync" if fsync else "WAL append")
+            frames = store._tag(frames)
+            lap("goodput ledger")
+            with store._gate:
+                store._apply(b, frames, screened.highs)
+            lap("hot tier")
+            for kind, frame in frames.items():
+                if kind != "steps":
+                    store.goodput.observe(kind, frame)
+            for name, observe in observers:
+                for kind, frame in frames.items():
+                    observe(kind, frame)
+                lap(f"observer {name}")
+            metrics.ingested(b, False, {"step": frames["steps"].height})
+            lap("metrics")
+            for name, dt in stages:
+                times.setdefault(name, []).append(dt)
+            times.setdefault("total", []).append(sum(dt for _, dt in stages))
+            if n % 50 == 49:
+                store.maintain_hot()  # as the analysis pass does every few seconds: merges the small frames
+        store.wal.close()
+    return times
+
+
+def print_breakdown(args) -> None:
+    import statistics
+
+    load = os.getloadavg()[0]
+    print(f"ingest breakdown: one process, {args.batches} batches of {args.batch} step events over {args.senders} agents, "
+          f"WAL {'fsync on' if not args.no_fsync else 'without fsync'}; load average {load:.2f} on {os.cpu_count()} cores")
+    breakdown(args.batch, min(args.batches, 20), args.senders, not args.no_fsync)  # imports and first-call costs
+    times = breakdown(args.batch, args.batches, args.senders, not args.no_fsync)
+    print(f"  {'stage':30} {'median ms':>10} {'p90 ms':>8}")
+    for name, values in times.items():
+        values = sorted(values)
+        if name == "total":
+            print(f"  {'':30} {'-' * 10} {'-' * 8}")
+        print(f"  {name:30} {statistics.median(values) * 1000:10.3f} {values[int(0.9 * len(values))] * 1000:8.3f}")
+    total = statistics.median(times["total"])
+    print(f"  upper bound on one core: {args.batch / total:,.0f} events/s (goal: 200,000 events/s through HTTP)")
+
+
 # --- targets -------------------------------------------------------------------------------------
 def start(target: str, data_dir: Path, port: int, senders: int, tree: Path) -> subprocess.Popen:
     env = dict(os.environ, FLEETSCOPE_INGEST_TOKEN=",".join(ingest_token(i) for i in range(senders)),
@@ -374,11 +464,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--profile", type=Path, help="py-spy the collector through the saturation window: raw stacks here, top frames printed")
     p.add_argument("--collector-tree", type=Path, default=REPO,
                    help="run the collector from this source tree (e.g. `git archive <commit>` unpacked): before/after a change")
+    p.add_argument("--breakdown", action="store_true", help="time each stage of the ingest path in this process instead")
+    p.add_argument("--batches", type=int, default=300, help="--breakdown: batches timed (the median is printed)")
+    p.add_argument("--no-fsync", action="store_true", help="--breakdown: the WAL without its fsync")
     p.add_argument("--serve-floor", nargs=2, metavar=("HOST:PORT", "LOG"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve_floor:
         host, _, port = args.serve_floor[0].rpartition(":")
         serve_floor(host, int(port), args.serve_floor[1])
+        return
+    if args.breakdown:
+        print_breakdown(args)
         return
 
     body = Bodies(batch_template(0, args.batch)).make(1, time.time())
