@@ -92,8 +92,28 @@ def empty(kind: str) -> pl.DataFrame:
     return pl.DataFrame(schema=SCHEMAS[kind])
 
 
-def _frame(kind: str, columns: dict[str, list]) -> pl.DataFrame:
-    return pl.DataFrame([pl.Series(name, columns[name], dtype=dtype) for name, dtype in SCHEMAS[kind].items()])
+def _frame(kind: str, columns: dict[str, list | None], n: int) -> pl.DataFrame:
+    """The table's frame from one list per column (None: every row null), in the schema's dtypes and order."""
+    return pl.DataFrame([_series(name, columns[name], dtype, n) for name, dtype in SCHEMAS[kind].items()])
+
+
+# Per batch most columns are all null (optional fields nobody sent) and a few categoricals hold one value
+# (the agent, the node, the job): those are made without a pass over Python objects, a third of the cost.
+_NULLS: dict[tuple[str, pl.DataType, int], pl.Series] = {}
+
+
+def _series(name: str, values: list | None, dtype: pl.DataType, n: int) -> pl.Series:
+    if values is None or values[0] is None and values.count(None) == n:  # (counting None among floats is slow)
+        key = (name, dtype, n)
+        series = _NULLS.get(key)
+        if series is None:  # shared by the frames of every batch of this size: polars copies on write
+            if len(_NULLS) > 1024:
+                _NULLS.clear()
+            series = _NULLS[key] = pl.Series(name, [None] * n, dtype=dtype)
+        return series
+    if dtype == CAT and n > 1 and values.count(values[0]) == n:
+        return pl.Series(name, values[:1], dtype=dtype).new_from_index(0, n)
+    return pl.Series(name, values, dtype=dtype)
 
 
 def _json(value: dict) -> str:
@@ -115,30 +135,39 @@ def _slurm_text(ids) -> str | None:
     return text
 
 
+def _texts(values: list) -> list | None:
+    """Slurm or pod ids as JSON text (None when no row has any)."""
+    return [_slurm_text(v) for v in values] if any(values) else None
+
+
 def _steps(events: list[StepEvent], batch: Batch) -> pl.DataFrame:
-    node = batch.node
-    columns: dict[str, list] = {
+    node, n = batch.node, len(events)
+    columns: dict[str, list | None] = {
         "ts": [e.ts for e in events], "job": [e.job for e in events], "rank": [e.rank for e in events],
         "local_rank": [e.local_rank for e in events], "world_size": [e.world_size for e in events],
         "step": [e.step for e in events], "stage": [e.stage for e in events], "duration_s": [e.duration_s for e in events],
         "tokens": [e.tokens for e in events], "samples": [e.samples for e in events],
         "flops_per_token": [e.flops_per_token for e in events], "failed": [e.failed for e in events],
         "process_start_ts": [e.process_start_ts for e in events], "restored_step": [e.restored_step for e in events],
-        "incarnation": [None] * len(events),  # the store's goodput ledger tells (Store._tag)
+        "incarnation": None,  # the store's goodput ledger tells (Store._tag)
     }
+    # The names a batch's rows use, once: a phase nobody reported is a null column, and the JSON of the
+    # others is looked for only when a row has one.
     phases = [e.phases for e in events]
+    phase_names = set().union(*phases)
     for name, column in zip(PHASES, PHASE_COLUMNS):
-        columns[column] = [p.get(name) for p in phases]
+        columns[column] = [p.get(name) for p in phases] if name in phase_names else None
     metrics = [e.metrics for e in events]
-    columns["sync_arrival_s"] = [m.get("sync_arrival_s") for m in metrics]
-    columns["phases_other"] = [None if p.keys() <= _KNOWN_PHASES else
-                               _json({k: v for k, v in p.items() if k not in _KNOWN_PHASES}) for p in phases]
-    columns["metrics_other"] = [None if m.keys() <= _KNOWN_METRICS else
-                                _json({k: v for k, v in m.items() if k not in _KNOWN_METRICS}) for m in metrics]
+    metric_names = set().union(*metrics)
+    columns["sync_arrival_s"] = [m.get("sync_arrival_s") for m in metrics] if "sync_arrival_s" in metric_names else None
+    columns["phases_other"] = None if phase_names <= _KNOWN_PHASES else [
+        None if p.keys() <= _KNOWN_PHASES else _json({k: v for k, v in p.items() if k not in _KNOWN_PHASES}) for p in phases]
+    columns["metrics_other"] = None if metric_names <= _KNOWN_METRICS else [
+        None if m.keys() <= _KNOWN_METRICS else _json({k: v for k, v in m.items() if k not in _KNOWN_METRICS}) for m in metrics]
     columns.update(node=[e.node or node for e in events], gpu_uuid=[e.gpu_uuid for e in events],
-                   pid=[e.pid for e in events], agent_id=[batch.agent_id] * len(events),
-                   slurm=[_slurm_text(e.slurm) for e in events], pod=[_slurm_text(e.pod) for e in events])
-    return _frame("steps", columns)
+                   pid=[e.pid for e in events], agent_id=[batch.agent_id] * n, slurm=_texts([e.slurm for e in events]),
+                   pod=_texts([e.pod for e in events]))
+    return _frame("steps", columns, n)
 
 
 def _requests(events: list[RequestEvent], batch: Batch) -> pl.DataFrame:
@@ -148,8 +177,8 @@ def _requests(events: list[RequestEvent], batch: Batch) -> pl.DataFrame:
                             "output_tokens", "gpu_uuid", "pid")}
     columns["node"] = [e.node or node for e in events]
     columns["agent_id"] = [batch.agent_id] * len(events)
-    columns["pod"] = [_slurm_text(e.pod) for e in events]
-    return _frame("requests", columns)
+    columns["pod"] = _texts([e.pod for e in events])
+    return _frame("requests", columns, len(events))
 
 
 def _pauses(events: list[PauseEvent], batch: Batch) -> pl.DataFrame:
@@ -157,7 +186,7 @@ def _pauses(events: list[PauseEvent], batch: Batch) -> pl.DataFrame:
     columns = {name: [getattr(e, name) for e in events] for name in ("ts", "job", "rank", "reason", "phase", "duration_s")}
     columns["node"] = [e.node or node for e in events]
     columns["agent_id"] = [batch.agent_id] * len(events)
-    return _frame("pauses", columns)
+    return _frame("pauses", columns, len(events))
 
 
 _STAT_COUNTERS = ("prompt_tokens", "generation_tokens", "requests_ok", "requests_error", "e2e_sum", "e2e_count",
@@ -213,9 +242,9 @@ def _frames(batch: Batch) -> dict[str, pl.DataFrame]:
     gpus["xid_counts"] = [_json(g.xid_counts) if g.xid_counts else None for _, g in pairs]
     gpus["ts"] = [f.ts for f, _ in pairs]
     gpus["node"] = [f.node for f, _ in pairs]
-    out = {"hosts": _frame("hosts", hosts)}
+    out = {"hosts": _frame("hosts", hosts, len(frames))}
     if pairs:
-        out["gpus"] = _frame("gpus", gpus)
+        out["gpus"] = _frame("gpus", gpus, len(pairs))
     return out
 
 
