@@ -64,7 +64,11 @@ class PodIds(Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True
     verified: bool = False  # the agent read it for the kernel-named sender; False: the client's own claim
 
 
-class StepEvent(Struct, tag="step", tag_field="kind", forbid_unknown_fields=True, omit_defaults=True):
+# Events are never tracked by Python's cycle collector (gc=False): they hold only strings, numbers, dicts of
+# numbers and frozen structs, so they cannot form a cycle, and a batch decodes a thousand of them: tracked,
+# they trigger a collection or two per batch (decoding 1,000 step events in a loop: 0.91 ms median, 1.21 mean ->
+# 0.79 and 0.81).
+class StepEvent(Struct, tag="step", tag_field="kind", forbid_unknown_fields=True, omit_defaults=True, gc=False):
     """One training step of one rank."""
 
     v: Literal[1]
@@ -93,7 +97,7 @@ class StepEvent(Struct, tag="step", tag_field="kind", forbid_unknown_fields=True
     gpu_uuid: Name | None = None
 
 
-class RequestEvent(Struct, tag="request", tag_field="kind", forbid_unknown_fields=True, omit_defaults=True):
+class RequestEvent(Struct, tag="request", tag_field="kind", forbid_unknown_fields=True, omit_defaults=True, gc=False):
     """One inference request served by one replica."""
 
     v: Literal[1]
@@ -114,7 +118,7 @@ class RequestEvent(Struct, tag="request", tag_field="kind", forbid_unknown_field
     gpu_uuid: Name | None = None
 
 
-class PauseEvent(Struct, tag="pause", tag_field="kind", forbid_unknown_fields=True, omit_defaults=True):
+class PauseEvent(Struct, tag="pause", tag_field="kind", forbid_unknown_fields=True, omit_defaults=True, gc=False):
     """A rank declares a pause (a checkpoint, an evaluation) so that no progress is not taken for a hang."""
 
     v: Literal[1]
