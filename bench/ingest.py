@@ -336,14 +336,17 @@ def print_breakdown(args) -> None:
           f"WAL {'fsync on' if not args.no_fsync else 'without fsync'}; load average {load:.2f} on {os.cpu_count()} cores")
     breakdown(args.batch, min(args.batches, 20), args.senders, not args.no_fsync)  # imports and first-call costs
     times = breakdown(args.batch, args.batches, args.senders, not args.no_fsync)
-    print(f"  {'stage':30} {'median ms':>10} {'p90 ms':>8}")
+    # The mean counts the cycle collector's pauses, which land on whichever stage allocates at the time.
+    print(f"  {'stage':30} {'median ms':>10} {'mean ms':>8} {'p90 ms':>8}")
     for name, values in times.items():
         values = sorted(values)
         if name == "total":
-            print(f"  {'':30} {'-' * 10} {'-' * 8}")
-        print(f"  {name:30} {statistics.median(values) * 1000:10.3f} {values[int(0.9 * len(values))] * 1000:8.3f}")
-    total = statistics.median(times["total"])
-    print(f"  upper bound on one core: {args.batch / total:,.0f} events/s (goal: 200,000 events/s through HTTP)")
+            print(f"  {'':30} {'-' * 10} {'-' * 8} {'-' * 8}")
+        print(f"  {name:30} {statistics.median(values) * 1000:10.3f} {statistics.fmean(values) * 1000:8.3f} "
+              f"{values[int(0.9 * len(values))] * 1000:8.3f}")
+    median, mean = statistics.median(times["total"]), statistics.fmean(times["total"])
+    print(f"  upper bound on one core: {args.batch / median:,.0f} events/s by the median, {args.batch / mean:,.0f} by the mean "
+          "(goal: 200,000 events/s through HTTP)")
 
 
 # --- targets -------------------------------------------------------------------------------------
