@@ -117,9 +117,6 @@ def server_config(settings: Settings, host: str = "0.0.0.0", port: int = 9837, *
     return uvicorn.Config(
         create_app(settings), host=host, port=port, log_level="warning", access_log=False,
         http=bounded_protocol(header_timeout_s, body_timeout_s),  # h11 even where httptools is installed
-        # uvloop where installed (the collector extra installs it; asyncio's loop otherwise): saturated ingest through
-        # HTTP ran ~10-25% faster on it (README, "Ingest and the workload client"). The deadlines are loop timers either way.
-        loop="auto",
         limit_concurrency=max_connections, timeout_keep_alive=KEEP_ALIVE_S,
         backlog=min(max_connections, 4096), **tls_options(settings),
     )
