@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 from agent.cgroup import owner_of
+from agent.procfs import start_ticks
 
 log = logging.getLogger("fleetscope.agent.kubernetes")
 
@@ -227,7 +228,7 @@ class PodAttribution:
         cached = self._pids.get(pid)
         if cached is not None and now - cached[2] < RECHECK_S:
             return cached[1]
-        start = _start_time(self.procfs, pid)
+        start = start_ticks(self.procfs, pid)
         if cached is not None and start is not None and cached[0] == start and cached[1] is not None:
             ids = cached[1]
         else:  # new, reused, or not found in a pod last time (the kubelet may not have written its folders yet)
@@ -307,12 +308,3 @@ class PodAttribution:
         except PodResourcesUnavailable:
             return None
         return (refs[0].namespace, refs[0].pod, refs[0].container) if len(refs) == 1 else None
-
-
-def _start_time(procfs: str, pid: int) -> str | None:
-    """The process's start time in clock ticks after boot (field 22 of /proc/<pid>/stat), or None when gone."""
-    try:
-        with open(f"{procfs}/{pid}/stat", "rb") as fh:
-            return fh.read().rsplit(b")", 1)[1].split()[19].decode()
-    except (OSError, IndexError):
-        return None

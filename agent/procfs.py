@@ -25,6 +25,16 @@ def read_text(path: Path | str) -> str | None:
     return (chunks[0] if len(chunks) == 1 else b"".join(chunks)).decode(errors="replace")
 
 
+def start_ticks(procfs: str, pid: int) -> str | None:
+    """A process's start time in clock ticks after boot (field 22 of /proc/<pid>/stat), or None when it is gone:
+    with the pid, what names one process across pid reuse (the agent's per-process caches key on both)."""
+    try:
+        with open(f"{procfs}/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return None
+
+
 class KeptFile:
     """A /proc or /sys file read at every sample: opened once, then read with one pread from offset 0, for which
     the kernel writes the text afresh (no open, close or path walk each time). A file with blocks on a disk (a

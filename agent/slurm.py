@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from agent.procfs import start_ticks
+
 DEFAULT_STATE_DIR = "/run/fleetscope-slurm"
 ENDED_KEPT_S = 3600.0  # a job the epilog ended is remembered this long (its processes may linger)
 RECHECK_S = 5.0  # how often a cached pid's start time is checked again (pids get reused)
@@ -147,15 +149,6 @@ def _user_name(uid: str) -> str:
         return uid
 
 
-def _start_time(procfs: str, pid: int) -> str | None:
-    """The process's start time in clock ticks after boot (field 22 of /proc/<pid>/stat), or None when gone."""
-    try:
-        with open(f"{procfs}/{pid}/stat", "rb") as fh:
-            return fh.read().rsplit(b")", 1)[1].split()[19].decode()
-    except (OSError, IndexError):
-        return None
-
-
 @dataclass(frozen=True)
 class NodeJob:
     """A job the prolog registered on this node."""
@@ -197,7 +190,7 @@ class SlurmAttribution:
         cached = self._pids.get(pid)
         if cached is not None and now - cached[2] < RECHECK_S:
             return cached
-        start = _start_time(self.procfs, pid)
+        start = start_ticks(self.procfs, pid)
         # A process found in a job keeps it; one found in none is read again (it may have been caught between
         # fork and exec, with its parent's environment).
         if cached is not None and start is not None and cached[0] == start and cached[1] is not None:
