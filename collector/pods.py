@@ -15,6 +15,8 @@ import time
 
 import polars as pl
 
+from collector.tables import JsonCells
+
 MAX_RANKS = 1 << 20  # ranks remembered per job
 MAX_REPLICAS = 4096  # replicas remembered per service: the most recent
 MAX_MODELS = 64
@@ -29,7 +31,7 @@ class PodLinks:
         self._ranks: dict[str, dict[int, list]] = {}  # job -> rank -> [pod JSON, node, last ts]
         # service -> (node, namespace, pod) -> [container, verified, first ts, last ts, requests, models]
         self._replicas: dict[str, dict[tuple, list]] = {}
-        self._decoded: dict[str, dict | None] = {}
+        self._ids = JsonCells("namespace", "pod")
 
     def observe(self, kind: str, frame: pl.DataFrame) -> None:
         """A store observer: see each new step and request row once (ingest and WAL replay)."""
@@ -93,20 +95,6 @@ class PodLinks:
                 replica[4] += count
                 if len(replica[5]) < MAX_MODELS:
                     replica[5] |= models
-
-    def _ids(self, text: str) -> dict | None:
-        ids = self._decoded.get(text)
-        if ids is None and text not in self._decoded:
-            try:
-                ids = json.loads(text)
-                if not isinstance(ids, dict) or not isinstance(ids.get("namespace"), str) or not isinstance(ids.get("pod"), str):
-                    ids = None
-            except ValueError:
-                ids = None
-            if len(self._decoded) > 4096:
-                self._decoded.clear()
-            self._decoded[text] = ids
-        return ids
 
     # --- reads ------------------------------------------------------------------------------------
     def ranks(self, job: str, ranks: list[int] | None = None) -> list[dict]:

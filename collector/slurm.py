@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
+from collector.tables import JsonCells
+
 MAX_LINKS = 256  # Slurm jobs kept per training job: the newest
 MAX_NODES = 1024  # nodes named per link (the count goes on)
 MAX_RANKS = 1 << 20
@@ -41,7 +43,7 @@ class SlurmLinks:
         self.retention_s = retention_s
         self._lock = threading.Lock()
         self._jobs: dict[str, dict[tuple[str, int], _Link]] = {}
-        self._decoded: dict[str, dict | None] = {}  # the column's JSON text -> its ids (a few per job)
+        self._ids = JsonCells("job")  # the column's JSON text -> its ids (a few per job)
 
     def observe(self, kind: str, frame: pl.DataFrame) -> None:
         """A store observer: see each new step row once (ingest and WAL replay)."""
@@ -70,20 +72,6 @@ class SlurmLinks:
                 if ids is None:
                     continue
                 self._add(job, ids, ts, end, nodes, ranks)
-
-    def _ids(self, text: str) -> dict | None:
-        ids = self._decoded.get(text)
-        if ids is None and text not in self._decoded:
-            try:
-                ids = json.loads(text)
-                if not isinstance(ids, dict) or not isinstance(ids.get("job"), str):
-                    ids = None
-            except ValueError:
-                ids = None
-            if len(self._decoded) > 4096:
-                self._decoded.clear()
-            self._decoded[text] = ids
-        return ids
 
     def _add(self, job: str, ids: dict, ts: float, end: float, nodes: set, ranks: set) -> None:
         links = self._jobs.setdefault(job, {})

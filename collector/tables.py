@@ -9,6 +9,7 @@ decoded structs: no per-row dicts on the ingest path.
 
 from __future__ import annotations
 
+import json
 from typing import Iterable
 
 import msgspec
@@ -337,3 +338,27 @@ def conform(frame: pl.LazyFrame | pl.DataFrame, kind: str):
     present = set(names)
     return frame.select([pl.col(c).cast(dtype) if c in present else pl.lit(None, dtype=dtype).alias(c)
                          for c, dtype in schema.items()])
+
+
+class JsonCells:
+    """The dicts a JSON text column's cells hold (the steps' and requests' slurm and pod columns), each distinct text
+    decoded once: a cell that is not an object with the `required` keys as strings is None."""
+
+    def __init__(self, *required: str, limit: int = 4096) -> None:
+        self.required = required
+        self.limit = limit
+        self._decoded: dict[str, dict | None] = {}
+
+    def __call__(self, text: str) -> dict | None:
+        ids = self._decoded.get(text)
+        if ids is None and text not in self._decoded:
+            try:
+                ids = json.loads(text)
+            except ValueError:
+                ids = None
+            if not isinstance(ids, dict) or not all(isinstance(ids.get(k), str) for k in self.required):
+                ids = None
+            if len(self._decoded) > self.limit:
+                self._decoded.clear()
+            self._decoded[text] = ids
+        return ids
