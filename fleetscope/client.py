@@ -233,6 +233,14 @@ def pod_ids(environ=None, namespace_file: str | None = None) -> dict[str, str] |
     return {"namespace": namespace, "pod": pod}
 
 
+def _add_ids(event: dict[str, Any], slurm: dict[str, Any] | None, pod: dict[str, str] | None) -> None:
+    """Put the Slurm job's and the pod's ids (when there are any) on an event or a prefix's fields."""
+    if slurm:
+        event["slurm"] = slurm
+    if pod:
+        event["pod"] = pod
+
+
 def _finite(value: float | int | None) -> float | int | None:
     if value is None:
         return None
@@ -470,10 +478,7 @@ class TrainingRun:
         }
         if duration is not None:
             event["duration_s"] = duration
-        if self.slurm:
-            event["slurm"] = self.slurm
-        if self.pod:
-            event["pod"] = self.pod
+        _add_ids(event, self.slurm, self.pod)
         try:
             self.emitter.emit(event)
         except Exception:  # never raise into the workload
@@ -488,10 +493,7 @@ class TrainingRun:
                 fields["stage"] = int(self.stage)
             if self.flops_per_token is not None:
                 fields["flops_per_token"] = float(self.flops_per_token)
-            if self.slurm:
-                fields["slurm"] = self.slurm
-            if self.pod:
-                fields["pod"] = self.pod
+            _add_ids(fields, self.slurm, self.pod)
             self._prefix = _json_prefix(fields)
         pid = os.getpid()
         out = '%s"step":%d,"ts":%.6f,"duration_s":%.9f,"pid":%d' % (
@@ -535,10 +537,7 @@ class TrainingRun:
             event["stage"] = int(self.stage)
         if self.flops_per_token is not None:
             event["flops_per_token"] = float(self.flops_per_token)
-        if self.slurm:
-            event["slurm"] = self.slurm
-        if self.pod:
-            event["pod"] = self.pod
+        _add_ids(event, self.slurm, self.pod)
         if step.tokens is not None:
             event["tokens"] = int(step.tokens)
         if step.samples is not None:
@@ -631,10 +630,7 @@ class InferenceService:
         """The event `_emit_request`'s dict holds, written by hand (see `_json_str`); raises for anything unusual."""
         if self._prefix is None:
             fields = {"v": SCHEMA_VERSION, "kind": "request", "service": self.service, "model": self.model}
-            if self.slurm:
-                fields["slurm"] = self.slurm
-            if self.pod:
-                fields["pod"] = self.pod
+            _add_ids(fields, self.slurm, self.pod)
             self._prefix = _json_prefix(fields)
         pid = os.getpid()
         out = '%s"ts":%.6f,"e2e_s":%.9f,"status":%s,"pid":%d' % (
@@ -685,8 +681,5 @@ class InferenceService:
             event["input_tokens"] = int(req.input_tokens)
         if req.output_tokens is not None:
             event["output_tokens"] = int(req.output_tokens)
-        if self.slurm:
-            event["slurm"] = self.slurm
-        if self.pod:
-            event["pod"] = self.pod
+        _add_ids(event, self.slurm, self.pod)
         self.emitter.emit(event)
