@@ -158,6 +158,32 @@ class SenderLimits:
         return True
 
 
+class _StructsByPid:
+    """What a lookup (the agent's Slurm or pod attribution) reads for a process, as the schema's struct, made once
+    per answer: the lookup caches per process, so a new answer object means the process's ids changed. Something
+    /proc held that the schema refuses gives None, and the client's own claim stays."""
+
+    def __init__(self, lookup: Callable[[int], dict | None] | None, struct: type) -> None:
+        self.lookup = lookup
+        self.struct = struct
+        self._made: dict[int, tuple[dict, object]] = {}
+
+    def __call__(self, pid: int):
+        ids = self.lookup(pid)
+        if ids is None:
+            return None
+        made = self._made.get(pid)
+        if made is None or made[0] is not ids:
+            try:
+                struct = msgspec.convert(ids, self.struct)
+            except msgspec.ValidationError:
+                struct = None
+            made = self._made[pid] = (ids, struct)
+            if len(self._made) > 65536:
+                del self._made[next(iter(self._made))]
+        return made[1]
+
+
 class Listener:
     families = (
         Family("fleetscope_agent_events_received_total", "counter", "Workload events accepted from the client.", ("kind",)),
@@ -193,12 +219,12 @@ class Listener:
         # pid -> the Slurm job's ids (agent/slurm.py, cached per process): set on the events of a Unix sender,
         # whose pid the kernel vouches for; a UDP event keeps what its client sent.
         self.slurm_lookup = slurm_lookup
-        self._slurm_structs: dict[int, tuple[dict, SlurmIds | None]] = {}
+        self._slurm_structs = _StructsByPid(slurm_lookup, SlurmIds)
         # pid -> the Kubernetes pod the agent reads for it (agent/kubernetes.py PodAttribution), likewise for a Unix
         # sender, `verified`; a pod the client names itself (UDP, or a sender the agent finds in no pod) is kept
         # as its claim, never verified.
         self.pod_lookup = pod_lookup
-        self._pod_structs: dict[int, tuple[dict, PodIds | None]] = {}
+        self._pod_structs = _StructsByPid(pod_lookup, PodIds)
         self.received: Counter[str] = Counter()
         self.verified: Counter[str] = Counter()
         self.pid_mismatch = 0
@@ -274,8 +300,8 @@ class Listener:
                 self.pid_mismatch += 1
             pid = creds[0]
         # node and gpu_uuid are the agent's to set; a client that sets them is confused or lying.
-        slurm = self._slurm_of(pid) if creds is not None and pid and self.slurm_lookup is not None else None
-        pod = self._pod_of(pid) if creds is not None and pid and self.pod_lookup is not None else None
+        slurm = self._slurm_structs(pid) if creds is not None and pid and self.slurm_lookup is not None else None
+        pod = self._pod_structs(pid) if creds is not None and pid and self.pod_lookup is not None else None
         if pod is None and event.pod is not None and event.pod.verified:
             pod = msgspec.structs.replace(event.pod, verified=False)  # only the agent verifies
         event = msgspec.structs.replace(event, node=self.node, pid=pid,
@@ -294,38 +320,6 @@ class Listener:
                     del self._verified_pids[next(iter(self._verified_pids))]
         self.deliver(event)
         return event
-
-    def _slurm_of(self, pid: int) -> SlurmIds | None:
-        """The Slurm ids the agent reads for a process, as the schema's struct (made once per process)."""
-        ids = self.slurm_lookup(pid)
-        if ids is None:
-            return None
-        cached = self._slurm_structs.get(pid)
-        if cached is None or cached[0] is not ids:
-            try:
-                struct = msgspec.convert(ids, SlurmIds)
-            except msgspec.ValidationError:  # something /proc held that the schema refuses: the client's claim stays
-                struct = None
-            cached = self._slurm_structs[pid] = (ids, struct)
-            if len(self._slurm_structs) > 65536:
-                del self._slurm_structs[next(iter(self._slurm_structs))]
-        return cached[1]
-
-    def _pod_of(self, pid: int) -> PodIds | None:
-        """The pod the agent reads for a process, as the schema's struct (made once per process)."""
-        ids = self.pod_lookup(pid)
-        if ids is None:
-            return None
-        cached = self._pod_structs.get(pid)
-        if cached is None or cached[0] is not ids:
-            try:
-                struct = msgspec.convert(ids, PodIds)
-            except msgspec.ValidationError:
-                struct = None
-            cached = self._pod_structs[pid] = (ids, struct)
-            if len(self._pod_structs) > 65536:
-                del self._pod_structs[next(iter(self._pod_structs))]
-        return cached[1]
 
     @staticmethod
     def _name(sender: object, creds: tuple[int, int, int] | None) -> str:
