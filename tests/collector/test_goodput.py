@@ -133,7 +133,7 @@ def test_folding_settled_steps_into_spans_keeps_every_sum_and_a_snapshot_restore
     before = seconds(fresh)
     assert before["recomputed"] == 50 * RANKS
     fresh.maintain(now=T0 + SETTLE_S + 1)  # everything settles into spans
-    assert fresh._jobs["llm"].steps == {} and 4 <= len(fresh._jobs["llm"].spans) < 20
+    assert fresh._jobs["llm"].blocks == {} and 4 <= len(fresh._jobs["llm"].spans) < 20
     assert seconds(fresh) == pytest.approx(before)
     restored = GoodputLedger()
     restored.restore(fresh.snapshot())
@@ -212,3 +212,63 @@ def test_the_stores_ledger_survives_a_crash_with_part_in_a_checkpoint_and_part_i
     again = Store(tmp_path, fsync=False)
     assert again.goodput.report("llm").seconds == pytest.approx(expected)
     assert again.ingest(*body(1, second)).duplicate and again.goodput.report("llm").seconds == pytest.approx(expected)
+
+
+def test_a_snapshot_of_unsettled_steps_restores_them_and_an_older_flat_snapshot_still_reads():
+    import json
+
+    steps = run(0, 49, t=T0, pid=100) + run(30, 59, t=T0 + 80, pid=200, process_start=T0 + 70, restored=30)
+    fresh = ledger_of(steps, now=T0)
+    before = seconds(fresh)
+    snap = fresh.snapshot()
+    restored = GoodputLedger()
+    restored.restore(snap)
+    assert restored._jobs["llm"].blocks == fresh._jobs["llm"].blocks and seconds(restored) == pytest.approx(before)
+    # the layout before blocks: [[incarnation, step, *acc], ...]
+    old = json.loads(snap)
+    old["llm"]["steps"] = [[i, int(s), *acc] for i, _, by in old["llm"].pop("blocks") for s, acc in by.items()]
+    legacy = GoodputLedger()
+    legacy.restore(json.dumps(old).encode())
+    assert legacy._jobs["llm"].blocks == fresh._jobs["llm"].blocks and seconds(legacy) == pytest.approx(before)
+
+
+def test_a_snapshot_encodes_again_only_the_blocks_rows_came_to_and_a_late_row_is_in_the_next_one():
+    from collector.goodput_ledger import BLOCK_BITS
+
+    block = 1 << BLOCK_BITS
+    ledger = ledger_of([r for r in run(0, 3 * block - 1, t=T0, pid=100) if r["rank"] != 3], now=T0)
+    job = ledger._jobs["llm"]
+    first = ledger.snapshot()
+    assert not job.dirty and len(job.encoded) == 3
+    old = dict(job.encoded)
+    inc = next(iter(job.blocks))[0]
+    # rank 3's rows come late (its node's agent was cut off), steps 0-5: block 0 alone is encoded again
+    late = [r for r in run(0, 5, t=T0, pid=100) if r["rank"] == 3]
+    ledger.observe("steps", frame_from_rows("steps", late), now=T0 + 1)
+    assert job.dirty == {(inc, 0)}
+    second = ledger.snapshot()
+    assert job.encoded[(inc, 1)] is old[(inc, 1)] and job.encoded[(inc, 2)] is old[(inc, 2)]
+    assert job.encoded[(inc, 0)] is not old[(inc, 0)]
+    before, after = GoodputLedger(), GoodputLedger()
+    before.restore(first)
+    after.restore(second)
+    assert before._jobs["llm"].blocks[(inc, 0)][5][2] == RANKS - 1 and after._jobs["llm"].blocks[(inc, 0)][5][2] == RANKS
+    assert after._jobs["llm"].blocks == job.blocks
+
+
+def test_a_block_settles_whole_once_no_row_came_to_it_for_the_settle_time():
+    from collector.goodput_ledger import BLOCK_BITS
+
+    block = 1 << BLOCK_BITS
+    ledger = ledger_of(run(0, 2 * block - 2, t=T0, pid=100), now=T0)
+    # a row to the second block later keeps it (all of it) unsettled
+    ledger.observe("steps", frame_from_rows("steps", run(2 * block - 1, 2 * block - 1, t=T0 + 2 * block, pid=100, more=True)),
+                   now=T0 + SETTLE_S / 2)
+    before = seconds(ledger)
+    ledger.maintain(now=T0 + SETTLE_S + 1)
+    job = ledger._jobs["llm"]
+    inc = next(iter(job.blocks))[0]
+    assert set(job.blocks) == {(inc, 1)} and len(job.blocks[(inc, 1)]) == block and job.spans
+    ledger.maintain(now=T0 + 2 * SETTLE_S)
+    assert job.blocks == {} and not job.touched and not job.encoded
+    assert seconds(ledger)["productive"] == pytest.approx(before["productive"])
