@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  a read of a week of 1 s steps ({len(job.spans):,} spans and {len(job.steps)} steps): "
           f"{(time.perf_counter() - started) * 1e3:.0f} ms")
     started = time.perf_counter()
-    size = len(ledger.snapshot())
+    size = len(bytes(ledger.snapshot()))
     print(f"  its snapshot: {size / 1e6:.2f} MB in {(time.perf_counter() - started) * 1e3:.0f} ms")
     started = time.perf_counter()
     ledger.maintain(now=T0 + 10 * SETTLE_S)

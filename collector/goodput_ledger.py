@@ -30,6 +30,7 @@ from collector.training import STOPPED_AFTER_S
 
 SETTLE_S = 600.0  # a block of steps no row has come for in this long is folded into spans
 BLOCK_BITS = 10  # 1,024 steps a block
+PREPARE_BLOCKS = 8  # encoded under the lock at a time by prepare()
 TYPICAL_STEPS = 1024  # a job's typical step is the median of its latest unsettled steps
 SPAN_STEPS = 64
 MAX_PIDS = 65_536  # per incarnation, for its pid count
@@ -350,22 +351,38 @@ class GoodputLedger:
         return Report(job, seconds, ratio(seconds), incs, pieces)
 
     # --- checkpoint -------------------------------------------------------------------------------
-    def snapshot(self) -> bytes:
-        """Every job, for the store's checkpoint; a job that did not change since the last one (it ended) is
-        not encoded again."""
+    def prepare(self) -> None:
+        """Ahead of a checkpoint, off the store's gate: encode the blocks rows came to since the last snapshot, a
+        few at a time (ingest waits for this lock), so that the snapshot under the gate encodes only the blocks
+        rows come to in between. A job stepping thousands of times a second adds a hundred blocks a checkpoint."""
+        for name in list(self._jobs):
+            while True:
+                with self._lock:
+                    job = self._jobs.get(name)
+                    if job is None or not job.dirty:
+                        break
+                    for _ in range(min(PREPARE_BLOCKS, len(job.dirty))):
+                        key = job.dirty.pop()
+                        job.encoded[key] = msgspec.Raw(_encode(job.blocks[key]))
+
+    def snapshot(self) -> _Snapshot:
+        """Every job, for the store's checkpoint, which calls it under its gate and writes `bytes()` of it after.
+        Under the gate only what changed is encoded (a job's head when it changed, the blocks rows came to since
+        prepare()); the megabytes of blocks encoded before are copied into one document later, off the gate."""
         with self._lock:
             parts = {}
             for name, job in self._jobs.items():
                 cached = self._encoded.get(name)
                 if cached is None or cached[0] != job.changes:
-                    for key in job.dirty:  # only the blocks rows came to: the checkpoint holds the store's gate
+                    for key in job.dirty:
                         job.encoded[key] = msgspec.Raw(_encode(job.blocks[key]))
                     job.dirty.clear()
-                    cached = self._encoded[name] = (job.changes, msgspec.Raw(_encode(_dump(job))))
+                    blocks = [[inc, block, job.encoded[(inc, block)]] for inc, block in job.blocks]  # [inc, block, {step: acc}]
+                    cached = self._encoded[name] = (job.changes, {"head": msgspec.Raw(_encode(_dump(job))), "blocks": blocks})
                 parts[name] = cached[1]
             for gone in self._encoded.keys() - self._jobs.keys():
                 del self._encoded[gone]
-            return _encode(parts)  # pre-encoded parts are copied in, not decoded and joined as text
+            return _Snapshot(parts)
 
     def restore(self, data: bytes) -> None:
         saved = msgspec.json.decode(data)
@@ -375,6 +392,17 @@ class GoodputLedger:
 
 
 _encode = msgspec.json.Encoder().encode
+
+
+class _Snapshot:
+    """The ledger's checkpoint document, encoded by bytes(): parts taken under the store's gate (immutable
+    encoded pieces, and lists of them made for this snapshot), joined into JSON after it."""
+
+    def __init__(self, parts: dict) -> None:
+        self._parts = parts
+
+    def __bytes__(self) -> bytes:
+        return _encode(self._parts)
 
 
 def _waits(acc: list, data_s: float | None) -> tuple[float, float]:
@@ -392,19 +420,21 @@ def _dump(job: _Job) -> dict:
         "max_inc": job.max_inc, "step_s": job.step_s, "data_s": job.data_s, "seen": job.seen,
         "ranks": [[rank, r.inc, r.pid, r.process_start, r.max_step, r.stepped] for rank, r in job.ranks.items()],
         "incs": [[i, m.start, m.restored, sorted(m.pids)] for i, m in job.incs.items()],
-        "blocks": [[inc, block, job.encoded[(inc, block)]] for inc, block in job.blocks],  # [inc, block, {"step": acc}]
         "spans": job.spans, "pauses": {k: [list(iv) for iv in union(v)] for k, v in job.pauses.items()},
         "open": [[rank, reason, ts] for rank, begun in job.open.items() for reason, ts in begun.items()],
     }
 
 
 def _load(state: dict) -> _Job:
+    blocks = state.get("blocks", ())
+    if "head" in state:  # {"head": {...}, "blocks": [...]}; before, one flat dict
+        state = state["head"]
     job = _Job(max_inc=state["max_inc"], step_s=state["step_s"], data_s=state["data_s"], seen=state["seen"])
     job.ranks = {rank: _Rank(inc, pid, ps, ms, st) for rank, inc, pid, ps, ms, st in state["ranks"]}
     job.incs = {i: _Incarnation(start, restored, set(pids)) for i, start, restored, pids in state["incs"]}
     # A block restored was last touched by its latest row, as before the restart.
     now = time.time()
-    for inc, block, by_step in state.get("blocks", ()):
+    for inc, block, by_step in blocks:
         job.blocks[(inc, block)] = {int(step): acc for step, acc in by_step.items()}
     for inc, step, *acc in state.get("steps", ()):  # a snapshot from before blocks: [[inc, step, *acc], ...]
         job.blocks.setdefault((inc, step >> BLOCK_BITS), {})[step] = acc

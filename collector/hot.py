@@ -285,7 +285,15 @@ class HotTier:
         aggs = self._aggs
         if fresh:
             touched = pl.concat([f[["job", "step"]] for f in fresh]).unique()
-            recent = step_aggregates(steps.join(touched, on=["job", "step"], how="semi"))
+            older = len(chunks) - len(fresh)
+            if older >= 0 and all(a is b for a, b in zip(fresh, chunks[older:])):
+                # The fresh rows are the table's tail: only the older rows need the join (a few kept per rank,
+                # where the fresh ones are hundreds of thousands at a high event rate).
+                rows = pl.concat([_concat(chunks[:older], "steps").join(touched, on=["job", "step"], how="semi"),
+                                  *fresh], how="vertical", rechunk=False)
+            else:
+                rows = steps.join(touched, on=["job", "step"], how="semi")
+            recent = step_aggregates(rows)
             aggs = merge_step_aggregates(aggs, recent.with_columns(pl.lit(False).alias("final")))
         if steps.height:
             # Each rank's last raw_steps rows. A rank silent for 50 steps (10 minutes at least) while its

@@ -31,7 +31,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, Protocol, SupportsBytes
 
 import polars as pl
 
@@ -81,7 +81,7 @@ def mark_key(batch: Batch) -> MarkKey:
 class Persisted(Protocol):
     """State kept beside the tables (the SLO ledger), snapshotted at each checkpoint."""
 
-    def snapshot(self) -> bytes: ...
+    def snapshot(self) -> bytes | SupportsBytes: ...  # taken under the store's gate; bytes() of it after
 
     def restore(self, data: bytes) -> None: ...
 
@@ -371,6 +371,7 @@ class Store:
         """Move what the WAL holds into Parquet and commit; returns rows written."""
         with self._checkpoint_lock:
             self.checkpoint_due.clear()
+            self.goodput.prepare()  # most of its snapshot's work, before ingest has to wait for it
             with self._gate:
                 self._rotating = True
                 try:
@@ -401,7 +402,7 @@ class Store:
                 for name, data in extras.items():
                     path = self.data_dir / f"{name}-{segment:020d}.json"
                     written.append(path)
-                    self._write_file(path, data)
+                    self._write_file(path, bytes(data))  # the goodput ledger's is joined here, off the gate
                 faults.point("checkpoint.extras_written")
                 self._commit(segment, watermarks, hot_state)
             except Exception as exc:

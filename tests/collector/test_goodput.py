@@ -136,11 +136,11 @@ def test_folding_settled_steps_into_spans_keeps_every_sum_and_a_snapshot_restore
     assert fresh._jobs["llm"].blocks == {} and 4 <= len(fresh._jobs["llm"].spans) < 20
     assert seconds(fresh) == pytest.approx(before)
     restored = GoodputLedger()
-    restored.restore(fresh.snapshot())
+    restored.restore(bytes(fresh.snapshot()))
     assert seconds(restored) == pytest.approx(before)
     # a job that changed is encoded again, one that did not is taken as it was
     fresh.observe("steps", frame_from_rows("steps", run(250, 259, t=T0 + 360, pid=200, more=True)), now=T0 + 10_000)
-    restored.restore(fresh.snapshot())
+    restored.restore(bytes(fresh.snapshot()))
     assert seconds(restored)["productive"] == pytest.approx(before["productive"] + 10 * RANKS)
 
 
@@ -158,7 +158,7 @@ def test_a_pause_under_way_counts_until_now_but_one_never_ended_stops_counting()
     assert ledger.report("llm", now=T0 + 40).seconds["checkpoint"] == pytest.approx(30 * RANKS)
     assert ledger.report("llm", now=T0 + 100_000).seconds["checkpoint"] == pytest.approx(600 * RANKS)
     again = GoodputLedger()
-    again.restore(ledger.snapshot())  # a pause under way is still under way after a collector restart
+    again.restore(bytes(ledger.snapshot()))  # a pause under way is still under way after a collector restart
     assert again.report("llm", now=T0 + 40).seconds["checkpoint"] == pytest.approx(30 * RANKS)
     # and the next step of the same process ends it
     again.observe("steps", frame_from_rows("steps", run(10, 19, t=T0 + 50, pid=100, more=True)), now=T0 + 60)
@@ -220,13 +220,15 @@ def test_a_snapshot_of_unsettled_steps_restores_them_and_an_older_flat_snapshot_
     steps = run(0, 49, t=T0, pid=100) + run(30, 59, t=T0 + 80, pid=200, process_start=T0 + 70, restored=30)
     fresh = ledger_of(steps, now=T0)
     before = seconds(fresh)
-    snap = fresh.snapshot()
+    snap = bytes(fresh.snapshot())
     restored = GoodputLedger()
     restored.restore(snap)
     assert restored._jobs["llm"].blocks == fresh._jobs["llm"].blocks and seconds(restored) == pytest.approx(before)
     # the layout before blocks: [[incarnation, step, *acc], ...]
     old = json.loads(snap)
-    old["llm"]["steps"] = [[i, int(s), *acc] for i, _, by in old["llm"].pop("blocks") for s, acc in by.items()]
+    flat = old["llm"]["head"]  # one flat dict per job, steps in it
+    flat["steps"] = [[i, int(s), *acc] for i, _, by in old["llm"]["blocks"] for s, acc in by.items()]
+    old["llm"] = flat
     legacy = GoodputLedger()
     legacy.restore(json.dumps(old).encode())
     assert legacy._jobs["llm"].blocks == fresh._jobs["llm"].blocks and seconds(legacy) == pytest.approx(before)
@@ -238,7 +240,7 @@ def test_a_snapshot_encodes_again_only_the_blocks_rows_came_to_and_a_late_row_is
     block = 1 << BLOCK_BITS
     ledger = ledger_of([r for r in run(0, 3 * block - 1, t=T0, pid=100) if r["rank"] != 3], now=T0)
     job = ledger._jobs["llm"]
-    first = ledger.snapshot()
+    first = bytes(ledger.snapshot())
     assert not job.dirty and len(job.encoded) == 3
     old = dict(job.encoded)
     inc = next(iter(job.blocks))[0]
@@ -246,7 +248,7 @@ def test_a_snapshot_encodes_again_only_the_blocks_rows_came_to_and_a_late_row_is
     late = [r for r in run(0, 5, t=T0, pid=100) if r["rank"] == 3]
     ledger.observe("steps", frame_from_rows("steps", late), now=T0 + 1)
     assert job.dirty == {(inc, 0)}
-    second = ledger.snapshot()
+    second = bytes(ledger.snapshot())
     assert job.encoded[(inc, 1)] is old[(inc, 1)] and job.encoded[(inc, 2)] is old[(inc, 2)]
     assert job.encoded[(inc, 0)] is not old[(inc, 0)]
     before, after = GoodputLedger(), GoodputLedger()
@@ -272,3 +274,22 @@ def test_a_block_settles_whole_once_no_row_came_to_it_for_the_settle_time():
     ledger.maintain(now=T0 + 2 * SETTLE_S)
     assert job.blocks == {} and not job.touched and not job.encoded
     assert seconds(ledger)["productive"] == pytest.approx(before["productive"])
+
+
+def test_blocks_encoded_ahead_of_a_checkpoint_give_the_same_snapshot_and_rows_in_between_are_in_it():
+    from collector.goodput_ledger import BLOCK_BITS
+
+    block = 1 << BLOCK_BITS
+    rows = [r for r in run(0, 3 * block - 1, t=T0, pid=100) if r["rank"] != 3]
+    late = [r for r in run(0, 5, t=T0, pid=100) if r["rank"] == 3]
+    plain, prepared = ledger_of(rows, now=T0), ledger_of(rows, now=T0)
+    prepared.prepare()
+    job = prepared._jobs["llm"]
+    assert not job.dirty and len(job.encoded) == 3
+    for ledger in (plain, prepared):  # rows between the preparation and the snapshot
+        ledger.observe("steps", frame_from_rows("steps", late), now=T0 + 1)
+    assert len(job.dirty) == 1
+    assert bytes(prepared.snapshot()) == bytes(plain.snapshot())
+    restored = GoodputLedger()
+    restored.restore(bytes(prepared.snapshot()))
+    assert restored._jobs["llm"].blocks == job.blocks

@@ -70,6 +70,25 @@ def test_each_rank_keeps_its_recent_steps_and_every_step_keeps_its_aggregate():
     assert final["step_aggs"][0].height == 80  # the steps that left the raw tier go to disk, once
 
 
+def test_a_step_whose_ranks_come_across_upkeep_passes_is_aggregated_over_all_of_them():
+    hot = HotTier(window_s=3600, raw_steps=20)
+
+    def batch(seq: int, ranks: range, steps: range):
+        events = [{"v": 1, "kind": "step", "job": "j", "rank": r, "world_size": 4, "step": s, "ts": NOW - 200 + s,
+                   "duration_s": 1.0 + r / 10} for s in steps for r in ranks]
+        return batch_frames(decode_batch(json.dumps({"v": 1, "agent_id": "a", "seq": seq, "node": "n", "sent_ts": NOW,
+                                                     "events": events}).encode()))
+
+    hot.append(batch(0, range(0, 2), range(10)))  # ranks 0-1 of steps 0-9, then a pass
+    hot.maintain(NOW)
+    hot.append(batch(1, range(2, 4), range(10)))  # ranks 2-3 of the same steps, and more steps, next pass
+    hot.append(batch(2, range(4), range(10, 15)))
+    hot.maintain(NOW)
+    aggs = hot.step_aggs().sort("step")
+    assert aggs["step"].to_list() == list(range(15)) and aggs["ranks"].to_list() == [4] * 15
+    assert aggs["step_time_max_s"].to_list() == pytest.approx([1.3] * 15)
+
+
 @pytest.mark.slow  # seconds of real time: in `make test`, out of the quick loop
 def test_the_hot_tier_stays_within_its_budget_by_dropping_its_oldest_minutes():
     budget = 2**20
