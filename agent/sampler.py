@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
 from queue import SimpleQueue
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from agent.gpu.health import Verdict
 from agent.gpu.state import GpuState
-from agent.sources.base import Collected, NoData, Reading, Source
+from agent.sources.base import Collected, Deferred, NoData, Reading, Source
 
 log = logging.getLogger("fleetscope.agent.sampler")
 
@@ -26,17 +27,29 @@ class SourceStatus:
     overran: bool = False  # it did not finish within its deadline
 
 
-@dataclass(frozen=True)
 class Snapshot:
-    """The agent's one contract between sampling and its consumers (exporter, frame builder)."""
+    """The agent's one contract between sampling and its consumers (exporter, frame builder). Immutable.
 
-    ts: float
-    readings: tuple[Reading, ...]
-    status: dict[str, SourceStatus]
-    gpus: tuple[GpuState, ...] = field(default=())
-    health: dict[str, Verdict] = field(default_factory=dict)  # GPU uuid -> verdict
-    # The host figures (HostFrame fields) the sources' families feed, each the sum of its families' readings.
-    host: dict[str, float] = field(default_factory=dict)
+    `readings` may be given as a Deferred (agent/sources/base.py): then they are built when first read, which
+    the exporter does when /metrics is scraped; the frame builder reads only the typed fields."""
+
+    __slots__ = ("ts", "_readings", "status", "gpus", "health", "host")
+
+    def __init__(self, ts: float, readings: tuple[Reading, ...] | Deferred, status: dict[str, SourceStatus],
+                 gpus: tuple[GpuState, ...] = (), health: dict[str, Verdict] | None = None,
+                 host: dict[str, float] | None = None) -> None:
+        self.ts = ts
+        self._readings = readings
+        self.status = status
+        self.gpus = gpus
+        self.health: dict[str, Verdict] = health if health is not None else {}  # GPU uuid -> verdict
+        # The host figures (HostFrame fields) the sources' families feed, each the sum of its families' readings.
+        self.host: dict[str, float] = host if host is not None else {}
+
+    @property
+    def readings(self) -> tuple[Reading, ...]:
+        r = self._readings
+        return r.get() if isinstance(r, Deferred) else r
 
     def value(self, name: str, **labels: str) -> float | None:
         """The value of one series, or None when it is absent."""
@@ -117,6 +130,13 @@ class _Worker:
         return True
 
 
+def _joined(parts: list[tuple[Reading, ...] | Deferred]) -> tuple[Reading, ...] | Deferred:
+    """The sources' readings in order: a tuple when every source built its own, else built when first read."""
+    if not any(isinstance(p, Deferred) for p in parts):
+        return tuple(itertools.chain.from_iterable(parts))  # type: ignore[arg-type]
+    return Deferred(lambda: [r for p in parts for r in (p.get() if isinstance(p, Deferred) else p)])
+
+
 class Sampler:
     """Runs the sources on a fixed interval under a deadline: a failing or stuck source never stops the
     others, and never holds the snapshot past its deadline.
@@ -191,7 +211,7 @@ class Sampler:
         return self._publish(self._run_slots(self._fresh_slots()))
 
     def _publish(self, slots: list[_Slot]) -> Snapshot:
-        readings: list[Reading] = []
+        parts: list[tuple[Reading, ...] | Deferred] = []
         status: dict[str, SourceStatus] = {}
         gpus: tuple[GpuState, ...] = ()
         health: dict[str, Verdict] = {}
@@ -227,16 +247,16 @@ class Sampler:
                 self._failing.discard(source.name)
             got = outcome.collected
             feeds = self._feeds[i]
-            if feeds:
+            if feeds:  # the host figures are wanted at every sample: such a source's readings are built now
                 for r in got.readings:
                     figure = feeds.get(r.name)
                     if figure is not None:
                         host[figure] = host.get(figure, 0.0) + r.value
-            readings.extend(got.readings)
+            parts.append(got.deferred)
             gpus = got.gpus or gpus
             health.update(got.health)
             status[source.name] = SourceStatus(True, duration, problems=got.problems)
-        snapshot = Snapshot(time.time(), tuple(readings), status, gpus, health, host)
+        snapshot = Snapshot(time.time(), _joined(parts), status, gpus, health, host)
         self.latest = snapshot
         for callback in self._listeners:
             try:

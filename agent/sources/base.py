@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Generic, Iterable, Iterator, Literal, NamedTuple, TypeVar
 
 from agent.gpu.health import Verdict
@@ -86,14 +87,56 @@ def by_family(families: Iterable[Family], readings: Iterable[Reading]) -> Iterat
             yield fam, rows
 
 
-@dataclass(frozen=True, slots=True)
-class Collected:
-    """What one source contributes to a snapshot beyond its readings: typed fields the consumers read."""
+class Deferred:
+    """Readings built when first asked for, once, by `build()`: a function of one sample's data only (it must
+    not read state that later samples change), so that what it returns is that sample's readings whenever it runs.
+    The GPU source's thousand-odd series are built this way: only what is scraped is built (the shipper reads
+    the snapshot's typed fields, never its readings)."""
 
-    readings: tuple[Reading, ...]
-    gpus: tuple[GpuState, ...] = ()
-    health: dict[str, Verdict] = field(default_factory=dict)  # GPU uuid -> verdict
-    problems: tuple[str, ...] = ()
+    __slots__ = ("_build", "_readings", "_lock")
+
+    def __init__(self, build: Callable[[], Iterable[Reading]]) -> None:
+        self._build: Callable[[], Iterable[Reading]] | None = build
+        self._readings: tuple[Reading, ...] | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def built(self) -> bool:
+        return self._readings is not None
+
+    def get(self) -> tuple[Reading, ...]:
+        readings = self._readings
+        if readings is None:
+            with self._lock:  # two scrapes at once build it once
+                if self._readings is None:
+                    self._readings = tuple(self._build())  # type: ignore[misc]
+                    self._build = None  # what it held (the sample's data) is not needed any more
+                readings = self._readings
+        return readings
+
+
+class Collected:
+    """What one source contributes to a snapshot beyond its readings: typed fields the consumers read.
+    `readings` is a tuple, or a Deferred that builds them when first read."""
+
+    __slots__ = ("_readings", "gpus", "health", "problems")
+
+    def __init__(self, readings: tuple[Reading, ...] | Deferred, gpus: tuple[GpuState, ...] = (),
+                 health: dict[str, Verdict] | None = None, problems: tuple[str, ...] = ()) -> None:
+        self._readings = readings
+        self.gpus = gpus
+        self.health: dict[str, Verdict] = health if health is not None else {}  # GPU uuid -> verdict
+        self.problems = problems
+
+    @property
+    def readings(self) -> tuple[Reading, ...]:
+        r = self._readings
+        return r.get() if isinstance(r, Deferred) else r
+
+    @property
+    def deferred(self) -> tuple[Reading, ...] | Deferred:
+        """The readings as given: a Deferred stays unbuilt."""
+        return self._readings
 
     def __iter__(self):  # a Collected reads as its readings, as a plain source's result does
         return iter(self.readings)

@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import time
 from collections import deque
+from dataclasses import dataclass
 
 from agent.cgroup import Owner, owner_of
 from agent.gpu import dcgm
@@ -15,7 +16,7 @@ from agent.gpu.nvml import NvmlUnavailable
 from agent.gpu.state import CLOCK_EVENT_REASONS, GpuState, clock_event_names
 from agent.gpu.xid import CATALOGUE
 from agent.kubernetes import LABELS as POD, NO_POD, Assignment, PodResourcesUnavailable
-from agent.sources.base import Collected, Family, NoData, Reading, Source, reading, register
+from agent.sources.base import Collected, Deferred, Family, NoData, Reading, Source, reading, register
 
 log = logging.getLogger("fleetscope.agent.sources.gpu")
 
@@ -85,6 +86,21 @@ _NVLINK_ERRORS = (("crc_flit_errors", "crc_flit"), ("crc_data_errors", "crc_data
 def _r(metric: str, value: float, ids: tuple, *extra: tuple[str, str]) -> Reading:
     """A reading with the GPU's prebuilt label tuple: thousands of these per sample, so no dicts."""
     return Reading(metric, float(value), ids + extra if extra else ids)
+
+
+@dataclass(frozen=True, slots=True)
+class _Sample:
+    """What one sample's GPU readings are built from, fixed at the sample."""
+
+    states: tuple[GpuState, ...]
+    health: dict[str, Verdict]
+    pods: Assignment | None
+    clock_events: dict[str, tuple[tuple[str, int, float], ...]]  # uuid -> (reason, active, seconds so far)
+    processes: dict[str, tuple[tuple[tuple, int | None, float | None], ...]]  # uuid -> (labels, memory, SM ratio)
+    driver: str
+    cuda: str
+    error_counts: tuple[tuple[tuple[str, str, str], int], ...]  # ((uuid, call, reason), errors since start)
+    nvlink_bandwidth: dict[str, int] | None  # --compat dcgm's NVLink rates
 
 
 @register("gpu")
@@ -180,18 +196,32 @@ class GpuSource(Source):
         self._last_t = now
         health = {s.uuid: verdict(s, self._recent_xids(s, now)) for s in states}
         pods = self._assignment()
-        readings = list(self._readings(states, health, dt, pods))
-        if self.pod_resources is not None:
-            readings.append(reading("fleetscope_gpu_pod_resources_up", 1 if pods is not None else 0))
-            readings.extend(_pod_info(states, pods))
+        # What the readings need from state that later samples change is taken now; the readings themselves
+        # (a thousand-odd for 8 GPUs) are built only if this sample is scraped (Deferred).
+        clock_events = {s.uuid: self._clock_events(s, dt) for s in states if s.up}
+        processes = {s.uuid: self._process_labels(s) for s in states if s.up and s.processes}
         live = {p.pid for s in states for p in s.processes}
         for pid in set(self._owners) - live:  # pids get reused: forget processes gone from every GPU
             del self._owners[pid]
+        sample = _Sample(
+            states=tuple(states), health=health, pods=pods, clock_events=clock_events, processes=processes,
+            driver=getattr(self.backend, "driver_version", None) or "",
+            cuda=getattr(self.backend, "cuda_driver_version", None) or "",
+            error_counts=tuple(getattr(self.backend, "error_counts", {}).items()),
+            nvlink_bandwidth=self._nvlink_bandwidth.update(states, now) if self.compat_dcgm else None)
+        return Collected(Deferred(lambda: self._all_readings(sample)), sample.states, health,
+                         tuple(getattr(self.backend, "problems", ())))
+
+    def _all_readings(self, sample: _Sample) -> list[Reading]:
+        """One sample's readings, from `sample` and this source's settings only (never from state that changes)."""
+        readings = list(self._readings(sample))
+        if self.pod_resources is not None:
+            readings.append(reading("fleetscope_gpu_pod_resources_up", 1 if sample.pods is not None else 0))
+            readings.extend(_pod_info(sample.states, sample.pods))
         if self.compat_dcgm:
-            readings.extend(dcgm.dcgm_readings(states, self.hostname, getattr(self.backend, "driver_version", None) or "",
-                                               self._nvlink_bandwidth.update(states, now),
-                                               pod_labels=_pod_labels(pods) if self.pod_resources is not None else None))
-        return Collected(tuple(readings), tuple(states), health, tuple(getattr(self.backend, "problems", ())))
+            readings.extend(dcgm.dcgm_readings(sample.states, self.hostname, sample.driver, sample.nvlink_bandwidth,
+                                               pod_labels=_pod_labels(sample.pods) if self.pod_resources is not None else None))
+        return readings
 
     def _assignment(self) -> Assignment | None:
         """This sample's pods by GPU; None (and logged once per distinct error) while the kubelet does not answer."""
@@ -223,12 +253,11 @@ class GpuSource(Source):
         base = history[0][1] if history[0][0] <= now - XID_WINDOW_S else {}
         return {code: n - base.get(code, 0) for code, n in gpu.xid_counts.items() if n - base.get(code, 0) > 0}
 
-    def _readings(self, states: list[GpuState], health: dict[str, Verdict], dt: float, pods: Assignment | None = None):
+    def _readings(self, sample: _Sample):
+        states, health, pods, driver, cuda = sample.states, sample.health, sample.pods, sample.driver, sample.cuda
         by_pod = self.pod_resources is not None
-        driver = getattr(self.backend, "driver_version", None) or ""
-        cuda = getattr(self.backend, "cuda_driver_version", None) or ""
         errors: dict[str, list] = {}
-        for key, n in getattr(self.backend, "error_counts", {}).items():
+        for key, n in sample.error_counts:
             errors.setdefault(key[0], []).append((key, n))
         yield reading("fleetscope_gpus_present", sum(1 for s in states if s.up))
         if self.expected is not None:
@@ -265,8 +294,14 @@ class GpuSource(Source):
                 value = getattr(s, field)
                 if value is not None:
                     yield _r(metric, value, ids)
-            yield from self._clock_events(s, ids, dt)
-            yield from self._processes(s, gpu_ids)
+            for reason, active, seconds in sample.clock_events.get(s.uuid, ()):
+                yield _r("fleetscope_gpu_clock_event_active", active, ids, ("reason", reason))
+                yield _r("fleetscope_gpu_clock_event_seconds_total", seconds, ids, ("reason", reason))
+            for labels, used, sm in sample.processes.get(s.uuid, ()):
+                if used is not None:
+                    yield _r("fleetscope_gpu_process_memory_used_bytes", used, gpu_ids, *labels)
+                if sm is not None:
+                    yield _r("fleetscope_gpu_process_sm_utilization_ratio", sm, gpu_ids, *labels)
             yield from _memory_errors(s, ids)
             yield from _mig(s, gpu_ids, by_pod, pods)
             if s.pcie is not None:
@@ -286,18 +321,22 @@ class GpuSource(Source):
                     if value is not None:
                         yield _r("fleetscope_gpu_nvlink_errors_total", value, ids, link_id, ("type", kind))
 
-    def _clock_events(self, s: GpuState, ids: tuple, dt: float):
+    def _clock_events(self, s: GpuState, dt: float) -> tuple[tuple[str, int, float], ...]:
+        """(reason, active 0/1, seconds active so far) for each clock-event reason; the seconds grow by `dt` now."""
         if s.clock_event_mask is None:
-            return
+            return ()
         active = set(clock_event_names(s.clock_event_mask))
+        out = []
         for reason in CLOCK_EVENT_REASONS.values():
             key = (s.uuid, reason)
             if reason in active:
                 self._event_seconds[key] = self._event_seconds.get(key, 0.0) + dt
-            yield _r("fleetscope_gpu_clock_event_active", 1 if reason in active else 0, ids, ("reason", reason))
-            yield _r("fleetscope_gpu_clock_event_seconds_total", self._event_seconds.get(key, 0.0), ids, ("reason", reason))
+            out.append((reason, 1 if reason in active else 0, self._event_seconds.get(key, 0.0)))
+        return tuple(out)
 
-    def _processes(self, s: GpuState, ids: tuple):
+    def _process_labels(self, s: GpuState) -> tuple[tuple[tuple, int | None, float | None], ...]:
+        """(labels, memory used, SM utilisation) of each process on the GPU: who owns it is looked up now."""
+        out = []
         for p in s.processes:
             owner = self._owners.get(p.pid)
             if owner is None:
@@ -307,10 +346,8 @@ class GpuSource(Source):
             labels = (("pid", str(p.pid)), ("container", owner.container), ("pod_uid", owner.pod_uid),
                       ("slurm_job", slurm.job if slurm is not None else owner.slurm_job), ("training_job", job),
                       ("rank", rank))
-            if p.used_memory_bytes is not None:
-                yield _r("fleetscope_gpu_process_memory_used_bytes", p.used_memory_bytes, ids, *labels)
-            if p.sm_utilization_ratio is not None:
-                yield _r("fleetscope_gpu_process_sm_utilization_ratio", p.sm_utilization_ratio, ids, *labels)
+            out.append((labels, p.used_memory_bytes, p.sm_utilization_ratio))
+        return tuple(out)
 
     def close(self) -> None:
         if self.backend is not None:
