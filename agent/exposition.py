@@ -57,22 +57,31 @@ def _escape_value(text: str) -> str:
     return text.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
 
 
-# Rendered label sets, by (family name, its label names, labels): a node's series keep their labels from one
-# sample to the next, so each set is escaped and joined once, not at every render. The label names are part of
-# the key: a family declared with other names (pod labels on Kubernetes only) must not reuse the text of the
-# old ones. Bounded: cleared when full.
-_LABEL_TEXT: dict[tuple, str] = {}
-_LABEL_TEXT_MAX = 200_000
+# The text before each series' value, `name{labels} `, by family (its name and label names) and then by labels: a
+# node's series keep their labels from one sample to the next, so each is escaped and joined once, not at every
+# render. The label names are part of the family's key: a family declared with other names (pod labels on
+# Kubernetes only) must not reuse the text of the old ones. Bounded: cleared when full.
+_PREFIXES: dict[tuple[str, tuple[str, ...]], dict[tuple, str]] = {}
+_PREFIXES_MAX = 200_000
+_prefix_count = 0
 
 
-def _label_text(name: str, wanted: tuple[str, ...], labels: tuple) -> str:
-    key = (name, wanted, labels)
-    text = _LABEL_TEXT.get(key)
-    if text is None:
-        if len(_LABEL_TEXT) >= _LABEL_TEXT_MAX:
-            _LABEL_TEXT.clear()
-        have = dict(labels)
-        text = _LABEL_TEXT[key] = ",".join(f'{k}="{_escape_value(have.get(k, ""))}"' for k in wanted)
+def _prefixes(name: str, wanted: tuple[str, ...]) -> dict[tuple, str]:
+    global _prefix_count
+    if _prefix_count >= _PREFIXES_MAX:
+        _PREFIXES.clear()
+        _prefix_count = 0
+    cache = _PREFIXES.get((name, wanted))
+    if cache is None:
+        cache = _PREFIXES[(name, wanted)] = {}
+    return cache
+
+
+def _prefix(cache: dict[tuple, str], name: str, wanted: tuple[str, ...], labels: tuple) -> str:
+    global _prefix_count
+    have = dict(labels)
+    text = cache[labels] = name + "{" + ",".join(f'{k}="{_escape_value(have.get(k, ""))}"' for k in wanted) + "} "
+    _prefix_count += 1
     return text
 
 
@@ -85,9 +94,11 @@ def render(families: Sequence[Family], readings: Iterable[Reading]) -> bytes:
         spell = _formatted(fam.value_format) if fam.value_format else floatToGoString
         name = fam.name
         if wanted:
-            out.extend(f"{name}{{{_label_text(name, wanted, r.labels)}}} {spell(r.value)}\n" for r in rows)
+            cache = _prefixes(name, wanted)
+            get = cache.get
+            out += [f"{get(r.labels) or _prefix(cache, name, wanted, r.labels)}{spell(r.value)}\n" for r in rows]
         else:
-            out.extend(f"{name} {spell(r.value)}\n" for r in rows)
+            out += [f"{name} {spell(r.value)}\n" for r in rows]
     return "".join(out).encode()
 
 
