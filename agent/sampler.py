@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import logging
+import os
+import select
 import threading
 import time
 from queue import SimpleQueue
@@ -137,6 +140,64 @@ def _joined(parts: list[tuple[Reading, ...] | Deferred]) -> tuple[Reading, ...] 
     return Deferred(lambda: [r for p in parts for r in (p.get() if isinstance(p, Deferred) else p)])
 
 
+class _Alarm:
+    """A timer that one thread blocks on and another sets and cancels; cancelled in time, it wakes nobody.
+
+    Linux's timerfd, through ctypes (os.timerfd_* is Python 3.13+). The sampler thread waits on it for the
+    current sample's deadline, so a sample that finishes in time costs that thread no wake-up at all: on a
+    virtual machine a Python thread waking from idle costs a good part of a millisecond. Where there is no
+    timerfd, `Alarm.make()` gives None and the sampler thread wakes at each deadline instead."""
+
+    _CLOCK_MONOTONIC, _TFD_CLOEXEC, _TFD_NONBLOCK, _TFD_TIMER_ABSTIME = 1, 0o2000000, 0o4000, 1
+
+    class _Spec(ctypes.Structure):  # struct itimerspec: it_interval, it_value (each tv_sec, tv_nsec)
+        _fields_ = [("interval_s", ctypes.c_long), ("interval_ns", ctypes.c_long),
+                    ("value_s", ctypes.c_long), ("value_ns", ctypes.c_long)]
+
+    def __init__(self, libc: ctypes.CDLL, fd: int) -> None:
+        self._settime, self.fd = libc.timerfd_settime, fd
+        self._spec = self._Spec()
+        self._closed = False
+
+    @classmethod
+    def make(cls) -> _Alarm | None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)  # the C library the interpreter runs on
+            fd = libc.timerfd_create(cls._CLOCK_MONOTONIC, cls._TFD_CLOEXEC | cls._TFD_NONBLOCK)
+        except (OSError, AttributeError):  # not Linux, or no libc to ask
+            return None
+        return cls(libc, fd) if fd >= 0 else None
+
+    def _set(self, seconds: int, nanoseconds: int, flags: int) -> None:
+        self._spec.value_s, self._spec.value_ns = seconds, nanoseconds
+        if not self._closed:
+            self._settime(self.fd, flags, ctypes.byref(self._spec), None)
+
+    def at(self, when: float) -> None:
+        """Rings at time.monotonic() == when (both read CLOCK_MONOTONIC); a time already past rings at once."""
+        whole = max(0, int(when))
+        self._set(whole, max(1, int((when - whole) * 1e9)), self._TFD_TIMER_ABSTIME)
+
+    def cancel(self) -> None:
+        self._set(0, 0, 0)
+
+    def ring(self) -> None:
+        self._set(0, 1, 0)
+
+    def wait(self) -> None:
+        """Blocks until it rings (at once if it rang while nobody waited)."""
+        select.select([self.fd], [], [])
+        try:
+            os.read(self.fd, 8)
+        except BlockingIOError:  # re-armed or cancelled between the ring and the read
+            pass
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self.fd)
+
+
 class Sampler:
     """Runs the sources on a fixed interval under a deadline: a failing or stuck source never stops the
     others, and never holds the snapshot past its deadline.
@@ -144,9 +205,10 @@ class Sampler:
     The sources run one after another on one worker thread, those that may block on hardware or the
     network last. On the schedule (start()) the worker keeps the time itself: it wakes, runs every source,
     and publishes the snapshot; the sampler thread wakes once per sample, at its deadline, only to check
-    that the worker finished. Two thread wake-ups per sample however many sources, and the snapshot is
-    built by the thread whose caches the sample has just warmed (on a virtual machine, a thread waking
-    from idle runs several times slower for its first milliseconds).
+    that the worker finished; on Linux it waits on a timer the worker cancels when it finishes in time
+    (_Alarm), so it does not wake at all. One thread wake-up per sample however many sources, and the
+    snapshot is built by the thread whose caches the sample has just warmed (on a virtual machine, a
+    thread waking from idle runs several times slower for its first milliseconds).
     A source still running at its deadline is reported (source_up 0, and for how long it has been
     running), left to finish alone on that worker, and not started again until it returns; the
     sources after it move to a fresh worker with a deadline of their own."""
@@ -167,6 +229,7 @@ class Sampler:
         self._feeds = [{f.name: f.host for f in s.families if f.host} for s in self.sources]
         self._round: _Round | None = None  # the schedule's current sample
         self._next_at = 0.0  # when the schedule's next sample starts
+        self._alarm: _Alarm | None = None  # the current sample's deadline, where timerfd exists (start())
 
     def _new_worker(self) -> _Worker:
         self._workers += 1
@@ -271,6 +334,9 @@ class Sampler:
         while not self._stop.wait(max(0.0, next_at - time.monotonic())):
             round_ = _Round(self._fresh_slots(), next_at)
             self._round = round_
+            alarm = self._alarm
+            if alarm is not None:
+                alarm.at(round_.started + self.deadline_s)
             if not worker.run_slots(round_.slots):
                 return False
             with worker.lock:
@@ -278,6 +344,8 @@ class Sampler:
                     return False
                 round_.done = True
                 self._next_at = next_at + self.interval_s  # before the watchdog can look
+                if alarm is not None:
+                    alarm.cancel()  # in time: the watchdog sleeps on
             self._publish(round_.slots)
             # If a sample overran the interval, skip ahead rather than bursting to catch up.
             next_at = self._next_at = max(self._next_at, time.monotonic())
@@ -298,10 +366,20 @@ class Sampler:
         self._worker.jobs.put(lambda w, at=self._next_at: self._periodic(w, at))
 
     def _run(self) -> None:
-        """The watchdog: wakes at each sample's deadline; the worker keeps the schedule."""
+        """The watchdog: the worker keeps the schedule, this takes over a sample that overruns its deadline."""
         self._next_at = time.monotonic()
         self._worker.jobs.put(lambda w, at=self._next_at: self._periodic(w, at))
-        while True:
+        alarm = self._alarm
+        if alarm is not None:  # woken only by a deadline the worker did not cancel in time, or by stop()
+            while True:
+                alarm.wait()
+                if self._stop.is_set():
+                    return
+                round_ = self._round
+                if (round_ is not None and not round_.done and not round_.taken_over
+                        and time.monotonic() >= round_.started + self.deadline_s):
+                    self._take_over(round_)
+        while True:  # no timerfd: wake at each sample's deadline and look
             round_, now = self._round, time.monotonic()
             if round_ is not None and not round_.done and not round_.taken_over:
                 due = round_.started + self.deadline_s
@@ -316,13 +394,18 @@ class Sampler:
                 return
 
     def start(self) -> None:
+        self._alarm = _Alarm.make()
         self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
+        if self._alarm is not None:
+            self._alarm.ring()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        if self._alarm is not None and (self._thread is None or not self._thread.is_alive()):
+            self._alarm.close()
         self._worker.jobs.put(None)
         for source in self.sources:
             try:

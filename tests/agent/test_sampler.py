@@ -6,7 +6,9 @@ from __future__ import annotations
 import threading
 import time
 
-from agent.sampler import Sampler
+import pytest
+
+from agent.sampler import Sampler, _Alarm
 from agent.sources.base import Family, NoData, Source, reading
 
 
@@ -125,7 +127,10 @@ def test_host_figures_are_summed_from_the_families_that_feed_them():
         sampler.stop()
 
 
-def test_on_its_schedule_a_stuck_source_is_reported_at_the_deadline_and_the_others_go_on():
+@pytest.mark.parametrize("timer", ["timerfd", "none"])
+def test_on_its_schedule_a_stuck_source_is_reported_at_the_deadline_and_the_others_go_on(timer, monkeypatch):
+    if timer == "none":  # where there is no timerfd, the sampler thread wakes at each deadline instead
+        monkeypatch.setattr(_Alarm, "make", classmethod(lambda cls: None))
     quick, stuck = Quick(), Stuck()
     sampler = Sampler([stuck, quick], interval_s=0.2, deadline_s=0.1)
     snapshots = []
@@ -160,3 +165,24 @@ def test_on_its_schedule_the_sampler_runs_every_source_on_one_worker():
         assert sampler._workers == 1  # the worker kept the schedule itself; no worker was abandoned
     finally:
         sampler.stop()
+
+
+def _wakeups(thread: threading.Thread) -> int:
+    with open(f"/proc/self/task/{thread.native_id}/status") as fh:
+        return int(fh.read().split("voluntary_ctxt_switches:")[1].split()[0])
+
+
+def test_samples_that_finish_in_time_do_not_wake_the_sampler_thread():
+    sampler = Sampler([Quick()], interval_s=0.05)
+    snapshots = []
+    sampler.subscribe(snapshots.append)
+    try:
+        sampler.start()
+        time.sleep(0.1)
+        before, seen = _wakeups(sampler._thread), len(snapshots)
+        time.sleep(0.5)
+        assert len(snapshots) - seen >= 5
+        assert _wakeups(sampler._thread) - before <= 1  # it waits on the deadline timer, which each sample cancels
+    finally:
+        sampler.stop()
+    assert not sampler._thread.is_alive()
