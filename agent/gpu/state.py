@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from fleetscope.vocabulary import CLOCK_EVENT_REASONS
 
@@ -22,8 +23,10 @@ class PcieState:
     width_max: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class NvLinkState:
+class NvLinkState(NamedTuple):
+    """One NVLink of a GPU. A named tuple, not a frozen dataclass: an H100 has 18 links, so 144 of these are made
+    per sample on an 8-GPU node, and a tuple given its fields by position is built in a fifth of the time."""
+
     link: int
     up: bool
     tx_bytes: float | None = None  # cumulative data bytes, from NVML field values
