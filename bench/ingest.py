@@ -60,6 +60,7 @@ from fastapi import FastAPI, Request
 REPO = Path(__file__).resolve().parents[1]
 READ_TOKEN = "bench-read"
 RANKS_PER_NODE = 8
+SLOW_S = 0.05  # the p99 goal: batches slower than this are counted and placed in time
 PHASES = {"data": 0.02, "forward": 0.09, "backward": 0.17, "optimizer": 0.02}
 # Sentinels patched per batch: step = <batch number><3-digit step in batch>, ts = <whole second>.<ms>.
 _STEP_SENTINEL, _TS_SENTINEL, _SEQ_SENTINEL = 987654, 4242424242, 876543210987
@@ -202,7 +203,7 @@ def drive(plan: Plan, watch) -> dict:
         p.join(timeout=10)
     watcher.join()
     window, end = t0 + plan.warmup, t0 + plan.warmup + plan.seconds
-    latencies, in_window, acked_total, refused = [], 0, 0, 0
+    latencies, in_window, acked_total, refused, slow = [], 0, 0, 0, []
     errors: Counter[str] = Counter()
     for _, records, _, errs in got:
         errors.update(errs)
@@ -219,9 +220,24 @@ def drive(plan: Plan, watch) -> dict:
                 in_window += n
             if window <= due < end:
                 latencies.append(acked - due)
+                if acked - due > SLOW_S:
+                    slow.append(due - window)
     latencies.sort()
     return {"rate": in_window / plan.seconds, "p50": pct(latencies, 50), "p99": pct(latencies, 99), "max": latencies[-1] if latencies else float("nan"),
-            "acked": acked_total, "refused": refused, "errors": errors, "sender_ms": 1000 * sum(g[2] for g in got) / len(got)}
+            "acked": acked_total, "refused": refused, "errors": errors, "sender_ms": 1000 * sum(g[2] for g in got) / len(got),
+            "slow": bursts(sorted(slow)), "batches": len(latencies)}
+
+
+def bursts(times: list[float], gap: float = 0.5) -> list[tuple[float, int]]:
+    """Slow batches grouped into bursts (scheduled less than `gap` s apart): (when in the window, how many)."""
+    out: list[tuple[float, int]] = []
+    for t in times:
+        if out and t - last <= gap:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((t, 1))
+        last = t
+    return out
 
 
 def pct(sorted_values: list[float], q: float) -> float:
@@ -441,6 +457,9 @@ def measure(target: str, plan_args: dict, senders: int, profile_to: Path | None,
 def report(target: str, r: dict) -> None:
     print(f"  {target:9} {r['rate']:12,.0f} {r['p50'] * 1000:8.1f} {r['p99'] * 1000:8.1f} {r['max'] * 1000:8.1f} "
           f"{r['server_cpu']:10.0%} {r['sender_ms']:13.2f}")
+    if r.get("slow"):
+        print(f"  {target}: {sum(n for _, n in r['slow'])} of {r['batches']} batches over {SLOW_S * 1000:.0f} ms, in bursts at "
+              + ", ".join(f"{t:.1f} s ({n})" for t, n in r["slow"][:12]) + (" ..." if len(r["slow"]) > 12 else ""))
     for err, count in r["errors"].items():
         print(f"  {target}: {count} batches: {err}")
     if target == "collector":
