@@ -80,11 +80,20 @@ def with_mfu(jobs: pl.DataFrame, gpus: pl.DataFrame) -> pl.DataFrame:
             .drop("gpu_uuids", "_peaks", "_unknown"))
 
 
+def kept_runs(rows: pl.DataFrame) -> pl.DataFrame:
+    """A job's rows with each (rank, step) once: a step that a restart ran again counts its latest run only,
+    the run whose work the job kept (as latest_runs has it for the per-step aggregates)."""
+    if "incarnation" in rows.columns and rows["incarnation"].n_unique() > 1:
+        return rows.sort("incarnation").unique(["rank", "step"], keep="last", maintain_order=True)
+    return rows
+
+
 def rank_step_quantiles(steps: pl.DataFrame, job: str) -> pl.DataFrame:
     """Per rank of `job`: step count and step-time p50/p95/p99, the mean time before it waited for its
     peers (compute_mean_s, see compute_times), the mean share of each of the last STRAGGLER_WINDOW steps its
-    peers waited for it (excess_mean, see step_excess), with the node and GPU it ran on last."""
-    rows = steps.filter(pl.col("job") == job)
+    peers waited for it (excess_mean, see step_excess), with the node and GPU it ran on last. A step run
+    again after a restart counts once, by its latest run (kept_runs)."""
+    rows = kept_runs(steps.filter(pl.col("job") == job))
     latest = pl.col("ts").arg_max()
     recent = rows.filter(pl.col("step") > pl.col("step").max() - STRAGGLER_WINDOW)
     excess = step_excess(recent).group_by("rank").agg(pl.col("excess").mean().round(5).alias("excess_mean"))
@@ -115,8 +124,8 @@ def slowest_ranks(quantiles: pl.DataFrame, top: int) -> pl.DataFrame:
 
 def rank_breakdown(steps: pl.DataFrame, job: str) -> pl.DataFrame:
     """Per rank of `job`: the mean of each phase (`phase_<name>_mean_s`) and of each reported number
-    (`metric_<name>_mean`, e.g. DDP's sync_arrival_s), one column each."""
-    rows = steps.filter(pl.col("job") == job)
+    (`metric_<name>_mean`, e.g. DDP's sync_arrival_s), one column each; a step run again counts once (kept_runs)."""
+    rows = kept_runs(steps.filter(pl.col("job") == job))
     out = rows.select("rank").unique()
     for long, key, value, prefix, suffix in ((phases_long(rows), "phase", "seconds", "phase_", "_mean_s"),
                                              (metrics_long(rows), "name", "value", "metric_", "_mean")):
@@ -401,9 +410,7 @@ def rank_step_matrix(steps: pl.DataFrame, job: str, last: int = 100, ranks: list
     heatmap; only `ranks` when given (the median is still over all of them). A job that reports neither DDP's
     arrival nor a `comm` phase has no compute time apart from its wait: its cells are 1 + the rank's excess
     over its peers (step_excess), the same scale."""
-    rows = steps.filter(pl.col("job") == job)
-    if "incarnation" in rows.columns and rows["incarnation"].n_unique() > 1:  # a step run again: its latest run
-        rows = rows.sort("incarnation").unique(["rank", "step"], keep="last", maintain_order=True)
+    rows = kept_runs(steps.filter(pl.col("job") == job))  # a step run again: its latest run
     rows = rows.filter(pl.col("step") > pl.col("step").max() - last)
     direct = (pl.col("sync_arrival_s").is_not_null() | pl.col("phase_comm_s").is_not_null()).any()
     cells = compute_times(rows).with_columns(

@@ -49,7 +49,8 @@ def test_re_run_steps_are_a_new_incarnation_in_the_series_the_job_and_the_warm_t
         store.maintain_hot()  # each rank's last 120 raw steps stay; the aggregates of steps 0..39 are final
         aggs = store.hot.step_aggs()
         hot = client.get("/v1/jobs/llm/steps", headers=R).json()["steps"]
-        job = client.get("/v1/jobs/llm", headers=R).json()["job"]
+        detail = client.get("/v1/jobs/llm", headers=R).json()
+        job = detail["job"]
         listed = client.get("/v1/jobs", headers=R).json()["jobs"][0]
         cells = client.get("/v1/jobs/llm/matrix", params={"last": 120}, headers=R).json()["cells"]
         store.checkpoint()  # the final aggregates go to the warm tier
@@ -61,6 +62,9 @@ def test_re_run_steps_are_a_new_incarnation_in_the_series_the_job_and_the_warm_t
         check_series(steps)
     assert job["last_step"] == listed["last_step"] == 119 and job["ranks"] == 2
     assert job["step_events"] == 2 * 160  # every step event counts, the re-run ones too
+    # Per rank, a re-run step counts once, by its latest run: steps 40..119 held, 60..119 at 2 s.
+    assert [(r["rank"], r["steps"], r["last_step"]) for r in detail["ranks"]] == [(0, 80, 119), (1, 80, 119)]
+    assert {r["step_time_p50_s"] for r in detail["ranks"]} == {2.0}
     assert sorted((c["step"], c["rank"]) for c in cells) == [(n, r) for n in range(40, 120) for r in (0, 1)]  # the raw steps held
 
     with TestClient(create_app(settings(tmp_path))) as client:  # warm tier and hot tier read back
