@@ -24,8 +24,11 @@ What a sceptic should ask:
   figures. The time spent inside the fake's own functions is measured in this process (each wrapped
   with a timer) and printed, per sample and per
   minute on a warm CPU: it is part of the 8-GPU agent's figure, never subtracted from it.
-- CPU time comes in 10 ms ticks (/proc), so a 60 s window is good to about ±10 ms/min per
-  reading; a --quick run's short windows are much coarser.
+- CPU time comes in 10 ms ticks (/proc/<pid>/stat), so a 60 s window is good to about ±10 ms/min
+  per reading; a --quick run's short windows are much coarser. At 15 s scrapes both use a few tens
+  of ms a minute, so each run also prints the threads' time on a CPU in nanoseconds
+  (/proc/<pid>/task/<tid>/schedstat, summed over the tree's threads; a thread that ends inside the
+  window takes its time with it, and the line says so) and its ratio: same window, same processes.
 - Both processes see this machine: its core count, interfaces and filesystems (node_exporter's
   cost grows with them; the agent's InfiniBand and hwmon sources find nothing on a VM), and
   whatever else runs on it. They run at the same time, so load hits both, but CPU time per unit of
@@ -109,6 +112,35 @@ def tree_rss(ps: psutil.Process) -> int:
         except psutil.NoSuchProcess:
             pass
     return total
+
+
+def tree_runtime_ns(ps: psutil.Process) -> dict[int, int] | None:
+    """Each thread's time on a CPU in nanoseconds (/proc/<pid>/task/<tid>/schedstat), by thread id, for the process
+    tree; None where the kernel does not give it. /proc/<pid>/stat's user+system comes in 10 ms ticks: at 15 s
+    scrapes both processes use a few tens of ms a minute, so the ticks alone leave their ratio ±50% uncertain."""
+    out: dict[int, int] = {}
+    for p in tree(ps):
+        try:
+            tids = os.listdir(f"/proc/{p.pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{p.pid}/task/{tid}/schedstat") as fh:
+                    out[int(tid)] = int(fh.read().split()[0])
+            except (OSError, ValueError, IndexError):
+                if not os.path.exists("/proc/self/schedstat"):
+                    return None
+    return out
+
+
+def runtime_ms_min(before: dict[int, int] | None, after: dict[int, int] | None, window: float) -> tuple[float | None, int]:
+    """CPU ms/min of the threads over the window (a thread born in it counts from 0), and how many threads ended in
+    it (their time is missing: the figure is then low, and says so)."""
+    if before is None or after is None:
+        return None, 0
+    ns = sum(t - before.get(tid, 0) for tid, t in after.items())
+    return ns / 1e6 / window * 60, len(set(before) - set(after))
 
 
 def scrape(url: str, like_prometheus: bool = True) -> tuple[bytes, int]:
@@ -217,6 +249,7 @@ def run_once(agent: Target, exporter: Target, gpus: int, cadence: float, duratio
         time.sleep(warmup)  # past start-up: imports, the first samples, GPM's first pair
         scrapes, failed, wire = 0, 0, {t.name: 0 for t in both}
         cpu0 = {t.name: tree_cpu_s(t.ps) for t in both}
+        ns0 = {t.name: tree_runtime_ns(t.ps) for t in both}
         t0 = time.monotonic()
         for k in range(max(1, int(duration // cadence))):
             time.sleep(max(0.0, t0 + k * cadence - time.monotonic()))
@@ -228,11 +261,14 @@ def run_once(agent: Target, exporter: Target, gpus: int, cadence: float, duratio
             scrapes += 1
         time.sleep(max(0.0, t0 + duration - time.monotonic()))
         cpu1 = {t.name: tree_cpu_s(t.ps) for t in both}
+        ns1 = {t.name: tree_runtime_ns(t.ps) for t in both}
         window = time.monotonic() - t0
         out = {"window_s": window, "scrapes": scrapes, "failed": failed, "probe_ms": probe_ms()}
         for t in both:  # after the window: not counted
             text = scrape(t.url, like_prometheus=False)[0]
+            ns_ms_min, ended = runtime_ms_min(ns0[t.name], ns1[t.name], window)
             out[t.name] = {"cpu_ms_min": (cpu1[t.name] - cpu0[t.name]) / window * 60_000, "rss_mib": tree_rss(t.ps) / 2**20,
+                           "ns_ms_min": ns_ms_min, "threads_ended": ended,
                            "kib": len(text) / 1024, "wire_kib": wire[t.name] / 1024, "series": series(text)}
         problem = gpu_source_problem(scrape(agent.url, like_prometheus=False)[0], gpus)
         if problem:
@@ -370,6 +406,10 @@ def main(argv: list[str] | None = None) -> None:
                 flag = "  INVALID" if "invalid" in res else (f"  ({res['failed']} scrapes failed)" if res["failed"] else "")
                 print(f"{label:44} {a['cpu_ms_min']:12.0f} {n['cpu_ms_min']:15.0f} {ratio:6.2f} {a['rss_mib']:9.1f} "
                       f"{n['rss_mib']:12.1f} {res['probe_ms']:8.0f}{flag}", flush=True)
+                if a["ns_ms_min"] is not None and n["ns_ms_min"]:
+                    ended = a["threads_ended"] + n["threads_ended"]
+                    print(f"  {'threads on CPU, ns (schedstat)':42} {a['ns_ms_min']:12.1f} {n['ns_ms_min']:15.1f} "
+                          f"{a['ns_ms_min'] / n['ns_ms_min']:6.2f}" + (f"  ({ended} threads ended: low)" if ended else ""))
                 if "invalid" in res:
                     print(f"  not counted: {res['invalid']}")
                 else:
@@ -388,6 +428,12 @@ def main(argv: list[str] | None = None) -> None:
               f"{a['rss_mib']:9.1f} {n['rss_mib']:12.1f} {last['agent']['kib']:7.1f} ({last['agent']['wire_kib']:4.1f}) "
               f"{last['agent']['series']:6d} {last['exporter']['kib']:8.1f} ({last['exporter']['wire_kib']:4.1f}) "
               f"{last['exporter']['series']:10d}")
+        precise = [r for r in runs if r["agent"]["ns_ms_min"] is not None and r["exporter"]["ns_ms_min"]]
+        if precise:
+            a_ns = statistics.median(r["agent"]["ns_ms_min"] for r in precise)
+            n_ns = statistics.median(r["exporter"]["ns_ms_min"] for r in precise)
+            ratio_ns = statistics.median(r["agent"]["ns_ms_min"] / r["exporter"]["ns_ms_min"] for r in precise)
+            print(f"  {'threads on CPU, ns (schedstat)':42} {a_ns:12.1f} {n_ns:15.1f} {ratio_ns:6.2f}")
     print(f"\nload average now {' '.join(f'{x:.2f}' for x in os.getloadavg())}; ratio = agent / node_exporter, "
           "median of the runs' ratios; CPU is user+system of each process tree over the same window; probe: CPU ms "
           f"of a fixed loop after each window (machine speed; {probe_ms():.0f} now)")
