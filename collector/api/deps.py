@@ -22,19 +22,19 @@ from collector.store import Store
 from fleetscope.schema import Batch
 
 
-def get_store(request: Request) -> Store:
+async def get_store(request: Request) -> Store:
     return request.app.state.store
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_metrics(request: Request) -> CollectorMetrics:
+async def get_metrics(request: Request) -> CollectorMetrics:
     return request.app.state.metrics
 
 
-def get_ready_store(request: Request) -> Store:
+async def get_ready_store(request: Request) -> Store:
     store: Store = request.app.state.store
     if not store.ready:
         raise HTTPException(503, f"the collector is starting ({store.startup['phase']}); try again shortly",
@@ -42,6 +42,8 @@ def get_ready_store(request: Request) -> Store:
     return store
 
 
+# The dependencies are `async def`: they do no I/O, and FastAPI runs a plain `def` dependency in its thread
+# pool, a hop to a worker thread and back for each one of each request (four for an ingest).
 StoreDep = Annotated[Store, Depends(get_ready_store)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[CollectorMetrics, Depends(get_metrics)]
@@ -82,7 +84,7 @@ def tls_peer(request: Request) -> str | None:
     return (request.scope.get("state") or {}).get("tls_client")
 
 
-def require_ingest(request: Request, settings: SettingsDep) -> Principal:
+async def require_ingest(request: Request, settings: SettingsDep) -> Principal:
     peer = tls_peer(request)
     if peer is not None and not request.headers.get("authorization"):
         return Principal(peer, "client certificate")
@@ -98,9 +100,13 @@ def require_ingest(request: Request, settings: SettingsDep) -> Principal:
     return Principal(peer, "client certificate") if peer is not None else Principal(None, "fleet token")
 
 
-def require_read(request: Request, settings: SettingsDep) -> None:
+def check_read(request: Request, settings: Settings) -> None:
     # An ingest token does not read: a compromised node must not see the whole fleet.
     _require(request, settings.read_tokens, settings.all_ingest_tokens, "this token may only ingest; reading needs a read token")
+
+
+async def require_read(request: Request, settings: SettingsDep) -> None:
+    check_read(request, settings)
 
 
 def check_identity(batch: Batch, principal: Principal) -> None:
@@ -139,7 +145,7 @@ class Range:
         return (until - default_s if self.since is None else self.since), until
 
 
-def time_range(
+async def time_range(
     settings: SettingsDep,
     since: float | None = Query(None, ge=0, le=1e10, description="start of the range, Unix seconds (default: per endpoint)"),
     until: float | None = Query(None, ge=0, le=1e10, description="end of the range, Unix seconds (default: now)"),

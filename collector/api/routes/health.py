@@ -7,7 +7,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from collector.api.deps import MetricsDep, SettingsDep, require_read
+from collector.api.deps import MetricsDep, SettingsDep, check_read
 
 router = APIRouter(tags=["health"])
 
@@ -29,7 +29,7 @@ def require_metrics_reader(request: Request, settings: SettingsDep) -> None:
     basic_auth = settings.metrics_basic_auth
     header = request.headers.get("authorization", "")
     if basic_auth is None or header.lower().startswith("bearer "):
-        require_read(request, settings)  # a read token still works
+        check_read(request, settings)  # a read token still works
     elif not basic_auth.check(header):
         raise HTTPException(401, "/metrics needs a user name and password (basic_auth_users in the web config) or a "
                                  "read token", headers={"WWW-Authenticate": 'Basic realm="fleetscope collector"'})
