@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi import APIRouter, HTTPException, Request
+import msgspec
+from fastapi import APIRouter, HTTPException, Request, Response
 from pydantic import BaseModel, Field
 
 from collector.api.deps import IngestPrincipal, MetricsDep, SettingsDep, StoreDep, check_identity
@@ -59,7 +60,7 @@ class IngestReply(BaseModel):
     },
 )
 async def ingest(request: Request, principal: IngestPrincipal, store: StoreDep, settings: SettingsDep,
-                 metrics: MetricsDep) -> IngestReply:
+                 metrics: MetricsDep) -> Response:
     limit = settings.max_body_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -112,7 +113,12 @@ async def ingest(request: Request, principal: IngestPrincipal, store: StoreDep, 
                             headers={"Retry-After": "5"}) from None
     if store.problem and store.problem.startswith("cannot write the write-ahead log"):
         store.problem = None
-    return IngestReply(agent_id=batch.agent_id, seq=batch.seq, events=result.events, frames=result.frames,
-                       duplicate=result.duplicate, refused=result.refused,
-                       refusals=[Refused(field=r.field, index=r.index, kind=r.kind, reason=r.reason, message=r.message)
-                                 for r in result.refusals])
+    # IngestReply's fields (it documents the reply), encoded by msgspec: pydantic's validation and serialization
+    # of the model took a tenth of a millisecond of each batch's time on the event loop.
+    reply: dict = {"agent_id": batch.agent_id, "seq": batch.seq, "events": result.events, "frames": result.frames,
+                   "duplicate": result.duplicate}
+    if result.refused:
+        reply["refused"] = result.refused
+        reply["refusals"] = [{"field": r.field, "index": r.index, "kind": r.kind, "reason": r.reason, "message": r.message}
+                             for r in result.refusals]
+    return Response(msgspec.json.encode(reply), media_type="application/json")
