@@ -67,8 +67,10 @@ class _Job:
     max_inc: int = 0
     ranks: dict = field(default_factory=dict)  # rank -> _Rank
     incs: dict = field(default_factory=dict)  # incarnation -> _Incarnation
-    # The steps not settled yet, in blocks of BLOCK steps: (incarnation, step // BLOCK) -> step -> [ts, end, ranks,
-    # compute sum, compute max, data sum, data ranks, world, last row at]. A block is the unit of upkeep: it settles
+    # The steps not settled yet, in blocks of BLOCK steps: (incarnation, step // BLOCK) -> step -> (ts, end, ranks,
+    # compute sum, compute max, data sum, data ranks, world, last row at). Tuples of numbers, which the cycle
+    # collector stops tracking (as it then does the blocks' dicts): a collector holding a million unsettled steps
+    # as lists spent 100 ms a full collection walking them, every few seconds, holding up ingest. A block is the unit of upkeep: it settles
     # whole (no row for SETTLE_S), and a checkpoint's snapshot encodes again only the blocks rows came to since the
     # last one. A job stepping thousands of times a second holds hundreds of thousands of unsettled steps, and both
     # run under locks that ingest waits for.
@@ -130,6 +132,7 @@ class GoodputLedger:
         append = incs.append
         job_name_now, job = None, _Job()
         last_step, last_inc, last_job, last_key, acc = None, None, None, None, None
+        home, home_step = None, None  # where the step being summed (`acc`, a list while it is) is kept as a tuple
         with self._lock:
             for job_name, rank, pid, step, ts, duration, world, sync, comm, data, pstart, restored in zip(*columns):
                 end = ts + duration
@@ -163,12 +166,14 @@ class GoodputLedger:
                         job.touched[key] = now
                         job.dirty.add(key)
                         last_key = key
-                    acc = by_step.get(step)
-                    last_step, last_inc, last_job = step, inc, job
-                    if acc is None:
-                        acc = by_step[step] = [ts, end, 1, comp, comp, data or 0.0, 0 if data is None else 1,
-                                                        world, now]
+                    if acc is not None:
+                        home[home_step] = tuple(acc)
+                    kept = by_step.get(step)
+                    last_step, last_inc, last_job, home, home_step = step, inc, job, by_step, step
+                    if kept is None:
+                        acc = [ts, end, 1, comp, comp, data or 0.0, 0 if data is None else 1, world, now]
                         continue
+                    acc = list(kept)
                 if ts < acc[0]:
                     acc[0] = ts
                 if end > acc[1]:
@@ -183,6 +188,8 @@ class GoodputLedger:
                 if world > acc[7]:
                     acc[7] = world
                 acc[8] = now
+            if acc is not None:
+                home[home_step] = tuple(acc)
         return incs
 
     @staticmethod
@@ -435,9 +442,9 @@ def _load(state: dict) -> _Job:
     # A block restored was last touched by its latest row, as before the restart.
     now = time.time()
     for inc, block, by_step in blocks:
-        job.blocks[(inc, block)] = {int(step): acc for step, acc in by_step.items()}
+        job.blocks[(inc, block)] = {int(step): tuple(acc) for step, acc in by_step.items()}
     for inc, step, *acc in state.get("steps", ()):  # a snapshot from before blocks: [[inc, step, *acc], ...]
-        job.blocks.setdefault((inc, step >> BLOCK_BITS), {})[step] = acc
+        job.blocks.setdefault((inc, step >> BLOCK_BITS), {})[step] = tuple(acc)
     job.touched = {key: max((acc[8] for acc in by_step.values()), default=now) for key, by_step in job.blocks.items()}
     job.dirty = set(job.blocks)
     job.spans = state["spans"]

@@ -293,3 +293,16 @@ def test_blocks_encoded_ahead_of_a_checkpoint_give_the_same_snapshot_and_rows_in
     restored = GoodputLedger()
     restored.restore(bytes(prepared.snapshot()))
     assert restored._jobs["llm"].blocks == job.blocks
+
+
+def test_unsettled_steps_are_numbers_in_tuples_that_the_cycle_collector_stops_walking():
+    import gc
+
+    ledger = ledger_of(run(0, 99, t=T0, pid=100), now=T0)
+    ledger.observe("steps", frame_from_rows("steps", run(100, 109, t=T0 + 100, pid=100, more=True)), now=T0 + 1)
+    gc.collect()
+    blocks = ledger._jobs["llm"].blocks
+    accs = [acc for by_step in blocks.values() for acc in by_step.values()]
+    assert len(accs) == 110 and all(type(acc) is tuple for acc in accs)
+    # A full collection walks only tracked containers: these are not, however many steps are unsettled.
+    assert not any(gc.is_tracked(acc) for acc in accs) and not any(gc.is_tracked(b) for b in blocks.values())
