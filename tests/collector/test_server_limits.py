@@ -144,3 +144,26 @@ def test_the_real_collector_process_closes_a_slowloris_connection(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="thread nice values are Linux's")
+def test_polars_pool_threads_run_at_a_lower_priority_than_the_threads_that_take_ingest():
+    # In a fresh interpreter: the test process's own polars threads keep their priority.
+    probe = """
+import os, threading
+from collector.main import POLARS_NICE, lower_polars_priority
+done = lower_polars_priority()
+nice = {}
+for tid in os.listdir("/proc/self/task"):
+    comm = open(f"/proc/self/task/{tid}/comm").read().strip()
+    nice[comm] = int(open(f"/proc/self/task/{tid}/stat").read().rsplit(")", 1)[1].split()[16])
+import polars as pl
+workers = [v for k, v in nice.items() if k.removeprefix("polars-").isdigit()]
+assert len(workers) == pl.thread_pool_size(), nice
+print(len(workers), POLARS_NICE, sorted(workers), nice[open("/proc/self/comm").read().strip()])
+"""
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True).stdout.split(maxsplit=2)
+    done, wanted = int(out[0]), int(out[1])
+    polars_nices, main_nice = out[2].rsplit(" ", 1)
+    assert done >= 1 and polars_nices == str([wanted] * done)  # every worker of the pool
+    assert int(main_nice) == os.nice(0)  # the main thread (the event loop) keeps the process's priority
