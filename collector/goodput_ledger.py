@@ -68,12 +68,11 @@ class _Job:
     ranks: dict = field(default_factory=dict)  # rank -> _Rank
     incs: dict = field(default_factory=dict)  # incarnation -> _Incarnation
     # The steps not settled yet, in blocks of BLOCK steps: (incarnation, step // BLOCK) -> step -> (ts, end, ranks,
-    # compute sum, compute max, data sum, data ranks, world, last row at). Tuples of numbers, which the cycle
-    # collector stops tracking (as it then does the blocks' dicts): a collector holding a million unsettled steps
-    # as lists spent 100 ms a full collection walking them, every few seconds, holding up ingest. A block is the unit of upkeep: it settles
+    # compute sum, compute max, data sum, data ranks, world, last row at). A block is the unit of upkeep: it settles
     # whole (no row for SETTLE_S), and a checkpoint's snapshot encodes again only the blocks rows came to since the
     # last one. A job stepping thousands of times a second holds hundreds of thousands of unsettled steps, and both
-    # run under locks that ingest waits for.
+    # run under locks that ingest waits for. Tuples of numbers, which the cycle collector stops tracking (as it then
+    # does the blocks' dicts): as lists, a million of them cost 100 ms a full collection, every few seconds.
     blocks: dict = field(default_factory=dict)
     touched: dict = field(default_factory=dict)  # block -> when a row last came to it
     dirty: set = field(default_factory=set)  # blocks changed since the last snapshot
@@ -85,6 +84,12 @@ class _Job:
     data_s: float | None = None  # its typical data phase
     seen: float = 0.0  # when a row of it last came
     changes: int = 0  # bumped by every change, so that a snapshot encodes again only the jobs that changed
+
+    def encode_dirty(self, most: int | None = None) -> None:
+        """Encode (at most `most` of) the blocks changed since they were last encoded."""
+        for _ in range(len(self.dirty) if most is None else min(most, len(self.dirty))):
+            key = self.dirty.pop()
+            self.encoded[key] = msgspec.Raw(_encode(self.blocks[key]))
 
 
 def _pause_class(reason: str) -> str:
@@ -368,9 +373,7 @@ class GoodputLedger:
                     job = self._jobs.get(name)
                     if job is None or not job.dirty:
                         break
-                    for _ in range(min(PREPARE_BLOCKS, len(job.dirty))):
-                        key = job.dirty.pop()
-                        job.encoded[key] = msgspec.Raw(_encode(job.blocks[key]))
+                    job.encode_dirty(PREPARE_BLOCKS)
 
     def snapshot(self) -> _Snapshot:
         """Every job, for the store's checkpoint, which calls it under its gate and writes `bytes()` of it after.
@@ -381,9 +384,7 @@ class GoodputLedger:
             for name, job in self._jobs.items():
                 cached = self._encoded.get(name)
                 if cached is None or cached[0] != job.changes:
-                    for key in job.dirty:
-                        job.encoded[key] = msgspec.Raw(_encode(job.blocks[key]))
-                    job.dirty.clear()
+                    job.encode_dirty()
                     blocks = [[inc, block, job.encoded[(inc, block)]] for inc, block in job.blocks]  # [inc, block, {step: acc}]
                     cached = self._encoded[name] = (job.changes, {"head": msgspec.Raw(_encode(_dump(job))), "blocks": blocks})
                 parts[name] = cached[1]

@@ -154,10 +154,11 @@ def lower_polars_priority(nice: int = POLARS_NICE) -> int:
     deadline = time.monotonic() + 2.0
     while True:  # its threads name themselves once running: wait for all of them (a few ms)
         try:
-            tids = [tid for tid in os.listdir("/proc/self/task") if _comm(tid).startswith("polars-")]
+            names = {tid: _comm(tid).strip() for tid in os.listdir("/proc/self/task")}
         except OSError:  # not Linux
             return 0
-        workers = sum(_comm(tid).strip().removeprefix("polars-").isdigit() for tid in tids)  # polars-0, polars-1, ...
+        tids = [tid for tid, name in names.items() if name.startswith("polars-")]
+        workers = sum(names[tid].removeprefix("polars-").isdigit() for tid in tids)  # polars-0, polars-1, ...
         if workers >= wanted or time.monotonic() > deadline:
             break
         time.sleep(0.01)
