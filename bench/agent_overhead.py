@@ -17,11 +17,13 @@ What a sceptic should ask:
 - The fake answers NVML calls from a dict, in Python, with a counter and fault checks per call.
   A real call is an ioctl into the driver, often slower; the call count is real, the time is not.
   bench/gpu_check.sh counts and times the calls on a real GPU. The fake's Python costs about what
-  pynvml's does: with pynvml's C function pointer replaced by a Python no-op, the gateway's read of one
-  H100's 123 field values took 193 us through pynvml (which fills a ctypes array in a Python loop)
-  and 96 us through the fake; a plain call took ~0.4 us of pynvml's Python (before its ctypes call)
-  and ~0.7 us in the fake (Python 3.11 on this VM). The fake was not changed to cut the agent's
-  figures. The time spent inside the fake's own functions is measured in this process (each wrapped
+  pynvml's does: a plain call took ~0.4 us of pynvml's Python (before its ctypes call) and ~0.7 us in
+  the fake (Python 3.11 on this VM). The sample's field values skip pynvml's wrapper (which builds a
+  ctypes array and sets each id in a Python loop, ~190 us per H100 at every call): the gateway builds
+  its arrays once and calls the C function through pynvml's own _nvmlGetFunctionPointer, which the
+  fake answers by filling the array from Python (its "driver"); the fake's nvmlDeviceGetFieldValues,
+  used where a binding lacks that handle, is pynvml's wrapper line for line. The fake was not changed
+  to cut the agent's figures. The time spent inside the fake's own functions is measured in this process (each wrapped
   with a timer) and printed, per sample and per
   minute on a warm CPU: it is part of the 8-GPU agent's figure, never subtracted from it.
 - CPU time comes in 10 ms ticks (/proc/<pid>/stat), so a 60 s window is good to about ±10 ms/min

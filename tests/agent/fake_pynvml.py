@@ -15,13 +15,21 @@ NVMLLibraryMismatchError, for one GPU or all of them. `counts` counts every call
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import struct
 from collections import Counter
 from types import SimpleNamespace
 
 import pynvml as real
 
 NotSupported = object()
+# c_nvmlFieldValue_t's bytes: fieldId, scopeId, timestamp, latencyUsec, valueType, nvmlReturn, value (8 bytes)
+_FIELD_VALUE = struct.Struct("=IIqqiiQ")
+_VALUE_PACK = {real.NVML_VALUE_TYPE_DOUBLE: struct.Struct("=d"), real.NVML_VALUE_TYPE_UNSIGNED_INT: struct.Struct("=I"),
+               real.NVML_VALUE_TYPE_UNSIGNED_LONG: struct.Struct("=Q"), real.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG: struct.Struct("=Q"),
+               real.NVML_VALUE_TYPE_SIGNED_LONG_LONG: struct.Struct("=q"), real.NVML_VALUE_TYPE_SIGNED_INT: struct.Struct("=i"),
+               real.NVML_VALUE_TYPE_UNSIGNED_SHORT: struct.Struct("=H")}
 # Calls that need no initialised library.
 _BEFORE_INIT = {"nvmlInit", "nvmlInitWithFlags", "nvmlShutdown"}
 
@@ -112,6 +120,8 @@ class FakeNvml:
         for name in dir(type(self)):
             if name.startswith("nvml"):
                 setattr(self, name, self._guard(name, getattr(self, name)))
+        # The C function behind pynvml's wrapper: counted, faulted and refused before init as the same call.
+        self._c_field_values = self._guard("nvmlDeviceGetFieldValues", self._fill_field_values)
 
     # -- what tests drive ----------------------------------------------------------------------
     def xid(self, index: int, code: int) -> None:
@@ -266,9 +276,15 @@ class FakeNvml:
         real.NVML_FI_DEV_ECC_DBE_AGG_TOTAL: (real.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, real.NVML_AGGREGATE_ECC),
     }
 
+    _PER_LINK = frozenset({real.NVML_FI_DEV_NVLINK_GET_STATE, real.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX,
+                           real.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX, *_LINK_ERRORS})
+    _REMAPPED = (real.NVML_FI_DEV_REMAPPED_COR, real.NVML_FI_DEV_REMAPPED_UNC, real.NVML_FI_DEV_REMAPPED_PENDING,
+                 real.NVML_FI_DEV_REMAPPED_FAILURE)
+
     def _field_value(self, d, fid, scope):
+        """What the driver answers for one field (scope: the link, for per-link fields), or NotSupported."""
         links = d["nvlinks"] if d["nvlinks"] is not NotSupported else ()
-        if scope is not None:  # the per-link fields, most of every call: answered first
+        if fid in self._PER_LINK:  # most of every call: answered first
             if scope >= len(links):
                 return NotSupported
             if fid == real.NVML_FI_DEV_NVLINK_GET_STATE:
@@ -277,25 +293,18 @@ class FakeNvml:
                 return d["nvlink_tx_kib"].get(scope, NotSupported)
             if fid == real.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX:
                 return d["nvlink_rx_kib"].get(scope, NotSupported)
-            if fid in self._LINK_ERRORS:
-                return d["nvlink_errors"].get((scope, self._LINK_ERRORS[fid]), 0)
-            raise AssertionError(f"the fake does not know scoped field {fid}")
+            return d["nvlink_errors"].get((scope, self._LINK_ERRORS[fid]), 0)
         ecc = d["ecc"]
         remapped = d["remapped_rows"]
         retired = d["retired_pages"]
-        errors, ecc_fields = self._LINK_ERRORS, self._ECC_FIELDS
         if fid == real.NVML_FI_DEV_MEMORY_TEMP:
             return d["mem_temp"]
         if fid == real.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION:
             return d["energy_mj"]
-        if fid in ecc_fields:
-            return ecc.get(ecc_fields[fid], NotSupported) if ecc is not NotSupported else NotSupported
-        if fid in (real.NVML_FI_DEV_REMAPPED_COR, real.NVML_FI_DEV_REMAPPED_UNC, real.NVML_FI_DEV_REMAPPED_PENDING,
-                   real.NVML_FI_DEV_REMAPPED_FAILURE):
-            if remapped is NotSupported:
-                return NotSupported
-            return remapped[(real.NVML_FI_DEV_REMAPPED_COR, real.NVML_FI_DEV_REMAPPED_UNC, real.NVML_FI_DEV_REMAPPED_PENDING,
-                             real.NVML_FI_DEV_REMAPPED_FAILURE).index(fid)]
+        if fid in self._ECC_FIELDS:
+            return ecc.get(self._ECC_FIELDS[fid], NotSupported) if ecc is not NotSupported else NotSupported
+        if fid in self._REMAPPED:
+            return NotSupported if remapped is NotSupported else remapped[self._REMAPPED.index(fid)]
         if fid in (real.NVML_FI_DEV_RETIRED_SBE, real.NVML_FI_DEV_RETIRED_DBE):
             if retired is NotSupported:
                 return NotSupported
@@ -310,31 +319,53 @@ class FakeNvml:
             return len(links) if links else NotSupported
         if fid == real.NVML_FI_DEV_NVLINK_ECC_DATA_ERROR_COUNT_TOTAL:
             return d["nvlink_ecc_total"] if links else NotSupported
-        if fid in (real.NVML_FI_DEV_NVLINK_GET_STATE, real.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX,
-                   real.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX, *errors):
-            if scope is None or scope >= len(links):
-                return NotSupported
-            if fid == real.NVML_FI_DEV_NVLINK_GET_STATE:
-                return int(bool(links[scope]))
-            if fid == real.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX:
-                return d["nvlink_tx_kib"].get(scope, NotSupported)
-            if fid == real.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX:
-                return d["nvlink_rx_kib"].get(scope, NotSupported)
-            return d["nvlink_errors"].get((scope, errors[fid]), 0)
         raise AssertionError(f"the fake does not know field {fid}")
 
     def nvmlDeviceGetFieldValues(self, h, field_ids):
-        out = []
+        # pynvml's own wrapper, line for line (a new ctypes array, each id set in Python), around the C function.
+        values = (real.c_nvmlFieldValue_t * len(field_ids))()
+        for i, field_id in enumerate(field_ids):
+            try:
+                (values[i].fieldId, values[i].scopeId) = field_id
+            except TypeError:
+                values[i].fieldId = field_id
+        self._fill_field_values(h, values)
+        return values
+
+    def _fill_field_values(self, h, values):
+        """The C function nvmlDeviceGetFieldValues: fills `values` in place (NVML_SUCCESS is returned by the caller)."""
         d = self.devices[h]
-        for fid in field_ids:
-            fid, scope = fid if isinstance(fid, tuple) else (fid, None)
+        types = d.get("field_types", {})  # field id -> NVML_VALUE_TYPE_*; unsigned long long where not given
+        ull = real.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG
+        out = []
+        for fid, scope, *_ in _FIELD_VALUE.iter_unpack(values):
             value = self._field_value(d, fid, scope)
-            ok = value is not NotSupported
-            out.append(SimpleNamespace(
-                fieldId=fid, scopeId=scope or 0,
-                nvmlReturn=real.NVML_SUCCESS if ok else real.NVML_ERROR_NOT_SUPPORTED,
-                valueType=real.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG, value=SimpleNamespace(ullVal=value if ok else 0)))
-        return out
+            kind = types.get(fid, ull)
+            if value is NotSupported:
+                out.append(_FIELD_VALUE.pack(fid, scope, 0, 0, kind, real.NVML_ERROR_NOT_SUPPORTED, 0))
+            else:
+                out.append(_FIELD_VALUE.pack(fid, scope, 1_700_000_000_000_000, 0, kind, real.NVML_SUCCESS, 0)[:32]
+                           + _VALUE_PACK[kind].pack(value).ljust(8, b"\0"))
+        raw = b"".join(out)
+        ctypes.memmove(values, raw, len(raw))
+
+    def _nvmlGetFunctionPointer(self, name):
+        """pynvml's handle on a C function of the library; only nvmlDeviceGetFieldValues is offered. The function
+        returns an NVML return code, as C does: the fake's errors for that call come back as their codes."""
+        if name != "nvmlDeviceGetFieldValues":
+            raise real.NVMLError(real.NVML_ERROR_FUNCTION_NOT_FOUND)
+        guarded = self._c_field_values
+
+        def c_function(handle, count, ref):
+            assert type(ref).__name__ == "CArgObject", "the array must be passed by reference (ctypes.byref)"
+            assert count.value == len(ref._obj), "the count must be the array's length"
+            try:
+                guarded(handle, ref._obj)
+            except real.NVMLError as exc:
+                return exc.value
+            return real.NVML_SUCCESS
+
+        return c_function
 
     # GPM: each sample is a counter snapshot; metrics are what the device dict says, once two samples exist
     def nvmlGpmQueryDeviceSupport(self, h):

@@ -3,6 +3,7 @@ real `pynvml` (nvidia-ml-py) with a signature the gateway's calls also fit."""
 
 from __future__ import annotations
 
+import ctypes
 import inspect
 import re
 
@@ -73,3 +74,24 @@ def test_the_fake_injects_any_error_per_call_and_per_gpu():
     with pytest.raises(pynvml.NVMLLibraryMismatchError):
         fake.nvmlDeviceGetUUID(0)
     assert fake.counts["nvmlDeviceGetPowerUsage"] == 3
+
+
+def test_the_c_function_handle_is_pynvmls_and_answers_as_c_does():
+    """The gateway fills its field-value arrays through pynvml's _nvmlGetFunctionPointer: the fake offers it with
+    the real signature, counts and faults its calls as nvmlDeviceGetFieldValues, and returns codes, not errors."""
+    assert _arity(FakeNvml._nvmlGetFunctionPointer) == tuple(n + 1 for n in _arity(pynvml._nvmlGetFunctionPointer))
+    fake = FakeNvml([device(0)])
+    fake.nvmlInit()
+    fn = fake._nvmlGetFunctionPointer("nvmlDeviceGetFieldValues")
+    values = (pynvml.c_nvmlFieldValue_t * 2)()
+    values[0].fieldId, values[1].fieldId = pynvml.NVML_FI_DEV_MEMORY_TEMP, pynvml.NVML_FI_DEV_RETIRED_SBE
+    assert fn(0, ctypes.c_int32(2), ctypes.byref(values)) == pynvml.NVML_SUCCESS
+    assert values[0].nvmlReturn == pynvml.NVML_SUCCESS and values[0].value.ullVal == 78
+    assert values[1].nvmlReturn == pynvml.NVML_ERROR_NOT_SUPPORTED  # Hopper remaps rows instead
+    fake.fail("nvmlDeviceGetFieldValues", pynvml.NVMLError_Unknown, gpu=0, times=1)
+    assert fn(0, ctypes.c_int32(2), ctypes.byref(values)) == pynvml.NVML_ERROR_UNKNOWN
+    assert fake.counts["nvmlDeviceGetFieldValues"] == 2
+    with pytest.raises(pynvml.NVMLError_FunctionNotFound):
+        fake._nvmlGetFunctionPointer("nvmlDeviceGetSomethingNew")
+    fake.nvmlShutdown()
+    assert fn(0, ctypes.c_int32(2), ctypes.byref(values)) == pynvml.NVML_ERROR_UNINITIALIZED
