@@ -12,6 +12,7 @@ import fleetscope
 from agent.config import AgentConfig, split_address
 from agent.exporter import AgentCollector, make_registry
 from agent.exposition import MetricsServer
+from agent.hugepages import collapse_heap
 from agent.kubernetes import PodAttribution, PodResourcesUnavailable
 from agent.listener import Listener, SenderLimits
 from agent.sampler import Sampler
@@ -20,6 +21,8 @@ from agent.slurm import SlurmAttribution
 from agent.sources import build_sources
 
 log = logging.getLogger("fleetscope.agent")
+
+HEAP_SETTLED_S = 30.0  # after start-up: the first scrapes have rendered and the heap holds what it keeps
 
 
 class Agent:
@@ -132,5 +135,10 @@ class Agent:
         # What start-up made (modules, sources, caches) lives as long as the agent: leave it out of the cycle
         # collector's passes, which otherwise walk all of it at every full collection.
         gc.freeze()
+        if self.config.huge_pages:
+            # Once what start-up made is in place, and again when the first scrapes have built their caches.
+            log.debug("huge pages: %d MiB of the heap collapsed", collapse_heap())
+            if not done.wait(HEAP_SETTLED_S):
+                log.debug("huge pages: %d MiB more collapsed", collapse_heap())
         done.wait()
         self.stop()

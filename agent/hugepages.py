@@ -1,0 +1,78 @@
+"""Moves the agent's long-lived heap onto 2 MiB pages, so a sample after seconds of idleness touches fewer pages.
+
+Why: a sample runs every 5 s and touches a thousand-odd 4 KiB pages spread over the interpreter's heap (objects,
+code, dicts). On a virtual machine, the first touch of a page that has not been touched for a few seconds costs
+tens of microseconds (about 45 us per 4 KiB page on the VM the bench ran on, against nanoseconds when warm), so
+most of an idle agent's CPU went to those first touches rather than to its own work. The same objects on 2 MiB
+pages need one translation per 2 MiB instead of one per 4 KiB.
+
+How: MADV_COLLAPSE (Linux 6.1 and newer) on each 2 MiB-aligned range of private anonymous memory that is already
+mostly resident (mincore), whatever the system's transparent-huge-page mode short of "never". Sparse ranges
+(thread stacks, fresh arenas) are left alone, so resident memory grows by at most what fills the gaps of dense
+ranges. Where the kernel cannot (older kernels, THP disabled, not Linux) nothing changes and the agent says so
+at debug level.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import mmap
+import sys
+
+log = logging.getLogger("fleetscope.agent.hugepages")
+
+HUGE_PAGE = 2 << 20
+MADV_COLLAPSE = 25
+MIN_RESIDENT = 0.75  # share of a 2 MiB range's small pages already in memory before it is collapsed
+
+
+def dense_ranges(maps_text: str, resident_share) -> list[tuple[int, int]]:
+    """2 MiB-aligned (start, end) ranges inside private anonymous read-write mappings (the heap and anonymous
+    mmaps, not the stack nor files) whose `resident_share(start)` is at least MIN_RESIDENT."""
+    out = []
+    for line in maps_text.splitlines():
+        parts = line.split()
+        if len(parts) < 5 or parts[1] != "rw-p":
+            continue
+        path = parts[5] if len(parts) > 5 else ""
+        if path not in ("", "[heap]"):
+            continue
+        start, _, end = parts[0].partition("-")
+        lo = -(-int(start, 16) // HUGE_PAGE) * HUGE_PAGE
+        hi = int(end, 16) // HUGE_PAGE * HUGE_PAGE
+        out += [(at, at + HUGE_PAGE) for at in range(lo, hi, HUGE_PAGE) if resident_share(at) >= MIN_RESIDENT]
+    return out
+
+
+def collapse_heap(maps_path: str = "/proc/self/maps") -> int:
+    """Collapses the dense ranges of this process's heap into huge pages; the MiB collapsed (0 where it cannot)."""
+    if not sys.platform.startswith("linux"):
+        return 0
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        madvise, mincore = libc.madvise, libc.mincore
+        with open(maps_path) as fh:
+            maps_text = fh.read()
+    except (OSError, AttributeError) as exc:
+        log.debug("huge pages: %s", exc)
+        return 0
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    small = mmap.PAGESIZE
+    vector = (ctypes.c_ubyte * (HUGE_PAGE // small))()
+
+    def resident_share(at: int) -> float:
+        if mincore(at, HUGE_PAGE, vector) != 0:
+            return 0.0
+        return sum(b & 1 for b in vector) / len(vector)
+
+    collapsed, refused = 0, 0
+    for start, end in dense_ranges(maps_text, resident_share):
+        if madvise(start, end - start, MADV_COLLAPSE) == 0:
+            collapsed += 1
+        else:
+            refused += 1
+    if refused:
+        log.debug("huge pages: the kernel refused %d of %d ranges (errno %d)", refused, refused + collapsed, ctypes.get_errno())
+    return collapsed * HUGE_PAGE >> 20
