@@ -312,6 +312,8 @@ def nvml_cost(gpus: int, samples: int, warmup: int, gpm: bool) -> dict:
         calls = {name: n for name, n in fake.counts.items() if name.startswith("nvml")}
         for name in [n for n in vars(fake) if n.startswith("nvml") and callable(getattr(fake, n))]:
             setattr(fake, name, timed(getattr(fake, name)))
+        pointer = fake._nvmlGetFunctionPointer  # the C functions the gateway calls directly (field values)
+        fake._nvmlGetFunctionPointer = lambda name: timed(pointer(name))
         t = time.perf_counter()
         for _ in range(samples):
             nvml.read()
