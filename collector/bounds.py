@@ -163,3 +163,31 @@ def screen(batch: Batch, now: float, bounds: Bounds, history: StepHistory) -> Sc
         out.batch = msgspec.structs.replace(batch, **{
             where: [r for i, r in enumerate(getattr(batch, where)) if i not in gone] for where, gone in refused.items()})
     return out
+
+
+def quick_screen(dated: tuple[float, float] | None, ranks: dict[tuple[str, int], int], now: float, bounds: Bounds,
+                 history: StepHistory) -> dict[tuple[str, int], int] | None:
+    """`screen`'s verdict from a batch's summary (collector.decoders.Prepared), when it can tell that nothing
+    breaks a bound: then the highs `screen` would return, else None (screen the batch itself).
+
+    `dated` is the earliest and latest ts of its records, `ranks` each (job, rank)'s highest step. Nothing is
+    refused when every ts is within the bounds and every rank known to the history stays within the jump of
+    its highest step: `screen` compares each step with a base that starts there and only rises. A rank new
+    to the history is screened against its job's steps, in the batch's order: this leaves it to `screen`."""
+    if dated is not None:
+        lo, hi = dated
+        if bounds.max_future_s is not None and not hi <= now + bounds.max_future_s:
+            return None
+        if bounds.max_age_s is not None and not lo >= now - bounds.max_age_s:
+            return None
+    jump, seen = bounds.max_step_jump, history.ranks
+    highs: dict[tuple[str, int], int] = {}
+    for key, top in ranks.items():
+        known = seen.get(key)
+        if known is None:
+            return None
+        base = known[0]
+        if jump is not None and top > base + jump:
+            return None
+        highs[key] = top if top > base else base
+    return highs

@@ -92,6 +92,61 @@ class _Job:
             self.encoded[key] = msgspec.Raw(_encode(self.blocks[key]))
 
 
+_SUMMARY_COLUMNS = ("job", "rank", "pid", "step", "ts", "duration_s", "world_size", "sync_arrival_s", "phase_comm_s",
+                    "phase_data_s", "process_start_ts", "restored_step")
+
+
+@dataclass(frozen=True, slots=True)
+class StepSummary:
+    """What the ledger takes of a batch's step rows when its ranks go on as they were (GoodputLedger._summarized):
+    made by `summarize` where the rows are built (an ingest worker), so the collector's process skips the rows."""
+
+    ranks: dict  # (job, rank) -> (lowest step, highest step, steps never go back in row order, pids, declared a start)
+    steps: dict  # job -> [(step, first ts, last end, rows, compute sum, compute max, data sum, data rows, world)]
+
+
+def summarize(frame: pl.DataFrame) -> StepSummary:
+    """A step frame's StepSummary: the per-step sums _steps makes of its rows, from the same columns."""
+    ranks: dict[tuple[str, int], list] = {}
+    steps: dict[str, dict[int, list]] = {}
+    columns = [frame.get_column(c).to_list() for c in _SUMMARY_COLUMNS]
+    for job_name, rank, pid, step, ts, duration, world, sync, comm, data, pstart, restored in zip(*columns):
+        end = ts + duration
+        comp = sync if sync is not None else duration - comm if comm is not None else duration
+        r = ranks.get((job_name, rank))
+        if r is None:
+            r = ranks[(job_name, rank)] = [step, step, True, {pid or 0}, False, step]
+        else:
+            if step < r[5]:
+                r[2] = False
+            r[0], r[1], r[5] = min(r[0], step), max(r[1], step), step
+            r[3].add(pid or 0)
+        if pstart is not None or restored is not None:
+            r[4] = True
+        by_step = steps.get(job_name)
+        if by_step is None:
+            by_step = steps[job_name] = {}
+        acc = by_step.get(step)
+        if acc is None:
+            by_step[step] = [step, ts, end, 1, comp, comp, data or 0.0, 0 if data is None else 1, world]
+            continue
+        if ts < acc[1]:
+            acc[1] = ts
+        if end > acc[2]:
+            acc[2] = end
+        acc[3] += 1
+        acc[4] += comp
+        if comp > acc[5]:
+            acc[5] = comp
+        if data is not None:
+            acc[6] += data
+            acc[7] += 1
+        if world > acc[8]:
+            acc[8] = world
+    return StepSummary({k: (v[0], v[1], v[2], frozenset(v[3]), v[4]) for k, v in ranks.items()},
+                       {job: [tuple(acc) for acc in by_step.values()] for job, by_step in steps.items()})
+
+
 def _pause_class(reason: str) -> str:
     return "checkpoint" if reason == "checkpoint" else "pause"
 
@@ -116,23 +171,77 @@ class GoodputLedger:
         elif kind == "pauses":
             self._pauses(frame, now)
 
-    def tag(self, steps: pl.DataFrame, now: float | None = None) -> pl.DataFrame:
+    def tag(self, steps: pl.DataFrame, now: float | None = None, summary: StepSummary | None = None) -> pl.DataFrame:
         """Observe new step rows (as `observe` does) and return them with the incarnation each belongs to in
-        their `incarnation` column: the hot tier keeps the per-step aggregates of each incarnation apart."""
+        their `incarnation` column: the hot tier keeps the per-step aggregates of each incarnation apart.
+        `summary` is `summarize(steps)`, made by an ingest worker (collector.decoders): when every rank goes on
+        as it was, the ledger takes it instead of going through the rows (the same result, in a tenth of the time)."""
         if steps.height == 0:
             return steps
-        incs = pl.Series("incarnation", self._steps(steps, time.time() if now is None else now), dtype=pl.Int32)
+        now = time.time() if now is None else now
+        by_job = self._summarized(summary, now) if summary is not None else None
+        if by_job is None:
+            incs = pl.Series("incarnation", self._steps(steps, now), dtype=pl.Int32)
+        elif len(by_job) == 1:
+            # Series methods, not expressions: an expression runs on polars' thread pool, where it would wait behind
+            # the hot tier's upkeep (tens of ms); this is a few microseconds.
+            incs = pl.Series("incarnation", [next(iter(by_job.values()))], dtype=pl.Int32).new_from_index(0, steps.height)
+        else:
+            incs = pl.Series("incarnation", [by_job[j] for j in steps.get_column("job").to_list()], dtype=pl.Int32)
         if "incarnation" not in steps.columns:
             return steps.with_columns(incs)
         out = steps.clone()  # shallow; replacing a column in place skips the query engine (~0.1 ms a batch)
         out.replace_column(steps.get_column_index("incarnation"), incs)
         return out
 
+    def _summarized(self, summary: StepSummary, now: float) -> dict[str, int] | None:
+        """Apply a batch's summary when every rank in it goes on as it was (what the rows' usual path in _steps
+        does, rank by rank and step by step): job -> its incarnation. None, changing nothing, when a rank is new,
+        restarted, declared itself, went back, or its job's ranks are in different incarnations."""
+        with self._lock:
+            incs: dict[str, int] = {}
+            for (job_name, rank), (low, _, ordered, pids, declared) in summary.ranks.items():
+                job = self._jobs.get(job_name)
+                r = job.ranks.get(rank) if job is not None else None
+                if r is None or not r.stepped or declared or not ordered or low < r.max_step or r.inc not in job.incs:
+                    return None
+                if job.open.get(rank) or any(pid and pid != r.pid for pid in pids):
+                    return None
+                if incs.setdefault(job_name, r.inc) != r.inc:
+                    return None
+            for (job_name, rank), (_, high, _, pids, _) in summary.ranks.items():
+                job = self._jobs[job_name]
+                r = job.ranks[rank]
+                r.max_step = max(r.max_step, high)
+                meta = job.incs[r.inc]
+                for pid in pids:
+                    if pid not in meta.pids and len(meta.pids) < MAX_PIDS:
+                        meta.pids.add(pid)
+            for job_name, steps in summary.steps.items():
+                job, inc = self._jobs[job_name], incs[job_name]
+                job.seen = now
+                job.changes += 1
+                last_key, by_step = None, None
+                for step, ts, end, n, comp, comp_max, data, data_n, world in steps:
+                    key = (inc, step >> BLOCK_BITS)
+                    if key != last_key:
+                        by_step = job.blocks.get(key)
+                        if by_step is None:
+                            by_step = job.blocks[key] = {}
+                        job.touched[key] = now
+                        job.dirty.add(key)
+                        last_key = key
+                    kept = by_step.get(step)
+                    if kept is None:
+                        by_step[step] = (ts, end, n, comp, comp_max, data, data_n, world, now)
+                    else:
+                        by_step[step] = (min(kept[0], ts), max(kept[1], end), kept[2] + n, kept[3] + comp,
+                                         max(kept[4], comp_max), kept[5] + data, kept[6] + data_n, max(kept[7], world), now)
+        return incs
+
     def _steps(self, frame: pl.DataFrame, now: float) -> list[int]:
         # Plain lists, not polars expressions: a batch holds a few rows, and expressions cost ~40 us a row there.
-        columns = [frame.get_column(c).to_list() for c in (
-            "job", "rank", "pid", "step", "ts", "duration_s", "world_size", "sync_arrival_s", "phase_comm_s",
-            "phase_data_s", "process_start_ts", "restored_step")]
+        columns = [frame.get_column(c).to_list() for c in _SUMMARY_COLUMNS]
         incs: list[int] = []
         append = incs.append
         job_name_now, job = None, _Job()

@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from collector.bounds import REASONS, RECORD_KINDS
+from collector.decoders import Prepared
 from collector.goodput import BADPUT
 from collector.inference_series import recent_inference
 from collector.findings import FindingsTracker
@@ -26,9 +27,9 @@ from collector.store import Store
 from collector.views import jobs_now
 from fleetscope.schema import Batch
 
-def _rss() -> float:
+def _rss(pid: int | str = "self") -> float:
     try:
-        with open("/proc/self/statm") as fh:
+        with open(f"/proc/{pid}/statm") as fh:
             return float(int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
     except (OSError, ValueError, IndexError):
         return 0.0
@@ -49,6 +50,7 @@ class CollectorMetrics:
                  max_ranks: int = 1000) -> None:
         self.store = store
         self.views = views
+        self.decoders = None  # collector.decoders.Decoders, when ingest has worker processes (create_app sets it)
         self.tracker = tracker
         self.memory_budget = memory_budget
         # With a cluster name, the findings and job summaries carry it, so several clusters' collectors
@@ -59,6 +61,7 @@ class CollectorMetrics:
         self._lock = threading.Lock()
         self.events: Counter[str] = Counter()
         self.batches: Counter[str] = Counter()
+        self.decoded: Counter[str] = Counter()
         self.rejections: Counter[str] = Counter()
         self.refusals: Counter[tuple[str, str]] = Counter()
         self.max_jobs, self.max_services, self.max_ranks = max_jobs, max_services, max_ranks
@@ -67,10 +70,13 @@ class CollectorMetrics:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
 
-    def ingested(self, batch: Batch, duplicate: bool, counts: dict[str, int] | None) -> None:
-        """Count an acknowledged batch with its records applied by kind (None for a duplicate)."""
+    def ingested(self, batch: Batch | Prepared, duplicate: bool, counts: dict[str, int] | None, worker: bool = False) -> None:
+        """Count an acknowledged batch with its records applied by kind (None for a duplicate); `worker`: its frames
+        were built by an ingest worker process (collector.decoders)."""
         with self._lock:
             self.batches["duplicate" if duplicate else "applied"] += 1
+            if not duplicate:
+                self.decoded["worker" if worker else "collector"] += 1
             if not duplicate and counts:
                 for kind, n in counts.items():
                     self.events[kind] += n
@@ -87,6 +93,7 @@ class CollectorMetrics:
     def collect(self) -> Iterable[Metric]:
         with self._lock:
             events, batches, rejections = dict(self.events), dict(self.batches), dict(self.rejections)
+            decoded = dict(self.decoded)
             refusals = dict(self.refusals)
         m = CounterMetricFamily("fleetscope_collector_events_ingested", "Records applied, by kind.", labels=["kind"])
         for kind in ("step", "request", "pause", "host_frame"):
@@ -95,6 +102,13 @@ class CollectorMetrics:
         m = CounterMetricFamily("fleetscope_collector_batches", "Batches acknowledged, applied or recognised as duplicates.", labels=["outcome"])
         for outcome in ("applied", "duplicate"):
             m.add_metric([outcome], batches.get(outcome, 0))
+        yield m
+        m = CounterMetricFamily("fleetscope_collector_batches_decoded", "Batches applied, by where they were decoded and "
+                                "made into frames: by an ingest worker process, or in the collector's own (no workers, "
+                                "workers starting or replaced, or a record that the input bounds or the identity check "
+                                "must look at).", labels=["where"])
+        for where in ("worker", "collector"):
+            m.add_metric([where], decoded.get(where, 0))
         yield m
         m = CounterMetricFamily("fleetscope_collector_ingest_rejected", "Ingest requests refused, by reason (identity: a "
                                 "batch for another node than the one that authenticated; seq_jump: a sequence number far "
@@ -191,8 +205,9 @@ class CollectorMetrics:
         if self.memory_budget:
             yield GaugeMetricFamily("fleetscope_collector_memory_budget_bytes", "The memory budget the collector keeps within.",
                                     value=self.memory_budget)
-        yield GaugeMetricFamily("fleetscope_collector_resident_memory_bytes", "Resident memory of the collector process.",
-                                value=_rss())
+        workers = self.decoders.pids() if self.decoders is not None else ()
+        yield GaugeMetricFamily("fleetscope_collector_resident_memory_bytes", "Resident memory of the collector process "
+                                "and its ingest worker processes.", value=_rss() + sum(_rss(pid) for pid in workers))
         yield GaugeMetricFamily("fleetscope_collector_ready", "1 once the store has replayed its log and serves.",
                                 value=1 if store.ready else 0)
         yield GaugeMetricFamily("fleetscope_collector_storage_writable",

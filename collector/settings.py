@@ -127,6 +127,9 @@ class Settings:
     maintenance_interval_s: float = 300.0  # compaction of closed hours, retention
     max_points: int = 500  # a history query returns at most this many points per series
     fsync: bool = True  # off only in benchmarks that want to see the cost of everything else
+    # Worker processes that decode ingest bodies and build their frames (collector.decoders); 0: the ingest threads do.
+    # Unset, `fleetscope collector` runs one fewer than the CPUs (at most 4), and a collector built in code none.
+    ingest_processes: int | None = None
     slos: tuple = ()  # collector.slo.Slo, from the config file's [[slo]] tables
     # Input bounds (collector.bounds): a record dated further ahead than this, or older than retention, is
     # refused on its own (counted, and listed in the ingest reply); so is a step number more than
@@ -179,6 +182,8 @@ class Settings:
                      "max_future_skew_s", "max_step_jump", "metrics_max_jobs", "metrics_max_services", "metrics_max_ranks"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"collector: {name} must be positive, got {getattr(self, name)}")
+        if self.ingest_processes is not None and self.ingest_processes < 0:
+            raise ValueError(f"collector: ingest_processes must be 0 or more, got {self.ingest_processes}")
         if not 0 < self.straggler_page_share <= 1:
             raise ValueError(f"collector: straggler_page_share is a share of each step, in (0, 1], got {self.straggler_page_share}")
         if self.memory_budget < 128 * 2**20:
@@ -219,6 +224,7 @@ CONFIG_KEYS = {
     "maintenance_interval": ("maintenance_interval_s", parse_duration),
     "straggler_page_share": ("straggler_page_share", lambda v, w: _share(v, w)),
     "max_points": ("max_points", lambda v, w: int(v)),
+    "ingest_processes": ("ingest_processes", lambda v, w: _count(v, w)),
     "max_body_bytes": ("max_body_bytes", parse_size),
     "max_future_skew": ("max_future_skew_s", parse_duration),
     "max_step_jump": ("max_step_jump", lambda v, w: _count(v, w)),

@@ -36,8 +36,9 @@ from typing import Callable, Protocol, SupportsBytes
 import polars as pl
 
 from collector import faults, partitions
-from collector.goodput_ledger import GoodputLedger
-from collector.bounds import Bounds, Refusal, StepHistory, screen, step_highs
+from collector.goodput_ledger import GoodputLedger, StepSummary
+from collector.bounds import Bounds, Refusal, Screened, StepHistory, quick_screen, screen, step_highs
+from collector.decoders import Prepared
 from collector.hot import HotTier, merge_small
 from collector.rollups import ALL_SCHEMAS
 from collector.tables import KINDS, batch_frames, conform
@@ -95,6 +96,14 @@ class IngestResult:
     refused: int = 0  # records refused one by one (collector.bounds); the rest of the batch was applied
     refused_counts: dict | None = None  # (kind, reason) -> records refused
     refusals: tuple[Refusal, ...] = ()  # the first of them, to tell the sender
+    worker: bool = False  # its frames were built by an ingest worker process (collector.decoders)
+
+
+def _records(batch: Batch | Prepared) -> tuple[int, int]:
+    """A batch's events and host frames, as counted in the ingest reply."""
+    if isinstance(batch, Prepared):
+        return batch.events, batch.frames
+    return len(batch.events), len(batch.frames)
 
 
 _KIND_OF = {"steps": "step", "requests": "request", "pauses": "pause", "hosts": "host_frame"}
@@ -265,11 +274,12 @@ class Store:
         if self.unwritten_limit is not None and self._unwritten_bytes > self.unwritten_limit:
             self.checkpoint_due.set()
 
-    def _tag(self, frames: dict[str, pl.DataFrame]) -> dict[str, pl.DataFrame]:
+    def _tag(self, frames: dict[str, pl.DataFrame], summary: StepSummary | None = None) -> dict[str, pl.DataFrame]:
         """Step rows seen by the goodput ledger, which numbers each job's incarnations: each row gets its own
-        (the hot tier's per-step aggregates keep the runs of a step that a restart re-ran apart)."""
+        (the hot tier's per-step aggregates keep the runs of a step that a restart re-ran apart). `summary`: the
+        rows' summary made by an ingest worker (collector.goodput_ledger.summarize)."""
         if "steps" in frames:
-            frames["steps"] = self.goodput.tag(frames["steps"])
+            frames["steps"] = self.goodput.tag(frames["steps"], summary=summary)
         return frames
 
     def _notify(self, frames: dict[str, pl.DataFrame]) -> None:
@@ -279,10 +289,11 @@ class Store:
             for observe in self.observers:
                 observe(kind, frame)
 
-    def ingest(self, batch: Batch, body: bytes | None = None) -> IngestResult:
-        """Apply a batch once, durably: when this returns, the batch survives a crash.
+    def ingest(self, batch: Batch | Prepared, body: bytes | None = None) -> IngestResult:
+        """Apply a batch once, durably: when this returns, the batch survives a crash. A Prepared batch (decoded
+        by a worker) comes with its body.
         Raises StoreUnavailable (try later), SequenceJump (never) or OSError (the disk refused the log record)."""
-        counts = IngestResult(False, len(batch.events), len(batch.frames))
+        counts = IngestResult(False, *_records(batch))
         if not self.ready:
             raise StoreUnavailable(f"the collector is starting ({self.startup['phase']})")
         agent = mark_key(batch)
@@ -298,14 +309,23 @@ class Store:
             self._inflight += 1
             self._reserved[agent] = batch.seq
         try:
-            # Records out of bounds are refused one by one (collector.bounds); the log holds what passed.
-            screened = screen(batch, time.time(), self.bounds, self.steps_seen)
-            if screened.refused:
-                batch, body = screened.batch, None
-            frames = batch_frames(batch)
+            frames, summary = None, None
+            if isinstance(batch, Prepared):  # decoded by a worker (collector.decoders), frames and all
+                highs = quick_screen(batch.dated, batch.ranks, time.time(), self.bounds, self.steps_seen)
+                if highs is not None:
+                    screened, frames = Screened(batch, highs=highs), dict(batch.tables)  # type: ignore[arg-type]
+                    summary = batch.steps
+                else:  # a record may break a bound: screen the batch itself, as without workers
+                    batch = decode_batch(body)
+            if frames is None:
+                # Records out of bounds are refused one by one (collector.bounds); the log holds what passed.
+                screened = screen(batch, time.time(), self.bounds, self.steps_seen)
+                if screened.refused:
+                    batch, body = screened.batch, None
+                frames = batch_frames(batch)
             self.wal.ensure_open()
             self.wal.append(body if body is not None else encode(batch))
-            frames = self._tag(frames)  # once durable: a refused append must not be counted
+            frames = self._tag(frames, summary)  # once durable: a refused append must not be counted
             with self._gate:
                 self._apply(batch, frames, screened.highs)
             self._notify(frames)  # SLO bookkeeping stays off the gate, but inside the in-flight count
@@ -315,9 +335,9 @@ class Store:
                 if self._reserved.get(agent) == batch.seq:
                     del self._reserved[agent]
                 self._gate.notify_all()
-        return IngestResult(False, len(batch.events), len(batch.frames),
+        return IngestResult(False, *_records(batch),
                             {_KIND_OF[k]: f.height for k, f in frames.items() if k in _KIND_OF},
-                            screened.refused, dict(screened.counts), tuple(screened.listed))
+                            screened.refused, dict(screened.counts), tuple(screened.listed), isinstance(batch, Prepared))
 
     # --- reads --------------------------------------------------------------------------------
     def frame(self, kind: str) -> pl.DataFrame:

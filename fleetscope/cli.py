@@ -118,6 +118,7 @@ def _collector(args: argparse.Namespace) -> int:
                                   ("metrics_max_services", "metrics_max_services", _positive_int),
                                   ("metrics_max_ranks", "metrics_max_ranks", _positive_int),
                                   ("straggler_page_share", "straggler_page_share", _number),
+                                  ("ingest_processes", "ingest_processes", _whole),
                                   ("tls_cert", "tls_cert", lambda v, w: Path(v)), ("tls_key", "tls_key", lambda v, w: Path(v)),
                                   ("tls_client_ca", "tls_client_ca", lambda v, w: Path(v)),
                                   ("web_config", "web_config", lambda v, w: Path(v))):
@@ -139,6 +140,10 @@ def _collector(args: argparse.Namespace) -> int:
                                  f"or set {env}")
         if args.max_connections is not None and args.max_connections <= 0:
             raise ValueError(f"--max-connections must be positive, got {args.max_connections}")
+        if kwargs.get("ingest_processes") is None:
+            from collector.decoders import default_ingest_processes
+
+            kwargs["ingest_processes"] = default_ingest_processes()
         settings = Settings(**kwargs)  # type: ignore[arg-type]
     except (OSError, ValueError) as exc:
         print(f"fleetscope collector: {exc}", file=sys.stderr)
@@ -171,6 +176,17 @@ def _positive_int(value: str, what: str) -> int:
         raise ValueError(f"{what} must be a whole number, got {value!r}") from None
     if n <= 0:
         raise ValueError(f"{what} must be positive, got {n}")
+    return n
+
+
+def _whole(value: str, what: str) -> int:
+    """A whole number, 0 or more."""
+    try:
+        n = int(value)
+    except ValueError:
+        raise ValueError(f"{what} must be a whole number, got {value!r}") from None
+    if n < 0:
+        raise ValueError(f"{what} must be 0 or more, got {n}")
     return n
 
 
@@ -358,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "its common name is the node they write as")
     p.add_argument("--web-config", help="Prometheus web configuration file (YAML): basic_auth_users for /metrics (then "
                    "a read token is not needed there); its tls_server_config is the server's TLS when --tls-cert is not given")
+    p.add_argument("--ingest-processes", help="worker processes that decode ingest bodies, 0 for none (default: one "
+                   "fewer than the CPUs, at most 4)")
     p.add_argument("--max-connections", type=int, help="open connections beyond which requests are answered 503 "
                    "(default 8192; every agent keeps one open)")
     _refuse_token_flag(p, "--ingest-token", "collector", "FLEETSCOPE_INGEST_TOKEN")

@@ -25,6 +25,7 @@ from collector.api.routes import findings, fleet, health, ingest, jobs, services
 from collector.views import Views
 from collector.findings import FindingsTracker, analyse, slo_findings
 from collector.metrics import CollectorMetrics
+from collector.decoders import Decoders
 from collector.settings import Settings
 from collector.slo import SloLedger
 from collector.pods import PodLinks
@@ -132,11 +133,13 @@ def create_app(settings: Settings, store: Store | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        decoders.start()
         task = asyncio.create_task(run())
         try:
             yield
         finally:
             task.cancel()
+            await asyncio.to_thread(decoders.close)
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             if store.ready:
@@ -146,8 +149,11 @@ def create_app(settings: Settings, store: Store | None = None) -> FastAPI:
                 except Exception as exc:
                     log.error("final checkpoint failed (%s); the WAL still holds every acknowledged batch", exc)
 
+    # Worker processes that decode ingest bodies and build their frames (collector.decoders); none: the ingest threads do.
+    decoders = Decoders(settings.ingest_processes or 0)
     app = FastAPI(title="fleetscope collector", version=fleetscope.__version__, lifespan=lifespan)
     app.state.settings = settings
+    app.state.decoders = decoders if decoders.processes > 0 else None
     app.state.store = store
     app.state.tracker = tracker
     app.state.ledger = ledger
@@ -159,6 +165,7 @@ def create_app(settings: Settings, store: Store | None = None) -> FastAPI:
     app.state.metrics = CollectorMetrics(store, tracker, cluster=settings.cluster, memory_budget=settings.memory_budget,
                                          views=app.state.views, max_jobs=settings.metrics_max_jobs,
                                          max_services=settings.metrics_max_services, max_ranks=settings.metrics_max_ranks)
+    app.state.metrics.decoders = app.state.decoders
     for module in (ingest, fleet, jobs, services, findings, health):
         app.include_router(module.router)
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from fastapi import Depends, HTTPException, Query, Request
 
+from collector.decoders import Prepared
 from collector.metrics import CollectorMetrics
 from collector.settings import Settings, token_digest
 from collector.store import Store
@@ -109,7 +110,7 @@ async def require_read(request: Request, settings: SettingsDep) -> None:
     check_read(request, settings)
 
 
-def check_identity(batch: Batch, principal: Principal) -> None:
+def check_identity(batch: Batch | Prepared, principal: Principal) -> None:
     """403 unless every node the batch names is the one that authenticated (a fleet token may name any)."""
     me = principal.identity
     if me is None:
@@ -120,6 +121,11 @@ def check_identity(batch: Batch, principal: Principal) -> None:
     if batch.agent_id != me and not batch.agent_id.startswith(me + "-"):
         raise HTTPException(403, f"batch {batch.seq}: agent_id {batch.agent_id!r} is not {me!r} or {me!r}-<suffix>, "
                                  f"as the identity of this {principal.via} requires")
+    if isinstance(batch, Prepared):  # decoded by a worker: it listed the nodes its records name
+        if batch.nodes <= {me}:
+            return
+        raise HTTPException(403, f"batch {batch.seq}: a record is for node {sorted(batch.nodes - {me})[0]!r}, not "
+                                 f"{me!r}, the identity of this {principal.via}")
     for field, records in (("frames", batch.frames), ("servers", batch.servers), ("events", batch.events)):
         for i, record in enumerate(records):
             node = getattr(record, "node", None)

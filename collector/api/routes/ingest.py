@@ -20,8 +20,9 @@ from fastapi import APIRouter, HTTPException, Request, Response
 from pydantic import BaseModel, Field
 
 from collector.api.deps import IngestPrincipal, MetricsDep, SettingsDep, StoreDep, check_identity
+from collector.decoders import Prepared
 from collector.store import SequenceJump, StoreUnavailable
-from fleetscope.schema import MalformedError, SchemaError, TooDeep, decode_batch
+from fleetscope.schema import Batch, MalformedError, SchemaError, TooDeep, decode_batch
 
 router = APIRouter(tags=["ingest"])
 
@@ -73,23 +74,31 @@ async def ingest(request: Request, principal: IngestPrincipal, store: StoreDep, 
             metrics.rejected("too_large")
             raise HTTPException(413, f"body exceeds the limit of {limit} bytes; send smaller batches")
     data = bytes(body)
+    decoders = request.app.state.decoders
+    prepared: Prepared | None = None
 
     def decode_and_store():
         # Decoding a batch takes milliseconds and the WAL fsync blocks: both off the event loop, so other
         # requests keep flowing while this one is decoded and made durable.
-        batch = decode_batch(data)
+        batch: Batch | Prepared | None = prepared
+        if batch is not None and principal.identity is not None and not batch.nodes <= {principal.identity}:
+            batch = None  # a record names another node: the batch itself names which, in the 403
+        if batch is None:
+            batch = decode_batch(data)
         try:
             check_identity(batch, principal)
         except HTTPException:
             metrics.rejected("identity")
             raise
         result = store.ingest(batch, data)
-        metrics.ingested(batch, result.duplicate, result.counts)
+        metrics.ingested(batch, result.duplicate, result.counts, result.worker)
         if result.refused:
             metrics.refused(result.refused_counts or {})
         return batch, result
 
     try:
+        if decoders is not None:  # decoded and made into frames by a worker process (collector.decoders)
+            prepared = await decoders.prepare(data)
         batch, result = await asyncio.to_thread(decode_and_store)
     except TooDeep as exc:
         metrics.rejected("too_deep")
