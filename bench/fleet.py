@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import polars as pl
 
 from bench.ingest import free_port
@@ -177,11 +178,28 @@ class Peak(threading.Thread):
     def run(self) -> None:
         while not self.stop.wait(0.2):
             try:
-                status = Path(f"/proc/{self.pid}/status").read_text()
+                rss = tree_memory(self.pid)[0]
             except OSError:
                 return
-            rss = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS"))) * 1024
             self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), rss)
+
+
+def tree_memory(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) of the collector and its ingest workers (collector.decoders), each summed: the summed peaks
+    bound the peak of the sum from above."""
+    total = [0, 0]
+    for p in (pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))):
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+        except OSError:
+            if p == pid:
+                raise
+            continue  # a worker that ended
+        values = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in status.splitlines()
+                  if line.startswith(("VmRSS", "VmHWM"))}
+        total[0] += values["VmRSS"]
+        total[1] += values["VmHWM"]
+    return total[0], total[1]
 
 
 class Collector:
@@ -209,10 +227,7 @@ class Collector:
         raise RuntimeError("the collector never became ready")
 
     def memory(self) -> tuple[int, int]:
-        status = Path(f"/proc/{self.proc.pid}/status").read_text()
-        values = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in status.splitlines()
-                  if line.startswith(("VmRSS", "VmHWM"))}
-        return values["VmRSS"], values["VmHWM"]
+        return tree_memory(self.proc.pid)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc.poll() is None:

@@ -366,11 +366,15 @@ def print_breakdown(args) -> None:
 
 
 # --- targets -------------------------------------------------------------------------------------
+COLLECTOR_FLAGS: list[str] = []  # --collector-flag: passed to the collector's command line
+
+
 def start(target: str, data_dir: Path, port: int, senders: int, tree: Path) -> subprocess.Popen:
     env = dict(os.environ, FLEETSCOPE_INGEST_TOKEN=",".join(ingest_token(i) for i in range(senders)),
                FLEETSCOPE_READ_TOKEN=READ_TOKEN)
     if target == "collector":
-        argv = [sys.executable, "-m", "fleetscope", "collector", "--listen", f"127.0.0.1:{port}", "--data-dir", str(data_dir)]
+        argv = [sys.executable, "-m", "fleetscope", "collector", "--listen", f"127.0.0.1:{port}", "--data-dir", str(data_dir),
+                *COLLECTOR_FLAGS]
     else:
         argv = [sys.executable, "-m", "bench.ingest", "--serve-floor", f"127.0.0.1:{port}", str(data_dir / "floor.log")]
     proc = subprocess.Popen(argv, env=env, cwd=tree if target == "collector" else REPO, stdout=subprocess.DEVNULL,
@@ -388,23 +392,26 @@ def start(target: str, data_dir: Path, port: int, senders: int, tree: Path) -> s
         time.sleep(0.2)
 
 
-def holds(port: int) -> tuple[float, int]:
-    """The collector's own count of step events applied, and the step events GET /v1/jobs shows."""
+def holds(port: int) -> tuple[float, int, dict[str, float]]:
+    """The collector's own count of step events applied, the step events GET /v1/jobs shows, and the batches
+    decoded by its ingest workers and by itself."""
     h = {"authorization": f"Bearer {READ_TOKEN}"}
     metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", headers=h, timeout=60).text
     m = re.search(r'^fleetscope_collector_events_ingested_total\{kind="step"\} (\S+)$', metrics, re.M)
     jobs = httpx.get(f"http://127.0.0.1:{port}/v1/jobs", headers=h, timeout=120).json()["jobs"]
-    return (float(m.group(1)) if m else float("nan")), sum(j.get("step_events", 0) for j in jobs if j["job"].startswith("bench-"))
+    decoded = dict(re.findall(r'^fleetscope_collector_batches_decoded_total\{where="(\w+)"\} (\S+)$', metrics, re.M))
+    return ((float(m.group(1)) if m else float("nan")), sum(j.get("step_events", 0) for j in jobs if j["job"].startswith("bench-")),
+            {k: float(v) for k, v in decoded.items()})
 
 
-def profile(pid: int, window: tuple[float, float], out: Path) -> subprocess.Popen | None:
+def profile(pid: int, window: tuple[float, float], out: Path, gil: bool = False) -> subprocess.Popen | None:
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(spy).exists():
         print("--profile: py-spy is not installed (pip install py-spy); no profile this run")
         return None
     time.sleep(max(0.0, window[0] - time.monotonic()))
     return subprocess.Popen([spy, "record", "--pid", str(pid), "--duration", str(int(window[1] - window[0])), "--rate", "100",
-                             "--nonblocking", "--format", "raw", "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--nonblocking", "--format", "raw", "-o", str(out), *(["--gil"] if gil else [])], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def top_frames(raw: Path, n: int = 12) -> list[str]:
@@ -424,7 +431,18 @@ def top_frames(raw: Path, n: int = 12) -> list[str]:
     return out + [f"  incl. {c / samples:6.1%}  {f}" for f, c in interesting[:n]]
 
 
-def measure(target: str, plan_args: dict, senders: int, profile_to: Path | None, tree: Path) -> dict:
+def cpu_of(processes: list[psutil.Process]) -> float:
+    """User+system CPU seconds of these processes (one that has ended counts as 0: the window then says less)."""
+    total = 0.0
+    for p in processes:
+        try:
+            total += sum(p.cpu_times()[:2])
+        except psutil.Error:
+            pass
+    return total
+
+
+def measure(target: str, plan_args: dict, senders: int, profile_to: Path | None, tree: Path, gil: bool = False) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"bench-ingest-{target}-") as tmp:
         port = free_port()
         proc = start(target, Path(tmp), port, senders, tree)
@@ -434,18 +452,19 @@ def measure(target: str, plan_args: dict, senders: int, profile_to: Path | None,
             box: dict = {}
 
             def watch(window: tuple[float, float]) -> None:  # the server's CPU (and stacks) across the window
-                spy = profile(proc.pid, window, profile_to) if profile_to else None
+                spy = profile(proc.pid, window, profile_to, gil) if profile_to else None
                 time.sleep(max(0.0, window[0] - time.monotonic()))
-                c0 = sum(ps.cpu_times()[:2])
+                tree = [ps, *ps.children(recursive=True)]  # the collector's ingest workers (collector.decoders) too
+                c0 = cpu_of(tree)
                 time.sleep(max(0.0, window[1] - time.monotonic()))
-                box["cpu"] = (sum(ps.cpu_times()[:2]) - c0) / plan.seconds
+                box["cpu"] = (cpu_of(tree) - c0) / plan.seconds
                 if spy:
                     spy.wait(timeout=60)
 
             result = drive(plan, watch)
             result["server_cpu"] = box.get("cpu", float("nan"))
             if target == "collector":
-                result["counter"], result["jobs"] = holds(port)
+                result["counter"], result["jobs"], result["decoded"] = holds(port)
         finally:
             proc.terminate()
             proc.wait(timeout=30)
@@ -466,6 +485,8 @@ def report(target: str, r: dict) -> None:
         ok = r["counter"] >= r["acked"] and r["jobs"] >= r["acked"]  # a counter renamed away reads NaN: not ok
         print(f"  collector holds: {r['counter']:,.0f} step events by its counter, {r['jobs']:,} in GET /v1/jobs, "
               f"of {r['acked']:,} acknowledged: {'all there' if ok else 'MISSING EVENTS'}")
+        d = r.get("decoded") or {}
+        print(f"  collector decoded {d.get('worker', 0):,.0f} batches in its ingest workers, {d.get('collector', 0):,.0f} itself")
     else:
         print(f"  floor log holds {r['records']:,} events of {r['acked']:,} acknowledged")
 
@@ -483,6 +504,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=1000, help="step events per batch")
     p.add_argument("--rate", type=float, default=100_000.0, help="paced mode: events/s offered by all senders together")
     p.add_argument("--drain", type=float, default=30.0, help="paced mode: seconds a late sender may go on past the window")
+    p.add_argument("--collector-flag", action="append", default=[], metavar="FLAG",
+                   help="a flag for the collector's command line, e.g. --collector-flag=--ingest-processes=0 (repeatable)")
+    p.add_argument("--no-floor", action="store_true", help="measure the collector only (comparing its settings; "
+                   "the ratios and the goal need the floor)")
+    p.add_argument("--gil", action="store_true", help="--profile samples only the thread holding the GIL (py-spy --gil)")
     p.add_argument("--profile", type=Path, help="py-spy the collector through the saturation window: raw stacks here, top frames printed")
     p.add_argument("--collector-tree", type=Path, default=REPO,
                    help="run the collector from this source tree (e.g. `git archive <commit>` unpacked): before/after a change")
@@ -502,6 +528,9 @@ def main(argv: list[str] | None = None) -> None:
     body = Bodies(batch_template(0, args.batch)).make(1, time.time())
     print(f"ingest: {os.cpu_count()} cores, {args.senders} senders, batches of {args.batch} step events "
           f"({len(body):,} bytes), {args.warmup:g} s warm-up + {args.seconds:g} s per mode and target")
+    COLLECTOR_FLAGS[:] = args.collector_flag
+    if args.collector_flag:
+        print(f"collector flags: {' '.join(args.collector_flag)}")
     if args.collector_tree.resolve() != REPO:
         print(f"collector from {args.collector_tree}")
     modes = ["saturation", "paced"] if args.mode == "both" else [args.mode]
@@ -511,8 +540,12 @@ def main(argv: list[str] | None = None) -> None:
                               else ": each sender posts again as soon as it is acknowledged"))
         print(f"  {'':9} {'events/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'server CPU':>10} {'sender ms/batch':>13}")
         spy_out = args.profile if mode == "saturation" else None
-        rows = {t: measure(t, plan_args, args.senders, spy_out if t == "collector" else None, args.collector_tree)
-                for t in ("collector", "floor")}
+        rows = {t: measure(t, plan_args, args.senders, spy_out if t == "collector" else None, args.collector_tree,
+                            args.gil)
+                for t in ("collector", "floor") if t == "collector" or not args.no_floor}
+        if args.no_floor:
+            report("collector", rows["collector"])
+            continue
         for target, r in rows.items():
             report(target, r)
         c, f = rows["collector"], rows["floor"]
