@@ -23,6 +23,7 @@ import math
 import multiprocessing
 import os
 import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from collector.goodput_ledger import StepSummary
 
 log = logging.getLogger("fleetscope.collector")
+PARENT_CHECK_S = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +88,16 @@ def prepare(body: bytes) -> Prepared:
 def _start_worker() -> None:
     # One thread of polars each: a batch's frames are small, and the collector's process has the other cores' work.
     os.environ["POLARS_MAX_THREADS"] = "1"
-    import collector.tables  # noqa: F401  (polars and the schema, imported before the first batch)
+    threading.Thread(target=_end_with_parent, args=(os.getppid(),), name="parent-watch", daemon=True).start()
+    import collector.goodput_ledger  # noqa: F401  (polars, the schema and the tables, before the first batch)
+    import collector.tables  # noqa: F401
+
+
+def _end_with_parent(parent: int) -> None:
+    """A collector killed outright (SIGKILL, OOM) cannot stop its workers: each ends itself once its parent is gone."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_CHECK_S)
+    os._exit(0)
 
 
 def _ready() -> bool:

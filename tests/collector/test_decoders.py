@@ -263,3 +263,27 @@ def test_a_worker_that_dies_is_replaced_and_no_batch_is_lost(apps):
     assert reply.status_code == 200 and decoded(client)["worker"] == before + 1
     steps = client.get("/v1/jobs/kjob/steps?last=1000", headers=R).json()["steps"]
     assert sorted({s["step"] for s in steps}) == list(range(60))
+
+
+def test_the_workers_of_a_collector_killed_outright_end_themselves(tmp_path):
+    import subprocess
+    import sys
+
+    import psutil
+
+    from tests.conftest import free_port, stop_process
+
+    port = free_port()
+    env = {**os.environ, "FLEETSCOPE_INGEST_TOKEN": FLEET, "FLEETSCOPE_READ_TOKEN": READ}
+    proc = subprocess.Popen([sys.executable, "-m", "fleetscope", "collector", "--listen", f"127.0.0.1:{port}",
+                             "--data-dir", str(tmp_path), "--ingest-processes", "1"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        workers = wait_until(lambda: [c for c in psutil.Process(proc.pid).children(recursive=True)
+                                      if "spawn_main" in " ".join(c.cmdline())], timeout=60, what="the ingest worker")
+    finally:
+        stop_process(proc, signal.SIGKILL)
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    for p in alive:
+        p.kill()
+    assert not alive, "a worker outlived its collector"
