@@ -265,6 +265,7 @@ def test_a_worker_that_dies_is_replaced_and_no_batch_is_lost(apps):
     assert sorted({s["step"] for s in steps}) == list(range(60))
 
 
+@pytest.mark.slow  # a real collector process: a few seconds
 def test_the_workers_of_a_collector_killed_outright_end_themselves(tmp_path):
     import subprocess
     import sys
