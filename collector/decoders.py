@@ -85,10 +85,11 @@ def prepare(body: bytes) -> Prepared:
                     len(batch.servers), tables, (lo, hi) if counted else None, ranks, frozenset(nodes), steps)
 
 
-def _start_worker() -> None:
+def _start_worker(parent: int) -> None:
     # One thread of polars each: a batch's frames are small, and the collector's process has the other cores' work.
     os.environ["POLARS_MAX_THREADS"] = "1"
-    threading.Thread(target=_end_with_parent, args=(os.getppid(),), name="parent-watch", daemon=True).start()
+    # The parent's pid as it gave it: one that died while this worker started has a successor already.
+    threading.Thread(target=_end_with_parent, args=(parent,), name="parent-watch", daemon=True).start()
     import collector.goodput_ledger  # noqa: F401  (polars, the schema and the tables, before the first batch)
     import collector.tables  # noqa: F401
 
@@ -133,7 +134,7 @@ class Decoders:
             if self._pool is not None or self.processes <= 0:
                 return
             pool = self._pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
-                                                    initializer=_start_worker)
+                                                    initializer=_start_worker, initargs=(os.getpid(),))
         waiting = [pool.submit(_ready) for _ in range(self.processes)]  # starts every worker now, not at the first batch
         left = [len(waiting)]
 

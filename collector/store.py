@@ -174,9 +174,10 @@ class Store:
         self._load_hot(hot_state)
         self._seed_steps_seen()
         for name, thing in self.persisted.items():
-            path = self.data_dir / f"{name}-{self.committed:020d}.json"
-            if path.exists():
-                thing.restore(path.read_bytes())
+            for path in (self._state_path(name, self.committed), self._state_path(name, self.committed, ".json")):
+                if path.exists():  # .json: written before the states' formats were their own (msgpack for goodput)
+                    thing.restore(path.read_bytes())
+                    break
         self.startup = {"phase": "replaying the write-ahead log"}
         faults.point("open.replaying")
         replayed = skipped = 0
@@ -420,7 +421,7 @@ class Store:
                     rows += frame.height if kind in KINDS else 0
                     faults.point("checkpoint.part_written")
                 for name, data in extras.items():
-                    path = self.data_dir / f"{name}-{segment:020d}.json"
+                    path = self._state_path(name, segment)
                     written.append(path)
                     self._write_file(path, bytes(data))  # the goodput ledger's is joined here, off the gate
                 faults.point("checkpoint.extras_written")
@@ -446,12 +447,16 @@ class Store:
                 self.wal.drop_through(segment)
                 faults.point("checkpoint.wal_dropped")
                 for name in self.persisted:
-                    for old in self.data_dir.glob(f"{name}-*.json"):
-                        if old.name != f"{name}-{segment:020d}.json":
+                    for old in [*self.data_dir.glob(f"{name}-*.state"), *self.data_dir.glob(f"{name}-*.json")]:
+                        if old != self._state_path(name, segment):
                             old.unlink(missing_ok=True)
             except OSError as exc:
                 log.warning("checkpoint %d committed, but its tidying failed (%s); the next one retries", segment, exc)
             return rows
+
+    def _state_path(self, name: str, segment: int, suffix: str = ".state") -> Path:
+        """Where the snapshot of persisted state `name` taken at `segment` lives (bytes in its own format)."""
+        return self.data_dir / f"{name}-{segment:020d}{suffix}"
 
     def _write_file(self, path: Path, data: bytes) -> None:
         tmp = path.with_suffix(".tmp")

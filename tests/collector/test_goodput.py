@@ -217,6 +217,8 @@ def test_the_stores_ledger_survives_a_crash_with_part_in_a_checkpoint_and_part_i
 def test_a_snapshot_of_unsettled_steps_restores_them_and_an_older_flat_snapshot_still_reads():
     import json
 
+    import msgspec
+
     steps = run(0, 49, t=T0, pid=100) + run(30, 59, t=T0 + 80, pid=200, process_start=T0 + 70, restored=30)
     fresh = ledger_of(steps, now=T0)
     before = seconds(fresh)
@@ -224,8 +226,13 @@ def test_a_snapshot_of_unsettled_steps_restores_them_and_an_older_flat_snapshot_
     restored = GoodputLedger()
     restored.restore(snap)
     assert restored._jobs["llm"].blocks == fresh._jobs["llm"].blocks and seconds(restored) == pytest.approx(before)
+    assert snap[:1] != b"{"  # msgpack
+    # the same document as JSON, as written before msgpack (steps as string keys)
+    old = json.loads(msgspec.json.encode(msgspec.msgpack.decode(snap)))
+    as_json = GoodputLedger()
+    as_json.restore(json.dumps(old).encode())
+    assert as_json._jobs["llm"].blocks == fresh._jobs["llm"].blocks and seconds(as_json) == pytest.approx(before)
     # the layout before blocks: [[incarnation, step, *acc], ...]
-    old = json.loads(snap)
     flat = old["llm"]["head"]  # one flat dict per job, steps in it
     flat["steps"] = [[i, int(s), *acc] for i, _, by in old["llm"]["blocks"] for s, acc in by.items()]
     old["llm"] = flat
