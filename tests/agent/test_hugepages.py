@@ -64,4 +64,5 @@ def test_what_it_reports_collapsed_is_on_huge_pages():
     if _kernel_can_collapse():  # else (before Linux 6.1, or THP "never") it collapses nothing and says 0
         assert mib >= (7 * HUGE_PAGE) >> 20  # at least the 7 whole aligned ranges inside the 16 MiB block
     assert collapse_heap("/nonexistent/maps") == 0
+    assert collapse_heap(pagemap_path="/nonexistent/pagemap") == 0  # residency unknown: nothing collapsed
     del block
