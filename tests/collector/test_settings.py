@@ -26,6 +26,7 @@ raw_steps = 60
 retention = "14d"
 retention_bytes = "50GB"
 checkpoint_interval = 10
+ingest_processes = 2
 listen = "127.0.0.1:9999"
 
 [[slo]]
@@ -40,6 +41,7 @@ objective = 0.99
     assert (s.data_dir, s.cluster, s.memory_budget, s.window_s, s.raw_window_s, s.raw_steps) == (
         tmp_path / "data", "eu-1", 2**30, 7200.0, 90.0, 60)
     assert (s.retention_s, s.retention_bytes, s.checkpoint_interval_s) == (14 * 86400.0, 50 * 10**9, 10.0)
+    assert s.ingest_processes == 2
     assert other == {"listen": "127.0.0.1:9999"} and [slo.name for slo in s.slos] == ["chat-ttft"]
 
 
@@ -48,6 +50,8 @@ objective = 0.99
     ("[collectr]\n", ["unknown table", "'collectr'"]),
     ("[collector]\nmemory_budget = \"lots\"\n", ["memory_budget", "'lots'"]),
     ("[collector]\nwindow = \"6 fortnights\"\n", ["window", "duration"]),
+    ("[collector]\ningest_processes = \"two\"\n", ["ingest_processes", "whole number"]),
+    ("[collector]\ningest_processes = -1\n", ["ingest_processes", "0 or more"]),
     ("[[slo]]\nname = \"x\"\nservice = \"s\"\nindicator = \"ttft\"\nobjective = 0.99\nsurprise = 1\n", ["slo 1", "surprise"]),
 ])
 def test_a_mistake_in_the_config_file_is_an_error_that_names_it(tmp_path, text, words):
@@ -97,6 +101,9 @@ def test_the_input_bound_flags_reach_the_settings_and_bad_values_are_named(tmp_p
     out = subprocess.run([sys.executable, "-m", "fleetscope", "collector", "--data-dir", str(tmp_path),
                           "--max-future-skew", "soon"], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "--max-future-skew" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "fleetscope", "collector", "--data-dir", str(tmp_path),
+                          "--ingest-processes", "-1"], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--ingest-processes must be 0 or more" in out.stderr
 
 
 @pytest.mark.slow  # seconds of real time: in `make test`, out of the quick loop
