@@ -19,6 +19,15 @@ from fleetscope.schema import decode_batch
 NOW = time.time()
 
 
+@pytest.fixture(autouse=True)
+def now():
+    """NOW as each test starts: a store trims what is older than its windows by the clock, and the whole suite
+    runs this module minutes after importing it."""
+    global NOW
+    NOW = time.time()
+    return NOW
+
+
 def frames_batch(seq: int, t0: float, seconds: float, *, nodes: int = 2, gpus: int = 4, every: float = 5.0,
                  hot_gpu: str | None = None, xid_at: float | None = None):
     frames = []
