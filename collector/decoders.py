@@ -101,7 +101,7 @@ def _end_with_parent(parent: int) -> None:
     os._exit(0)
 
 
-def _ready() -> bool:
+def _started() -> bool:
     return True
 
 
@@ -121,13 +121,8 @@ class Decoders:
         self.processes = processes
         self._lock = threading.Lock()
         self._pool: ProcessPoolExecutor | None = None
-        self._ready = False
+        self.ready = False  # every worker of the pool has started
         self.replaced = 0  # pools replaced after a worker died
-        self.fallbacks = 0  # batches decoded in the collector's process while no worker could take them
-
-    @property
-    def ready(self) -> bool:
-        return self._ready
 
     def start(self) -> None:
         with self._lock:
@@ -135,14 +130,14 @@ class Decoders:
                 return
             pool = self._pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
                                                     initializer=_start_worker, initargs=(os.getpid(),))
-        waiting = [pool.submit(_ready) for _ in range(self.processes)]  # starts every worker now, not at the first batch
+        waiting = [pool.submit(_started) for _ in range(self.processes)]  # starts every worker now, not at the first batch
         left = [len(waiting)]
 
         def started(future) -> None:
             with self._lock:
                 left[0] -= 1
                 if left[0] == 0 and self._pool is pool and all(not f.exception() for f in waiting):
-                    self._ready = True
+                    self.ready = True
 
         for future in waiting:
             future.add_done_callback(started)
@@ -151,21 +146,19 @@ class Decoders:
         """The batch prepared by a worker; None when none can take it now (the caller decodes it itself).
         Raises the decoding errors of fleetscope.schema for a body that is not a batch."""
         pool = self._pool
-        if pool is None or not self._ready:
-            self.fallbacks += 1
+        if pool is None or not self.ready:
             return None
         try:
             return await asyncio.wrap_future(pool.submit(prepare, body))
         except BrokenProcessPool:
             self._replace(pool)
-            self.fallbacks += 1
             return None
 
     def _replace(self, broken: ProcessPoolExecutor) -> None:
         with self._lock:
             if self._pool is not broken:
                 return  # another request replaced it already
-            self._pool, self._ready = None, False
+            self._pool, self.ready = None, False
             self.replaced += 1
         log.error("an ingest worker process died; starting new ones (batches are decoded here until they are up)")
         broken.shutdown(wait=False, cancel_futures=True)
@@ -178,6 +171,6 @@ class Decoders:
 
     def close(self) -> None:
         with self._lock:
-            pool, self._pool, self._ready = self._pool, None, False
+            pool, self._pool, self.ready = self._pool, None, False
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)

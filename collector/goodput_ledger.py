@@ -128,23 +128,33 @@ def summarize(frame: pl.DataFrame) -> StepSummary:
             by_step = steps[job_name] = {}
         acc = by_step.get(step)
         if acc is None:
-            by_step[step] = [step, ts, end, 1, comp, comp, data or 0.0, 0 if data is None else 1, world]
-            continue
-        if ts < acc[1]:
-            acc[1] = ts
-        if end > acc[2]:
-            acc[2] = end
-        acc[3] += 1
-        acc[4] += comp
-        if comp > acc[5]:
-            acc[5] = comp
-        if data is not None:
-            acc[6] += data
-            acc[7] += 1
-        if world > acc[8]:
-            acc[8] = world
+            by_step[step] = _first(ts, end, comp, data, world)
+        else:
+            _fold(acc, ts, end, comp, data, world)
     return StepSummary({k: (v[0], v[1], v[2], frozenset(v[3]), v[4]) for k, v in ranks.items()},
-                       {job: [tuple(acc) for acc in by_step.values()] for job, by_step in steps.items()})
+                       {job: [(step, *acc) for step, acc in by_step.items()] for job, by_step in steps.items()})
+
+
+def _first(ts: float, end: float, comp: float, data: float | None, world: int) -> list:
+    """A step's sums from its first row: first ts, last end, rows, compute sum and max, data sum and rows, world."""
+    return [ts, end, 1, comp, comp, data or 0.0, 0 if data is None else 1, world]
+
+
+def _fold(acc: list, ts: float, end: float, comp: float, data: float | None, world: int) -> None:
+    """Add one more row of the step to its sums (`_first`'s layout)."""
+    if ts < acc[0]:
+        acc[0] = ts
+    if end > acc[1]:
+        acc[1] = end
+    acc[2] += 1
+    acc[3] += comp
+    if comp > acc[4]:
+        acc[4] = comp
+    if data is not None:
+        acc[5] += data
+        acc[6] += 1
+    if world > acc[7]:
+        acc[7] = world
 
 
 def _pause_class(reason: str) -> str:
@@ -285,22 +295,11 @@ class GoodputLedger:
                     kept = by_step.get(step)
                     last_step, last_inc, last_job, home, home_step = step, inc, job, by_step, step
                     if kept is None:
-                        acc = [ts, end, 1, comp, comp, data or 0.0, 0 if data is None else 1, world, now]
+                        acc = _first(ts, end, comp, data, world)
+                        acc.append(now)  # the step's last row came at
                         continue
                     acc = list(kept)
-                if ts < acc[0]:
-                    acc[0] = ts
-                if end > acc[1]:
-                    acc[1] = end
-                acc[2] += 1
-                acc[3] += comp
-                if comp > acc[4]:
-                    acc[4] = comp
-                if data is not None:
-                    acc[5] += data
-                    acc[6] += 1
-                if world > acc[7]:
-                    acc[7] = world
+                _fold(acc, ts, end, comp, data, world)
                 acc[8] = now
             if acc is not None:
                 home[home_step] = tuple(acc)
