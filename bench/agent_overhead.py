@@ -49,7 +49,13 @@ What a sceptic should ask:
   in these figures.
 - RSS is read once, at the end; the fake NVML module and its imports add to the 8-GPU agent's.
 
-    python -m bench.agent_overhead [--duration 60] [--repeats 3] [--quick] [--no-gpm]
+- `--against DIR` runs each row also with the agent from another source tree (e.g. `git archive` of the commit
+  before a change, unpacked), alternated run by run with this tree's, so both are measured in the same hour on
+  the same machine; its runs print beside this tree's and get their own medians. The machine's speed drifts
+  from hour to hour on a shared VM: compare a change with the commit before it only this way.
+
+    python -m bench.agent_overhead [--duration 60] [--repeats 3] [--quick] [--no-gpm] [--gpus 8] [--cadence 15]
+                                   [--against DIR]
 """
 
 from __future__ import annotations
@@ -163,6 +169,7 @@ class Target:
     name: str
     argv: list[str]
     url: str
+    cwd: str | None = None  # the source tree the agent runs from (`python -m` imports from the working folder)
     log: str = ""
     proc: subprocess.Popen | None = None
     ps: psutil.Process | None = None
@@ -171,7 +178,7 @@ class Target:
         stem = re.sub(r"\W+", "-", self.name)
         self.log = os.path.join(logdir, f"{stem}-{time.monotonic_ns()}.log")
         with open(self.log, "wb") as fh:
-            self.proc = subprocess.Popen(self.argv, stdout=fh, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(self.argv, stdout=fh, stderr=subprocess.STDOUT, cwd=self.cwd)
         self.ps = psutil.Process(self.proc.pid)
 
     def wait_ready(self, deadline: float) -> None:
@@ -198,7 +205,7 @@ class Target:
                 self.proc.wait()
 
 
-def agent_target(gpus: int, gpm: bool) -> Target:
+def agent_target(gpus: int, gpm: bool, tree: str | None = None) -> Target:
     port = free_port()
     common = ["agent", "--interval", str(AGENT_INTERVAL_S), "--metrics-address", f"127.0.0.1:{port}",
               "--events-address", f"127.0.0.1:{free_port(socket.SOCK_DGRAM)}", "--spool-dir", ""]
@@ -207,7 +214,7 @@ def agent_target(gpus: int, gpm: bool) -> Target:
     else:
         fake = ["--fake-gpus", str(gpus)] + ([] if gpm else ["--no-gpm"])
         argv = [sys.executable, "-m", "bench.fake_nvml_agent", *fake, *common, "--gpu-backend", "nvml"]
-    return Target(agent_name(gpus, gpm), argv, f"http://127.0.0.1:{port}/metrics")
+    return Target(agent_name(gpus, gpm), argv, f"http://127.0.0.1:{port}/metrics", cwd=tree)
 
 
 def agent_name(gpus: int, gpm: bool) -> str:
@@ -363,7 +370,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="a smoke run: short windows, one run each")
     p.add_argument("--no-gpm", action="store_true",
                    help="fake GPUs without GPU performance monitoring (as pre-Hopper GPUs answer)")
+    p.add_argument("--gpus", type=int, choices=(0, GPUS), action="append",
+                   help=f"only the rows with this many GPUs (0 or {GPUS}; repeatable; default both)")
+    p.add_argument("--cadence", type=float, choices=CADENCES_S, action="append",
+                   help="only the rows scraped at this interval in seconds (repeatable; default both)")
+    p.add_argument("--against", metavar="DIR",
+                   help="also run the agent from this source tree (e.g. the commit before, unpacked with git archive), "
+                        "alternated run by run with this one's")
     args = p.parse_args(argv)
+    if args.against and not os.path.isfile(os.path.join(args.against, "agent", "main.py")):
+        raise SystemExit(f"agent_overhead: --against {args.against}: no agent/main.py there; give the root of a fleetscope "
+                         "source tree")
     duration = args.duration or (30.0 if args.quick else 60.0)
     repeats = args.repeats or (1 if args.quick else 3)
     warmup = args.warmup if args.warmup is not None else (3.0 if args.quick else 10.0)
@@ -393,51 +410,60 @@ def main(argv: list[str] | None = None) -> None:
               f"read), about {cost['fake_ms'] * 60 / AGENT_INTERVAL_S:.0f} ms/min at the default interval on a warm CPU; it is "
               "counted in the 8-GPU agent's figures below (a real driver's calls cost their own time instead)")
 
-    rows = [(gpus, cadence) for gpus in (0, GPUS) for cadence in CADENCES_S]
-    results: dict[tuple[int, float], list[dict]] = {row: [] for row in rows}
+    rows = [(gpus, cadence) for gpus in (0, GPUS) if not args.gpus or gpus in args.gpus
+            for cadence in CADENCES_S if not args.cadence or cadence in args.cadence]
+    trees: list[tuple[str, str | None]] = [("", None)]
+    if args.against:
+        against = os.path.abspath(args.against)
+        trees.append((f" [{os.path.basename(against.rstrip('/'))}]", against))
+        print(f"alternated with the agent from {against}")
+    results: dict[tuple[str, int, float], list[dict]] = {(tag, *row): [] for tag, _ in trees for row in rows}
     with tempfile.TemporaryDirectory(prefix="agent-overhead-") as logdir:
-        print(f"\n{'run':44} {'agent ms/min':>12} {'node_exp ms/min':>15} {'ratio':>6} {'agent MiB':>9} {'node_exp MiB':>12}"
-              f" {'probe ms':>8}")
+        print(f"\n{'run':56} {'agent ms/min':>12} {'node_exp ms/min':>15} {'ratio':>6} {'agent MiB':>9} {'node_exp MiB':>12}"
+              f" {'probe ms':>8} {'load':>5}")
         for r in range(repeats):
             for gpus, cadence in rows:
-                agent = agent_target(gpus, gpm)
-                label = f"{agent.name}, scraped every {cadence:g} s #{r + 1}"
-                res = run_once(agent, exporter_target(binary), gpus, cadence, duration, warmup, logdir)
-                res["agent"], res["exporter"] = res.pop(agent.name), res.pop("node_exporter")
-                a, n = res["agent"], res["exporter"]
-                ratio = a["cpu_ms_min"] / n["cpu_ms_min"] if n["cpu_ms_min"] else float("inf")
-                res["ratio"] = ratio
-                flag = "  INVALID" if "invalid" in res else (f"  ({res['failed']} scrapes failed)" if res["failed"] else "")
-                print(f"{label:44} {a['cpu_ms_min']:12.0f} {n['cpu_ms_min']:15.0f} {ratio:6.2f} {a['rss_mib']:9.1f} "
-                      f"{n['rss_mib']:12.1f} {res['probe_ms']:8.0f}{flag}", flush=True)
-                if a["ns_ms_min"] is not None and n["ns_ms_min"]:
-                    ended = a["threads_ended"] + n["threads_ended"]
-                    print(f"  {'threads on CPU, ns (schedstat)':42} {a['ns_ms_min']:12.1f} {n['ns_ms_min']:15.1f} "
-                          f"{a['ns_ms_min'] / n['ns_ms_min']:6.2f}" + (f"  ({ended} threads ended: low)" if ended else ""))
-                if "invalid" in res:
-                    print(f"  not counted: {res['invalid']}")
-                else:
-                    results[(gpus, cadence)].append(res)
+                for tag, tree in (trees if r % 2 == 0 else trees[::-1]):  # neither tree always goes first
+                    agent = agent_target(gpus, gpm, tree)
+                    label = f"{agent.name}{tag}, scraped every {cadence:g} s #{r + 1}"
+                    load = os.getloadavg()[0]
+                    res = run_once(agent, exporter_target(binary), gpus, cadence, duration, warmup, logdir)
+                    res["agent"], res["exporter"] = res.pop(agent.name), res.pop("node_exporter")
+                    a, n = res["agent"], res["exporter"]
+                    ratio = a["cpu_ms_min"] / n["cpu_ms_min"] if n["cpu_ms_min"] else float("inf")
+                    res["ratio"] = ratio
+                    flag = "  INVALID" if "invalid" in res else (f"  ({res['failed']} scrapes failed)" if res["failed"] else "")
+                    print(f"{label:56} {a['cpu_ms_min']:12.0f} {n['cpu_ms_min']:15.0f} {ratio:6.2f} {a['rss_mib']:9.1f} "
+                          f"{n['rss_mib']:12.1f} {res['probe_ms']:8.0f} {load:5.2f}{flag}", flush=True)
+                    if a["ns_ms_min"] is not None and n["ns_ms_min"]:
+                        ended = a["threads_ended"] + n["threads_ended"]
+                        print(f"  {'threads on CPU, ns (schedstat)':54} {a['ns_ms_min']:12.1f} {n['ns_ms_min']:15.1f} "
+                              f"{a['ns_ms_min'] / n['ns_ms_min']:6.2f}" + (f"  ({ended} threads ended: low)" if ended else ""))
+                    if "invalid" in res:
+                        print(f"  not counted: {res['invalid']}")
+                    else:
+                        results[(tag, gpus, cadence)].append(res)
 
-    print(f"\nmedians{'':37} {'agent ms/min':>12} {'node_exp ms/min':>15} {'ratio':>6} {'agent MiB':>9} {'node_exp MiB':>12}"
+    print(f"\nmedians{'':49} {'agent ms/min':>12} {'node_exp ms/min':>15} {'ratio':>6} {'agent MiB':>9} {'node_exp MiB':>12}"
           f" {'KiB (gzip)':>14} {'series':>6} {'n_e KiB (gzip)':>16} {'n_e series':>10}")
     for gpus, cadence in rows:
-        runs = results[(gpus, cadence)]
-        label = f"{agent_name(gpus, gpm)}, every {cadence:g} s"
-        if not runs:
-            print(f"{label:44} no valid run")
-            continue
-        a, n, last = median_of(runs, "agent"), median_of(runs, "exporter"), runs[-1]
-        print(f"{label:44} {a['cpu_ms_min']:12.0f} {n['cpu_ms_min']:15.0f} {statistics.median(r['ratio'] for r in runs):6.2f} "
-              f"{a['rss_mib']:9.1f} {n['rss_mib']:12.1f} {last['agent']['kib']:7.1f} ({last['agent']['wire_kib']:4.1f}) "
-              f"{last['agent']['series']:6d} {last['exporter']['kib']:8.1f} ({last['exporter']['wire_kib']:4.1f}) "
-              f"{last['exporter']['series']:10d}")
-        precise = [r for r in runs if r["agent"]["ns_ms_min"] is not None and r["exporter"]["ns_ms_min"]]
-        if precise:
-            a_ns = statistics.median(r["agent"]["ns_ms_min"] for r in precise)
-            n_ns = statistics.median(r["exporter"]["ns_ms_min"] for r in precise)
-            ratio_ns = statistics.median(r["agent"]["ns_ms_min"] / r["exporter"]["ns_ms_min"] for r in precise)
-            print(f"  {'threads on CPU, ns (schedstat)':42} {a_ns:12.1f} {n_ns:15.1f} {ratio_ns:6.2f}")
+        for tag, _ in trees:
+            runs = results[(tag, gpus, cadence)]
+            label = f"{agent_name(gpus, gpm)}{tag}, every {cadence:g} s"
+            if not runs:
+                print(f"{label:56} no valid run")
+                continue
+            a, n, last = median_of(runs, "agent"), median_of(runs, "exporter"), runs[-1]
+            print(f"{label:56} {a['cpu_ms_min']:12.0f} {n['cpu_ms_min']:15.0f} {statistics.median(r['ratio'] for r in runs):6.2f} "
+                  f"{a['rss_mib']:9.1f} {n['rss_mib']:12.1f} {last['agent']['kib']:7.1f} ({last['agent']['wire_kib']:4.1f}) "
+                  f"{last['agent']['series']:6d} {last['exporter']['kib']:8.1f} ({last['exporter']['wire_kib']:4.1f}) "
+                  f"{last['exporter']['series']:10d}")
+            precise = [r for r in runs if r["agent"]["ns_ms_min"] is not None and r["exporter"]["ns_ms_min"]]
+            if precise:
+                a_ns = statistics.median(r["agent"]["ns_ms_min"] for r in precise)
+                n_ns = statistics.median(r["exporter"]["ns_ms_min"] for r in precise)
+                ratio_ns = statistics.median(r["agent"]["ns_ms_min"] / r["exporter"]["ns_ms_min"] for r in precise)
+                print(f"  {'threads on CPU, ns (schedstat)':54} {a_ns:12.1f} {n_ns:15.1f} {ratio_ns:6.2f}")
     print(f"\nload average now {' '.join(f'{x:.2f}' for x in os.getloadavg())}; ratio = agent / node_exporter, "
           "median of the runs' ratios; CPU is user+system of each process tree over the same window; probe: CPU ms "
           f"of a fixed loop after each window (machine speed; {probe_ms():.0f} now)")
