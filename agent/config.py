@@ -67,8 +67,10 @@ class AgentConfig:
     slurm_state_dir: str = "/run/fleetscope-slurm"
     # [[agent.inference_servers]] url = "http://127.0.0.1:8000/metrics", kind = "vllm", service = "chat"
     inference_servers: list[dict] = field(default_factory=list)  # inference servers' /metrics to read each sample
-    # Move the agent's long-lived heap onto 2 MiB pages after start-up (agent/hugepages.py): on a VM a sample after
-    # seconds of idleness pays per 4 KiB page it touches. false keeps the kernel's default small pages.
+    # Keep the agent's memory on 2 MiB pages (agent/hugepages.py): on a VM a sample after seconds of idleness pays
+    # per 4 KiB page it touches. The agent starts its interpreter again, once, with glibc's malloc on huge pages and
+    # one heap for all threads (PYTHONMALLOC=malloc, GLIBC_TUNABLES), and moves its long-lived heap onto huge pages
+    # after start-up. false keeps pymalloc and the kernel's default small pages (so does a PYTHONMALLOC already set).
     huge_pages: bool = True
 
     def __post_init__(self) -> None:

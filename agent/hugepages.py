@@ -11,6 +11,18 @@ mostly resident (/proc/self/pagemap), whatever the system's transparent-huge-pag
 (thread stacks, fresh arenas) are left alone, so resident memory grows by at most what fills the gaps of dense
 ranges. Where the kernel cannot (older kernels, THP disabled, not Linux) nothing changes and the agent says so
 at debug level.
+
+And for what the agent allocates later: `fleetscope agent` starts its interpreter again, once, with glibc's malloc
+for every object (PYTHONMALLOC=malloc), glibc's heap on huge pages (glibc.malloc.hugetlb=1, glibc 2.35 and newer;
+older ones ignore it) and one heap for all threads (glibc.malloc.arena_max=1), since all of it must be set before
+an interpreter starts (reexec_for_malloc). pymalloc keeps its objects in 1 MiB arenas of small pages, mapped and
+unmapped as a scrape's objects come and go, and glibc gives each thread that allocates an arena of its own: the
+sampler's objects, the scrape's and the start-up's then lie apart, each scattered over small pages. With one heap,
+advised onto 2 MiB pages, they lie together (the GIL lets one thread allocate at a time, so the shared heap's lock
+is not contended). Side by side on the bench's VM (8 fake GPUs, CPU of each thread over 5 s windows), a sample took
+35-56 ms this way against 70-90 ms with pymalloc and the collapse alone, and a scrape's handler 9-14 ms against
+34-46. The agent's config setting `huge_pages = false`, or any PYTHONMALLOC already in the environment, leaves the
+interpreter as it started.
 """
 
 from __future__ import annotations
@@ -21,12 +33,44 @@ import mmap
 import os
 import struct
 import sys
+from collections.abc import Mapping
 
 log = logging.getLogger("fleetscope.agent.hugepages")
 
 HUGE_PAGE = 2 << 20
 MADV_COLLAPSE = 25
 MIN_RESIDENT = 0.75  # share of a 2 MiB range's small pages already in memory before it is collapsed
+# What the agent's interpreter runs with (reexec_for_malloc); tunables the environment already sets are kept.
+MALLOC_TUNABLES = ("glibc.malloc.hugetlb=1", "glibc.malloc.arena_max=1")
+
+
+def malloc_environment(environ: Mapping[str, str], libc: str) -> dict[str, str] | None:
+    """The environment for an interpreter with glibc's malloc on huge pages, or None when this one must stay: not
+    glibc, or PYTHONMALLOC already chosen (by a previous start, or by whoever started the agent)."""
+    if "PYTHONMALLOC" in environ or not libc.startswith("glibc"):
+        return None
+    tunables = [t for t in environ.get("GLIBC_TUNABLES", "").split(":") if t]
+    have = {t.partition("=")[0] for t in tunables}
+    tunables += [t for t in MALLOC_TUNABLES if t.partition("=")[0] not in have]
+    return {**environ, "PYTHONMALLOC": "malloc", "GLIBC_TUNABLES": ":".join(tunables)}
+
+
+def reexec_for_malloc() -> None:
+    """Starts this program again, in this process, with malloc_environment(); returns only where it need not (or
+    cannot: then it says why and the agent runs on as it is)."""
+    try:
+        libc = os.confstr("CS_GNU_LIBC_VERSION") or ""
+    except (ValueError, OSError, AttributeError):  # not glibc, or no confstr
+        libc = ""
+    env = malloc_environment(os.environ, libc)
+    if env is None:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execve(sys.executable, sys.orig_argv, env)
+    except OSError as exc:
+        log.warning("huge pages: could not start the agent again with glibc's malloc (%s); it runs with pymalloc", exc)
 
 
 def dense_ranges(maps_text: str, resident_share) -> list[tuple[int, int]]:

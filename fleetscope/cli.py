@@ -76,6 +76,11 @@ def _agent(args: argparse.Namespace) -> int:
             web_config=args.web_config,
             pod_resources_socket=args.pod_resources_socket,
         )
+        if config.huge_pages:
+            # Before anything starts or says a word: the process may be replaced by one with the malloc it needs.
+            from agent.hugepages import reexec_for_malloc
+
+            reexec_for_malloc()
         # A config file is an install (the unit runs one): it must say where to ship, or "" for /metrics alone.
         if args.config and config.collector_url is None:
             raise ValueError(f"{args.config} sets no collector_url: set collector_url = \"https://<collector>:9837\" in its "

@@ -89,6 +89,11 @@ ENVIRONMENT = {
     "KUBERNETES_SERVICE_HOST": "Kubernetes: set in every container of a pod; without POD_NAME, the client then takes "
                                "its hostname as its pod's name.",
     "HOSTNAME": "The container's hostname: the pod's name in a Kubernetes pod (not with hostNetwork).",
+    "PYTHONMALLOC": "`fleetscope agent`: unset, the agent starts its interpreter again with PYTHONMALLOC=malloc (glibc's "
+                    "malloc on huge pages, agent/hugepages.py; config huge_pages); set to anything (pymalloc), it is left "
+                    "as it is.",
+    "GLIBC_TUNABLES": "`fleetscope agent`: kept when it starts its interpreter again, with glibc.malloc.hugetlb=1 and "
+                      "glibc.malloc.arena_max=1 added where it does not set them.",
 }
 
 

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from agent import hugepages
-from agent.hugepages import HUGE_PAGE, collapse_heap, dense_ranges
+from agent.hugepages import HUGE_PAGE, collapse_heap, dense_ranges, malloc_environment
+from tests.conftest import free_port, http_get, stop_process, wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
 
 MAPS = """\
 55d0c0000000-55d0c0a00000 rw-p 00000000 00:00 0                          [heap]
@@ -66,3 +73,49 @@ def test_what_it_reports_collapsed_is_on_huge_pages():
     assert collapse_heap("/nonexistent/maps") == 0
     assert collapse_heap(pagemap_path="/nonexistent/pagemap") == 0  # residency unknown: nothing collapsed
     del block
+
+
+def test_the_interpreter_gets_glibc_malloc_on_huge_pages_once_keeping_other_tunables():
+    env = malloc_environment({"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.tcache_count=7"}, "glibc 2.36")
+    assert env == {"PATH": "/bin", "PYTHONMALLOC": "malloc",
+                   "GLIBC_TUNABLES": "glibc.malloc.tcache_count=7:glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1"}
+    assert malloc_environment(env, "glibc 2.36") is None  # the started-again interpreter is not started a third time
+    assert malloc_environment({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, "glibc 2.36")["GLIBC_TUNABLES"] == \
+        "glibc.malloc.hugetlb=0:glibc.malloc.arena_max=1"  # an operator's own choice of a tunable stands
+    assert malloc_environment({"PYTHONMALLOC": "pymalloc"}, "glibc 2.36") is None  # whoever started it chose
+    assert malloc_environment({}, "") is None  # not glibc (musl): GLIBC_TUNABLES would mean nothing
+
+
+def _environ(pid: int) -> list[bytes]:
+    # Not parsed into variables: glibc cuts GLIBC_TUNABLES at each ':' where the process keeps its environment.
+    return Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+
+
+@pytest.mark.skipif(not (os.confstr_names.get("CS_GNU_LIBC_VERSION") and os.path.exists("/proc/self/environ")),
+                    reason="needs glibc and Linux's /proc")
+def test_fleetscope_agent_runs_with_glibc_malloc_on_huge_pages_unless_huge_pages_is_off(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONMALLOC", "GLIBC_TUNABLES")}
+    off = tmp_path / "agent.toml"
+    off.write_text('[agent]\ncollector_url = ""\nhuge_pages = false\n')
+    procs, ports = [], []
+    try:
+        for extra in ([], ["--config", str(off)]):
+            port = free_port()
+            argv = [sys.executable, "-m", "fleetscope", "agent", "--gpu-backend", "none", "--metrics-address",
+                    f"127.0.0.1:{port}", "--events-address", f"127.0.0.1:{free_port(socket.SOCK_DGRAM)}",
+                    "--spool-dir", "", *extra]
+            procs.append(subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+            ports.append(port)
+        for proc, port in zip(procs, ports):  # the process that answers is the one started (exec keeps its pid)
+            wait_until(lambda proc=proc, port=port: proc.poll() is not None
+                       or http_get(f"http://127.0.0.1:{port}/metrics")[0] == 200,
+                       timeout=60, what="the agent to serve /metrics")
+            assert proc.poll() is None, proc.stderr.read().decode(errors="replace")
+        on, off_env = _environ(procs[0].pid), _environ(procs[1].pid)
+        assert b"PYTHONMALLOC=malloc" in on
+        assert any(b"glibc.malloc.hugetlb=1" in item for item in on) and b"glibc.malloc.arena_max=1" in b":".join(on)
+        assert Path(f"/proc/{procs[0].pid}/cmdline").read_bytes().split(b"\0")[1:3] == [b"-m", b"fleetscope"]
+        assert not any(item.startswith((b"PYTHONMALLOC=", b"GLIBC_TUNABLES=")) for item in off_env)
+    finally:
+        for proc in procs:
+            stop_process(proc)
