@@ -5,9 +5,10 @@ GPU series that is several milliseconds. This renderer writes the same bytes (a 
 to generate_latest's output) straight from the readings, and the server keeps the rendered text
 (and its gzip) until a new snapshot arrives, so ten scrapers cost what one does.
 
-The server gives no client a thread until its request has arrived in full: one reader thread collects
-request heads from every connection (a connection has CONNECTION_TIMEOUT_S to send one, or is closed), and
-at most MAX_HANDLERS threads answer complete requests. Idle or trickling connections (slowloris) thus cost a
+The server gives no client a thread until its request has arrived in full: one reader thread accepts every
+connection and collects request heads from all of them (a connection has CONNECTION_TIMEOUT_S to send one, or is
+closed), and at most MAX_HANDLERS threads answer complete requests. No thread waits in accept(): a scrape wakes
+the reader and the handler that answers, nothing else. Idle or trickling connections (slowloris) thus cost a
 socket each, never a thread, and a scrape is answered while they wait.
 
 With TLS (a Prometheus web config's tls_server_config, fleetscope/webconfig.py) the reader thread also does each
@@ -27,7 +28,6 @@ import socket
 import ssl
 import threading
 import time
-from collections import deque
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
@@ -172,10 +172,10 @@ class MetricsServer:
                 pass  # one line per scrape would drown the agent's log
 
         self._handler_class = Handler
-        self.httpd = _AcceptingServer((host, port), self._accepted)
+        self.httpd = _ListeningServer((host, port))  # binds and listens; the reader thread accepts
+        self.httpd.socket.setblocking(False)
         self.address = self.httpd.server_address
-        # Connections accepted, on their way to the reader thread, which a byte on _wake_w wakes.
-        self._incoming: deque[tuple[socket.socket, object]] = deque()
+        # A byte on _wake_w wakes the reader thread (to stop).
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -185,10 +185,6 @@ class MetricsServer:
         self._idle_handlers = 0
         self._handlers_lock = threading.Lock()
         self._reader = threading.Thread(target=self._read_requests, name="metrics-requests", daemon=True)
-        # serve_forever polls for shutdown every poll_interval; an hour keeps an idle agent asleep, and stop()
-        # wakes the loop with a connection of its own instead of waiting.
-        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 3600},
-                                        name="metrics-http", daemon=True)
 
     def body(self, gzip_ok: bool) -> tuple[bytes, str | None]:
         with self._lock:
@@ -205,44 +201,38 @@ class MetricsServer:
 
     def start(self) -> None:
         self._reader.start()
-        self._thread.start()
 
     def stop(self) -> None:
-        stopper = threading.Thread(target=self.httpd.shutdown, daemon=True)
-        stopper.start()
-        host, port = self.httpd.server_address[:2]
-        for _ in range(50):  # until the loop has seen the shutdown request
-            try:
-                with socket.create_connection(("127.0.0.1" if host in ("0.0.0.0", "") else host, port), timeout=1):
-                    pass
-            except OSError:
-                break
-            stopper.join(timeout=0.1)
-            if not stopper.is_alive():
-                break
-        stopper.join(timeout=5)
-        self.httpd.server_close()
         self._closing = True
         self._wake()
         if self._reader.is_alive():
             self._reader.join(timeout=5)
+        self.httpd.server_close()
         with self._handlers_lock:
             for _ in self._handlers:
                 self._ready.put(None)  # each handler ends after the request it may be answering
         self._wake_r.close()
         self._wake_w.close()
 
-    # The accepting thread: hand the connection over, never wait on it.
-    def _accepted(self, sock: socket.socket, client_address: object) -> None:
-        sock.setblocking(False)
-        if self.ssl_context is not None:
-            try:  # no handshake yet: the reader thread does it as the client's bytes arrive
-                sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-            except OSError:
-                self.httpd.shutdown_request(sock)
-                return
-        self._incoming.append((sock, client_address))
-        self._wake()
+    def _accept(self) -> list[tuple[socket.socket, object]]:
+        """The connections waiting to be accepted, set non-blocking (TLS: wrapped, their handshake not begun)."""
+        out = []
+        while True:
+            try:
+                sock, client_address = self.httpd.socket.accept()
+            except (BlockingIOError, InterruptedError):
+                return out
+            except OSError as exc:  # out of file descriptors, a connection reset before it was accepted...
+                log.debug("metrics: accept: %s", exc)
+                return out
+            sock.setblocking(False)
+            if self.ssl_context is not None:
+                try:  # no handshake yet: the reader does it as the client's bytes arrive
+                    sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+                except OSError:
+                    self.httpd.shutdown_request(sock)
+                    continue
+            out.append((sock, client_address))
 
     def _wake(self) -> None:
         try:
@@ -250,10 +240,12 @@ class MetricsServer:
         except OSError:  # the pipe is full (the reader is awake already) or closed (stopping)
             pass
 
-    # The reader thread: request heads from every connection, each under its deadline.
+    # The reader thread: new connections, and request heads from every connection, each under its deadline.
     def _read_requests(self) -> None:
         selector = selectors.DefaultSelector()
         selector.register(self._wake_r, selectors.EVENT_READ)
+        listening = self.httpd.socket
+        selector.register(listening, selectors.EVENT_READ)
         pending: dict[socket.socket, _Pending] = {}  # in order of arrival: the first is the first to expire
 
         def drop(sock: socket.socket) -> None:
@@ -268,8 +260,9 @@ class MetricsServer:
                     sock = key.fileobj
                     if sock is self._wake_r:
                         self._drain_wake()
-                        while self._incoming:
-                            sock, client_address = self._incoming.popleft()
+                        continue
+                    if sock is listening:
+                        for sock, client_address in self._accept():
                             if len(pending) >= self.max_connections:
                                 drop(next(iter(pending)))
                             pending[sock] = _Pending(client_address, time.monotonic() + self.connection_timeout_s,
@@ -318,8 +311,6 @@ class MetricsServer:
         finally:
             for sock in list(pending):
                 drop(sock)
-            while self._incoming:
-                self.httpd.shutdown_request(self._incoming.popleft()[0])
             selector.close()
 
     def _drain_wake(self) -> None:
@@ -370,14 +361,11 @@ class _Pending:
         self.head = bytearray()
 
 
-class _AcceptingServer(HTTPServer):
-    """Accepts connections and passes each on at once: no thread per connection."""
+class _ListeningServer(HTTPServer):
+    """The listening socket (bound as http.server binds it) and what handlers expect of a server; never served
+    from: the reader thread accepts its connections."""
 
     request_queue_size = 128  # socketserver's 5 drops the SYNs of a burst of connections (a 1 s retry each)
 
-    def __init__(self, address: tuple[str, int], on_connection: Callable[[socket.socket, object], None]) -> None:
-        self.on_connection = on_connection
+    def __init__(self, address: tuple[str, int]) -> None:
         super().__init__(address, BaseHTTPRequestHandler)
-
-    def process_request(self, request, client_address) -> None:  # type: ignore[override]
-        self.on_connection(request, client_address)

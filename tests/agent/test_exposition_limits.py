@@ -142,3 +142,17 @@ def test_stop_is_prompt_with_connections_still_open():
     finally:
         for sock in idle:
             sock.close()
+
+
+def test_one_thread_accepts_and_reads_and_a_scrape_wakes_only_it_and_one_handler():
+    before = set(threading.enumerate())
+    server = MetricsServer("127.0.0.1", 0, lambda: BODY, lambda: None)
+    server.start()
+    try:
+        assert [t.name for t in set(threading.enumerate()) - before] == ["metrics-requests"]  # nobody waits in accept()
+        assert [scrape(server) for _ in range(3)] == [BODY] * 3
+        assert sorted(t.name for t in set(threading.enumerate()) - before) == ["metrics-handler-0", "metrics-requests"]
+    finally:
+        server.stop()
+    with pytest.raises(OSError):  # stopped: the listening socket is closed
+        socket.create_connection(("127.0.0.1", server.address[1]), timeout=2)
