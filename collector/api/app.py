@@ -139,7 +139,7 @@ def create_app(settings: Settings, store: Store | None = None) -> FastAPI:
             yield
         finally:
             task.cancel()
-            await asyncio.to_thread(decoders.close)
+            await decoders.close()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             if store.ready:

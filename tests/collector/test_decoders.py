@@ -247,22 +247,49 @@ def test_the_collectors_resident_memory_counts_its_workers(apps):
 def test_a_worker_that_dies_is_replaced_and_no_batch_is_lost(apps):
     client = apps[1]
     decoders = client.app.state.decoders
-    pool = decoders._pool
-    for pid in list(pool._processes):
+    replaced, dead = decoders.replaced, decoders.pids()
+    for pid in dead:
         os.kill(pid, signal.SIGKILL)
-    time.sleep(0.2)
-    replaced = decoders.replaced
-    for seq in range(5):  # the first meets the dead pool; it and the rest are decoded here until new workers are up
+    # The end of its channel tells the collector at once, not at the next batch.
+    wait_until(lambda: decoders.replaced == replaced + 1, timeout=10, what="the dead worker noticed")
+    here = decoded(client)["collector"]
+    for seq in range(5):  # decoded here until the new worker is up
         reply = client.post("/v1/ingest", content=steps_body(seq, seq * 10, seq * 10 + 9, agent="agent-k", job="kjob"),
                             headers=W)
         assert reply.status_code == 200, reply.text
-    assert decoders.replaced == replaced + 1
-    wait_until(lambda: decoders.ready, timeout=60, what="new ingest workers")
+    wait_until(lambda: decoders.ready, timeout=60, what="a new ingest worker")
+    assert decoders.replaced == replaced + 1 and not set(decoders.pids()) & set(dead)
+    assert decoded(client)["collector"] > here  # the new worker was still starting (a spawn takes a second)
     before = decoded(client)["worker"]
     reply = client.post("/v1/ingest", content=steps_body(5, 50, 59, agent="agent-k", job="kjob"), headers=W)
     assert reply.status_code == 200 and decoded(client)["worker"] == before + 1
     steps = client.get("/v1/jobs/kjob/steps?last=1000", headers=R).json()["steps"]
     assert sorted({s["step"] for s in steps}) == list(range(60))
+
+
+def test_a_worker_killed_with_batches_in_hand_loses_none(apps):
+    """Batches sent to a worker that dies before it answers are decoded in the collector's process."""
+    import asyncio
+
+    from collector.decoders import Decoders
+
+    body = steps_body(0, 0, 9, agent="agent-q", job="qjob")
+
+    async def scenario():
+        decoders = Decoders(1)
+        decoders.start()
+        while not decoders.ready:
+            await asyncio.sleep(0.05)
+        worker = decoders._workers[0]
+        worker.process.kill()  # before it can read what follows
+        answers = await asyncio.gather(*(decoders.prepare(body) for _ in range(20)))
+        await decoders.close()
+        return answers, decoders.replaced
+
+    answers, replaced = asyncio.run(scenario())
+    # Each is either the worker's answer (it read some before it died) or None: decode it here. None is lost or hangs.
+    assert replaced == 1 and len(answers) == 20
+    assert all(a is None or (a.seq == 0 and a.events == 20) for a in answers)
 
 
 @pytest.mark.slow  # a real collector process: a few seconds
