@@ -76,23 +76,24 @@ def _agent(args: argparse.Namespace) -> int:
             web_config=args.web_config,
             pod_resources_socket=args.pod_resources_socket,
         )
-        if config.huge_pages:
-            # Before anything starts or says a word: the process may be replaced by one with the malloc it needs.
-            from agent.hugepages import reexec_for_malloc
-
-            reexec_for_malloc()
         # A config file is an install (the unit runs one): it must say where to ship, or "" for /metrics alone.
         if args.config and config.collector_url is None:
             raise ValueError(f"{args.config} sets no collector_url: set collector_url = \"https://<collector>:9837\" in its "
                              "[agent] table (and this node's token in /etc/fleetscope/ingest-token), or collector_url = \"\" "
                              "to serve /metrics only")
-        if not config.collector_url:
-            logging.getLogger("fleetscope.agent").warning(
-                "no collector_url: serving /metrics only; workload events and samples are not shipped")
         if config.collector_url and not config.collector_token and not config.tls_cert:
             raise ValueError(f"shipping to {config.collector_url} needs an ingest token: put it in a file only the agent can "
                              "read and set FLEETSCOPE_INGEST_TOKEN_FILE (or systemd LoadCredential=ingest-token:<file>, "
                              "or FLEETSCOPE_INGEST_TOKEN), or give it a client certificate (--tls-cert, --tls-key)")
+        if config.huge_pages and getattr(args, "is_program", False):
+            # The settings are good and nothing has started or said a word: this process may now be replaced by the
+            # same command on an interpreter with the malloc it needs (agent/hugepages.py).
+            from agent.hugepages import reexec_for_malloc
+
+            reexec_for_malloc()
+        if not config.collector_url:
+            logging.getLogger("fleetscope.agent").warning(
+                "no collector_url: serving /metrics only; workload events and samples are not shipped")
         agent = Agent(config)
     except (ValueError, OSError) as exc:
         print(f"fleetscope agent: {exc}", file=sys.stderr)
@@ -444,8 +445,15 @@ _EXTRA_MODULES = {
 }
 
 
+def _is_program(argv: list[str] | None) -> bool:
+    """Whether these arguments are this process's own command line (its tail): then starting the process again
+    from sys.orig_argv runs the same command. Not so when main() is called with other arguments in-process."""
+    return argv is None or (len(argv) > 0 and sys.argv[-len(argv):] == list(argv))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.is_program = _is_program(argv)
     _logging(args.verbose)
     try:
         return args.func(args)

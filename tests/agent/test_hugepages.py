@@ -119,3 +119,28 @@ def test_fleetscope_agent_runs_with_glibc_malloc_on_huge_pages_unless_huge_pages
     finally:
         for proc in procs:
             stop_process(proc)
+
+
+def test_only_the_agent_program_is_started_again_never_a_process_that_calls_the_cli_in_process(monkeypatch):
+    import agent.main
+    from fleetscope.cli import main as cli
+
+    class Stub:  # the agent itself is not what this test is about
+        def __init__(self, config) -> None:
+            pass
+
+        def run_forever(self) -> None:
+            pass
+
+    execs = []
+    monkeypatch.setattr(agent.main, "Agent", Stub)
+    monkeypatch.setattr(hugepages.os, "execve", lambda *args: execs.append(args))
+    monkeypatch.setattr(hugepages.os, "confstr", lambda name: "glibc 2.36")
+    monkeypatch.delenv("PYTHONMALLOC", raising=False)
+    argv = ["agent", "--gpu-backend", "none", "--spool-dir", ""]
+    assert cli(argv) == 0
+    assert execs == []  # e.g. a test runner calling main(): starting it again would run the whole runner anew
+    monkeypatch.setattr(sys, "argv", ["/opt/fleetscope/bin/fleetscope", *argv])
+    assert cli(argv) == 0
+    assert len(execs) == 1 and execs[0][:2] == (sys.executable, sys.orig_argv)
+    assert execs[0][2]["PYTHONMALLOC"] == "malloc"
