@@ -313,3 +313,36 @@ def test_unsettled_steps_are_numbers_in_tuples_that_the_cycle_collector_stops_wa
     assert len(accs) == 110 and all(type(acc) is tuple for acc in accs)
     # A full collection walks only tracked containers: these are not, however many steps are unsettled.
     assert not any(gc.is_tracked(acc) for acc in accs) and not any(gc.is_tracked(b) for b in blocks.values())
+
+
+def test_the_snapshot_written_in_pieces_is_the_msgpack_document_of_its_parts():
+    """The checkpoint writes the ledger's snapshot piece by piece (framed by hand around blocks encoded before):
+    it must be the very document msgspec makes of the parts, at every size of map and array header."""
+    import msgspec
+
+    ledger = GoodputLedger()
+    for j in range(20):  # 20 jobs: a map of 16 or more
+        steps = run(0, 3, t=T0 + j, pid=100 + j)
+        for row in steps:
+            row["job"] = f"job-{j}"
+        ledger.observe("steps", frame_from_rows("steps", steps), now=T0)
+    big = ledger._jobs["job-0"]
+    for b in range(70_000):  # an array of 65,536 or more blocks
+        big.blocks[(0, 1000 + b)] = {1000 * 1024 + b: (1.0, 2.0, 1, 0.5, 0.5, 0.0, 0, 4, 3.0)}
+        big.dirty.add((0, 1000 + b))
+    big.changes += 1
+    mid = ledger._jobs["job-1"]
+    for b in range(100):  # an array of 16 to 65,535
+        mid.blocks[(0, 1000 + b)] = {1000 * 1024 + b: (1.0, 2.0, 1, 0.5, 0.5, 0.0, 0, 4, 3.0)}
+        mid.dirty.add((0, 1000 + b))
+    mid.changes += 1
+    snap = ledger.snapshot()
+    doc = bytes(snap)
+    assert b"".join(snap.chunks()) == doc
+    expected = {name: {"head": msgspec.Raw(head), "blocks": [[inc, block, msgspec.Raw(enc)] for inc, block, enc in blocks]}
+                for name, (head, blocks) in snap._parts.items()}
+    assert doc == msgspec.msgpack.encode(expected)
+    again = GoodputLedger()
+    again.restore(doc)
+    assert again._jobs["job-0"].blocks == big.blocks and again._jobs["job-1"].blocks == mid.blocks
+    assert set(again._jobs) == set(ledger._jobs)
