@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fleetscope.collector")
 _HEADER = struct.Struct("!Q")  # each message on a channel: its length, then its bytes
+MAX_RESTART_DELAY_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +137,8 @@ class _Worker(asyncio.Protocol):
         self.process: multiprocessing.process.BaseProcess | None = None
         self.transport: asyncio.Transport | None = None
         self.waiting: collections.deque[asyncio.Future] = collections.deque()
-        self.started = False
+        self.started = False  # answered its first message and has not ended since
+        self.ever_started = False
         self._buffer = bytearray()
 
     def send(self, body: bytes) -> asyncio.Future:
@@ -156,7 +158,7 @@ class _Worker(asyncio.Protocol):
             answer = bytes(buffer[_HEADER.size:end]) if size else b""
             del buffer[:end]
             if not self.started:
-                self.started = True
+                self.started = self.ever_started = True
                 self.decoders._started(self)
                 continue
             future = self.waiting.popleft()
@@ -188,6 +190,7 @@ class Decoders:
         self.replaced = 0  # workers replaced after one died
         self._workers: list[_Worker] = []
         self._closing = False
+        self._failed_starts = 0  # workers in a row that died before they started: the next waits longer
 
     def start(self) -> None:
         if self.processes <= 0 or self._workers:
@@ -224,8 +227,21 @@ class Decoders:
         if self._closing:
             return
         self.replaced += 1
-        log.error("an ingest worker process died; starting a new one (its batches are decoded here meanwhile)")
-        self._spawn()
+        if worker.ever_started:
+            self._failed_starts = 0
+            log.error("an ingest worker process died; starting a new one (its batches are decoded here meanwhile)")
+            self._spawn()
+            return
+        # One that cannot start (a broken install, no memory) is not started again in a tight loop.
+        self._failed_starts += 1
+        delay = min(MAX_RESTART_DELAY_S, 2.0 ** self._failed_starts)
+        log.error("an ingest worker process died before it started (exit code %s); trying again in %.0f s, batches "
+                  "are decoded here meanwhile", worker.process.exitcode if worker.process else None, delay)
+        asyncio.get_running_loop().call_later(delay, self._respawn)
+
+    def _respawn(self) -> None:
+        if not self._closing and len(self._workers) < self.processes:
+            self._spawn()
 
     async def prepare(self, body: bytes) -> Prepared | None:
         """The batch prepared by a worker; None when none can take it now (the caller decodes it itself).

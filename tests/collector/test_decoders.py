@@ -329,3 +329,32 @@ def test_the_workers_of_a_collector_killed_outright_end_themselves(tmp_path):
     for p in alive:
         p.kill()
     assert not alive, "a worker outlived its collector"
+
+
+def test_a_worker_that_cannot_start_is_not_restarted_in_a_tight_loop(monkeypatch):
+    """A worker that dies before it starts (a broken install) is tried again after a growing delay; meanwhile
+    prepare() answers None at once, so batches are decoded in the collector's process."""
+    import asyncio
+
+    from collector import decoders as module
+
+    monkeypatch.setattr(module, "_serve", _die_at_once)
+
+    async def scenario():
+        decoders = module.Decoders(1)
+        decoders.start()
+        await asyncio.sleep(2.5)  # the first dies at once; the next starts 2 s later and dies too
+        answer = await decoders.prepare(b"{}")
+        spawned = decoders.replaced
+        await decoders.close()
+        return answer, spawned, decoders._failed_starts
+
+    answer, replaced, failed = asyncio.run(scenario())
+    assert answer is None
+    assert 1 <= replaced <= 2 and failed == replaced  # not hundreds
+
+
+def _die_at_once(channel) -> None:
+    import os
+
+    os._exit(3)
