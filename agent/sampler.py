@@ -7,6 +7,7 @@ import itertools
 import logging
 import os
 import select
+import struct
 import threading
 import time
 from queue import SimpleQueue
@@ -146,17 +147,20 @@ class _Alarm:
     Linux's timerfd, through ctypes (os.timerfd_* is Python 3.13+). The sampler thread waits on it for the
     current sample's deadline, so a sample that finishes in time costs that thread no wake-up at all: on a
     virtual machine a Python thread waking from idle costs a good part of a millisecond. Where there is no
-    timerfd, `Alarm.make()` gives None and the sampler thread wakes at each deadline instead."""
+    timerfd, `Alarm.make()` gives None and the sampler thread wakes at each deadline instead.
+
+    The struct itimerspec goes to C as a bytes object packed by `struct` and the function has no argtypes:
+    ctypes passes bytes, ints and None as they are. A ctypes Structure filled field by field and passed by
+    byref() ran through enough of ctypes' code to cost 2-4 ms of CPU a sample on a VM where memory untouched
+    for seconds is slow to touch again (two calls a sample); this way a call costs about 10 us."""
 
     _CLOCK_MONOTONIC, _TFD_CLOEXEC, _TFD_NONBLOCK, _TFD_TIMER_ABSTIME = 1, 0o2000000, 0o4000, 1
-
-    class _Spec(ctypes.Structure):  # struct itimerspec: it_interval, it_value (each tv_sec, tv_nsec)
-        _fields_ = [("interval_s", ctypes.c_long), ("interval_ns", ctypes.c_long),
-                    ("value_s", ctypes.c_long), ("value_ns", ctypes.c_long)]
+    _SPEC = struct.Struct("@4l")  # struct itimerspec: it_interval (tv_sec, tv_nsec), it_value (tv_sec, tv_nsec)
+    _OFF = _SPEC.pack(0, 0, 0, 0)
+    _SOON = _SPEC.pack(0, 0, 0, 1)
 
     def __init__(self, libc: ctypes.CDLL, fd: int) -> None:
         self._settime, self.fd = libc.timerfd_settime, fd
-        self._spec = self._Spec()
         self._closed = False
 
     @classmethod
@@ -168,21 +172,20 @@ class _Alarm:
             return None
         return cls(libc, fd) if fd >= 0 else None
 
-    def _set(self, seconds: int, nanoseconds: int, flags: int) -> None:
-        self._spec.value_s, self._spec.value_ns = seconds, nanoseconds
+    def _set(self, spec: bytes, flags: int) -> None:
         if not self._closed:
-            self._settime(self.fd, flags, ctypes.byref(self._spec), None)
+            self._settime(self.fd, flags, spec, None)
 
     def at(self, when: float) -> None:
         """Rings at time.monotonic() == when (both read CLOCK_MONOTONIC); a time already past rings at once."""
         whole = max(0, int(when))
-        self._set(whole, max(1, int((when - whole) * 1e9)), self._TFD_TIMER_ABSTIME)
+        self._set(self._SPEC.pack(0, 0, whole, max(1, int((when - whole) * 1e9))), self._TFD_TIMER_ABSTIME)
 
     def cancel(self) -> None:
-        self._set(0, 0, 0)
+        self._set(self._OFF, 0)
 
     def ring(self) -> None:
-        self._set(0, 1, 0)
+        self._set(self._SOON, 0)
 
     def wait(self) -> None:
         """Blocks until it rings (at once if it rang while nobody waited)."""
@@ -221,6 +224,10 @@ class Sampler:
         self.latest: Snapshot | None = None
         self._listeners: list[Callable[[Snapshot], None]] = []
         self._stop = threading.Event()
+        # Held until stop(): the schedule sleeps by acquiring it with a timeout, in C (Event.wait runs a dozen lines
+        # of threading.py at each wake-up, whose memory a sample 5 s later finds cold).
+        self._stopped = threading.Lock()
+        self._stopped.acquire()
         self._thread: threading.Thread | None = None
         self._failing: set[str] = set()
         self._workers = 0
@@ -331,7 +338,7 @@ class Sampler:
     def _periodic(self, worker: _Worker, first_at: float) -> bool:
         """The schedule, on a worker: sleep, run every source, publish, until stopped or abandoned."""
         next_at = first_at
-        while not self._stop.wait(max(0.0, next_at - time.monotonic())):
+        while not self._stop.is_set() and not self._stopped.acquire(timeout=max(0.0, next_at - time.monotonic())):
             round_ = _Round(self._fresh_slots(), next_at)
             self._round = round_
             alarm = self._alarm
@@ -399,7 +406,9 @@ class Sampler:
         self._thread.start()
 
     def stop(self) -> None:
-        self._stop.set()
+        if not self._stop.is_set():
+            self._stop.set()
+            self._stopped.release()  # wakes the schedule's worker, if it sleeps
         if self._alarm is not None:
             self._alarm.ring()
         if self._thread is not None:
