@@ -29,10 +29,15 @@ def start_ticks(procfs: str, pid: int) -> str | None:
     """A process's start time in clock ticks after boot (field 22 of /proc/<pid>/stat), or None when it is gone:
     with the pid, what names one process across pid reuse (the agent's per-process caches key on both)."""
     try:
-        with open(f"{procfs}/{pid}/stat", "rb") as fh:
-            return fh.read().rsplit(b")", 1)[1].split()[19].decode()
+        fd = os.open(f"{procfs}/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:  # os.read, not open(): no io objects built for one read (the GPU source asks at each sample)
+        return os.read(fd, 4096).rsplit(b")", 1)[1].split()[19].decode()
     except (OSError, IndexError):
         return None
+    finally:
+        os.close(fd)
 
 
 class KeptFile:

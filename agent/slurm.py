@@ -175,6 +175,7 @@ class SlurmAttribution:
         self._files: dict[str, tuple[float, NodeJob | None]] = {}  # file name -> (mtime, what it said)
         self._registry: dict[str, NodeJob] = {}
         self._registry_at = float("-inf")
+        self.registry_seen = False  # whether the state directory existed when jobs() last looked
 
     # --- processes ------------------------------------------------------------------------------
     def of(self, pid: int) -> SlurmJob | None:
@@ -222,13 +223,15 @@ class SlurmAttribution:
         cache forgets the processes that ended."""
         out = {}
         with self._lock:
-            cached = list(self._pids.items())
-        for pid, entry in cached:
+            cached = [(pid, entry[1]) for pid, entry in self._pids.items() if entry[1] is not None]
+        # Only the processes found in a job are checked for life (on a node without Slurm: none, no system
+        # call); those found in none stay cached, bounded, until their pid is looked up again.
+        for pid, job in cached:
             if not os.path.exists(f"{self.procfs}/{pid}"):
                 with self._lock:
                     self._pids.pop(pid, None)
-            elif entry[1] is not None:
-                out[pid] = entry[1]
+            else:
+                out[pid] = job
         return out
 
     # --- jobs on the node (prolog/epilog) -------------------------------------------------------
@@ -241,8 +244,9 @@ class SlurmAttribution:
         try:
             names = os.listdir(self.state_dir)
         except OSError:
-            self._registry, self._files = {}, {}
+            self._registry, self._files, self.registry_seen = {}, {}, False
             return self._registry
+        self.registry_seen = True
         files: dict[str, tuple[float, NodeJob | None]] = {}
         registry: dict[str, NodeJob] = {}
         ended: dict[str, float] = {}

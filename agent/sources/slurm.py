@@ -35,7 +35,7 @@ class SlurmSource(Source):
             jobs[job.job] = _merge(jobs.get(job.job), job)
         for job_id, node_job in registered.items():
             jobs[job_id] = _merge(jobs.get(job_id), node_job.job)
-        if not jobs and self.slurm.state_dir is not None and not self.slurm.state_dir.is_dir():
+        if not jobs and self.slurm.state_dir is not None and not self.slurm.registry_seen:
             raise NoData(f"no Slurm job seen and no {self.slurm.state_dir} (the prolog's; deploy/slurm/)")
         for job_id in sorted(jobs, key=int):
             j = jobs[job_id]

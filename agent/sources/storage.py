@@ -163,10 +163,13 @@ class StorageSource(Source):
         self._seen: list[Mount] | None = None
         self._in_place: set[str] = set()
         self._labels: dict[str, tuple] = {}  # label tuples by mount point, and by "\0" + disk
+        self._paths: dict[str, str] = {}  # where statvfs looks, by mount point
 
     def _statvfs(self, mountpoint: str):
         """statvfs, with a timeout where it may hang; None when it failed or is still hanging."""
-        path = os.path.join(self.rootfs, mountpoint.lstrip("/"))
+        path = self._paths.get(mountpoint)
+        if path is None:
+            path = self._paths[mountpoint] = os.path.join(self.rootfs, mountpoint.lstrip("/"))
         if mountpoint in self._in_place:
             try:
                 return os.statvfs(path)
@@ -190,7 +193,7 @@ class StorageSource(Source):
         mounts = self._table.get()
         if mounts is not self._seen:
             self._seen, self._in_place = mounts, in_place(mounts)
-            self._labels = {}
+            self._labels, self._paths = {}, {}
         out = []
         for m in mounts:
             labels = self._labels.get(m.mountpoint)

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 from agent.cgroup import Owner, parse_cgroup as parse_owner
 from agent.listener import Listener
 from agent.slurm import CgroupIds, SlurmAttribution, SlurmJob, combine, parse_cgroup, parse_environ
+from agent.sources.base import NoData
 from agent.sources.slurm import SlurmSource
 from fleetscope.schema import SlurmIds, decode_event
 
@@ -162,6 +163,31 @@ def test_no_slurm_is_no_data_not_an_error(tmp_path):
 
     with pytest.raises(NoData):
         list(SlurmSource(slurm=SlurmAttribution(str(tmp_path), str(tmp_path / "absent"))).collect())
+
+
+def test_without_slurm_a_sample_looks_up_no_process_again(tmp_path, monkeypatch):
+    """Processes found outside Slurm (every GPU process on a node without it) are not checked for life at each
+    sample: only those found in a job are, so that a job whose processes ended leaves the job info series."""
+    proc = tmp_path / "proc"
+    fake_proc(proc, 42, "0::/user.slice/user-1000.slice/session-1.scope\n", {"HOME": "/root"})
+    fake_proc(proc, 43, "0::/system.slice/slurmstepd.scope/job_4711/step_0/user/task_0\n", ENV)
+    slurm = SlurmAttribution(str(proc), str(tmp_path / "absent"))
+    assert slurm.of(42) is None and slurm.of(43).job == "4711"
+    looked = []
+    real_exists = os.path.exists
+    monkeypatch.setattr(os.path, "exists", lambda p: looked.append(str(p)) or real_exists(p))
+    assert slurm.processes() == {43: slurm.of(43)}
+    assert looked == [f"{proc}/43"]
+    for name in ("stat", "cgroup", "environ"):
+        (proc / "43" / name).unlink()
+    (proc / "43").rmdir()
+    assert slurm.processes() == {}  # the job's process ended: forgotten
+    source = SlurmSource(slurm=slurm)
+    with pytest.raises(NoData):  # no job, no prolog's directory
+        list(source.collect())
+    (tmp_path / "absent").mkdir()  # the prolog ran for the first time: no job yet, but Slurm is here
+    slurm._registry_at = float("-inf")
+    assert list(source.collect()) == []
 
 
 def test_the_agent_renders_the_slurm_families_through_the_exporter(tmp_path):
