@@ -167,6 +167,21 @@ def test_on_its_schedule_the_sampler_runs_every_source_on_one_worker():
         sampler.stop()
 
 
+def test_stop_wakes_the_schedule_s_worker_from_its_sleep():
+    sampler = Sampler([Quick()], interval_s=60.0)
+    snapshots = []
+    sampler.subscribe(snapshots.append)
+    sampler.start()
+    deadline = time.monotonic() + 5
+    while not snapshots and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert snapshots  # the first sample ran; the worker now sleeps for a minute
+    worker = sampler._worker.thread
+    sampler.stop()
+    worker.join(timeout=2)
+    assert not worker.is_alive()
+
+
 def _wakeups(thread: threading.Thread) -> int:
     with open(f"/proc/self/task/{thread.native_id}/status") as fh:
         return int(fh.read().split("voluntary_ctxt_switches:")[1].split()[0])
