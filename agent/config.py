@@ -72,6 +72,10 @@ class AgentConfig:
     # one heap for all threads (PYTHONMALLOC=malloc, GLIBC_TUNABLES), and moves its long-lived heap onto huge pages
     # after start-up. false keeps pymalloc and the kernel's default small pages (so does a PYTHONMALLOC already set).
     huge_pages: bool = True
+    # With huge_pages, also the interpreter's code (libpython's instructions and constants) on 2 MiB pages: copied
+    # onto anonymous huge pages at the same addresses. Profilers that find the interpreter by its file in
+    # /proc/<pid>/maps (py-spy, perf) then cannot read the agent: false keeps the code on the file's pages.
+    huge_page_code: bool = True
 
     def __post_init__(self) -> None:
         if self.gpu_backend not in ("auto", "nvml", "simulated", "none"):

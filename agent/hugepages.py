@@ -23,6 +23,9 @@ is not contended). Side by side on the bench's VM (8 fake GPUs, CPU of each thre
 35-56 ms this way against 70-90 ms with pymalloc and the collapse alone, and a scrape's handler 9-14 ms against
 34-46. The agent's config setting `huge_pages = false`, or any PYTHONMALLOC already in the environment, leaves the
 interpreter as it started.
+
+The interpreter's own code (libpython's read-only part) is moved onto huge pages too, at the same addresses
+(remap_code, below; config huge_page_code).
 """
 
 from __future__ import annotations
@@ -132,3 +135,94 @@ def collapse_heap(maps_path: str = "/proc/self/maps", pagemap_path: str = "/proc
     if refused:
         log.debug("huge pages: the kernel refused %d of %d ranges (errno %d)", refused, refused + collapsed, ctypes.get_errno())
     return collapsed * HUGE_PAGE >> 20
+
+
+# The interpreter's own code. A sample runs some 250 distinct 4 KiB pages of libpython's machine code and reads some
+# 40 of its constants: file-backed pages, which stay small pages where the kernel lacks CONFIG_READ_ONLY_THP_FOR_FS.
+# Each 2 MiB-aligned range of the library's read-only part (its headers, code and constants, which lie together in
+# front of its data) is copied onto an anonymous huge page, made read+execute, and moved over the original with
+# mremap: the same bytes at the same addresses, so nothing that points into the code notices, and a thread that
+# runs there meanwhile waits for the mapping's lock and carries on. The library's data (written at run time) stays
+# where it is. On the bench's VM (8 fake GPUs, 15 s scrapes, three agents side by side) the agent's CPU went from
+# 574-652 ms/min to 209-437. The cost: 4 MiB of memory of its own rather than the page cache's shared pages, and
+# profilers that find the interpreter by its file's code mapping in /proc/<pid>/maps (py-spy, perf) cannot read it
+# (config huge_page_code = false keeps the code on the file's pages); and the library's headers and constants that
+# share those 2 MiB with code become executable. Moving only the ranges past the library's first code page (which
+# profilers need) gave less, and less steadily (269-631 ms/min): most of what a sample runs lies in the first 2 MiB.
+PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
+MAP_PRIVATE, MAP_ANONYMOUS = 0x02, 0x20
+MADV_HUGEPAGE = 14
+MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
+_READ_ONLY = ("r--p", "r-xp")
+
+
+def code_ranges(maps_text: str, address: int) -> list[tuple[int, int]]:
+    """The 2 MiB-aligned (start, end) ranges that lie wholly inside the read-only, file-backed part of the object
+    whose code holds `address` (the contiguous mappings of that file that are read-only or read+execute) and hold
+    some of its code; [] when `address` is in no read+execute mapping of a file."""
+    rows = []
+    for line in maps_text.splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) < 6:
+            continue
+        start, _, end = parts[0].partition("-")
+        rows.append((int(start, 16), int(end, 16), parts[1], parts[5].strip()))
+    at = next((i for i, (lo, hi, _, _) in enumerate(rows) if lo <= address < hi), None)
+    if at is None or rows[at][2] != "r-xp" or not rows[at][3].startswith("/"):
+        return []
+    path = rows[at][3]
+    first = last = at
+    while first > 0 and rows[first - 1][3] == path and rows[first - 1][2] in _READ_ONLY and rows[first - 1][1] == rows[first][0]:
+        first -= 1
+    while last + 1 < len(rows) and rows[last + 1][3] == path and rows[last + 1][2] in _READ_ONLY and rows[last + 1][0] == rows[last][1]:
+        last += 1
+    lo = -(-rows[first][0] // HUGE_PAGE) * HUGE_PAGE
+    hi = rows[last][1] // HUGE_PAGE * HUGE_PAGE
+    code = [(a, b) for a, b, perms, _ in rows[first:last + 1] if perms == "r-xp"]
+    return [(s, s + HUGE_PAGE) for s in range(lo, hi, HUGE_PAGE) if any(a < s + HUGE_PAGE and s < b for a, b in code)]
+
+
+def remap_code(maps_path: str = "/proc/self/maps") -> int:
+    """Moves the interpreter's code onto huge pages (see above); the MiB moved (0 where it cannot: not Linux, no
+    huge page to be had, a policy that forbids making memory executable)."""
+    if not sys.platform.startswith("linux"):
+        return 0
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        with open(maps_path) as fh:
+            maps_text = fh.read()
+        address = ctypes.cast(ctypes.pythonapi.Py_IncRef, ctypes.c_void_p).value  # in libpython, or the executable
+    except (OSError, AttributeError, ValueError) as exc:
+        log.debug("huge pages for code: %s", exc)
+        return 0
+    ranges = code_ranges(maps_text, address or 0)
+    if not ranges:
+        return 0
+    void, size = ctypes.c_void_p, ctypes.c_size_t
+    mmap_, mremap, mprotect, munmap, madvise = libc.mmap, libc.mremap, libc.mprotect, libc.munmap, libc.madvise
+    mmap_.restype, mmap_.argtypes = void, [void, size, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    mremap.restype, mremap.argtypes = void, [void, size, size, ctypes.c_int, void]
+    for function in (mprotect, madvise):
+        function.argtypes = [void, size, ctypes.c_int]
+    munmap.argtypes = [void, size]
+    failed = void(-1).value
+    moved = 0
+    for start, _ in ranges:
+        raw = mmap_(None, 2 * HUGE_PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+        if raw in (None, failed):
+            break
+        copy = -(-raw // HUGE_PAGE) * HUGE_PAGE  # an aligned 2 MiB inside the 4 MiB mapped; the rest unmapped
+        if copy > raw:
+            munmap(raw, copy - raw)
+        if raw + 2 * HUGE_PAGE > copy + HUGE_PAGE:
+            munmap(copy + HUGE_PAGE, raw + 2 * HUGE_PAGE - copy - HUGE_PAGE)
+        madvise(copy, HUGE_PAGE, MADV_HUGEPAGE)
+        ctypes.memmove(copy, start, HUGE_PAGE)
+        if (madvise(copy, HUGE_PAGE, MADV_COLLAPSE) != 0  # not on one huge page: moving it would only cost memory
+                or mprotect(copy, HUGE_PAGE, PROT_READ | PROT_EXEC) != 0
+                or mremap(copy, HUGE_PAGE, HUGE_PAGE, MREMAP_MAYMOVE | MREMAP_FIXED, start) in (None, failed)):
+            log.debug("huge pages for code: %#x left as it is (errno %d)", start, ctypes.get_errno())
+            munmap(copy, HUGE_PAGE)
+            continue
+        moved += 1
+    return moved * HUGE_PAGE >> 20

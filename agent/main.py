@@ -12,7 +12,7 @@ import fleetscope
 from agent.config import AgentConfig, split_address
 from agent.exporter import AgentCollector, make_registry
 from agent.exposition import MetricsServer
-from agent.hugepages import collapse_heap
+from agent.hugepages import collapse_heap, remap_code
 from agent.kubernetes import PodAttribution, PodResourcesUnavailable
 from agent.listener import Listener, SenderLimits
 from agent.sampler import Sampler
@@ -137,6 +137,8 @@ class Agent:
         gc.freeze()
         if self.config.huge_pages:
             # Once what start-up made is in place, and again when the first scrapes have built their caches.
+            if self.config.huge_page_code:
+                log.debug("huge pages: %d MiB of the interpreter's code moved", remap_code())
             log.debug("huge pages: %d MiB of the heap collapsed", collapse_heap())
             if not done.wait(HEAP_SETTLED_S):
                 log.debug("huge pages: %d MiB more collapsed", collapse_heap())
