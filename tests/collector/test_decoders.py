@@ -128,6 +128,41 @@ def test_the_quick_screen_passes_only_batches_the_screen_refuses_nothing_of_and_
     assert passed > 50 and fell_back > 50  # both ways were taken
 
 
+def test_a_workers_summary_dates_and_names_every_record_of_each_kind():
+    """`dated` spans every record's ts and `nodes` holds every node a record names (the batch's own besides), for
+    steps, requests and pauses (taken from their frames) as for host and server frames."""
+    rng = random.Random(11)
+    now = 1_800_000_000.0
+    for trial in range(60):
+        events, named = [], set()
+        for i in range(rng.randrange(0, 8)):
+            kind = rng.choice(["step", "request", "pause"])
+            ts = now + rng.uniform(-5000, 500)
+            node = rng.choice([None, "n", "other-a", "other-b"])
+            ev = {"v": 1, "kind": kind, "ts": ts, **({"node": node} if node else {})}
+            if kind == "step":
+                ev.update(job="j", rank=i, world_size=8, step=i, duration_s=1.0)
+            elif kind == "request":
+                ev.update(service="s", model="m", e2e_s=0.5)
+            else:
+                ev.update(job="j", rank=i, world_size=8, reason="checkpoint", phase="begin")
+            events.append(ev)
+            named |= {node} if node else set()
+        frames = [{"v": 1, "kind": "host", "node": rng.choice(["n", "other-c"]), "ts": now + rng.uniform(-5000, 500)}
+                  for _ in range(rng.randrange(0, 3))]
+        servers = [{"v": 1, "service": "svc", "model": "m", "server": "http://s", "kind": "vllm", "node": "other-d",
+                    "ts": now + rng.uniform(-5000, 500), "interval_s": 5.0}
+                   for _ in range(rng.randrange(0, 2))]
+        named |= {f["node"] for f in frames} | {s["node"] for s in servers}
+        body = json.dumps({"v": 1, "agent_id": "a", "seq": trial, "node": "n", "sent_ts": now, "events": events,
+                           "frames": frames, "servers": servers}).encode()
+        prepared = prepare(body)
+        stamps = [r["ts"] for r in (*events, *frames, *servers)]
+        assert prepared.dated == ((min(stamps), max(stamps)) if stamps else None), trial
+        assert prepared.nodes - {"n"} == named - {"n"}, trial
+        assert prepared.nodes <= named | {"n"}, trial
+
+
 # --- a collector with a worker ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def apps(tmp_path_factory):
