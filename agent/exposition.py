@@ -11,6 +11,10 @@ closed), and at most MAX_HANDLERS threads answer complete requests. No thread wa
 the reader and the handler that answers, nothing else. Idle or trickling connections (slowloris) thus cost a
 socket each, never a thread, and a scrape is answered while they wait.
 
+A handler parses the request head itself (parse_head: strict, a few lines of Python; http.server's parsing runs the
+email package's feed parser), and writes the whole answer with one sendall; every connection is closed after one
+answer, as http.server's HTTP/1.0 did.
+
 With TLS (a Prometheus web config's tls_server_config, fleetscope/webconfig.py) the reader thread also does each
 connection's handshake, without blocking and under the same deadline, so a client that stalls its handshake costs
 a socket too. With basic_auth_users, a handler answers 401 to a request without the right password.
@@ -19,7 +23,6 @@ a socket too. With basic_auth_users, a handler answers 401 to a request without 
 from __future__ import annotations
 
 import gzip
-import io
 import logging
 import math
 import queue
@@ -127,51 +130,6 @@ class MetricsServer:
         self._cached_for: object = object()
         self._plain = b""
         self._gzipped: bytes | None = None
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            timeout = connection_timeout_s  # on the socket while the answer is written
-
-            def __init__(self, request: socket.socket, client_address, httpd, head: bytes) -> None:
-                self._head = head
-                super().__init__(request, client_address, httpd)
-
-            def setup(self) -> None:
-                super().setup()
-                self.rfile.close()
-                self.rfile = io.BytesIO(self._head)  # the request, already read by the reader thread
-
-            def do_GET(self) -> None:  # noqa: N802 - the http.server API
-                if server.basic_auth is not None and not server.basic_auth.check(self.headers.get("Authorization")):
-                    body = b"Unauthorized\n"
-                    self.send_response(401)
-                    self.send_header("WWW-Authenticate", 'Basic realm="fleetscope agent"')
-                    self.send_header("Content-Type", "text/plain; charset=utf-8")
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
-                    return
-                path = self.path.split("?", 1)[0]
-                if path == "/metrics":
-                    body, encoding = server.body("gzip" in self.headers.get("Accept-Encoding", ""))
-                    ctype = CONTENT_TYPE
-                elif path == "/":
-                    body, encoding, ctype = b'<a href="/metrics">/metrics</a>\n', None, "text/html"
-                else:
-                    self.send_error(404, "only /metrics is served here")
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", ctype)
-                if encoding:
-                    self.send_header("Content-Encoding", encoding)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass  # one line per scrape would drown the agent's log
-
-        self._handler_class = Handler
         self.httpd = _ListeningServer((host, port))  # binds and listens; the reader thread accepts
         self.httpd.socket.setblocking(False)
         self.address = self.httpd.server_address
@@ -185,6 +143,26 @@ class MetricsServer:
         self._idle_handlers = 0
         self._handlers_lock = threading.Lock()
         self._reader = threading.Thread(target=self._read_requests, name="metrics-requests", daemon=True)
+
+    def answer(self, head: bytes) -> bytes:
+        """The whole response (status line, headers, body) to a request head; the connection is closed after it."""
+        try:
+            method, target, headers = parse_head(head)
+        except BadRequest as exc:
+            return _response(exc.status, f"{exc.reason}\n".encode(), "text/plain; charset=utf-8")
+        if method != "GET":
+            return _response(501, f"{method} is not served here: only GET\n".encode(), "text/plain; charset=utf-8",
+                             "Allow: GET\r\n")
+        if self.basic_auth is not None and not self.basic_auth.check(headers.get("authorization")):
+            return _response(401, b"Unauthorized\n", "text/plain; charset=utf-8",
+                             'WWW-Authenticate: Basic realm="fleetscope agent"\r\n')
+        path = target.split("?", 1)[0]
+        if path == "/metrics":
+            body, encoding = self.body("gzip" in headers.get("accept-encoding", ""))
+            return _response(200, body, CONTENT_TYPE, f"Content-Encoding: {encoding}\r\n" if encoding else "")
+        if path == "/":
+            return _response(200, b'<a href="/metrics">/metrics</a>\n', "text/html")
+        return _response(404, b"only /metrics is served here\n", "text/plain; charset=utf-8")
 
     def body(self, gzip_ok: bool) -> tuple[bytes, str | None]:
         with self._lock:
@@ -341,14 +319,83 @@ class MetricsServer:
                 return
             sock, client_address, head = item
             try:
-                sock.setblocking(True)
-                self._handler_class(sock, client_address, self.httpd, head)
+                sock.settimeout(self.connection_timeout_s)  # to take the answer
+                sock.sendall(self.answer(head))
             except OSError as exc:  # the client went away, or took longer than the timeout to read the answer
                 log.debug("metrics: answering %s: %s", client_address, exc)
             except Exception:  # noqa: BLE001 - one bad request never stops the server
                 log.exception("metrics: answering %s", client_address)
             finally:
                 self.httpd.shutdown_request(sock)
+
+
+# The request head, parsed here rather than by http.server, whose header parsing runs the email package's feed
+# parser: several hundred lines of Python for each scrape, which on a VM that is slow to touch memory idle for
+# seconds cost more than the answer's own work. Strict: a request line of three words and HTTP/1.x, header lines
+# "name: value" (obsolete folded lines joined), at most MAX_HEADERS of them; anything else is answered 400 (or 505
+# for another HTTP version, 431 for too many headers) and the connection closed. The reader thread has already
+# bounded the head to _MAX_HEAD bytes and its time to arrive to the connection timeout.
+MAX_HEADERS = 100  # as http.client
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 431: "Request Header Fields Too Large",
+            501: "Not Implemented", 505: "HTTP Version Not Supported"}
+_TOKEN = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")  # RFC 9110 tchar
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+class BadRequest(ValueError):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+def parse_head(head: bytes) -> tuple[str, str, dict[str, str]]:
+    """A request head's method, target and headers (names in lower case; of a repeated header, the first); raises
+    BadRequest with the status to answer."""
+    lines = head.decode("iso-8859-1").split("\n")
+    words = lines[0].removesuffix("\r").split(" ")
+    if len(words) != 3 or not all(words) or not set(words[0]) <= _TOKEN:
+        raise BadRequest(400, f"bad request line {lines[0][:100]!r}")
+    method, target, version = words
+    major, dot, minor = version.removeprefix("HTTP/").partition(".")
+    if not version.startswith("HTTP/") or not dot or not (major.isdigit() and minor.isdigit()) \
+            or not major.isascii() or not minor.isascii() or len(major) > 1 or len(minor) > 1:
+        raise BadRequest(400, f"bad HTTP version {version[:20]!r}")
+    if major != "1":
+        raise BadRequest(505 if major > "1" else 400, f"HTTP version {version} is not served here: only HTTP/1.x")
+    headers: dict[str, str] = {}
+    last: str | None = None  # the header a folded line continues ("" for one repeated, whose value is not kept)
+    count = 0
+    for line in lines[1:]:
+        line = line.removesuffix("\r")
+        if not line:
+            break
+        if line[0] in " \t":  # obsolete line folding (RFC 9110 5.5): part of the previous header's value
+            if last is None:
+                raise BadRequest(400, "a folded line before any header")
+            if last:
+                headers[last] = f"{headers[last]} {line.strip()}".strip()
+            continue
+        name, colon, value = line.partition(":")
+        if not colon or not name or not set(name) <= _TOKEN:
+            raise BadRequest(400, f"bad header line {line[:100]!r}")
+        count += 1
+        if count > MAX_HEADERS:
+            raise BadRequest(431, f"more than {MAX_HEADERS} headers")
+        name = name.lower()
+        last = "" if name in headers else name
+        headers.setdefault(name, value.strip(" \t"))
+    return method, target, headers
+
+
+def _http_date(now: float | None = None) -> str:
+    t = time.gmtime(now)
+    return f"{_DAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year} {t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT"
+
+
+def _response(status: int, body: bytes, content_type: str, extra: str = "") -> bytes:
+    return (f"HTTP/1.0 {status} {_REASONS[status]}\r\nDate: {_http_date()}\r\nContent-Type: {content_type}\r\n{extra}"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode("latin-1") + body
 
 
 class _Pending:

@@ -160,3 +160,68 @@ def test_one_thread_accepts_and_reads_and_a_scrape_wakes_only_it_and_one_handler
         server.stop()
     with pytest.raises(OSError):  # stopped: the listening socket is closed
         socket.create_connection(("127.0.0.1", server.address[1]), timeout=2)
+
+
+def test_a_request_head_is_parsed_strictly():
+    head = (b"GET /metrics?x=1 HTTP/1.1\r\nHost: node:9835\r\nAccept-Encoding: gzip\r\nX-Long: a\r\n\tb\r\n"
+            b"accept-encoding: identity\r\nAuthorization:  Basic cHJvbTpz  \r\n\r\nbody bytes are not read")
+    assert exposition.parse_head(head) == ("GET", "/metrics?x=1", {
+        "host": "node:9835", "accept-encoding": "gzip",  # names in lower case; of a repeated header, the first
+        "x-long": "a b",  # a folded line joins the header before it
+        "authorization": "Basic cHJvbTpz"})
+    assert exposition.parse_head(b"GET / HTTP/1.0\n\n") == ("GET", "/", {})  # bare newlines, as http.server takes them
+    refused = {
+        b"\r\n\r\n": 400,
+        b"GET /metrics\r\n\r\n": 400,  # HTTP/0.9
+        b"GET  /metrics HTTP/1.1\r\n\r\n": 400,  # two spaces: four words
+        b"GET /metrics HTTP/1.1 extra\r\n\r\n": 400,
+        b"G(T /metrics HTTP/1.1\r\n\r\n": 400,  # not a token
+        b"GET /metrics HTTX/1.1\r\n\r\n": 400,
+        b"GET /metrics HTTP/1\r\n\r\n": 400,
+        b"GET /metrics HTTP/1.x\r\n\r\n": 400,
+        b"GET /metrics HTTP/\xb9.1\r\n\r\n": 400,  # a digit to str.isdigit (superscript one), but not an ASCII one
+        b"GET /metrics HTTP/0.9\r\n\r\n": 400,
+        b"GET /metrics HTTP/2.0\r\n\r\n": 505,
+        b"GET /metrics HTTP/1.1\r\nno colon here\r\n\r\n": 400,
+        b"GET /metrics HTTP/1.1\r\n: no name\r\n\r\n": 400,
+        b"GET /metrics HTTP/1.1\r\nBad Name: x\r\n\r\n": 400,
+        b"GET /metrics HTTP/1.1\r\n folded first\r\n\r\n": 400,
+        b"GET /metrics HTTP/1.1\r\n" + b"X: y\r\n" * (exposition.MAX_HEADERS + 1) + b"\r\n": 431,
+    }
+    for bad, status in refused.items():
+        with pytest.raises(exposition.BadRequest) as caught:
+            exposition.parse_head(bad)
+        assert caught.value.status == status, bad
+    assert exposition.parse_head(b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * exposition.MAX_HEADERS + b"\r\n")[2] == {"x": "y"}
+
+
+def test_a_bad_request_is_answered_with_its_status_and_closed_and_the_server_serves_on(serve):
+    server = serve()
+
+    def ask(head: bytes) -> tuple[bytes, bytes]:
+        with connect(server) as sock:
+            sock.sendall(head)
+            answer = b""
+            while chunk := sock.recv(65536):  # the server closes the connection after its answer
+                answer += chunk
+        status_line, _, rest = answer.partition(b"\r\n")
+        return status_line, rest
+
+    assert ask(b"GET /metrics HTTP/2.0\r\n\r\n")[0] == b"HTTP/1.0 505 HTTP Version Not Supported"
+    assert ask(b"hello\r\n\r\n")[0] == b"HTTP/1.0 400 Bad Request"
+    assert ask(b"GET /metrics HTTP/1.1\r\n" + b"X: y\r\n" * 200 + b"\r\n")[0] == b"HTTP/1.0 431 Request Header Fields Too Large"
+    status, rest = ask(b"POST /metrics HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc")
+    assert status == b"HTTP/1.0 501 Not Implemented" and b"\r\nAllow: GET\r\n" in rest
+    assert ask(b"GET /nope HTTP/1.1\r\n\r\n")[0] == b"HTTP/1.0 404 Not Found"
+    status, rest = ask(b"GET /metrics?x HTTP/1.1\r\nHost: a\r\n\r\n")
+    headers, _, body = rest.partition(b"\r\n\r\n")
+    assert status == b"HTTP/1.0 200 OK" and body == BODY
+    assert f"Content-Length: {len(BODY)}".encode() in headers.split(b"\r\n") and b"Date: " in headers
+    assert scrape(server) == BODY
+
+
+def test_the_date_header_is_an_http_date():
+    from email.utils import formatdate
+
+    for at in (0.0, 951782400.0, 1764504000.5, time.time()):  # 1970, a leap day (2000-02-29), 2025, now
+        assert exposition._http_date(at) == formatdate(at, usegmt=True)
