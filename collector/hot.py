@@ -284,27 +284,34 @@ class HotTier:
         steps = _concat(chunks, "steps")
         aggs = self._aggs
         if fresh:
-            touched = pl.concat([f[["job", "step"]] for f in fresh]).unique()
+            touched = pl.concat([f[["job", "step"]] for f in fresh], how="vertical", rechunk=False)
             older = len(chunks) - len(fresh)
             if older >= 0 and all(a is b for a, b in zip(fresh, chunks[older:])):
                 # The fresh rows are the table's tail: only the older rows need the join (a few kept per rank,
-                # where the fresh ones are hundreds of thousands at a high event rate).
-                rows = pl.concat([_concat(chunks[:older], "steps").join(touched, on=["job", "step"], how="semi"),
-                                  *fresh], how="vertical", rechunk=False)
+                # where the fresh ones are hundreds of thousands at a high event rate). A semi join asks only
+                # whether a key is there: the keys need not be unique (making them so took 50-100 ms a pass).
+                kept_rows = _concat(chunks[:older], "steps")
+                if kept_rows.height:  # keys past the kept rows' last step cannot be theirs: the join is of a few
+                    top = kept_rows.get_column("step").max()
+                    kept_rows = kept_rows.join(touched.filter(pl.col("step") <= top), on=["job", "step"], how="semi")
+                rows = pl.concat([kept_rows, *fresh], how="vertical", rechunk=False)
             else:
-                rows = steps.join(touched, on=["job", "step"], how="semi")
+                rows = steps.join(touched.unique(), on=["job", "step"], how="semi")
             recent = step_aggregates(rows)
             aggs = merge_step_aggregates(aggs, recent.with_columns(pl.lit(False).alias("final")))
         if steps.height:
-            # Each rank's last raw_steps rows. A rank silent for 50 steps (10 minutes at least) while its
-            # job went on has left it (a hung job does not go on: its ranks all stay).
+            # Each rank's last raw_steps rows. A rank silent for 50 of its job's median steps over them (10 minutes
+            # at least) while its job went on has left it (a hung job does not go on: its ranks all stay).
             horizon = pl.max_horizontal(pl.lit(600.0), pl.col("duration_s").median().over("job").cast(pl.Float64) * 50)
             keep = ((pl.col("ts").rank("ordinal", descending=True).over("job", "rank") <= self.raw_steps)
                     & (pl.col("ts").max().over("job", "rank") >= pl.col("ts").max().over("job") - horizon)
                     & (pl.col("ts") >= now - self.window_s))
             # Trimming copies the table: only once it has grown a quarter past what the last trim kept.
             if steps.height > 1.25 * self._steps_kept or now - self._steps_trimmed_at > 60:
-                kept = steps.filter(keep)
+                # First each rank's rows from its raw_steps-th latest ts on (a selection, not a sort: ties make it a
+                # few more), then the exact rule over those: ranking hundreds of thousands of fresh rows took 150 ms.
+                latest = pl.col("ts") >= pl.col("ts").top_k(self.raw_steps).min().over("job", "rank")
+                kept = steps.filter(latest).filter(keep)
                 replace["steps"] = [kept.rechunk()] if kept.height else []
                 self._steps_kept, self._steps_trimmed_at = kept.height, now
                 self.steps_since = float(kept["ts"].min()) if kept.height else None  # type: ignore[arg-type]
@@ -313,13 +320,18 @@ class HotTier:
             live = kept.select("job", incarnation_of(kept), "step").unique()
         else:
             live = pl.DataFrame(schema={k: STEP_AGGS[k] for k in STEP_KEY})
-        # An aggregate whose step has no raw row left is final: it goes to disk once.
-        newly = aggs.filter(~pl.col("final")).join(live, on=list(STEP_KEY), how="anti")
+        # An aggregate whose step has no raw row left is final: it goes to disk once. Only the open rows are
+        # looked at (a join over the whole table to set the flag took 30 ms and more a pass).
+        open_rows = aggs.filter(~pl.col("final"))
+        newly = open_rows.join(live, on=list(STEP_KEY), how="anti")
         if newly.height:
-            aggs = (aggs.join(newly.select(*STEP_KEY, pl.lit(True).alias("_newly")), on=list(STEP_KEY), how="left")
-                    .with_columns(pl.col("final") | pl.col("_newly").fill_null(False)).drop("_newly"))
+            aggs = pl.concat([aggs.filter(pl.col("final")), newly.with_columns(pl.lit(True).alias("final")),
+                              open_rows.join(live, on=list(STEP_KEY), how="semi")], how="vertical", rechunk=False)
         cutoff = now - self.window_s
-        aggs = aggs.filter(pl.col("end_ts") >= cutoff)
+        if aggs.height and aggs.get_column("end_ts").min() < cutoff:  # type: ignore[operator]
+            aggs = aggs.filter(pl.col("end_ts") >= cutoff)
+        if aggs.n_chunks() > 8:  # each pass adds chunks; a table of many is slow to read
+            aggs = aggs.rechunk()
         with self._lock:
             self._aggs = aggs
             if newly.height:

@@ -79,6 +79,55 @@ def test_each_rank_keeps_its_recent_steps_and_every_step_keeps_its_aggregate():
     assert final["step_aggs"][0].height == 80  # the steps that left the raw tier go to disk, once
 
 
+def test_each_rank_keeps_exactly_its_latest_steps_when_many_share_a_timestamp():
+    """The trim selects each rank's latest rows before it ranks them: rows tied at the cut-off ts must not make a rank
+    keep more (or fewer) than raw_steps, and a rank with fewer keeps all of its own."""
+    hot = HotTier(window_s=3600, raw_steps=20)
+    events = [{"v": 1, "kind": "step", "job": "j", "rank": r, "world_size": 3, "step": s, "ts": NOW - 100 + s // 10,
+               "duration_s": 1.0} for s in range(95) for r in range(2)]  # ten steps a second: ties at every ts
+    events += [{"v": 1, "kind": "step", "job": "j", "rank": 2, "world_size": 3, "step": s, "ts": NOW - 100 + s,
+                "duration_s": 1.0} for s in range(5)]
+    hot.append(batch_frames(decode_batch(json.dumps({"v": 1, "agent_id": "a", "seq": 0, "node": "n", "sent_ts": NOW,
+                                                     "events": events}).encode())))
+    hot.maintain(NOW)
+    raw = hot.raw("steps")
+    assert raw.group_by("rank").len().sort("rank")["len"].to_list() == [20, 20, 5]
+    for rank in (0, 1):  # the latest: steps 75-94 (ts of 85-94 beat 75-84's; all of them beat the rest)
+        assert sorted(raw.filter(pl.col("rank") == rank)["step"].to_list())[-10:] == list(range(85, 95))
+        assert raw.filter(pl.col("rank") == rank)["ts"].min() >= NOW - 100 + 7
+
+
+def test_merging_step_aggregates_keeps_the_recount_from_the_most_ranks_then_the_latest_end():
+    """The upsert looks only at the old rows from the new ones' lowest step on; it must give what sorting the whole
+    table gives, whichever old rows the new keys hit (none, some, all; null keys; several jobs and incarnations)."""
+    import random
+
+    from collector.rollups import STEP_KEY, merge_step_aggregates
+
+    def reference(old: pl.DataFrame, new: pl.DataFrame) -> pl.DataFrame:
+        if new.height == 0 or old.height == 0:
+            return new if old.height == 0 else old
+        return pl.concat([old, new]).sort("ranks", "end_ts").unique(list(STEP_KEY), keep="last", maintain_order=False)
+
+    rng = random.Random(3)
+    schema = {"job": pl.String, "incarnation": pl.Int32, "step": pl.Int64, "end_ts": pl.Float64, "ranks": pl.Int32}
+
+    def aggs(n: int, lo: int, hi: int) -> pl.DataFrame:
+        rows = [{"job": rng.choice("ab"), "incarnation": rng.choice([0, 1, None]), "step": rng.randrange(lo, hi),
+                 "end_ts": rng.random(), "ranks": rng.randrange(1, 4)} for _ in range(n)]
+        return pl.DataFrame(rows, schema=schema).unique(list(STEP_KEY), keep="first").with_columns(
+            pl.lit(rng.random()).alias("which"))
+
+    hits = 0
+    for trial in range(300):
+        old, new = aggs(rng.randrange(0, 40), 0, 30), aggs(rng.randrange(0, 20), rng.randrange(0, 30), 40)
+        want = reference(old, new).sort(list(STEP_KEY), nulls_last=True)
+        got = merge_step_aggregates(old, new).sort(list(STEP_KEY), nulls_last=True)
+        assert got.equals(want), trial
+        hits += old.join(new, on=list(STEP_KEY), how="semi").height > 0
+    assert 50 < hits < 290  # both ways through the upsert were taken
+
+
 def test_a_step_whose_ranks_come_across_upkeep_passes_is_aggregated_over_all_of_them():
     hot = HotTier(window_s=3600, raw_steps=20)
 
