@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -34,8 +36,8 @@ def test_the_collector_runs_with_bounded_connections_and_request_deadlines(tmp_p
     assert config.timeout_keep_alive == 5
     config.load()
     protocol = config.http_protocol_class
-    assert issubclass(protocol, collector_main.H11Protocol)
-    assert (protocol.header_timeout, protocol.body_timeout) == (10.0, 60.0)
+    assert issubclass(protocol, collector_main.HttpToolsProtocol)
+    assert (protocol.header_timeout, protocol.body_timeout, protocol.max_head) == (10.0, 60.0, 64 * 1024)
 
 
 def test_run_hands_uvicorn_that_configuration(tmp_path, monkeypatch):
@@ -62,18 +64,28 @@ def test_run_hands_uvicorn_that_configuration(tmp_path, monkeypatch):
     assert seen["frozen"] > 10_000
 
 
-@pytest.fixture
-def collector(tmp_path):
-    """A collector in this process on a real socket, with deadlines short enough to watch."""
+@contextlib.contextmanager
+def serving(tmp_path, header_timeout_s: float, body_timeout_s: float):
+    """A collector in this process on a real socket."""
     port = free_port()
-    config = collector_main.server_config(settings(tmp_path), "127.0.0.1", port, header_timeout_s=0.5, body_timeout_s=1.0)
+    config = collector_main.server_config(settings(tmp_path), "127.0.0.1", port, header_timeout_s=header_timeout_s,
+                                          body_timeout_s=body_timeout_s)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     wait_until(lambda: http_get(f"http://127.0.0.1:{port}/healthz")[0] == 200, timeout=30, what="the collector")
-    yield port
-    server.should_exit = True
-    thread.join(timeout=20)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)
+
+
+@pytest.fixture
+def collector(tmp_path):
+    """A collector with deadlines short enough to watch."""
+    with serving(tmp_path, 0.5, 1.0) as port:
+        yield port
 
 
 def test_idle_connections_do_not_keep_readers_waiting_and_are_closed(collector):
@@ -104,6 +116,39 @@ def test_a_trickled_head_and_a_stalled_body_are_cut_off(collector):
         stop.set()
         trickling.close()
         stalled.close()
+
+
+def test_a_head_too_large_is_refused_with_431_and_its_connection_closed(tmp_path):
+    """httptools keeps a header's value until the header ends: without a bound, one endless header would grow in
+    memory until the head's deadline (here 10 s, far off). A large head within the bound is served."""
+    with serving(tmp_path, 10.0, 10.0) as port:
+        sock = connect(port)
+        try:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: c\r\nX-Big: " + b"a" * (40 * 1024) + b"\r\n\r\n")
+            assert read_response(sock).startswith(b"HTTP/1.1 200")
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: c\r\nX-Endless: ")
+            for _ in range(100):  # 800 KiB at most, a piece at a time until the server answers (past 64 KiB)
+                sock.sendall(b"a" * 8192)
+                if select.select([sock], [], [], 0.3)[0]:
+                    break
+            answer = b""
+            while chunk := sock.recv(4096):
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
+        finally:
+            sock.close()
+        assert http_get(f"http://127.0.0.1:{port}/healthz", timeout=2)[0] == 200
+
+
+def test_requests_pipelined_on_one_connection_are_each_answered(collector):
+    sock = connect(collector)
+    try:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: c\r\n\r\n" * 3)
+        answers = b""
+        while answers.count(b"HTTP/1.1 200") < 3:
+            answers += sock.recv(4096)
+    finally:
+        sock.close()
 
 
 def read_response(sock: socket.socket) -> bytes:
