@@ -56,7 +56,8 @@ def bounded_protocol(header_timeout_s: float = HEADER_TIMEOUT_S, body_timeout_s:
         _read_deadline: asyncio.TimerHandle | None = None
         _in_head = True  # between requests or inside a head: the next bytes are (part of) a head
         _head_bytes = 0
-        _messages = 0
+        _messages = 0  # requests begun on this connection
+        _completed = 0  # requests whose body has all come
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -68,14 +69,14 @@ def bounded_protocol(header_timeout_s: float = HEADER_TIMEOUT_S, body_timeout_s:
         def data_received(self, data: bytes) -> None:
             if self._in_head and self._read_deadline is None:
                 self._arm(self.header_timeout)  # a further request on a kept-alive connection begins
-            messages = self._messages
+            seen = (self._messages, self._completed)
             super().data_received(data)
             if not self._in_head or self.parser is None or self.transport.is_closing():
                 return
             # Still in a head: count what it has taken so far. httptools keeps a header's value until it ends, so
-            # a head that never ends would grow until its deadline; a head that began within this chunk, after
-            # the end of the request before it, counts from the next chunk on.
-            self._head_bytes = self._head_bytes + len(data) if self._messages == messages else 0
+            # a head that never ends would grow until its deadline. Only a chunk that lies wholly inside one head
+            # counts: one that ended a request (the rest of its body) or began one counts nothing.
+            self._head_bytes = self._head_bytes + len(data) if (self._messages, self._completed) == seen else 0
             if self._head_bytes > self.max_head:
                 log.debug("closing a connection from %s: a request head over %d bytes", self.client, self.max_head)
                 self._disarm()
@@ -95,6 +96,7 @@ def bounded_protocol(header_timeout_s: float = HEADER_TIMEOUT_S, body_timeout_s:
             super().on_headers_complete()
 
         def on_message_complete(self) -> None:
+            self._completed += 1
             self._in_head = True
             self._disarm()  # the request is in: the app's time is not bounded here; the next head's starts with it
             super().on_message_complete()

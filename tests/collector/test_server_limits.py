@@ -140,6 +140,28 @@ def test_a_head_too_large_is_refused_with_431_and_its_connection_closed(tmp_path
         assert http_get(f"http://127.0.0.1:{port}/healthz", timeout=2)[0] == 200
 
 
+def test_large_bodies_one_after_another_on_one_connection_are_all_taken(collector):
+    """The head's bound counts head bytes only: a body's last chunk (hundreds of KiB, after which the parser waits
+    for the next head) is no head."""
+    import json
+
+    sock = connect(collector)
+    try:
+        for seq in range(4):
+            events = [{"v": 1, "kind": "step", "job": "big", "rank": r, "world_size": 8, "step": seq * 200 + s,
+                       "ts": time.time() - 60, "duration_s": 0.5, "phases": {"forward": 0.2, "backward": 0.25}}
+                      for s in range(200) for r in range(8)]
+            body = json.dumps({"v": 1, "agent_id": "a", "seq": seq, "node": "n", "sent_ts": time.time(),
+                               "events": events}).encode()
+            assert len(body) > 200 * 1024
+            sock.sendall(b"POST /v1/ingest HTTP/1.1\r\nHost: c\r\nAuthorization: Bearer i\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            head = read_response(sock)
+            assert head.startswith(b"HTTP/1.1 200"), (seq, head)
+    finally:
+        sock.close()
+
+
 def test_requests_pipelined_on_one_connection_are_each_answered(collector):
     sock = connect(collector)
     try:
