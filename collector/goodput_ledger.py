@@ -36,6 +36,10 @@ PREPARE_BLOCKS = 8  # encoded under the lock at a time by prepare()
 TYPICAL_STEPS = 1024  # a job's typical step is the median of its latest unsettled steps
 SPAN_STEPS = 64
 MAX_PIDS = 65_536  # per incarnation, for its pid count
+# What one unsettled step holds in memory: its tuple of nine numbers (~150 bytes with its slot in its block's dict)
+# and the float and int objects it refers to (~150 more), measured with tracemalloc; tests/collector/test_goodput.py
+# holds the estimate to the measure.
+STEP_BYTES = 300
 
 
 @dataclass(frozen=True)
@@ -362,6 +366,14 @@ class GoodputLedger:
                         job.pauses[_pause_class(reason)] = union(intervals)
 
     # --- upkeep -----------------------------------------------------------------------------------
+    def memory(self) -> int:
+        """Bytes its unsettled steps hold (an estimate: STEP_BYTES a step, and their encoded blocks' own size). They
+        grow with the steps a second of every job together, for SETTLE_S: a job stepping once a second holds 600."""
+        with self._lock:
+            steps = sum(len(block) for job in self._jobs.values() for block in job.blocks.values())
+            encoded = sum(len(piece[2]) for job in self._jobs.values() for piece in job.encoded.values())
+        return steps * STEP_BYTES + encoded
+
     def maintain(self, now: float | None = None) -> None:
         """Fold settled steps into spans, forget jobs older than the retention."""
         now = time.time() if now is None else now

@@ -183,12 +183,13 @@ class CollectorMetrics:
     def _storage(self) -> Iterable[Metric]:
         store = self.store
         memory = GaugeMetricFamily("fleetscope_collector_memory_bytes",
-                                   "Bytes the collector holds in memory, by table (hot tier, and rows waiting for a checkpoint).",
+                                   "Bytes the collector holds in memory, by table (hot tier, rows waiting for a checkpoint, the goodput ledger's unsettled steps).",
                                    labels=["table"])
         if store.ready:
             for table, size in store.hot.memory().items():
                 memory.add_metric([table], size)
         memory.add_metric(["unwritten"], store.unwritten_bytes())
+        memory.add_metric(["goodput_unsettled"], store.goodput.memory())  # the ledger's steps of the last SETTLE_S
         yield memory
         rows = GaugeMetricFamily("fleetscope_collector_hot_rows", "Rows in the hot tier, by table.", labels=["table"])
         held = GaugeMetricFamily("fleetscope_collector_hot_held_seconds",
