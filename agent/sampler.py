@@ -142,7 +142,7 @@ def _joined(parts: list[tuple[Reading, ...] | Deferred]) -> tuple[Reading, ...] 
 
 
 class _Alarm:
-    """A timer that one thread blocks on and another sets and cancels; cancelled in time, it wakes nobody.
+    """A timer that one thread blocks on and another sets; set again to a later time in time, it wakes nobody.
 
     Linux's timerfd, through ctypes (os.timerfd_* is Python 3.13+). The sampler thread waits on it for the
     current sample's deadline, so a sample that finishes in time costs that thread no wake-up at all: on a
@@ -152,11 +152,12 @@ class _Alarm:
     The struct itimerspec goes to C as a bytes object packed by `struct` and the function has no argtypes:
     ctypes passes bytes, ints and None as they are. A ctypes Structure filled field by field and passed by
     byref() ran through enough of ctypes' code to cost 2-4 ms of CPU a sample on a VM where memory untouched
-    for seconds is slow to touch again (two calls a sample); this way a call costs about 10 us."""
+    for seconds is slow to touch again (two calls a sample); this way a call costs about 10 us when warm. Even so,
+    the first call after 5 s asleep cost 3-4 ms (the kernel's timer as well as ctypes' code): the schedule sets
+    each deadline once, before its sleep, and moves it on to the next sample's when a sample finishes."""
 
     _CLOCK_MONOTONIC, _TFD_CLOEXEC, _TFD_NONBLOCK, _TFD_TIMER_ABSTIME = 1, 0o2000000, 0o4000, 1
     _SPEC = struct.Struct("@4l")  # struct itimerspec: it_interval (tv_sec, tv_nsec), it_value (tv_sec, tv_nsec)
-    _OFF = _SPEC.pack(0, 0, 0, 0)
     _SOON = _SPEC.pack(0, 0, 0, 1)
 
     def __init__(self, libc: ctypes.CDLL, fd: int) -> None:
@@ -180,9 +181,6 @@ class _Alarm:
         """Rings at time.monotonic() == when (both read CLOCK_MONOTONIC); a time already past rings at once."""
         whole = max(0, int(when))
         self._set(self._SPEC.pack(0, 0, whole, max(1, int((when - whole) * 1e9))), self._TFD_TIMER_ABSTIME)
-
-    def cancel(self) -> None:
-        self._set(self._OFF, 0)
 
     def ring(self) -> None:
         self._set(self._SOON, 0)
@@ -208,8 +206,8 @@ class Sampler:
     The sources run one after another on one worker thread, those that may block on hardware or the
     network last. On the schedule (start()) the worker keeps the time itself: it wakes, runs every source,
     and publishes the snapshot; the sampler thread wakes once per sample, at its deadline, only to check
-    that the worker finished; on Linux it waits on a timer the worker cancels when it finishes in time
-    (_Alarm), so it does not wake at all. One thread wake-up per sample however many sources, and the
+    that the worker finished; on Linux it waits on a timer (_Alarm) that the worker, finishing in time, moves on
+    to the next sample's deadline (counted from when that sample is due), so it does not wake at all. One thread wake-up per sample however many sources, and the
     snapshot is built by the thread whose caches the sample has just warmed (on a virtual machine, a
     thread waking from idle runs several times slower for its first milliseconds).
     A source still running at its deadline is reported (source_up 0, and for how long it has been
@@ -338,24 +336,27 @@ class Sampler:
     def _periodic(self, worker: _Worker, first_at: float) -> bool:
         """The schedule, on a worker: sleep, run every source, publish, until stopped or abandoned."""
         next_at = first_at
+        alarm = self._alarm
+        # Each sample's deadline is set before the sleep that precedes it, by a thread still warm from the sample
+        # before, counted from when the sample is due: set after waking, the timer's one call cost 3-4 ms of CPU
+        # a sample on a VM where what has not run for seconds is slow to run again (it was the first thing run).
+        if alarm is not None:
+            alarm.at(next_at + self.deadline_s)
         while not self._stop.is_set() and not self._stopped.acquire(timeout=max(0.0, next_at - time.monotonic())):
             round_ = _Round(self._fresh_slots(), next_at)
             self._round = round_
-            alarm = self._alarm
-            if alarm is not None:
-                alarm.at(round_.started + self.deadline_s)
             if not worker.run_slots(round_.slots):
                 return False
             with worker.lock:
                 if round_.taken_over:
                     return False
-                round_.done = True
                 self._next_at = next_at + self.interval_s  # before the watchdog can look
-                if alarm is not None:
-                    alarm.cancel()  # in time: the watchdog sleeps on
+                round_.done = True
             self._publish(round_.slots)
             # If a sample overran the interval, skip ahead rather than bursting to catch up.
             next_at = self._next_at = max(self._next_at, time.monotonic())
+            if alarm is not None:
+                alarm.at(next_at + self.deadline_s)  # in time: the watchdog sleeps on, until the next one's deadline
         return False
 
     def _take_over(self, round_: _Round) -> None:
@@ -377,15 +378,24 @@ class Sampler:
         self._next_at = time.monotonic()
         self._worker.jobs.put(lambda w, at=self._next_at: self._periodic(w, at))
         alarm = self._alarm
-        if alarm is not None:  # woken only by a deadline the worker did not cancel in time, or by stop()
+        if alarm is not None:  # woken only by a deadline the worker did not move on in time, or by stop()
             while True:
                 alarm.wait()
                 if self._stop.is_set():
                     return
-                round_ = self._round
-                if (round_ is not None and not round_.done and not round_.taken_over
-                        and time.monotonic() >= round_.started + self.deadline_s):
-                    self._take_over(round_)
+                round_, now = self._round, time.monotonic()
+                if round_ is not None and not round_.done and not round_.taken_over:
+                    due = round_.started + self.deadline_s
+                    if now >= due:
+                        self._take_over(round_)  # the new worker sets its own deadlines
+                    else:
+                        alarm.at(due)  # the sample started after it was due: its deadline counts from its start
+                    continue
+                # No sample running: the worker sets the next deadline when it has published, so this is a worker
+                # late to start the next sample (a frozen machine: look again soon), or a deadline that passed
+                # while the last sample was being published (the worker sets the next one, or has).
+                due = self._next_at + self.deadline_s
+                alarm.at(due if due > now else now + min(0.1, self.deadline_s))
         while True:  # no timerfd: wake at each sample's deadline and look
             round_, now = self._round, time.monotonic()
             if round_ is not None and not round_.done and not round_.taken_over:
