@@ -247,7 +247,7 @@ def test_a_sample_that_starts_late_still_has_its_whole_deadline():
 def test_the_schedule_sets_each_deadline_before_it_sleeps_not_after_it_wakes():
     # A timer call right after waking cost 3-4 ms of CPU a sample on a VM (cold): the worker sets the next
     # sample's deadline when it has published, once a sample.
-    sampler = Sampler([Quick()], interval_s=0.1, deadline_s=0.05)
+    sampler = Sampler([Quick()], interval_s=0.2, deadline_s=0.1)
     calls: list[tuple[float, float]] = []
     starts: list[float] = []
     original = _Alarm.at
@@ -264,12 +264,13 @@ def test_the_schedule_sets_each_deadline_before_it_sleeps_not_after_it_wakes():
         if alarm is None:
             pytest.skip("no timerfd here")
         alarm.at = lambda when: (calls.append((time.monotonic(), when)), original(alarm, when))[1]
-        time.sleep(0.65)
+        time.sleep(1.3)
     finally:
         sampler.stop()
     assert len(starts) >= 4
-    # every call was made before the sample it is for was due, and one per sample
-    assert all(made <= when - 0.05 for made, when in calls), calls
+    # every call was made before the sample it is for was due, and one per sample. Not the first recorded: it may
+    # follow the first sample, which runs at start, cold, and on a loaded machine ends past the second's due time.
+    assert all(made <= when - 0.1 for made, when in calls[1:]), calls
     sampled = [t for t in starts if calls and t > calls[0][0]]
     assert abs(len(calls) - len(sampled)) <= 1, (calls, starts)
 
