@@ -31,6 +31,7 @@ import socket
 import ssl
 import threading
 import time
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
@@ -336,8 +337,6 @@ class MetricsServer:
 # for another HTTP version, 431 for too many headers) and the connection closed. The reader thread has already
 # bounded the head to _MAX_HEAD bytes and its time to arrive to the connection timeout.
 MAX_HEADERS = 100  # as http.client
-_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 431: "Request Header Fields Too Large",
-            501: "Not Implemented", 505: "HTTP Version Not Supported"}
 _TOKEN = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")  # RFC 9110 tchar
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
@@ -394,7 +393,7 @@ def _http_date(now: float | None = None) -> str:
 
 
 def _response(status: int, body: bytes, content_type: str, extra: str = "") -> bytes:
-    return (f"HTTP/1.0 {status} {_REASONS[status]}\r\nDate: {_http_date()}\r\nContent-Type: {content_type}\r\n{extra}"
+    return (f"HTTP/1.0 {status} {HTTPStatus(status).phrase}\r\nDate: {_http_date()}\r\nContent-Type: {content_type}\r\n{extra}"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode("latin-1") + body
 
 

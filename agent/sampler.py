@@ -207,7 +207,8 @@ class Sampler:
     network last. On the schedule (start()) the worker keeps the time itself: it wakes, runs every source,
     and publishes the snapshot; the sampler thread wakes once per sample, at its deadline, only to check
     that the worker finished; on Linux it waits on a timer (_Alarm) that the worker, finishing in time, moves on
-    to the next sample's deadline (counted from when that sample is due), so it does not wake at all. One thread wake-up per sample however many sources, and the
+    to the next sample's deadline (counted from when that sample is due), so it does not wake at all. One
+    thread wake-up per sample however many sources, and the
     snapshot is built by the thread whose caches the sample has just warmed (on a virtual machine, a
     thread waking from idle runs several times slower for its first milliseconds).
     A source still running at its deadline is reported (source_up 0, and for how long it has been

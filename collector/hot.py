@@ -296,7 +296,7 @@ class HotTier:
                     kept_rows = kept_rows.join(touched.filter(pl.col("step") <= top), on=["job", "step"], how="semi")
                 rows = pl.concat([kept_rows, *fresh], how="vertical", rechunk=False)
             else:
-                rows = steps.join(touched.unique(), on=["job", "step"], how="semi")
+                rows = steps.join(touched, on=["job", "step"], how="semi")
             recent = step_aggregates(rows)
             aggs = merge_step_aggregates(aggs, recent.with_columns(pl.lit(False).alias("final")))
         if steps.height:
