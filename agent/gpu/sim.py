@@ -33,6 +33,7 @@ SLOWDOWN_C, SHUTDOWN_C = 87.0, 92.0
 SM_MAX_MHZ, SM_BASE_MHZ, SM_IDLE_MHZ = 1980.0, 1590.0, 345.0
 MEM_CLOCK_MHZ = 2619.0
 NVLINKS = 18
+UTIL_TAU_S, UTIL_SIGMA = 1.5, 0.015  # utilisation's time constant and its spread about the workload's target
 # NVML clock-event reason bits
 IDLE, SW_POWER_CAP, HW_SLOWDOWN, SW_THERMAL, HW_THERMAL = 0x1, 0x4, 0x8, 0x20, 0x40
 
@@ -78,8 +79,13 @@ class _Gpu:
                 self.nvlink_crc[link] += float(f.params.get("errors_per_second", 2000)) * dt
         in_checkpoint = ((t + self.phase_s) % self.period_s) < 8.0
         target = 0.08 if (in_checkpoint or t < 5.0) else 0.93
-        relax = 1.0 - math.exp(-dt / 1.5) if dt > 0 else 0.0
-        self.util += (target - self.util) * relax + self.rng.gauss(0, 0.015)
+        # Utilisation relaxes to its target with jitter, as an Ornstein-Uhlenbeck process: its spread is the same
+        # whatever the reading cadence (a rank reads its GPU every quarter second, the agent every few seconds;
+        # with a fixed draw per read the rank's GPU wandered twice as far as the agent's, and a healthy rank's
+        # clock could lag its peers' by 3-7% for seconds).
+        relax = 1.0 - math.exp(-dt / UTIL_TAU_S) if dt > 0 else 0.0
+        jitter = UTIL_SIGMA * math.sqrt(1.0 - math.exp(-2.0 * dt / UTIL_TAU_S)) if dt > 0 else 0.0
+        self.util += (target - self.util) * relax + self.rng.gauss(0, 1) * jitter
         self.util = min(1.0, max(0.0, self.util))
         self.demand_w = max(IDLE_W * 0.8, min(TDP_W, IDLE_W + (TDP_W - IDLE_W) * self.util**1.15 + self.rng.gauss(0, 8)))
         limit = self.power_limit(t, faults)

@@ -66,3 +66,22 @@ def test_the_sample_interval_does_not_change_the_physics():
     fine = run(3, seconds=100, step=2.0)[-1][0]
     # Noise differs with the number of draws, the thermal state must not diverge.
     assert abs(coarse.temperature_celsius - fine.temperature_celsius) < 6
+
+
+def test_the_read_cadence_does_not_change_how_far_utilisation_wanders():
+    """A demo rank reads its GPU's model every quarter second, the agent every few seconds: both must see the
+    same spread of utilisation (and so of the boost clock) about the busy target, or a healthy rank's GPU lags
+    its peers' for seconds at a time and reads as a straggler."""
+    import statistics
+
+    def spread(step: float) -> float:
+        clock = Clock()
+        sim = SimulatedGpus(8, seed=5, node="n", clock=clock)
+        values = []
+        for _ in range(int(600 / step)):
+            clock.t += step
+            values += [g.utilization_ratio for g in sim.read() if g.utilization_ratio > 0.6]  # busy, not in a dip
+        return statistics.pstdev(values)
+
+    fine, coarse = spread(0.25), spread(2.0)
+    assert 0.8 < fine / coarse < 1.25, (fine, coarse)

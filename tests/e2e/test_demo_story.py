@@ -20,6 +20,8 @@ from tests.conftest import wait_until
 
 GPUS = 6  # the story needs GPUs 3 and 5 of node-01; six a node keeps the machine's load down
 STRAGGLER_RANK = GPUS + 3  # node-01's GPU 3
+# collector/attribution.py's causes that name no faulty part: the host's CPU or memory, the rank's data loading
+NOT_HARDWARE = {"cpu_saturation", "memory_pressure", "data_loader", "no_hardware_signal"}
 # The GPU heats from the start (it throttles ~35 s in: the simulator's thermal time constant), the job
 # fails well after the straggler can be found (10 warm-up steps, then a 16-step window of ~1 s steps).
 STORY = "thermal=0,spike=20,spike_s=60,xid=80,checkpoint_every=15,checkpoint_s=1,restart_delay=3,startup_s=2"
@@ -111,8 +113,13 @@ def test_the_demo_tells_its_story(tmp_path):
         finding = wait_until(straggler, timeout=150, interval=2, what="the straggler on node-01's GPU 3, thermal slowdown first")
         assert finding["subject"]["node"] == "node-01" and finding["subject"]["gpu_uuid"] == uuid[3]
         assert finding["severity"] == "page"  # its peers wait for it more than 5% of each step
-        others = get("/v1/findings?kind=straggler&job=demo-llama-8b")["findings"]
-        assert {f["subject"]["rank"] for f in others} == {STRAGGLER_RANK}, others
+        # Only GPU 3 is faulty: no other rank's GPU or NIC may be blamed. Another rank may itself be slow: the ranks
+        # are real processes on a small machine busy with the whole demo (once, on the 2-core CI machine, rank 7
+        # was found a straggler too; what its finding blamed was not recorded: this message now prints it).
+        others = [f for f in get("/v1/findings?kind=straggler&job=demo-llama-8b")["findings"]
+                  if f["subject"]["rank"] != STRAGGLER_RANK]
+        blamed = [f for f in others if {c["cause"] for c in f["probable_causes"]} - NOT_HARDWARE]
+        assert not blamed, json.dumps(blamed, indent=1)
 
         def xid_seen():
             gpu5 = next(g for g in get("/v1/gpus?node=node-01")["gpus"] if g["index"] == 5)
