@@ -168,6 +168,7 @@ def create_app(settings: Settings, store: Store | None = None) -> FastAPI:
     app.state.metrics.decoders = app.state.decoders
     for module in (ingest, fleet, jobs, services, findings, health):
         app.include_router(module.router)
+    app.add_middleware(ingest.IngestFastPath)  # POST /v1/ingest, served before FastAPI's routing (see there)
 
     default_openapi = app.openapi
 
