@@ -7,6 +7,7 @@ docstring of collector.goodput says what it keeps and why.
 
 from __future__ import annotations
 
+import logging
 import struct
 import threading
 import time
@@ -30,7 +31,12 @@ from collector.goodput import (
 )
 from collector.training import STOPPED_AFTER_S
 
+log = logging.getLogger("fleetscope.collector")
+
 SETTLE_S = 600.0  # a block of steps no row has come for in this long is folded into spans
+# Over its memory budget, the ledger settles the blocks that rows came to longest ago early, but none that a row came
+# to in the last EARLY_SETTLE_S: a step's rows from all its ranks have come by then (a late row starts the step anew).
+EARLY_SETTLE_S = 30.0
 BLOCK_BITS = 10  # 1,024 steps a block
 PREPARE_BLOCKS = 8  # encoded under the lock at a time by prepare()
 TYPICAL_STEPS = 1024  # a job's typical step is the median of its latest unsettled steps
@@ -171,8 +177,11 @@ def _pause_class(reason: str) -> str:
 class GoodputLedger:
     """Per training job, what goodput needs, kept as rows arrive (see the module docstring)."""
 
-    def __init__(self, retention_s: float | None = None) -> None:
+    def __init__(self, retention_s: float | None = None, budget_bytes: int | None = None) -> None:
         self.retention_s = retention_s
+        self.budget_bytes = budget_bytes  # for its unsettled steps (memory()); None: no bound
+        self.settled_early = 0  # steps settled before SETTLE_S to keep within the budget
+        self._warned = 0.0
         self._lock = threading.Lock()
         self._jobs: dict[str, _Job] = {}
         self._encoded: dict[str, tuple[int, dict]] = {}  # job -> (its changes, its parts) at the last snapshot
@@ -370,12 +379,16 @@ class GoodputLedger:
         """Bytes its unsettled steps hold (an estimate: STEP_BYTES a step, and their encoded blocks' own size). They
         grow with the steps a second of every job together, for SETTLE_S: a job stepping once a second holds 600."""
         with self._lock:
-            steps = sum(len(block) for job in self._jobs.values() for block in job.blocks.values())
-            encoded = sum(len(piece[2]) for job in self._jobs.values() for piece in job.encoded.values())
-        return steps * STEP_BYTES + encoded
+            return sum(self._block_bytes(job, key) for job in self._jobs.values() for key in job.blocks)
+
+    @staticmethod
+    def _block_bytes(job: _Job, key: tuple) -> int:
+        encoded = job.encoded.get(key)
+        return len(job.blocks[key]) * STEP_BYTES + (len(encoded[2]) if encoded is not None else 0)
 
     def maintain(self, now: float | None = None) -> None:
-        """Fold settled steps into spans, forget jobs older than the retention."""
+        """Fold settled steps into spans (early, oldest first, while the unsettled ones are over the budget), forget
+        jobs older than the retention."""
         now = time.time() if now is None else now
         with self._lock:
             if self.retention_s is not None:
@@ -385,17 +398,43 @@ class GoodputLedger:
                 if job.blocks:
                     job.changes += 1
                 self._typical(job)
-                settled = []
-                for key in [k for k, last in job.touched.items() if last < now - SETTLE_S]:
-                    settled += (((key[0], step), acc) for step, acc in job.blocks.pop(key).items())
-                    del job.touched[key]
-                    job.dirty.discard(key)
-                    job.encoded.pop(key, None)
-                settled.sort(key=lambda kv: kv[1][0])
-                if settled:
-                    self._fold(job, settled)
+                self._settle(job, [k for k, last in job.touched.items() if last < now - SETTLE_S])
                 for kind, intervals in job.pauses.items():
                     job.pauses[kind] = union(intervals)
+            if self.budget_bytes is not None:
+                self._fit_budget(now)
+
+    def _settle(self, job: _Job, keys: list) -> int:
+        """Fold these blocks of the job into its spans, in time order; the steps settled."""
+        settled = []
+        for key in keys:
+            settled += (((key[0], step), acc) for step, acc in job.blocks.pop(key).items())
+            del job.touched[key]
+            job.dirty.discard(key)
+            job.encoded.pop(key, None)
+        settled.sort(key=lambda kv: kv[1][0])
+        if settled:
+            self._fold(job, settled)
+        return len(settled)
+
+    def _fit_budget(self, now: float) -> None:
+        """Over the budget: settle the blocks that rows came to longest ago (not in the last EARLY_SETTLE_S) first."""
+        used = sum(self._block_bytes(job, key) for job in self._jobs.values() for key in job.blocks)
+        if used <= self.budget_bytes:
+            return
+        chosen: dict[str, list] = {}
+        for last, name, key in sorted((last, name, key) for name, job in self._jobs.items()
+                                      for key, last in job.touched.items() if last < now - EARLY_SETTLE_S):
+            if used <= self.budget_bytes:
+                break
+            used -= self._block_bytes(self._jobs[name], key)
+            chosen.setdefault(name, []).append(key)
+        for name, keys in chosen.items():
+            self.settled_early += self._settle(self._jobs[name], keys)
+        if used > self.budget_bytes and now - self._warned > 600:
+            self._warned = now
+            log.warning("goodput ledger: %d bytes of steps from the last %.0f s, over its budget of %d bytes; they "
+                        "settle as they age", used, EARLY_SETTLE_S, self.budget_bytes)
 
     @staticmethod
     def _typical(job: _Job) -> None:

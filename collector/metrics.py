@@ -191,6 +191,11 @@ class CollectorMetrics:
         memory.add_metric(["unwritten"], store.unwritten_bytes())
         memory.add_metric(["goodput_unsettled"], store.goodput.memory())  # the ledger's steps of the last SETTLE_S
         yield memory
+        early = CounterMetricFamily("fleetscope_collector_goodput_settled_early_steps",
+                                    "Training steps the goodput ledger settled before their settle time, to keep its "
+                                    "unsettled steps within their share of the memory budget.")
+        early.add_metric([], store.goodput.settled_early)
+        yield early
         rows = GaugeMetricFamily("fleetscope_collector_hot_rows", "Rows in the hot tier, by table.", labels=["table"])
         held = GaugeMetricFamily("fleetscope_collector_hot_held_seconds",
                                  "How far back the hot tier holds each table completely (older reads go to the warm tier).",

@@ -122,7 +122,8 @@ class Store:
         self.window_s = window_s
         # Where each training job's GPU-hours went, over its whole life (collector.goodput): kept as rows
         # are applied, snapshotted with each checkpoint.
-        self.goodput = GoodputLedger(retention_s)
+        # Its unsettled steps get a sixteenth of the memory budget (past it they settle early: collector.goodput_ledger).
+        self.goodput = GoodputLedger(retention_s, budget_bytes=memory_budget // 16 if memory_budget else None)
         # See each new row once, as it is applied (ingest and WAL replay); the ledger sees step rows first (_tag).
         self.observers = observers
         self.persisted = {"goodput": self.goodput, **(persisted or {})}

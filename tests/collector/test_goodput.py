@@ -374,3 +374,36 @@ def test_the_ledgers_memory_estimate_is_what_its_unsettled_steps_take():
     assert 0.67 < estimate / taken < 1.5, (estimate, taken)
     ledger.maintain(now=T0 + 100 + SETTLE_S + 1)
     assert ledger.memory() == 0
+
+
+def test_over_its_budget_the_ledger_settles_its_oldest_blocks_early_and_counts_the_same():
+    """A ledger given a memory budget settles the blocks rows came to longest ago before SETTLE_S (none touched in
+    the last EARLY_SETTLE_S) until its unsettled steps fit, and its goodput is what an unbounded ledger finds."""
+    from collector.goodput_ledger import BLOCK_BITS, EARLY_SETTLE_S, STEP_BYTES
+
+    block = 1 << BLOCK_BITS
+    bounded, free = GoodputLedger(budget_bytes=2 * block * STEP_BYTES), GoodputLedger()
+    for i in range(8):  # eight blocks of steps, one every 100 s, then a pause and a restart from step 6,000
+        frame = frame_from_rows("steps", run(i * block, (i + 1) * block - 1, t=T0 + i * block, pid=100, more=i > 0,
+                                             compute=lambda s, r: 0.9 if r == 1 else 0.6))
+        for ledger in (bounded, free):
+            ledger.observe("steps", frame, now=T0 + 100 * i)
+            ledger.maintain(now=T0 + 100 * i)
+        assert bounded.memory() <= bounded.budget_bytes
+    frame = frame_from_rows("steps", run(6000, 6999, t=T0 + 9 * block, pid=200, process_start=T0 + 9 * block - 30,
+                                         restored=6000))
+    for ledger in (bounded, free):
+        ledger.observe("steps", frame, now=T0 + 800)
+        ledger.maintain(now=T0 + 800)
+    assert free.settled_early == 0 and free.memory() > 3 * bounded.budget_bytes
+    assert bounded.memory() <= bounded.budget_bytes and bounded.settled_early >= 6 * block
+    assert seconds(bounded) == pytest.approx(seconds(free))
+    # what a row came to in the last EARLY_SETTLE_S stays, over the budget or not
+    tight = GoodputLedger(budget_bytes=1)
+    tight.observe("steps", frame, now=T0 + 800)
+    tight.maintain(now=T0 + 800 + EARLY_SETTLE_S / 2)
+    assert tight.settled_early == 0 and tight.memory() > 1
+    tight.maintain(now=T0 + 800 + EARLY_SETTLE_S + 1)
+    assert tight.memory() == 0 and seconds(tight) == pytest.approx(seconds(ledger_of(
+        frame_from_rows("steps", run(6000, 6999, t=T0 + 9 * block, pid=200, process_start=T0 + 9 * block - 30,
+                                     restored=6000)).to_dicts())))
