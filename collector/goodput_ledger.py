@@ -123,27 +123,52 @@ def summarize(frame: pl.DataFrame) -> StepSummary:
     ranks: dict[tuple[str, int], list] = {}
     steps: dict[str, dict[int, list]] = {}
     columns = [frame.get_column(c).to_list() for c in _SUMMARY_COLUMNS]
+    # The loop of _first/_fold, inlined and with the last rank's and job's entries kept at hand: it runs for each of a
+    # batch's rows in the ingest worker, whose time is on every batch's way (about a third less than with the calls).
+    last_key, r, last_job, by_step = None, None, None, None
     for job_name, rank, pid, step, ts, duration, world, sync, comm, data, pstart, restored in zip(*columns):
         end = ts + duration
         comp = sync if sync is not None else duration - comm if comm is not None else duration
-        r = ranks.get((job_name, rank))
+        pid = pid or 0
+        key = (job_name, rank)
+        if key != last_key:
+            r = ranks.get(key)
+            last_key = key
         if r is None:
-            r = ranks[(job_name, rank)] = [step, step, True, {pid or 0}, False, step]
+            r = ranks[key] = [step, step, True, {pid}, False, step]
         else:
             if step < r[5]:
                 r[2] = False
-            r[0], r[1], r[5] = min(r[0], step), max(r[1], step), step
-            r[3].add(pid or 0)
+            if step < r[0]:
+                r[0] = step
+            elif step > r[1]:
+                r[1] = step
+            r[5] = step
+            r[3].add(pid)
         if pstart is not None or restored is not None:
             r[4] = True
-        by_step = steps.get(job_name)
-        if by_step is None:
-            by_step = steps[job_name] = {}
+        if job_name != last_job:
+            by_step = steps.get(job_name)
+            if by_step is None:
+                by_step = steps[job_name] = {}
+            last_job = job_name
         acc = by_step.get(step)
         if acc is None:
-            by_step[step] = _first(ts, end, comp, data, world)
-        else:
-            _fold(acc, ts, end, comp, data, world)
+            by_step[step] = [ts, end, 1, comp, comp, data or 0.0, 0 if data is None else 1, world]
+            continue
+        if ts < acc[0]:
+            acc[0] = ts
+        if end > acc[1]:
+            acc[1] = end
+        acc[2] += 1
+        acc[3] += comp
+        if comp > acc[4]:
+            acc[4] = comp
+        if data is not None:
+            acc[5] += data
+            acc[6] += 1
+        if world > acc[7]:
+            acc[7] = world
     return StepSummary({k: (v[0], v[1], v[2], frozenset(v[3]), v[4]) for k, v in ranks.items()},
                        {job: [(step, *acc) for step, acc in by_step.items()] for job, by_step in steps.items()})
 
