@@ -23,7 +23,7 @@ STRAGGLER_RANK = GPUS + 3  # node-01's GPU 3
 # collector/attribution.py's causes that name no faulty part: the host's CPU or memory, the rank's data loading
 NOT_HARDWARE = {"cpu_saturation", "memory_pressure", "data_loader", "no_hardware_signal"}
 # The GPU heats from the start (it throttles ~35 s in: the simulator's thermal time constant), the job
-# fails well after the straggler can be found (10 warm-up steps, then a 16-step window of ~1 s steps).
+# fails well after the straggler can be found (10 warm-up steps, then a 16-step window of ~0.5 s steps).
 STORY = "thermal=0,spike=20,spike_s=60,xid=80,checkpoint_every=15,checkpoint_s=1,restart_delay=3,startup_s=2"
 
 
