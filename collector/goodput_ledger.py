@@ -35,7 +35,8 @@ log = logging.getLogger("fleetscope.collector")
 
 SETTLE_S = 600.0  # a block of steps no row has come for in this long is folded into spans
 # Over its memory budget, the ledger settles the blocks that rows came to longest ago early, but none that a row came
-# to in the last EARLY_SETTLE_S: a step's rows from all its ranks have come by then (a late row starts the step anew).
+# to in the last EARLY_SETTLE_S: a step's rows from all its ranks have usually come by then. One that comes later (an
+# agent that spooled through an outage) starts the step anew: its time is counted, but not as its peers' wait for it.
 EARLY_SETTLE_S = 30.0
 BLOCK_BITS = 10  # 1,024 steps a block
 PREPARE_BLOCKS = 8  # encoded under the lock at a time by prepare()
@@ -327,7 +328,7 @@ class GoodputLedger:
                     by_step = job.blocks.get(key)
                     if by_step is None:
                         by_step = job.blocks[key] = {}
-                    if key != last_key:
+                    if key != last_key or job is not last_job:  # another job's block may have the same key
                         job.touched[key] = now
                         job.dirty.add(key)
                         last_key = key

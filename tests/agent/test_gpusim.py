@@ -80,8 +80,8 @@ def test_the_read_cadence_does_not_change_how_far_utilisation_wanders():
         values = []
         for _ in range(int(600 / step)):
             clock.t += step
-            values += [g.utilization_ratio for g in sim.read() if g.utilization_ratio > 0.6]  # busy, not in a dip
+            values += [g.utilization_ratio for g in sim.read() if g.utilization_ratio > 0.85]  # busy, not in or after a dip
         return statistics.pstdev(values)
 
     fine, coarse = spread(0.25), spread(2.0)
-    assert 0.8 < fine / coarse < 1.25, (fine, coarse)
+    assert 0.85 < fine / coarse < 1.15, (fine, coarse)  # with a draw per read: 1.5

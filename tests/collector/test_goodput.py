@@ -378,7 +378,8 @@ def test_the_ledgers_memory_estimate_is_what_its_unsettled_steps_take():
 
 def test_over_its_budget_the_ledger_settles_its_oldest_blocks_early_and_counts_the_same():
     """A ledger given a memory budget settles the blocks rows came to longest ago before SETTLE_S (none touched in
-    the last EARLY_SETTLE_S) until its unsettled steps fit, and its goodput is what an unbounded ledger finds."""
+    the last EARLY_SETTLE_S) until its unsettled steps fit, and, its rows coming in time, its goodput is what an
+    unbounded ledger finds."""
     from collector.goodput_ledger import BLOCK_BITS, EARLY_SETTLE_S, STEP_BYTES
 
     block = 1 << BLOCK_BITS
@@ -407,3 +408,14 @@ def test_over_its_budget_the_ledger_settles_its_oldest_blocks_early_and_counts_t
     assert tight.memory() == 0 and seconds(tight) == pytest.approx(seconds(ledger_of(
         frame_from_rows("steps", run(6000, 6999, t=T0 + 9 * block, pid=200, process_start=T0 + 9 * block - 30,
                                      restored=6000)).to_dicts())))
+
+
+def test_two_jobs_in_one_batch_each_have_their_blocks_kept_and_settled():
+    """Job B's first rows share the block key of job A's last ones: B's block is marked touched and changed too, so it
+    is in the next snapshot and settles (a key compared without its job left B's block unsettled for ever)."""
+    ledger = ledger_of(run(0, 3, t=T0, pid=100, job="A") + run(0, 3, t=T0, pid=200, job="B"), now=T0)
+    for name in ("A", "B"):
+        job = ledger._jobs[name]
+        assert set(job.blocks) == set(job.touched) == job.dirty and job.blocks, name
+    ledger.maintain(now=T0 + SETTLE_S + 1)
+    assert ledger.memory() == 0 and all(job.spans for job in ledger._jobs.values())

@@ -53,14 +53,15 @@ def test_refusals_keep_fastapis_shape(client, headers, status, header, words):
     assert client.get("/v1/jobs", headers=R).json()["jobs"] == []
 
 
-def test_a_store_still_opening_answers_503_with_retry_after(tmp_path):
-    s = Settings(data_dir=tmp_path / "data", ingest_tokens=frozenset({INGEST}), read_tokens=frozenset({READ}))
-    app = create_app(s)
-    app.state.store.ready = False  # as while the WAL replays
-    with TestClient(app) as c:
-        app.state.store.ready = False
-        resp = c.post("/v1/ingest", content=json.dumps(batch(0)), headers=W)
-        assert resp.status_code == 503 and resp.headers["retry-after"] == "2" and "starting" in resp.json()["detail"]
+def test_a_store_still_opening_answers_503_with_retry_after(client):
+    store = client.app.state.store
+    store.ready = False  # as while the WAL replays (the fixture waited until it had opened: nothing sets it again)
+    try:
+        resp = client.post("/v1/ingest", content=json.dumps(batch(0)), headers=W)
+    finally:
+        store.ready = True
+    assert resp.status_code == 503 and resp.headers["retry-after"] == "2" and "starting" in resp.json()["detail"]
+    assert client.post("/v1/ingest", content=json.dumps(batch(0)), headers=W).status_code == 200
 
 
 def test_other_methods_and_paths_go_to_the_app(client):
