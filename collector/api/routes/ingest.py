@@ -14,10 +14,10 @@ agent drop the good records with the bad.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
 
 import msgspec
 from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi.exception_handlers import http_exception_handler
 from pydantic import BaseModel, Field
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -78,8 +78,8 @@ class IngestFastPath:
 
     Ingest is the one route taken hundreds of times a second. Through FastAPI's routing, dependency solving
     and exception middleware it cost about 0.3 ms of the event loop's time per batch; served here it costs the
-    authentication, the body and one reply. Errors keep FastAPI's shape: `{"detail": ...}` with the status and
-    headers that an HTTPException carries. create_app installs it inside FastAPI's own error middleware, so a
+    authentication, the body and one reply. Its refusals go through FastAPI's own HTTPException handler, as
+    the routes' do. create_app installs it inside FastAPI's own error middleware, so a
     bug here is still a logged 500."""
 
     def __init__(self, app: ASGIApp) -> None:
@@ -91,19 +91,13 @@ class IngestFastPath:
             return
         try:
             reply = await serve(scope, receive)
-        except HTTPException as exc:
-            await _send(send, exc.status_code, msgspec.json.encode({"detail": exc.detail}), exc.headers)
+        except HTTPException as exc:  # answered by FastAPI's own handler, as the app's routes are
+            response = await http_exception_handler(Request(scope), exc)
         except ClientDisconnect:
             return  # the sender is gone: nothing to answer (an unread batch was not applied)
         else:
-            await _send(send, 200, reply)
-
-
-async def _send(send: Send, status: int, body: bytes, headers: Mapping[str, str] | None = None) -> None:
-    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": body})
+            response = Response(reply, media_type="application/json")
+        await response(scope, receive, send)
 
 
 async def serve(scope: Scope, receive: Receive) -> bytes:
