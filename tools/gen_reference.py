@@ -285,8 +285,9 @@ def api() -> str:
         document = app.openapi()
     parts = [HEADER, f"# Collector API\n\nThe collector's HTTP endpoints (from its OpenAPI document, which it also "
              f"serves at `{app.openapi_url}`), on port 9837 by default. Ingest takes an ingest token (or an agent's "
-             "client certificate), every other route a read token: `Authorization: Bearer <token>`; `/healthz` "
-             "needs none. Times are Unix seconds.\n"]
+             "client certificate), every other route a read token: `Authorization: Bearer <token>`; the probes "
+             "(`/healthz`, `/readyz`, `/livez`) "
+             "need none. Times are Unix seconds.\n"]
     for path, methods in document["paths"].items():
         for method, op in methods.items():
             parts.append(f"\n## `{method.upper()} {path}`\n\n")

@@ -315,10 +315,16 @@ def test_the_store_says_why_it_is_not_ready(tmp_path):
         app.state.store.startup = {"phase": "replaying the write-ahead log"}
         r = c.get("/healthz")
         assert r.status_code == 503 and r.json() == {"status": "starting", "phase": "replaying the write-ahead log"}
+        assert c.get("/readyz").status_code == 503  # not ready to serve yet
+        assert c.get("/livez").json() == {"status": "alive", "ready": False, "can_write": True}  # but not to restart
         assert c.get("/v1/jobs", headers=R).status_code == 503
         assert post(c, batch(0, [step("j", 0, 0, 1.0)])).status_code == 503
         app.state.store.ready = True
         app.state.store.problem = "checkpoint failed: [Errno 28] No space left on device"
         assert c.get("/healthz").json() == {"status": "cannot_write", "reason": "checkpoint failed: [Errno 28] No space left on device"}
         assert c.get("/v1/jobs", headers=R).status_code == 200  # reads keep working
+        # so a load balancer keeps sending reads (readiness), and a supervisor does not restart it (liveness)
+        ready = c.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["ingest"] == "cannot_write" and "No space" in ready.json()["reason"]
+        assert c.get("/livez").json() == {"status": "alive", "ready": True, "can_write": False}
         app.state.store.problem = None

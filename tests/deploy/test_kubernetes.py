@@ -176,3 +176,14 @@ def test_the_image_is_a_kustomize_image_the_overlay_names():
     images = {c["image"] for d in render("overlays/kube-prometheus-stack") if d["kind"] in ("DaemonSet", "StatefulSet", "Deployment")
               for c in d["spec"]["template"]["spec"]["containers"]}
     assert images == {"registry.example.com/fleetscope:0.1.0"}
+
+
+def test_a_full_disk_neither_restarts_the_collector_nor_takes_its_reads_away():
+    """Liveness on /livez (alive while it replays its WAL and while its disk is full: a restart frees no disk),
+    readiness on /readyz (the console's reads keep reaching it while ingest answers 503); both routes exist."""
+    from collector.api.routes.health import router
+
+    (container,) = one(render("overlays/gpu-cluster"), "StatefulSet", "fleetscope-collector")["spec"]["template"]["spec"]["containers"]
+    probes = {kind: container[kind]["httpGet"]["path"] for kind in ("startupProbe", "livenessProbe", "readinessProbe")}
+    assert probes == {"startupProbe": "/livez", "livenessProbe": "/livez", "readinessProbe": "/readyz"}
+    assert set(probes.values()) <= {route.path for route in router.routes}

@@ -152,6 +152,9 @@ def test_a_full_file_system_is_survived_and_the_collector_recovers_by_itself(col
             wait_until(lambda: c.healthz()[0] == 503, timeout=30, what="/healthz to say the store cannot write")
             assert c.healthz()[1]["status"] == "cannot_write"
             assert c.client.get("/v1/jobs", headers=R).status_code == 200  # reads keep working
+            # The probes Kubernetes uses: still ready to serve reads, and alive (no restart, which frees no disk).
+            assert c.client.get("/readyz").status_code == 200 and c.client.get("/readyz").json()["ingest"] == "cannot_write"
+            assert c.client.get("/livez").status_code == 200
             ballast.unlink()  # space returns
             acknowledged = seq
             for more in range(acknowledged, acknowledged + 10):
@@ -202,6 +205,7 @@ def test_healthz_says_starting_until_the_log_is_replayed(collectors, tmp_path):
     status, health = wait_until(lambda: (lambda s: s if s[0] == 503 else None)(slow.healthz()), timeout=30,
                                 what="/healthz to answer while the store opens")
     assert health == {"status": "starting", "phase": "replaying the write-ahead log"}
+    assert slow.client.get("/livez").status_code == 200  # alive while it replays: no liveness restart loop
     r = slow.client.post("/v1/ingest", content=body(20), headers=W)
     assert r.status_code == 503 and "starting" in r.json()["detail"]
     slow.wait_ready()
