@@ -82,13 +82,55 @@ def parse_duration(value: object, what: str) -> float:
     return _quantity(value, what, _TIME_UNITS, "a duration in seconds or with a unit (s, m, h, d, w)")
 
 
-def default_memory_budget() -> int:
-    """2 GiB, or a quarter of this machine's memory if that is less."""
+def cgroup_memory_limit(cgroup_root: str = "/sys/fs/cgroup", self_cgroup: str = "/proc/self/cgroup") -> int | None:
+    """The memory limit of this process's cgroup, the tightest of it and its ancestors (a container's, a systemd
+    unit's MemoryMax, a Kubernetes pod's limits.memory); None where there is none or it cannot be read."""
     try:
-        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 2 * GiB
-    return max(256 * 2**20, min(2 * GiB, physical // 4))
+        lines = Path(self_cgroup).read_text().splitlines()
+    except OSError:
+        return None
+    limits: list[int] = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2) if line.count(":") >= 2 else ("", "", "")
+        if controllers == "":  # cgroup v2: memory.max in the unified hierarchy, in each folder up to the root
+            folder = Path(cgroup_root) / path.lstrip("/")
+            name, v1 = "memory.max", False
+        elif "memory" in controllers.split(","):  # cgroup v1's memory controller
+            folder = Path(cgroup_root) / "memory" / path.lstrip("/")
+            name, v1 = "memory.limit_in_bytes", True
+        else:
+            continue
+        root = Path(cgroup_root) / ("memory" if v1 else "")
+        while True:
+            try:
+                text = (folder / name).read_text().strip()
+            except OSError:
+                text = ""  # not this folder (a namespaced path that does not exist here): its parents may say
+            if text.isdigit() and int(text) < 2**60:  # v1 says "no limit" with a huge number, v2 with "max"
+                limits.append(int(text))
+            if folder == root or root not in folder.parents:
+                break
+            folder = folder.parent
+    return min(limits) if limits else None
+
+
+def default_memory_budget(cgroup_limit: int | None = None, physical: int | None = None) -> int:
+    """2 GiB, or less where memory is short: a quarter of this machine's memory, and half of its cgroup's limit
+    (a container's or a unit's; the tables hold about the budget at their fullest, and reads and checkpoints need
+    room beside them), at least 256 MiB."""
+    if physical is None:
+        try:
+            physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            physical = None
+    if cgroup_limit is None:
+        cgroup_limit = cgroup_memory_limit()
+    budget = 2 * GiB
+    if physical:
+        budget = min(budget, physical // 4)
+    if cgroup_limit:
+        budget = min(budget, cgroup_limit // 2)
+    return max(256 * 2**20, budget)
 
 
 def default_retention_bytes(data_dir: Path) -> int:

@@ -361,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="TOML file with a [collector] table (every setting below) and [[slo]] tables")
     p.add_argument("--data-dir", help="where the WAL and the Parquet history live (default: $FLEETSCOPE_DATA_DIR or .fleetscope/collector)")
     p.add_argument("--cluster", help="this cluster's name: a label on the collector's findings and job metrics")
-    p.add_argument("--memory-budget", help="memory the collector keeps within, e.g. 2GiB (default: 2 GiB or a quarter of RAM)")
+    p.add_argument("--memory-budget", help="memory the collector keeps within, e.g. 2GiB (default: 2 GiB, or a quarter of RAM or half the cgroup's memory limit if less)")
     p.add_argument("--window", help="how long the hot tier keeps rollups, step aggregates and requests in memory (default 6h)")
     p.add_argument("--raw-window", help="how long raw GPU and host frames stay in memory (default 5m)")
     p.add_argument("--retention", help="how long history stays on disk (default 30d)")

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from collector.settings import Settings, load_config, parse_duration, parse_size
+from collector.settings import (GiB, Settings, cgroup_memory_limit, default_memory_budget, load_config,
+                                parse_duration, parse_size)
 
 TOKENS = {"ingest_tokens": frozenset({"i"}), "read_tokens": frozenset({"r"})}
 
@@ -123,3 +124,37 @@ def test_the_straggler_page_share_comes_from_the_file_or_the_flag_and_must_be_a_
     out = subprocess.run([sys.executable, "-m", "fleetscope", "collector", "--data-dir", str(tmp_path),
                           "--straggler-page-share", "2"], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "straggler_page_share" in out.stderr
+
+
+def _cgroup_tree(root, files: dict[str, str]):
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+
+
+def test_the_memory_budget_defaults_within_the_cgroups_limit(tmp_path):
+    """In a pod with limits.memory (or a unit with MemoryMax) the default budget is half the limit, not a quarter
+    of the host's memory: a 2 GiB budget in a 1 GiB pod would be OOM-killed long before the budget bit."""
+    v2 = tmp_path / "v2"
+    # cgroup v2: the tightest of the process's folder and its ancestors; "max" is no limit
+    _cgroup_tree(v2, {"kubepods.slice/memory.max": "3221225472\n", "kubepods.slice/pod1/memory.max": "max\n",
+                      "kubepods.slice/pod1/c1/memory.max": "max\n", "self": "0::/kubepods.slice/pod1/c1\n"})
+    assert cgroup_memory_limit(str(v2), str(v2 / "self")) == 3 * GiB
+    # a container with its own cgroup namespace sees its folder as the root
+    _cgroup_tree(v2, {"memory.max": "1073741824\n", "ns": "0::/\n"})
+    assert cgroup_memory_limit(str(v2), str(v2 / "ns")) == GiB
+    # cgroup v1 (and hybrid): the memory controller's limit_in_bytes, "no limit" being a huge number
+    v1 = tmp_path / "v1"
+    _cgroup_tree(v1, {"memory/memory.limit_in_bytes": "9223372036854771712\n",
+                      "memory/slurm/job_7/memory.limit_in_bytes": "4294967296\n",
+                      "self": "4:memory:/slurm/job_7\n1:cpu:/\n0::/\n"})
+    assert cgroup_memory_limit(str(v1), str(v1 / "self")) == 4 * GiB
+    _cgroup_tree(v1, {"free": "4:memory:/\n0::/\n"})
+    assert cgroup_memory_limit(str(v1), str(v1 / "free")) is None
+    assert cgroup_memory_limit(str(v1), str(tmp_path / "absent")) is None
+
+    assert default_memory_budget(cgroup_limit=None, physical=64 * GiB) == 2 * GiB
+    assert default_memory_budget(cgroup_limit=8 * GiB, physical=64 * GiB) == 2 * GiB  # the manifest's limit
+    assert default_memory_budget(cgroup_limit=2 * GiB, physical=64 * GiB) == GiB
+    assert default_memory_budget(cgroup_limit=None, physical=4 * GiB) == GiB
+    assert default_memory_budget(cgroup_limit=256 * 2**20, physical=64 * GiB) == 256 * 2**20  # the least it takes
