@@ -5,9 +5,10 @@ lo..hi writes its files under that name before it commits. A file is *live* when
 below the last committed checkpoint and no other file of its hour covers a wider range (a file
 inside another's range was merged into it by a compaction, or written by a checkpoint that failed
 and was retried with a wider range). Readers see only live files; a restart deletes the others.
-Compaction merges a closed hour's live files into one, streaming. Retention drops whole hours,
-oldest first, by age and by total size. New folders and renames are made durable (directory
-fsync) before anything that relies on them.
+Compaction merges a closed hour's live files into one, streaming. Retention drops whole folders,
+oldest first by the end of their span (a day folder of hour rollups by its last hour), by age and by
+total size. New folders and renames are made durable (directory fsync) before anything that relies
+on them.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ SORT_KEYS = {"gpus_1m": ("node", "index", "ts"), "hosts_1m": ("node", "ts"), "gp
 
 
 # Hour rollups are filed by day (in the day's hour=00 folder): a month of one GPU is then 30 files, not
-# 720. Retention drops such a day whole, up to 23 hours before its last hour is due.
+# 720. Retention dates such a day by its last hour (folder_end), so keeps it whole until that hour is due.
 FOLDER_SPAN = {"gpus_1h": 86400, "hosts_1h": 86400}
 
 
@@ -217,28 +218,53 @@ def disk_bytes(root: Path, kinds: tuple[str, ...]) -> dict[str, int]:
     return out
 
 
+def folder_end(kind: str, hour: str) -> float:
+    """When the span of a kind's folder `date=D/hour=H` ends: no row it holds is as new as this. An hour
+    folder ends an hour after its name; a day folder (FOLDER_SPAN) at its day's end, whatever hour names it."""
+    span = FOLDER_SPAN.get(kind, 3600)
+    return (hour_start(hour) // span + 1) * span
+
+
 def enforce_retention(root: Path, kinds: tuple[str, ...], max_age_s: float | None, max_bytes: int | None,
                       now: float | None = None) -> list[str]:
-    """Delete whole hours (of every kind at once) older than max_age_s, then the oldest hours while
-    the total exceeds max_bytes. Hours go oldest first, so no row is dropped while an older one stays."""
+    """Delete folders (of every kind at once) whose rows are all older than max_age_s, then the oldest
+    folders while the total exceeds max_bytes; returns the hours dropped, oldest first, each named by
+    its last hour (`date=D/hour=23` for a day folder).
+
+    A folder is dated by the END of its span, the newest row it can hold: an hour folder by its hour,
+    a day folder of hour rollups (FOLDER_SPAN, named `date=D/hour=00`) by its day's last hour. By age
+    a folder goes once its span has ended max_age_s ago; by size folders go in order of that end,
+    oldest first, across kinds, all the folders that end together at once. So:
+
+    - every row dropped is older than the end of every kept folder's span: no row is dropped while a
+      row of a later hour, or any row of a later day folder, is kept;
+    - between hour folders (raw rows, per-minute rollups, step aggregates) no row is dropped while an
+      older one is kept, exactly (an hour goes whole, every kind of it together), and no row of any
+      kind newer than the oldest row kept in an hour folder is dropped;
+    - the one way a kept row can be older than a dropped one: a day folder is kept until its last hour
+      is due, so it may keep hour rollups of its day that are older (by up to 23 h) than rows of other
+      kinds of that same day already dropped. Retention never drops a day folder's newer hours early.
+    """
     now = time.time() if now is None else now
-    hours: dict[str, list[Path]] = {}
+    ends: dict[float, list[Path]] = {}
     for kind in kinds:
         for folder in (root / f"kind={kind}").glob("date=*/hour=*"):
-            hours.setdefault(f"{folder.parent.name}/{folder.name}", []).append(folder)
-    cutoff = hour_of(now - max_age_s) if max_age_s else None
+            hour = f"{folder.parent.name}/{folder.name}"
+            if _HOUR.match(hour):
+                ends.setdefault(folder_end(kind, hour), []).append(folder)
+    cutoff = now - max_age_s if max_age_s else None
     dropped = []
-    sizes = {h: sum(f.stat().st_size for folder in fs for f in folder.glob("*.parquet")) for h, fs in hours.items()}
+    sizes = {e: sum(f.stat().st_size for folder in fs for f in folder.glob("*.parquet")) for e, fs in ends.items()}
     total = sum(sizes.values())
-    for hour in sorted(hours):
-        too_old = cutoff is not None and hour < cutoff
+    for end in sorted(ends):
+        too_old = cutoff is not None and end <= cutoff  # every row it can hold is older than max_age_s
         too_big = max_bytes is not None and total > max_bytes
         if not (too_old or too_big):
             break
-        for folder in hours[hour]:
+        for folder in ends[end]:
             shutil.rmtree(folder, ignore_errors=True)
             if folder.parent.exists() and not any(folder.parent.iterdir()):
                 folder.parent.rmdir()
-        total -= sizes[hour]
-        dropped.append(hour)
+        total -= sizes[end]
+        dropped.append(hour_of(end - 3600))
     return dropped
