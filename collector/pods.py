@@ -15,6 +15,7 @@ import time
 
 import polars as pl
 
+from collector.snapshots import JsonSnapshot
 from collector.tables import JsonCells
 
 MAX_RANKS = 1 << 20  # ranks remembered per job
@@ -121,7 +122,9 @@ class PodLinks:
                     for (node, namespace, pod), r in items]
 
     # --- checkpoint -------------------------------------------------------------------------------
-    def snapshot(self) -> bytes:
+    def snapshot(self) -> JsonSnapshot:
+        """For the store's checkpoint: copied now (a rank's entry is replaced, never changed in place; each
+        replica's list is copied), encoded when the checkpoint writes it, off the store's gate."""
         cutoff = time.time() - self.retention_s if self.retention_s is not None else None
         with self._lock:
             if cutoff is not None:
@@ -129,14 +132,16 @@ class PodLinks:
                     del self._ranks[job]
                 for service in [s for s, reps in self._replicas.items() if max(r[3] for r in reps.values()) < cutoff]:
                     del self._replicas[service]
-            return json.dumps({
-                "ranks": {job: [[rank, *entry] for rank, entry in ranks.items()] for job, ranks in self._ranks.items()},
-                "replicas": {service: [[*key, *r[:5], sorted(r[5])] for key, r in reps.items()]
-                             for service, reps in self._replicas.items()},
-            }).encode()
+            ranks = {job: ranks.copy() for job, ranks in self._ranks.items()}
+            replicas = {service: [[*key, *r[:5], sorted(r[5])] for key, r in reps.items()]
+                        for service, reps in self._replicas.items()}
+        return JsonSnapshot(lambda: {
+            "ranks": {job: [[rank, *entry] for rank, entry in entries.items()] for job, entries in ranks.items()},
+            "replicas": replicas,
+        })
 
-    def restore(self, data: bytes) -> None:
-        saved = json.loads(data)
+    def restore(self, data: bytes | JsonSnapshot) -> None:
+        saved = json.loads(bytes(data))
         with self._lock:
             self._ranks = {job: {row[0]: list(row[1:]) for row in rows} for job, rows in saved.get("ranks", {}).items()}
             self._replicas = {service: {tuple(row[:3]): [*row[3:8], set(row[8])] for row in rows}

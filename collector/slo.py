@@ -27,6 +27,7 @@ from pathlib import Path
 
 import polars as pl
 
+from collector.snapshots import JsonSnapshot
 from collector.tables import empty
 
 INDICATORS = ("ttft", "e2e", "tpot", "queue", "availability")
@@ -136,7 +137,8 @@ class SloLedger:
     def __init__(self, slos: list[Slo]) -> None:
         self.slos = list(slos)
         self._lock = threading.Lock()
-        self._bins: dict[str, dict[float, list[float]]] = {s.name: {} for s in self.slos}
+        # per SLO, minute -> (good, total): tuples replaced, never changed in place, so a dict copy is a snapshot
+        self._bins: dict[str, dict[float, tuple[float, float]]] = {s.name: {} for s in self.slos}
         self.restored: set[str] = set()  # SLOs whose counts came from a checkpoint
 
     def observe(self, requests: pl.DataFrame) -> None:
@@ -158,22 +160,23 @@ class SloLedger:
         with self._lock:
             bins = self._bins[name]
             for minute, good, total in cells:
-                cell = bins.setdefault(minute, [0.0, 0.0])
-                cell[0] += good
-                cell[1] += total
+                g, t = bins.get(minute, (0.0, 0.0))
+                bins[minute] = (g + good, t + total)
 
-    def snapshot(self) -> bytes:
-        """The per-minute counts, for the store's checkpoint (restored at start-up, before the WAL replay)."""
+    def snapshot(self) -> JsonSnapshot:
+        """The per-minute counts, for the store's checkpoint (restored at start-up, before the WAL replay): copied
+        now, under the store's gate (a dict copy each), encoded when the checkpoint writes them, after it."""
         with self._lock:
-            return json.dumps({name: [[m, g, t] for m, (g, t) in bins.items()] for name, bins in self._bins.items()}).encode()
+            copies = {name: bins.copy() for name, bins in self._bins.items()}
+        return JsonSnapshot(lambda: {name: [[m, g, t] for m, (g, t) in bins.items()] for name, bins in copies.items()})
 
-    def restore(self, data: bytes) -> None:
+    def restore(self, data: bytes | JsonSnapshot) -> None:
         """Counts saved by a checkpoint; an SLO added since is left for `backfill`, one removed is dropped."""
-        saved = json.loads(data)
+        saved = json.loads(bytes(data))
         with self._lock:
             for name, rows in saved.items():
                 if name in self._bins:
-                    self._bins[name] = {float(m): [float(g), float(t)] for m, g, t in rows}
+                    self._bins[name] = {float(m): (float(g), float(t)) for m, g, t in rows}
                     self.restored.add(name)
 
     def over(self, since: float, until: float) -> list[dict]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
+from collector.snapshots import JsonSnapshot
 from collector.tables import JsonCells
 
 MAX_LINKS = 256  # Slurm jobs kept per training job: the newest
@@ -115,18 +116,20 @@ class SlurmLinks:
                 for inc in incarnations]
 
     # --- checkpoint -------------------------------------------------------------------------------
-    def snapshot(self) -> bytes:
+    def snapshot(self) -> JsonSnapshot:
+        """For the store's checkpoint: each link's fields copied now (links change in place), encoded when the
+        checkpoint writes them, off the store's gate."""
         now = time.time()
         with self._lock:
             if self.retention_s is not None:
                 for job in [j for j, links in self._jobs.items()
                             if max(link.last_ts for link in links.values()) < now - self.retention_s]:
                     del self._jobs[job]
-            return json.dumps({job: [_dump(link) for link in links.values()]
-                               for job, links in self._jobs.items()}).encode()
+            doc = {job: [_dump(link) for link in links.values()] for job, links in self._jobs.items()}
+        return JsonSnapshot(lambda: doc)
 
-    def restore(self, data: bytes) -> None:
-        saved = json.loads(data)
+    def restore(self, data: bytes | JsonSnapshot) -> None:
+        saved = json.loads(bytes(data))
         with self._lock:
             self._jobs = {job: {(d["slurm_job"], d["restart_count"]): _load(d) for d in links}
                           for job, links in saved.items()}
