@@ -6,6 +6,10 @@ Every call goes through `_Gpu.call`, which sorts NVML's errors into what they me
 - hidden (NoPermission): the field is None and the GPU records what was hidden (`hidden`), logged once;
 - mismatch (FunctionNotFound, NVMLLibraryMismatchError, LibRmVersionMismatch): the field is None and
   the backend reports a problem (`problems`) that the exporter shows as a source error, logged once;
+  except for the optional newer calls (`optional=True`: nvmlDeviceGetGpuFabricInfoV, from driver 550, and
+  nvmlDeviceGetCurrentClocksEventReasons, from 535), whose FunctionNotFound (or a refused struct version,
+  ArgumentVersionMismatch) means "this driver does not have it": logged once at info, and the caller falls
+  back to the older call, remembered per handle;
 - the GPU is unreadable (GpuIsLost, ResetRequired, GpuNotFound): that GPU is reported up=False with
   the reason, and the next sample acquires its handle again;
 - the library is gone (Uninitialized, DriverNotLoaded, LibraryNotFound): NVML is initialised again,
@@ -17,7 +21,8 @@ Cost: values that cannot change while a handle lives (name, serial, VBIOS, PCI a
 thresholds, maximum clocks and link widths, which NVLinks exist) are read once per handle, power
 limits once a minute; counters come in batched field-value calls, each request array built once per
 handle and filled in place by NVML's C function (pynvml's wrapper rebuilds it in Python at every
-call); only NVLinks that exist are asked about; GPM samples are two
+call); only NVLinks that exist are asked about (on drivers whose batch lacks the link-state field, half of
+the links' states per sample through nvmlDeviceGetNvLinkState; a missing state is unknown, never down); GPM samples are two
 buffers per GPU allocated once and freed at shutdown or when the handle goes; PCIe throughput, which
 blocks about 20 ms per call, comes from GPM where the GPU has it and otherwise from a background
 thread, never from the sampler's own path.
@@ -83,6 +88,8 @@ _ABSENT = ("NotSupported", "NotFound", "InvalidArgument", "NoData", "ArgumentVer
 _GPU_FATAL = ("GpuIsLost", "ResetRequired", "GpuNotFound")
 _LIBRARY_GONE = ("Uninitialized", "DriverNotLoaded", "LibraryNotFound")
 _MISMATCH = ("FunctionNotFound", "LibRmVersionMismatch")
+_DECLINED = ("FunctionNotFound", "ArgumentVersionMismatch")  # an optional call this driver does not have (in that version)
+CLOCK_EVENTS, CLOCK_EVENTS_OLD = "nvmlDeviceGetCurrentClocksEventReasons", "nvmlDeviceGetCurrentClocksThrottleReasons"
 _REASONS = {"GpuIsLost": "gpu_lost", "Unknown": "unknown_error"}
 
 
@@ -142,19 +149,28 @@ class _Gpu:
         self.gpm_turn = 0
         self.mig_gpm: dict[int, list[Any]] = {}  # gpu instance id -> [buffers, have_previous, turn]
         self.util_since = 0
-        self.fabric_struct: Any = None
+        self.declined: str | None = None  # why the last optional call was declined (an NVML error kind), if it was
+        self.fabric_calls: tuple[tuple[str, Any], ...] | None = None  # (function, struct) still to try, best first
+        self.clock_events = CLOCK_EVENTS  # or CLOCK_EVENTS_OLD on drivers before 535
+        self.link_states: dict[int, bool] = {}  # link -> up, from nvmlDeviceGetNvLinkState, on drivers without the field
+        self.link_turn = 0  # which half of those links (even or odd) is asked again this sample
         self.limits: tuple[float | None, float | None] = (None, None)  # enforced and management power limits, watts
         self.limits_due = float("-inf")
 
     # -- every NVML call of this GPU -----------------------------------------------------------
-    def call(self, name: str, *args: Any, what: str | None = None, func: Any = None) -> Any:
-        """`func` (default: pynvml's function `name`) with `args`, its NVML errors sorted as the module says."""
+    def call(self, name: str, *args: Any, what: str | None = None, func: Any = None, optional: bool = False) -> Any:
+        """`func` (default: pynvml's function `name`) with `args`, its NVML errors sorted as the module says.
+
+        `optional`: a newer call with an older fallback; if the driver (or the binding) does not have it, or refuses
+        its struct version, the call answers None with `declined` set to why, and the caller falls back."""
         # Twenty-odd calls per GPU per sample: the key of a call is built only for a function refused before.
         if name in self._refused and self._key(name, args) in self.unsupported:
             return None
         if func is None:
             func = getattr(self.lib, name, None)
         if func is None:  # a binding older than the call
+            if optional:
+                return self._decline(name, "FunctionNotFound", "missing from pynvml")
             self.nvml.mismatch(f"{name} missing from pynvml", "function_not_found")
             self._unsupported(name, args)
             return None
@@ -169,6 +185,8 @@ class _Gpu:
             if kind == "NotSupported":
                 self._unsupported(name, args)
                 return None
+            if optional and kind in _DECLINED:
+                return self._decline(name, kind, reason_of(exc))
             if kind in _ABSENT:
                 return None
             if kind == "NoPermission":
@@ -192,6 +210,13 @@ class _Gpu:
         """A call as `unsupported` holds it: its name and its int or str arguments after the handle."""
         return (name, *(a for a in args[1:] if isinstance(a, (int, str))))
 
+    def _decline(self, name: str, kind: str, why: str) -> None:
+        self.declined = kind
+        if ("declined", name, kind) not in self.nvml._logged:
+            self.nvml._logged.add(("declined", name, kind))
+            log.info("NVML: this driver does not offer %s%s (%s); an older form of the call is used instead",
+                     "this struct version of " if kind == "ArgumentVersionMismatch" else "", name, why)
+
     def _unsupported(self, name: str, args: tuple) -> None:
         """This call (with these arguments) is not asked again for this handle."""
         self.unsupported.add(self._key(name, args))
@@ -208,18 +233,22 @@ class _Gpu:
         lib = self.lib
         buffers = list(self.gpm) + [b for entry in self.mig_gpm.values() for b in entry[0]]
         self.gpm, self.mig_gpm = [], {}
-        for sample in buffers:
-            try:
-                lib.nvmlGpmSampleFree(sample)
-            except Exception as exc:  # noqa: BLE001 - freeing must go on whatever one call says
-                log.debug("GPU %d: freeing a GPM sample: %s; tried again once NVML answers", self.index, exc)
-                self.nvml.orphans.append(sample)
+        self.give_back(buffers)
         if self.event_set is not None:
             try:
                 lib.nvmlEventSetFree(self.event_set)
             except Exception as exc:  # noqa: BLE001
                 log.debug("GPU %d: freeing the event set: %s", self.index, exc)
             self.event_set = None
+
+    def give_back(self, samples: list[Any]) -> None:
+        """Free GPM samples; one NVML cannot free now (it went away) is kept and freed once it answers again."""
+        for sample in samples:
+            try:
+                self.lib.nvmlGpmSampleFree(sample)
+            except Exception as exc:  # noqa: BLE001 - freeing must go on whatever one call says
+                log.debug("GPU %d: freeing a GPM sample: %s; tried again once NVML answers", self.index, exc)
+                self.nvml.orphans.append(sample)
 
 
 class _Errors:
@@ -246,6 +275,16 @@ class Nvml:
         self._raw_fields = self._raw_fields_usable(lib)
         self._gpm_wanted = {metrics: [(getattr(lib, name), field) for name, field in metrics if hasattr(lib, name)]
                             for metrics in (GPM_METRICS, MIG_GPM_METRICS)}
+        # Fabric info, best first: FabricInfoV with the newest struct the binding has, then older structs (a driver
+        # refuses a struct newer than its own: ArgumentVersionMismatch), then the unversioned call of drivers before 550.
+        fabric_calls: list[tuple[str, Any]] = []
+        for struct_name in ("c_nvmlGpuFabricInfo_v3_t", "c_nvmlGpuFabricInfo_v2_t", "c_nvmlGpuFabricInfoV_t"):
+            struct_type = getattr(lib, struct_name, None)
+            if struct_type is not None and all(struct_type is not t for _, t in fabric_calls):
+                fabric_calls.append(("nvmlDeviceGetGpuFabricInfoV", struct_type))
+        if getattr(lib, "c_nvmlGpuFabricInfo_t", None) is not None:
+            fabric_calls.append(("nvmlDeviceGetGpuFabricInfo", lib.c_nvmlGpuFabricInfo_t))
+        self._fabric_calls = tuple(fabric_calls)
         self._fabric_names = (
             {getattr(lib, f"NVML_GPU_FABRIC_STATE_{s.upper()}", -1): s for s in ("not_started", "in_progress", "completed")},
             {getattr(lib, f"NVML_GPU_FABRIC_HEALTH_SUMMARY_{s.upper()}", -1): s
@@ -418,8 +457,12 @@ class Nvml:
             old.free()
         gpu = _Gpu(self, index, handle, uuid)
         self._uuids[index] = uuid
-        self._read_static(gpu)
-        self._watch_xids(gpu)
+        try:
+            self._read_static(gpu)
+            self._watch_xids(gpu)
+        except BaseException:  # _Unreadable, _LibraryGone, ...: the GPU is not kept, so what it holds is given back now
+            gpu.free()
+            raise
         return gpu
 
     def _read_index(self, index: int) -> GpuState:
@@ -502,15 +545,21 @@ class Nvml:
         return ids
 
     def _gpm_buffers(self, gpu: _Gpu) -> list[Any]:
-        buffers = []
-        for _ in range(2):
-            sample = gpu.call("nvmlGpmSampleAlloc")
-            if sample is None:
-                for b in buffers:
-                    gpu.call("nvmlGpmSampleFree", b)
-                return []
-            buffers.append(sample)
-        return buffers
+        """Two GPM sample buffers, or none (then nothing is held)."""
+        buffers: list[Any] = []
+        try:
+            for _ in range(2):
+                sample = gpu.call("nvmlGpmSampleAlloc")
+                if sample is None:
+                    break
+                buffers.append(sample)
+            else:
+                return buffers
+        except BaseException:  # NVML went away between the two: the first is given back, then the error goes on
+            gpu.give_back(buffers)
+            raise
+        gpu.give_back(buffers)
+        return []
 
     # -- XIDs ------------------------------------------------------------------------------------
     def _watch_xids(self, gpu: _Gpu) -> None:
@@ -636,7 +685,14 @@ class Nvml:
         f["fan_speed_ratio"] = _scaled(c("nvmlDeviceGetFanSpeed", h), 0.01)  # GPUs without fans: NotSupported, asked once
         pstate = c("nvmlDeviceGetPerformanceState", h)
         f["pstate"] = int(pstate) if pstate is not None else None
-        reasons = c("nvmlDeviceGetCurrentClocksEventReasons", h)
+        if gpu.clock_events == CLOCK_EVENTS:
+            gpu.declined = None
+            reasons = c(CLOCK_EVENTS, h, optional=True)
+            if gpu.declined is not None:  # a driver before 535: the same mask under its older name, from now on
+                gpu.clock_events = CLOCK_EVENTS_OLD
+                reasons = c(CLOCK_EVENTS_OLD, h)
+        else:
+            reasons = c(CLOCK_EVENTS_OLD, h)
         f["clock_event_mask"] = int(reasons) if reasons is not None else None
         enc, dec = c("nvmlDeviceGetEncoderUtilization", h), c("nvmlDeviceGetDecoderUtilization", h)
         f["encoder_utilization_ratio"] = enc[0] / 100.0 if enc is not None else None
@@ -778,14 +834,38 @@ class Nvml:
             links = []
             for n, link in enumerate(gpu.links):
                 state, tx, rx, crc, replay, recovery = v[15 + 6 * n:21 + 6 * n]
-                if state is None and tx is None:
-                    continue  # a link slot this GPU does not have after all
+                if state is None:
+                    if tx is None:
+                        continue  # a link slot this GPU does not have after all
+                    # a driver without the state field (NVML_FI_DEV_NVLINK_GET_STATE): a missing state is unknown,
+                    # not down; the link's own call says
+                    state = self._link_state(gpu, link)
+                    if state is None:
+                        continue  # up or down cannot be told: left out rather than reported down
                 # positional: 18 links a GPU, and a named tuple takes keywords at four times the cost
                 links.append(NvLinkState(link, bool(state), tx * 1024 if tx is not None else None,
                                          rx * 1024 if rx is not None else None, _int(crc), None, _int(replay),
                                          _int(recovery)))  # crc_data_errors: not read
             out["nvlinks"] = tuple(links)
+            if gpu.link_states:
+                gpu.link_turn ^= 1
         return out
+
+    @staticmethod
+    def _link_state(gpu: _Gpu, link: int) -> bool | None:
+        """A link's state where the field-value batch has none: nvmlDeviceGetNvLinkState, for half the links at each
+        sample (even, then odd), so an 18-link GPU stays within the call budget; a link not asked this sample keeps
+        the state read one sample before, and a link never read yet is asked at once. None: cannot be told (the call
+        failed, or NotSupported, which is then not asked again for this handle and link)."""
+        known = gpu.link_states
+        if link % 2 != gpu.link_turn and link in known:
+            return known[link]
+        state = gpu.call("nvmlDeviceGetNvLinkState", gpu.handle, link)
+        if state is None:
+            known.pop(link, None)
+            return None
+        known[link] = bool(state)
+        return known[link]
 
     def _gpm(self, gpu: _Gpu) -> dict[str, float]:
         """SM, tensor, DRAM, graphics-engine and PCIe activity between this sample and the last (Hopper and newer)."""
@@ -824,15 +904,24 @@ class Nvml:
         lib = self.lib
         if gpu.static.get("no_fabric"):
             return None
-        if gpu.fabric_struct is None:
-            struct = getattr(lib, "c_nvmlGpuFabricInfo_v3_t", None) or getattr(lib, "c_nvmlGpuFabricInfoV_t", None)
-            if struct is None:
+        calls = gpu.fabric_calls
+        if calls is None:
+            calls = gpu.fabric_calls = self._fabric_calls
+        while True:
+            if not calls:  # this driver has no fabric call this binding can make: not asked again for this handle
+                gpu.static["no_fabric"] = True
                 return None
-            gpu.fabric_struct = struct
-        info = gpu.fabric_struct()
-        if gpu.call("nvmlDeviceGetGpuFabricInfoV", gpu.handle, ctypes.byref(info)) is None:
-            gpu.static["no_fabric"] = "nvmlDeviceGetGpuFabricInfoV" in {k[0] for k in gpu.unsupported}
-            return None
+            name, struct_type = calls[0]
+            info = struct_type()
+            gpu.declined = None
+            if gpu.call(name, gpu.handle, ctypes.byref(info), optional=True) is not None:
+                break
+            if gpu.declined is None:  # NotSupported (no fabric: not asked again), or an error of this sample
+                gpu.static["no_fabric"] = name in gpu._refused
+                return None
+            # refused: the next struct, or the older call; a function the driver lacks is not tried with another struct
+            calls = gpu.fabric_calls = tuple(
+                c for c in calls[1:] if not (gpu.declined == "FunctionNotFound" and c[0] == name))
         state = int(info.state)
         if state == lib.NVML_GPU_FABRIC_STATE_NOT_SUPPORTED:  # no NVSwitch fabric: not asked again for this handle
             gpu.static["no_fabric"] = True

@@ -11,6 +11,12 @@ NVMLError_Uninitialized, a lost GPU's events raise as its other calls do, every 
 offers exists in the real binding with a compatible signature (tests/agent/test_fake_pynvml.py),
 and `fail(function, error, gpu=, times=)` makes any call raise any error, including the library's
 NVMLLibraryMismatchError, for one GPU or all of them. `counts` counts every call by name.
+
+Older drivers, per GPU: `lacks` (function names) raise NVMLError_FunctionNotFound as pynvml does when the
+driver's library has no such symbol (before any other check, a lost GPU's included); `fields_unsupported`
+(field ids) answer NVML_ERROR_NOT_SUPPORTED in a field-value batch; `fabric_versions` are the struct versions
+nvmlDeviceGetGpuFabricInfoV accepts (any other: NVMLError_ArgumentVersionMismatch). `gpm_allocs` and `gpm_frees`
+count GPM sample buffers given out and given back.
 """
 
 from __future__ import annotations
@@ -87,6 +93,10 @@ def device(index: int, **overrides):
         "events_supported": True,
         "lost": False,
         "error": None,  # an NVMLError class every call on this GPU raises
+        # what an older driver lacks (defaults: a 570 driver, which has all of it)
+        "lacks": frozenset(),  # function names: NVMLError_FunctionNotFound (e.g. nvmlDeviceGetGpuFabricInfoV before 550)
+        "fields_unsupported": frozenset(),  # field ids answered NVML_ERROR_NOT_SUPPORTED (e.g. NVML_FI_DEV_NVLINK_GET_STATE)
+        "fabric_versions": (real.nvmlGpuFabricInfo_v2, real.nvmlGpuFabricInfo_v3),  # struct versions FabricInfoV takes
     }
     d.update(overrides)
     return d
@@ -111,6 +121,7 @@ class FakeNvml:
         self.utilization_since: list[int] = []  # the timestamps process utilisation was asked from
         self.initialized = False
         self.gpm_live: set[int] = set()  # ids of GPM samples allocated and not yet freed
+        self.gpm_allocs = self.gpm_frees = 0  # GPM samples given out and given back, since the start
         self._faults: list[dict] = []
         for name in dir(real):
             if name.startswith(("NVMLError", "NVMLLibraryMismatchError", "NVML_", "nvmlEventType", "nvmlMemory_v2",
@@ -144,6 +155,8 @@ class FakeNvml:
             if name not in _BEFORE_INIT and not self.initialized:
                 raise real.NVMLError_Uninitialized()
             gpu = self._gpu_of(name, args)
+            if gpu is not None and name in self.devices[gpu]["lacks"]:
+                raise real.NVMLError_FunctionNotFound()  # pynvml's _nvmlGetFunctionPointer: before the device is asked
             for fault in self._faults:
                 if fault["function"] in (name, "*") and (fault["gpu"] is None or fault["gpu"] == gpu) and fault["times"] != 0:
                     if fault["function"] == "*" and gpu is None:
@@ -284,6 +297,8 @@ class FakeNvml:
     def _field_value(self, d, fid, scope):
         """What the driver answers for one field (scope: the link, for per-link fields), or NotSupported."""
         links = d["nvlinks"] if d["nvlinks"] is not NotSupported else ()
+        if fid in d["fields_unsupported"]:
+            return NotSupported
         if fid in self._PER_LINK:  # most of every call: answered first
             if scope >= len(links):
                 return NotSupported
@@ -374,6 +389,7 @@ class FakeNvml:
     def nvmlGpmSampleAlloc(self):
         sample = SimpleNamespace(device=None, mig=None)
         self.gpm_live.add(id(sample))
+        self.gpm_allocs += 1
         return sample
 
     def nvmlGpmSampleGet(self, h, sample):
@@ -389,6 +405,7 @@ class FakeNvml:
     def nvmlGpmSampleFree(self, sample):
         assert id(sample) in self.gpm_live, "a GPM sample freed twice"
         self.gpm_live.discard(id(sample))
+        self.gpm_frees += 1
 
     def nvmlGpmMetricsGet(self, request):
         d = self.devices[request.sample2.device]
@@ -429,6 +446,9 @@ class FakeNvml:
         return self._answer(h, "pstate")
 
     def nvmlDeviceGetCurrentClocksEventReasons(self, h):
+        return self._answer(h, "clock_events")
+
+    def nvmlDeviceGetCurrentClocksThrottleReasons(self, h):  # the same call's name before driver 535
         return self._answer(h, "clock_events")
 
     # memory health
@@ -475,10 +495,21 @@ class FakeNvml:
     def nvmlDeviceGetGpuFabricInfoV(self, h, ref):
         assert type(ref).__name__ == "CArgObject", "the fabric struct must be passed by reference (ctypes.byref)"
         info = ref._obj
+        if getattr(info, "version", None) not in self.devices[h]["fabric_versions"]:
+            raise real.NVMLError_ArgumentVersionMismatch()  # a struct newer (or older) than this driver's
         state, status, clique, summary, mask = self._answer(h, "fabric")
         info.state, info.status, info.cliqueId, info.healthMask = state, status, clique, mask
         if hasattr(info, "healthSummary"):
             info.healthSummary = summary
+        return real.NVML_SUCCESS
+
+    def nvmlDeviceGetGpuFabricInfo(self, h, ref):
+        """The call before FabricInfoV (drivers 525 to 545, and 535 LTS): c_nvmlGpuFabricInfo_t, no version, no health."""
+        assert type(ref).__name__ == "CArgObject", "the fabric struct must be passed by reference (ctypes.byref)"
+        info = ref._obj
+        assert not hasattr(info, "version"), "the unversioned call takes c_nvmlGpuFabricInfo_t"
+        state, status, clique, _, _ = self._answer(h, "fabric")
+        info.state, info.status, info.cliqueId = state, status, clique
         return real.NVML_SUCCESS
 
     # MIG: a MIG handle is (gpu index, slot)

@@ -95,3 +95,31 @@ def test_the_c_function_handle_is_pynvmls_and_answers_as_c_does():
         fake._nvmlGetFunctionPointer("nvmlDeviceGetSomethingNew")
     fake.nvmlShutdown()
     assert fn(0, ctypes.c_int32(2), ctypes.byref(values)) == pynvml.NVML_ERROR_UNINITIALIZED
+
+
+def test_the_fake_plays_an_older_driver_per_gpu():
+    """`lacks`: FunctionNotFound before anything else (pynvml looks the symbol up first); `fields_unsupported`:
+    NOT_SUPPORTED in the batch for those ids only; `fabric_versions`: the structs FabricInfoV takes."""
+    fake = FakeNvml([device(0), device(1, lacks=frozenset({"nvmlDeviceGetGpuFabricInfoV"}), lost=True,
+                                        fields_unsupported=frozenset({pynvml.NVML_FI_DEV_NVLINK_GET_STATE}),
+                                        fabric_versions=(pynvml.nvmlGpuFabricInfo_v2,))])
+    fake.nvmlInit()
+    with pytest.raises(pynvml.NVMLError_FunctionNotFound):
+        fake.nvmlDeviceGetGpuFabricInfoV(1, ctypes.byref(pynvml.c_nvmlGpuFabricInfo_v2_t()))  # lost, but lacking first
+    fake.devices[1]["lost"] = False
+    fake.devices[1]["lacks"] = frozenset()
+    with pytest.raises(pynvml.NVMLError_ArgumentVersionMismatch):
+        fake.nvmlDeviceGetGpuFabricInfoV(1, ctypes.byref(pynvml.c_nvmlGpuFabricInfo_v3_t()))
+    info = pynvml.c_nvmlGpuFabricInfo_v2_t()
+    assert fake.nvmlDeviceGetGpuFabricInfoV(1, ctypes.byref(info)) == pynvml.NVML_SUCCESS and info.cliqueId == 7
+    old = pynvml.c_nvmlGpuFabricInfo_t()
+    assert fake.nvmlDeviceGetGpuFabricInfo(0, ctypes.byref(old)) == pynvml.NVML_SUCCESS
+    assert old.state == pynvml.NVML_GPU_FABRIC_STATE_COMPLETED
+    ids = [(pynvml.NVML_FI_DEV_NVLINK_GET_STATE, 0), (pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX, 0)]
+    got = fake.nvmlDeviceGetFieldValues(1, ids)
+    assert [v.nvmlReturn for v in got] == [pynvml.NVML_ERROR_NOT_SUPPORTED, pynvml.NVML_SUCCESS]
+    assert [v.nvmlReturn for v in fake.nvmlDeviceGetFieldValues(0, ids)] == [pynvml.NVML_SUCCESS] * 2
+    assert fake.nvmlDeviceGetCurrentClocksThrottleReasons(0) == fake.nvmlDeviceGetCurrentClocksEventReasons(0)
+    sample = fake.nvmlGpmSampleAlloc()
+    fake.nvmlGpmSampleFree(sample)
+    assert (fake.gpm_allocs, fake.gpm_frees) == (1, 1)
