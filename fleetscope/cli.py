@@ -104,59 +104,72 @@ def _agent(args: argparse.Namespace) -> int:
 
 def _collector(args: argparse.Namespace) -> int:
     from collector.main import MAX_CONNECTIONS, run
+
+    try:
+        settings, listen = collector_settings(args)
+    except (OSError, ValueError) as exc:
+        print(f"fleetscope collector: {exc}", file=sys.stderr)
+        return 2
+    host, _, port = listen.rpartition(":")
+    run(settings, host or "0.0.0.0", int(port), max_connections=args.max_connections or MAX_CONNECTIONS)
+    return 0
+
+
+def collector_settings(args: argparse.Namespace):
+    """The collector's Settings and host:port from its flags, its config file and the environment (flags win over
+    the file, which wins over the environment); ValueError or OSError saying what is wrong."""
     from collector.settings import Settings, load_config, parse_duration, parse_ingest_tokens, parse_size
 
     kwargs: dict[str, object] = {}
     listen = "0.0.0.0:9837"
-    try:
-        if args.config:
-            kwargs, other = load_config(args.config)
-            listen = str(other.get("listen", listen))
-        # Flags win over the config file, which wins over the environment.
-        for flag, name, parse in (("data_dir", "data_dir", lambda v, w: Path(v)), ("cluster", "cluster", lambda v, w: v),
-                                  ("memory_budget", "memory_budget", parse_size), ("window", "window_s", parse_duration),
-                                  ("raw_window", "raw_window_s", parse_duration), ("retention", "retention_s", parse_duration),
-                                  ("retention_bytes", "retention_bytes", parse_size),
-                                  ("checkpoint_interval", "checkpoint_interval_s", parse_duration),
-                                  ("max_future_skew", "max_future_skew_s", parse_duration),
-                                  ("max_step_jump", "max_step_jump", _positive_int),
-                                  ("metrics_max_jobs", "metrics_max_jobs", _positive_int),
-                                  ("metrics_max_services", "metrics_max_services", _positive_int),
-                                  ("metrics_max_ranks", "metrics_max_ranks", _positive_int),
-                                  ("straggler_page_share", "straggler_page_share", _number),
-                                  ("ingest_processes", "ingest_processes", _whole),
-                                  ("tls_cert", "tls_cert", lambda v, w: Path(v)), ("tls_key", "tls_key", lambda v, w: Path(v)),
-                                  ("tls_client_ca", "tls_client_ca", lambda v, w: Path(v)),
-                                  ("web_config", "web_config", lambda v, w: Path(v))):
-            value = getattr(args, flag)
-            if value is not None:
-                kwargs[name] = parse(value, f"--{flag.replace('_', '-')}")
-        # Tokens from credential files or the environment (fleetscope/secrets.py), never from flags. Ingest tokens:
-        # `<token>` (a fleet token) or `<token> <node>` (that agent's own), one a line (collector.settings).
-        kwargs["ingest_tokens"], kwargs["agent_tokens"] = parse_ingest_tokens(read_secret("FLEETSCOPE_INGEST_TOKEN") or "",
-                                                                              "the ingest-token credential")
-        kwargs["read_tokens"] = read_secrets("FLEETSCOPE_READ_TOKEN")
-        for name, env, credential, who in (("ingest_tokens", "FLEETSCOPE_INGEST_TOKEN", "ingest-token", "agents"),
-                                           ("read_tokens", "FLEETSCOPE_READ_TOKEN", "read-token", "readers")):
-            if name == "ingest_tokens" and (kwargs["agent_tokens"] or kwargs.get("tls_client_ca")):
-                continue  # agents come with their own tokens or client certificates
-            if not kwargs[name]:
-                raise ValueError(f"no {credential}: put the token(s) {who} use in a file only the collector can read (one a "
-                                 f"line) and set {env}_FILE=<file>, or under systemd LoadCredential={credential}:<file>, "
-                                 f"or set {env}")
-        if args.max_connections is not None and args.max_connections <= 0:
-            raise ValueError(f"--max-connections must be positive, got {args.max_connections}")
-        if kwargs.get("ingest_processes") is None:
-            from collector.decoders import default_ingest_processes
+    if args.config:
+        kwargs, other = load_config(args.config)
+        listen = str(other.get("listen", listen))
+    # Flags win over the config file, which wins over the environment.
+    for flag, name, parse in (("data_dir", "data_dir", lambda v, w: Path(v)), ("cluster", "cluster", lambda v, w: v),
+                              ("memory_budget", "memory_budget", parse_size), ("window", "window_s", parse_duration),
+                              ("raw_window", "raw_window_s", parse_duration), ("retention", "retention_s", parse_duration),
+                              ("retention_bytes", "retention_bytes", parse_size),
+                              ("raw_steps", "raw_steps", _positive_int),
+                              ("checkpoint_interval", "checkpoint_interval_s", parse_duration),
+                              ("analysis_interval", "analysis_interval_s", parse_duration),
+                              ("maintenance_interval", "maintenance_interval_s", parse_duration),
+                              ("max_points", "max_points", _positive_int),
+                              ("max_body_bytes", "max_body_bytes", parse_size),
+                              ("max_future_skew", "max_future_skew_s", parse_duration),
+                              ("max_step_jump", "max_step_jump", _positive_int),
+                              ("metrics_max_jobs", "metrics_max_jobs", _positive_int),
+                              ("metrics_max_services", "metrics_max_services", _positive_int),
+                              ("metrics_max_ranks", "metrics_max_ranks", _positive_int),
+                              ("straggler_page_share", "straggler_page_share", _number),
+                              ("ingest_processes", "ingest_processes", _whole),
+                              ("tls_cert", "tls_cert", lambda v, w: Path(v)), ("tls_key", "tls_key", lambda v, w: Path(v)),
+                              ("tls_client_ca", "tls_client_ca", lambda v, w: Path(v)),
+                              ("web_config", "web_config", lambda v, w: Path(v))):
+        value = getattr(args, flag)
+        if value is not None:
+            kwargs[name] = parse(value, f"--{flag.replace('_', '-')}")
+    # Tokens from credential files or the environment (fleetscope/secrets.py), never from flags. Ingest tokens:
+    # `<token>` (a fleet token) or `<token> <node>` (that agent's own), one a line (collector.settings).
+    kwargs["ingest_tokens"], kwargs["agent_tokens"] = parse_ingest_tokens(read_secret("FLEETSCOPE_INGEST_TOKEN") or "",
+                                                                          "the ingest-token credential")
+    kwargs["read_tokens"] = read_secrets("FLEETSCOPE_READ_TOKEN")
+    for name, env, credential, who in (("ingest_tokens", "FLEETSCOPE_INGEST_TOKEN", "ingest-token", "agents"),
+                                       ("read_tokens", "FLEETSCOPE_READ_TOKEN", "read-token", "readers")):
+        if name == "ingest_tokens" and (kwargs["agent_tokens"] or kwargs.get("tls_client_ca")):
+            continue  # agents come with their own tokens or client certificates
+        if not kwargs[name]:
+            raise ValueError(f"no {credential}: put the token(s) {who} use in a file only the collector can read (one a "
+                             f"line) and set {env}_FILE=<file>, or under systemd LoadCredential={credential}:<file>, "
+                             f"or set {env}")
+    if args.max_connections is not None and args.max_connections <= 0:
+        raise ValueError(f"--max-connections must be positive, got {args.max_connections}")
+    if kwargs.get("ingest_processes") is None:
+        from collector.decoders import default_ingest_processes
 
-            kwargs["ingest_processes"] = default_ingest_processes()
-        settings = Settings(**kwargs)  # type: ignore[arg-type]
-    except (OSError, ValueError) as exc:
-        print(f"fleetscope collector: {exc}", file=sys.stderr)
-        return 2
-    host, _, port = (args.listen or listen).rpartition(":")
-    run(settings, host or "0.0.0.0", int(port), max_connections=args.max_connections or MAX_CONNECTIONS)
-    return 0
+        kwargs["ingest_processes"] = default_ingest_processes()
+    settings = Settings(**kwargs)  # type: ignore[arg-type]
+    return settings, args.listen or listen
 
 
 def _loopback(address: str) -> bool:
@@ -366,7 +379,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw-window", help="how long raw GPU and host frames stay in memory (default 5m)")
     p.add_argument("--retention", help="how long history stays on disk (default 30d)")
     p.add_argument("--retention-bytes", help="most disk the history may use (default: 40%% of the data disk)")
+    p.add_argument("--raw-steps", help="raw steps the hot tier keeps per rank, what the detectors look at (default 120)")
     p.add_argument("--checkpoint-interval", help="how often the WAL is written to Parquet (default 30s)")
+    p.add_argument("--analysis-interval", help="how often the hot tier is tidied and stragglers, hangs and regressions "
+                   "looked for (default 5s)")
+    p.add_argument("--maintenance-interval", help="how often closed hours are compacted and retention applied (default 5m)")
+    p.add_argument("--max-points", help="points per series a read answers at most (default 500)")
+    p.add_argument("--max-body-bytes", help="the largest ingest body taken, 413 past it (default 16MiB)")
     p.add_argument("--max-future-skew", help="how far ahead of the collector's clock a record may be dated (default 10m)")
     p.add_argument("--max-step-jump", help="how far above its job and rank's highest step a step may jump (default 1000000)")
     p.add_argument("--metrics-max-jobs", help="jobs the collector's /metrics exports at most, troubled first (default 500)")

@@ -158,3 +158,39 @@ def test_the_memory_budget_defaults_within_the_cgroups_limit(tmp_path):
     assert default_memory_budget(cgroup_limit=2 * GiB, physical=64 * GiB) == GiB
     assert default_memory_budget(cgroup_limit=None, physical=4 * GiB) == GiB
     assert default_memory_budget(cgroup_limit=256 * 2**20, physical=64 * GiB) == 256 * 2**20  # the least it takes
+
+
+def test_every_setting_of_the_config_file_has_a_flag_and_each_flag_reaches_the_settings(tmp_path, monkeypatch):
+    from collector.settings import CONFIG_KEYS
+    from fleetscope.cli import build_parser, collector_settings
+
+    parser = build_parser()
+    collector = next(a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == "collector")[1]
+    flags = {opt for action in collector._actions for opt in action.option_strings}
+    missing = sorted(f"--{key.replace('_', '-')}" for key in CONFIG_KEYS if f"--{key.replace('_', '-')}" not in flags)
+    assert not missing, f"config keys with no flag: {missing}"
+
+    monkeypatch.setenv("FLEETSCOPE_INGEST_TOKEN", "i")
+    monkeypatch.setenv("FLEETSCOPE_READ_TOKEN", "r")
+    given = {"--data-dir": str(tmp_path / "d"), "--cluster": "west", "--memory-budget": "1GiB", "--window": "2h",
+             "--raw-window": "3m", "--raw-steps": "64", "--retention": "7d", "--retention-bytes": "10GiB",
+             "--checkpoint-interval": "45s", "--analysis-interval": "2s", "--maintenance-interval": "10m",
+             "--max-points": "250", "--max-body-bytes": "8MiB", "--max-future-skew": "1m", "--max-step-jump": "99",
+             "--metrics-max-jobs": "7", "--metrics-max-services": "8", "--metrics-max-ranks": "9",
+             "--straggler-page-share": "0.1", "--ingest-processes": "0", "--listen": "127.0.0.1:9999"}
+    config = tmp_path / "c.toml"  # the file says otherwise: the flags win
+    config.write_text('[collector]\nraw_steps = 500\nmax_points = 5\nanalysis_interval = "1m"\n')
+    argv = ["collector", "--config", str(config), *(x for kv in given.items() for x in kv)]
+    settings, listen = collector_settings(parser.parse_args(argv))
+    assert listen == "127.0.0.1:9999"
+    assert (settings.data_dir, settings.cluster, settings.memory_budget, settings.window_s, settings.raw_window_s,
+            settings.raw_steps, settings.retention_s, settings.retention_bytes, settings.checkpoint_interval_s,
+            settings.analysis_interval_s, settings.maintenance_interval_s, settings.max_points, settings.max_body_bytes,
+            settings.max_future_skew_s, settings.max_step_jump, settings.metrics_max_jobs, settings.metrics_max_services,
+            settings.metrics_max_ranks, settings.straggler_page_share, settings.ingest_processes) == (
+        tmp_path / "d", "west", GiB, 7200.0, 180.0, 64, 7 * 86400.0, 10 * GiB, 45.0, 2.0, 600.0, 250, 8 * 2**20,
+        60.0, 99, 7, 8, 9, 0.1, 0)
+    with pytest.raises(ValueError, match="--raw-steps must be positive"):
+        collector_settings(parser.parse_args(["collector", "--raw-steps", "0"]))
+    with pytest.raises(ValueError, match="--max-points"):
+        collector_settings(parser.parse_args(["collector", "--max-points", "many"]))
