@@ -226,7 +226,7 @@ def test_scraped_servers_get_quantiles_from_their_histograms(client):
     assert client.get("/v1/services", headers=R).json()["scraped"][0]["service"] == "chat"
 
 
-def test_findings_are_served_and_exported_as_metrics(client):
+def _post_a_straggling_job(client) -> None:
     import time as _time
 
     from bench.traces import Trace, generate
@@ -239,6 +239,10 @@ def test_findings_are_served_and_exported_as_metrics(client):
                } for r in steps.iter_rows(named=True)]
     assert post(client, batch(0, events)).status_code == 200
     client.app.state.analyse_now()
+
+
+def test_findings_are_served_and_exported_as_metrics(client):
+    _post_a_straggling_job(client)
     (f,) = client.get("/v1/findings", headers=R).json()["findings"]
     assert f["kind"] == "straggler" and f["subject"]["rank"] == 6 and f["active"] and f["probable_causes"]
     assert client.get("/v1/findings?kind=hang", headers=R).json()["findings"] == []
@@ -248,6 +252,27 @@ def test_findings_are_served_and_exported_as_metrics(client):
     assert 'fleetscope_finding_active{kind="straggler",node="node-000",rank="6",service="",severity="page",training_job="found"} 1.0' in text
     assert 'fleetscope_training_straggler_score{node="node-000",rank="6",training_job="found"}' in text
     assert 'fleetscope_training_last_progress_age_seconds{training_job="found"}' in text
+
+
+def test_with_a_cluster_name_every_finding_job_and_service_series_carries_it(tmp_path):
+    """Several clusters' collectors feed one VictoriaMetrics: their findings, job summaries, goodput and services must
+    not clash. Prometheus' external_labels would add `cluster` to what it remote-writes, but not to what Grafana
+    reads from each cluster's own Prometheus, nor when one Prometheus scrapes several collectors."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with TestClient(create_app(settings(tmp_path, cluster="west"))) as c:
+        wait_ready(c)
+        _post_a_straggling_job(c)
+        assert post(c, batch(1, [request("chat", "m", 0.5, 0.1)])).status_code == 200
+        families = {f.name: f for f in text_string_to_metric_families(c.get("/metrics", headers=R).text)}
+    scoped = [name for name in families if name.startswith(("fleetscope_finding", "fleetscope_training", "fleetscope_goodput",
+                                                             "fleetscope_inference", "fleetscope_slo"))]
+    for needed in ("fleetscope_finding_active", "fleetscope_training_straggler_score", "fleetscope_inference_requests"):
+        assert any(name.startswith(needed) for name in scoped), f"{needed}: no such family, the test proves nothing"
+    unlabelled = sorted({s.name for name in scoped for s in families[name].samples if s.labels.get("cluster") != "west"})
+    assert not unlabelled, f"series without cluster=\"west\": {unlabelled}"
+    # the collector's own health is the collector's, not a cluster's view: left as it is
+    assert all("cluster" not in s.labels for s in families["fleetscope_collector_batches"].samples)
 
 
 def test_throughput_and_mfu_when_the_job_declares_its_flops_per_token(client):
