@@ -195,6 +195,39 @@ def test_sigkill_at_each_step_of_a_checkpoint_loses_and_duplicates_nothing(colle
     assert stored_steps(tmp_path / "data") == EXPECTED(seq + 5)
 
 
+@pytest.mark.parametrize("point", ["checkpoint.rotated", "checkpoint.part_written", "checkpoint.extras_written",
+                                   "checkpoint.commit_file_written", "checkpoint.committed", "checkpoint.wal_dropped"])
+def test_an_error_at_each_step_of_a_checkpoint_is_survived_and_loses_and_duplicates_nothing(collectors, tmp_path, point):
+    """The checkpoint fails (an OSError, as a full disk or an I/O error gives) at one step, in a real collector that
+    goes on running: the next checkpoints write its rows again, once, and after a restart every acknowledged batch is
+    there exactly once."""
+    config = tmp_path / "collector.toml"  # with an SLO, so the checkpoint writes the ledger's state too
+    config.write_text('[[slo]]\nname = "x"\nservice = "s"\nindicator = "availability"\nobjective = 0.99\n')
+    c = collectors(fault=f"{point}=raise@2", config=config)
+    c.wait_ready()
+    refusals: list = []
+    seq = 0
+    log = tmp_path / "collector.log"
+    deadline = time.monotonic() + 30
+    while f"fault injected at {point}" not in log.read_text(errors="replace"):
+        assert time.monotonic() < deadline, "the fault never fired"
+        send_until_acknowledged(c, seq, refusals)
+        seq += 1
+        time.sleep(0.05)
+    for more in range(seq, seq + 5):  # ingest goes on through the failed checkpoint
+        send_until_acknowledged(c, more, refusals)
+    seq += 5
+    wait_until(lambda: c.healthz()[0] == 200, timeout=30, what="a later checkpoint to succeed")
+    time.sleep(2.5)  # a checkpoint or two after it
+    assert c.proc.poll() is None, "the collector died of a failed checkpoint"
+    c.kill()
+    assert stored_steps(tmp_path / "data") == EXPECTED(seq)
+    again = collectors(config=config)  # and a restart replays and reads it back the same
+    again.wait_ready()
+    again.kill()
+    assert stored_steps(tmp_path / "data") == EXPECTED(seq)
+
+
 def test_healthz_says_starting_until_the_log_is_replayed(collectors, tmp_path):
     c = collectors(checkpoint_interval="1h")
     c.wait_ready()
