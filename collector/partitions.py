@@ -5,7 +5,8 @@ lo..hi writes its files under that name before it commits. A file is *live* when
 below the last committed checkpoint and no other file of its hour covers a wider range (a file
 inside another's range was merged into it by a compaction, or written by a checkpoint that failed
 and was retried with a wider range). Readers see only live files; a restart deletes the others.
-Compaction merges a closed hour's live files into one, streaming. Retention drops whole folders,
+Compaction merges a closed folder's live files into one, streaming, once its whole span is over (a
+day folder of hour rollups once its day ends). Retention drops whole folders,
 oldest first by the end of their span (a day folder of hour rollups by its last hour), by age and by
 total size. New folders and renames are made durable (directory fsync) before anything that relies
 on them.
@@ -101,7 +102,8 @@ SORT_KEYS = {"gpus_1m": ("node", "index", "ts"), "hosts_1m": ("node", "ts"), "gp
 
 
 # Hour rollups are filed by day (in the day's hour=00 folder): a month of one GPU is then 30 files, not
-# 720. Retention dates such a day by its last hour (folder_end), so keeps it whole until that hour is due.
+# 720. Retention dates such a day by its last hour (folder_end), so keeps it whole until that hour is due;
+# compaction leaves it open (checkpoints still add files to it) until the day ends.
 FOLDER_SPAN = {"gpus_1h": 86400, "hosts_1h": 86400}
 
 
@@ -190,14 +192,21 @@ def scan(root: Path, kind: str, committed: int, since: float | None = None, unti
 
 
 def compact(root: Path, kind: str, committed: int, before_hour: str) -> int:
-    """Merge the live files of each hour older than `before_hour` into one, streaming; returns files merged."""
+    """Merge the live files of each folder whose whole span is over by the start of `before_hour` into one,
+    streaming; returns files merged.
+
+    A folder is closed by the END of its span (folder_end), not by its name: a day folder of hour
+    rollups (`date=D/hour=00`) keeps taking files until day D ends, so it is left alone until then and
+    merged once after, not re-read, re-sorted and rewritten whole by every pass during the day. An hour
+    folder is closed once its hour is before `before_hour`, as its name says."""
     merged = 0
+    closed_by = hour_start(before_hour)
     by_hour: dict[Path, list[Part]] = {}
     for p in live_parts(root, kind, committed):
         by_hour.setdefault(p.path.parent, []).append(p)
     for folder, hour_parts in by_hour.items():
         hour = f"{folder.parent.name}/{folder.name}"
-        if hour >= before_hour or len(hour_parts) < 2:
+        if len(hour_parts) < 2 or not _HOUR.match(hour) or folder_end(kind, hour) > closed_by:
             continue
         lo, hi = min(p.lo for p in hour_parts), max(p.hi for p in hour_parts)
         frame = pl.scan_parquet([str(p.path) for p in hour_parts], missing_columns="insert", extra_columns="ignore")
