@@ -4,15 +4,90 @@ node built from them (what an operator reads before an RMA or a cordon)."""
 
 from __future__ import annotations
 
+import json
+import threading
+import time
 
 import msgspec
 import polars as pl
 
 from collector import partitions
 from collector.rollups import GPU_SAMPLES, HOST_SAMPLES
+from collector.snapshots import JsonSnapshot
 from collector.store import Store
 
 THROTTLE_REASONS = {"thermal_slowdown": "thermal_share", "power_cap": "power_cap_share", "hw_slowdown": "hw_slowdown_share"}
+
+
+class GpuNodes:
+    """Which nodes each GPU has been seen on, and when last, for as long as history is kept: the warm tier's files
+    are sorted by node, so a GPU's history scan that names its node skips every other node's row groups. The hot
+    tier knows the nodes of the GPUs seen within its window; a GPU that went quiet before (pulled for an RMA, a
+    node drained for a week) is the one an operator looks up, and without its node a month's scan reads every
+    row group of the fleet. Kept up by the analysis pass (update, off the ingest path), snapshotted with
+    checkpoints (the store's `persisted`)."""
+
+    def __init__(self, retention_s: float | None = None) -> None:
+        self.retention_s = retention_s
+        self._lock = threading.Lock()
+        self._seen: dict[str, dict[str, float]] = {}  # uuid -> {node: last seen ts}; inner dicts replaced, not changed
+
+    def update(self, latest: pl.DataFrame) -> None:
+        """The hot tier's newest frame of each GPU (uuid, node, ts)."""
+        if latest.height == 0:
+            return
+        rows = latest.select(pl.col("uuid").cast(pl.String), pl.col("node").cast(pl.String), "ts").rows()
+        with self._lock:
+            seen = self._seen
+            for uuid, node, ts in rows:
+                if uuid is None or node is None:
+                    continue
+                nodes = seen.get(uuid)
+                if nodes is None:
+                    seen[uuid] = {node: ts}
+                elif nodes.get(node, -1.0) < ts:
+                    seen[uuid] = {**nodes, node: ts}
+
+    def nodes_of(self, uuids: list[str]) -> list[str] | None:
+        """Every node the GPUs were seen on; None when one of them is not known (its scan must read every node)."""
+        out: set[str] = set()
+        with self._lock:
+            for uuid in uuids:
+                nodes = self._seen.get(uuid)
+                if nodes is None:
+                    return None
+                out.update(nodes)
+        return sorted(out)
+
+    def snapshot(self) -> JsonSnapshot:
+        cutoff = time.time() - self.retention_s if self.retention_s is not None else None
+        with self._lock:
+            if cutoff is not None:
+                for uuid in [u for u, nodes in self._seen.items() if max(nodes.values()) < cutoff]:
+                    del self._seen[uuid]
+            copy = self._seen.copy()
+        return JsonSnapshot(lambda: copy)
+
+    def restore(self, data: bytes | JsonSnapshot) -> None:
+        saved = json.loads(bytes(data))
+        with self._lock:
+            self._seen = {uuid: {node: float(ts) for node, ts in nodes.items()} for uuid, nodes in saved.items()}
+
+
+def _gpu_nodes(store: Store, uuids: list) -> list[str]:
+    """The nodes to narrow a GPU history scan to: where the hot tier saw the GPUs, else where the GPU directory
+    (GpuNodes, when the store keeps one) last saw them; [] when one of them is known to neither (no narrowing)."""
+    latest = store.hot.latest("gpus")
+    found = latest.filter(pl.col("uuid").is_in(uuids)).select(pl.col("uuid").cast(pl.String), pl.col("node").cast(pl.String))
+    nodes = set(found["node"].to_list())
+    missing = sorted(set(uuids) - set(found["uuid"].to_list()))
+    if missing:
+        directory = store.persisted.get("gpu_nodes")
+        more = directory.nodes_of(missing) if isinstance(directory, GpuNodes) else None
+        if more is None:
+            return []
+        nodes.update(more)
+    return sorted(nodes)
 
 
 def samples(store: Store, kind: str, since: float, until: float, keys: tuple[str, list] | None = None,
@@ -32,10 +107,7 @@ def samples(store: Store, kind: str, since: float, until: float, keys: tuple[str
         tiers = [(f"{kind}_1h", 3600.0, since, edge), (f"{kind}_1m", 60.0, max(since, edge), hot_from)] if hourly \
             else [(f"{kind}_1m", 60.0, since, hot_from)]
         committed = store.committed_segment()
-        nodes = []
-        if keys is not None and keys[0] == "uuid":
-            latest = store.hot.latest("gpus")
-            nodes = latest.filter(pl.col("uuid").is_in(keys[1]))["node"].cast(pl.String).unique().to_list()
+        nodes = _gpu_nodes(store, list(keys[1])) if keys is not None and keys[0] == "uuid" else []
         for tier, span, lo, hi in tiers:
             if lo >= hi:
                 continue

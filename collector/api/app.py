@@ -62,6 +62,8 @@ def create_app(settings: Settings, store: Store | None = None) -> FastAPI:
     pods = PodLinks(settings.retention_s)
     store.observers = (*store.observers, pods.observe)
     store.persisted.setdefault("pods", pods)
+    # The nodes each GPU was seen on, so a quiet GPU's history scan reads its node's files only (collector/history.py).
+    gpu_nodes = store.persisted.setdefault("gpu_nodes", history.GpuNodes(settings.retention_s))
 
     def open_store() -> None:
         if not store.ready:
@@ -80,6 +82,7 @@ def create_app(settings: Settings, store: Store | None = None) -> FastAPI:
 
     def analyse_now() -> None:
         store.maintain_hot()
+        gpu_nodes.update(store.hot.latest("gpus"))
         now = time.time()
         found, signals = analyse(store.frame("steps"), store.frame("pauses"), now, samples=samples,
                                  aggs=store.hot.step_aggs(), page_share=settings.straggler_page_share)
