@@ -19,6 +19,8 @@ from agent.gpu.state import GpuState
 from agent.sources.base import Collected, Deferred, NoData, Reading, Source
 
 log = logging.getLogger("fleetscope.agent.sampler")
+# After a stuck source has spent a sample's deadline, each further group of sources gets this share of a deadline.
+MIN_BUDGET_SHARE = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,7 +215,10 @@ class Sampler:
     thread waking from idle runs several times slower for its first milliseconds).
     A source still running at its deadline is reported (source_up 0, and for how long it has been
     running), left to finish alone on that worker, and not started again until it returns; the
-    sources after it move to a fresh worker with a deadline of their own."""
+    sources after it move to a fresh worker, with what is left of the sample's deadline (at least a tenth of
+    one): however many sources are stuck, a snapshot is published about one deadline after its sample began.
+    The deadline is the sample's, shared by its sources in turn, not one per source: a slow source that
+    finishes in time leaves the sources after it less time (those that may block run last)."""
 
     def __init__(self, sources: Sequence[Source], interval_s: float = 5.0, deadline_s: float | None = None) -> None:
         self.sources = sorted(sources, key=lambda s: getattr(s, "may_block", False))
@@ -262,13 +267,21 @@ class Sampler:
         self._worker = self._new_worker()  # the old one finishes the stuck source alone, then exits
         return rest
 
-    def _run_slots(self, slots: list[_Slot]) -> list[_Slot]:
-        """Runs `slots` on the worker, each group under a deadline; the slots that ran (or are stuck)."""
+    def _budget(self, due: float) -> float:
+        """Seconds the sources still to run get: what is left of the sample's deadline (`due`, monotonic), or, once
+        a stuck source has spent it, a tenth of the deadline, so that several stuck sources in one sample hold the
+        snapshot about one deadline in all, not one each."""
+        return max(due - time.monotonic(), MIN_BUDGET_SHARE * self.deadline_s)
+
+    def _run_slots(self, slots: list[_Slot], due: float | None = None) -> list[_Slot]:
+        """Runs `slots` on the worker within the sample's deadline (`due`, monotonic; by default one deadline from
+        now); the slots that ran (or are stuck)."""
+        due = time.monotonic() + self.deadline_s if due is None else due
         todo = slots
         while todo:
             done = threading.Event()
             self._worker.jobs.put(lambda worker, todo=todo, done=done: worker.run_slots(todo) and (done.set() or True))
-            if done.wait(self.deadline_s):
+            if done.wait(self._budget(due)):
                 break
             rest = self._abandon(self._worker, todo)
             todo = [_Slot(s.index, s.source) for s in rest]
@@ -369,7 +382,9 @@ class Sampler:
                 return
             round_.taken_over = True
         rest = self._abandon(worker, round_.slots)
-        slots = [s for s in round_.slots if not s.taken] + self._run_slots([_Slot(s.index, s.source) for s in rest])
+        # The sample's deadline has passed: the sources left get the least budget, not a whole deadline again.
+        slots = [s for s in round_.slots if not s.taken] + self._run_slots([_Slot(s.index, s.source) for s in rest],
+                                                                            due=round_.started + self.deadline_s)
         self._publish(slots)
         self._next_at = max(round_.scheduled + self.interval_s, time.monotonic())
         self._worker.jobs.put(lambda w, at=self._next_at: self._periodic(w, at))
