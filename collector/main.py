@@ -30,6 +30,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from collector.api import create_app
 from collector.settings import Settings
+from fleetscope.vocabulary import COLLECTOR_PORT
 
 log = logging.getLogger("fleetscope.collector")
 
@@ -149,7 +150,7 @@ def tls_options(settings: Settings) -> dict:
     return options
 
 
-def server_config(settings: Settings, host: str = "0.0.0.0", port: int = 9837, *, max_connections: int = MAX_CONNECTIONS,
+def server_config(settings: Settings, host: str = "0.0.0.0", port: int = COLLECTOR_PORT, *, max_connections: int = MAX_CONNECTIONS,
                   header_timeout_s: float = HEADER_TIMEOUT_S, body_timeout_s: float = BODY_TIMEOUT_S) -> uvicorn.Config:
     """The uvicorn configuration the collector runs with."""
     return uvicorn.Config(
@@ -216,7 +217,7 @@ def _comm(tid: str) -> str:
         return ""
 
 
-def run(settings: Settings, host: str = "0.0.0.0", port: int = 9837, *, max_connections: int = MAX_CONNECTIONS) -> None:
+def run(settings: Settings, host: str = "0.0.0.0", port: int = COLLECTOR_PORT, *, max_connections: int = MAX_CONNECTIONS) -> None:
     lower_polars_priority()
     files = raise_open_files_limit(max_connections + _RESERVED_FILES)
     if files < max_connections + _RESERVED_FILES:

@@ -13,6 +13,7 @@ import polars as pl
 import streamlit as st
 
 from dashboards.auth import gate, md  # noqa: F401 - md is for the pages
+from fleetscope.vocabulary import COLLECTOR_PORT
 
 
 class CollectorError(Exception):
@@ -21,7 +22,7 @@ class CollectorError(Exception):
 
 class Collector:
     def __init__(self, url: str | None = None, token: str | None = None, timeout_s: float = 5.0) -> None:
-        self.url = (url or os.environ.get("FLEETSCOPE_COLLECTOR_URL") or "http://127.0.0.1:9837").rstrip("/")
+        self.url = (url or os.environ.get("FLEETSCOPE_COLLECTOR_URL") or f"http://127.0.0.1:{COLLECTOR_PORT}").rstrip("/")
         token = token if token is not None else os.environ.get("FLEETSCOPE_READ_TOKEN", "")
         self.client = httpx.Client(base_url=self.url, timeout=timeout_s, headers={"Authorization": f"Bearer {token}"},
                                    verify=verify_context())
@@ -58,7 +59,7 @@ def _shared(url: str, token: str) -> Collector:
 
 def get_collector() -> Collector:
     """One client (one connection pool) per console process, for the configured collector and token."""
-    url = os.environ.get("FLEETSCOPE_COLLECTOR_URL") or "http://127.0.0.1:9837"
+    url = os.environ.get("FLEETSCOPE_COLLECTOR_URL") or f"http://127.0.0.1:{COLLECTOR_PORT}"
     return _shared(url, os.environ.get("FLEETSCOPE_READ_TOKEN", ""))
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from fleetscope import assets
 from fleetscope.secrets import SecretError, read_secret, read_secrets, refused_flag_message
+from fleetscope.vocabulary import AGENT_METRICS_PORT, COLLECTOR_PORT, CONSOLE_PORT
 
 
 def _logging(verbose: bool) -> None:
@@ -121,7 +122,7 @@ def collector_settings(args: argparse.Namespace):
     from collector.settings import Settings, load_config, parse_duration, parse_ingest_tokens, parse_size
 
     kwargs: dict[str, object] = {}
-    listen = "0.0.0.0:9837"
+    listen = f"0.0.0.0:{COLLECTOR_PORT}"
     if args.config:
         kwargs, other = load_config(args.config)
         listen = str(other.get("listen", listen))
@@ -334,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("agent", help="run the per-node agent")
     p.add_argument("--config", help="TOML file with an [agent] table")
     p.add_argument("--node", help="node name (default: hostname)")
-    p.add_argument("--metrics-address", help="host:port for /metrics (default 0.0.0.0:9835)")
+    p.add_argument("--metrics-address", help=f"host:port for /metrics (default 0.0.0.0:{AGENT_METRICS_PORT})")
     p.add_argument("--events-address", help="where workloads send events: unix:/path (a Unix socket that tells the agent "
                    "each sender's real pid and uid), host:port (UDP), or one of each, comma-separated (default 127.0.0.1:9836)")
     p.add_argument("--interval", type=float, help="seconds between samples (default 5)")
@@ -370,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=_agent_print_config)
 
     p = sub.add_parser("collector", help="run the central collector")
-    p.add_argument("--listen", help="host:port to serve on (default 0.0.0.0:9837)")
+    p.add_argument("--listen", help=f"host:port to serve on (default 0.0.0.0:{COLLECTOR_PORT})")
     p.add_argument("--config", help="TOML file with a [collector] table (every setting below) and [[slo]] tables")
     p.add_argument("--data-dir", help="where the WAL and the Parquet history live (default: $FLEETSCOPE_DATA_DIR or .fleetscope/collector)")
     p.add_argument("--cluster", help="this cluster's name: a label on the collector's findings and job metrics")
@@ -408,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_collector)
 
     p = sub.add_parser("dashboard", help="run the Streamlit console")
-    p.add_argument("--port", type=int, default=8501, help="port to serve the console on (default 8501)")
+    p.add_argument("--port", type=int, default=CONSOLE_PORT, help=f"port to serve the console on (default {CONSOLE_PORT})")
     p.add_argument("--address", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1; another needs sign-in, --auth, or --insecure)")
     p.add_argument("--auth", choices=["none", "oidc"], default="none", help="who may see the console: none (no sign-in, "

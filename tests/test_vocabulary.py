@@ -41,3 +41,20 @@ def test_clock_event_bit_groups_are_made_of_named_bits():
     assert {names[b] for b in names if b & vocabulary.THERMAL_BITS} == {"sw_thermal_slowdown", "hw_thermal_slowdown"}
     assert names[vocabulary.POWER_CAP_BIT] == "sw_power_cap"
     assert vocabulary.TROUBLE_EVENTS <= set(names.values())
+
+
+def test_no_code_writes_a_default_port_as_a_number_of_its_own():
+    """The ports are fleetscope.vocabulary's: a number written again elsewhere drifts from it one day."""
+    import ast
+    from pathlib import Path
+
+    from fleetscope import vocabulary
+
+    ports = {vocabulary.AGENT_METRICS_PORT, vocabulary.AGENT_EVENTS_PORT, vocabulary.COLLECTOR_PORT, vocabulary.CONSOLE_PORT}
+    root = Path(__file__).resolve().parents[1]
+    found = [f"{path.relative_to(root)}:{node.lineno}"
+             for package in ("agent", "collector", "dashboards", "fleetscope", "alerts", "client")
+             for path in (root / package).rglob("*.py") if path.name != "vocabulary.py"
+             for node in ast.walk(ast.parse(path.read_text()))
+             if isinstance(node, ast.Constant) and type(node.value) is int and node.value in ports]
+    assert not found, f"a default port written as a number: {found}"
