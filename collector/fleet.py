@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from collector.rollups import HOST_COUNTERS, rollup_gpu_samples, rollup_host_samples
+from collector.rollups import HOST_COUNTERS, bounded_step, rollup_gpu_samples, rollup_host_samples
 
 
 def _strings(frame: pl.DataFrame) -> pl.DataFrame:
@@ -50,9 +50,10 @@ def fleet_gpus(gpus: pl.DataFrame) -> pl.DataFrame:
 
 
 def downsample_every(since: float, until: float, max_points: int, floor: float = 0.0) -> float:
-    """Bucket width (seconds) so that [since, until] has at most `max_points` buckets; 0: keep every sample."""
+    """Bucket width (seconds) so that [since, until] touches at most `max_points` buckets (they start at multiples
+    of their width, so a range can touch one more than its length over the width); 0: keep every sample."""
     width = (until - since) / max(1, max_points)
-    return 0.0 if width <= floor else width
+    return 0.0 if width <= floor else bounded_step(since, until, width, max(1, max_points))
 
 
 def node_series(host: pl.DataFrame, gpu: pl.DataFrame, since: float, until: float,

@@ -19,6 +19,7 @@ import math
 import polars as pl
 
 from collector.inference import GAMMA, SERVED_QUANTILES, histogram_quantiles
+from collector.rollups import bounded_step
 
 LATENCIES = ("e2e", "ttft", "tpot", "queue")
 RATE_COLUMNS = {"requests_per_s": pl.Float64, "errors_per_s": pl.Float64, "error_ratio": pl.Float64,
@@ -36,24 +37,6 @@ Rows = pl.DataFrame | pl.LazyFrame
 def step_for(since: float, until: float, points: int = 120, least: float = 10.0) -> float:
     """A bucket width that gives about `points` buckets over [since, until], rounded to whole seconds."""
     return float(max(least, round((until - since) / max(points, 1))))
-
-
-def bounded_step(since: float, until: float, step: float, max_points: int) -> float:
-    """`step`, or where [since, until] would touch more than `max_points` buckets of it, the narrowest width in
-    whole seconds that touches no more. Buckets start at multiples of their width (as `ts` says), so a range can
-    touch one more than its length over the width."""
-    def buckets(width: float) -> int:
-        return math.floor(until / width) - math.floor(since / width) + 1
-
-    if buckets(step) <= max_points:
-        return step
-    span = until - since
-    width = float(max(1, math.ceil(span / max_points)))
-    if buckets(width) > max_points and max_points > 1:
-        width = float(max(1, math.ceil(span / (max_points - 1))))  # span/width <= max_points - 1: never one more
-    while buckets(width) > max_points:  # max_points 1: until both ends fall in one bucket
-        width *= 2
-    return width
 
 
 def _lazy(rows: Rows) -> pl.LazyFrame:

@@ -8,6 +8,8 @@ console read raw rows and rollups alike: shares are weighted means, counters kee
 
 from __future__ import annotations
 
+import math
+
 import polars as pl
 
 from collector.tables import CAT, F32, F64, I16, I32, I64, SCHEMAS
@@ -179,3 +181,21 @@ def rollup_host_samples(samples: pl.DataFrame, every_s: float) -> pl.DataFrame:
 ROLLUP_SCHEMAS = {"step_aggs": STEP_AGGS, "gpus_1m": GPU_SAMPLES, "hosts_1m": HOST_SAMPLES,
                   "gpus_1h": GPU_SAMPLES, "hosts_1h": HOST_SAMPLES}
 ALL_SCHEMAS = {**SCHEMAS, **ROLLUP_SCHEMAS}
+
+
+def bounded_step(since: float, until: float, step: float, max_points: int) -> float:
+    """`step`, or where [since, until] would touch more than `max_points` buckets of it, the narrowest width in
+    whole seconds that touches no more. Buckets start at multiples of their width (as `ts` says), so a range can
+    touch one more than its length over the width."""
+    def buckets(width: float) -> int:
+        return math.floor(until / width) - math.floor(since / width) + 1
+
+    if buckets(step) <= max_points:
+        return step
+    span = until - since
+    width = float(max(1, math.ceil(span / max_points)))
+    if buckets(width) > max_points and max_points > 1:
+        width = float(max(1, math.ceil(span / (max_points - 1))))  # span/width <= max_points - 1: never one more
+    while buckets(width) > max_points:  # max_points 1: until both ends fall in one bucket
+        width *= 2
+    return width

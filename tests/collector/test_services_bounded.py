@@ -216,3 +216,14 @@ def test_past_the_hot_tier_the_service_reads_aggregate_in_the_scan_and_match_a_b
     close(detail["scraped"], server_overview(raw_stats).to_dicts())
     close(detail["scraped_latency"], server_latency_quantiles(raw_hist, "chat").to_dicts())
     assert detail["sources"] == {"a": "client", "b": "client", "c": "server"}
+
+
+def test_node_series_touch_no_more_buckets_than_max_points_whatever_the_range():
+    """Buckets start at multiples of their width: a width of span / max_points could touch max_points + 1."""
+    from collector.fleet import downsample_every
+
+    for since, until, max_points in [(1_000_003.0, 1_003_603.0, 10), (1_000_059.0, 1_086_459.0, 500), (17.0, 617.0, 7),
+                                     (1_700_000_123.5, 1_700_003_723.5, 60), (5.0, 6.5, 1)]:
+        every = downsample_every(since, until, max_points)
+        if every:
+            assert math.floor(until / every) - math.floor(since / every) + 1 <= max_points, (since, until, max_points, every)

@@ -11,7 +11,7 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from collector import history
 from collector.api.deps import RangeDep, ReadAuth, StoreDep
 from collector.fleet import fleet_gpus, health_events, latest_per, node_gpus, node_series, nodes_overview
-from collector.rollups import rollup_gpu_samples
+from collector.rollups import bounded_step, rollup_gpu_samples
 
 router = APIRouter(tags=["fleet"], dependencies=[ReadAuth])
 HISTORY_DEFAULT_S = 30 * 86400.0
@@ -103,7 +103,7 @@ def _history(store, r, key: tuple[str, list], what: str, *, series: bool) -> tup
 
 
 def _series(gpu: pl.DataFrame, since: float, until: float, max_points: int) -> list[dict]:
-    every = max((until - since) / max_points, 60.0)
+    every = bounded_step(since, until, max((until - since) / max_points, 60.0), max_points)
     rolled = rollup_gpu_samples(gpu, every) if gpu.height > max_points else gpu
     return rolled.select("ts", *(pl.col(c).cast(pl.Float64) for c in (
         "utilization_ratio", "temperature_celsius", "temperature_max_celsius", "power_watts", "sm_clock_hertz",
