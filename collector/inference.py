@@ -106,10 +106,16 @@ def server_overview(stats: pl.DataFrame) -> pl.DataFrame:
 GAMMA = 1.02
 
 
+ZERO_BUCKET = -(2**31)  # latencies of 0 (a request that never queued): the logarithmic buckets start above it
+
+
 def _bucketed(lf: pl.LazyFrame, keys: list[str], column: str) -> pl.DataFrame:
-    ok = (pl.col("status") == "ok") & (pl.col(column) > 0)
-    return (lf.filter(ok).group_by(*keys, (pl.col(column).log() / math.log(GAMMA)).floor().cast(pl.Int32).alias("bucket"))
-            .agg(pl.len().alias("n")).collect(engine="streaming"))
+    """Ok requests per logarithmic bucket of `column` (GAMMA wide), zeros in a bucket of their own: the exact
+    quantiles count them, and leaving them out skewed the queue time's upwards when many requests never queued."""
+    ok = (pl.col("status") == "ok") & (pl.col(column) >= 0)
+    bucket = (pl.when(pl.col(column) > 0).then((pl.col(column).log() / math.log(GAMMA)).floor())
+              .otherwise(ZERO_BUCKET).cast(pl.Int32).alias("bucket"))
+    return lf.filter(ok).group_by(*keys, bucket).agg(pl.len().alias("n")).collect(engine="streaming")
 
 
 def _quantiles_from_buckets(counts: pl.DataFrame, keys: list[str], prefix: str, qs: tuple[float, ...]) -> pl.DataFrame:
@@ -120,7 +126,8 @@ def _quantiles_from_buckets(counts: pl.DataFrame, keys: list[str], prefix: str, 
         row = dict(zip(keys, key))
         for q in qs:
             index = int((cumulative >= q * total).arg_max())  # type: ignore[arg-type]
-            row[f"{prefix}_p{round(q * 100)}_s"] = GAMMA ** (group["bucket"][index] + 0.5)
+            bucket = group["bucket"][index]
+            row[f"{prefix}_p{round(q * 100)}_s"] = 0.0 if bucket == ZERO_BUCKET else GAMMA ** (bucket + 0.5)
         rows.append(row)
     schema = {**{k: pl.String for k in keys}, **{f"{prefix}_p{round(q * 100)}_s": pl.Float64 for q in qs}}
     return pl.DataFrame(rows, schema=schema)

@@ -18,7 +18,7 @@ import math
 
 import polars as pl
 
-from collector.inference import GAMMA, SERVED_QUANTILES, histogram_quantiles
+from collector.inference import GAMMA, SERVED_QUANTILES, ZERO_BUCKET, histogram_quantiles
 from collector.rollups import bounded_step
 
 LATENCIES = ("e2e", "ttft", "tpot", "queue")
@@ -27,7 +27,6 @@ RATE_COLUMNS = {"requests_per_s": pl.Float64, "errors_per_s": pl.Float64, "error
 STATE_COLUMNS = {"kv_cache_usage_ratio": pl.Float64, "running": pl.Float64, "waiting": pl.Float64,
                  "preemptions_per_s": pl.Float64, "prefix_cache_hit_ratio": pl.Float64}
 QUANTILE_COLUMNS = {f"{m}_p{round(q * 100)}_s": pl.Float64 for m in LATENCIES for q in SERVED_QUANTILES}
-ZERO_BUCKET = -(2**31)  # latencies of 0: the logarithmic buckets start above it
 STAT_SUMS = ("interval_s", "prompt_tokens", "generation_tokens", "requests_ok", "requests_error", "e2e_sum", "e2e_count",
              "queue_sum", "queue_count", "requests_aborted", "preemptions", "prefix_cache_queries", "prefix_cache_hits")
 
