@@ -187,3 +187,19 @@ def test_a_full_disk_neither_restarts_the_collector_nor_takes_its_reads_away():
     probes = {kind: container[kind]["httpGet"]["path"] for kind in ("startupProbe", "livenessProbe", "readinessProbe")}
     assert probes == {"startupProbe": "/livez", "livenessProbe": "/livez", "readinessProbe": "/readyz"}
     assert set(probes.values()) <= {route.path for route in router.routes}
+
+
+def test_the_kube_prometheus_stack_values_remote_write_to_victoriametrics_with_the_cluster_label():
+    """The chart's Prometheus (owned by Helm, not by the overlay) is told where the site's VictoriaMetrics is and
+    which cluster it is, in the chart's own value names (prometheus.prometheusSpec, the Prometheus CR's fields)."""
+    values = yaml.safe_load((KUBE / "overlays" / "kube-prometheus-stack" / "values-victoriametrics.yaml").read_text())
+    spec = values["prometheus"]["prometheusSpec"]
+    assert spec["externalLabels"]["cluster"]
+    (write,) = spec["remoteWrite"]
+    assert write["url"].endswith("/api/v1/write")  # VictoriaMetrics' Prometheus remote-write endpoint
+    # the fields are the Prometheus CR's RemoteWriteSpec (the CRD schema the rendering test validates against)
+    # (the fixture: prometheus-operator 0.93.0's example/prometheus-operator-crd/monitoring.coreos.com_prometheuses.yaml)
+    spec_schema = crd_schemas()[("monitoring.coreos.com/v1", "Prometheus")]["properties"]["spec"]["properties"]
+    remote = spec_schema["remoteWrite"]["items"]["properties"]
+    assert set(write) <= set(remote) and set(write["queueConfig"]) <= set(remote["queueConfig"]["properties"])
+    assert "externalLabels" in spec_schema
