@@ -193,7 +193,7 @@ def scan(root: Path, kind: str, committed: int, since: float | None = None, unti
 
 def compact(root: Path, kind: str, committed: int, before_hour: str) -> int:
     """Merge the live files of each folder whose whole span is over by the start of `before_hour` into one,
-    streaming; returns files merged.
+    streaming; returns files merged. The merged files are left for the next clean() to delete (see below).
 
     A folder is closed by the END of its span (folder_end), not by its name: a day folder of hour
     rollups (`date=D/hour=00`) keeps taking files until day D ends, so it is left alone until then and
@@ -213,9 +213,9 @@ def compact(root: Path, kind: str, committed: int, before_hour: str) -> int:
         if kind in SORT_KEYS:  # rollups are small enough to sort in memory; raw hours stream through unsorted
             frame = frame.collect().sort(*SORT_KEYS[kind])  # type: ignore[assignment]
         _write_atomic(frame, folder / f"part-{lo:020d}-{hi:020d}.parquet", row_group_of(kind))
-        for p in hour_parts:  # now redundant: readers already skip them
-            p.path.unlink()
-        fsync_dir(folder)
+        # The parts merged are now redundant: readers listing files from here on skip them, and clean() deletes
+        # them at the next maintenance pass, not now: a read that listed them a moment ago (a month's history,
+        # a console page) is still reading them, and would fail on a file deleted under it.
         merged += len(hour_parts)
     return merged
 

@@ -91,7 +91,12 @@ def test_closed_hours_are_compacted_into_one_file(tmp_path):
         s.checkpoint()
     folder = next((tmp_path / "kind=steps").glob("date=*/hour=*"))
     assert len(list(folder.glob("*.parquet"))) == 3
+    reading = s.scan("steps", hour_ago - 60, NOW)  # a read that listed the files before the compaction
     s.maintain(now=NOW)
+    # The merged files stay until the next pass: that read still collects, and a new one reads the merged file only.
+    assert reading.collect().height == 9 and s.scan("steps", hour_ago - 60, NOW).collect().height == 9
+    assert len(list(folder.glob("*.parquet"))) == 4
+    s.maintain(now=NOW + 300)
     (only,) = folder.glob("*.parquet")
     assert pl.read_parquet(only).height == 9
     del s
