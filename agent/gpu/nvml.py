@@ -27,6 +27,14 @@ buffers per GPU allocated once and freed at shutdown or when the handle goes; PC
 blocks about 20 ms per call, comes from GPM where the GPU has it and otherwise from a background
 thread, never from the sampler's own path.
 
+MIG: the instances of a GPU in MIG mode (handle, UUID, GPU and compute instance ids, profile) are listed and kept
+with the GPU's handle; each sample reads only their memory and, once per GPU instance, their GPM activity (two GPM
+buffers per GPU instance, given back when it goes). The instances are re-listed every minute (MIG_RELIST_S), so
+one created meanwhile is seen within a minute; at once when a call on an instance's handle fails (a destroyed
+instance is dropped in that sample), when the GPU's MIG mode changes and when its handle is acquired again; and
+at every sample while none is listed. A change of MIG mode also forgets what the GPU refused (NotSupported) in the
+other mode: in MIG mode NVML refuses device, encoder, decoder and process utilisation.
+
 XIDs come from two places, deduplicated: NVML events (one event set per GPU, drained without
 waiting) and the kernel log (agent/gpu/kmsg.py), which also holds XIDs from before the agent
 started and codes NVML does not deliver. Per GPU and code the count is the kernel log's records from
@@ -81,6 +89,7 @@ MAX_FIELDS_PER_CALL = 64
 _FIELD_VALUE = struct.Struct("=IIqqiiQ")
 _DOUBLE, _U64 = struct.Struct("=d"), struct.Struct("=Q")
 LIMITS_REFRESH_S = 60.0  # power limits change when someone sets them: read this often, not at every sample
+MIG_RELIST_S = 60.0  # MIG instances are listed again this often (and at once when one of their calls fails)
 INIT_BACKOFF_S = (1.0, 300.0)  # first retry after 1 s, doubling up to 5 min
 
 _ABSENT = ("NotSupported", "NotFound", "InvalidArgument", "NoData", "ArgumentVersionMismatch", "Deprecated",
@@ -91,6 +100,8 @@ _MISMATCH = ("FunctionNotFound", "LibRmVersionMismatch")
 _DECLINED = ("FunctionNotFound", "ArgumentVersionMismatch")  # an optional call this driver does not have (in that version)
 CLOCK_EVENTS, CLOCK_EVENTS_OLD = "nvmlDeviceGetCurrentClocksEventReasons", "nvmlDeviceGetCurrentClocksThrottleReasons"
 _REASONS = {"GpuIsLost": "gpu_lost", "Unknown": "unknown_error"}
+_MIG_KEPT = ("NotSupported", "NoPermission")  # errors of an instance's call that do not mean the instances changed
+_MIG_UNREAD = -1  # _Gpu.mig_mode before the GPU's MIG mode was first read
 
 
 def reason_of(exc: BaseException) -> str:
@@ -148,6 +159,11 @@ class _Gpu:
         self.gpm_have_previous = False
         self.gpm_turn = 0
         self.mig_gpm: dict[int, list[Any]] = {}  # gpu instance id -> [buffers, have_previous, turn]
+        self.mig_mode: int = _MIG_UNREAD  # the current MIG mode as last read
+        self.mig_list: list[_MigEntry] | None = None  # the instances as last listed (None: list them)
+        self.mig_due = float("-inf")  # when they are listed again
+        self.mig_slots: int | None = None  # nvmlDeviceGetMaxMigDeviceCount, once read
+        self.failed: str | None = None  # the kind of the last NVML error `call` caught (callers reset it)
         self.util_since = 0
         self.declined: str | None = None  # why the last optional call was declined (an NVML error kind), if it was
         self.fabric_calls: tuple[tuple[str, Any], ...] | None = None  # (function, struct) still to try, best first
@@ -181,7 +197,7 @@ class _Gpu:
             self._unsupported(name, args)
             return None
         except self.lib.NVMLError as exc:
-            kind = type(exc).__name__.removeprefix("NVMLError_")
+            kind = self.failed = type(exc).__name__.removeprefix("NVMLError_")
             if kind == "NotSupported":
                 self._unsupported(name, args)
                 return None
@@ -217,6 +233,17 @@ class _Gpu:
             log.info("NVML: this driver does not offer %s%s (%s); an older form of the call is used instead",
                      "this struct version of " if kind == "ArgumentVersionMismatch" else "", name, why)
 
+    def forget_refusals(self) -> None:
+        """Ask again what this handle refused (a change of MIG mode changes what a GPU answers)."""
+        self.unsupported.clear()
+        self._refused.clear()
+
+    def drop_mig_gpm(self, keep: frozenset[int] | set[int] = frozenset()) -> None:
+        """Give back the GPM samples of the GPU instances not in `keep`."""
+        gone = [gi for gi in self.mig_gpm if gi not in keep]
+        if gone:
+            self.give_back([b for gi in gone for b in self.mig_gpm.pop(gi)[0]])
+
     def _unsupported(self, name: str, args: tuple) -> None:
         """This call (with these arguments) is not asked again for this handle."""
         self.unsupported.add(self._key(name, args))
@@ -249,6 +276,17 @@ class _Gpu:
             except Exception as exc:  # noqa: BLE001 - freeing must go on whatever one call says
                 log.debug("GPU %d: freeing a GPM sample: %s; tried again once NVML answers", self.index, exc)
                 self.nvml.orphans.append(sample)
+
+
+class _MigEntry:
+    """One MIG instance as listed: what does not change while it lives (`whole`: all of it was read)."""
+
+    __slots__ = ("compute_instance", "gpu_instance", "handle", "profile", "uuid", "whole")
+
+    def __init__(self, handle: Any, uuid: str, gpu_instance: int | None, compute_instance: int | None, profile: str,
+                 whole: bool) -> None:
+        self.handle, self.uuid, self.profile, self.whole = handle, uuid, profile, whole
+        self.gpu_instance, self.compute_instance = gpu_instance, compute_instance
 
 
 class _Errors:
@@ -963,32 +1001,96 @@ class Nvml:
         return tuple(out)
 
     def _mig(self, gpu: _Gpu) -> tuple[bool | None, tuple[MigInstance, ...]]:
+        """MIG mode and instances: the instances as listed (see the module's docstring for when they are listed
+        again), with this sample's memory and GPM activity."""
         c, h = gpu.call, gpu.handle
         mode = c("nvmlDeviceGetMigMode", h)  # (current, pending); NotSupported before Ampere
-        if mode is None:
+        if mode is None:  # refused (then for good), or this sample's error: what is listed stays for the next
             return None, ()
-        if not mode[0]:
+        current = int(mode[0])
+        if current != gpu.mig_mode:
+            if gpu.mig_mode != _MIG_UNREAD:  # what the GPU answers depends on its mode
+                log.info("GPU %d: MIG mode %s; its instances are listed again", gpu.index, "on" if current else "off")
+                gpu.forget_refusals()
+            gpu.mig_mode, gpu.mig_list = current, None
+            gpu.drop_mig_gpm()
+        if not current:
             return False, ()
+        listed = not gpu.mig_list or self.clock() >= gpu.mig_due  # none listed yet (or none there): asked each sample
+        entries = self._mig_listing(gpu) if listed else gpu.mig_list
+        memory: dict[str, Any] = {}
+        for entry in entries:
+            gpu.failed = None
+            memory[entry.uuid] = c("nvmlDeviceGetMemoryInfo", entry.handle)
+            if gpu.failed is not None and gpu.failed not in _MIG_KEPT and not listed:
+                # the instance went (NotFound, InvalidArgument) or its handle is stale: list them now, once
+                listed, entries = True, self._mig_listing(gpu)
+                for again in entries:
+                    if memory.get(again.uuid) is None:
+                        memory[again.uuid] = c("nvmlDeviceGetMemoryInfo", again.handle)
+                break
+        activity: dict[int | None, dict[str, float]] = {}
+        if gpu.static.get("gpm"):
+            for entry in entries:
+                gi = entry.gpu_instance
+                if gi is not None and gi not in activity:  # GPM is per GPU instance: once for its compute instances
+                    activity[gi] = self._mig_gpm(gpu, gi)
         instances = []
-        for i in range(c("nvmlDeviceGetMaxMigDeviceCount", h) or 0):
-            mig = c("nvmlDeviceGetMigDeviceHandleByIndex", h, i, what="mig_instances")
-            if mig is None:  # a slot with no instance in it, or hidden
-                continue
-            mem = c("nvmlDeviceGetMemoryInfo", mig)
-            name = _text(c("nvmlDeviceGetName", mig)) or ""
-            gi = c("nvmlDeviceGetGpuInstanceId", mig)
-            activity = self._mig_gpm(gpu, gi) if gi is not None and gpu.static.get("gpm") else {}
+        for entry in entries:
+            mem = memory.get(entry.uuid)
             instances.append(MigInstance(
-                uuid=_text(c("nvmlDeviceGetUUID", mig)) or f"mig-{i}",
-                gpu_instance=gi,
-                compute_instance=c("nvmlDeviceGetComputeInstanceId", mig),
-                profile=name.rpartition(" MIG ")[2] if " MIG " in name else name,  # "... MIG 1g.10gb" -> "1g.10gb"
+                uuid=entry.uuid, gpu_instance=entry.gpu_instance, compute_instance=entry.compute_instance,
+                profile=entry.profile,
                 memory_used_bytes=_int(getattr(mem, "used", None)),
                 memory_free_bytes=_int(getattr(mem, "free", None)),
                 memory_total_bytes=_int(getattr(mem, "total", None)),
-                **activity,
+                **activity.get(entry.gpu_instance, {}),
             ))
         return True, tuple(instances)
+
+    def _mig_listing(self, gpu: _Gpu) -> list[_MigEntry]:
+        """The GPU's MIG instances and what does not change while each lives, kept until MIG_RELIST_S from now
+        (until the next sample if a value could not be read); GPM samples of GPU instances that went are given back.
+        An instance listed before (the same UUID) keeps what was read of it: a listing costs a handle and a UUID
+        per instance, and its name and ids only for a new one."""
+        c, h = gpu.call, gpu.handle
+        if gpu.mig_slots is None:
+            gpu.mig_slots = c("nvmlDeviceGetMaxMigDeviceCount", h)
+        known = {e.uuid: e for e in gpu.mig_list or () if e.whole}
+        entries: list[_MigEntry] = []
+        for i in range(gpu.mig_slots or 0):
+            mig = c("nvmlDeviceGetMigDeviceHandleByIndex", h, i, what="mig_instances")
+            if mig is None:  # a slot with no instance in it, or hidden
+                continue
+            gpu.failed = None
+            uuid = _text(c("nvmlDeviceGetUUID", mig))
+            whole = gpu.failed is None or gpu.failed in _MIG_KEPT  # False: failed now, not refused; read again soon
+            old = known.get(uuid) if uuid else None
+            if old is not None:
+                entries.append(_MigEntry(mig, old.uuid, old.gpu_instance, old.compute_instance, old.profile, True))
+                continue
+            values = []
+            for function in ("nvmlDeviceGetName", "nvmlDeviceGetGpuInstanceId", "nvmlDeviceGetComputeInstanceId"):
+                gpu.failed = None
+                values.append(c(function, mig))
+                whole = whole and (gpu.failed is None or gpu.failed in _MIG_KEPT)
+            name = _text(values[0]) or ""
+            profile = name.rpartition(" MIG ")[2] if " MIG " in name else name  # "... MIG 1g.10gb" -> "1g.10gb"
+            entries.append(_MigEntry(mig, uuid or f"mig-{i}", values[1], values[2], profile, whole))
+        # GPM samples: given back for GPU instances that went; started over for one made anew under the same id
+        before: dict[int | None, set[str]] = {}
+        after: dict[int | None, set[str]] = {}
+        for old in gpu.mig_list or ():
+            before.setdefault(old.gpu_instance, set()).add(old.uuid)
+        for new in entries:
+            after.setdefault(new.gpu_instance, set()).add(new.uuid)
+        gpu.drop_mig_gpm({gi for gi in after if gi is not None})
+        for gi, kept in gpu.mig_gpm.items():
+            if gi in before and not before[gi] & after[gi]:
+                kept[1] = False
+        gpu.mig_list = entries
+        gpu.mig_due = self.clock() + (MIG_RELIST_S if all(e.whole for e in entries) else 0.0)
+        return entries
 
     def _mig_gpm(self, gpu: _Gpu, gi: int) -> dict[str, float]:
         entry = gpu.mig_gpm.get(gi)
@@ -998,8 +1100,11 @@ class Nvml:
                 return {}
             entry = gpu.mig_gpm[gi] = [buffers, False, 0]
         buffers, ready, turn = entry
+        gpu.failed = None
         if gpu.call("nvmlGpmMigSampleGet", gpu.handle, gi, buffers[turn], what="mig_activity") is None:
             entry[1] = False
+            if gpu.failed is not None and gpu.failed not in _MIG_KEPT:
+                gpu.mig_due = float("-inf")  # the GPU instance may have gone: listed again at the next sample
             return {}
         entry[1], entry[2] = True, 1 - turn
         return self._gpm_metrics(gpu, buffers[1 - turn], buffers[turn], MIG_GPM_METRICS) if ready else {}

@@ -17,6 +17,11 @@ driver's library has no such symbol (before any other check, a lost GPU's includ
 (field ids) answer NVML_ERROR_NOT_SUPPORTED in a field-value batch; `fabric_versions` are the struct versions
 nvmlDeviceGetGpuFabricInfoV accepts (any other: NVMLError_ArgumentVersionMismatch). `gpm_allocs` and `gpm_frees`
 count GPM sample buffers given out and given back.
+
+MIG: a device's `mig` lists its instances (dicts with uuid, gi, ci, name, mem and optionally gpm; a value set to
+NotSupported is refused), a slot set to None being empty; a MIG handle is (gpu index, slot), and once its slot is
+emptied (the instance destroyed) every call on it raises NVMLError_NotFound, as a stale handle does, as does
+nvmlGpmMigSampleGet for a GPU instance id no instance has. `MIG_MODE_UNSUPPORTED` is what a MIG-enabled GPU refuses.
 """
 
 from __future__ import annotations
@@ -38,6 +43,10 @@ _VALUE_PACK = {real.NVML_VALUE_TYPE_DOUBLE: struct.Struct("=d"), real.NVML_VALUE
                real.NVML_VALUE_TYPE_UNSIGNED_SHORT: struct.Struct("=H")}
 # Calls that need no initialised library.
 _BEFORE_INIT = {"nvmlInit", "nvmlInitWithFlags", "nvmlShutdown"}
+# What a GPU in MIG mode answers NotSupported (nvml.h: "On MIG-enabled GPUs, querying device utilization rates is not
+# currently supported", and the same of process utilization; nvidia-smi dmon: "the utilization of encoder, decoder,
+# jpeg, ofa, gpu, and memory"): device(i, mig_mode=(1, 1), **MIG_MODE_UNSUPPORTED).
+MIG_MODE_UNSUPPORTED = {"util": NotSupported, "encoder": NotSupported, "decoder": NotSupported, "proc_util": NotSupported}
 
 
 def device(index: int, **overrides):
@@ -189,9 +198,19 @@ class FakeNvml:
             return first
         return None
 
+    def _mig_instance(self, handle):
+        """The instance a MIG handle names; NotFound once its slot is empty (the instance was destroyed)."""
+        instances = self.devices[handle[0]]["mig"]
+        if handle[1] >= len(instances) or instances[handle[1]] is None:
+            raise real.NVMLError_NotFound()
+        return instances[handle[1]]
+
     def _answer(self, handle, key):
         if isinstance(handle, tuple):  # a MIG instance
-            return self.devices[handle[0]]["mig"][handle[1]][key]
+            value = self._mig_instance(handle)[key]
+            if value is NotSupported:
+                raise real.NVMLError_NotSupported()
+            return value
         value = self.devices[handle][key]
         if value is NotSupported:
             raise real.NVMLError_NotSupported()
@@ -399,6 +418,8 @@ class FakeNvml:
 
     def nvmlGpmMigSampleGet(self, h, gpu_instance, sample):
         assert id(sample) in self.gpm_live, "a freed GPM sample was used"
+        if not any(m and m["gi"] == gpu_instance for m in self.devices[h]["mig"]):
+            raise real.NVMLError_NotFound()  # no such GPU instance (any more)
         sample.device, sample.mig = h, gpu_instance
         return sample
 
@@ -525,10 +546,10 @@ class FakeNvml:
         return (h, i)
 
     def nvmlDeviceGetGpuInstanceId(self, mig):
-        return self.devices[mig[0]]["mig"][mig[1]]["gi"]
+        return self._answer(mig, "gi")
 
     def nvmlDeviceGetComputeInstanceId(self, mig):
-        return self.devices[mig[0]]["mig"][mig[1]]["ci"]
+        return self._answer(mig, "ci")
 
     def nvmlDeviceGetComputeRunningProcesses(self, h):
         return self._answer(h, "procs")
