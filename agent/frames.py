@@ -1,13 +1,16 @@
-"""Snapshot -> wire records: what the collector receives of one sample. Pure: no I/O, no state.
+"""Snapshot -> wire records: what the collector receives of one sample. No I/O.
 
-Everything comes from the Snapshot's typed fields: GPU states, health verdicts, and the host figures
-that the host sources' families declare they feed (agent/sources/base.py, `feeding`).
+Everything comes from the Snapshot's typed fields: GPU states, health verdicts, the host figures
+that the host sources' families declare they feed (agent/sources/base.py, `feeding`), and the
+inference servers' cumulative counts. host_frame is a pure function of one snapshot; a server frame
+is what happened between two snapshots, so ServerFrames keeps each server model's previous reading.
 """
 
 from __future__ import annotations
 
+from agent.inference_servers import ModelReading, ServerReading, delta
 from agent.sampler import Snapshot
-from fleetscope.schema import GpuFrame, HostFrame
+from fleetscope.schema import GpuFrame, HistogramDelta, HostFrame, ServerFrame
 
 
 def _ecc(gpu, kind: str) -> int | None:
@@ -68,4 +71,34 @@ def host_frame(snapshot: Snapshot, node: str, labels: dict[str, str] | None = No
         gpus=gpus,
         sources_down=sorted(name for name, st in snapshot.status.items() if not st.up),
         labels=dict(labels or {}),
+    )
+
+
+class ServerFrames:
+    """Inference servers' frames: per server model, the counts since its previous reading in a snapshot (the
+    first reading of one is not an interval yet, and gives none). A sample whose inference source overran is
+    not in any snapshot: the next reading's interval is longer, and nothing is lost."""
+
+    def __init__(self) -> None:
+        self._previous: dict[tuple[str, str], tuple[float, ModelReading]] = {}
+
+    def frames(self, servers: tuple[ServerReading, ...], node: str) -> list[ServerFrame]:
+        out = []
+        for r in servers:
+            key = (r.url, r.model)
+            previous = self._previous.get(key)
+            self._previous[key] = (r.ts, r.reading)
+            if previous is not None and r.ts > previous[0]:
+                out.append(_server_frame(r, previous[0], delta(r.reading, previous[1]), node))
+        return out
+
+
+def _server_frame(r: ServerReading, t0: float, d: ModelReading, node: str) -> ServerFrame:
+    return ServerFrame(
+        v=1, service=r.service, model=r.model, server=r.url, kind=r.kind, ts=r.ts,
+        interval_s=max(r.ts - t0, 1e-6), node=node or None,
+        histograms={name: HistogramDelta(le=[b if b != float("inf") else 1e300 for b in h.le], counts=h.counts,
+                                         sum=h.sum, count=h.count)
+                    for name, h in d.histograms.items()},
+        gauges=d.gauges, counters=d.counters,
     )

@@ -254,6 +254,21 @@ def parse(kind: str, text: str, default_model: str) -> dict[str, ModelReading]:
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class ServerReading:
+    """One model of one inference server as one sample read it: its cumulative counts. A Snapshot carries these
+    (Snapshot.servers); the shipper's frame builder (agent/frames.ServerFrames) turns two in a row into what
+    happened between them, so a sample that was dropped (its source overran) makes the next interval longer, and
+    loses nothing."""
+
+    url: str
+    kind: str
+    service: str
+    model: str
+    ts: float
+    reading: ModelReading
+
+
 def _d(new: float, old: float | None) -> float:
     # A counter that went down was reset by a server restart: everything since counts.
     return new if old is None or new < old else new - old

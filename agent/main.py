@@ -48,9 +48,7 @@ class Agent:
         self.listener = Listener(config.events_address, node=config.node, deliver=self._deliver, gpu_lookup=self._gpu_for,
                                  slurm_lookup=self.slurm.wire, pod_lookup=self.pods.wire,
                                  limits=SenderLimits(events_per_s=config.events_per_sender, bytes_per_s=config.bytes_per_sender))
-        self.sources = build_sources(config, workload_lookup=self.listener.workloads.get,
-                                     deliver_server_frame=self.shipper.enqueue_server_frame if self.shipper else None,
-                                     slurm=self.slurm)
+        self.sources = build_sources(config, workload_lookup=self.listener.workloads.get, slurm=self.slurm)
         self.sampler = Sampler(self.sources, config.interval_s)
         if self.shipper is not None:
             self.sampler.subscribe(self.shipper.enqueue_snapshot)

@@ -39,11 +39,11 @@ class Snapshot:
     `readings` may be given as a Deferred (agent/sources/base.py): then they are built when first read, which
     the exporter does when /metrics is scraped; the frame builder reads only the typed fields."""
 
-    __slots__ = ("ts", "_readings", "status", "gpus", "health", "host")
+    __slots__ = ("ts", "_readings", "status", "gpus", "health", "host", "servers")
 
     def __init__(self, ts: float, readings: tuple[Reading, ...] | Deferred, status: dict[str, SourceStatus],
                  gpus: tuple[GpuState, ...] = (), health: dict[str, Verdict] | None = None,
-                 host: dict[str, float] | None = None) -> None:
+                 host: dict[str, float] | None = None, servers: tuple = ()) -> None:
         self.ts = ts
         self._readings = readings
         self.status = status
@@ -51,6 +51,8 @@ class Snapshot:
         self.health: dict[str, Verdict] = health if health is not None else {}  # GPU uuid -> verdict
         # The host figures (HostFrame fields) the sources' families feed, each the sum of its families' readings.
         self.host: dict[str, float] = host if host is not None else {}
+        # Inference servers' cumulative counts per model (agent.inference_servers.ServerReading), for the frames.
+        self.servers = servers
 
     @property
     def readings(self) -> tuple[Reading, ...]:
@@ -298,6 +300,7 @@ class Sampler:
         gpus: tuple[GpuState, ...] = ()
         health: dict[str, Verdict] = {}
         host: dict[str, float] = {}
+        servers: list = []
         outcomes = {slot.index: slot.outcome for slot in slots if slot.outcome is not None}
         now = time.perf_counter()
         for i, source in enumerate(self.sources):
@@ -336,9 +339,10 @@ class Sampler:
                         host[figure] = host.get(figure, 0.0) + r.value
             parts.append(got.deferred)
             gpus = got.gpus or gpus
+            servers.extend(got.servers)
             health.update(got.health)
             status[source.name] = SourceStatus(True, duration, problems=got.problems)
-        snapshot = Snapshot(time.time(), _joined(parts), status, gpus, health, host)
+        snapshot = Snapshot(time.time(), _joined(parts), status, gpus, health, host, tuple(servers))
         self.latest = snapshot
         for callback in self._listeners:
             try:

@@ -36,7 +36,7 @@ from pathlib import Path
 import httpx
 import msgspec
 
-from agent.frames import host_frame
+from agent.frames import ServerFrames, host_frame
 from agent.sampler import Snapshot
 from agent.sources.base import Family, Reading
 from agent.spool import Spool, Spooled
@@ -148,6 +148,7 @@ class Shipper:
         self.url = url.rstrip("/") + "/v1/ingest"
         self.agent_id = agent_id
         self.node = node
+        self._server_frames = ServerFrames()  # only the sampler's thread calls enqueue_snapshot
         self.batch_events = batch_events
         self.max_batch_bytes = max_batch_bytes
         self.flush_interval_s = flush_interval_s
@@ -198,6 +199,8 @@ class Shipper:
 
     def enqueue_snapshot(self, snapshot: Snapshot) -> None:
         self._enqueue_frame(False, encode(host_frame(snapshot, self.node, self.labels)))
+        for frame in self._server_frames.frames(snapshot.servers, self.node):
+            self.enqueue_server_frame(frame)
 
     def enqueue_server_frame(self, frame: ServerFrame) -> None:
         self._enqueue_frame(True, encode(frame))

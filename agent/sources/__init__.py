@@ -25,12 +25,11 @@ log = logging.getLogger("fleetscope.agent.sources")
 __all__ = ["REGISTRY", "NoData", "Reading", "Source", "build_sources"]
 
 
-def build_sources(config, *, workload_lookup=None, deliver_server_frame=None, slurm=None) -> list[Source]:
+def build_sources(config, *, workload_lookup=None, slurm=None) -> list[Source]:
     """Instantiate every enabled source, each with all it needs (nothing is wired after it is built);
     one that fails to start is logged and left out.
 
-    `workload_lookup(pid)` names the training job and rank of a process (from the listener's events);
-    `deliver_server_frame(frame)` takes the inference servers' frames (the shipper's queue); `slurm` (an
+    `workload_lookup(pid)` names the training job and rank of a process (from the listener's events); `slurm` (an
     agent.slurm.SlurmAttribution) names the Slurm job of a process and the jobs on the node."""
     unknown = set(config.disable_sources) - set(REGISTRY)
     if unknown:
@@ -41,7 +40,7 @@ def build_sources(config, *, workload_lookup=None, deliver_server_frame=None, sl
             continue
         kwargs: dict[str, object] = {"exclude_interfaces": config.exclude_interfaces, "procfs": config.procfs, "sysfs": config.sysfs,
                                    "rootfs": config.rootfs, "inference_servers": config.inference_servers,
-                                   "node": config.node, "workload_lookup": workload_lookup, "deliver": deliver_server_frame,
+                                   "node": config.node, "workload_lookup": workload_lookup,
                                    "slurm": slurm}
         if name == "gpu":
             if config.scenario and config.gpu_backend != "simulated":

@@ -119,12 +119,14 @@ class Collected:
     """What one source contributes to a snapshot beyond its readings: typed fields the consumers read.
     `readings` is a tuple, or a Deferred that builds them when first read."""
 
-    __slots__ = ("_readings", "gpus", "health", "problems")
+    __slots__ = ("_readings", "gpus", "health", "problems", "servers")
 
     def __init__(self, readings: tuple[Reading, ...] | Deferred, gpus: tuple[GpuState, ...] = (),
-                 health: dict[str, Verdict] | None = None, problems: tuple[str, ...] = ()) -> None:
+                 health: dict[str, Verdict] | None = None, problems: tuple[str, ...] = (),
+                 servers: tuple = ()) -> None:
         self._readings = readings
         self.gpus = gpus
+        self.servers = servers  # agent.inference_servers.ServerReading: inference servers' cumulative counts
         self.health: dict[str, Verdict] = health if health is not None else {}  # GPU uuid -> verdict
         self.problems = problems
 

@@ -3,7 +3,8 @@
 Configured in the agent's TOML as `[[agent.inference_servers]]` tables with `url`, `kind`,
 `service` and, for servers that do not label their model (TGI), `model`. Each sample reads every
 server once, exposes its state (up, running, waiting, KV-cache use) and hands what happened since
-the previous sample (histogram and counter deltas per model) to the shipper as `ServerFrame`s, so
+the previous sample (histogram and counter deltas per model, made by the shipper's frame builder from
+the snapshots' cumulative readings: agent/frames.ServerFrames) to the collector as `ServerFrame`s, so
 the collector treats a service read only from its servers like one instrumented with the client:
 listed, charted, and in its request-rate, error and latency metrics. Which server names are read,
 and why (vLLM's per-request TPOT, its finish reasons, averaging KV-cache use over data-parallel
@@ -14,13 +15,11 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
 
 import httpx
 
-from agent.inference_servers import SERVERS, ModelReading, delta, parse
-from agent.sources.base import Family, NoData, Source, reading, register
-from fleetscope.schema import HistogramDelta, ServerFrame
+from agent.inference_servers import SERVERS, ServerReading, parse
+from agent.sources.base import Collected, Family, NoData, Source, reading, register
 
 log = logging.getLogger("fleetscope.agent.inference")
 S = ("service", "model")
@@ -47,8 +46,8 @@ class InferenceServersSource(Source):
                "Prompt tokens found in the server's prefix cache, as the server counts them.", S),
     )
 
-    def __init__(self, *, inference_servers: list[dict] | None = None, node: str = "",
-                 deliver: Callable[[ServerFrame], None] | None = None, timeout_s: float = 2.0, **_: object) -> None:
+    def __init__(self, *, inference_servers: list[dict] | None = None, node: str = "", timeout_s: float = 2.0,
+                 **_: object) -> None:
         self.servers = []
         for i, cfg in enumerate(inference_servers or []):
             kind = cfg.get("kind")
@@ -58,14 +57,13 @@ class InferenceServersSource(Source):
                 raise ValueError(f"inference_servers[{i}]: needs `url` and `service`")
             self.servers.append({"url": cfg["url"], "kind": kind, "service": cfg["service"], "model": cfg.get("model", cfg["service"])})
         self.node = node
-        self.deliver = deliver or (lambda frame: None)
         self.client = httpx.Client(timeout=timeout_s)
-        self._previous: dict[tuple[str, str], tuple[float, ModelReading]] = {}
 
-    def collect(self):
+    def collect(self) -> Collected:
         if not self.servers:
             raise NoData("no inference servers configured")
         out = []
+        servers: list[ServerReading] = []
         for server in self.servers:
             ids = {"service": server["service"], "url": server["url"]}
             try:
@@ -88,23 +86,9 @@ class InferenceServersSource(Source):
                 for counter, metric in COUNTERS:
                     if counter in current.counters:  # the server's own cumulative count: it resets when the server does
                         out.append(reading(metric, current.counters[counter], **labels))
-                key = (server["url"], model)
-                previous = self._previous.get(key)
-                self._previous[key] = (now, current)
-                if previous is not None:
-                    self.deliver(_frame(server, model, previous[0], now, delta(current, previous[1]), self.node))
-        return out
+                servers.append(ServerReading(server["url"], server["kind"], server["service"], model, now, current))
+        return Collected(tuple(out), servers=tuple(servers))
 
     def close(self) -> None:
         self.client.close()
 
-
-def _frame(server: dict, model: str, t0: float, t1: float, d: ModelReading, node: str) -> ServerFrame:
-    return ServerFrame(
-        v=1, service=server["service"], model=model, server=server["url"], kind=server["kind"], ts=t1,
-        interval_s=max(t1 - t0, 1e-6), node=node or None,
-        histograms={name: HistogramDelta(le=[b if b != float("inf") else 1e300 for b in h.le], counts=h.counts,
-                                         sum=h.sum, count=h.count)
-                    for name, h in d.histograms.items()},
-        gauges=d.gauges, counters=d.counters,
-    )

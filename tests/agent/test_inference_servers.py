@@ -11,8 +11,21 @@ from pathlib import Path
 
 import pytest
 
+from agent.frames import ServerFrames
 from agent.inference_servers import SERVERS, delta, parse
 from agent.sources.inference import InferenceServersSource
+
+
+class Collecting:
+    """A source's collections as the agent ships them: each sample's readings to the shipper's frame builder."""
+
+    def __init__(self, source: InferenceServersSource, frames: list) -> None:
+        self.source, self.frames, self.builder = source, frames, ServerFrames()
+
+    def collect(self):
+        got = self.source.collect()
+        self.frames += self.builder.frames(got.servers, "n1")
+        return got
 
 FIXTURES = Path(__file__).parent / "fixtures" / "servers"
 
@@ -115,7 +128,7 @@ def source_for(servers, frames):
               {"url": f"{base}/sglang", "kind": "sglang", "service": "agentic"},
               {"url": f"{base}/tgi", "kind": "tgi", "service": "summarise", "model": "mistral-7b"},
               {"url": f"{base}/triton", "kind": "triton", "service": "vision"}]
-    return InferenceServersSource(inference_servers=config, node="n1", deliver=frames.append)
+    return Collecting(InferenceServersSource(inference_servers=config, node="n1"), frames)
 
 
 def test_each_server_becomes_per_model_deltas(servers):
@@ -299,3 +312,40 @@ def test_prometheus_client_fixtures_are_valid_expositions(name):
     result = subprocess.run(["promtool", "check", "metrics"], check=False, input=fixture(name), capture_output=True, text=True)
     # promtool lints names (vLLM's colons, counters without _total); only parse errors fail it outright
     assert "error while linting" not in result.stderr.lower() and "text format parsing error" not in result.stderr.lower()
+
+
+def test_a_sample_that_never_reached_a_snapshot_loses_no_requests(servers):
+    """Server frames are made from the snapshots' cumulative readings (agent/frames.ServerFrames), not by the
+    source as it reads: a sample whose inference source overran its deadline is dropped by the sampler, and the
+    next frame's interval spans it instead of losing what it counted."""
+    source = InferenceServersSource(inference_servers=[{"url": f"{servers['base']}/vllm", "kind": "vllm",
+                                                        "service": "chat"}], node="n1")
+    builder, frames = ServerFrames(), []
+    servers["n"] = 1
+    frames += builder.frames(source.collect().servers, "n1")
+    servers["n"] = 2
+    source.collect()  # overran: never published
+    servers["n"] = 4
+    frames += builder.frames(source.collect().servers, "n1")
+    (chat,) = frames
+    assert chat.histograms["ttft"].count == 3 * 4 and chat.counters["requests_ok"] == 3 * 4  # rounds 2, 3 and 4
+
+
+def test_the_shipper_sends_the_server_frames_of_the_snapshots_it_is_given(servers, tmp_path):
+    from agent.sampler import Sampler
+    from agent.shipper import Shipper
+
+    source = InferenceServersSource(inference_servers=[{"url": f"{servers['base']}/vllm", "kind": "vllm",
+                                                        "service": "chat"}], node="n1")
+    sampler = Sampler([source], interval_s=60)
+    shipper = Shipper("http://127.0.0.1:9", None, agent_id="a1", node="n1")  # never started: nothing is sent
+    try:
+        servers["n"] = 1
+        shipper.enqueue_snapshot(sampler.sample_once())
+        servers["n"] = 2
+        shipper.enqueue_snapshot(sampler.sample_once())
+        kinds = [server for server, _ in shipper.frames]
+        assert kinds == [False, False, True]  # two host frames, and one interval of the server
+    finally:
+        sampler.stop()
+        shipper.client.close()

@@ -14,7 +14,7 @@ import pytest
 from agent.inference_servers import SUMMARY_BOUNDS, delta, parse, summary_histogram
 from agent.sources.inference import InferenceServersSource
 from collector.inference import histogram_quantile, histogram_quantiles
-from tests.agent.test_inference_servers import _scaled
+from tests.agent.test_inference_servers import Collecting, _scaled
 
 TRITON = (Path(__file__).parent / "fixtures" / "servers" / "triton.prom").read_text()
 # resnet50's request and queue summaries in the fixture, in seconds
@@ -93,8 +93,8 @@ def test_the_real_source_ships_triton_quantiles_that_the_collector_reads_back(tm
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     frames = []
     try:
-        source = InferenceServersSource(node="n1", deliver=frames.append, inference_servers=[
-            {"url": f"http://127.0.0.1:{httpd.server_address[1]}/metrics", "kind": "triton", "service": "vision"}])
+        source = Collecting(InferenceServersSource(node="n1", inference_servers=[
+            {"url": f"http://127.0.0.1:{httpd.server_address[1]}/metrics", "kind": "triton", "service": "vision"}]), frames)
         source.collect()
         state["factor"] = 2
         source.collect()
