@@ -13,7 +13,7 @@ from agent.config import AgentConfig, split_address
 from agent.exporter import AgentCollector, make_registry
 from agent.exposition import MetricsServer
 from agent.hugepages import collapse_heap, remap_code
-from agent.kubernetes import PodAttribution, PodResourcesUnavailable
+from agent.kubernetes import PodAttribution, PodResourcesUnavailable, make_client as make_pod_resources_client
 from agent.listener import Listener, SenderLimits
 from agent.sampler import Sampler
 from agent.shipper import Shipper
@@ -43,12 +43,15 @@ class Agent:
         self.slurm = SlurmAttribution(config.procfs, config.slurm_state_dir or None)
         # The Kubernetes pod of a Unix-socket sender: its cgroup and the kubelet's log folders under the agent's
         # rootfs, else the kubelet's PodResources answer for the GPU it holds (agent/kubernetes.py).
+        # The kubelet's PodResources client (None off Kubernetes): the GPU source's pod labels and the pods of senders.
+        self.pod_resources = make_pod_resources_client(config.pod_resources_socket)
         self.pods = PodAttribution(config.procfs, os.path.join(config.rootfs, "var", "log"),
                                    assignment=self._pod_assignment, gpu_of=self._gpu_of_pid)
         self.listener = Listener(config.events_address, node=config.node, deliver=self._deliver, gpu_lookup=self._gpu_for,
                                  slurm_lookup=self.slurm.wire, pod_lookup=self.pods.wire,
                                  limits=SenderLimits(events_per_s=config.events_per_sender, bytes_per_s=config.bytes_per_sender))
-        self.sources = build_sources(config, workload_lookup=self.listener.workloads.get, slurm=self.slurm)
+        self.sources = build_sources(config, workload_lookup=self.listener.workloads.get, slurm=self.slurm,
+                                     pod_resources=self.pod_resources)
         self.sampler = Sampler(self.sources, config.interval_s)
         if self.shipper is not None:
             self.sampler.subscribe(self.shipper.enqueue_snapshot)
@@ -69,12 +72,10 @@ class Agent:
             self.shipper.enqueue_event(event)
 
     def _pod_assignment(self):
-        """The kubelet's GPU assignment now, from the GPU source's PodResources client; raises off Kubernetes."""
-        for source in self.sources:
-            client = getattr(source, "pod_resources", None)
-            if client is not None:
-                return client.assignment()
-        raise PodResourcesUnavailable("no pod_resources_socket")
+        """The kubelet's GPU assignment now, from the agent's PodResources client; raises off Kubernetes."""
+        if self.pod_resources is None:
+            raise PodResourcesUnavailable("no pod_resources_socket")
+        return self.pod_resources.assignment()
 
     def _gpu_of_pid(self, pid: int) -> tuple[str, int] | None:
         """The GPU (uuid, index) that NVML lists a process on, in the latest sample."""

@@ -25,10 +25,15 @@ log = logging.getLogger("fleetscope.agent.sources")
 __all__ = ["REGISTRY", "NoData", "Reading", "Source", "build_sources"]
 
 
-def build_sources(config, *, workload_lookup=None, slurm=None) -> list[Source]:
+_FROM_CONFIG = object()
+
+
+def build_sources(config, *, workload_lookup=None, slurm=None, pod_resources=_FROM_CONFIG) -> list[Source]:
     """Instantiate every enabled source, each with all it needs (nothing is wired after it is built);
     one that fails to start is logged and left out.
 
+    `pod_resources` is the kubelet's PodResources client the GPU source labels GPUs with (the agent's own, shared
+    with its listener; by default one made from config.pod_resources_socket).
     `workload_lookup(pid)` names the training job and rank of a process (from the listener's events); `slurm` (an
     agent.slurm.SlurmAttribution) names the Slurm job of a process and the jobs on the node."""
     unknown = set(config.disable_sources) - set(REGISTRY)
@@ -50,7 +55,8 @@ def build_sources(config, *, workload_lookup=None, slurm=None) -> list[Source]:
             kwargs["expected_gpus"] = config.expected_gpus
             kwargs["compat_dcgm"] = "dcgm" in config.compat
             kwargs["hostname"] = config.node
-            kwargs["pod_resources"] = make_pod_resources_client(config.pod_resources_socket)
+            kwargs["pod_resources"] = (make_pod_resources_client(config.pod_resources_socket)
+                                       if pod_resources is _FROM_CONFIG else pod_resources)
         try:
             sources.append(reg.factory(**kwargs))
         except Exception:

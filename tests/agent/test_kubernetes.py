@@ -246,3 +246,28 @@ def test_every_series_of_a_family_with_pod_labels_has_them(kubelet, client, answ
         assert names <= families[r.name], r.name
         if "pod" in families[r.name]:
             assert set(kubernetes.LABELS) <= names, r.name
+
+
+def test_the_agent_s_one_kubelet_client_serves_its_gpu_source_and_its_listener(kubelet, tmp_path):
+    """The agent makes the PodResources client once and hands it to the GPU source and to the pods of senders,
+    rather than fishing it out of a built source (a side channel that broke when the GPU source was disabled)."""
+    from agent.config import AgentConfig
+    from agent.main import Agent
+
+    def agent(name, **kw):
+        return Agent(AgentConfig(gpu_backend="none", pod_resources_socket=kubelet.socket_path, collector_url="",
+                                 events_address=f"unix:{tmp_path}/{name}.sock", metrics_address="127.0.0.1:0", **kw))
+
+    a = agent("a")
+    try:
+        (gpu,) = [s for s in a.sources if s.name == "gpu"]
+        assert gpu.pod_resources is a.pod_resources is not None
+        held = a._pod_assignment().held
+        assert held and held == a.pod_resources.assignment().held  # the kubelet's answer
+    finally:
+        a.pod_resources.close()
+    b = agent("b", disable_sources=["gpu"])  # no GPU source: the listener still asks the kubelet
+    try:
+        assert b._pod_assignment().held == held
+    finally:
+        b.pod_resources.close()
