@@ -25,6 +25,23 @@ def test_every_reason_the_verdict_can_give_is_in_the_vocabulary():
         assert reason_of(getattr(pynvml, f"NVMLError_{name}")()) in vocabulary.HEALTH_REASONS
 
 
+def test_a_gpu_unreadable_for_any_nvml_error_gets_a_reason_of_the_vocabulary():
+    """A GPU none of whose vital fields answered is reported with its commonest error: whatever that error is
+    (every NVMLError class of the real pynvml, and a code it has no class for), the reason is one the alerts,
+    runbooks and console know. IRQ issue and insufficient power are named; an odd one is "nvml_error"."""
+    import pynvml
+
+    from agent.gpu.nvml import reason_of, unreadable_reason
+
+    classes = [c for name, c in vars(pynvml).items() if name.startswith("NVMLError_") and isinstance(c, type)]
+    assert len(classes) > 20, "pynvml's error classes were not found"
+    generic = pynvml.NVMLError(77)  # a code pynvml has no class for (999 is its Unknown)
+    given = {unreadable_reason(reason_of(c())) for c in classes} | {unreadable_reason(reason_of(generic))}
+    assert given <= set(vocabulary.HEALTH_REASONS), given - set(vocabulary.HEALTH_REASONS)
+    assert unreadable_reason(reason_of(pynvml.NVMLError_IrqIssue())) == "irq_issue"
+    assert unreadable_reason(reason_of(generic)) == "nvml_error"
+
+
 def test_shared_thresholds_are_not_copied_into_the_alert_thresholds():
     values = tomllib.loads((ROOT / "alerts" / "thresholds.toml").read_text())
     assert "memory_stalled_share" not in values["host"]

@@ -56,6 +56,7 @@ from typing import Any
 
 from agent.gpu.health import XID_WINDOW_S
 from agent.gpu.kmsg import normalize_bus_id
+from fleetscope.vocabulary import HEALTH_REASONS
 from agent.gpu.state import (
     FabricState,
     GpuProcess,
@@ -115,6 +116,12 @@ def reason_of(exc: BaseException) -> str:
     if name == "NVMLError":  # an error code pynvml has no class for
         return f"nvml_error_{getattr(exc, 'value', 'unknown')}"
     return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def unreadable_reason(reason: str) -> str:
+    """The health reason of a GPU none of whose vital fields could be read, from the commonest error's reason:
+    one of fleetscope.vocabulary's (so alerts, runbooks and the console know it), else "nvml_error"."""
+    return reason if reason in HEALTH_REASONS else "nvml_error"
 
 
 class NvmlUnavailable(Exception):
@@ -753,7 +760,7 @@ class Nvml:
 
         vital = ("utilization_ratio", "memory_used_bytes", "temperature_celsius", "power_watts")
         if gpu.errors and all(f.get(name) is None for name in vital):
-            raise _Unreadable(gpu.errors.most_common(1)[0][0])
+            raise _Unreadable(unreadable_reason(gpu.errors.most_common(1)[0][0]))
         f["hidden"] = tuple(sorted(gpu.hidden))
         return GpuState(**f)
 
