@@ -156,6 +156,27 @@ class NodeJob:
     job: SlurmJob
     started: float  # when the prolog ran (its file's mtime)
     ended: float | None = None  # when the epilog ran
+    gpus: tuple[int, ...] = ()  # the node's GPUs Slurm allocated it (SLURM_JOB_GPUS in the prolog's environment)
+
+
+MAX_JOB_GPUS = 256
+
+
+def parse_gpu_ids(text: str) -> tuple[int, ...]:
+    """SLURM_JOB_GPUS ("0,1,3", or with ranges "0-3,6") -> the GPU indices, sorted; () for anything else. Slurm's GPU
+    ids are the node's GPUs in gres.conf's order (AutoDetect=nvml orders them as NVML does, by PCI bus id)."""
+    out: set[int] = set()
+    for part in text.strip().split(","):
+        lo, dash, hi = part.strip().partition("-")
+        if not lo.isdigit() or (dash and not hi.isdigit()):
+            return ()
+        first, last = int(lo), int(hi) if dash else int(lo)
+        if last < first or last - first >= MAX_JOB_GPUS:
+            return ()
+        out.update(range(first, last + 1))
+        if len(out) > MAX_JOB_GPUS:
+            return ()
+    return tuple(sorted(out))
 
 
 class SlurmAttribution:
@@ -287,4 +308,4 @@ def _read_job_file(path: Path, mtime: float) -> NodeJob | None:
     job = job_from_environ(env)
     if job is None or job.job != path.name.partition(".")[0]:
         return None
-    return NodeJob(replace(job, step=""), started=mtime)
+    return NodeJob(replace(job, step=""), started=mtime, gpus=parse_gpu_ids(env.get("SLURM_JOB_GPUS", "")))

@@ -201,6 +201,23 @@ ALERTS: list[Alert] = [
           "`nvidia-smi --query-compute-apps=pid,used_memory --format=csv` and `ps -o pid,stat,wchan,cmd -p <pid>`.",
           "Kill the leftover processes; if they are in D state or the memory stays held, drain the node "
           "(`scontrol update nodename=<node> state=drain reason=gpu-held`) and reset the GPU when it is empty."),
+    Alert("FleetscopeSlurmGpuUnused", "fleetscope-gpu",
+          "(fleetscope_slurm_job_gpu == 1)"
+          " unless on(instance, gpu) (fleetscope_gpu_process_memory_used_bytes > 0)"
+          " and on(instance, gpu) (fleetscope_gpu_utilization_ratio < {gpu.idle_allocated_utilization})",
+          "{gpu.slurm_unused_for}", "ticket",
+          "Slurm job {{ $labels.slurm_job }} holds GPU {{ $labels.gpu }} on {{ $labels.instance }} without using it",
+          "Slurm allocated GPU {{ $labels.gpu }} on {{ $labels.instance }} to job {{ $labels.slurm_job }}, and no "
+          "process has held memory on it or kept it busy for a long time.",
+          "The job asked for more GPUs than it runs on (a wrong --gpus-per-node, one process where the script "
+          "meant eight, a CPU-only step in a GPU allocation), or it hung before touching this GPU: nobody else can "
+          "use the GPU while the job holds it. Needs the prolog of deploy/slurm/ on the node (it records "
+          "SLURM_JOB_GPUS); Slurm's GPU ids are taken as NVML's indices (gres.conf in PCI order, as AutoDetect=nvml "
+          "gives).",
+          "`fleetscope_slurm_job_gpu{slurm_job=\"<id>\"}` lists the job's GPUs; `scontrol show job -d <id>` shows "
+          "what it asked for (GRES, TRES); `fleetscope_gpu_process_memory_used_bytes{slurm_job=\"<id>\"}` shows "
+          "which of its GPUs it uses.",
+          "Tell the owner; for a job that will never use them, ask for a resubmission with the GPUs it uses."),
     # --- host ----------------------------------------------------------------------------------
     Alert("FleetscopeFilesystemFillingUp", "fleetscope-host",
           "(fleetscope_filesystem_avail_bytes / fleetscope_filesystem_size_bytes < {host.filesystem_free_ratio}"

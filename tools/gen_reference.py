@@ -74,6 +74,7 @@ ENVIRONMENT = {
     "SLURM_JOB_ID": "Slurm: the job id, read by the client from its own environment and by the agent from a GPU "
                     "process's (/proc/<pid>/environ) or the prolog's.",
     "SLURM_JOBID": "Slurm: the job id under its older name, where SLURM_JOB_ID is missing.",
+    "SLURM_JOB_GPUS": "Slurm: the node's GPUs allocated to the job (indices, e.g. 0-3,6), read from the prolog's file: fleetscope_slurm_job_gpu.",
     "SLURM_STEP_ID": "Slurm: the job step of the process.",
     "SLURM_JOB_USER": "Slurm: the user the job runs as.",
     "SLURM_JOB_PARTITION": "Slurm: the partition the job runs in.",

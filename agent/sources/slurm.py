@@ -21,6 +21,9 @@ class SlurmSource(Source):
         Family("fleetscope_slurm_job_running", "gauge",
                "1 from the job's prolog to its epilog on this node, 0 for an hour after the epilog (deploy/slurm/).",
                ("slurm_job",)),
+        Family("fleetscope_slurm_job_gpu", "gauge",
+               "1 for each GPU of this node Slurm allocated to a running job (SLURM_JOB_GPUS, from its prolog), "
+               "whether or not the job uses it; join on gpu with the GPU series.", ("slurm_job", "gpu")),
     )
 
     def __init__(self, *, slurm: SlurmAttribution | None = None, **_: object) -> None:
@@ -43,6 +46,10 @@ class SlurmSource(Source):
                           array_job=j.array_job, array_task=j.array_task, name=j.name)
         for job_id in sorted(registered, key=int):
             yield reading("fleetscope_slurm_job_running", 0 if registered[job_id].ended else 1, slurm_job=job_id)
+        for job_id in sorted(registered, key=int):
+            if registered[job_id].ended is None:
+                for gpu in registered[job_id].gpus:
+                    yield reading("fleetscope_slurm_job_gpu", 1, slurm_job=job_id, gpu=str(gpu))
 
 
 def _merge(seen: SlurmJob | None, other: SlurmJob) -> SlurmJob:

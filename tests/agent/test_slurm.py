@@ -139,8 +139,9 @@ def samples(source) -> dict:
 def test_the_slurm_source_exports_job_info_and_the_prolog_s_running_and_ended_jobs(tmp_path):
     proc, state = tmp_path / "proc", tmp_path / "slurm"
     state.mkdir()
-    (state / "4711.job").write_text("SLURM_JOB_ID=4711\nSLURM_JOB_USER=alice\nSLURM_JOB_PARTITION=gpu\n")
-    (state / "4712.job").write_text("SLURM_JOB_ID=4712\nSLURM_JOB_USER=bob\nSLURM_JOB_PARTITION=cpu\n")
+    (state / "4711.job").write_text("SLURM_JOB_ID=4711\nSLURM_JOB_USER=alice\nSLURM_JOB_PARTITION=gpu\n"
+                                    "SLURM_JOB_GPUS=0-1,3\n")
+    (state / "4712.job").write_text("SLURM_JOB_ID=4712\nSLURM_JOB_USER=bob\nSLURM_JOB_PARTITION=cpu\nSLURM_JOB_GPUS=2\n")
     (state / "4712.ended").write_text("")
     (state / "junk.tmp").write_text("x")
     (state / "13.job").write_text("SLURM_JOB_ID=14\n")  # names another job than its file: ignored
@@ -156,6 +157,18 @@ def test_the_slurm_source_exports_job_info_and_the_prolog_s_running_and_ended_jo
     assert got[("fleetscope_slurm_job_running", (("slurm_job", "4711"),))] == 1
     assert got[("fleetscope_slurm_job_running", (("slurm_job", "4712"),))] == 0
     assert not any(dict(k[1]).get("slurm_job") in ("13", "14") for k in got)
+    # the GPUs Slurm gave each running job on this node (the ended job's are free again)
+    allocated = sorted(dict(k[1])["gpu"] for k in got if k[0] == "fleetscope_slurm_job_gpu")
+    assert allocated == ["0", "1", "3"]
+    assert all(dict(k[1])["slurm_job"] == "4711" for k in got if k[0] == "fleetscope_slurm_job_gpu")
+
+
+@pytest.mark.parametrize("text, ids", [("0", (0,)), ("0,1,3", (0, 1, 3)), ("0-3,6", (0, 1, 2, 3, 6)), ("3,1", (1, 3)),
+                                       ("", ()), ("gpu0", ()), ("1-", ()), ("3-1", ()), ("0-100000", ()), ("0,x", ())])
+def test_slurm_job_gpus_parses_lists_and_ranges_and_nothing_else(text, ids):
+    from agent.slurm import parse_gpu_ids
+
+    assert parse_gpu_ids(text) == ids
 
 
 def test_no_slurm_is_no_data_not_an_error(tmp_path):
