@@ -389,8 +389,11 @@ def main(argv: list[str] | None = None) -> None:
         reads = [
             ("/v1/nodes", None), ("/v1/gpus", None), (f"/v1/nodes/{node}", None),
             (f"/v1/nodes/{node}/series", {"since": now - 3600}), (f"/v1/nodes/{node}/series", {"since": now - 6 * 3600}),
-            (f"/v1/nodes/{node}/series", {"since": now - 86400}), (f"/v1/nodes/{node}/history", {"since": now - 7 * 86400}),
+            (f"/v1/nodes/{node}/series", {"since": now - 86400}),
+            (f"/v1/nodes/{node}/history", {"since": now - min(args.days, 30.0) * 86400}),
             ("/v1/jobs", None), (f"/v1/jobs/{job}", None), (f"/v1/jobs/{job}/steps", None), (f"/v1/jobs/{job}/matrix", None),
+            (f"/v1/jobs/{job}/goodput", None),
+            # no inference traffic in this fleet: what the services' reads cost when there is none
             ("/v1/services", None), ("/v1/findings", None), ("/v1/slos", None), ("/metrics", None),
         ]
         print(f"{'read endpoint':48} {'median ms':>9} {'max ms':>7} {'KiB':>7}")
