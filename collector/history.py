@@ -95,20 +95,30 @@ def samples(store: Store, kind: str, since: float, until: float, keys: tuple[str
     """GPU ("gpus") or host ("hosts") samples over [since, until], optionally of some GPUs or nodes only:
     the hot tier from when it is complete, the warm tier's rollups before that: hourly ones when the
     range is so long that `max_points` points per series are an hour or more apart, else per minute.
-    Each row says the span of time it summarises (`span_s`: 0 for a raw frame)."""
+    Each row says the span of time it summarises (`span_s`: 0 for a raw frame).
+    The hour `since` falls in is read per minute even then: an hour's rollup holds its counters' last values,
+    so as the first row of a range it would make the counts of its whole hour (XIDs, ECC errors) the range's
+    starting point and leave them out, and its shares would count the part of the hour before `since`. (Where
+    the minute rollups of that hour are gone and its hour rollup is not, as retention by size can leave a day's
+    hour rollups, the hour rollup it is.)"""
     schema = GPU_SAMPLES if kind == "gpus" else HOST_SAMPLES
     hot_from = store.hot.complete_since(kind)
     parts = []
     if hot_from is not None and since < hot_from:
-        # Hour rollups for whole hours when the points are an hour apart or more; minute rollups up to
-        # where the hot tier takes over (the open hour is not rolled up yet).
+        # Hour rollups for whole hours when the points are an hour apart or more, after the first hour; minute
+        # rollups for that one and up to where the hot tier takes over (the open hour is not rolled up yet).
         hourly = max_points is not None and (until - since) / max_points >= 3600
         edge = hot_from // 3600 * 3600 if hourly else since
-        tiers = [(f"{kind}_1h", 3600.0, since, edge), (f"{kind}_1m", 60.0, max(since, edge), hot_from)] if hourly \
-            else [(f"{kind}_1m", 60.0, since, hot_from)]
+        head = min(since // 3600 * 3600 + 3600, edge)
+        tiers = ([(f"{kind}_1m", 60.0, since, head), (f"{kind}_1h", 3600.0, head, edge),
+                  (f"{kind}_1m", 60.0, max(since, edge), hot_from)] if hourly
+                 else [(f"{kind}_1m", 60.0, since, hot_from)])
         committed = store.committed_segment()
         nodes = _gpu_nodes(store, list(keys[1])) if keys is not None and keys[0] == "uuid" else []
-        for tier, span, lo, hi in tiers:
+        head_rows = 0
+        for i, (tier, span, lo, hi) in enumerate(tiers):
+            if hourly and i == 1 and head_rows == 0:
+                lo = since  # no minute rollups of the first hour (retention): its hour rollup then
             if lo >= hi:
                 continue
             disk = partitions.scan(store.data_dir, tier, committed, lo - span, min(until, hi))
@@ -120,9 +130,22 @@ def samples(store: Store, kind: str, since: float, until: float, keys: tuple[str
                     disk = disk.filter(pl.col("node").is_in(nodes))
             disk = disk.filter((pl.col("ts") + span > lo) & (pl.col("ts") < hi)).select(list(schema)).cast(schema)  # type: ignore[arg-type]
             parts.append(disk.collect().with_columns(pl.lit(span).alias("span_s")))
+            head_rows += parts[-1].height if i == 0 else 0
     start = since if hot_from is None else max(since, hot_from)
     if start <= until:
-        parts.append(store.hot.samples(kind, start, until, keys))
+        hot = store.hot.samples(kind, start, until, keys)
+        if parts and hot_from is not None:
+            # The rollup of the minute hot_from falls in overlaps the hot range and is in the warm tier too (ts <
+            # hot_from) until the hot tier's next pass trims it (a pass that rolled up minutes older than its window,
+            # after a burst of late frames or a replay, keeps them until then): read it once, from the warm tier.
+            early = hot.filter(pl.col("ts") < hot_from)
+            if early.height:
+                key = "uuid" if kind == "gpus" else "node"
+                warm = pl.concat([p.select(pl.col(key).cast(pl.String), "ts") for p in parts])
+                early = early.with_columns(pl.col(key).cast(pl.String).alias("_key")).join(
+                    warm.rename({key: "_key"}), on=["_key", "ts"], how="anti").drop("_key")
+                hot = pl.concat([early, hot.filter(pl.col("ts") >= hot_from)], how="vertical")
+        parts.append(hot)
     if not parts:
         return pl.DataFrame(schema={**schema, "span_s": pl.Float64})
     return pl.concat(parts, how="vertical").sort("ts")
@@ -132,11 +155,13 @@ def _covered_seconds(frame: pl.DataFrame, key: str) -> pl.Expr:
     """Seconds each sample stands for: until the next sample of its key, and at most its span - a raw
     frame a minute (a longer gap is an agent that was not running, which says nothing about the GPU), a
     rollup its minute or hour, in proportion to its samples against a full one of the same span (the
-    first hour of a GPU is seldom full). The last sample counts like the typical one before it."""
+    first hour of a GPU is seldom full). The last sample counts like the typical one before it of its span
+    (the last raw frame after hours of minute rollups is a sample period, not a minute)."""
     gap = (pl.col("ts").shift(-1).over(key) - pl.col("ts"))
     typical = gap.median().over(key)
     if "span_s" in frame.columns:
         span = pl.col("span_s").fill_null(0.0)
+        typical = gap.median().over(key, span).fill_null(typical)
         full = pl.col("samples").max().over(key, "span_s")
         cap = pl.when(span > 0).then(span * pl.min_horizontal(pl.lit(1.0), pl.col("samples") / full)).otherwise(60.0)
     else:
@@ -144,58 +169,132 @@ def _covered_seconds(frame: pl.DataFrame, key: str) -> pl.Expr:
     return pl.min_horizontal(gap.fill_null(typical).fill_null(0.0), cap).alias("covered_s")
 
 
-def _counter_increase(values: list) -> float:
-    values = [v for v in values if v is not None]
-    # Counters only grow; a drop is a restart of the agent, after which its whole value is new.
-    return float(sum(cur - prev if cur >= prev else cur for prev, cur in zip(values, values[1:])))
+_SHARES = ("up_ratio", "thermal_share", "power_cap_share", "hw_slowdown_share", "unhealthy_share", "degraded_share")
+_RECORD_COLUMNS = ("ts", "uuid", "node", "index", "samples", *_SHARES, "health_reasons", "xid_total", "xid_counts",
+                   "ecc_corrected_total", "ecc_uncorrected_total", "remap_pending", "remap_failure")
 
 
-def _xids_by_code(texts: list, from_zero: bool) -> dict[str, int]:
-    """Increases of each XID code's counter over the rows (JSON objects code -> count since the agent started);
-    `from_zero`: the first row's counts are new too (its agent started within the range)."""
-    series: dict[str, list] = {}
+def _one_row_per_time(gpu: pl.DataFrame) -> pl.DataFrame:
+    """The samples with one row per GPU, time and span. A minute (or hour) whose frames reached the hot tier in
+    two parts, the later after the minute was rolled up, has two rollup rows of the same time (collector.hot).
+    Sorted by time they come in either order: a counter seems to drop between them (and its whole lifetime value
+    counts again), and the first stands for no time (its gap to the next is 0). They are merged as a rollup
+    merges: samples add up, shares are weighted by them, flags and reasons join, counters take the larger value
+    (a counter only grows within a minute; where the agent restarted within it, the larger is the value from
+    before, which the next row's lower value then counts as a restart, as the parts in their order would)."""
+    keys = ["uuid", "ts", *(["span_s"] if "span_s" in gpu.columns else [])]
+    columns = [c for c in _RECORD_COLUMNS if c not in keys] + (["span_s"] if "span_s" in gpu.columns else [])
+    twice = gpu.select(pl.struct(keys).is_duplicated()).to_series()
+    if not twice.any():
+        return gpu
+    weight = pl.col("samples").fill_null(1)
+
+    def weighted(c: str) -> pl.Expr:
+        w = pl.when(pl.col(c).is_not_null()).then(weight).sum()
+        return pl.when(w > 0).then((pl.col(c) * weight).sum() / w).alias(c)
+
+    merged = gpu.filter(twice).group_by(keys).agg(
+        pl.col("node").last(), pl.col("index").last(), weight.sum().alias("samples"), *(weighted(c) for c in _SHARES),
+        pl.col("health_reasons").list.explode(keep_nulls=False, empty_as_null=False).unique(),
+        pl.col("xid_counts").sort_by(pl.col("xid_total").fill_null(-1)).last(), pl.col("xid_total").max(),
+        pl.col("ecc_corrected_total").max(), pl.col("ecc_uncorrected_total").max(),
+        pl.col("remap_pending").max(), pl.col("remap_failure").max(),
+    )
+    order = [*dict.fromkeys([*keys, *columns])]
+    kept = gpu.filter(~twice).select(order)
+    return pl.concat([kept, merged.select(order).cast(dict(kept.schema))], how="vertical")  # type: ignore[arg-type]
+
+
+def _increase(ts: list, values: list, from_zero: bool = False) -> tuple[float, float | None, float | None]:
+    """A counter's increase over the rows (nulls skipped), and the times of the first and last rows that showed
+    one. Counters only grow; a drop is a restart of its source (the agent; the driver, for volatile ECC counts),
+    after which its whole value is new. `from_zero`: the first row's value is new too."""
+    total, first, last = 0.0, None, None
+    previous = 0 if from_zero else None
+    for t, value in zip(ts, values):
+        if value is None:
+            continue
+        if previous is not None:
+            step = value - previous if value >= previous else value
+            if step > 0:
+                total += step
+                first = t if first is None else first
+                last = t
+        previous = value
+    return total, first, last
+
+
+def _when(first: float | None, last: float | None) -> dict | None:
+    return None if first is None else {"first_ts": float(first), "last_ts": float(last)}  # type: ignore[arg-type]
+
+
+def _xids_by_code(ts: list, texts: list, from_zero: bool) -> tuple[dict[str, int], dict[str, dict]]:
+    """Increases of each XID code's counter over the rows (JSON objects code -> count since the agent started),
+    and when each code was first and last counted; `from_zero`: the first row's counts are new too (its agent
+    started within the range)."""
+    times: list = []
+    decoded: list = []
     previous: object = ()
-    decoded = []
-    for text in texts:  # null: no XID counted (the agent sends none while all are 0)
+    for t, text in zip(ts, texts):  # null: no XID counted (the agent sends none while all are 0)
         if text == previous:
             continue
         previous = text
+        times.append(t)
         decoded.append(msgspec.json.decode(text) if text is not None else {})
+    series: dict[str, list] = {}
     for i, counts in enumerate(decoded):
         for code in counts:
             series.setdefault(code, [0] * i)
         for code, values in series.items():
             values.append(counts.get(code, 0))
     first = decoded[0] if decoded else {}
-    out = {}
+    out, when = {}, {}
     for code, values in series.items():
         # Counted before the range started is not in it: start from the first row's value.
-        increase = _counter_increase(values) if code in first and not from_zero else _counter_increase([0, *values])
+        increase, t0, t1 = _increase(times, values, from_zero=from_zero or code not in first)
         if increase > 0:
-            out[code] = int(increase)
-    return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
+            out[code], when[code] = int(increase), _when(t0, t1)
+    order = sorted(out, key=int)
+    return {c: out[c] for c in order}, {c: when[c] for c in order}
 
 
 def gpu_reliability(gpu: pl.DataFrame, since: float | None = None) -> list[dict]:
-    """Per GPU in the samples: XIDs by code, ECC errors, row remapping, throttle and unhealthy time.
+    """Per GPU in the samples: XIDs by code, ECC errors, row remapping, throttle and unhealthy time, and when
+    each kind of event was first and last seen (`when`: the time of the sample that showed it - a raw frame's, or
+    the start of the minute or hour a rollup summarises; null, or no entry for an XID code, when never).
     XIDs are counted by the agent since it started: a GPU first seen well after `since` (a new agent, a
     new GPU) has all of its first sample's XIDs in the range."""
     if gpu.height == 0:
         return []
+    gpu = _one_row_per_time(gpu)
     gpu = gpu.sort("uuid", "ts").with_columns(_covered_seconds(gpu, "uuid"))
+    states = {"row_remap_pending": pl.col("remap_pending").fill_null(False),
+              "row_remap_failure": pl.col("remap_failure").fill_null(False),
+              "unhealthy": pl.col("unhealthy_share") > 0, "degraded": pl.col("degraded_share") > 0,
+              "lost": pl.col("up_ratio") < 1,
+              **{f"throttle.{reason}": pl.col(col) > 0 for reason, col in THROTTLE_REASONS.items()}}
+    seen = {row["uuid"]: row for row in gpu.group_by("uuid").agg(
+        *(pl.col("ts").filter(mask.fill_null(False)).first().alias(f"{name}:first") for name, mask in states.items()),
+        *(pl.col("ts").filter(mask.fill_null(False)).last().alias(f"{name}:last") for name, mask in states.items()),
+    ).with_columns(pl.col("uuid").cast(pl.String)).to_dicts()}
     out = []
     for (uuid,), rows in gpu.group_by("uuid", maintain_order=True):
         covered = rows["covered_s"]
-        from_zero = since is not None and float(rows["ts"][0]) > since + 300
-        xid_totals = rows["xid_total"].to_list()
+        ts = rows["ts"].to_list()
+        from_zero = since is not None and ts[0] > since + 300
+        xids, xid_when = _xids_by_code(ts, rows["xid_counts"].to_list(), from_zero)
+        corrected, *corrected_when = _increase(ts, rows["ecc_corrected_total"].to_list())
+        uncorrected, *uncorrected_when = _increase(ts, rows["ecc_uncorrected_total"].to_list())
+        times = seen[str(uuid)]
+        when = {name: _when(times[f"{name}:first"], times[f"{name}:last"]) for name in states}
         record = {
             "uuid": str(uuid), "node": str(rows["node"][-1]), "index": int(rows["index"][-1]),
-            "from_ts": float(rows["ts"][0]), "to_ts": float(rows["ts"][-1]),
+            "from_ts": float(ts[0]), "to_ts": float(ts[-1]),
             "observed_seconds": round(float(covered.sum()), 1),
-            "xids_by_code": _xids_by_code(rows["xid_counts"].to_list(), from_zero),
-            "xids_total": int(_counter_increase([0, *xid_totals] if from_zero else xid_totals)),
-            "ecc_corrected": int(_counter_increase(rows["ecc_corrected_total"].to_list())),
-            "ecc_uncorrected": int(_counter_increase(rows["ecc_uncorrected_total"].to_list())),
+            "xids_by_code": xids,
+            "xids_total": int(_increase(ts, rows["xid_total"].to_list(), from_zero)[0]),
+            "ecc_corrected": int(corrected),
+            "ecc_uncorrected": int(uncorrected),
             "row_remap_pending_seen": bool(rows["remap_pending"].any()),
             "row_remap_failure_seen": bool(rows["remap_failure"].any()),
             "throttle_seconds": {reason: round(float((rows[col].fill_null(0) * covered).sum()), 1)
@@ -204,7 +303,12 @@ def gpu_reliability(gpu: pl.DataFrame, since: float | None = None) -> list[dict]
             "degraded_seconds": round(float((rows["degraded_share"].fill_null(0) * covered).sum()), 1),
             "lost_seconds": round(float(((1 - rows["up_ratio"].fill_null(1)) * covered).sum()), 1),
             "health_reasons_seen": sorted({str(r) for rs in rows["health_reasons"].drop_nulls().to_list() for r in rs}),
+            "when": {
+                "xids_by_code": xid_when, "ecc_corrected": _when(*corrected_when),
+                "ecc_uncorrected": _when(*uncorrected_when),
+                **{name: value for name, value in when.items() if not name.startswith("throttle.")},
+                "throttle": {reason: when[f"throttle.{reason}"] for reason in THROTTLE_REASONS},
+            },
         }
         out.append(record)
     return out
-
