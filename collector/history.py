@@ -96,29 +96,28 @@ def samples(store: Store, kind: str, since: float, until: float, keys: tuple[str
     the hot tier from when it is complete, the warm tier's rollups before that: hourly ones when the
     range is so long that `max_points` points per series are an hour or more apart, else per minute.
     Each row says the span of time it summarises (`span_s`: 0 for a raw frame).
-    The hour `since` falls in is read per minute even then: an hour's rollup holds its counters' last values,
-    so as the first row of a range it would make the counts of its whole hour (XIDs, ECC errors) the range's
-    starting point and leave them out, and its shares would count the part of the hour before `since`. (Where
-    the minute rollups of that hour are gone and its hour rollup is not, as retention by size can leave a day's
-    hour rollups, the hour rollup it is.)"""
+    Read hourly, a GPU's first hour also has the first minute rollup of that hour, dated at the hour's start
+    (rows of the same time come shorter span first): an hour rollup holds its counters' last values, so as the
+    first row of a range it would make the counts of its whole hour (XIDs, ECC errors) the range's starting
+    point and leave them out. The minute row is that starting point; it stands for no time of its own in the
+    reliability record (gpu_reliability), and a series rolls it into its first bucket."""
     schema = GPU_SAMPLES if kind == "gpus" else HOST_SAMPLES
     hot_from = store.hot.complete_since(kind)
     parts = []
     if hot_from is not None and since < hot_from:
-        # Hour rollups for whole hours when the points are an hour apart or more, after the first hour; minute
-        # rollups for that one and up to where the hot tier takes over (the open hour is not rolled up yet).
+        # Hour rollups for whole hours when the points are an hour apart or more; minute rollups up to
+        # where the hot tier takes over (the open hour is not rolled up yet).
         hourly = max_points is not None and (until - since) / max_points >= 3600
         edge = hot_from // 3600 * 3600 if hourly else since
-        head = min(since // 3600 * 3600 + 3600, edge)
-        tiers = ([(f"{kind}_1m", 60.0, since, head), (f"{kind}_1h", 3600.0, head, edge),
-                  (f"{kind}_1m", 60.0, max(since, edge), hot_from)] if hourly
-                 else [(f"{kind}_1m", 60.0, since, hot_from)])
+        first_hour = since // 3600 * 3600
+        tiers = [(f"{kind}_1h", 3600.0, since, edge), (f"{kind}_1m", 60.0, max(since, edge), hot_from)] if hourly \
+            else [(f"{kind}_1m", 60.0, since, hot_from)]
+        starting_point = (f"{kind}_1m", 60.0, first_hour, first_hour + 3600)  # the counters' (see above)
+        if hourly and kind == "gpus" and since < edge:
+            tiers.append(starting_point)
         committed = store.committed_segment()
         nodes = _gpu_nodes(store, list(keys[1])) if keys is not None and keys[0] == "uuid" else []
-        head_rows = 0
-        for i, (tier, span, lo, hi) in enumerate(tiers):
-            if hourly and i == 1 and head_rows == 0:
-                lo = since  # no minute rollups of the first hour (retention): its hour rollup then
+        for tier, span, lo, hi in tiers:
             if lo >= hi:
                 continue
             disk = partitions.scan(store.data_dir, tier, committed, lo - span, min(until, hi))
@@ -129,8 +128,10 @@ def samples(store: Store, kind: str, since: float, until: float, keys: tuple[str
                 if keys[0] == "uuid" and nodes:  # files are sorted by node: let the scan skip the others
                     disk = disk.filter(pl.col("node").is_in(nodes))
             disk = disk.filter((pl.col("ts") + span > lo) & (pl.col("ts") < hi)).select(list(schema)).cast(schema)  # type: ignore[arg-type]
-            parts.append(disk.collect().with_columns(pl.lit(span).alias("span_s")))
-            head_rows += parts[-1].height if i == 0 else 0
+            rows = disk.collect().with_columns(pl.lit(span).alias("span_s"))
+            if (tier, span, lo, hi) == starting_point:  # each GPU's first minute of the hour, dated at its start
+                rows = rows.sort("ts").unique("uuid", keep="first").with_columns(pl.lit(first_hour).alias("ts"))
+            parts.append(rows)
     start = since if hot_from is None else max(since, hot_from)
     if start <= until:
         hot = store.hot.samples(kind, start, until, keys)
@@ -148,7 +149,7 @@ def samples(store: Store, kind: str, since: float, until: float, keys: tuple[str
         parts.append(hot)
     if not parts:
         return pl.DataFrame(schema={**schema, "span_s": pl.Float64})
-    return pl.concat(parts, how="vertical").sort("ts")
+    return pl.concat(parts, how="vertical").sort("ts", "span_s")
 
 
 def _covered_seconds(frame: pl.DataFrame, key: str) -> pl.Expr:
@@ -267,7 +268,8 @@ def gpu_reliability(gpu: pl.DataFrame, since: float | None = None) -> list[dict]
     if gpu.height == 0:
         return []
     gpu = _one_row_per_time(gpu)
-    gpu = gpu.sort("uuid", "ts").with_columns(_covered_seconds(gpu, "uuid"))
+    gpu = gpu.sort("uuid", "ts", "span_s" if "span_s" in gpu.columns else "ts")
+    gpu = gpu.with_columns(_covered_seconds(gpu, "uuid"))
     states = {"row_remap_pending": pl.col("remap_pending").fill_null(False),
               "row_remap_failure": pl.col("remap_failure").fill_null(False),
               "unhealthy": pl.col("unhealthy_share") > 0, "degraded": pl.col("degraded_share") > 0,
@@ -280,6 +282,10 @@ def gpu_reliability(gpu: pl.DataFrame, since: float | None = None) -> list[dict]
     out = []
     for (uuid,), rows in gpu.group_by("uuid", maintain_order=True):
         covered = rows["covered_s"]
+        # A throttle share is of the samples that had clock events, and a GPU off the bus has none: it applies to
+        # the part of a rollup's time the GPU was up (an hour throttled while up, 10 minutes of it off the bus: 50
+        # minutes throttled, not 60).
+        up_covered = rows["up_ratio"].fill_null(1) * covered
         ts = rows["ts"].to_list()
         from_zero = since is not None and ts[0] > since + 300
         xids, xid_when = _xids_by_code(ts, rows["xid_counts"].to_list(), from_zero)
@@ -297,7 +303,7 @@ def gpu_reliability(gpu: pl.DataFrame, since: float | None = None) -> list[dict]
             "ecc_uncorrected": int(uncorrected),
             "row_remap_pending_seen": bool(rows["remap_pending"].any()),
             "row_remap_failure_seen": bool(rows["remap_failure"].any()),
-            "throttle_seconds": {reason: round(float((rows[col].fill_null(0) * covered).sum()), 1)
+            "throttle_seconds": {reason: round(float((rows[col].fill_null(0) * up_covered).sum()), 1)
                                  for reason, col in THROTTLE_REASONS.items()},
             "unhealthy_seconds": round(float((rows["unhealthy_share"].fill_null(0) * covered).sum()), 1),
             "degraded_seconds": round(float((rows["degraded_share"].fill_null(0) * covered).sum()), 1),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 import time
 
+import polars as pl
 import pytest
 from fastapi.testclient import TestClient
 
@@ -228,10 +229,12 @@ def test_the_record_past_the_hot_tier_from_minute_and_hour_rollups(tmp_path):
         store.checkpoint()
         hot_from = store.hot.complete_since("gpus")
         assert scenario.at(125) < hot_from < scenario.late  # events in the warm tier, the late stretch in the hot
-        # A node's record over hours reads hour rollups (from the second hour of the range on, the restart's among them)
+        # A node's record over hours reads hour rollups (the restart's hour among them), each GPU's first hour with the
+        # first minute of it, dated at the hour's start: the counters' starting point
         until = time.time()
-        spans = history.samples(store, "gpus", scenario.start, until, ("node", [NODE]), max_points=3)["span_s"]
-        assert 3600.0 in spans.to_list() and 60.0 in spans.to_list()
+        rows = history.samples(store, "gpus", scenario.start, until, ("node", [NODE]), max_points=3)
+        assert rows.filter(pl.col("span_s") == 3600)["ts"].to_list()[:4] == [scenario.start] * 2 + [scenario.at(60)] * 2
+        assert rows.filter((pl.col("ts") == scenario.start) & (pl.col("span_s") == 60)).height == 2
         want = scenario.expected()
         q = {"since": scenario.start, "until": until}
         body = c.get("/v1/gpus/GPU-a/history", params=q, headers=R).json()
@@ -243,7 +246,7 @@ def test_the_record_past_the_hot_tier_from_minute_and_hour_rollups(tmp_path):
         node_totals(node["totals"], want, seconds=EVERY)
         quiet_b(c.get("/v1/gpus/GPU-b/history", params=q, headers=R).json()["record"], scenario, seconds=EVERY)
         # Retention by size can leave a day's hour rollups where the minute rollups of its first hours are gone: the
-        # range's first hour is then read from its hour rollup (its time counted; its counts are the starting point)
+        # range's first hour is then its hour rollup alone (its time counted; its counts are the starting point)
         shutil.rmtree(tmp_path / "data" / "kind=gpus_1m" / partitions.hour_of(scenario.start))
         (a, _) = c.get(f"/v1/nodes/{NODE}/history", params={**q, "until": until + 1}, headers=R).json()["gpus"]
         for key in ("observed_seconds", "unhealthy_seconds", "lost_seconds"):
