@@ -13,8 +13,8 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.inference_servers import delta, parse
-from agent.sources.inference import _frame
+from agent.frames import ServerFrames
+from agent.inference_servers import ServerReading, parse
 from collector.api import create_app
 from collector.tables import SCHEMAS
 from tests.agent.test_inference_servers import _scaled, fixture
@@ -29,7 +29,9 @@ def server_frame(service: str, node: str, ts: float, url: str = "http://10.0.0.1
     text = fixture("vllm_v1")
     (first,) = parse("vllm", text, "x").values()
     (second,) = parse("vllm", "\n".join(_scaled(line, 2) for line in text.splitlines()), "x").values()
-    frame = _frame({"service": service, "url": url, "kind": "vllm"}, "llama-3.1-8b", ts - 10, ts, delta(second, first), node)
+    builder = ServerFrames()  # what the agent's shipper makes of two samples' readings
+    assert builder.frames((ServerReading(url, "vllm", service, "llama-3.1-8b", ts - 10, first),), node) == []
+    (frame,) = builder.frames((ServerReading(url, "vllm", service, "llama-3.1-8b", ts, second),), node)
     return json.loads(msgspec.json.encode(frame))
 
 

@@ -10,8 +10,8 @@ import msgspec
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from agent.inference_servers import delta, parse
-from agent.sources.inference import _frame
+from agent.frames import ServerFrames
+from agent.inference_servers import ServerReading, parse
 from tests.agent.test_inference_servers import _scaled, fixture
 from tests.dashboards.conftest import serve_collector
 from tests.dashboards.test_pages import DASHBOARDS
@@ -26,8 +26,9 @@ def seed() -> dict:
     for k, node in enumerate(("gpu-1", "gpu-2")):
         (first,) = parse("vllm", "\n".join(_scaled(line, 1 + k) for line in text.splitlines()), "x").values()
         (second,) = parse("vllm", "\n".join(_scaled(line, 2 + k) for line in text.splitlines()), "x").values()
-        frame = _frame({"service": "scraped", "url": f"http://{node}:8000/metrics", "kind": "vllm"}, "llama",
-                       now - 70, now - 60, delta(second, first), node)
+        url, builder = f"http://{node}:8000/metrics", ServerFrames()
+        builder.frames((ServerReading(url, "vllm", "scraped", "llama", now - 70, first),), node)
+        (frame,) = builder.frames((ServerReading(url, "vllm", "scraped", "llama", now - 60, second),), node)
         servers.append(json.loads(msgspec.json.encode(frame)))
     events = [{"v": 1, "kind": "request", "service": "chat", "model": "m1", "ts": now - 30 + i, "e2e_s": 0.5,
                "ttft_s": 0.1, "tpot_s": 0.01, "output_tokens": 40, "status": "ok", "node": "node-a"} for i in range(20)]
