@@ -250,3 +250,22 @@ def test_quantiles_past_the_hot_tier_count_requests_that_never_queued():
     for name, value in exact.items():
         if name.endswith("_s") and value:
             assert approx[name] == pytest.approx(value, rel=0.03), name  # a bucket's width, and interpolation
+
+
+def test_a_bucket_narrower_than_a_second_is_refused_not_a_server_error():
+    """Found by the schemathesis fuzz test: step_s=5e-324 overflowed the bucket count (a 500)."""
+    import tempfile
+    from pathlib import Path
+
+    from fastapi.testclient import TestClient
+
+    from collector.api import create_app
+    from tests.collector.test_api import R, settings
+    from tests.conftest import wait_ready
+
+    with tempfile.TemporaryDirectory() as tmp, TestClient(create_app(settings(Path(tmp)))) as c:
+        wait_ready(c)
+        for step in ("5e-324", "0.5", "0"):
+            r = c.get("/v1/services/chat/series", params={"step_s": step}, headers=R)
+            assert r.status_code == 422 and "step_s" in r.text, (step, r.status_code)
+        assert c.get("/v1/services/chat/series", params={"step_s": "1"}, headers=R).status_code in (200, 404)

@@ -106,7 +106,7 @@ def get_service(service: str, request: Request, store: StoreDep, r: RangeDep) ->
 @router.get("/v1/services/{service}/series")
 def get_service_series(service: str, store: StoreDep, r: RangeDep,
                        by: Literal["model", "node"] = Query("model", description="one series per model, or per replica (node)"),
-                       step_s: float | None = Query(None, gt=0, le=86400, description="bucket width; about 120 buckets by default, "
+                       step_s: float | None = Query(None, ge=1, le=86400, description="bucket width; about 120 buckets by default, "
                                                     "wider where the range would have more than max_points")) -> dict:
     """The service over time (default: the last hour): p50/p95/p99 of e2e, TTFT, time per output token and
     queue; request, error and output-token rates (`series`, one source per model as in /v1/services), and its
