@@ -167,11 +167,20 @@ def test_a_full_file_system_is_survived_and_the_collector_recovers_by_itself(col
         subprocess.run(["umount", "-l", str(small)], capture_output=True)
 
 
-@pytest.mark.parametrize("point", ["checkpoint.rotated", "checkpoint.part_written", "checkpoint.extras_written",
-                                   "checkpoint.commit_file_written", "checkpoint.committed", "checkpoint.wal_dropped"])
-def test_sigkill_at_each_step_of_a_checkpoint_loses_and_duplicates_nothing(collectors, tmp_path, point):
-    config = tmp_path / "collector.toml"  # with an SLO, so the checkpoint writes the ledger's state too
+CHECKPOINT_STEPS = ["checkpoint.rotated", "checkpoint.part_written", "checkpoint.extras_written",
+                    "checkpoint.commit_file_written", "checkpoint.committed", "checkpoint.wal_dropped"]
+
+
+def slo_config(tmp_path: Path) -> Path:
+    """A config with an SLO, so that a checkpoint writes the SLO ledger's state too."""
+    config = tmp_path / "collector.toml"
     config.write_text('[[slo]]\nname = "x"\nservice = "s"\nindicator = "availability"\nobjective = 0.99\n')
+    return config
+
+
+@pytest.mark.parametrize("point", CHECKPOINT_STEPS)
+def test_sigkill_at_each_step_of_a_checkpoint_loses_and_duplicates_nothing(collectors, tmp_path, point):
+    config = slo_config(tmp_path)
     c = collectors(fault=f"{point}=kill@2", config=config)
     c.wait_ready()
     refusals: list = []
@@ -195,14 +204,12 @@ def test_sigkill_at_each_step_of_a_checkpoint_loses_and_duplicates_nothing(colle
     assert stored_steps(tmp_path / "data") == EXPECTED(seq + 5)
 
 
-@pytest.mark.parametrize("point", ["checkpoint.rotated", "checkpoint.part_written", "checkpoint.extras_written",
-                                   "checkpoint.commit_file_written", "checkpoint.committed", "checkpoint.wal_dropped"])
+@pytest.mark.parametrize("point", CHECKPOINT_STEPS)
 def test_an_error_at_each_step_of_a_checkpoint_is_survived_and_loses_and_duplicates_nothing(collectors, tmp_path, point):
     """The checkpoint fails (an OSError, as a full disk or an I/O error gives) at one step, in a real collector that
     goes on running: the next checkpoints write its rows again, once, and after a restart every acknowledged batch is
     there exactly once."""
-    config = tmp_path / "collector.toml"  # with an SLO, so the checkpoint writes the ledger's state too
-    config.write_text('[[slo]]\nname = "x"\nservice = "s"\nindicator = "availability"\nobjective = 0.99\n')
+    config = slo_config(tmp_path)
     c = collectors(fault=f"{point}=raise@2", config=config)
     c.wait_ready()
     refusals: list = []
