@@ -8,11 +8,11 @@ import json
 import threading
 import time
 
-import msgspec
 import polars as pl
 
 from collector import partitions
-from collector.rollups import GPU_SAMPLES, HOST_SAMPLES
+from collector.rollups import (COUNTERS, GPU_SAMPLES, GPU_SPAN, HOST_SAMPLES, NEW_ROW, counter_aggs, counts_increase,
+                               decode_counts, increase, span_inputs, with_counter_steps, with_xids_within)
 from collector.snapshots import JsonSnapshot
 from collector.store import Store
 
@@ -97,10 +97,12 @@ def samples(store: Store, kind: str, since: float, until: float, keys: tuple[str
     range is so long that `max_points` points per series are an hour or more apart, else per minute.
     Each row says the span of time it summarises (`span_s`: 0 for a raw frame).
     Read hourly, a GPU's first hour also has the first minute rollup of that hour, dated at the hour's start
-    (rows of the same time come shorter span first): an hour rollup holds its counters' last values, so as the
-    first row of a range it would make the counts of its whole hour (XIDs, ECC errors) the range's starting
-    point and leave them out. The minute row is that starting point; it stands for no time of its own in the
-    reliability record (gpu_reliability), and a series rolls it into its first bucket."""
+    (rows of the same time come shorter span first), where the hour's rollup was written before rollups kept
+    their counters' first value and increase within (collector.rollups.GPU_SPAN): an hour rollup that holds
+    its counters' last values only would, as the first row of a range, make the counts of its whole hour (XIDs,
+    ECC errors) the range's starting point and leave them out. The minute row is that starting point; it stands
+    for no time of its own in the reliability record (gpu_reliability), and a series rolls it into its first
+    bucket."""
     schema = GPU_SAMPLES if kind == "gpus" else HOST_SAMPLES
     hot_from = store.hot.complete_since(kind)
     parts = []
@@ -117,20 +119,28 @@ def samples(store: Store, kind: str, since: float, until: float, keys: tuple[str
             tiers.append(starting_point)
         committed = store.committed_segment()
         nodes = _gpu_nodes(store, list(keys[1])) if keys is not None and keys[0] == "uuid" else []
+        hours = None
         for tier, span, lo, hi in tiers:
             if lo >= hi:
                 continue
-            disk = partitions.scan(store.data_dir, tier, committed, lo - span, min(until, hi))
+            disk = _scan(store, tier, committed, lo - span, min(until, hi))
             if disk is None:
                 continue
             if keys is not None:
                 disk = disk.filter(pl.col(keys[0]).is_in(keys[1]))
                 if keys[0] == "uuid" and nodes:  # files are sorted by node: let the scan skip the others
                     disk = disk.filter(pl.col("node").is_in(nodes))
-            disk = disk.filter((pl.col("ts") + span > lo) & (pl.col("ts") < hi)).select(list(schema)).cast(schema)  # type: ignore[arg-type]
-            rows = disk.collect().with_columns(pl.lit(span).alias("span_s"))
+            disk = disk.filter((pl.col("ts") + span > lo) & (pl.col("ts") < hi))
+            names = set(disk.collect_schema().names())  # columns written since files of the range were: null
+            disk = disk.select(pl.col(c) if c in names else pl.lit(None, t).alias(c) for c, t in schema.items())
+            rows = disk.cast(schema).collect().with_columns(pl.lit(span).alias("span_s"))
             if (tier, span, lo, hi) == starting_point:  # each GPU's first minute of the hour, dated at its start
                 rows = rows.sort("ts").unique("uuid", keep="first").with_columns(pl.lit(first_hour).alias("ts"))
+                if hours is not None:  # not where the hour's rollup keeps its counters' first value and increase
+                    rows = rows.join(hours.filter((pl.col("ts") == first_hour) & NEW_ROW).select("uuid"), on="uuid",
+                                     how="anti")
+            elif span == 3600.0 and kind == "gpus":
+                hours = rows
             parts.append(rows)
     start = since if hot_from is None else max(since, hot_from)
     if start <= until:
@@ -150,6 +160,25 @@ def samples(store: Store, kind: str, since: float, until: float, keys: tuple[str
     if not parts:
         return pl.DataFrame(schema={**schema, "span_s": pl.Float64})
     return pl.concat(parts, how="vertical").sort("ts", "span_s")
+
+
+def _scan(store: Store, tier: str, committed: int, since: float, until: float) -> pl.LazyFrame | None:
+    """A tier's rows over [since, until] (partitions.scan). A scan of several files takes its columns from the
+    first and ignores any other's more: the GPU rollups' are listed with a file that has their span columns first
+    (of the newest written), so that files written before them (older) do not hide them in the newer files."""
+    files = partitions.live_parts(store.data_dir, tier, committed)
+    width = partitions.FOLDER_SPAN.get(tier, 3600)
+    files = [p for p in files if since - width < partitions.hour_start(p.hour) <= until]
+    if tier.startswith("gpus_") and len(files) > 1:
+        files.sort(key=lambda p: p.hi, reverse=True)
+        for i, p in enumerate(files[:4]):
+            try:
+                if "xid_total_within" in pl.read_parquet_schema(p.path):
+                    files.insert(0, files.pop(i))
+                    break
+            except (OSError, pl.exceptions.PolarsError):  # deleted under us (compacted): the scan skips it too
+                continue
+    return partitions.scan(store.data_dir, tier, committed, since, until, files=files)
 
 
 def _covered_seconds(frame: pl.DataFrame, key: str) -> pl.Expr:
@@ -172,7 +201,11 @@ def _covered_seconds(frame: pl.DataFrame, key: str) -> pl.Expr:
 
 _SHARES = ("up_ratio", "thermal_share", "power_cap_share", "hw_slowdown_share", "unhealthy_share", "degraded_share")
 _RECORD_COLUMNS = ("ts", "uuid", "node", "index", "samples", *_SHARES, "health_reasons", "xid_total", "xid_counts",
-                   "ecc_corrected_total", "ecc_uncorrected_total", "remap_pending", "remap_failure")
+                   "ecc_corrected_total", "ecc_uncorrected_total", "remap_pending", "remap_failure", *GPU_SPAN)
+# Rows of the same GPU, time and span whose order is not known (see _one_row_per_time): in the order no counter
+# drops between them where there is one (a counter only grows until its source restarts).
+_VALUE_ORDER = [c for counter in ("xid_total", "ecc_uncorrected_total", "ecc_corrected_total")
+                for c in (f"{counter}_first", counter)]
 
 
 def _one_row_per_time(gpu: pl.DataFrame) -> pl.DataFrame:
@@ -180,9 +213,13 @@ def _one_row_per_time(gpu: pl.DataFrame) -> pl.DataFrame:
     two parts, the later after the minute was rolled up, has two rollup rows of the same time (collector.hot).
     Sorted by time they come in either order: a counter seems to drop between them (and its whole lifetime value
     counts again), and the first stands for no time (its gap to the next is 0). They are merged as a rollup
-    merges: samples add up, shares are weighted by them, flags and reasons join, counters take the larger value
-    (a counter only grows within a minute; where the agent restarted within it, the larger is the value from
-    before, which the next row's lower value then counts as a restart, as the parts in their order would)."""
+    merges: samples add up, shares are weighted by them, flags and reasons join. Their counters, where the rows
+    keep their span's first value and increase within (collector.rollups.GPU_SPAN), are combined as a rollup
+    combines them, the parts taken in the order in which no counter drops between them: exact unless a counter
+    restarted within the minute, when which part came first is not known. Rows that keep their last values only
+    take the larger value (a counter only grows within a minute; where the agent restarted within it, the larger
+    is the value from before, which the next row's lower value then counts as a restart, as the parts in their
+    order would)."""
     keys = ["uuid", "ts", *(["span_s"] if "span_s" in gpu.columns else [])]
     columns = [c for c in _RECORD_COLUMNS if c not in keys] + (["span_s"] if "span_s" in gpu.columns else [])
     twice = gpu.select(pl.struct(keys).is_duplicated()).to_series()
@@ -194,69 +231,90 @@ def _one_row_per_time(gpu: pl.DataFrame) -> pl.DataFrame:
         w = pl.when(pl.col(c).is_not_null()).then(weight).sum()
         return pl.when(w > 0).then((pl.col(c) * weight).sum() / w).alias(c)
 
-    merged = gpu.filter(twice).group_by(keys).agg(
-        pl.col("node").last(), pl.col("index").last(), weight.sum().alias("samples"), *(weighted(c) for c in _SHARES),
-        pl.col("health_reasons").list.explode(keep_nulls=False, empty_as_null=False).unique(),
-        pl.col("xid_counts").sort_by(pl.col("xid_total").fill_null(-1)).last(), pl.col("xid_total").max(),
-        pl.col("ecc_corrected_total").max(), pl.col("ecc_uncorrected_total").max(),
-        pl.col("remap_pending").max(), pl.col("remap_failure").max(),
-    )
+    common = [pl.col("node").last(), pl.col("index").last(), weight.sum().alias("samples"),
+              *(weighted(c) for c in _SHARES),
+              pl.col("health_reasons").list.explode(keep_nulls=False, empty_as_null=False).unique(),
+              pl.col("remap_pending").max(), pl.col("remap_failure").max()]
     order = [*dict.fromkeys([*keys, *columns])]
+    dup = gpu.filter(twice).with_columns(NEW_ROW.all().over(keys).alias("_new"))
+    merged = []
+    spans = span_inputs(dup.filter(pl.col("_new")).drop("_new"))
+    if spans.height:
+        ordered = with_counter_steps(spans.sort([pl.col("uuid").to_physical(), *keys[1:], *_VALUE_ORDER],
+                                                nulls_last=False, maintain_order=True), keys)
+        combined = ordered.group_by(keys, maintain_order=True).agg(*common, *counter_aggs())
+        merged.append(with_xids_within(ordered, keys, combined).select(order))
+    lasts = dup.filter(~pl.col("_new"))
+    if lasts.height:
+        merged.append(lasts.group_by(keys).agg(
+            *common, pl.col("xid_counts").sort_by(pl.col("xid_total").fill_null(-1)).last(), pl.col("xid_total").max(),
+            pl.col("ecc_corrected_total").max(), pl.col("ecc_uncorrected_total").max(),
+            *(pl.lit(None, t).alias(c) for c, t in GPU_SPAN.items()),
+        ).select(order))
     kept = gpu.filter(~twice).select(order)
-    return pl.concat([kept, merged.select(order).cast(dict(kept.schema))], how="vertical")  # type: ignore[arg-type]
+    return pl.concat([kept, *(m.cast(dict(kept.schema)) for m in merged)], how="vertical")  # type: ignore[arg-type]
 
 
-def _increase(ts: list, values: list, from_zero: bool = False) -> tuple[float, float | None, float | None]:
-    """A counter's increase over the rows (nulls skipped), and the times of the first and last rows that showed
-    one. Counters only grow; a drop is a restart of its source (the agent; the driver, for volatile ECC counts),
-    after which its whole value is new. `from_zero`: the first row's value is new too."""
-    total, first, last = 0.0, None, None
+def _increase(ts: list, lasts: list, firsts: list | None = None, withins: list | None = None,
+              from_zero: bool = False) -> tuple[int, float | None, float | None]:
+    """A counter's increase over the rows, and the times of the first and last rows that showed one. Counters
+    only grow; a drop is a restart of its source (the agent; the driver, for volatile ECC counts), after which its
+    whole value is new. A row that keeps its span's first value and increase within (`firsts`, `withins`: a
+    rollup's, collector.rollups.GPU_SPAN) counts the step from the row before to its first value, then its
+    increase within (dated at the row's time, its span's start); any other (a raw frame; a rollup written before
+    they were kept, null in `withins`) is a point at its (last) value. Rows without a value are skipped.
+    `from_zero`: the first row's value is new too."""
+    total, first_ts, last_ts = 0, None, None
     previous = 0 if from_zero else None
-    for t, value in zip(ts, values):
-        if value is None:
+    for i, (t, last) in enumerate(zip(ts, lasts)):
+        if last is None:
             continue
-        if previous is not None:
-            step = value - previous if value >= previous else value
-            if step > 0:
-                total += step
-                first = t if first is None else first
-                last = t
-        previous = value
-    return total, first, last
+        within = withins[i] if withins is not None else None
+        first = firsts[i] if within is not None and firsts is not None and firsts[i] is not None else last
+        step = increase(previous, first) if previous is not None else 0
+        if step > 0 or (within or 0) > 0:
+            total += step + (within or 0)
+            first_ts = t if first_ts is None else first_ts
+            last_ts = t
+        previous = last
+    return total, first_ts, last_ts
 
 
 def _when(first: float | None, last: float | None) -> dict | None:
     return None if first is None else {"first_ts": float(first), "last_ts": float(last)}  # type: ignore[arg-type]
 
 
-def _xids_by_code(ts: list, texts: list, from_zero: bool) -> tuple[dict[str, int], dict[str, dict]]:
-    """Increases of each XID code's counter over the rows (JSON objects code -> count since the agent started),
-    and when each code was first and last counted; `from_zero`: the first row's counts are new too (its agent
-    started within the range)."""
-    times: list = []
-    decoded: list = []
-    previous: object = ()
-    for t, text in zip(ts, texts):  # null: no XID counted (the agent sends none while all are 0)
-        if text == previous:
+def _xids_by_code(rows: pl.DataFrame, from_zero: bool) -> tuple[dict[str, int], dict[str, dict]]:
+    """Increases of each XID code's counter over the rows (JSON objects code -> count since the agent started;
+    null: none), and when each code was first and last counted; `from_zero`: the first row's counts are new too
+    (its agent started within the range). Rows count as _increase says: a rollup that keeps its span's first
+    counts and increase within by code steps to its first counts, then adds the increase within; any other row
+    is a point at its counts. The counts restart as a whole (collector.rollups.counts_increase). Rows without
+    counts (null xid_total too: the agent could not read them) are skipped."""
+    out: dict[str, int] = {}
+    when: dict[str, list] = {}
+    previous: dict[str, int] | None = {} if from_zero else None
+    seen: object = ()  # the counts of the row before, as text (none yet)
+    columns = rows.select("ts", pl.col("xid_total").is_not_null() | pl.col("xid_counts").is_not_null(), NEW_ROW,
+                          *(pl.col(c).cast(pl.String) for c in ("xid_counts_first", "xid_counts_within", "xid_counts")))
+    for t, known, new, first, within, last in columns.iter_rows():
+        if not known:
             continue
-        previous = text
-        times.append(t)
-        decoded.append(msgspec.json.decode(text) if text is not None else {})
-    series: dict[str, list] = {}
-    for i, counts in enumerate(decoded):
-        for code in counts:
-            series.setdefault(code, [0] * i)
-        for code, values in series.items():
-            values.append(counts.get(code, 0))
-    first = decoded[0] if decoded else {}
-    out, when = {}, {}
-    for code, values in series.items():
-        # Counted before the range started is not in it: start from the first row's value.
-        increase, t0, t1 = _increase(times, values, from_zero=from_zero or code not in first)
-        if increase > 0:
-            out[code], when[code] = int(increase), _when(t0, t1)
+        if not new:
+            first, within = last, None
+        if within is None and first == last == seen:
+            continue  # no change since the row before (most rows): nothing to count
+        seen = last
+        counts = decode_counts(first)
+        step = counts_increase(previous, counts) if previous is not None else {}
+        for part in (step, decode_counts(within)):
+            for code, n in part.items():
+                out[code] = out.get(code, 0) + n
+                span = when.setdefault(code, [t, t])
+                span[1] = t
+        previous = decode_counts(last)
     order = sorted(out, key=int)
-    return {c: out[c] for c in order}, {c: when[c] for c in order}
+    return {c: out[c] for c in order}, {c: _when(*when[c]) for c in order}
 
 
 def gpu_reliability(gpu: pl.DataFrame, since: float | None = None) -> list[dict]:
@@ -267,7 +325,8 @@ def gpu_reliability(gpu: pl.DataFrame, since: float | None = None) -> list[dict]
     new GPU) has all of its first sample's XIDs in the range."""
     if gpu.height == 0:
         return []
-    gpu = _one_row_per_time(gpu)
+    missing = [pl.lit(None, t).alias(c) for c, t in GPU_SPAN.items() if c not in gpu.columns]
+    gpu = _one_row_per_time(gpu.with_columns(missing) if missing else gpu)
     gpu = gpu.sort("uuid", "ts", "span_s" if "span_s" in gpu.columns else "ts")
     gpu = gpu.with_columns(_covered_seconds(gpu, "uuid"))
     states = {"row_remap_pending": pl.col("remap_pending").fill_null(False),
@@ -288,9 +347,11 @@ def gpu_reliability(gpu: pl.DataFrame, since: float | None = None) -> list[dict]
         up_covered = rows["up_ratio"].fill_null(1) * covered
         ts = rows["ts"].to_list()
         from_zero = since is not None and ts[0] > since + 300
-        xids, xid_when = _xids_by_code(ts, rows["xid_counts"].to_list(), from_zero)
-        corrected, *corrected_when = _increase(ts, rows["ecc_corrected_total"].to_list())
-        uncorrected, *uncorrected_when = _increase(ts, rows["ecc_uncorrected_total"].to_list())
+        xids, xid_when = _xids_by_code(rows, from_zero)
+        counted = {c: _increase(ts, rows[c].to_list(), rows[f"{c}_first"].to_list(), rows[f"{c}_within"].to_list(),
+                                from_zero=from_zero and c == "xid_total") for c in COUNTERS}
+        corrected, *corrected_when = counted["ecc_corrected_total"]
+        uncorrected, *uncorrected_when = counted["ecc_uncorrected_total"]
         times = seen[str(uuid)]
         when = {name: _when(times[f"{name}:first"], times[f"{name}:last"]) for name in states}
         record = {
@@ -298,7 +359,7 @@ def gpu_reliability(gpu: pl.DataFrame, since: float | None = None) -> list[dict]
             "from_ts": float(ts[0]), "to_ts": float(ts[-1]),
             "observed_seconds": round(float(covered.sum()), 1),
             "xids_by_code": xids,
-            "xids_total": int(_increase(ts, rows["xid_total"].to_list(), from_zero)[0]),
+            "xids_total": int(counted["xid_total"][0]),
             "ecc_corrected": int(corrected),
             "ecc_uncorrected": int(uncorrected),
             "row_remap_pending_seen": bool(rows["remap_pending"].any()),

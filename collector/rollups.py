@@ -4,12 +4,16 @@ rollups of GPU and host frames (pure polars, no I/O).
 A rollup row has the shape of a *sample*: raw frames become samples of weight 1 (`as_gpu_samples`,
 `as_host_samples`) and a minute's rollup is one sample of weight `samples`, so the attribution and the
 console read raw rows and rollups alike: shares are weighted means, counters keep their last value.
+A GPU's counters (XIDs, ECC errors) also keep their span's first value and their increase within it
+(`<counter>_first`, `<counter>_within`): they restart from 0 with the agent (a reboot after an XID 79),
+and a last value alone loses what was counted before a restart within the span (see GPU_SPAN).
 """
 
 from __future__ import annotations
 
 import math
 
+import msgspec
 import polars as pl
 
 from collector.tables import CAT, F32, F64, I16, I32, I64, SCHEMAS
@@ -34,6 +38,22 @@ GPU_SAMPLES: dict[str, pl.DataType] = {
     "remap_pending": pl.Boolean, "remap_failure": pl.Boolean,
 }
 GPU_LAST = ("xid_total", "xid_counts", "ecc_corrected_total", "ecc_uncorrected_total")  # counters: the last value
+COUNTERS = ("xid_total", "ecc_corrected_total", "ecc_uncorrected_total")
+# Each counter's value at the span's first sample that had one, and its increase within the span: over its samples
+# in time order, cur - prev, or cur where the counter dropped (its source restarted: the whole value is new). With
+# the last value, that counts every increase at any granularity: a range's increase is, over its rows in time order,
+# the step from each row's last value to the next row's first (the same rule) plus each row's increase within.
+# xid_counts (JSON {code: count}) likewise: its first value, and the increase by code within the span (null when
+# none); the counts restart as a whole (any code dropping is a restart, after which every count is new).
+# Null in rows written before these columns were kept (read as a point at their last value), and, for a counter
+# with no value in the span, its _first (its _within is 0 in every row written since: the mark of a new row).
+# An increase within a span above 2**31 - 1 (no real counter) is kept as that.
+GPU_SPAN: dict[str, pl.DataType] = {
+    **{f"{c}_first": I64 for c in COUNTERS}, **{f"{c}_within": I32 for c in COUNTERS},
+    "xid_counts_first": CAT, "xid_counts_within": CAT,
+}
+GPU_SAMPLES.update(GPU_SPAN)
+NEW_ROW = pl.col("xid_total_within").is_not_null()  # a row that keeps its span's counters (see GPU_SPAN)
 
 HOST_SAMPLES: dict[str, pl.DataType] = {
     "ts": F64, "node": CAT, "samples": I32, "cpu_utilization_ratio": F32, "memory_used_bytes": I64,
@@ -119,6 +139,8 @@ def as_gpu_samples(gpus: pl.DataFrame) -> pl.DataFrame:
         (pl.col("health") == "unhealthy").cast(F32).alias("unhealthy_share"),
         (pl.col("health") == "degraded").cast(F32).alias("degraded_share"),
         "health_reasons", *GPU_LAST, "remap_pending", "remap_failure",
+        *(pl.col(c).alias(f"{c}_first") for c in COUNTERS), *(pl.lit(0, I32).alias(f"{c}_within") for c in COUNTERS),
+        pl.col("xid_counts").alias("xid_counts_first"), pl.lit(None, CAT).alias("xid_counts_within"),
     ).cast(GPU_SAMPLES)  # type: ignore[arg-type]
 
 
@@ -127,11 +149,139 @@ def _weighted(column: str) -> pl.Expr:
     return pl.when(weight > 0).then((pl.col(column) * pl.col("samples")).sum() / weight).alias(column)
 
 
+MAX_WITHIN = 2**31 - 1
+
+
+def increase(prev: int, cur: int) -> int:
+    """A counter's increase from one value to the next: a drop is a restart, after which the whole value is new."""
+    return cur - prev if cur >= prev else cur
+
+
+def counts_increase(prev: dict[str, int], cur: dict[str, int]) -> dict[str, int]:
+    """XID counts' increase by code from one value to the next: where any code dropped the agent restarted (its
+    counts restart together), and every count of `cur` is new."""
+    if any(cur.get(code, 0) < n for code, n in prev.items()):
+        return {code: n for code, n in cur.items() if n > 0}
+    return {code: n - prev.get(code, 0) for code, n in cur.items() if n > prev.get(code, 0)}
+
+
+_decoded: dict[str, dict[str, int]] = {}
+
+
+def decode_counts(text: str | None) -> dict[str, int]:
+    """A JSON object of XID counts ({} for null: none counted); a few distinct texts, decoded once each."""
+    if text is None:
+        return {}
+    counts = _decoded.get(text)
+    if counts is None:
+        counts = {str(k): int(v) for k, v in msgspec.json.decode(text).items()}
+        if len(_decoded) < 100_000:
+            _decoded[text] = counts
+    return counts
+
+
+def encode_counts(counts: dict[str, int]) -> str | None:
+    """XID counts as JSON, codes in numeric order; null when none (as the raw rows have them)."""
+    kept = {code: counts[code] for code in sorted(counts, key=int) if counts[code] > 0}
+    return msgspec.json.encode(kept).decode() if kept else None
+
+
+def xids_known() -> pl.Expr:
+    """A sample (or rollup) with XID counts: null in both columns is a GPU whose counts the agent could not read
+    (an agent sends no counts while none are counted, but xid_total 0)."""
+    return pl.col("xid_total").is_not_null() | pl.col("xid_counts").is_not_null()
+
+
+def span_inputs(samples: pl.DataFrame) -> pl.DataFrame:
+    """Samples with each counter's span columns filled in: rows written before they were kept (or frames built
+    without them) are points at their last value (first = last, nothing within)."""
+    missing = [pl.lit(None, t).alias(c) for c, t in GPU_SPAN.items() if c not in samples.columns]
+    if missing:
+        samples = samples.with_columns(missing)
+    old = ~NEW_ROW
+    return samples.with_columns(
+        *(pl.col(f"{c}_first").fill_null(pl.col(c)) for c in COUNTERS),
+        *(pl.col(f"{c}_within").fill_null(0) for c in COUNTERS),
+        pl.when(old).then(pl.col("xid_counts")).otherwise(pl.col("xid_counts_first")).alias("xid_counts_first"),
+        pl.when(old).then(None).otherwise(pl.col("xid_counts_within")).alias("xid_counts_within"),
+    )
+
+
+def with_counter_steps(ordered: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
+    """`span_inputs` rows, sorted by `keys` and within each key in time order, with each counter's step from the
+    row before of the same key (the last value it had) to the row (its first value): `_step_<counter>`, 0 for a
+    key's first row with a value. Vectorised over the sorted rows (a shift within each group of a group_by took
+    six times as long as the whole minute rollup)."""
+    start = pl.any_horizontal(*(pl.col(k).ne_missing(pl.col(k).shift(1)) for k in keys)).fill_null(True)
+    ordered = ordered.with_columns(start.cum_sum().alias("_group"))
+    steps = []
+    for c in COUNTERS:
+        first, last = pl.col(f"{c}_first"), pl.col(c)
+        prev = last.forward_fill().shift(1)  # the last value before the row (maybe another group's)
+        prev_group = pl.when(last.is_not_null()).then(pl.col("_group")).forward_fill().shift(1)
+        step = pl.when(first >= prev).then(first - prev).otherwise(first)
+        steps.append(pl.when(prev_group.eq_missing(pl.col("_group")) & first.is_not_null()).then(step)
+                     .otherwise(0).alias(f"_step_{c}"))
+    return ordered.with_columns(steps).drop("_group")
+
+
+def counter_aggs() -> list[pl.Expr]:
+    """Aggregations (within a group_by over `with_counter_steps` rows, each group in time order) of each counter's
+    first, last and within-span values, as GPU_SPAN says; XID counts' increase within is left to
+    `with_xids_within`, which the column `_xids_walk` tells which groups need."""
+    out: list[pl.Expr] = []
+    for c in COUNTERS:
+        within = pl.col(f"{c}_within").cast(I64).sum() + pl.col(f"_step_{c}").cast(I64).sum()
+        out += [pl.col(c).drop_nulls().last(), pl.col(f"{c}_first").drop_nulls().first(),
+                within.clip(upper_bound=MAX_WITHIN).alias(f"{c}_within")]
+    known = xids_known()
+    first, last, within = (pl.col(c).filter(known) for c in ("xid_counts_first", "xid_counts", "xid_counts_within"))
+    out += [
+        first.first().alias("xid_counts_first"), last.last().alias("xid_counts"),
+        # The counts' increase within the group is other than none where a row had some, or they ever changed.
+        (within.is_not_null().any() | (first.n_unique() > 1) | (last.n_unique() > 1)
+         | first.first().ne_missing(last.first())).alias("_xids_walk"),
+    ]
+    return out
+
+
+def with_xids_within(ordered: pl.DataFrame, keys: list[str], out: pl.DataFrame) -> pl.DataFrame:
+    """`out` (one row per key, with `_xids_walk`) with xid_counts_within: the increase by code over the `ordered`
+    rows of each key that needs it (`counter_aggs`), in their order: each row's increase within and the step from the
+    row before to it."""
+    walk = out.filter(pl.col("_xids_walk")).select(keys)
+    out = out.drop("_xids_walk")
+    if walk.height == 0:
+        return out.with_columns(pl.lit(None, CAT).alias("xid_counts_within"))
+    rows = ordered.filter(xids_known()).join(walk, on=keys, how="semi", maintain_order="left", nulls_equal=True)
+    found: dict[str, list] = {k: [] for k in keys} | {"xid_counts_within": []}
+    for key, group in rows.group_by(keys, maintain_order=True):
+        total: dict[str, int] = {}
+        prev = None
+        for first, within, last in group.select(pl.col("xid_counts_first", "xid_counts_within", "xid_counts")
+                                                .cast(pl.String)).iter_rows():
+            counts = decode_counts(first)
+            for part in ((counts_increase(prev, counts) if prev is not None else {}), decode_counts(within)):
+                for code, n in part.items():
+                    total[code] = total.get(code, 0) + n
+            prev = decode_counts(last)
+        for k, v in zip(keys, key):
+            found[k].append(v)
+        found["xid_counts_within"].append(encode_counts(total))
+    walked = pl.DataFrame(found, schema={**{k: out.schema[k] for k in keys}, "xid_counts_within": pl.String})
+    return out.join(walked.with_columns(pl.col("xid_counts_within").cast(CAT)), on=keys, how="left",
+                    maintain_order="left", nulls_equal=True)
+
+
 def rollup_gpu_samples(samples: pl.DataFrame, every_s: float) -> pl.DataFrame:
-    """Samples (raw or rolled up already) summarised per GPU and `every_s` seconds."""
-    return (
-        samples.sort("ts")
-        .group_by((pl.col("ts") // every_s * every_s).alias("bucket"), "uuid")
+    """Samples (raw or rolled up already) summarised per GPU and `every_s` seconds. Rows of the same time (a minute
+    rolled up in two parts) are taken in the order they come."""
+    ordered = span_inputs(samples).with_columns((pl.col("ts") // every_s * every_s).alias("bucket"))
+    ordered = with_counter_steps(ordered.sort(pl.col("uuid").to_physical(), "bucket", "ts", maintain_order=True),
+                                 ["uuid", "bucket"])
+    rolled = (
+        ordered
+        .group_by("bucket", "uuid")
         .agg(
             pl.col("node").last(), pl.col("index").last(), pl.col("samples").sum(), _weighted("up_ratio"),
             _weighted("utilization_ratio"), pl.col("memory_used_bytes").max(), _weighted("temperature_celsius"),
@@ -144,9 +294,12 @@ def rollup_gpu_samples(samples: pl.DataFrame, every_s: float) -> pl.DataFrame:
             pl.col("clock_event_mask").bitwise_or(), pl.col("health").max(),
             _weighted("unhealthy_share"), _weighted("degraded_share"),
             pl.col("health_reasons").list.explode(keep_nulls=False, empty_as_null=False).unique(),
-            *(pl.col(c).drop_nulls().last() for c in GPU_LAST),
+            *counter_aggs(),
             pl.col("remap_pending").max(), pl.col("remap_failure").max(),
         )
+    )
+    return (
+        with_xids_within(ordered, ["bucket", "uuid"], rolled)
         .with_columns(pl.col("bucket").alias("ts"),
                       pl.when(pl.col("health_reasons").list.len() > 0).then(pl.col("health_reasons")))
         .cast(GPU_SAMPLES)  # type: ignore[arg-type]

@@ -229,12 +229,15 @@ def test_the_record_past_the_hot_tier_from_minute_and_hour_rollups(tmp_path):
         store.checkpoint()
         hot_from = store.hot.complete_since("gpus")
         assert scenario.at(125) < hot_from < scenario.late  # events in the warm tier, the late stretch in the hot
-        # A node's record over hours reads hour rollups (the restart's hour among them), each GPU's first hour with the
-        # first minute of it, dated at the hour's start: the counters' starting point
+        # A node's record over hours reads hour rollups (the restart's hour among them). Each keeps its counters' first
+        # value and increase within the hour: the first hour needs no minute rollup for a starting point (rows written
+        # before they were kept do: tests/collector/test_rollup_counters.py)
         until = time.time()
         rows = history.samples(store, "gpus", scenario.start, until, ("node", [NODE]), max_points=3)
-        assert rows.filter(pl.col("span_s") == 3600)["ts"].to_list()[:4] == [scenario.start] * 2 + [scenario.at(60)] * 2
-        assert rows.filter((pl.col("ts") == scenario.start) & (pl.col("span_s") == 60)).height == 2
+        hours = rows.filter(pl.col("span_s") == 3600)
+        assert hours["ts"].to_list()[:4] == [scenario.start] * 2 + [scenario.at(60)] * 2
+        assert hours["xid_total_within"].null_count() == 0
+        assert rows.filter((pl.col("ts") == scenario.start) & (pl.col("span_s") == 60)).height == 0
         want = scenario.expected()
         q = {"since": scenario.start, "until": until}
         body = c.get("/v1/gpus/GPU-a/history", params=q, headers=R).json()
@@ -246,12 +249,12 @@ def test_the_record_past_the_hot_tier_from_minute_and_hour_rollups(tmp_path):
         node_totals(node["totals"], want, seconds=EVERY)
         quiet_b(c.get("/v1/gpus/GPU-b/history", params=q, headers=R).json()["record"], scenario, seconds=EVERY)
         # Retention by size can leave a day's hour rollups where the minute rollups of its first hours are gone: the
-        # range's first hour is then its hour rollup alone (its time counted; its counts are the starting point)
+        # range's first hour is then its hour rollup alone, which counts its whole hour
         shutil.rmtree(tmp_path / "data" / "kind=gpus_1m" / partitions.hour_of(scenario.start))
         (a, _) = c.get(f"/v1/nodes/{NODE}/history", params={**q, "until": until + 1}, headers=R).json()["gpus"]
         for key in ("observed_seconds", "unhealthy_seconds", "lost_seconds"):
             assert a[key] == pytest.approx(want[key], abs=EVERY), key
-        assert a["xids_by_code"] == {"31": 1}
+        assert (a["xids_by_code"], a["ecc_corrected"], a["ecc_uncorrected"]) == (want["xids_by_code"], 10, 3)
 
 
 def frame(t: float, gpu: dict) -> dict:
@@ -292,9 +295,6 @@ def test_a_minute_whose_frames_came_in_two_parts_counts_once(tmp_path):
         assert record["when"]["unhealthy"] == span(m, m)
 
 
-@pytest.mark.xfail(strict=True, reason="an hour rollup keeps a counter's last value only (collector/rollups.py): XIDs "
-                   "counted before an agent restart within the same hour are lost to a node's record, which reads "
-                   "hour rollups; the rollup would have to keep the counters' increase within its hour")
 def test_xids_before_an_agent_restart_within_an_hour_are_in_a_nodes_record(tmp_path):
     app = create_app(settings(tmp_path, window_s=900, raw_window_s=120))
     with TestClient(app) as c:
