@@ -78,6 +78,10 @@ def write_history(data_dir: Path, nodes: int, gpus: int, days: int, end: float) 
             "health_reasons": [None] * len(uuids), "xid_total": [0] * len(uuids), "xid_counts": [None] * len(uuids),
             "ecc_corrected_total": [3] * len(uuids), "ecc_uncorrected_total": [0] * len(uuids),
             "remap_pending": [False] * len(uuids), "remap_failure": [False] * len(uuids),
+            "xid_total_first": [0] * len(uuids), "ecc_corrected_total_first": [3] * len(uuids),
+            "ecc_uncorrected_total_first": [0] * len(uuids), "xid_total_within": [0] * len(uuids),
+            "ecc_corrected_total_within": [0] * len(uuids), "ecc_uncorrected_total_within": [0] * len(uuids),
+            "xid_counts_first": [None] * len(uuids), "xid_counts_within": [None] * len(uuids),
         }, schema=GPU_SAMPLES)
         host_rows = {c: [None] * nodes for c in HOST_SAMPLES}
         host_rows.update(ts=[ts] * nodes, node=[f"node-{n:05d}" for n in range(nodes)], samples=[720] * nodes,
