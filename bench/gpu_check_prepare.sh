@@ -3,9 +3,9 @@
 #
 #   bash bench/gpu_check_prepare.sh     # from anywhere; needs pip's network access here and promtool on PATH
 #
-# into .device/gpu_check/ (ignored: /.device/ is added to git's info/exclude, never to .gitignore):
+# into .device/gpu_check/ (ignored: /.device/ is in .gitignore, and added to git's info/exclude too):
 #   wheels/       the agent's dependencies that the device's image lacks, as wheels for its python
-#                 (CPython 3.12, x86-64; /work/.library/device/KINDS.md lists the image's packages):
+#                 (CPython 3.12, x86-64; the device tool's documentation lists the image's packages):
 #                 msgspec only, at the version this repository's .venv has (fleetscope/schema.py,
 #                 agent/shipper.py and agent/listener.py import it). nvidia-ml-py, psutil, prometheus-client,
 #                 httpx and pyyaml are in the image; bcrypt is imported only for --web-config basic auth.
