@@ -19,6 +19,11 @@ from collector.store import Store
 THROTTLE_REASONS = {"thermal_slowdown": "thermal_share", "power_cap": "power_cap_share", "hw_slowdown": "hw_slowdown_share"}
 
 
+# A GPU's last-seen time on a node is moved on at most this often: it only decides when retention forgets the pair,
+# and the analysis pass sees every GPU of the fleet every few seconds (a new dict per GPU each pass otherwise).
+SEEN_PRECISION_S = 3600.0
+
+
 class GpuNodes:
     """Which nodes each GPU has been seen on, and when last, for as long as history is kept: the warm tier's files
     are sorted by node, so a GPU's history scan that names its node skips every other node's row groups. The hot
@@ -45,7 +50,7 @@ class GpuNodes:
                 nodes = seen.get(uuid)
                 if nodes is None:
                     seen[uuid] = {node: ts}
-                elif nodes.get(node, -1.0) < ts:
+                elif nodes.get(node, -SEEN_PRECISION_S) <= ts - SEEN_PRECISION_S:
                     seen[uuid] = {**nodes, node: ts}
 
     def nodes_of(self, uuids: list[str]) -> list[str] | None:
