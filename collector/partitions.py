@@ -172,18 +172,38 @@ def clean(root: Path, kind: str, committed: int) -> None:
         p.path.unlink()
 
 
+def newest_first(files: list[Part]) -> list[Part]:
+    """The files with the most recently written one first (the highest WAL segment), the others in their order.
+
+    A scan of several Parquet files takes its columns from the first file: a column missing there is dropped
+    from every other file (extra_columns="ignore"), one missing elsewhere is null (missing_columns="insert").
+    Every file is written with the schema of the version that wrote it, so the newest file has the current
+    columns: first, it keeps a column added by an upgrade in the files written since, where an older first
+    file would drop it from them (a restart's hot tier, a compaction's merged file, a read) until the last file
+    written before the upgrade had aged out."""
+    if len(files) < 2:
+        return list(files)
+    newest = max(range(len(files)), key=lambda i: (files[i].hi, files[i].lo))
+    return [files[newest], *files[:newest], *files[newest + 1:]]
+
+
 def scan(root: Path, kind: str, committed: int, since: float | None = None, until: float | None = None,
          files: list[Part] | None = None) -> pl.LazyFrame | None:
-    """A lazy scan of the live files whose hour overlaps [since, until], filtered on ts; None if none."""
+    """A lazy scan of the live files whose hour overlaps [since, until], filtered on ts; None if none.
+    The live files are read newest first (newest_first), so that their columns are the current version's; rows
+    come in no particular order. `files`, where given, are read in the caller's order."""
     chosen = []
     span = FOLDER_SPAN.get(kind, 3600)
     for p in files if files is not None else live_parts(root, kind, committed):
         start = hour_start(p.hour)
         if (since is None or start + span > since) and (until is None or start <= until):
-            chosen.append(str(p.path))
+            chosen.append(p)
     if not chosen:
         return None
-    lf = pl.scan_parquet(chosen, hive_partitioning=False, missing_columns="insert", extra_columns="ignore")
+    if files is None:
+        chosen = newest_first(chosen)
+    lf = pl.scan_parquet([str(p.path) for p in chosen], hive_partitioning=False, missing_columns="insert",
+                         extra_columns="ignore")
     if since is not None:
         lf = lf.filter(pl.col("ts") >= since)
     if until is not None:
@@ -209,7 +229,8 @@ def compact(root: Path, kind: str, committed: int, before_hour: str) -> int:
         if len(hour_parts) < 2 or not _HOUR.match(hour) or folder_end(kind, hour) > closed_by:
             continue
         lo, hi = min(p.lo for p in hour_parts), max(p.hi for p in hour_parts)
-        frame = pl.scan_parquet([str(p.path) for p in hour_parts], missing_columns="insert", extra_columns="ignore")
+        frame = pl.scan_parquet([str(p.path) for p in newest_first(hour_parts)], missing_columns="insert",
+                                extra_columns="ignore")  # the merged file keeps the newest file's columns
         if kind in SORT_KEYS:  # rollups are small enough to sort in memory; raw hours stream through unsorted
             frame = frame.collect().sort(*SORT_KEYS[kind])  # type: ignore[assignment]
         _write_atomic(frame, folder / f"part-{lo:020d}-{hi:020d}.parquet", row_group_of(kind))

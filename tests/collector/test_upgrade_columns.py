@@ -1,0 +1,82 @@
+"""Files of an older collector beside a newer one's, in the same warm-tier folder (the hours after an upgrade that
+added a column). A multi-file Parquet scan takes its columns from its first file: listed in name order, the older
+file came first and the newer files' new column was dropped, from a restart's hot tier, from every read, and for
+good from an hour merged by compaction. partitions.newest_first reads the most recently written file first."""
+
+from __future__ import annotations
+
+import time
+
+import polars as pl
+
+from collector import partitions
+from collector.partitions import Part
+from collector.rollups import ALL_SCHEMAS, GPU_SPAN
+from collector.store import Store
+
+KIND = "gpus_1m"
+
+
+def rollup_rows(ts: list[float], within: int) -> pl.DataFrame:
+    rows = [{"ts": t, "node": "n0", "index": 0, "uuid": "GPU-a", "samples": 12, "xid_total": 3, "xid_total_first": 2,
+             "xid_total_within": within} for t in ts]
+    frame = pl.DataFrame(rows)
+    schema = ALL_SCHEMAS[KIND]
+    return frame.select(pl.col(c) if c in frame.columns else pl.lit(None).alias(c) for c in schema).cast(schema)  # type: ignore[arg-type]
+
+
+def write_upgrade_hour(root, hour_ts: float) -> tuple:
+    """An hour folder with an old file (segment 1, no span columns: written before the upgrade) and a new one
+    (segment 2, every column). Their names sort the old file first."""
+    folder = root / f"kind={KIND}" / partitions.hour_of(hour_ts)
+    folder.mkdir(parents=True)
+    old = rollup_rows([hour_ts + 60 * m for m in range(0, 10)], 0)
+    new = rollup_rows([hour_ts + 60 * m for m in range(10, 20)], 1)
+    partitions.for_disk(old.drop(*GPU_SPAN)).write_parquet(folder / f"part-{1:020d}-{1:020d}.parquet")
+    partitions.for_disk(new).write_parquet(folder / f"part-{2:020d}-{2:020d}.parquet")
+    assert sorted(p.name for p in folder.iterdir())[0].startswith(f"part-{1:020d}")
+    return old, new
+
+
+def test_the_newest_file_comes_first_and_the_others_keep_their_order(tmp_path):
+    files = [Part(tmp_path / f"part-{lo:020d}-{hi:020d}.parquet", lo, hi) for lo, hi in ((1, 3), (4, 9), (10, 12), (5, 5))]
+    assert [p.hi for p in partitions.newest_first(files)] == [12, 3, 9, 5]
+    assert partitions.newest_first(files[:1]) == files[:1] and partitions.newest_first([]) == []
+
+
+def test_a_scan_keeps_the_column_the_newer_file_has(tmp_path):
+    hour_ts = 1_700_002_800.0
+    write_upgrade_hour(tmp_path, hour_ts)
+    rows = partitions.scan(tmp_path, KIND, committed=2).collect().sort("ts")
+    assert rows.height == 20 and "xid_total_within" in rows.columns
+    assert rows["xid_total_within"].to_list() == [None] * 10 + [1] * 10  # the old rows have none; the new keep theirs
+
+
+def test_compaction_keeps_the_column_in_the_merged_file(tmp_path):
+    hour_ts = 1_700_002_800.0
+    write_upgrade_hour(tmp_path, hour_ts)
+    assert partitions.compact(tmp_path, KIND, committed=2, before_hour=partitions.hour_of(hour_ts + 7200)) == 2
+    partitions.clean(tmp_path, KIND, committed=2)
+    (merged,) = partitions.live_parts(tmp_path, KIND, 2)
+    assert (merged.lo, merged.hi) == (1, 2)
+    rows = pl.read_parquet(merged.path).sort("ts")
+    assert rows["xid_total_within"].to_list() == [None] * 10 + [1] * 10
+
+
+def test_a_restart_loads_the_column_into_the_hot_tier(tmp_path):
+    """A collector restarted within the hour reads its minute rollups back (Store._load_hot): the new rows keep
+    their counters' increase within the minute, which the hot tier's reads and the next hour rollup use."""
+    s = Store(tmp_path, window_s=6 * 3600.0)
+    s.checkpoint()
+    s.checkpoint()  # committed through segment 2: both files below are live
+    s.close()
+    assert s.committed >= 2
+    hour_ts = time.time() // 3600 * 3600 - 3600  # the hour before this one: within the hot tier's window
+    write_upgrade_hour(tmp_path, hour_ts)
+    again = Store(tmp_path, window_s=6 * 3600.0)
+    try:
+        held = again.hot.raw(KIND).sort("ts")
+        assert held.height == 20
+        assert held["xid_total_within"].to_list() == [None] * 10 + [1] * 10
+    finally:
+        again.close()
