@@ -82,25 +82,28 @@ class AgentCollector:
         for provider in self.providers:
             self.families.extend(provider.families)
 
-    def _own_readings(self) -> Iterable[Reading]:
-        yield Reading("fleetscope_agent_build_info", 1.0, (("version", self.version),))
+    def _own_readings(self) -> list[Reading]:
+        """The agent's own series, then the snapshot's (added to the list whole, not yielded one by one)."""
+        out = [Reading("fleetscope_agent_build_info", 1.0, (("version", self.version),))]
         if self.labels:
-            yield Reading("fleetscope_node_info", 1.0, tuple(self.labels.items()))
+            out.append(Reading("fleetscope_node_info", 1.0, tuple(self.labels.items())))
         snapshot = self.sampler.latest
         if snapshot is None:
-            return
-        yield Reading("fleetscope_agent_last_sample_timestamp_seconds", snapshot.ts)
+            return out
+        out.append(Reading("fleetscope_agent_last_sample_timestamp_seconds", snapshot.ts))
         for name, st in snapshot.status.items():
-            yield Reading("fleetscope_agent_source_up", 1.0 if st.up else 0.0, (("source", name),))
-            yield Reading("fleetscope_agent_source_duration_seconds", st.duration_s, (("source", name),))
+            source = (("source", name),)
+            out.append(Reading("fleetscope_agent_source_up", 1.0 if st.up else 0.0, source))
+            out.append(Reading("fleetscope_agent_source_duration_seconds", st.duration_s, source))
             failed = (not st.up and not st.no_data) or bool(st.problems)
-            yield Reading("fleetscope_agent_source_error", 1.0 if failed else 0.0, (("source", name),))
+            out.append(Reading("fleetscope_agent_source_error", 1.0 if failed else 0.0, source))
             for problem in st.problems:
-                yield Reading("fleetscope_agent_source_problem", 1.0, (("source", name), ("problem", problem)))
-        yield from snapshot.readings
+                out.append(Reading("fleetscope_agent_source_problem", 1.0, (("source", name), ("problem", problem))))
+        out += snapshot.readings
+        return out
 
     def readings(self) -> list[Reading]:
-        readings = list(self._own_readings())
+        readings = self._own_readings()
         for provider in self.providers:
             readings.extend(provider.readings())
         return readings

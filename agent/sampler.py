@@ -142,7 +142,7 @@ def _joined(parts: list[tuple[Reading, ...] | Deferred]) -> tuple[Reading, ...] 
     """The sources' readings in order: a tuple when every source built its own, else built when first read."""
     if not any(isinstance(p, Deferred) for p in parts):
         return tuple(itertools.chain.from_iterable(parts))  # type: ignore[arg-type]
-    return Deferred(lambda: [r for p in parts for r in (p.get() if isinstance(p, Deferred) else p)])
+    return Deferred(lambda: list(itertools.chain.from_iterable(p.get() if isinstance(p, Deferred) else p for p in parts)))
 
 
 class _Alarm:

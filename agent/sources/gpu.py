@@ -13,7 +13,7 @@ from agent.cgroup import Owner, owner_of
 from agent.gpu import dcgm
 from agent.gpu.health import STATES, XID_WINDOW_S, Verdict, verdict
 from agent.gpu.nvml import NvmlUnavailable
-from agent.gpu.state import CLOCK_EVENT_REASONS, GpuState, clock_event_names
+from agent.gpu.state import CLOCK_EVENT_REASONS, GpuState, NvLinkState, clock_event_names
 from agent.gpu.xid import CATALOGUE
 from agent.kubernetes import LABELS as POD, NO_POD, Assignment, PodResourcesUnavailable
 from agent.sources.base import Collected, Deferred, Family, NoData, Reading, Source, reading, register
@@ -86,6 +86,37 @@ _NVLINK_ERRORS = (("crc_flit_errors", "crc_flit"), ("crc_data_errors", "crc_data
 def _r(metric: str, value: float, ids: tuple, *extra: tuple[str, str]) -> Reading:
     """A reading with the GPU's prebuilt label tuple: thousands of these per sample, so no dicts."""
     return Reading(metric, float(value), ids + extra if extra else ids)
+
+
+_new = tuple.__new__  # _new(Reading, (name, value, labels)): a Reading without its Python-level __new__
+_FIELD_METRICS = tuple((field, metric) for field, metric, _, _ in _FIELDS)
+_PCIE_METRICS = tuple((field, metric) for field, metric, _, _ in _PCIE)
+_CATALOGUE_CODES = frozenset(CATALOGUE)
+_CATALOGUE_READINGS = tuple(reading("fleetscope_gpu_xid_catalogue_info", 1, xid=x.code, name=x.name, severity=x.severity)
+                            for x in CATALOGUE.values())
+# NvLinkState's error fields, in its order, with their `type` label (_NVLINK_ERRORS in NvLinkState's field order)
+assert tuple(f for f, _ in _NVLINK_ERRORS) == NvLinkState._fields[4:8]
+
+
+class _LabelSets:
+    """The label tuples of one GPU's series (its labels `ids`, plus an XID code, a health state, a clock-event
+    reason or an NVLink and error type), made once per GPU rather than at every scrape. Only what `ids` and fixed
+    tables decide is kept, so a reading gets the labels it would have got built anew."""
+
+    __slots__ = ("ids", "xid", "state", "reasons", "links")
+
+    def __init__(self, ids: tuple) -> None:
+        self.ids = ids
+        self.xid = tuple((code, ids + (("xid", str(code)),)) for code in sorted(CATALOGUE))
+        self.state = tuple((state, ids + (("state", state),)) for state in STATES)
+        self.reasons = {reason: ids + (("reason", reason),) for reason in CLOCK_EVENT_REASONS.values()}
+        self.links: dict[int, tuple[tuple, tuple[tuple, ...]]] = {}
+
+    def link(self, n: int) -> tuple[tuple, tuple[tuple, ...]]:
+        """An NVLink's labels, and its error series' (one per type, in _NVLINK_ERRORS' order)."""
+        link_ids = self.ids + (("link", str(n)),)
+        made = self.links[n] = (link_ids, tuple(link_ids + (("type", kind),) for _, kind in _NVLINK_ERRORS))
+        return made
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +212,7 @@ class GpuSource(Source):
         self._last_t: float | None = None
         self._event_seconds: dict[tuple[str, str], float] = {}
         self._xid_history: dict[str, deque[tuple[float, dict[int, int]]]] = {}
+        self._label_sets: dict[tuple, _LabelSets] = {}  # by a GPU's labels: the label tuples of its series
 
     def collect(self) -> Collected:
         if self.backend is None:
@@ -214,7 +246,7 @@ class GpuSource(Source):
 
     def _all_readings(self, sample: _Sample) -> list[Reading]:
         """One sample's readings, from `sample` and this source's settings only (never from state that changes)."""
-        readings = list(self._readings(sample))
+        readings = self._readings(sample)
         if self.pod_resources is not None:
             readings.append(reading("fleetscope_gpu_pod_resources_up", 1 if sample.pods is not None else 0))
             readings.extend(_pod_info(sample.states, sample.pods))
@@ -253,73 +285,99 @@ class GpuSource(Source):
         base = history[0][1] if history[0][0] <= now - XID_WINDOW_S else {}
         return {code: n - base.get(code, 0) for code, n in gpu.xid_counts.items() if n - base.get(code, 0) > 0}
 
-    def _readings(self, sample: _Sample):
+    def _readings(self, sample: _Sample) -> list[Reading]:
+        """The sample's readings, built into one list: 200-odd per GPU, most of them with a label set made once per
+        GPU (its _LabelSets), each Reading made with tuple.__new__ (a named tuple's own __new__ is Python)."""
         states, health, pods, driver, cuda = sample.states, sample.health, sample.pods, sample.driver, sample.cuda
         by_pod = self.pod_resources is not None
         errors: dict[str, list] = {}
         for key, n in sample.error_counts:
             errors.setdefault(key[0], []).append((key, n))
-        yield reading("fleetscope_gpus_present", sum(1 for s in states if s.up))
+        out: list[Reading] = []
+        add = out.append
+        out.append(reading("fleetscope_gpus_present", sum(1 for s in states if s.up)))
         if self.expected is not None:
-            yield reading("fleetscope_gpus_expected", self.expected)
-        for x in CATALOGUE.values():
-            yield reading("fleetscope_gpu_xid_catalogue_info", 1, xid=x.code, name=x.name, severity=x.severity)
+            add(reading("fleetscope_gpus_expected", self.expected))
+        out += _CATALOGUE_READINGS
+        label_sets = self._label_sets
+        if len(label_sets) > 4 * len(states) + 64:  # GPUs, or their pods, came and went
+            label_sets.clear()
         for s in states:
             gpu_ids = (("gpu", str(s.index)), ("uuid", s.uuid))
             ids = gpu_ids + _of(pods, lambda: pods.of_gpu(s.uuid, s.index)) if by_pod else gpu_ids
-            yield _r("fleetscope_gpu_up", 1 if s.up else 0, ids)
-            if s.xid_counts is not None:
+            sets = label_sets.get(ids)
+            if sets is None:
+                sets = label_sets[ids] = _LabelSets(ids)
+            ids = sets.ids
+            add(_new(Reading, ("fleetscope_gpu_up", 1.0 if s.up else 0.0, ids)))
+            xids = s.xid_counts
+            if xids is not None:
                 # Every catalogued code starts at 0, so the first XID is an increase Prometheus can see.
-                for code in sorted(set(CATALOGUE) | set(s.xid_counts)):
-                    yield _r("fleetscope_gpu_xid_errors_total", s.xid_counts.get(code, 0), ids, ("xid", str(code)))
+                if xids.keys() <= _CATALOGUE_CODES:
+                    get = xids.get
+                    out += [_new(Reading, ("fleetscope_gpu_xid_errors_total", float(get(code, 0)), labels))
+                            for code, labels in sets.xid]
+                else:
+                    for code in sorted(set(CATALOGUE) | set(xids)):
+                        add(_r("fleetscope_gpu_xid_errors_total", xids.get(code, 0), ids, ("xid", str(code))))
             v = health[s.uuid]
-            for state in STATES:
-                yield _r("fleetscope_gpu_health", 1 if state == v.state else 0, ids, ("state", state))
+            out += [_new(Reading, ("fleetscope_gpu_health", 1.0 if state == v.state else 0.0, labels))
+                    for state, labels in sets.state]
             for reason in v.reasons:
-                yield _r("fleetscope_gpu_health_reason", 1, ids, ("reason", reason))
+                add(_r("fleetscope_gpu_health_reason", 1, ids, ("reason", reason)))
             for (uuid, call, reason), n in errors.get(s.uuid, ()):
-                yield _r("fleetscope_gpu_nvml_errors_total", n, ids, ("call", call), ("reason", reason))
+                add(_r("fleetscope_gpu_nvml_errors_total", n, ids, ("call", call), ("reason", reason)))
             if not s.up:
                 continue
             for hidden in s.hidden:
                 data, _, why = hidden.partition(":")
-                yield _r("fleetscope_gpu_data_hidden", 1, ids, ("data", data), ("reason", why))
+                add(_r("fleetscope_gpu_data_hidden", 1, ids, ("data", data), ("reason", why)))
             if s.fabric is not None:
                 f = s.fabric
-                yield _r("fleetscope_gpu_fabric_info", 1, ids, ("state", f.state), ("status", f.status or ""),
-                         ("clique_id", "" if f.clique_id is None else str(f.clique_id)), ("health", f.health or ""))
-            yield reading("fleetscope_gpu_info", 1, gpu=s.index, uuid=s.uuid, name=s.name or "", serial=s.serial or "",
-                          pci_bus_id=s.pci_bus_id or "", vbios=s.vbios or "", driver=driver, cuda_driver=cuda)
-            for field, metric, _, _ in _FIELDS:
+                add(_r("fleetscope_gpu_fabric_info", 1, ids, ("state", f.state), ("status", f.status or ""),
+                       ("clique_id", "" if f.clique_id is None else str(f.clique_id)), ("health", f.health or "")))
+            add(reading("fleetscope_gpu_info", 1, gpu=s.index, uuid=s.uuid, name=s.name or "", serial=s.serial or "",
+                        pci_bus_id=s.pci_bus_id or "", vbios=s.vbios or "", driver=driver, cuda_driver=cuda))
+            for field, metric in _FIELD_METRICS:
                 value = getattr(s, field)
                 if value is not None:
-                    yield _r(metric, value, ids)
-            for reason, active, seconds in sample.clock_events.get(s.uuid, ()):
-                yield _r("fleetscope_gpu_clock_event_active", active, ids, ("reason", reason))
-                yield _r("fleetscope_gpu_clock_event_seconds_total", seconds, ids, ("reason", reason))
+                    add(_new(Reading, (metric, float(value), ids)))
+            events = sample.clock_events.get(s.uuid, ())
+            if events:
+                reasons = sets.reasons
+                for reason, active, seconds in events:
+                    labels = reasons.get(reason) or ids + (("reason", reason),)
+                    add(_new(Reading, ("fleetscope_gpu_clock_event_active", float(active), labels)))
+                    add(_new(Reading, ("fleetscope_gpu_clock_event_seconds_total", float(seconds), labels)))
             for labels, used, sm in sample.processes.get(s.uuid, ()):
                 if used is not None:
-                    yield _r("fleetscope_gpu_process_memory_used_bytes", used, gpu_ids, *labels)
+                    add(_r("fleetscope_gpu_process_memory_used_bytes", used, gpu_ids, *labels))
                 if sm is not None:
-                    yield _r("fleetscope_gpu_process_sm_utilization_ratio", sm, gpu_ids, *labels)
-            yield from _memory_errors(s, ids)
-            yield from _mig(s, gpu_ids, by_pod, pods)
-            if s.pcie is not None:
-                for field, metric, _, _ in _PCIE:
-                    value = getattr(s.pcie, field)
+                    add(_r("fleetscope_gpu_process_sm_utilization_ratio", sm, gpu_ids, *labels))
+            out += _memory_errors(s, ids)
+            out += _mig(s, gpu_ids, by_pod, pods)
+            pcie = s.pcie
+            if pcie is not None:
+                for field, metric in _PCIE_METRICS:
+                    value = getattr(pcie, field)
                     if value is not None:
-                        yield _r(metric, value, ids)
-            for link in s.nvlinks:
-                link_id = ("link", str(link.link))
-                yield _r("fleetscope_gpu_nvlink_up", 1 if link.up else 0, ids, link_id)
-                if link.tx_bytes is not None:
-                    yield _r("fleetscope_gpu_nvlink_transmit_bytes_total", link.tx_bytes, ids, link_id)
-                if link.rx_bytes is not None:
-                    yield _r("fleetscope_gpu_nvlink_receive_bytes_total", link.rx_bytes, ids, link_id)
-                for field, kind in _NVLINK_ERRORS:
-                    value = getattr(link, field)
-                    if value is not None:
-                        yield _r("fleetscope_gpu_nvlink_errors_total", value, ids, link_id, ("type", kind))
+                        add(_new(Reading, (metric, float(value), ids)))
+            if s.nvlinks:
+                links = sets.links
+                for link in s.nvlinks:
+                    n = link.link
+                    labels = links.get(n) or sets.link(n)
+                    link_ids, error_ids = labels
+                    add(_new(Reading, ("fleetscope_gpu_nvlink_up", 1.0 if link.up else 0.0, link_ids)))
+                    if link.tx_bytes is not None:
+                        add(_new(Reading, ("fleetscope_gpu_nvlink_transmit_bytes_total", float(link.tx_bytes), link_ids)))
+                    if link.rx_bytes is not None:
+                        add(_new(Reading, ("fleetscope_gpu_nvlink_receive_bytes_total", float(link.rx_bytes), link_ids)))
+                    # crc_flit_errors, crc_data_errors, replay_errors, recovery_errors: link[4:8], as _NVLINK_ERRORS
+                    for value, labels in zip(link[4:8], error_ids):
+                        if value is not None:
+                            add(_new(Reading, ("fleetscope_gpu_nvlink_errors_total", float(value), labels)))
+        return out
 
     def _clock_events(self, s: GpuState, dt: float) -> tuple[tuple[str, int, float], ...]:
         """(reason, active 0/1, seconds active so far) for each clock-event reason; the seconds grow by `dt` now."""
