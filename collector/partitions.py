@@ -14,6 +14,7 @@ on them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -211,14 +212,18 @@ def scan(root: Path, kind: str, committed: int, since: float | None = None, unti
     return lf
 
 
-def compact(root: Path, kind: str, committed: int, before_hour: str) -> int:
+def compact(root: Path, kind: str, committed: int, before_hour: str,
+            sorting: contextlib.AbstractContextManager = contextlib.nullcontext()) -> int:
     """Merge the live files of each folder whose whole span is over by the start of `before_hour` into one,
     streaming; returns files merged. The merged files are left for the next clean() to delete (see below).
 
     A folder is closed by the END of its span (folder_end), not by its name: a day folder of hour
     rollups (`date=D/hour=00`) keeps taking files until day D ends, so it is left alone until then and
     merged once after, not re-read, re-sorted and rewritten whole by every pass during the day. An hour
-    folder is closed once its hour is before `before_hour`, as its name says."""
+    folder is closed once its hour is before `before_hour`, as its name says.
+
+    Rollups are sorted by their key in memory (SORT_KEYS), inside `sorting` (the store's upkeep lock: not at the
+    same time as the hot tier's maintenance, whose copies would add to the sort's)."""
     merged = 0
     closed_by = hour_start(before_hour)
     by_hour: dict[Path, list[Part]] = {}
@@ -231,9 +236,12 @@ def compact(root: Path, kind: str, committed: int, before_hour: str) -> int:
         lo, hi = min(p.lo for p in hour_parts), max(p.hi for p in hour_parts)
         frame = pl.scan_parquet([str(p.path) for p in newest_first(hour_parts)], missing_columns="insert",
                                 extra_columns="ignore")  # the merged file keeps the newest file's columns
-        if kind in SORT_KEYS:  # rollups are small enough to sort in memory; raw hours stream through unsorted
-            frame = frame.collect().sort(*SORT_KEYS[kind])  # type: ignore[assignment]
-        _write_atomic(frame, folder / f"part-{lo:020d}-{hi:020d}.parquet", row_group_of(kind))
+        path = folder / f"part-{lo:020d}-{hi:020d}.parquet"
+        if kind in SORT_KEYS:  # rollups are sorted in memory (a lazy sort: no unsorted copy beside the sorted one)
+            with sorting:
+                _write_atomic(frame.sort(*SORT_KEYS[kind]), path, row_group_of(kind))
+        else:  # raw hours stream through unsorted
+            _write_atomic(frame, path, row_group_of(kind))
         # The parts merged are now redundant: readers listing files from here on skip them, and clean() deletes
         # them at the next maintenance pass, not now: a read that listed them a moment ago (a month's history,
         # a console page) is still reading them, and would fail on a file deleted under it.

@@ -80,3 +80,44 @@ def test_a_restart_loads_the_column_into_the_hot_tier(tmp_path):
         assert held["xid_total_within"].to_list() == [None] * 10 + [1] * 10
     finally:
         again.close()
+
+
+def test_an_hour_of_rollups_is_merged_sorted_by_gpu_and_only_while_the_hot_tier_is_not_maintained(tmp_path):
+    """The merged hour is sorted by node, index and time (a scan for one GPU reads few row groups), and its sort runs
+    under the store's upkeep lock, which the hot tier's maintenance holds too: their copies never add up."""
+    import threading
+
+    hour_ts = time.time() // 3600 * 3600 - 3 * 3600
+    s = Store(tmp_path, window_s=6 * 3600.0)
+    s.checkpoint()
+    s.checkpoint()
+    folder = tmp_path / f"kind={KIND}" / partitions.hour_of(hour_ts)
+    folder.mkdir(parents=True)
+    for seg, minutes in ((1, range(0, 30)), (2, range(30, 60))):
+        rows = pl.concat([rollup_rows([hour_ts + 60 * m for m in minutes], 1).with_columns(
+            pl.lit(node).cast(pl.Categorical).alias("node"), pl.lit(idx).cast(pl.Int16).alias("index"))
+            for node in ("n2", "n0", "n1") for idx in (1, 0)])
+        partitions.for_disk(rows).write_parquet(folder / f"part-{seg:020d}-{seg:020d}.parquet")
+    done = threading.Event()
+    with s.upkeep:  # as the hot tier's maintenance holds it
+        worker = threading.Thread(target=lambda: (s.maintain(), done.set()))
+        worker.start()
+        assert not done.wait(2.0)  # the compaction waits at the lock (unheld, it merges these in a few ms)
+        assert len(list(folder.glob("part-*.parquet"))) == 2  # nothing merged while held
+    worker.join(timeout=30)
+    assert done.is_set()
+    s.close()
+    (merged,) = partitions.live_parts(tmp_path, KIND, s.committed)
+    rows = pl.read_parquet(merged.path)
+    assert rows.height == 360
+    assert rows.select("node", "index", "ts").rows() == sorted(rows.select("node", "index", "ts").rows())
+
+
+def test_the_hot_tier_is_maintained_under_the_upkeep_lock(tmp_path):
+    s = Store(tmp_path, window_s=6 * 3600.0)
+    seen = []
+    maintain = s.hot.maintain
+    s.hot.maintain = lambda now=None: (seen.append(s.upkeep.locked()), maintain(now))  # type: ignore[method-assign]
+    s.maintain_hot()
+    assert seen == [True] and not s.upkeep.locked()
+    s.close()
