@@ -85,9 +85,13 @@ GPM_METRICS = (
 MIG_GPM_METRICS = (("NVML_GPM_METRIC_GRAPHICS_UTIL", "gr_engine_activity_ratio"), ("NVML_GPM_METRIC_SM_UTIL", "sm_activity_ratio"))
 MAX_EVENTS_PER_SAMPLE = 1000  # a storm must not stall the sampler; the rest waits for the next sample
 MAX_FIELDS_PER_CALL = 64
+_new = tuple.__new__
 # c_nvmlFieldValue_t as NVML lays it out: fieldId, scopeId, timestamp, latencyUsec, valueType, nvmlReturn, and the
 # 8-byte value union read as an unsigned 64-bit integer (its narrower members are its low bytes on x86 and ARM).
 _FIELD_VALUE = struct.Struct("=IIqqiiQ")
+# Its last three members only (valueType, nvmlReturn, value), the 24 bytes before them skipped: what a sample reads.
+_FIELD_TAIL = struct.Struct("=24xiiQ")
+assert _FIELD_TAIL.size == _FIELD_VALUE.size
 _DOUBLE, _U64 = struct.Struct("=d"), struct.Struct("=Q")
 LIMITS_REFRESH_S = 60.0  # power limits change when someone sets them: read this often, not at every sample
 MIG_RELIST_S = 60.0  # MIG instances are listed again this often (and at once when one of their calls fails)
@@ -317,6 +321,7 @@ class Nvml:
                             lib.NVML_VALUE_TYPE_SIGNED_LONG_LONG: "sllVal",
                             getattr(lib, "NVML_VALUE_TYPE_SIGNED_INT", -1): "siVal"}
         self._value_mask = self._value_masks(lib)
+        self._wide_kinds = frozenset(k for k, m in self._value_mask.items() if m == 0xFFFFFFFFFFFFFFFF)
         self._raw_fields = self._raw_fields_usable(lib)
         self._gpm_wanted = {metrics: [(getattr(lib, name), field) for name, field in metrics if hasattr(lib, name)]
                             for metrics in (GPM_METRICS, MIG_GPM_METRICS)}
@@ -828,26 +833,17 @@ class Nvml:
         return array
 
     def _sample_values(self, gpu: _Gpu) -> list[float | None]:
-        """The values of gpu.field_ids, in order; None where NVML has none (that field only) or the call failed."""
-        masks, fill = self._value_mask, self._fill_fields
+        """The values of gpu.field_ids, in order; None where NVML has none (that field only) or the call failed.
+        A 64-bit unsigned value answered with success (nearly all of them) is read in the comprehension itself;
+        any other goes through _decode."""
+        masks, fill, wide = self._value_mask, self._fill_fields, self._wide_kinds
         out: list[float | None] = []
         for array in gpu.field_arrays:
             if gpu.call("nvmlDeviceGetFieldValues", gpu.handle, array, func=fill) is None:
                 out += [None] * len(array)
                 continue
-            for _, _, _, _, kind, ret, raw in _FIELD_VALUE.iter_unpack(array):
-                mask = masks.get(kind) if ret == 0 else None
-                if mask is None:
-                    out.append(None)
-                elif mask > 0:
-                    out.append(float(raw & mask))
-                elif mask == 0:
-                    out.append(_DOUBLE.unpack(_U64.pack(raw))[0])
-                elif mask == -1:  # signed 64-bit
-                    out.append(float(raw - (1 << 64) if raw >> 63 else raw))
-                else:  # signed 32-bit
-                    raw &= 0xFFFFFFFF
-                    out.append(float(raw - (1 << 32) if raw >> 31 else raw))
+            out += [float(raw) if kind in wide and ret == 0 else _decode(masks, kind, ret, raw)
+                    for kind, ret, raw in _FIELD_TAIL.iter_unpack(array)]
         return out
 
     def _counters(self, gpu: _Gpu, v: list[float | None]) -> dict[str, Any]:
@@ -887,10 +883,13 @@ class Nvml:
                     state = self._link_state(gpu, link)
                     if state is None:
                         continue  # up or down cannot be told: left out rather than reported down
-                # positional: 18 links a GPU, and a named tuple takes keywords at four times the cost
-                links.append(NvLinkState(link, bool(state), tx * 1024 if tx is not None else None,
-                                         rx * 1024 if rx is not None else None, _int(crc), None, _int(replay),
-                                         _int(recovery)))  # crc_data_errors: not read
+                # positional, all eight fields, through tuple.__new__: 18 links a GPU, and a named tuple's own __new__
+                # is Python (keywords cost four times as much again)
+                links.append(_new(NvLinkState, (link, bool(state), tx * 1024 if tx is not None else None,
+                                                rx * 1024 if rx is not None else None,
+                                                int(crc) if crc is not None else None, None,  # crc_data_errors: not read
+                                                int(replay) if replay is not None else None,
+                                                int(recovery) if recovery is not None else None)))
             out["nvlinks"] = tuple(links)
             if gpu.link_states:
                 gpu.link_turn ^= 1
@@ -1131,6 +1130,21 @@ class Nvml:
                     self._pcie.pop(gpu.index, None)
                     continue
                 self._pcie[gpu.index] = (tx * 1024.0, rx * 1024.0)  # KB/s
+
+
+def _decode(masks: dict[int, int], kind: int, ret: int, raw: int) -> float | None:
+    """One field value from its value type, return code and the 8 bytes of its union read as an unsigned integer."""
+    mask = masks.get(kind) if ret == 0 else None
+    if mask is None:
+        return None
+    if mask > 0:
+        return float(raw & mask)
+    if mask == 0:
+        return _DOUBLE.unpack(_U64.pack(raw))[0]
+    if mask == -1:  # signed 64-bit
+        return float(raw - (1 << 64) if raw >> 63 else raw)
+    raw &= 0xFFFFFFFF  # signed 32-bit
+    return float(raw - (1 << 32) if raw >> 31 else raw)
 
 
 def _float(value: Any) -> float | None:
