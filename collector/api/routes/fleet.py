@@ -6,10 +6,11 @@ from __future__ import annotations
 import time
 
 import polars as pl
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, HTTPException, Query, Request, Response
 
 from collector import history
 from collector.api.deps import RangeDep, ReadAuth, StoreDep
+from collector.api.encoding import json_response
 from collector.fleet import fleet_gpus, health_events, latest_per, node_gpus, node_series, nodes_overview
 from collector.rollups import bounded_step, rollup_gpu_samples
 
@@ -45,37 +46,39 @@ def _only(frame: pl.DataFrame, fields: str | None) -> pl.DataFrame:
     return frame.select(wanted)
 
 
-@router.get("/v1/nodes")
-def list_nodes(store: StoreDep, r: RangeDep, fields: str | None = FieldsQuery) -> dict:
+# The answers holding frames are written by polars (collector.api.encoding: the same JSON as FastAPI wrote from
+# `to_dicts`, a fraction of the time at 32,768 GPUs); response_model keeps the OpenAPI document as it was.
+@router.get("/v1/nodes", response_model=dict)
+def list_nodes(store: StoreDep, r: RangeDep, fields: str | None = FieldsQuery) -> Response:
     """Every node's latest frame (in [since, until] when given; as of `until` when it is in the past)."""
     hosts, gpus = _latest(store, r)
-    return {"nodes": _only(nodes_overview(hosts, gpus, time.time()), fields).to_dicts()}
+    return json_response({"nodes": _only(nodes_overview(hosts, gpus, time.time()), fields)})
 
 
-@router.get("/v1/gpus")
+@router.get("/v1/gpus", response_model=dict)
 def list_gpus(store: StoreDep, r: RangeDep, fields: str | None = FieldsQuery,
               node: str | None = Query(None, description="comma-separated nodes: only their GPUs"),
-              health: str | None = Query(None, description="comma-separated states: only GPUs in them, e.g. degraded,unhealthy")) -> dict:
+              health: str | None = Query(None, description="comma-separated states: only GPUs in them, e.g. degraded,unhealthy")) -> Response:
     _, gpus = _latest(store, r)
     if node:
         gpus = gpus.filter(pl.col("node").is_in([n.strip() for n in node.split(",")]))
     if health:
         gpus = gpus.filter(pl.col("health").is_in([h.strip() for h in health.split(",")]))
-    return {"gpus": _only(fleet_gpus(gpus), fields).to_dicts()}
+    return json_response({"gpus": _only(fleet_gpus(gpus), fields)})
 
 
-@router.get("/v1/nodes/{node}")
-def get_node(node: str, store: StoreDep, r: RangeDep) -> dict:
+@router.get("/v1/nodes/{node}", response_model=dict)
+def get_node(node: str, store: StoreDep, r: RangeDep) -> Response:
     hosts, gpus = _latest(store, r)
     nodes = nodes_overview(hosts.filter(pl.col("node") == node), gpus.filter(pl.col("node") == node), time.time())
     if nodes.height == 0:
         raise HTTPException(404, f"no node {node!r} has reported")
-    return {"node": nodes.to_dicts()[0], "gpus": node_gpus(gpus, node).to_dicts()}
+    return json_response({"node": nodes.to_dicts()[0], "gpus": node_gpus(gpus, node)})
 
 
-@router.get("/v1/nodes/{node}/series")
+@router.get("/v1/nodes/{node}/series", response_model=dict)
 def get_node_series(node: str, store: StoreDep, r: RangeDep,
-                    minutes: float | None = Query(None, gt=0, le=366 * 24 * 60, description="instead of since: the last N minutes")) -> dict:
+                    minutes: float | None = Query(None, gt=0, le=366 * 24 * 60, description="instead of since: the last N minutes")) -> Response:
     """The node's host and GPU samples over the range (default: the last hour), at most max_points per
     series, and its GPUs' health events."""
     since, until = r.resolve(3600.0)
@@ -87,8 +90,8 @@ def get_node_series(node: str, store: StoreDep, r: RangeDep,
         raise HTTPException(404, f"no frames from node {node!r} between {since:.0f} and {until:.0f}")
     events = health_events(gpu)
     host_out, gpu_out = node_series(host, gpu, since, until, r.max_points)
-    return {"node": node, "since": since, "until": until, "host": host_out.to_dicts(), "gpus": gpu_out.to_dicts(),
-            "events": events.head(r.max_points).to_dicts()}
+    return json_response({"node": node, "since": since, "until": until, "host": host_out, "gpus": gpu_out,
+                          "events": events.head(r.max_points)})
 
 
 def _history(store, r, key: tuple[str, list], what: str, *, series: bool) -> tuple[list[dict], pl.DataFrame, float, float]:
@@ -102,21 +105,21 @@ def _history(store, r, key: tuple[str, list], what: str, *, series: bool) -> tup
     return history.gpu_reliability(gpu, since), gpu, since, until
 
 
-def _series(gpu: pl.DataFrame, since: float, until: float, max_points: int) -> list[dict]:
+def _series(gpu: pl.DataFrame, since: float, until: float, max_points: int) -> pl.DataFrame:
     every = bounded_step(since, until, max((until - since) / max_points, 60.0), max_points)
     rolled = rollup_gpu_samples(gpu, every) if gpu.height > max_points else gpu
     return rolled.select("ts", *(pl.col(c).cast(pl.Float64) for c in (
         "utilization_ratio", "temperature_celsius", "temperature_max_celsius", "power_watts", "sm_clock_hertz",
-        "thermal_share", "power_cap_share", "hw_slowdown_share", "unhealthy_share")), "xid_total").to_dicts()
+        "thermal_share", "power_cap_share", "hw_slowdown_share", "unhealthy_share")), "xid_total")
 
 
-@router.get("/v1/gpus/{uuid}/history")
-def get_gpu_history(uuid: str, store: StoreDep, r: RangeDep) -> dict:
+@router.get("/v1/gpus/{uuid}/history", response_model=dict)
+def get_gpu_history(uuid: str, store: StoreDep, r: RangeDep) -> Response:
     """One GPU's reliability record over the range (default: 30 days): XIDs by code, ECC errors, row
     remapping, time throttled by reason, time unhealthy; and its series at most max_points long."""
     records, gpu, since, until = _history(store, r, ("uuid", [uuid]), f"GPU {uuid!r}", series=True)
-    return {"uuid": uuid, "since": since, "until": until, "record": records[0],
-            "series": _series(gpu, since, until, r.max_points)}
+    return json_response({"uuid": uuid, "since": since, "until": until, "record": records[0],
+                          "series": _series(gpu, since, until, r.max_points)})
 
 
 @router.get("/v1/nodes/{node}/history")

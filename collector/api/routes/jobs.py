@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 
 from collector import goodput
 from collector.api.deps import RangeDep, ReadAuth, StoreDep
+from collector.api.encoding import json_response
 from collector.training import (jobs_overview, rank_breakdown, rank_step_matrix, rank_step_quantiles, slowest_ranks,
                                 step_series, with_mfu)
 from collector.views import Views, jobs_now, roster
@@ -96,10 +97,10 @@ def list_jobs(request: Request, store: StoreDep, r: RangeDep) -> dict:
     return {"jobs": _with_slurm(request, with_mfu(overview, store.hot.latest("gpus")).to_dicts())}
 
 
-@router.get("/v1/jobs/{job}")
+@router.get("/v1/jobs/{job}", response_model=dict)
 def get_job(job: str, request: Request, store: StoreDep, r: RangeDep,
             top: int | None = Query(None, ge=1, le=100_000, description="only the N ranks that computed longest "
-                                                                       "(default: every rank up to 1,000, else 1,000)")) -> dict:
+                                                                       "(default: every rank up to 1,000, else 1,000)")) -> Response:
     views = request.app.state.views
     aggs = _aggs(store, r, job)  # the aggregates include the steps just reported
     if aggs.height == 0:
@@ -111,17 +112,18 @@ def get_job(job: str, request: Request, store: StoreDep, r: RangeDep,
                         store.hot.latest("gpus")).to_dicts()[0]
     pauses = store.frame("pauses").filter(pl.col("job") == job).sort("ts").tail(50)
     ranks = _rank_rows(store, views, steps, job, top if top is not None else MAX_RANKS)
-    return {"job": overview, "ranks": ranks.to_dicts(), "ranks_total": overview["ranks"],
-            "ranks_cover_last_steps": store.hot.raw_steps,
-            # the Slurm jobs that ran it, one per incarnation (sbatch, requeue), oldest first: collector/slurm.py
-            "slurm": request.app.state.slurm.links(job),
-            # on Kubernetes, the pod of each rank in `ranks` (the newest that reported it): collector/pods.py
-            "pods": request.app.state.pods.ranks(job, ranks["rank"].to_list()),
-            "pauses": pauses.drop("agent_id").with_columns(pl.col(pl.Categorical, pl.Enum).cast(pl.String)).to_dicts()}
+    # Up to 100,000 ranks (top): written by polars (collector.api.encoding), the JSON FastAPI wrote from to_dicts.
+    return json_response({"job": overview, "ranks": ranks, "ranks_total": overview["ranks"],
+                          "ranks_cover_last_steps": store.hot.raw_steps,
+                          # the Slurm jobs that ran it, one per incarnation (sbatch, requeue), oldest first: collector/slurm.py
+                          "slurm": request.app.state.slurm.links(job),
+                          # on Kubernetes, the pod of each rank in `ranks` (the newest that reported it): collector/pods.py
+                          "pods": request.app.state.pods.ranks(job, ranks["rank"].to_list()),
+                          "pauses": pauses.drop("agent_id")})
 
 
-@router.get("/v1/jobs/{job}/steps")
-def get_job_steps(job: str, store: StoreDep, r: RangeDep, last: int | None = Query(None, ge=1, le=100_000)) -> dict:
+@router.get("/v1/jobs/{job}/steps", response_model=dict)
+def get_job_steps(job: str, store: StoreDep, r: RangeDep, last: int | None = Query(None, ge=1, le=100_000)) -> Response:
     """Per step: start, ranks, median, p95 and slowest step time, and the incarnation of the job that ran it
     (a step that a restart ran again shows its latest run). At most max_points rows: longer ranges are cut
     into spans of steps (median of medians, highest p95 and max)."""
@@ -138,7 +140,7 @@ def get_job_steps(job: str, store: StoreDep, r: RangeDep, last: int | None = Que
                        pl.col("step_time_p50_s").median(), pl.col("step_time_p95_s").max(), pl.col("step_time_max_s").max(),
                        pl.col("incarnation").max())
                   .drop("_bucket"))
-    return {"job": job, "steps": series.to_dicts()}
+    return json_response({"job": job, "steps": series})
 
 
 @router.get("/v1/jobs/{job}/matrix")

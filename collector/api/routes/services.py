@@ -16,9 +16,10 @@ from __future__ import annotations
 from typing import Literal
 
 import polars as pl
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, HTTPException, Query, Request, Response
 
 from collector.api.deps import Range, RangeDep, ReadAuth, StoreDep
+from collector.api.encoding import json_response
 from collector.inference import (all_services, latency_quantiles, latency_quantiles_approx, server_latency_quantiles,
                                  server_overview, server_services, services_overview, services_overview_approx)
 from collector.inference_series import (bounded_step, reduce_histograms, reduce_stats, server_state_series, service_series,
@@ -64,8 +65,9 @@ def _histograms(store, r, service: str | None = None) -> pl.DataFrame:
     return reduce_histograms(_scan(store, "server_histograms", r, service), ["service", "model"])
 
 
-@router.get("/v1/services")
-def list_services(store: StoreDep, r: RangeDep) -> dict:
+# Frames in the answers are written by polars (collector.api.encoding): the JSON FastAPI wrote from to_dicts.
+@router.get("/v1/services", response_model=dict)
+def list_services(store: StoreDep, r: RangeDep) -> Response:
     """Every service and model in the range, instrumented or scraped (`source`), and the scraped servers' state."""
     if _in_hot(store, "requests", r):
         overview = services_overview(_hot(store, "requests", r))
@@ -73,11 +75,11 @@ def list_services(store: StoreDep, r: RangeDep) -> dict:
         overview = services_overview_approx(store.scan("requests", r.since, r.until))
     stats = _stats(store, r)
     servers = server_services(stats, _histograms(store, r))
-    return {"services": all_services(overview, servers).to_dicts(), "scraped": server_overview(stats).to_dicts()}
+    return json_response({"services": all_services(overview, servers), "scraped": server_overview(stats)})
 
 
-@router.get("/v1/services/{service}")
-def get_service(service: str, request: Request, store: StoreDep, r: RangeDep) -> dict:
+@router.get("/v1/services/{service}", response_model=dict)
+def get_service(service: str, request: Request, store: StoreDep, r: RangeDep) -> Response:
     if _in_hot(store, "requests", r):
         requests = _hot(store, "requests", r).filter(pl.col("service") == service)
         count = requests.height
@@ -90,24 +92,24 @@ def get_service(service: str, request: Request, store: StoreDep, r: RangeDep) ->
         raise HTTPException(404, f"no service {service!r} has reported a request or been scraped in the range")
     client_models = set(models["model"].to_list()) if models.height else set()
     histograms = _histograms(store, r, service)
-    return {
+    return json_response({
         "service": service,
         # per model: "client" figures where the client reports it (in `models`), else "server" (in `scraped_latency`)
         "sources": {m: "client" if m in client_models else "server"
                     for m in sorted(client_models | set(stats["model"].cast(pl.String).unique().to_list()))},
-        "models": models.to_dicts(),
-        "scraped": server_overview(stats).to_dicts(),
-        "scraped_latency": server_latency_quantiles(histograms, service).to_dicts(),
+        "models": models,
+        "scraped": server_overview(stats),
+        "scraped_latency": server_latency_quantiles(histograms, service),
         # on Kubernetes, each replica's pod as its request events named it: collector/pods.py
         "replicas": request.app.state.pods.replicas(service),
-    }
+    })
 
 
-@router.get("/v1/services/{service}/series")
+@router.get("/v1/services/{service}/series", response_model=dict)
 def get_service_series(service: str, store: StoreDep, r: RangeDep,
                        by: Literal["model", "node"] = Query("model", description="one series per model, or per replica (node)"),
                        step_s: float | None = Query(None, ge=1, le=86400, description="bucket width; about 120 buckets by default, "
-                                                    "wider where the range would have more than max_points")) -> dict:
+                                                    "wider where the range would have more than max_points")) -> Response:
     """The service over time (default: the last hour): p50/p95/p99 of e2e, TTFT, time per output token and
     queue; request, error and output-token rates (`series`, one source per model as in /v1/services), and its
     servers' KV cache, running and waiting requests, preemptions and prefix-cache hit ratio (`server_state`).
@@ -129,4 +131,4 @@ def get_service_series(service: str, store: StoreDep, r: RangeDep,
     state = server_state_series(stats, by=by, step=step)
     if not (series["source"] == "client").any() and state.height == 0:
         raise HTTPException(404, f"no service {service!r} has reported a request or been scraped in the range")
-    return {"service": service, "by": by, "step_s": step, "series": series.to_dicts(), "server_state": state.to_dicts()}
+    return json_response({"service": service, "by": by, "step_s": step, "series": series, "server_state": state})
