@@ -14,6 +14,7 @@ from typing import Callable
 
 import polars as pl
 
+from collector.rollups import counter_increase
 from fleetscope.vocabulary import MEMORY_STALLED_SHARE
 
 # kind ("gpus" | "hosts"), since, until, (key column, values) -> samples
@@ -40,9 +41,13 @@ def _clock_ratio(frame: pl.DataFrame) -> float | None:
 
 
 def _increase(frame: pl.DataFrame, column: str) -> float:
-    values = frame.sort("ts")[column].drop_nulls().to_list()
-    # Counters only grow; a drop is a restart of the agent, after which its whole value is new.
-    return float(sum(cur - prev if cur >= prev else cur for prev, cur in zip(values, values[1:])))
+    """A counter's increase over the samples (collector.rollups.counter_increase): a drop is a restart of the agent,
+    after which its whole value is new; a rollup that keeps its span's first value and increase within (the GPU
+    counters') adds what was counted inside its minute or hour, a restart within it included, which its last value
+    alone would lose."""
+    frame = frame.sort("ts")
+    spans = [frame.get_column(c).to_list() if c in frame.columns else None for c in (f"{column}_first", f"{column}_within")]
+    return float(counter_increase(frame.get_column("ts").to_list(), frame.get_column(column).to_list(), *spans)[0])
 
 
 _SLOWDOWN_REASONS = {"hw_thermal_slowdown", "sw_thermal_slowdown", "hw_slowdown", "hw_power_brake_slowdown",

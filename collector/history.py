@@ -11,8 +11,8 @@ import time
 import polars as pl
 
 from collector import partitions
-from collector.rollups import (COUNTERS, GPU_SAMPLES, GPU_SPAN, HOST_SAMPLES, NEW_ROW, counter_aggs, counts_increase,
-                               decode_counts, increase, span_inputs, with_counter_steps, with_xids_within)
+from collector.rollups import (COUNTERS, GPU_SAMPLES, GPU_SPAN, HOST_SAMPLES, NEW_ROW, counter_aggs, counter_increase,
+                               counts_increase, decode_counts, span_inputs, with_counter_steps, with_xids_within)
 from collector.snapshots import JsonSnapshot
 from collector.store import Store
 
@@ -260,31 +260,6 @@ def _one_row_per_time(gpu: pl.DataFrame) -> pl.DataFrame:
     return pl.concat([kept, *(m.cast(dict(kept.schema)) for m in merged)], how="vertical")  # type: ignore[arg-type]
 
 
-def _increase(ts: list, lasts: list, firsts: list | None = None, withins: list | None = None,
-              from_zero: bool = False) -> tuple[int, float | None, float | None]:
-    """A counter's increase over the rows, and the times of the first and last rows that showed one. Counters
-    only grow; a drop is a restart of its source (the agent; the driver, for volatile ECC counts), after which its
-    whole value is new. A row that keeps its span's first value and increase within (`firsts`, `withins`: a
-    rollup's, collector.rollups.GPU_SPAN) counts the step from the row before to its first value, then its
-    increase within (dated at the row's time, its span's start); any other (a raw frame; a rollup written before
-    they were kept, null in `withins`) is a point at its (last) value. Rows without a value are skipped.
-    `from_zero`: the first row's value is new too."""
-    total, first_ts, last_ts = 0, None, None
-    previous = 0 if from_zero else None
-    for i, (t, last) in enumerate(zip(ts, lasts)):
-        if last is None:
-            continue
-        within = withins[i] if withins is not None else None
-        first = firsts[i] if within is not None and firsts is not None and firsts[i] is not None else last
-        step = increase(previous, first) if previous is not None else 0
-        if step > 0 or (within or 0) > 0:
-            total += step + (within or 0)
-            first_ts = t if first_ts is None else first_ts
-            last_ts = t
-        previous = last
-    return total, first_ts, last_ts
-
-
 def _when(first: float | None, last: float | None) -> dict | None:
     return None if first is None else {"first_ts": float(first), "last_ts": float(last)}  # type: ignore[arg-type]
 
@@ -353,7 +328,7 @@ def gpu_reliability(gpu: pl.DataFrame, since: float | None = None) -> list[dict]
         ts = rows["ts"].to_list()
         from_zero = since is not None and ts[0] > since + 300
         xids, xid_when = _xids_by_code(rows, from_zero)
-        counted = {c: _increase(ts, rows[c].to_list(), rows[f"{c}_first"].to_list(), rows[f"{c}_within"].to_list(),
+        counted = {c: counter_increase(ts, rows[c].to_list(), rows[f"{c}_first"].to_list(), rows[f"{c}_within"].to_list(),
                                 from_zero=from_zero and c == "xid_total") for c in COUNTERS}
         corrected, *corrected_when = counted["ecc_corrected_total"]
         uncorrected, *uncorrected_when = counted["ecc_uncorrected_total"]

@@ -157,6 +157,31 @@ def increase(prev: int, cur: int) -> int:
     return cur - prev if cur >= prev else cur
 
 
+def counter_increase(ts: list, lasts: list, firsts: list | None = None, withins: list | None = None,
+                     from_zero: bool = False) -> tuple[int, float | None, float | None]:
+    """A counter's increase over the rows, and the times of the first and last rows that showed one. Counters
+    only grow; a drop is a restart of its source (the agent; the driver, for volatile ECC counts), after which its
+    whole value is new. A row that keeps its span's first value and increase within (`firsts`, `withins`: a
+    rollup's, GPU_SPAN) counts the step from the row before to its first value, then its
+    increase within (dated at the row's time, its span's start); any other (a raw frame; a rollup written before
+    they were kept, null in `withins`) is a point at its (last) value. Rows without a value are skipped.
+    `from_zero`: the first row's value is new too."""
+    total, first_ts, last_ts = 0, None, None
+    previous = 0 if from_zero else None
+    for i, (t, last) in enumerate(zip(ts, lasts)):
+        if last is None:
+            continue
+        within = withins[i] if withins is not None else None
+        first = firsts[i] if within is not None and firsts is not None and firsts[i] is not None else last
+        step = increase(previous, first) if previous is not None else 0
+        if step > 0 or (within or 0) > 0:
+            total += step + (within or 0)
+            first_ts = t if first_ts is None else first_ts
+            last_ts = t
+        previous = last
+    return total, first_ts, last_ts
+
+
 def counts_increase(prev: dict[str, int], cur: dict[str, int]) -> dict[str, int]:
     """XID counts' increase by code from one value to the next: where any code dropped the agent restarted (its
     counts restart together), and every count of `cur` is new."""

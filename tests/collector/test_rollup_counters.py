@@ -266,3 +266,21 @@ def test_a_rollup_row_costs_a_few_integers_more(every):
     minutes = rollup_gpu_samples(as_gpu_samples(hour_of_frames()), every)
     size = {c: minutes[c].estimated_size() / minutes.height for c in GPU_SPAN}
     assert sum(size.values()) <= 3 * (8 + 4) + 2 * 4 + 1
+
+
+def test_a_straggler_cause_counts_the_xid_within_a_minute_its_last_value_lost():
+    """Attribution's xid_errors cause reads the window's samples, minute rollups where raw frames have aged out:
+    XID 79 at 0:10 and the agent restarted at 0:30 of the same minute, so its rollup's last value is 0 as before,
+    and only the increase within it shows the XID. Counted from last values, the cause was missed."""
+    from collector.attribution import gpu_causes
+
+    rows = raw([{"ts": T0 + 10 * i, "xid_total": x, "xid_counts": ({"79": 1} if x else None)}
+                for i, x in enumerate([0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0])])  # two minutes
+    rolled = rollup_gpu_samples(as_gpu_samples(rows), 60.0).with_columns(pl.lit(60.0).alias("span_s"))
+    assert rolled["xid_total"].to_list() == [0, 0]
+    peers = rollup_gpu_samples(as_gpu_samples(rows.with_columns(
+        pl.lit("GPU-b").cast(pl.Categorical).alias("uuid"), pl.lit(0).cast(pl.Int64).alias("xid_total"),
+        pl.lit(None).cast(pl.Categorical).alias("xid_counts"))), 60.0)
+    causes = {c["cause"]: c for c in gpu_causes(rolled, peers)}
+    assert causes["xid_errors"]["evidence"] == {"xids_in_window": 1.0}
+    assert "xid_errors" not in {c["cause"] for c in gpu_causes(peers, rolled)}
