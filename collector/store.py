@@ -409,6 +409,9 @@ class Store:
                     for v in self._unwritten.values():
                         v.clear()
                     pending_bytes, self._unwritten_bytes = self._unwritten_bytes, 0
+                    # Cleared again with the rows it asked for taken: a batch applied since this checkpoint began set
+                    # it once more, and a second checkpoint of a few MiB ran right after this one (#10).
+                    self.checkpoint_due.clear()
                     self._checkpointing = pending
                     watermarks = dict(self.watermarks)
                     derived, hot_state = self.hot.take_unwritten()
