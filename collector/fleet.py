@@ -90,10 +90,21 @@ def health_events(gpu: pl.DataFrame) -> pl.DataFrame:
         .group_by("index", "health", "reasons")
         .agg(pl.col("ts").min().alias("from_ts"), pl.col("ts").max().alias("to_ts"))
     )
+    # XIDs counted as collector.rollups.counter_increase counts them: a drop is an agent restart, after which the
+    # whole value is new; a rollup that keeps its span's first value and increase within steps to its first value,
+    # then adds what was counted inside its minute or hour (a restart within it included). Rows without a count
+    # (the agent could not read it) are skipped.
+    counted = rows.filter(pl.col("xid_total").is_not_null())
+    within = pl.col("xid_total_within") if "xid_total_within" in counted.columns else pl.lit(None, pl.Int64)
+    first = (pl.when(within.is_not_null() & pl.col("xid_total_first").is_not_null()).then(pl.col("xid_total_first"))
+             .otherwise(pl.col("xid_total"))) if "xid_total_first" in counted.columns else pl.col("xid_total")
+    previous = pl.col("xid_total").shift(1).over("index")
+    step = pl.when(previous.is_null()).then(0).when(first >= previous).then(first - previous).otherwise(first)
     xids = (
-        rows.with_columns((pl.col("xid_total") - pl.col("xid_total").shift(1).over("index")).alias("new"))
+        counted.with_columns((step + within.fill_null(0)).alias("new"))
         .filter(pl.col("new") > 0)
         .select("index", pl.lit("xid").alias("health"), (pl.col("new").cast(pl.String) + pl.lit(" new XID(s)")).alias("reasons"),
                 pl.col("ts").alias("from_ts"), pl.col("ts").alias("to_ts"))
     )
-    return pl.concat([spans, xids.cast(spans.schema)], how="vertical").sort("from_ts", descending=True)  # type: ignore[arg-type]
+    return pl.concat([spans, xids.cast(spans.schema)], how="vertical").sort(  # type: ignore[arg-type]
+        "from_ts", "index", "health", "reasons", descending=[True, False, False, False])  # ties in a fixed order

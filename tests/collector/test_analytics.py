@@ -135,3 +135,25 @@ def test_a_job_timed_the_readme_way_still_shows_its_slow_rank_in_the_matrix_and_
     mean = cells.group_by("rank").agg(pl.col("relative").mean()).sort("relative", descending=True)
     assert mean["rank"][0] == 6 and 1.04 < mean["relative"][0] < 1.1 and mean["relative"][1] < 1.01
     assert slowest_ranks(rank_step_quantiles(frame, "trace"), 1)["rank"].to_list() == [6]
+
+
+def test_health_events_count_xids_across_agent_restarts_and_inside_rollups():
+    """A node's series reads minute rollups past the raw tier. GPU 0 (raw frames): XIDs 0 -> 2, then the agent
+    restarts with 1 already counted (a drop: its whole value is new), a frame the agent could not read, then 2.
+    GPU 1 (minute rollups): an XID and an agent restart inside its second minute leave its last value 0, as before,
+    and only the increase within shows it. Differences of last values gave 2, nothing, 1 and nothing."""
+    from collector.fleet import health_events
+    from collector.rollups import rollup_gpu_samples
+
+    base = {"node": "n", "up": True, "health": "healthy", "health_reasons": []}
+    raw0 = [{**base, "uuid": "g0", "index": 0, "ts": 60.0 * i, "xid_total": x}
+            for i, x in enumerate([0, 2, 1, None, 2])]
+    raw1 = [{**base, "uuid": "g1", "index": 1, "ts": 120.0 + 10 * i, "xid_total": x}
+            for i, x in enumerate([0] * 6 + [0, 1, 1, 0, 0, 0])]
+    minutes = rollup_gpu_samples(as_gpu_samples(frame_from_rows("gpus", raw1)), 60.0)
+    assert minutes.sort("ts")["xid_total"].to_list() == [0, 0]
+    gpu0 = as_gpu_samples(frame_from_rows("gpus", raw0))
+    frame = pl.concat([gpu0, minutes.select(gpu0.columns).cast(gpu0.schema)], how="vertical")  # type: ignore[arg-type]
+    events = health_events(frame).select("index", "reasons", "from_ts").rows()
+    assert events == [(0, "1 new XID(s)", 240.0), (1, "1 new XID(s)", 180.0), (0, "1 new XID(s)", 120.0),
+                      (0, "2 new XID(s)", 60.0)]
