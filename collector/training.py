@@ -409,7 +409,8 @@ def rank_step_matrix(steps: pl.DataFrame, job: str, last: int = 100, ranks: list
     """Per step and rank of `job`'s last steps: compute time over the step's median (1.0 = typical), for a
     heatmap; only `ranks` when given (the median is still over all of them). A job that reports neither DDP's
     arrival nor a `comm` phase has no compute time apart from its wait: its cells are 1 + the rank's excess
-    over its peers (step_excess), the same scale."""
+    over its peers (step_excess), the same scale. A cell without a scale (its step's median compute time is 0) is
+    null."""
     rows = kept_runs(steps.filter(pl.col("job") == job))  # a step run again: its latest run
     rows = rows.filter(pl.col("step") > pl.col("step").max() - last)
     direct = (pl.col("sync_arrival_s").is_not_null() | pl.col("phase_comm_s").is_not_null()).any()
@@ -421,4 +422,6 @@ def rank_step_matrix(steps: pl.DataFrame, job: str, last: int = 100, ranks: list
             pl.when(pl.col("excess").is_not_null()).then(1 + pl.col("excess")).otherwise(pl.col("relative")).alias("relative"))
     if ranks is not None:
         cells = cells.filter(pl.col("rank").is_in(ranks))
-    return cells.select("step", "rank", pl.col("node").cast(pl.String), "compute_s", "relative").sort("step", "rank")
+    # A step whose median compute time is 0 (every rank reported its wait from the start) has no scale: null.
+    relative = pl.when(pl.col("relative").is_finite()).then(pl.col("relative")).alias("relative")
+    return cells.select("step", "rank", pl.col("node").cast(pl.String), "compute_s", relative).sort("step", "rank")

@@ -353,3 +353,15 @@ def test_the_store_says_why_it_is_not_ready(tmp_path):
         assert ready.status_code == 200 and ready.json()["ingest"] == "cannot_write" and "No space" in ready.json()["reason"]
         assert c.get("/livez").json() == {"status": "alive", "ready": True, "can_write": False}
         app.state.store.problem = None
+
+
+def test_a_matrix_whose_steps_median_is_zero_answers_null_cells_not_500(client):
+    """A job whose ranks all report a sync arrival of 0 (valid: no time before the wait) has a median compute time
+    of 0 for each step: its cells over it are 0/0, which the matrix's JSON (allow_nan=False) refused with a 500."""
+    events = [step("zero", r, n, 1.0, metrics={"sync_arrival_s": 0.0}) | {"world_size": 4}
+              for r in range(4) for n in range(5)]
+    assert post(client, batch(0, events)).status_code == 200
+    got = client.get("/v1/jobs/zero/matrix", params={"last": 5}, headers=R)
+    assert got.status_code == 200, got.text
+    cells = got.json()["cells"]
+    assert len(cells) == 20 and all(c["relative"] is None and c["compute_s"] == 0.0 for c in cells)
