@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import polars as pl
 
-from collector.rollups import HOST_COUNTERS, bounded_step, rollup_gpu_samples, rollup_host_samples
+from collector.rollups import (HOST_COUNTERS, bounded_step, rollup_gpu_samples, rollup_host_samples, span_inputs,
+                               with_counter_steps)
 
 
 def _strings(frame: pl.DataFrame) -> pl.DataFrame:
@@ -90,18 +91,13 @@ def health_events(gpu: pl.DataFrame) -> pl.DataFrame:
         .group_by("index", "health", "reasons")
         .agg(pl.col("ts").min().alias("from_ts"), pl.col("ts").max().alias("to_ts"))
     )
-    # XIDs counted as collector.rollups.counter_increase counts them: a drop is an agent restart, after which the
-    # whole value is new; a rollup that keeps its span's first value and increase within steps to its first value,
-    # then adds what was counted inside its minute or hour (a restart within it included). Rows without a count
-    # (the agent could not read it) are skipped.
-    counted = rows.filter(pl.col("xid_total").is_not_null())
-    within = pl.col("xid_total_within") if "xid_total_within" in counted.columns else pl.lit(None, pl.Int64)
-    first = (pl.when(within.is_not_null() & pl.col("xid_total_first").is_not_null()).then(pl.col("xid_total_first"))
-             .otherwise(pl.col("xid_total"))) if "xid_total_first" in counted.columns else pl.col("xid_total")
-    previous = pl.col("xid_total").shift(1).over("index")
-    step = pl.when(previous.is_null()).then(0).when(first >= previous).then(first - previous).otherwise(first)
+    # XIDs counted as the rollups and the reliability record count them (collector.rollups.with_counter_steps): a
+    # drop is an agent restart, after which the whole value is new; a rollup that keeps its span's first value and
+    # increase within steps to its first value, then adds what was counted inside its minute or hour (a restart
+    # within it included). Rows without a count (the agent could not read it) count nothing.
+    counted = with_counter_steps(span_inputs(rows), ["index"])
     xids = (
-        counted.with_columns((step + within.fill_null(0)).alias("new"))
+        counted.with_columns((pl.col("_step_xid_total") + pl.col("xid_total_within")).alias("new"))
         .filter(pl.col("new") > 0)
         .select("index", pl.lit("xid").alias("health"), (pl.col("new").cast(pl.String) + pl.lit(" new XID(s)")).alias("reasons"),
                 pl.col("ts").alias("from_ts"), pl.col("ts").alias("to_ts"))
