@@ -98,15 +98,33 @@ class _Slot:
 
 
 class _Round:
-    """One sample of the periodic schedule, run by a worker and watched by the sampler thread."""
+    """One sample of the periodic schedule: its lanes run at once, and the last to finish publishes it, unless the
+    sampler thread, at the sample's deadline, takes over the lanes still running and publishes it instead."""
 
-    __slots__ = ("slots", "scheduled", "started", "done", "taken_over")
+    __slots__ = ("slots", "scheduled", "started", "done", "taken_over", "open", "lock")
 
-    def __init__(self, slots: list[_Slot], scheduled: float) -> None:
+    def __init__(self, slots: list[_Slot], scheduled: float, lanes: set[int]) -> None:
         self.slots, self.scheduled = slots, scheduled
         self.started = time.monotonic()
-        self.done = False  # the worker finished it and publishes it
+        self.done = False  # every lane finished: the last one publishes it
         self.taken_over = False  # it overran: the sampler thread finishes and publishes it
+        self.open = lanes  # the lanes still running: OWN_LANE, and the index of each source that may block
+        self.lock = threading.Lock()
+
+    def finish(self, lane: int) -> bool | None:
+        """`lane` has finished: True when it was the last one (it publishes), False when others run on, None when
+        the sample was taken over before it finished (the sampler thread has published it)."""
+        with self.lock:
+            if self.taken_over:
+                return None
+            self.open.discard(lane)
+            if self.open:
+                return False
+            self.done = True
+            return True
+
+
+OWN_LANE = -1  # the lane of the sources that do not block, run in turn by the schedule's worker
 
 
 class _Worker:
@@ -204,29 +222,33 @@ class _Alarm:
 
 
 class Sampler:
-    """Runs the sources on a fixed interval under a deadline: a failing or stuck source never stops the
-    others, and never holds the snapshot past its deadline.
+    """Runs the sources on a fixed interval, each under its own deadline: a failing or stuck source never stops
+    or delays the others, and never holds the snapshot past the deadline.
 
-    The sources run one after another on one worker thread, those that may block on hardware or the
-    network last. On the schedule (start()) the worker keeps the time itself: it wakes, runs every source,
-    and publishes the snapshot; the sampler thread wakes once per sample, at its deadline, only to check
-    that the worker finished; on Linux it waits on a timer (_Alarm) that the worker, finishing in time, moves on
-    to the next sample's deadline (counted from when that sample is due), so it does not wake at all. One
-    thread wake-up per sample however many sources, and the
-    snapshot is built by the thread whose caches the sample has just warmed (on a virtual machine, a
-    thread waking from idle runs several times slower for its first milliseconds).
-    A source still running at its deadline is reported (source_up 0, and for how long it has been
-    running), left to finish alone on that worker, and not started again until it returns; the
-    sources after it move to a fresh worker, with what is left of the sample's deadline (at least a tenth of
-    one): however many sources are stuck, a snapshot is published about one deadline after its sample began.
-    The deadline is the sample's, shared by its sources in turn, not one per source: a slow source that
-    finishes in time leaves the sources after it less time (those that may block run last)."""
+    Each source that may block on hardware or the network (NVML, HTTP to inference servers) runs in a lane of
+    its own, a worker thread of its own, started with the sample: a GPU in GSP timeouts never delays the
+    inference servers' scrape, nor they the GPUs. The sources that only read /proc and /sys run one after
+    another in the sampler's own lane, on the worker that keeps the schedule. Every lane has the whole deadline,
+    counted from the sample's start, and the last lane to finish publishes the snapshot.
+    On the schedule (start()) the worker keeps the time itself: it wakes, starts the other lanes, runs its own,
+    and the last lane publishes; the sampler thread wakes once per sample, at its deadline, only to check that
+    the sample was published; on Linux it waits on a timer (_Alarm) that the publishing lane, finishing in time,
+    moves on to the next sample's deadline (counted from when that sample is due), so it does not wake at all.
+    One thread wake-up per sample, and one more per source that may block, however many sources; the snapshot
+    is built by a thread whose caches the sample has just warmed (on a virtual machine, a thread waking from
+    idle runs several times slower for its first milliseconds).
+    A source still running at its deadline is reported (source_up 0, and for how long it has been running),
+    left to finish alone on its worker, and not started again until it returns. In the own lane, the sources
+    after it move to a fresh worker with what is left of the deadline (at least a tenth of one): however many
+    sources are stuck, a snapshot is published about one deadline after its sample began. The own lane's
+    sources share its deadline in turn; they read files the kernel answers from memory."""
 
     def __init__(self, sources: Sequence[Source], interval_s: float = 5.0, deadline_s: float | None = None) -> None:
         self.sources = sorted(sources, key=lambda s: getattr(s, "may_block", False))
         self.interval_s = interval_s
-        # A sample gets most of the interval; a source that takes longer is reported and left to finish alone.
-        self.deadline_s = deadline_s if deadline_s is not None else max(0.5, 0.8 * interval_s)
+        # A sample gets most of the interval; a source that takes longer is reported and left to finish alone. Never
+        # more than the interval: a sample is published before the next one starts.
+        self.deadline_s = min(interval_s, deadline_s if deadline_s is not None else max(0.5, 0.8 * interval_s))
         self.latest: Snapshot | None = None
         self._listeners: list[Callable[[Snapshot], None]] = []
         self._stop = threading.Event()
@@ -237,7 +259,9 @@ class Sampler:
         self._thread: threading.Thread | None = None
         self._failing: set[str] = set()
         self._workers = 0
-        self._worker = self._new_worker()
+        self._worker = self._new_worker()  # the own lane's
+        self._blocking = frozenset(i for i, s in enumerate(self.sources) if getattr(s, "may_block", False))
+        self._lanes: dict[int, _Worker] = {}  # the worker of each source that may block, by the source's index
         self._stuck: dict[int, _Slot] = {}  # sources still running on an abandoned worker
         self._feeds = [{f.name: f.host for f in s.families if f.host} for s in self.sources]
         self._round: _Round | None = None  # the schedule's current sample
@@ -252,9 +276,26 @@ class Sampler:
         self._listeners.append(callback)
 
     def _fresh_slots(self) -> list[_Slot]:
-        for i in [i for i, slot in self._stuck.items() if slot.outcome is not None]:
+        for i in [i for i, slot in list(self._stuck.items()) if slot.outcome is not None]:
             del self._stuck[i]  # it returned at last: its late result is dropped, and it runs again from now
         return [_Slot(i, s) for i, s in enumerate(self.sources) if i not in self._stuck]
+
+    def _lane(self, index: int) -> _Worker:
+        """The worker of the lane of source `index` (one that may block): a fresh one if it was abandoned."""
+        worker = self._lanes.get(index)
+        if worker is None or worker.abandoned:
+            worker = self._lanes[index] = self._new_worker()
+        return worker
+
+    def _start_lanes(self, slots: list[_Slot], job: Callable[[_Slot], Callable[[_Worker], bool]]) -> list[_Slot]:
+        """Hands each slot of a source that may block to its lane's worker; the slots of the own lane."""
+        own = []
+        for slot in slots:
+            if slot.index in self._blocking:
+                self._lane(slot.index).jobs.put(job(slot))
+            else:
+                own.append(slot)
+        return own
 
     def _abandon(self, worker: _Worker, slots: list[_Slot]) -> list[_Slot]:
         """Leaves `worker` to the source it is running past its deadline; the slots it has not started, to run elsewhere."""
@@ -269,6 +310,18 @@ class Sampler:
         self._worker = self._new_worker()  # the old one finishes the stuck source alone, then exits
         return rest
 
+    def _abandon_lane(self, slot: _Slot) -> None:
+        """The deadline has passed with the source of lane `slot.index` unfinished: its worker is left to it."""
+        worker = self._lanes[slot.index]
+        with worker.lock:
+            if slot.outcome is not None:
+                return  # it finished at the deadline: its readings count
+            if slot.started is None:
+                slot.taken = True  # its worker never got to start it (a frozen machine): reported as overrun
+            else:
+                self._stuck[slot.index] = slot
+            worker.abandoned = True  # the next sample starts a fresh worker for the lane
+
     def _budget(self, due: float) -> float:
         """Seconds the sources still to run get: what is left of the sample's deadline (`due`, monotonic), or, once
         a stuck source has spent it, a tenth of the deadline, so that several stuck sources in one sample hold the
@@ -276,8 +329,8 @@ class Sampler:
         return max(due - time.monotonic(), MIN_BUDGET_SHARE * self.deadline_s)
 
     def _run_slots(self, slots: list[_Slot], due: float | None = None) -> list[_Slot]:
-        """Runs `slots` on the worker within the sample's deadline (`due`, monotonic; by default one deadline from
-        now); the slots that ran (or are stuck)."""
+        """Runs `slots` in turn on the own lane's worker within the sample's deadline (`due`, monotonic; by default
+        one deadline from now); the slots that ran (or are stuck)."""
         due = time.monotonic() + self.deadline_s if due is None else due
         todo = slots
         while todo:
@@ -292,7 +345,20 @@ class Sampler:
 
     def sample_once(self) -> Snapshot:
         """One sample now, on this thread's time (before start(), or without it)."""
-        return self._publish(self._run_slots(self._fresh_slots()))
+        slots = self._fresh_slots()
+        due = time.monotonic() + self.deadline_s
+        lanes: list[tuple[_Slot, threading.Event]] = []
+
+        def job(slot: _Slot) -> Callable[[_Worker], bool]:
+            done = threading.Event()
+            lanes.append((slot, done))
+            return lambda worker: worker.run_slots([slot]) and (done.set() or True)
+
+        own = self._run_slots(self._start_lanes(slots, job), due)
+        for slot, done in lanes:
+            if not done.wait(max(0.0, due - time.monotonic())):
+                self._abandon_lane(slot)
+        return self._publish(own + [slot for slot, _ in lanes])
 
     def _publish(self, slots: list[_Slot]) -> Snapshot:
         parts: list[tuple[Reading, ...] | Deferred] = []
@@ -304,17 +370,19 @@ class Sampler:
         outcomes = {slot.index: slot.outcome for slot in slots if slot.outcome is not None}
         now = time.perf_counter()
         for i, source in enumerate(self.sources):
-            if i in self._stuck:
-                # Still running from this or an earlier sample: report it, do not wait, do not start another.
-                running_for = now - (self._stuck[i].started or now)
-                status[source.name] = SourceStatus(False, running_for, f"overran its {self.deadline_s:.1f} s deadline "
-                                                   f"(running for {running_for:.1f} s)", overran=True)
+            outcome = outcomes.get(i)
+            if i in self._stuck or outcome is None:
+                # Still running from this or an earlier sample: report it, do not wait, do not start another. (Or
+                # never started: its lane's worker did not get to it within the deadline.)
+                running_for = now - (self._stuck[i].started or now) if i in self._stuck else 0.0
+                error = (f"overran its {self.deadline_s:.1f} s deadline (running for {running_for:.1f} s)" if i in self._stuck
+                         else f"did not start within its {self.deadline_s:.1f} s deadline")
+                status[source.name] = SourceStatus(False, running_for, error, overran=True)
                 if source.name not in self._failing:
                     log.error("source %s did not finish within %.1f s; the snapshot goes on without it",
                               source.name, self.deadline_s)
                     self._failing.add(source.name)
                 continue
-            outcome = outcomes[i]
             duration, exc = outcome.duration_s, outcome.error
             if isinstance(exc, NoData):
                 log.debug("source %s: no data (%s)", source.name, exc)
@@ -352,7 +420,8 @@ class Sampler:
         return snapshot
 
     def _periodic(self, worker: _Worker, first_at: float) -> bool:
-        """The schedule, on a worker: sleep, run every source, publish, until stopped or abandoned."""
+        """The schedule, on the own lane's worker: sleep, start the lanes, run the own lane's sources, and publish
+        if the last to finish, until stopped or abandoned."""
         next_at = first_at
         alarm = self._alarm
         # Each sample's deadline is set before the sleep that precedes it, by a thread still warm from the sample
@@ -361,31 +430,55 @@ class Sampler:
         if alarm is not None:
             alarm.at(next_at + self.deadline_s)
         while not self._stop.is_set() and not self._stopped.acquire(timeout=max(0.0, next_at - time.monotonic())):
-            round_ = _Round(self._fresh_slots(), next_at)
+            slots = self._fresh_slots()
+            round_ = _Round(slots, next_at, {OWN_LANE, *(s.index for s in slots if s.index in self._blocking)})
             self._round = round_
-            if not worker.run_slots(round_.slots):
+            own = self._start_lanes(slots, lambda slot, round_=round_: lambda w: self._run_lane(w, round_, slot))
+            if not worker.run_slots(own):
                 return False
-            with worker.lock:
-                if round_.taken_over:
-                    return False
-                self._next_at = next_at + self.interval_s  # before the watchdog can look
-                round_.done = True
-            self._publish(round_.slots)
-            # If a sample overran the interval, skip ahead rather than bursting to catch up.
-            next_at = self._next_at = max(self._next_at, time.monotonic())
-            if alarm is not None:
-                alarm.at(next_at + self.deadline_s)  # in time: the watchdog sleeps on, until the next one's deadline
+            self._next_at = next_at + self.interval_s  # before the watchdog or a lane can look
+            last = round_.finish(OWN_LANE)
+            if last is None:  # taken over at its deadline with this lane still running: the schedule goes on elsewhere
+                return False
+            if last:
+                self._publish_round(round_)
+            next_at = self._next_at
         return False
 
+    def _run_lane(self, worker: _Worker, round_: _Round, slot: _Slot) -> bool:
+        """One source that may block, in its lane, for the schedule's sample `round_`."""
+        if not worker.run_slots([slot]):
+            return False
+        if round_.finish(slot.index):
+            self._publish_round(round_)
+        return True
+
+    def _publish_round(self, round_: _Round) -> None:
+        """Publishes the schedule's sample and moves the deadline timer on to the next one's."""
+        self._publish(round_.slots)
+        # If a sample overran the interval, skip ahead rather than bursting to catch up.
+        self._next_at = max(self._next_at, time.monotonic())
+        if self._alarm is not None:
+            self._alarm.at(self._next_at + self.deadline_s)  # in time: the watchdog sleeps on, until the next deadline
+
     def _take_over(self, round_: _Round) -> None:
-        """The round overran its deadline: report what is stuck, run the rest elsewhere, publish, and go on
-        with the schedule on a fresh worker."""
-        worker = self._worker
-        with worker.lock:
+        """The round overran its deadline: report what is stuck, run the rest of the own lane elsewhere, publish,
+        and, if the schedule's worker is the one stuck, go on with the schedule on a fresh worker."""
+        with round_.lock:
             if round_.done:
                 return
             round_.taken_over = True
-        rest = self._abandon(worker, round_.slots)
+            still = set(round_.open)
+        for slot in round_.slots:
+            if slot.index in still and slot.index in self._blocking:
+                self._abandon_lane(slot)
+        if OWN_LANE not in still:  # the schedule's worker is asleep until the next sample
+            self._publish(round_.slots)
+            if self._alarm is not None:
+                self._alarm.at(self._next_at + self.deadline_s)
+            return
+        own = [s for s in round_.slots if s.index not in self._blocking]
+        rest = self._abandon(self._worker, own)
         # The sample's deadline has passed: the sources left get the least budget, not a whole deadline again.
         slots = [s for s in round_.slots if not s.taken] + self._run_slots([_Slot(s.index, s.source) for s in rest],
                                                                             due=round_.started + self.deadline_s)
@@ -445,7 +538,8 @@ class Sampler:
             self._thread.join(timeout=10)
         if self._alarm is not None and (self._thread is None or not self._thread.is_alive()):
             self._alarm.close()
-        self._worker.jobs.put(None)
+        for worker in (self._worker, *self._lanes.values()):
+            worker.jobs.put(None)
         for source in self.sources:
             try:
                 source.close()

@@ -1,6 +1,6 @@
-"""The sampler: the sources in turn on a worker thread, under the sample's deadline; a stuck source is left
-to a thread of its own and the others go on without it, a failing one is reported, and neither holds the
-snapshot past about one deadline."""
+"""The sampler: each source that may block in a lane of its own, the others in turn on one worker, all under
+the sample's deadline; a stuck source is left to a thread of its own and the others go on without it, a
+failing one is reported, and neither holds the snapshot past about one deadline."""
 
 from __future__ import annotations
 
@@ -309,4 +309,97 @@ def test_a_stuck_source_in_a_sample_that_starts_late_is_reported_at_its_deadline
         assert snapshots and snapshots[0].status["stuck"].overran  # the watchdog looked again at the sample's own deadline
     finally:
         stuck.release.set()
+        sampler.stop()
+
+
+class Timed(Source):
+    """Records when each of its collections began (monotonic)."""
+
+    families = (Family("timed_value", "gauge", "A value.", ("who",)),)
+
+    def __init__(self, name: str, *, may_block: bool = False) -> None:
+        self.name, self.may_block = name, may_block
+        self.starts: list[float] = []
+
+    def collect(self):
+        self.starts.append(time.monotonic())
+        return [reading("timed_value", len(self.starts), who=self.name)]
+
+
+def test_a_source_that_may_block_has_a_lane_of_its_own_and_a_stuck_one_never_delays_another():
+    # Two sources that may block (the GPUs, the inference servers): the first hangs. The second starts with the
+    # sample, not after the first has spent the deadline, and its readings are in the snapshot.
+    stuck, servers, host = Stuck(), Timed("servers", may_block=True), Timed("host")
+    stuck.may_block = True
+    sampler = Sampler([stuck, servers, host], interval_s=2.0, deadline_s=0.5)
+    try:
+        t0 = time.monotonic()
+        snap = sampler.sample_once()
+        took = time.monotonic() - t0
+        assert servers.starts[0] - t0 < 0.25, servers.starts[0] - t0  # in turn after the stuck one, it began at 0.5 s
+        assert took < 1.0, took  # the snapshot waited one deadline for the stuck source, no more
+        assert snap.value("timed_value", who="servers") == 1 and snap.value("timed_value", who="host") == 1
+        assert snap.status["stuck"].overran and snap.status["servers"].up and snap.status["host"].up
+        snap = sampler.sample_once()
+        assert stuck.started == 1 and snap.status["stuck"].overran  # not started again while it hangs
+        assert snap.value("timed_value", who="servers") == 2
+        stuck.release.set()
+        time.sleep(0.05)
+        sampler.sample_once()  # the late result is dropped; its lane gets a fresh worker and it runs again
+        snap = sampler.sample_once()
+        assert snap.status["stuck"].up and snap.value("stuck_value") == 1
+    finally:
+        stuck.release.set()
+        sampler.stop()
+
+
+def test_on_its_schedule_each_source_that_may_block_runs_with_the_sample_not_after_a_stuck_one():
+    stuck, servers, host = Stuck(), Timed("servers", may_block=True), Timed("host")
+    stuck.may_block = True
+    sampler = Sampler([stuck, servers, host], interval_s=0.4, deadline_s=0.3)
+    snapshots = []
+    sampler.subscribe(snapshots.append)
+    try:
+        sampler.start()
+        time.sleep(1.9)
+        assert len(snapshots) >= 4, len(snapshots)  # one per interval, none held past its deadline
+        # each sample's lanes start together: the servers' scrape is not pushed back by the hung GPUs' deadline
+        lags = [s - h for s, h in zip(servers.starts, host.starts)]
+        assert len(lags) >= 4 and max(abs(lag) for lag in lags) < 0.15, lags
+        late = snapshots[-1]
+        assert late.status["stuck"].overran and late.status["servers"].up and late.status["host"].up
+        assert late.value("timed_value", who="servers") >= 3 and stuck.started == 1
+        stuck.release.set()
+        time.sleep(1.0)
+        assert snapshots[-1].status["stuck"].up and snapshots[-1].value("stuck_value") == 1  # back on the schedule
+        assert snapshots[-1].value("timed_value", who="servers") > late.value("timed_value", who="servers")
+    finally:
+        stuck.release.set()
+        sampler.stop()
+
+
+def test_a_lane_that_finishes_in_time_publishes_and_wakes_no_other_thread():
+    # A source that may block finishes after the own lane: it publishes the sample and moves the deadline timer
+    # on; one worker per lane for the whole run, and the sampler thread is not woken.
+    class SlowGpu(Timed):
+        def collect(self):
+            time.sleep(0.01)
+            return super().collect()
+
+    gpu, host = SlowGpu("gpu", may_block=True), Timed("host")
+    sampler = Sampler([gpu, host], interval_s=0.05)
+    snapshots = []
+    sampler.subscribe(snapshots.append)
+    try:
+        sampler.start()
+        time.sleep(0.15)
+        before, seen = _wakeups(sampler._thread), len(snapshots)
+        time.sleep(0.5)
+        assert len(snapshots) - seen >= 5
+        assert all(s.status["gpu"].up and s.status["host"].up for s in snapshots)
+        assert snapshots[-1].value("timed_value", who="gpu") == len(gpu.starts) or \
+            snapshots[-1].value("timed_value", who="gpu") == len(gpu.starts) - 1
+        assert _wakeups(sampler._thread) - before <= 1
+        assert sampler._workers == 2  # the own lane's worker and the GPU's, neither ever abandoned
+    finally:
         sampler.stop()
