@@ -20,7 +20,7 @@ import time
 
 import polars as pl
 
-from collector.rollups import (ALL_SCHEMAS, STEP_AGGS, STEP_KEY, as_gpu_samples, as_host_samples, incarnation_of,
+from collector.rollups import (ALL_SCHEMAS, STEP_AGGS, STEP_KEY, as_gpu_samples, as_host_samples, in_slices, incarnation_of,
                                merge_step_aggregates, rollup_gpu_samples, rollup_host_samples, step_aggregates)
 from collector.tables import KINDS, empty
 
@@ -60,6 +60,27 @@ def _trim(chunks: list[pl.DataFrame], cutoff: float) -> list[pl.DataFrame]:
             continue
         out.append(chunk if ts.min() >= cutoff else chunk.filter(pl.col("ts") >= cutoff))  # type: ignore[operator]
     return merge_small(out)
+
+
+def _split(frame: pl.DataFrame, predicate: pl.Expr) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The rows where `predicate` holds and the others; no copy where all rows fall on one side (the common case:
+    a filter copies every column, and these are the hot tier's largest frames)."""
+    mask = frame.select(predicate.fill_null(False).alias("_mask")).to_series()
+    if mask.all():
+        return frame, frame.clear()
+    if not mask.any():
+        return frame.clear(), frame
+    return frame.filter(mask), frame.filter(~mask)
+
+
+def _newest(frames: list[pl.DataFrame], keys: tuple[str, ...]) -> pl.DataFrame:
+    """The newest row of each key (the last of them where several share its newest time). Which rows is worked out
+    over the keys and times alone, and only those rows are gathered: sorting the frames whole copied every column of
+    every fresh row, twice where a scrape asked while a maintenance pass ran."""
+    frame = pl.concat(frames, how="vertical", rechunk=False)
+    place = (frame.select(pl.int_range(pl.len(), dtype=pl.UInt32).alias("_row"), *keys, "ts")
+             .sort("ts", maintain_order=True).unique(list(keys), keep="last").get_column("_row").sort())
+    return frame[place]
 
 
 def merge_small(chunks: list[pl.DataFrame]) -> list[pl.DataFrame]:
@@ -178,9 +199,7 @@ class HotTier:
         """The newest frame of each GPU (node, index) or node, as of the last maintenance and the fresh rows since."""
         with self._lock:
             latest, fresh = self._latest[kind], list(self._fresh[kind])
-        if fresh:
-            latest = pl.concat([latest, *fresh], how="vertical").sort("ts").unique(LATEST_KEYS[kind], keep="last")
-        return latest
+        return _newest([latest, *fresh], LATEST_KEYS[kind]) if fresh else latest
 
     def samples(self, kind: str, since: float | None = None, until: float | None = None,
                 keys: tuple[str, list] | None = None) -> pl.DataFrame:
@@ -347,23 +366,20 @@ class HotTier:
                          fresh: list[pl.DataFrame], to_roll: list[pl.DataFrame], now: float,
                          replace: dict[str, pl.DataFrame]) -> None:
         rollup = f"{kind}_1m"
-        if fresh:
-            latest = pl.concat([self._latest[kind], *fresh], how="vertical").sort("ts").unique(LATEST_KEYS[kind], keep="last")
-        else:
-            latest = self._latest[kind]
+        latest = _newest([self._latest[kind], *fresh], LATEST_KEYS[kind]) if fresh else self._latest[kind]
         latest = latest.filter(pl.col("ts") >= now - self.window_s)
         # Roll up the rows of closed minutes (ended at least LATENESS_S ago), late ones included; rows of
         # open minutes wait. A minute whose rows came in two parts has two rollup rows: samples add up.
         upto = (now - LATENESS_S) // MINUTE * MINUTE
         new_rollup, still_open = None, []
         if to_roll:
-            rows = pl.concat(to_roll, how="vertical")
-            closed = rows.filter(pl.col("ts") < upto)
+            rows = pl.concat(to_roll, how="vertical", rechunk=False)
+            closed, open_rows = _split(rows, pl.col("ts") < upto)
             if closed.height:
-                convert, roll = ((as_gpu_samples, rollup_gpu_samples) if kind == "gpus"
-                                 else (as_host_samples, rollup_host_samples))
-                new_rollup = roll(convert(closed), MINUTE)
-            open_rows = rows.filter(pl.col("ts") >= upto)
+                key, convert, roll = (("uuid", as_gpu_samples, rollup_gpu_samples) if kind == "gpus"
+                                      else ("node", as_host_samples, rollup_host_samples))
+                # Converted and rolled up a share of the GPUs (nodes) at a time: the copies are of a share only.
+                new_rollup = in_slices(closed, key, lambda share: roll(convert(share), MINUTE)).sort("ts", key)
             still_open = [open_rows] if open_rows.height else []
         self.rolled_upto[rollup] = max(self.rolled_upto[rollup], upto)
         # Raw rows go on a minute boundary, so that rollups end where raw rows begin.
@@ -381,11 +397,9 @@ class HotTier:
         pending = [*self._hour_pending[kind], *([new_rollup] if new_rollup is not None and new_rollup.height else [])]
         hour_upto = upto // HOUR * HOUR
         if pending:
-            minutes = pl.concat(pending, how="vertical")
-            closed = minutes.filter(pl.col("ts") < hour_upto)
+            closed, rest = _split(pl.concat(pending, how="vertical", rechunk=False), pl.col("ts") < hour_upto)
             if closed.height:
                 hourly = (rollup_gpu_samples if kind == "gpus" else rollup_host_samples)(closed, HOUR)
-            rest = minutes.filter(pl.col("ts") >= hour_upto)
             hour_rest = [rest] if rest.height else []
         self.rolled_upto[f"{kind}_1h"] = max(self.rolled_upto[f"{kind}_1h"], hour_upto)
         with self._lock:

@@ -12,6 +12,7 @@ and a last value alone loses what was counted before a restart within the span (
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import msgspec
 import polars as pl
@@ -298,9 +299,30 @@ def with_xids_within(ordered: pl.DataFrame, keys: list[str], out: pl.DataFrame) 
                     maintain_order="left", nulls_equal=True)
 
 
+SLICE_ROWS = 250_000  # a rollup of more rows is done a share of its GPUs or nodes at a time (in_slices)
+
+
+def in_slices(frame: pl.DataFrame, key: str, roll: Callable[[pl.DataFrame], pl.DataFrame],
+              rows: int | None = None) -> pl.DataFrame:
+    """`roll(frame)` for a rollup per `key` (and time): over a share of the keys at a time when `frame` has more than
+    `rows` rows, so that its copies (a sort and columns added: about twice its input) are of a share only. An
+    hour of 32,768 GPUs' minute rollups took 553 MiB beside its 307 MiB input whole, 141 MiB in 8 shares."""
+    shares = -(-frame.height // (rows or SLICE_ROWS))
+    if shares <= 1:
+        return roll(frame)
+    share = (pl.col(key).to_physical() % shares).fill_null(0)
+    return pl.concat([roll(frame.filter(share == i)) for i in range(shares)], how="vertical")
+
+
 def rollup_gpu_samples(samples: pl.DataFrame, every_s: float) -> pl.DataFrame:
     """Samples (raw or rolled up already) summarised per GPU and `every_s` seconds. Rows of the same time (a minute
     rolled up in two parts) are taken in the order they come."""
+    if samples.height > SLICE_ROWS:
+        return in_slices(samples, "uuid", lambda share: _rollup_gpu(share, every_s)).sort("ts", "uuid")
+    return _rollup_gpu(samples, every_s)
+
+
+def _rollup_gpu(samples: pl.DataFrame, every_s: float) -> pl.DataFrame:
     ordered = span_inputs(samples).with_columns((pl.col("ts") // every_s * every_s).alias("bucket"))
     ordered = with_counter_steps(ordered.sort(pl.col("uuid").to_physical(), "bucket", "ts", maintain_order=True),
                                  ["uuid", "bucket"])
@@ -339,6 +361,13 @@ def as_host_samples(hosts: pl.DataFrame) -> pl.DataFrame:
 
 
 def rollup_host_samples(samples: pl.DataFrame, every_s: float) -> pl.DataFrame:
+    """Samples (raw or rolled up already) summarised per node and `every_s` seconds."""
+    if samples.height > SLICE_ROWS:
+        return in_slices(samples, "node", lambda share: _rollup_host(share, every_s)).sort("ts", "node")
+    return _rollup_host(samples, every_s)
+
+
+def _rollup_host(samples: pl.DataFrame, every_s: float) -> pl.DataFrame:
     return (
         samples.sort("ts")
         .group_by((pl.col("ts") // every_s * every_s).alias("bucket"), "node")

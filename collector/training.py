@@ -186,6 +186,13 @@ def compute_times(steps: pl.DataFrame) -> pl.DataFrame:
     )
 
 
+def kept(frame: pl.DataFrame, predicate: pl.Expr) -> pl.DataFrame:
+    """`frame.filter(predicate)`, but `frame` itself when every row passes: a filter copies every column, and the
+    detectors' filters mostly keep every row (at 16,384 ranks each copy of the steps was hundreds of MB)."""
+    mask = frame.select(predicate.fill_null(False).alias("_kept")).to_series()
+    return frame if mask.all() else frame.filter(mask)
+
+
 def current_incarnation(steps: pl.DataFrame, warmup: int = WARMUP_STEPS) -> pl.DataFrame:
     """Each rank's rows since its latest (re)start, less its first `warmup` steps. A rank restarts when its
     step number goes back (a checkpoint restored) or its pid changes; its first rows are warm-up (compiling,
@@ -261,7 +268,7 @@ def straggler_scores(steps: pl.DataFrame, window: int = STRAGGLER_WINDOW) -> pl.
     # longer than that, a rank is judged again once it has a window of steps. (The mean step: a median of
     # millions of rows costs more than the rest.)
     span = (2 * (window + WARMUP_STEPS) * pl.col("duration_s").mean()).over("job")
-    recent = steps.filter(pl.col("ts") >= pl.col("ts").max().over("job") - span)
+    recent = kept(steps, pl.col("ts") >= pl.col("ts").max().over("job") - span)
     live = current_incarnation(recent)
     live = live.filter(pl.col("step") > pl.col("step").max().over("job") - window)
     excess = step_excess(live)
@@ -348,7 +355,7 @@ def rising_nodes(nodes: pl.DataFrame) -> pl.DataFrame:
 def progress(steps: pl.DataFrame, pauses: pl.DataFrame, now: float) -> pl.DataFrame:
     """Per job: when it last made progress, the silence allowed, whether a pause or an end is declared,
     which ranks reached the furthest step and which stopped a step (or more) before them."""
-    ends = steps.with_columns((pl.col("ts") + pl.col("duration_s")).alias("end_ts"))
+    ends = steps.select("job", "rank", "step", "duration_s", (pl.col("ts") + pl.col("duration_s")).alias("end_ts"))
     per_rank = ends.group_by("job", "rank").agg(pl.col("end_ts").max(), pl.col("step").max().alias("last_step"))
     recent_median = (ends.filter(pl.col("step") > pl.col("step").max().over("job") - 200)
                      .group_by("job").agg(pl.col("duration_s").median().cast(pl.Float64).alias("median_step_s")))

@@ -219,3 +219,23 @@ def test_closed_hours_are_rolled_up_again_and_long_ranges_read_the_hourly_tier(t
     (a,), (b_,) = history.gpu_reliability(coarse), history.gpu_reliability(fine)
     assert a["xids_by_code"] == b_["xids_by_code"] == {"79": 1}
     assert a["throttle_seconds"]["thermal_slowdown"] == pytest.approx(b_["throttle_seconds"]["thermal_slowdown"], rel=0.02)
+
+
+def test_the_latest_view_is_each_gpu_s_newest_row_whatever_order_its_frames_came_in():
+    """The newest frame of each GPU and node, from the last pass's and the fresh ones: a frame that came late (older
+    than one already seen) never replaces the newer, and of two with the same time the one that came last counts."""
+    hot = HotTier(window_s=3600, raw_s=300)
+    b, _ = frames_batch(0, NOW - 60, 30)
+    hot.append(batch_frames(b))
+    hot.maintain(NOW)  # the latest view as of this pass: the frames at NOW - 35
+    late, _ = frames_batch(1, NOW - 100, 10)  # late frames, older than those seen
+    newer, _ = frames_batch(2, NOW - 20, 10, hot_gpu="GPU-1-2")  # NOW - 20 and NOW - 15
+    again = batch_frames(frames_batch(3, NOW - 15, 5)[0])  # the same time as the newest, a healthy GPU-1-2 now
+    hot.append(batch_frames(late))
+    hot.append(batch_frames(newer))
+    hot.append(again)
+    for view in (lambda: hot.latest("gpus"), lambda: (hot.maintain(NOW), hot.latest("gpus"))[1]):
+        gpus = view()  # from the fresh rows, then as the next pass keeps it
+        assert gpus.height == 8 and set(gpus["ts"].to_list()) == {NOW - 15}
+        assert gpus.filter(pl.col("uuid") == "GPU-1-2")["health"].to_list() == ["healthy"]
+        assert hot.latest("hosts").height == 2 and set(hot.latest("hosts")["ts"].to_list()) == {NOW - 15}

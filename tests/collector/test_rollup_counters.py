@@ -284,3 +284,38 @@ def test_a_straggler_cause_counts_the_xid_within_a_minute_its_last_value_lost():
     causes = {c["cause"]: c for c in gpu_causes(rolled, peers)}
     assert causes["xid_errors"]["evidence"] == {"xids_in_window": 1.0}
     assert "xid_errors" not in {c["cause"] for c in gpu_causes(peers, rolled)}
+
+
+def test_a_large_rollup_done_a_share_of_the_gpus_at_a_time_is_the_same_rollup(monkeypatch):
+    """Past SLICE_ROWS rows a rollup works on a share of the GPUs (hosts: nodes) at a time, to bound its copies; the
+    result is row for row the one made whole, counters, restarts, health reasons and hosts included."""
+    from collector import rollups
+    from collector.rollups import as_host_samples, rollup_host_samples
+
+    frames = []
+    for n in range(12):  # twelve GPUs, each an hour of the frames above, some with a reason to be unhealthy
+        one = hour_of_frames().with_columns(pl.lit(f"GPU-{n:02d}").cast(pl.Categorical).alias("uuid"),
+                                            pl.lit(f"n{n // 4}").cast(pl.Categorical).alias("node"),
+                                            pl.lit(n % 4, pl.Int16).alias("index"))
+        if n % 3 == 0:
+            one = one.with_columns(pl.lit("unhealthy").cast(one.schema["health"]).alias("health"),
+                                   pl.lit(["xid_79"]).cast(one.schema["health_reasons"]).alias("health_reasons"))
+        frames.append(one)
+    gpus = pl.concat(frames)
+    hosts = pl.DataFrame({"ts": gpus["ts"], "node": gpus["node"]}).unique(maintain_order=True).with_columns(
+        pl.lit(0.5).alias("cpu_utilization_ratio"), pl.col("ts").rank("dense").cast(pl.Float64).alias("network_errors_total"))
+    host_samples = as_host_samples(hosts.select(
+        pl.col(c) if c in hosts.columns else pl.lit(None).alias(c) for c in SCHEMAS["hosts"]).cast(SCHEMAS["hosts"]))
+    whole = {every: as_dicts(rollup_gpu_samples(as_gpu_samples(gpus), every)) for every in (60.0, 3600.0)}
+    whole_hosts = as_dicts(rollup_host_samples(host_samples, 60.0))
+    minutes_whole = rollup_gpu_samples(as_gpu_samples(gpus), 60.0)
+    hour_whole = as_dicts(rollup_gpu_samples(minutes_whole, 3600.0))
+    monkeypatch.setattr(rollups, "SLICE_ROWS", 100)  # 4,320 raw rows: shares of about 100
+    shares = []
+    original = rollups._rollup_gpu
+    monkeypatch.setattr(rollups, "_rollup_gpu", lambda s, every: (shares.append(s.height), original(s, every))[1])
+    for every in (60.0, 3600.0):
+        assert as_dicts(rollup_gpu_samples(as_gpu_samples(gpus), every)) == whole[every]
+    assert len(shares) > 2 and max(shares) < gpus.height  # it did work a share at a time
+    assert as_dicts(rollup_gpu_samples(minutes_whole, 3600.0)) == hour_whole
+    assert as_dicts(rollup_host_samples(host_samples, 60.0)) == whole_hosts
