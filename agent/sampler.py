@@ -228,13 +228,15 @@ class Sampler:
     Each source that may block on hardware or the network (NVML, HTTP to inference servers) runs in a lane of
     its own, a worker thread of its own, started with the sample: a GPU in GSP timeouts never delays the
     inference servers' scrape, nor they the GPUs. The sources that only read /proc and /sys run one after
-    another in the sampler's own lane, on the worker that keeps the schedule. Every lane has the whole deadline,
-    counted from the sample's start, and the last lane to finish publishes the snapshot.
+    another in the sampler's own lane, on the worker that keeps the schedule, and the last source that may block
+    runs after them there: nothing runs after it to be delayed, and a node whose only such source is NVML needs
+    no other thread. Every lane has the whole deadline, counted from the sample's start, and the last lane to
+    finish publishes the snapshot.
     On the schedule (start()) the worker keeps the time itself: it wakes, starts the other lanes, runs its own,
     and the last lane publishes; the sampler thread wakes once per sample, at its deadline, only to check that
     the sample was published; on Linux it waits on a timer (_Alarm) that the publishing lane, finishing in time,
     moves on to the next sample's deadline (counted from when that sample is due), so it does not wake at all.
-    One thread wake-up per sample, and one more per source that may block, however many sources; the snapshot
+    One thread wake-up per sample, and one more per lane of a source that may block, however many sources; the snapshot
     is built by a thread whose caches the sample has just warmed (on a virtual machine, a thread waking from
     idle runs several times slower for its first milliseconds).
     A source still running at its deadline is reported (source_up 0, and for how long it has been running),
@@ -260,7 +262,9 @@ class Sampler:
         self._failing: set[str] = set()
         self._workers = 0
         self._worker = self._new_worker()  # the own lane's
-        self._blocking = frozenset(i for i, s in enumerate(self.sources) if getattr(s, "may_block", False))
+        # The sources with a lane of their own: every one that may block but the last, which runs last in the own
+        # lane (nothing runs after it there for it to delay), so a node with only NVML to wait on wakes no other thread.
+        self._blocking = frozenset([i for i, s in enumerate(self.sources) if getattr(s, "may_block", False)][:-1])
         self._lanes: dict[int, _Worker] = {}  # the worker of each source that may block, by the source's index
         self._stuck: dict[int, _Slot] = {}  # sources still running on an abandoned worker
         self._feeds = [{f.name: f.host for f in s.families if f.host} for s in self.sources]

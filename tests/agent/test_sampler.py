@@ -386,8 +386,8 @@ def test_a_lane_that_finishes_in_time_publishes_and_wakes_no_other_thread():
             time.sleep(0.01)
             return super().collect()
 
-    gpu, host = SlowGpu("gpu", may_block=True), Timed("host")
-    sampler = Sampler([gpu, host], interval_s=0.05)
+    gpu, servers, host = SlowGpu("gpu", may_block=True), Timed("servers", may_block=True), Timed("host")
+    sampler = Sampler([gpu, servers, host], interval_s=0.05)
     snapshots = []
     sampler.subscribe(snapshots.append)
     try:
@@ -396,10 +396,27 @@ def test_a_lane_that_finishes_in_time_publishes_and_wakes_no_other_thread():
         before, seen = _wakeups(sampler._thread), len(snapshots)
         time.sleep(0.5)
         assert len(snapshots) - seen >= 5
-        assert all(s.status["gpu"].up and s.status["host"].up for s in snapshots)
+        assert all(s.status["gpu"].up and s.status["servers"].up and s.status["host"].up for s in snapshots)
         assert snapshots[-1].value("timed_value", who="gpu") == len(gpu.starts) or \
             snapshots[-1].value("timed_value", who="gpu") == len(gpu.starts) - 1
         assert _wakeups(sampler._thread) - before <= 1
         assert sampler._workers == 2  # the own lane's worker and the GPU's, neither ever abandoned
+    finally:
+        sampler.stop()
+
+
+def test_the_last_source_that_may_block_runs_after_the_others_on_the_schedule_s_worker():
+    # Nothing runs after it there to be delayed: a node whose only source that may block is NVML wakes no other
+    # thread for it. (A hung one is still reported at the deadline: test_sources_that_may_block_run_after_the_others.)
+    gpu, host = Timed("gpu", may_block=True), Timed("host")
+    sampler = Sampler([gpu, host], interval_s=0.05)
+    snapshots = []
+    sampler.subscribe(snapshots.append)
+    try:
+        sampler.start()
+        time.sleep(0.4)
+        assert len(snapshots) >= 4 and all(s.status["gpu"].up for s in snapshots)
+        assert all(g >= h for g, h in zip(gpu.starts, host.starts))  # after the host sources
+        assert sampler._workers == 1
     finally:
         sampler.stop()
