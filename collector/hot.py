@@ -83,6 +83,27 @@ def _newest(frames: list[pl.DataFrame], keys: tuple[str, ...]) -> pl.DataFrame:
     return frame[place]
 
 
+# What step_aggregates reads of a step row.
+AGG_INPUT = ("job", "incarnation", "step", "ts", "duration_s", "world_size", "failed", "tokens", "samples", "flops_per_token")
+
+
+def _touched_rows(chunks: list[pl.DataFrame], fresh: list[pl.DataFrame]) -> pl.DataFrame:
+    """The rows (the columns step_aggregates reads) of every (job, step) that the `fresh` step rows touched, from
+    the step table's `chunks`: the fresh rows and the older rows of the same steps."""
+    touched = pl.concat([f[["job", "step"]] for f in fresh], how="vertical", rechunk=False)
+    older = len(chunks) - len(fresh)
+    if older >= 0 and all(a is b for a, b in zip(fresh, chunks[older:])):
+        # The fresh rows are the table's tail: only the older rows need the join (a few kept per rank, where the
+        # fresh ones are hundreds of thousands at a high event rate). A semi join asks only whether a key is there:
+        # the keys need not be unique (making them so took 50-100 ms a pass). Of a few columns: it copies what it keeps.
+        kept_rows = _concat(chunks[:older], "steps").select(AGG_INPUT)
+        if kept_rows.height:  # keys past the kept rows' last step cannot be theirs: the join is of a few
+            top = kept_rows.get_column("step").max()
+            kept_rows = kept_rows.join(touched.filter(pl.col("step") <= top), on=["job", "step"], how="semi")
+        return pl.concat([kept_rows, *(f.select(AGG_INPUT) for f in fresh)], how="vertical", rechunk=False)
+    return _concat(chunks, "steps").select(AGG_INPUT).join(touched, on=["job", "step"], how="semi")
+
+
 def merge_small(chunks: list[pl.DataFrame]) -> list[pl.DataFrame]:
     """Merge runs of small chunks (one per ingested batch) into larger ones; large chunks stay as they are."""
     out: list[pl.DataFrame] = []
@@ -190,9 +211,8 @@ class HotTier:
         with self._lock:
             aggs, fresh, chunks = self._aggs, list(self._fresh["steps"]), list(self._tables["steps"])
         if fresh:
-            touched = pl.concat([f[["job", "step"]] for f in fresh]).unique()
-            steps = _concat(chunks, "steps").join(touched, on=["job", "step"], how="semi")
-            aggs = merge_step_aggregates(aggs, step_aggregates(steps).with_columns(pl.lit(False).alias("final")))
+            aggs = merge_step_aggregates(aggs, step_aggregates(_touched_rows(chunks, fresh)).with_columns(
+                pl.lit(False).alias("final")))
         return aggs.drop("final").sort("job", "step", "incarnation")
 
     def latest(self, kind: str) -> pl.DataFrame:
@@ -303,20 +323,7 @@ class HotTier:
         steps = _concat(chunks, "steps")
         aggs = self._aggs
         if fresh:
-            touched = pl.concat([f[["job", "step"]] for f in fresh], how="vertical", rechunk=False)
-            older = len(chunks) - len(fresh)
-            if older >= 0 and all(a is b for a, b in zip(fresh, chunks[older:])):
-                # The fresh rows are the table's tail: only the older rows need the join (a few kept per rank,
-                # where the fresh ones are hundreds of thousands at a high event rate). A semi join asks only
-                # whether a key is there: the keys need not be unique (making them so took 50-100 ms a pass).
-                kept_rows = _concat(chunks[:older], "steps")
-                if kept_rows.height:  # keys past the kept rows' last step cannot be theirs: the join is of a few
-                    top = kept_rows.get_column("step").max()
-                    kept_rows = kept_rows.join(touched.filter(pl.col("step") <= top), on=["job", "step"], how="semi")
-                rows = pl.concat([kept_rows, *fresh], how="vertical", rechunk=False)
-            else:
-                rows = steps.join(touched, on=["job", "step"], how="semi")
-            recent = step_aggregates(rows)
+            recent = step_aggregates(_touched_rows(chunks, fresh))
             aggs = merge_step_aggregates(aggs, recent.with_columns(pl.lit(False).alias("final")))
         if steps.height:
             # Each rank's last raw_steps rows. A rank silent for 50 of its job's median steps over them (10 minutes
