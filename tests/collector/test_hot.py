@@ -239,3 +239,19 @@ def test_the_latest_view_is_each_gpu_s_newest_row_whatever_order_its_frames_came
         assert gpus.height == 8 and set(gpus["ts"].to_list()) == {NOW - 15}
         assert gpus.filter(pl.col("uuid") == "GPU-1-2")["health"].to_list() == ["healthy"]
         assert hot.latest("hosts").height == 2 and set(hot.latest("hosts")["ts"].to_list()) == {NOW - 15}
+
+
+def test_a_trim_gathers_the_kept_rows_chunk_by_chunk_and_keeps_whole_chunks_as_they_are():
+    """The step trim keeps each rank's latest rows: the oldest chunks lose rows, the newer ones are kept whole, and a
+    chunk kept whole is the same frame (not a copy of it, beside the old table, as gathering into one made)."""
+    from collector.hot import _gather
+
+    chunks = [pl.DataFrame({"ts": [float(i) for i in range(k * 60_000, (k + 1) * 60_000)], "rank": list(range(60_000))})
+              for k in range(3)]
+    whole = pl.concat(chunks)
+    place = whole.select(pl.int_range(pl.len(), dtype=pl.UInt32).alias("row"), "ts").filter(
+        (pl.col("ts") % 7 != 0) | (pl.col("ts") >= 60_000)).get_column("row")
+    out = _gather(chunks, place)
+    assert pl.concat(out).equals(whole[place])
+    assert out[-2] is chunks[1] and out[-1] is chunks[2] and out[0].height == 60_000 - 60_000 // 7 - 1
+    assert _gather(chunks, place.clear()) == []
