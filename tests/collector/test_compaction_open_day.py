@@ -158,3 +158,21 @@ def test_maintenance_through_a_day_rewrites_each_folder_once(tmp_path):
         assert all(len(files(f)) == 1 for f in (root / f"kind={kind}").glob("date=*/hour=*"))
         per_ts = len(NODES) * (2 if "index" in ALL_SCHEMAS[kind] else 1)
         assert rows(root, kind).height == 2 * 86400 // kinds[kind] * per_ts
+
+
+def test_a_rollup_is_sorted_a_range_of_nodes_at_a_time_into_the_same_order(tmp_path, monkeypatch):
+    """Compaction sorts a rollup's hour a range of its first key at a time (a sink then holds one range's sort, not
+    the hour's): the merged file holds every row, in the order a whole sort gives, nodes that sort between the
+    ranges' bounds and a null node included."""
+    monkeypatch.setattr(partitions, "SORT_RANGE_ROWS", 5)
+    h0 = DAY0 + 3600
+    parts = [pl.concat([frame("gpus_1m", [h0 + 60.0 * m]) for m in range(k, 60, 3)]) for k in range(3)]
+    nameless = frame("gpus_1m", [h0 + 30.0]).head(1).with_columns(pl.lit(None, pl.Categorical).alias("node"))
+    for n, part in enumerate([*parts, nameless]):
+        partitions.write_checkpoint_parts(tmp_path, "gpus_1m", part, n, n)
+    before = pl.concat([*parts, nameless]).select("node", "index", "ts").with_columns(pl.col("node").cast(pl.String))
+    assert partitions.compact(tmp_path, "gpus_1m", COMMITTED, before_hour=hour(h0 + 7200)) == 4
+    (merged,) = partitions.live_parts(tmp_path, "gpus_1m", COMMITTED)
+    got = pl.read_parquet(merged.path).select("node", "index", "ts")
+    assert got.equals(before.sort("node", "index", "ts"))  # every row, in order: the null node first
+    assert got.height == 3 * 20 * len(NODES) * 2 + 1
