@@ -249,8 +249,8 @@ def compact(root: Path, kind: str, committed: int, before_hour: str,
     merged once after, not re-read, re-sorted and rewritten whole by every pass during the day. An hour
     folder is closed once its hour is before `before_hour`, as its name says.
 
-    Rollups are sorted by their key in memory (SORT_KEYS), inside `sorting` (the store's upkeep lock: not at the
-    same time as the hot tier's maintenance, whose copies would add to the sort's)."""
+    Rollups are sorted by their key in memory (SORT_KEYS). Every merge runs inside `sorting` (the store's upkeep
+    lock: not at the same time as the hot tier's maintenance or the analysis, whose copies would add to its)."""
     merged = 0
     closed_by = hour_start(before_hour)
     by_hour: dict[Path, list[Part]] = {}
@@ -264,11 +264,11 @@ def compact(root: Path, kind: str, committed: int, before_hour: str,
         frame = pl.scan_parquet([str(p.path) for p in newest_first(hour_parts)], missing_columns="insert",
                                 extra_columns="ignore")  # the merged file keeps the newest file's columns
         path = folder / f"part-{lo:020d}-{hi:020d}.parquet"
-        if kind in SORT_KEYS:  # rollups are sorted in memory, a range of their first key at a time (sorted_in_ranges)
-            with sorting:
+        with sorting:
+            if kind in SORT_KEYS:  # rollups are sorted in memory, a range of their first key at a time (sorted_in_ranges)
                 _write_atomic(sorted_in_ranges(frame, SORT_KEYS[kind]), path, row_group_of(kind))
-        else:  # raw hours stream through unsorted
-            _write_atomic(frame, path, row_group_of(kind))
+            else:  # raw hours stream through unsorted (the sink still holds a few hundred MB at 4,096 nodes)
+                _write_atomic(frame, path, row_group_of(kind))
         # The parts merged are now redundant: readers listing files from here on skip them, and clean() deletes
         # them at the next maintenance pass, not now: a read that listed them a moment ago (a month's history,
         # a console page) is still reading them, and would fail on a file deleted under it.

@@ -143,9 +143,9 @@ class Store:
         self.hot = HotTier(window_s=window_s, raw_s=raw_s, raw_steps=raw_steps, budget_bytes=hot_budget)
         self._gate = threading.Condition()  # guards everything below; held across I/O only to rotate the WAL
         self._checkpoint_lock = threading.Lock()
-        # Held by the upkeep that copies whole tables in memory for a moment: the hot tier's maintenance and the
-        # compaction of an hour of rollups (sorted in memory). Run at once, their copies added up: at 4,096 nodes
-        # a sorted hour of GPU minute rollups takes about 1 GiB while it is made, the hot tier's pass as much.
+        # Held by the upkeep that copies whole tables in memory for a moment: the hot tier's maintenance, the
+        # analysis pass (collector.api.app) and each compaction of an hour. Run at once, their copies added up: at
+        # 4,096 nodes merging an hour of GPU minute rollups takes 0.3-0.5 GiB while it is made, the others as much.
         self.upkeep = threading.Lock()
         self._rotating = False
         self._inflight = 0

@@ -176,3 +176,21 @@ def test_a_rollup_is_sorted_a_range_of_nodes_at_a_time_into_the_same_order(tmp_p
     got = pl.read_parquet(merged.path).select("node", "index", "ts")
     assert got.equals(before.sort("node", "index", "ts"))  # every row, in order: the null node first
     assert got.height == 3 * 20 * len(NODES) * 2 + 1
+
+
+def test_every_merge_runs_inside_the_lock_it_is_given(tmp_path, monkeypatch):
+    """Raw hours as well as rollups: the sink holds hundreds of MB either way, so the store's upkeep lock (given as
+    `sorting`) keeps it apart from the hot tier's maintenance and the analysis."""
+    import threading
+
+    lock = threading.Lock()
+    held = []
+    h0 = DAY0 + 3600
+    for kind in ("gpus", "gpus_1m"):
+        for n in range(2):
+            write(tmp_path, kind, h0 + 30 * n, h0 + 3600, 60, n)
+    original = partitions._write_atomic
+    monkeypatch.setattr(partitions, "_write_atomic", lambda *a, **k: (held.append(lock.locked()), original(*a, **k))[1])
+    for kind in ("gpus", "gpus_1m"):
+        assert partitions.compact(tmp_path, kind, COMMITTED, before_hour=hour(h0 + 7200), sorting=lock) == 2
+    assert held == [True, True]

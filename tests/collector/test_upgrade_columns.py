@@ -121,3 +121,30 @@ def test_the_hot_tier_is_maintained_under_the_upkeep_lock(tmp_path):
     s.maintain_hot()
     assert seen == [True] and not s.upkeep.locked()
     s.close()
+
+
+def test_the_analysis_pass_runs_under_the_upkeep_lock(tmp_path, monkeypatch):
+    """The analysis and the views' refresh copy the step table's columns for a moment: under the store's upkeep
+    lock, so never beside a compaction's merge (the fleet bench's highest RSS was one of each at once)."""
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from collector.api import app as app_module
+    from collector.api import create_app
+    from tests.collector.test_api import settings
+    from tests.conftest import wait_ready, wait_until
+
+    seen: list[bool] = []
+    analyse = app_module.analyse
+
+    def watched(*args, **kwargs):
+        seen.append(client.app.state.store.upkeep.locked())
+        return analyse(*args, **kwargs)
+
+    monkeypatch.setattr(app_module, "analyse", watched)
+    with TestClient(create_app(settings(tmp_path, analysis_interval_s=0.05))) as client:
+        wait_ready(client)
+        wait_until(lambda: len(seen) >= 2, timeout=10, interval=0.02, what="two analysis passes")
+        store = client.app.state.store
+        assert all(seen) and isinstance(store.upkeep, type(threading.Lock()))
