@@ -5,7 +5,7 @@ from __future__ import annotations
 import polars as pl
 
 from collector.rollups import latest_runs
-from collector.tables import PHASE_COLUMNS, as_f64, metrics_long, phases_long
+from collector.tables import PHASE_COLUMNS, PHASES, as_f64, metrics_long, phases_long
 
 QUANTILES = (0.5, 0.95, 0.99)
 
@@ -134,7 +134,11 @@ def rank_breakdown(steps: pl.DataFrame, job: str) -> pl.DataFrame:
         wide = (long.group_by("rank", key).agg(pl.col(value).mean())
                 .with_columns((pl.lit(prefix) + pl.col(key) + pl.lit(suffix)).alias(key))
                 .pivot(on=key, index="rank", values=value))
-        out = out.join(wide, on="rank", how="left")
+        # The pivot's columns come in the order its groups did, which varies from call to call: the known phases in
+        # a step's order, then the others by name.
+        known = [f"{prefix}{p}{suffix}" for p in PHASES] if key == "phase" else []
+        columns = [c for c in known if c in wide.columns] + sorted(c for c in wide.columns if c != "rank" and c not in known)
+        out = out.join(wide.select("rank", *columns), on="rank", how="left")
     return out.sort("rank")
 
 

@@ -83,6 +83,22 @@ def test_rank_breakdown_means_each_phase_and_metric_per_rank():
     assert rank0 == pytest.approx((0, 0.3, 0.4, 0.4)) and rank1 == (1, 0.7, None, None)
 
 
+def test_rank_breakdown_columns_come_in_a_fixed_order():
+    """The phases in a step's order, then other phases and the metrics by name, whatever order the rows came in
+    (the pivot's columns followed its groups' order, which varied from call to call)."""
+    from collector.training import rank_breakdown
+
+    rows = [{"job": "j", "rank": r, "step": s, "ts": float(s), "duration_s": 1.0,
+             "phases": [{"phase": p, "seconds": 0.1} for p in ("optimizer", "zeta", "comm", "data", "alpha", "forward")],
+             "metrics": [{"name": n, "value": 1.0} for n in ("b_metric", "a_metric")]}
+            for r in range(40) for s in range(3)]
+    want = ["rank", "phase_data_mean_s", "phase_forward_mean_s", "phase_optimizer_mean_s", "phase_comm_mean_s",
+            "phase_alpha_mean_s", "phase_zeta_mean_s", "metric_a_metric_mean", "metric_b_metric_mean"]
+    for order in (rows, rows[::-1], rows[1::2] + rows[::2]):
+        for _ in range(3):
+            assert rank_breakdown(steps(order), "j").columns == want
+
+
 @pytest.mark.parametrize(
     "counts, q, expected",
     [
