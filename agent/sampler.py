@@ -375,11 +375,12 @@ class Sampler:
         now = time.perf_counter()
         for i, source in enumerate(self.sources):
             outcome = outcomes.get(i)
-            if i in self._stuck or outcome is None:
+            stuck = self._stuck.get(i)  # once: the schedule's worker may forget it meanwhile (_fresh_slots)
+            if stuck is not None or outcome is None:
                 # Still running from this or an earlier sample: report it, do not wait, do not start another. (Or
                 # never started: its lane's worker did not get to it within the deadline.)
-                running_for = now - (self._stuck[i].started or now) if i in self._stuck else 0.0
-                error = (f"overran its {self.deadline_s:.1f} s deadline (running for {running_for:.1f} s)" if i in self._stuck
+                running_for = now - (stuck.started or now) if stuck is not None else 0.0
+                error = (f"overran its {self.deadline_s:.1f} s deadline (running for {running_for:.1f} s)" if stuck is not None
                          else f"did not start within its {self.deadline_s:.1f} s deadline")
                 status[source.name] = SourceStatus(False, running_for, error, overran=True)
                 if source.name not in self._failing:
@@ -434,12 +435,19 @@ class Sampler:
         if alarm is not None:
             alarm.at(next_at + self.deadline_s)
         while not self._stop.is_set() and not self._stopped.acquire(timeout=max(0.0, next_at - time.monotonic())):
+            last = self._round
+            if last is not None and not last.done and not last.taken_over:
+                # The sample before still has a lane running as this one is due (it started late, or its deadline is
+                # the whole interval): it is taken over now, by this worker, whose own lane of it is done. The
+                # watchdog watches one sample, this one from now on: left open, the last would never be published
+                # and its hung source would be started again.
+                self._take_over(last)
             slots = self._fresh_slots()
             round_ = _Round(slots, next_at, {OWN_LANE, *(s.index for s in slots if s.index in self._blocking)})
             self._round = round_
             own = self._start_lanes(slots, lambda slot, round_=round_: lambda w: self._run_lane(w, round_, slot))
-            if not worker.run_slots(own):
-                return False
+            if not worker.run_slots(own) or round_.taken_over:
+                return False  # abandoned to a stuck source: the schedule goes on elsewhere
             self._next_at = next_at + self.interval_s  # before the watchdog or a lane can look
             last = round_.finish(OWN_LANE)
             if last is None:  # taken over at its deadline with this lane still running: the schedule goes on elsewhere
@@ -469,8 +477,8 @@ class Sampler:
         """The round overran its deadline: report what is stuck, run the rest of the own lane elsewhere, publish,
         and, if the schedule's worker is the one stuck, go on with the schedule on a fresh worker."""
         with round_.lock:
-            if round_.done:
-                return
+            if round_.done or round_.taken_over:
+                return  # published by its last lane, or taken over already (the watchdog, or the next sample)
             round_.taken_over = True
             still = set(round_.open)
         for slot in round_.slots:
