@@ -484,10 +484,8 @@ class Sampler:
         for slot in round_.slots:
             if slot.index in still and slot.index in self._blocking:
                 self._abandon_lane(slot)
-        if OWN_LANE not in still:  # the schedule's worker is asleep until the next sample
-            self._publish(round_.slots)
-            if self._alarm is not None:
-                self._alarm.at(self._next_at + self.deadline_s)
+        if OWN_LANE not in still:  # the schedule's worker is asleep until the next sample, or is the next sample's
+            self._publish_round(round_)
             return
         own = [s for s in round_.slots if s.index not in self._blocking]
         rest = self._abandon(self._worker, own)

@@ -405,7 +405,7 @@ class HotTier:
                 key, convert, roll = (("uuid", as_gpu_samples, rollup_gpu_samples) if kind == "gpus"
                                       else ("node", as_host_samples, rollup_host_samples))
                 # Converted and rolled up a share of the GPUs (nodes) at a time: the copies are of a share only.
-                new_rollup = in_slices(closed, key, lambda share: roll(convert(share), MINUTE)).sort("ts", key)
+                new_rollup = in_slices(closed, key, lambda share: roll(convert(share), MINUTE))
             still_open = [open_rows] if open_rows.height else []
         self.rolled_upto[rollup] = max(self.rolled_upto[rollup], upto)
         # Raw rows go on a minute boundary, so that rollups end where raw rows begin.

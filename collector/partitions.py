@@ -227,14 +227,16 @@ def sorted_in_ranges(frame: pl.LazyFrame, keys: tuple[str, ...], rows: int | Non
     if ranges <= 1:
         return frame.sort(*keys)
     values = frame.select(pl.col(first).drop_nulls().unique()).collect().get_column(first).sort()
-    bounds = list(dict.fromkeys(values[i * values.len() // ranges] for i in range(1, ranges)))
-    if not bounds:
+    if values.len() < 2:
         return frame.sort(*keys)
+    bounds = list(dict.fromkeys(values[i * values.len() // ranges] for i in range(1, ranges)))
     parts = [frame.filter(pl.col(first).is_null()).sort(*keys)]
     for lo, hi in zip([None, *bounds], [*bounds, None]):
-        inside = pl.col(first) >= lo if lo is not None else pl.col(first) < hi
-        if lo is not None and hi is not None:
-            inside = inside & (pl.col(first) < hi)
+        inside = pl.lit(True)
+        if lo is not None:
+            inside &= pl.col(first) >= lo
+        if hi is not None:
+            inside &= pl.col(first) < hi
         parts.append(frame.filter(inside).sort(*keys))
     return pl.concat(parts, how="vertical")
 

@@ -304,8 +304,9 @@ SLICE_ROWS = 250_000  # a rollup of more rows is done a share of its GPUs or nod
 
 def in_slices(frame: pl.DataFrame, key: str, roll: Callable[[pl.DataFrame], pl.DataFrame],
               rows: int | None = None) -> pl.DataFrame:
-    """`roll(frame)` for a rollup per `key` (and time): over a share of the keys at a time when `frame` has more than
-    `rows` rows, so that its copies (a sort and columns added: about twice its input) are of a share only. An
+    """`roll(frame)` for a rollup per `key` and time, sorted by time and `key` as `roll` sorts its own: over a share
+    of the keys at a time when `frame` has more than `rows` rows, so that its copies (a sort and columns added:
+    about twice its input) are of a share only. An
     hour of 32,768 GPUs' minute rollups took 553 MiB beside its 307 MiB input whole, 141 MiB in 8 shares.
     Each share is made one chunk first: the hot tier's rows come a frame per ingested batch, and a rollup over
     thousands of chunks took 13 times as long (20 s against 1.5 s for 1.3 M rows in 13,653 chunks)."""
@@ -313,15 +314,13 @@ def in_slices(frame: pl.DataFrame, key: str, roll: Callable[[pl.DataFrame], pl.D
     if shares <= 1:
         return roll(frame.rechunk())
     share = (pl.col(key).to_physical() % shares).fill_null(0)
-    return pl.concat([roll(frame.filter(share == i).rechunk()) for i in range(shares)], how="vertical")
+    return pl.concat([roll(frame.filter(share == i).rechunk()) for i in range(shares)], how="vertical").sort("ts", key)
 
 
 def rollup_gpu_samples(samples: pl.DataFrame, every_s: float) -> pl.DataFrame:
     """Samples (raw or rolled up already) summarised per GPU and `every_s` seconds. Rows of the same time (a minute
     rolled up in two parts) are taken in the order they come."""
-    if samples.height > SLICE_ROWS:
-        return in_slices(samples, "uuid", lambda share: _rollup_gpu(share, every_s)).sort("ts", "uuid")
-    return _rollup_gpu(samples.rechunk(), every_s)
+    return in_slices(samples, "uuid", lambda share: _rollup_gpu(share, every_s))
 
 
 def _rollup_gpu(samples: pl.DataFrame, every_s: float) -> pl.DataFrame:
@@ -364,9 +363,7 @@ def as_host_samples(hosts: pl.DataFrame) -> pl.DataFrame:
 
 def rollup_host_samples(samples: pl.DataFrame, every_s: float) -> pl.DataFrame:
     """Samples (raw or rolled up already) summarised per node and `every_s` seconds."""
-    if samples.height > SLICE_ROWS:
-        return in_slices(samples, "node", lambda share: _rollup_host(share, every_s)).sort("ts", "node")
-    return _rollup_host(samples.rechunk(), every_s)
+    return in_slices(samples, "node", lambda share: _rollup_host(share, every_s))
 
 
 def _rollup_host(samples: pl.DataFrame, every_s: float) -> pl.DataFrame:
