@@ -3,7 +3,8 @@
 Each raw table is a list of frames: an ingest appends its batch's frame (O(batch), under the lock);
 readers take the list under the lock and concatenate outside it. A maintenance pass, run every few
 seconds off the ingest path, computes what replaces old rows and swaps it in under the lock:
-- steps: each rank's last `raw_steps` steps; per-step aggregates of every job for the window;
+- steps: each rank's last `raw_steps` steps (fewer, down to MIN_STEPS, past STEPS_SHARE of the budget); per-step
+  aggregates of every job for the window;
 - GPU and host frames: the last `raw_s` seconds raw, per-minute rollups for the window, and the
   latest frame of each GPU and node;
 - requests, pauses and server frames: the window.
@@ -31,6 +32,10 @@ HOUR = 3600.0
 LATENESS_S = 20.0  # a minute is rolled up once frames dated in it have had this long to arrive
 ROLLUP_RAW = {"gpus_1m": "gpus", "hosts_1m": "hosts"}
 LATEST_KEYS = {"gpus": ("node", "index"), "hosts": ("node",)}
+# The raw steps' most of the hot tier's budget: past it each rank keeps fewer than raw_steps, down to MIN_STEPS, what
+# the detectors read of a rank (its first 10 rows are warm-up, then a 16-step window: collector.training) with room.
+STEPS_SHARE = 0.5
+MIN_STEPS = 32
 SHRINK_ORDER = ("requests", "gpus_1m", "hosts_1m", "server_histograms", "server_stats", "step_aggs", "pauses", "gpus", "hosts")
 
 
@@ -164,6 +169,7 @@ class HotTier:
         # From when each table is complete in memory (None: from its first row).
         self.held_since: dict[str, float | None] = {k: None for k in self._tables} | {"step_aggs": None}
         self.steps_since: float | None = None  # the oldest raw step row kept (where a restart reloads from)
+        self.steps_per_rank = raw_steps  # what each rank keeps: raw_steps, fewer where the budget says (steps_to_keep)
         self._steps_kept, self._steps_trimmed_at = 0, 0.0
         self.maintenance_s = 0.0
 
@@ -344,20 +350,21 @@ class HotTier:
             recent = step_aggregates(_touched_rows(chunks, fresh))
             aggs = merge_step_aggregates(aggs, recent.with_columns(pl.lit(False).alias("final")))
         if steps.height:
-            # Each rank's last raw_steps rows. A rank silent for 50 of its job's median steps over them (10 minutes
+            # Each rank's last steps_per_rank rows. A rank silent for 50 of its job's median steps over them (10 minutes
             # at least) while its job went on has left it (a hung job does not go on: its ranks all stay).
             horizon = pl.max_horizontal(pl.lit(600.0), pl.col("duration_s").median().over("job").cast(pl.Float64) * 50)
-            keep = ((pl.col("ts").rank("ordinal", descending=True).over("job", "rank") <= self.raw_steps)
-                    & (pl.col("ts").max().over("job", "rank") >= pl.col("ts").max().over("job") - horizon)
-                    & (pl.col("ts") >= now - self.window_s))
             # Trimming copies the table: only once it has grown a quarter past what the last trim kept.
             if steps.height > 1.25 * self._steps_kept or now - self._steps_trimmed_at > 60:
-                # First each rank's rows from its raw_steps-th latest ts on (a selection, not a sort: ties make it a
+                per_rank = self.steps_per_rank = self.steps_to_keep(chunks, steps)
+                keep = ((pl.col("ts").rank("ordinal", descending=True).over("job", "rank") <= per_rank)
+                        & (pl.col("ts").max().over("job", "rank") >= pl.col("ts").max().over("job") - horizon)
+                        & (pl.col("ts") >= now - self.window_s))
+                # First each rank's rows from its steps_per_rank-th latest ts on (a selection, not a sort: ties make it a
                 # few more), then the exact rule over those: ranking hundreds of thousands of fresh rows took 150 ms.
                 # Both rules run over the few columns they read, with each row's place in the table; the rows kept
                 # are then gathered chunk by chunk (_gather). Filtering the whole table twice made two copies of
                 # it beside the old one (at 16,384 ranks about 1 GiB for a moment, the fleet bench's peak).
-                latest = pl.col("ts") >= pl.col("ts").top_k(self.raw_steps).min().over("job", "rank")
+                latest = pl.col("ts") >= pl.col("ts").top_k(per_rank).min().over("job", "rank")
                 place = (steps.select(pl.int_range(pl.len(), dtype=pl.UInt32).alias("row"), "job", "rank", "ts", "duration_s")
                          .filter(latest).filter(keep).get_column("row"))
                 kept_chunks = _gather(chunks, place) if place.len() < steps.height else merge_small(chunks)
@@ -387,6 +394,17 @@ class HotTier:
             if newly.height:
                 self._unwritten["step_aggs"].append(newly.drop("final"))
         self.held_since["step_aggs"] = cutoff
+
+    def steps_to_keep(self, chunks: list[pl.DataFrame], steps: pl.DataFrame) -> int:
+        """How many steps each rank keeps: raw_steps, or as many as fit in STEPS_SHARE of the budget at the table's
+        bytes a row, but never fewer than MIN_STEPS. At 16,384 ranks 120 steps each are 375 MB, more than the
+        whole hot tier's share of a 2 GiB budget with the GPU frames beside them."""
+        size = _size(chunks)
+        if self.budget_bytes is None or size <= STEPS_SHARE * self.budget_bytes:
+            return self.raw_steps
+        ranks = steps.select("job", "rank").n_unique()
+        fits = int(STEPS_SHARE * self.budget_bytes / (size / steps.height) / ranks)
+        return max(MIN_STEPS, min(self.raw_steps, fits))
 
     def _maintain_frames(self, kind: str, chunks: list[pl.DataFrame], rolled_chunks: list[pl.DataFrame],
                          fresh: list[pl.DataFrame], to_roll: list[pl.DataFrame], now: float,

@@ -208,6 +208,9 @@ class CollectorMetrics:
                 if since is not None:
                     held.add_metric([table], max(0.0, now - since))
         yield from (rows, held)
+        yield GaugeMetricFamily("fleetscope_collector_hot_steps_per_rank",
+                                "Raw steps the hot tier keeps of each rank: raw_steps, fewer when they would take more "
+                                "than their share of the memory budget.", value=store.hot.steps_per_rank)
         if self.memory_budget:
             yield GaugeMetricFamily("fleetscope_collector_memory_budget_bytes", "The memory budget the collector keeps within.",
                                     value=self.memory_budget)

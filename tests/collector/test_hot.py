@@ -10,10 +10,11 @@ import polars as pl
 import pytest
 
 from collector import history
-from collector.hot import HotTier
+from collector.hot import MIN_STEPS, STEPS_SHARE, HotTier
 from collector.rollups import step_aggregates
 from collector.store import Store
 from collector.tables import batch_frames
+from collector.training import STRAGGLER_WINDOW, WARMUP_STEPS, straggler_scores, stragglers
 from fleetscope.schema import decode_batch
 
 NOW = time.time()
@@ -95,6 +96,44 @@ def test_each_rank_keeps_exactly_its_latest_steps_when_many_share_a_timestamp():
     for rank in (0, 1):  # the latest: steps 75-94 (ts of 85-94 beat 75-84's; all of them beat the rest)
         assert sorted(raw.filter(pl.col("rank") == rank)["step"].to_list())[-10:] == list(range(85, 95))
         assert raw.filter(pl.col("rank") == rank)["ts"].min() >= NOW - 100 + 7
+
+
+def _steps_frames(ranks: int, steps: int, slow_rank: int | None = None) -> dict[str, pl.DataFrame]:
+    events = [{"v": 1, "kind": "step", "job": "j", "rank": r, "world_size": ranks, "step": s, "ts": NOW - 300 + s,
+               "duration_s": 1.3 if r == slow_rank else 1.0 + (r % 7) / 100,
+               "phases": {"forward": 0.4, "backward": 0.5 if r != slow_rank else 0.8, "comm": 0.1}}
+              for s in range(steps) for r in range(ranks)]
+    return batch_frames(decode_batch(json.dumps({"v": 1, "agent_id": "a", "seq": 0, "node": "n", "sent_ts": NOW,
+                                                 "events": events}).encode()))
+
+
+def test_past_their_share_of_the_budget_each_rank_keeps_fewer_steps_but_never_fewer_than_the_detectors_read():
+    """At a large job's rank count raw_steps steps a rank outgrow the hot tier: each rank keeps as many as fit in the
+    steps' share, the same for every rank, and never fewer than MIN_STEPS, with which a straggler is still found."""
+    frames = _steps_frames(ranks=48, steps=100, slow_rank=5)
+    per_row = frames["steps"].estimated_size() / frames["steps"].height
+    unbounded = HotTier(window_s=3600, raw_steps=80)
+    unbounded.append(frames)
+    unbounded.maintain(NOW)
+    assert unbounded.raw("steps").height == 48 * 80 and unbounded.steps_per_rank == 80
+
+    # a budget whose steps' share holds 50 a rank
+    hot = HotTier(window_s=3600, raw_steps=80, budget_bytes=int(48 * 50 * per_row / STEPS_SHARE))
+    hot.append(frames)
+    hot.maintain(NOW)
+    counts = hot.raw("steps").group_by("rank").len()["len"]
+    assert 45 <= hot.steps_per_rank <= 50 and counts.min() == counts.max() == hot.steps_per_rank
+    assert hot.memory()["steps"] <= STEPS_SHARE * hot.budget_bytes
+    assert sorted(hot.raw("steps").filter(pl.col("rank") == 0)["step"].to_list()) == list(range(100 - hot.steps_per_rank, 100))
+
+    # a budget far too small: the floor, and the detectors still name the slow rank from it
+    tiny = HotTier(window_s=3600, raw_steps=80, budget_bytes=2**16)
+    tiny.append(frames)
+    tiny.maintain(NOW)
+    assert tiny.steps_per_rank == MIN_STEPS and tiny.raw("steps").height == 48 * MIN_STEPS
+    assert MIN_STEPS >= WARMUP_STEPS + STRAGGLER_WINDOW
+    found = stragglers(straggler_scores(tiny.raw("steps")))
+    assert found["rank"].to_list() == [5]
 
 
 def test_merging_step_aggregates_keeps_the_recount_from_the_most_ranks_then_the_latest_end():

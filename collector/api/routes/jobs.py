@@ -114,7 +114,7 @@ def get_job(job: str, request: Request, store: StoreDep, r: RangeDep,
     ranks = _rank_rows(store, views, steps, job, top if top is not None else MAX_RANKS)
     # Up to 100,000 ranks (top): written by polars (collector.api.encoding), the JSON FastAPI wrote from to_dicts.
     return json_response({"job": overview, "ranks": ranks, "ranks_total": overview["ranks"],
-                          "ranks_cover_last_steps": store.hot.raw_steps,
+                          "ranks_cover_last_steps": store.hot.steps_per_rank,
                           # the Slurm jobs that ran it, one per incarnation (sbatch, requeue), oldest first: collector/slurm.py
                           "slurm": request.app.state.slurm.links(job),
                           # on Kubernetes, the pod of each rank in `ranks` (the newest that reported it): collector/pods.py
