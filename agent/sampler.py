@@ -136,6 +136,7 @@ class _Worker:
         self.jobs: SimpleQueue = SimpleQueue()
         self.lock = threading.Lock()
         self.abandoned = False
+        self.current: _Slot | None = None  # the slot whose source it is collecting
         self.thread = threading.Thread(target=self._run, name=f"sources-{n}", daemon=True)
         self.thread.start()
 
@@ -152,7 +153,9 @@ class _Worker:
                 if slot.taken:
                     return False
                 slot.started = time.perf_counter()
+                self.current = slot
             slot.outcome = _collect(slot.source)
+            self.current = None
         return True
 
 
@@ -548,9 +551,21 @@ class Sampler:
             self._thread.join(timeout=10)
         if self._alarm is not None and (self._thread is None or not self._thread.is_alive()):
             self._alarm.close()
-        for worker in (self._worker, *self._lanes.values()):
+        workers = [self._worker, *self._lanes.values()]
+        for worker in workers:
             worker.jobs.put(None)
-        for source in self.sources:
+        # A sample in progress finishes first, within its deadline: a source is not closed while a lane reads it
+        # (nvmlShutdown under another thread's NVML call). One still running then is stuck: it is left open, as
+        # are those stuck from earlier samples, on the threads left to them.
+        until = time.monotonic() + self.deadline_s
+        for worker in workers:
+            worker.thread.join(timeout=max(0.0, until - time.monotonic()))
+        running = {slot.index for slot in list(self._stuck.values()) if slot.outcome is None}
+        running |= {slot.index for w in workers if w.thread.is_alive() and (slot := w.current) is not None}
+        for i, source in enumerate(self.sources):
+            if i in running:
+                log.warning("source %s is still running as the sampler stops: it is not closed", source.name)
+                continue
             try:
                 source.close()
             except Exception:

@@ -493,3 +493,52 @@ def test_a_hung_lane_in_a_sample_that_started_late_is_published_once_in_order():
     finally:
         gpu.release.set()
         sampler.stop()
+
+
+class Closing(Source):
+    """Reads for `seconds` (or until released, when None) and records its reads and its close, in order."""
+
+    families = (Family("closing_value", "gauge", "A value."),)
+
+    def __init__(self, name: str, seconds: float | None) -> None:
+        self.name, self.may_block, self.seconds = name, True, seconds
+        self.reading, self.release, self.events = threading.Event(), threading.Event(), []
+
+    def collect(self):
+        self.events.append("read")
+        self.reading.set()
+        if self.seconds is None:
+            self.release.wait(10)
+        else:
+            time.sleep(self.seconds)
+        self.events.append("read done")
+        return [reading("closing_value", 1, who=self.name)]
+
+    def close(self):
+        self.events.append("closed")
+
+
+def test_stop_lets_a_sample_in_progress_finish_before_it_closes_its_sources():
+    # Two sources that may block: the first in a lane of its own, the last in the schedule's own lane. stop() comes
+    # while both read; closing a source under a read (nvmlShutdown under an NVML call) is what must not happen.
+    lane, own = Closing("lane", 0.3), Closing("own", 0.3)
+    sampler = Sampler([Quick(), lane, own], interval_s=5.0, deadline_s=1.0)
+    sampler.start()
+    assert lane.reading.wait(2) and own.reading.wait(2)
+    sampler.stop()
+    assert lane.events == ["read", "read done", "closed"] and own.events == ["read", "read done", "closed"]
+
+
+def test_stop_leaves_a_stuck_source_open_and_closes_the_others_within_a_deadline():
+    stuck, other = Closing("stuck", None), Closing("other", 0.0)
+    sampler = Sampler([Quick(), stuck, other], interval_s=5.0, deadline_s=0.3)
+    try:
+        sampler.start()
+        assert stuck.reading.wait(2)
+        t0 = time.monotonic()
+        sampler.stop()
+        assert time.monotonic() - t0 < 2.0
+        assert stuck.events == ["read"]  # still reading: not closed under it
+        assert other.events[-1] == "closed"
+    finally:
+        stuck.release.set()
