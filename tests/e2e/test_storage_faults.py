@@ -108,6 +108,20 @@ def stored_steps(data_dir: Path) -> list[tuple[int, int]]:
     return sorted(rows)
 
 
+def committed_segment(data_dir: Path) -> int:
+    """The WAL segment the last committed checkpoint covers (each checkpoint, failed or not, takes the next one)."""
+    path = data_dir / "checkpoint.json"
+    return json.loads(path.read_bytes())["segment"] if path.exists() else -1
+
+
+def wait_for_two_checkpoints(data_dir: Path) -> None:
+    """Until two more checkpoints have committed: the second one began after every batch acknowledged so far
+    (a checkpoint already under way when this is called may have rotated the WAL before the last of them)."""
+    start = committed_segment(data_dir)
+    wait_until(lambda: committed_segment(data_dir) >= start + 2, timeout=60, interval=0.1,
+               what=f"two checkpoints after segment {start}")
+
+
 EXPECTED = lambda batches: sorted((i % 50, seq * 10 + i // 50) for seq in range(batches) for i in range(200))  # noqa: E731
 
 
@@ -167,6 +181,8 @@ def test_a_full_file_system_is_survived_and_the_collector_recovers_by_itself(col
         subprocess.run(["umount", "-l", str(small)], capture_output=True)
 
 
+# A checkpoint every half second: each test below waits for the faulty one (the second) and for two more after it.
+QUICK = "0.5s"
 CHECKPOINT_STEPS = ["checkpoint.rotated", "checkpoint.part_written", "checkpoint.extras_written",
                     "checkpoint.commit_file_written", "checkpoint.committed", "checkpoint.wal_dropped"]
 
@@ -181,7 +197,7 @@ def slo_config(tmp_path: Path) -> Path:
 @pytest.mark.parametrize("point", CHECKPOINT_STEPS)
 def test_sigkill_at_each_step_of_a_checkpoint_loses_and_duplicates_nothing(collectors, tmp_path, point):
     config = slo_config(tmp_path)
-    c = collectors(fault=f"{point}=kill@2", config=config)
+    c = collectors(fault=f"{point}=kill@2", config=config, checkpoint_interval=QUICK)
     c.wait_ready()
     refusals: list = []
     seq = 0
@@ -195,11 +211,11 @@ def test_sigkill_at_each_step_of_a_checkpoint_loses_and_duplicates_nothing(colle
         time.sleep(0.02)
     c.proc.wait(timeout=30)
     assert c.proc.returncode == -signal.SIGKILL, "the fault never fired"
-    again = collectors(config=config)
+    again = collectors(config=config, checkpoint_interval=QUICK)
     again.wait_ready()
     for more in range(seq, seq + 5):  # the agent resends the unacknowledged batch, then goes on
         send_until_acknowledged(again, more, refusals)
-    time.sleep(2.5)  # a checkpoint or two
+    wait_for_two_checkpoints(tmp_path / "data")  # the restarted collector checkpoints what it replayed, once
     again.kill()
     assert stored_steps(tmp_path / "data") == EXPECTED(seq + 5)
 
@@ -210,7 +226,7 @@ def test_an_error_at_each_step_of_a_checkpoint_is_survived_and_loses_and_duplica
     goes on running: the next checkpoints write its rows again, once, and after a restart every acknowledged batch is
     there exactly once."""
     config = slo_config(tmp_path)
-    c = collectors(fault=f"{point}=raise@2", config=config)
+    c = collectors(fault=f"{point}=raise@2", config=config, checkpoint_interval=QUICK)
     c.wait_ready()
     refusals: list = []
     seq = 0
@@ -225,11 +241,11 @@ def test_an_error_at_each_step_of_a_checkpoint_is_survived_and_loses_and_duplica
         send_until_acknowledged(c, more, refusals)
     seq += 5
     wait_until(lambda: c.healthz()[0] == 200, timeout=30, what="a later checkpoint to succeed")
-    time.sleep(2.5)  # a checkpoint or two after it
+    wait_for_two_checkpoints(tmp_path / "data")  # a checkpoint or two after it
     assert c.proc.poll() is None, "the collector died of a failed checkpoint"
     c.kill()
     assert stored_steps(tmp_path / "data") == EXPECTED(seq)
-    again = collectors(config=config)  # and a restart replays and reads it back the same
+    again = collectors(config=config, checkpoint_interval=QUICK)  # and a restart replays and reads it back the same
     again.wait_ready()
     again.kill()
     assert stored_steps(tmp_path / "data") == EXPECTED(seq)
