@@ -377,11 +377,17 @@ def main(argv: list[str] | None = None) -> None:
         rss, peak = c.memory()
         budget = float(next(line.split()[-1] for line in metrics.splitlines()
                             if line.startswith("fleetscope_collector_memory_budget_bytes")))
-        held = {line.split('"')[1]: float(line.split()[-1]) for line in c.client.get("/metrics").text.splitlines()
+        lines = c.client.get("/metrics").text.splitlines()
+        held = {line.split('"')[1]: float(line.split()[-1]) for line in lines
                 if line.startswith("fleetscope_collector_hot_held_seconds{")}
+        tables = {line.split('"')[1]: float(line.split()[-1]) for line in lines
+                  if line.startswith("fleetscope_collector_memory_bytes{")}
+        per_rank = next((line.split()[-1] for line in lines if line.startswith("fleetscope_collector_hot_steps_per_rank ")), "?")
         print(f"memory: RSS {rss / 2**20:,.0f} MiB now, {peak / 2**20:,.0f} MiB peak; budget {budget / 2**20:,.0f} MiB "
               f"(RSS/budget {rss / budget:.2f}, peak/budget {peak / budget:.2f}); hot tier holds GPU rollups for "
-              f"{held.get('gpus_1m', 0) / 3600:.1f} h, raw frames {held.get('gpus', 0):.0f} s")
+              f"{held.get('gpus_1m', 0) / 3600:.1f} h, raw frames {held.get('gpus', 0):.0f} s, {per_rank} steps a rank")
+        print("tables held, MiB: " + ", ".join(f"{table} {size / 2**20:,.0f}" for table, size in
+                                                sorted(tables.items(), key=lambda kv: -kv[1]) if size >= 2**20))
         watch.phase = "reads"
         node, gpu, job = "node-00001", "GPU-00008-0", "llm-16k"  # GPU 64 is one of those the history throttles
         now = time.time()
