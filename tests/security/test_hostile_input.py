@@ -20,6 +20,15 @@ from tests.conftest import free_port, http_get, require_binary, wait_until
 from tests.security.conftest import INGEST, READ
 
 ROOT = Path(__file__).resolve().parents[2]
+# An analysis pass every second rather than every 5 s (the default): each attack waits for a finding and then for
+# a pass after the attack, and the attacks, not the analysis' cadence, are what these tests are about.
+QUICK_ANALYSIS = '[collector]\nanalysis_interval = "1s"\n'
+
+
+@pytest.fixture
+def collector(collector_with):
+    """A real collector at its defaults but for the analysis interval (this module's own, over conftest's)."""
+    return collector_with(QUICK_ANALYSIS)
 
 
 # --- speaking to the collector ------------------------------------------------------------------
@@ -134,7 +143,7 @@ objective = 0.99
 
 
 def test_requests_dated_a_year_ahead_do_not_dilute_a_burning_slo(collector_with):
-    collector = collector_with(SLO)
+    collector = collector_with(QUICK_ANALYSIS + SLO)
     now = time.time()
     # Half the requests of the last two minutes fail: 0.5 bad over a 1% budget burns it 50 times too fast.
     real = [request(now - 120 + i * 0.12, "error" if i % 2 else "ok") for i in range(1000)]
