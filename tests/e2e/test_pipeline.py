@@ -11,7 +11,7 @@ import urllib.parse
 import fleetscope
 from fleetscope.client import Emitter
 from tests.conftest import free_port, http_get, require_binary, wait_until
-from tests.e2e.conftest import INGEST, api
+from tests.e2e.conftest import INGEST, agent_gauge, api, wait_until_agent_holds_nothing
 
 
 def start_agent(procs, collector_url: str | None, spool_dir, node: str = "e2e-node", gpus: int = 4):
@@ -106,9 +106,9 @@ def test_events_sent_while_the_collector_is_down_arrive_once_it_is_up(procs, tmp
     url = f"http://127.0.0.1:{port}"
     agent = start_agent(procs, url, tmp_path / "spool", node="patient")
     send_workload(agent.events, steps=10, ranks=2, requests=0)
-    time.sleep(2)  # the agent tries and fails to ship meanwhile
-    status, metrics = http_get(agent.metrics_url)
-    assert b"fleetscope_agent_shipper_send_failures_total 0.0" not in metrics
+    # the agent tries and fails to ship meanwhile
+    wait_until(lambda: agent_gauge(agent.metrics_url, "fleetscope_agent_shipper_send_failures_total"), timeout=30,
+               what="the agent to fail to ship")
     assert agent.proc.poll() is None, "the agent must keep running without its collector"
 
     collector = procs("late-collector", [sys.executable, "-m", "fleetscope", "collector", "--listen", f"127.0.0.1:{port}",
@@ -118,6 +118,6 @@ def test_events_sent_while_the_collector_is_down_arrive_once_it_is_up(procs, tmp
     wait_until(lambda: http_get(url + "/healthz")[0] == 200, what="the collector", timeout=30)
     ranks = wait_until(lambda: api(collector, "/v1/jobs/e2e-job")["ranks"] if api(collector, "/v1/jobs")["jobs"] else None,
                        timeout=60, what="the queued steps")
-    time.sleep(1.5)  # any duplicate would have arrived by now
+    wait_until_agent_holds_nothing(agent.metrics_url)  # any duplicate would have arrived by now
     ranks = api(collector, "/v1/jobs/e2e-job")["ranks"]
     assert [r["steps"] for r in ranks] == [10, 10]
