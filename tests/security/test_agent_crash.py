@@ -18,7 +18,7 @@ from pathlib import Path
 import fleetscope
 from fleetscope.client import Emitter
 from tests.conftest import free_port, http_get, wait_until
-from tests.e2e.conftest import api
+from tests.e2e.conftest import api, wait_until_agent_holds_nothing
 from tests.e2e.test_durability import start_collector
 from tests.security.conftest import INGEST
 
@@ -73,14 +73,15 @@ def test_a_kill_9_while_the_collector_is_down_loses_at_most_the_last_second(proc
     assert received == n, f"the agent received {received} of {n} datagrams before the kill (the kernel dropped some?)"
     assert spooled == n, f"{spooled} of {n} events were on disk 1.5 s after the last"
 
-    for name, (metrics_port, events_port) in ports.items():
-        start_agent(procs, f"agent-{name}-restarted", collector.url, tmp_path / f"spool-{name}", metrics_port, events_port)
+    restarted_agents = [start_agent(procs, f"agent-{name}-restarted", collector.url, tmp_path / f"spool-{name}", metrics_port,
+                                    events_port) for name, (metrics_port, events_port) in ports.items()]
     restarted = start_collector(procs, port, data, "collector-restarted")
     wait_until(lambda: len(stored_steps(restarted, "crash-late", n)) >= n, timeout=120, interval=0.5,
                what=f"all {n} steps of the agent killed 1.5 s after its last event")
     wait_until(lambda: not list((tmp_path / "spool-now").glob("*.batch")), timeout=120, interval=0.5,
                what="the spool of the agent killed at once to drain")
-    time.sleep(2)  # a duplicate would have arrived by now
+    for agent in restarted_agents:  # a duplicate would have arrived by now
+        wait_until_agent_holds_nothing(agent.metrics_url)
 
     late = stored_steps(restarted, "crash-late", n)
     assert [s["step"] for s in late] == list(range(n)) and {s["ranks"] for s in late} == {1}  # all, each once

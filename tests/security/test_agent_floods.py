@@ -18,7 +18,7 @@ from pathlib import Path
 import fleetscope
 from fleetscope.client import Emitter
 from tests.conftest import free_port, http_get, wait_until
-from tests.e2e.conftest import api
+from tests.e2e.conftest import api, wait_until_agent_holds_nothing
 from tests.security.conftest import INGEST, agent_metrics
 
 MEMORY_MAX = 256 * 1024 * 1024  # the systemd unit's MemoryMax
@@ -92,7 +92,7 @@ def test_large_events_make_batches_the_collector_can_take_and_none_is_lost(procs
 
     wait_until(lambda: step_count(collector, "big") >= 2000 and step_count(collector, "bystander") >= 200, timeout=90,
                interval=0.5, what="every step of both jobs")
-    time.sleep(2)
+    wait_until_agent_holds_nothing(agent.metrics_url)  # a duplicate would have arrived by now
     assert steps_once(collector, "big", 2000) == list(range(2000))
     assert steps_once(collector, "bystander", 200) == list(range(200))
     m = agent_metrics(agent)
