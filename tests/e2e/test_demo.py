@@ -54,7 +54,7 @@ def test_demo_runs_every_part_and_stops_them(tmp_path):
 
     out = (tmp_path / "demo.out").open("w+")
     demo = subprocess.Popen(
-        [sys.executable, "-m", "fleetscope", "demo", "--duration", "45", "--nodes", "2", "--gpus", "4",
+        [sys.executable, "-m", "fleetscope", "demo", "--duration", "30", "--nodes", "2", "--gpus", "4",
          "--workdir", str(tmp_path / "demo")],
         stdout=out, stderr=subprocess.STDOUT, text=True,
     )
