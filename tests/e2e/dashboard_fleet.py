@@ -72,10 +72,12 @@ def start_fleet(procs, tmp_path: Path, *, cluster: str | None = None, remote_wri
         agents.append((m_port, e_port))
     for m_port, _ in agents:
         wait_until(lambda: http_get(f"http://127.0.0.1:{m_port}/metrics")[0] == 200, what="an agent")
-    # 700 short steps (enough for the step-time baseline), rank 5 slower: a straggler
+    # Short steps, rank 5 slower: a straggler. The step-time baseline panel needs 600 steps (collector/training.py's
+    # REGRESSION_* windows), the last panel to have data: 20 ms steps get there in about half the time 40 ms ones
+    # took, and 1,400 of them keep the job running (its series fresh) for as long as 700 did.
     procs("training", [sys.executable, "-m", "fleetscope.sim.training", "--job", "panels", "--gpus-per-node", "4",
-                       "--agents", ",".join(f"127.0.0.1:{e}" for _, e in agents), "--step-time", "0.04",
-                       "--steps", "700", "--slow-rank", "5", "--slow-factor", "0.5"])
+                       "--agents", ",".join(f"127.0.0.1:{e}" for _, e in agents), "--step-time", "0.02",
+                       "--steps", "1400", "--slow-rank", "5", "--slow-factor", "0.5"])
     procs("inference", [sys.executable, "-m", "fleetscope.sim.inference", "--service", "chat", "--model", "tiny",
                         "--agent", f"127.0.0.1:{agents[0][1]}", "--rps", "20", "--tpot", "0.002", "--error-rate", "0.05"])
 
@@ -130,5 +132,5 @@ def assert_every_panel_returns_data(base_url: str, variables: dict[str, str], ti
         empty = [(d, t) for d, t, e in queries if not instant_query(base_url, e)]
         if not empty:
             return
-        time.sleep(5)
+        time.sleep(1)  # a pass of every query takes a few hundredths of a second
     raise AssertionError(f"panels with no data from {base_url}: {empty}")
