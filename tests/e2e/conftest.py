@@ -46,10 +46,16 @@ def procs(tmp_path):
 
 
 @pytest.fixture
-def collector(procs, tmp_path):
+def collector_flags() -> list[str]:
+    """Extra flags for the `collector` fixture's collector; a module overrides this fixture to set some."""
+    return []
+
+
+@pytest.fixture
+def collector(procs, tmp_path, collector_flags):
     port = free_port()
     proc = procs("collector", [sys.executable, "-m", "fleetscope", "collector", "--listen", f"127.0.0.1:{port}",
-                               "--data-dir", str(tmp_path / "collector")],
+                               "--data-dir", str(tmp_path / "collector"), *collector_flags],
                  {"FLEETSCOPE_INGEST_TOKEN": INGEST, "FLEETSCOPE_READ_TOKEN": READ})
     url = f"http://127.0.0.1:{port}"
     wait_until(lambda: http_get(url + "/healthz")[0] == 200, what="the collector", timeout=30)

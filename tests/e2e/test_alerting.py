@@ -13,6 +13,7 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import pytest
 import yaml
 
 import fleetscope
@@ -61,6 +62,12 @@ def quick_rules(tmp_path: Path) -> Path:
     path = tmp_path / "fleetscope.rules.yml"
     path.write_text(yaml.safe_dump(groups))
     return path
+
+
+@pytest.fixture
+def collector_flags() -> list[str]:
+    """The collector analyses every second, not every 5 s: the hang is found (and paged for) that much sooner."""
+    return ["--analysis-interval", "1s"]
 
 
 class Receiver:

@@ -7,9 +7,9 @@ import sys
 import pytest
 
 from tests.conftest import free_port, http_get, wait_until
-from tests.e2e.conftest import INGEST, READ, collector, procs  # noqa: F401 - fixtures for these tests
+from tests.e2e.conftest import INGEST, READ, collector, collector_flags, procs  # noqa: F401 - fixtures for these tests
 
-__all__ = ["INGEST", "READ", "agent_metrics", "collector", "procs", "collector_with"]
+__all__ = ["INGEST", "READ", "agent_metrics", "collector", "collector_flags", "procs", "collector_with"]
 
 
 @pytest.fixture

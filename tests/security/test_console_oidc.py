@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import free_port, http_get, wait_until
 from tests.dashboards.test_pages import seed_batch
-from tests.e2e.conftest import INGEST, READ, collector, procs  # noqa: F401 - fixtures
+from tests.e2e.conftest import INGEST, READ, collector, collector_flags, procs  # noqa: F401 - fixtures
 from tests.e2e.test_browser import browser  # noqa: F401 - fixture
 
 
