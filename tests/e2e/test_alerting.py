@@ -52,16 +52,18 @@ def quick_rules(tmp_path: Path) -> Path:
     """The project's rules with every `for` of 2 minutes or less cut to 10 s: routing, inhibition and silences
     are what this test is about (promtool's unit tests hold each rule's own timing). Those on the collector's
     findings are cut to 2 s: a finding is already held for its own time by the collector (a hang is 30 s of
-    silence), and the hang's page is this test's last wait. Not below 10 s for the others: an agent that starts
-    slowly on a loaded machine must not page as down. Longer ones are kept: they would not fire within this
-    test either way."""
+    silence), and the hang's page is this test's last wait. Not below 10 s for the others. The rules on a scrape
+    target being down keep a minute: Prometheus is ready before the agent starts, and an agent that starts slowly
+    on a loaded machine must not page as down (nothing in this test should). Longer ones are kept: they would not
+    fire within this test either way."""
     groups = yaml.safe_load((ALERTS / "fleetscope.rules.yml").read_text())
     for group in groups["groups"]:
         for rule in group["rules"]:
             duration = rule.get("for", "0s")
             seconds = int(duration[:-1]) * {"s": 1, "m": 60, "h": 3600}[duration[-1]]
             if 0 < seconds <= 120:
-                rule["for"] = "2s" if "fleetscope_finding_active" in rule["expr"] else "10s"
+                rule["for"] = ("2s" if "fleetscope_finding_active" in rule["expr"]
+                               else "60s" if rule["expr"].lstrip().startswith("up{") else "10s")
     path = tmp_path / "fleetscope.rules.yml"
     path.write_text(yaml.safe_dump(groups))
     return path
