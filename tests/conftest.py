@@ -73,6 +73,22 @@ _MARKED_DIRS = {"e2e": "e2e", "security": "e2e", "integrations": "slow"}
 # Files that do heavy work when imported (the fuzz test builds its collector and schema at import): marked here
 # too, so that a run that leaves their marker out does not even import them.
 _MARKED_FILES = {"test_fuzz.py": "slow"}
+# Single tests of the quick directories that wait seconds each on real clocks or processes (1.5-5 s each, a
+# third of the quick loop's time between them): the whole suite runs them, the quick loop does not.
+_SLOW_TESTS = {
+    "test_decoders.py": {"test_a_worker_killed_with_batches_in_hand_loses_none",
+                         "test_a_worker_that_cannot_start_is_not_restarted_in_a_tight_loop"},
+    "test_server_limits.py": {"test_a_head_too_large_is_refused_with_431_and_its_connection_closed"},
+    "test_compaction_open_day.py": {"test_maintenance_through_a_day_rewrites_each_folder_once"},
+    "test_shipper.py": {"test_an_unexpected_error_does_not_kill_the_shipper_thread"},
+    "test_upgrade_columns.py": {"test_an_hour_of_rollups_is_merged_sorted_by_gpu_and_only_while_the_hot_tier_is_not_maintained"},
+    # the schedule's own timing (sample_once's deadlines and stuck sources stay in the quick loop)
+    "test_sampler.py": {"test_on_its_schedule_each_source_that_may_block_runs_with_the_sample_not_after_a_stuck_one",
+                        "test_a_hung_lane_in_a_sample_that_started_late_is_published_once_in_order",
+                        "test_a_hung_lane_is_taken_over_when_its_deadline_is_the_whole_interval",
+                        "test_on_its_schedule_a_stuck_source_is_reported_at_the_deadline_and_the_others_go_on",
+                        "test_a_sample_that_starts_late_still_has_its_whole_deadline"},
+}
 
 
 def _marker_of(path: Path) -> str | None:
@@ -90,6 +106,8 @@ def pytest_collection_modifyitems(config, items):
         marker = _marker_of(item.path)
         if marker:
             item.add_marker(getattr(pytest.mark, marker))
+        elif getattr(item, "originalname", item.name) in _SLOW_TESTS.get(item.path.name, ()):
+            item.add_marker(pytest.mark.slow)
 
 
 def pytest_ignore_collect(collection_path, config):
