@@ -350,12 +350,12 @@ class HotTier:
             recent = step_aggregates(_touched_rows(chunks, fresh))
             aggs = merge_step_aggregates(aggs, recent.with_columns(pl.lit(False).alias("final")))
         if steps.height:
-            # Each rank's last steps_per_rank rows. A rank silent for 50 of its job's median steps over them (10 minutes
-            # at least) while its job went on has left it (a hung job does not go on: its ranks all stay).
-            horizon = pl.max_horizontal(pl.lit(600.0), pl.col("duration_s").median().over("job").cast(pl.Float64) * 50)
             # Trimming copies the table: only once it has grown a quarter past what the last trim kept.
             if steps.height > 1.25 * self._steps_kept or now - self._steps_trimmed_at > 60:
+                # Each rank's last steps_per_rank rows. A rank silent for 50 of its job's median steps over them (10
+                # minutes at least) while its job went on has left it (a hung job does not go on: its ranks all stay).
                 per_rank = self.steps_per_rank = self.steps_to_keep(chunks, steps)
+                horizon = pl.max_horizontal(pl.lit(600.0), pl.col("duration_s").median().over("job").cast(pl.Float64) * 50)
                 keep = ((pl.col("ts").rank("ordinal", descending=True).over("job", "rank") <= per_rank)
                         & (pl.col("ts").max().over("job", "rank") >= pl.col("ts").max().over("job") - horizon)
                         & (pl.col("ts") >= now - self.window_s))
@@ -397,8 +397,8 @@ class HotTier:
 
     def steps_to_keep(self, chunks: list[pl.DataFrame], steps: pl.DataFrame) -> int:
         """How many steps each rank keeps: raw_steps, or as many as fit in STEPS_SHARE of the budget at the table's
-        bytes a row, but never fewer than MIN_STEPS. At 16,384 ranks 120 steps each are 375 MB, more than the
-        whole hot tier's share of a 2 GiB budget with the GPU frames beside them."""
+        bytes a row, but never fewer than MIN_STEPS. At 16,384 ranks 120 steps each held 250-310 MiB in the fleet
+        bench, just under half the hot tier's third of a 2 GiB budget; twice the ranks would pass it."""
         size = _size(chunks)
         if self.budget_bytes is None or size <= STEPS_SHARE * self.budget_bytes:
             return self.raw_steps
