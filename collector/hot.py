@@ -282,6 +282,11 @@ class HotTier:
             sizes["rollups_unwritten"] = sum(_size(v) for v in self._unwritten.values())
         return sizes
 
+    def held(self) -> int:
+        """Bytes of what the budget counts: the tables, the step aggregates and the latest frames."""
+        sizes = self.memory()
+        return sum(v for k, v in sizes.items() if k != "rollups_unwritten")
+
     def rows(self) -> dict[str, int]:
         with self._lock:
             out = {k: sum(c.height for c in v) for k, v in self._tables.items()}

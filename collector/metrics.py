@@ -214,6 +214,16 @@ class CollectorMetrics:
         if self.memory_budget:
             yield GaugeMetricFamily("fleetscope_collector_memory_budget_bytes", "The memory budget the collector keeps within.",
                                     value=self.memory_budget)
+        if store.governor is not None:
+            yield GaugeMetricFamily("fleetscope_collector_hot_budget_bytes",
+                                    "The hot tier's share of the memory budget now: a third, less while the process's "
+                                    "resident memory runs near the budget.", value=store.governor.tier.budget_bytes)
+            yield GaugeMetricFamily("fleetscope_collector_resident_memory_high_bytes",
+                                    "The highest resident memory of the collector and its ingest workers over the last "
+                                    "upkeep pass, which sets the hot tier's budget.", value=store.governor.last_high)
+            yield GaugeMetricFamily("fleetscope_collector_resident_memory_peak_bytes",
+                                    "The highest resident memory of the collector and its ingest workers at any upkeep "
+                                    "pass since it started (the kernel's peak is reset at each pass).", value=store.governor.peak)
         workers = self.decoders.pids() if self.decoders is not None else ()
         yield GaugeMetricFamily("fleetscope_collector_resident_memory_bytes", "Resident memory of the collector process "
                                 "and its ingest worker processes.", value=_rss() + sum(_rss(pid) for pid in workers))

@@ -40,6 +40,7 @@ from collector.goodput_ledger import GoodputLedger, StepSummary
 from collector.bounds import Bounds, Refusal, Screened, StepHistory, quick_screen, screen, step_highs
 from collector.decoders import Prepared
 from collector.hot import HotTier, merge_small
+from collector.memory import Governor
 from collector.rollups import ALL_SCHEMAS
 from collector.tables import KINDS, batch_frames, conform
 from collector.wal import Wal, fsync_dir
@@ -137,10 +138,11 @@ class Store:
         # size for a moment); past it a checkpoint is due now, past twice that (the disk refuses
         # checkpoints) ingest answers 503 until one succeeds.
         self.unwritten_limit = memory_budget // 16 if memory_budget else None
-        # The hot tier gets a third of the budget; the rest is for the process itself, the rows awaiting a
-        # checkpoint, and what reads and upkeep allocate for a moment.
-        hot_budget = int(memory_budget / 3) if memory_budget else None
-        self.hot = HotTier(window_s=window_s, raw_s=raw_s, raw_steps=raw_steps, budget_bytes=hot_budget)
+        # The hot tier gets a third of the budget, less while the process's resident memory runs near the budget
+        # (collector.memory); the rest is for the process itself, the rows awaiting a checkpoint, and what reads
+        # and upkeep allocate for a moment.
+        self.hot = HotTier(window_s=window_s, raw_s=raw_s, raw_steps=raw_steps)
+        self.governor = Governor(memory_budget, self.hot) if memory_budget else None
         self._gate = threading.Condition()  # guards everything below; held across I/O only to rotate the WAL
         self._checkpoint_lock = threading.Lock()
         # Held by the upkeep that copies whole tables in memory for a moment: the hot tier's maintenance, the
@@ -517,6 +519,8 @@ class Store:
     def maintain_hot(self, now: float | None = None) -> None:
         """The hot tier's upkeep, then the rows waiting for a checkpoint merged from one small frame per
         batch into a few large ones (each small frame costs about its own size again in overhead)."""
+        if self.governor is not None:
+            self.governor.observe()
         with self.upkeep:  # not beside a compaction's sort (see __init__)
             self.hot.maintain(now)
         self.goodput.maintain(now)
