@@ -12,8 +12,10 @@ VmHWM, reset after each read through /proc/self/clear_refs, plus the child proce
 workers) and sets the hot tier's budget from it:
 - above HIGH of the budget, the hot tier's budget drops by the overshoot, counted from what the tier holds
   (shrinking a budget the tier does not fill would free nothing), never below FLOOR of the budget;
-- below LOW of the budget, it grows back by STEP of the budget a pass, up to its nominal share (a third): slowly,
-  as growing back at twice the pace had the process at the budget again within two minutes in the fleet bench.
+- below LOW of the budget, it grows back by GROWTH of the budget a minute, up to its nominal share (a third): slowly,
+  as the pressure comes back while the fleet keeps sending. Growing back a 32nd or a 64th of the budget a pass
+  (every 10-15 s there) had the hot tier at its full share within two minutes of a cut, and the process past the
+  budget soon after (x0.99 and x1.01 in two fleet-bench runs, the second 317 MiB above the pass before).
 The next pass trims to the new budget (collector.hot: the oldest rows of the largest tables first, each rank's raw
 steps down to MIN_STEPS); the rows dropped are on disk already, so reads of those times go to the warm tier.
 """
@@ -22,14 +24,16 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Callable
 
 log = logging.getLogger("fleetscope.collector")
 
-HIGH = 0.85  # of the budget: past this, the hot tier gives back the overshoot
-LOW = 0.75  # of the budget: under this, the hot tier's budget grows back
-STEP = 1 / 64  # of the budget, the most it grows back in one pass (a few minutes from the floor to its share)
+HIGH = 0.80  # of the budget: past this, the hot tier gives back the overshoot (a pass's working copies went 0.3
+#              GiB past the high of the pass before in the fleet bench: the rest of the budget is their margin)
+LOW = 0.70  # of the budget: under this, the hot tier's budget grows back
+GROWTH = 1 / 64  # of the budget a minute under LOW (at 2 GiB, 32 MiB: 13 minutes from the floor to the full share)
 FLOOR = 1 / 8  # of the budget, the least the hot tier gets (each rank's MIN_STEPS steps and the latest frames fit)
 NOMINAL = 1 / 3  # of the budget, the hot tier's share when the process has room
 
@@ -88,7 +92,8 @@ class ProcessMemory:
 class Governor:
     """Sets `tier.budget_bytes` from the process's measured high (see the module's docstring)."""
 
-    def __init__(self, budget: int, tier, high: Callable[[], int] | None = None) -> None:
+    def __init__(self, budget: int, tier, high: Callable[[], int] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.budget = budget
         self.tier = tier  # collector.hot.HotTier: its budget_bytes and held()
         self.nominal = int(budget * NOMINAL)
@@ -96,12 +101,16 @@ class Governor:
         self.high = high if high is not None else ProcessMemory().high
         self.last_high = 0  # bytes: the highest resident memory over the last pass
         self.peak = 0  # and over every pass so far
+        self.clock = clock
+        self._observed = clock()
         tier.budget_bytes = self.nominal
 
     def observe(self) -> int:
         """Read the high since the last call and set the hot tier's budget; returns the new budget."""
         high = self.last_high = self.high()
         self.peak = max(self.peak, high)
+        now = self.clock()
+        elapsed, self._observed = min(max(now - self._observed, 0.0), 60.0), now
         current = self.tier.budget_bytes
         if high > HIGH * self.budget:
             held = min(current, self.tier.held())
@@ -110,7 +119,7 @@ class Governor:
                 log.info("resident memory reached %.0f MiB of a %.0f MiB budget: the hot tier's budget goes from "
                          "%.0f to %.0f MiB", high / 2**20, self.budget / 2**20, current / 2**20, new / 2**20)
         elif high < LOW * self.budget:
-            new = min(self.nominal, current + int(STEP * self.budget))
+            new = min(self.nominal, current + int(GROWTH * self.budget * elapsed / 60))
         else:
             new = current
         self.tier.budget_bytes = new

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from collector.hot import HotTier
-from collector.memory import FLOOR, HIGH, LOW, NOMINAL, STEP, Governor, ProcessMemory
+from collector.memory import FLOOR, GROWTH, HIGH, LOW, NOMINAL, Governor, ProcessMemory
 from collector.store import Store
 from collector.tables import batch_frames
 from tests.collector.test_hot import frames_batch
@@ -43,20 +43,33 @@ def test_over_the_high_mark_the_hot_tier_gives_back_the_overshoot_and_the_next_p
     assert hot.held_since["gpus_1m"] > rolled_since  # by dropping its oldest minutes (they are on disk)
 
 
-def test_the_hot_tier_never_gets_less_than_its_floor_and_grows_back_a_step_a_pass_to_its_share():
+def test_the_hot_tier_never_gets_less_than_its_floor_and_grows_back_slowly_to_its_share():
     hot, _ = _filled_tier()
     budget = 4 * 2**30
-    readings = [2 * budget]  # far over: the floor
-    gov = Governor(budget, hot, high=lambda: readings[-1])
-    assert gov.observe() == int(FLOOR * budget)
+    readings, clock = [2 * budget], [0.0]
+    gov = Governor(budget, hot, high=lambda: readings[-1], clock=lambda: clock[0])
+    clock[0] += 10
+    assert gov.observe() == int(FLOOR * budget)  # far over: the floor
     readings.append(int((HIGH + LOW) / 2 * budget))  # between the marks: kept where it is
+    clock[0] += 600
     assert gov.observe() == int(FLOOR * budget)
-    readings.append(int(LOW * budget) - 1)  # room again: a step a pass, up to the nominal share
-    seen = [gov.observe() for _ in range(16)]
-    assert seen[0] == int(FLOOR * budget) + int(STEP * budget)
-    assert all(b - a == int(STEP * budget) for a, b in zip(seen, seen[1:]) if b < int(NOMINAL * budget))
-    assert seen[-1] == int(NOMINAL * budget)
-    assert gov.peak == 2 * budget and gov.last_high == int(LOW * budget) - 1  # the highest reading, and the last
+    readings.append(int(LOW * budget) - 1)  # room again: GROWTH of the budget a minute, passes 15 s apart
+    seen = []
+    for _ in range(60):
+        clock[0] += 15
+        seen.append(gov.observe())
+    quarter = int(GROWTH * budget * 15 / 60)
+    assert seen[0] == int(FLOOR * budget) + quarter
+    assert all(b - a == quarter for a, b in zip(seen, seen[1:]) if b < int(NOMINAL * budget))
+    assert seen[-1] == int(NOMINAL * budget) and seen[-10] < seen[-1]  # about 13 minutes from the floor
+    clock[0] += 3600  # a long gap counts as a minute at most: one pass never jumps back to the full share
+    gov.observe()
+    readings.append(2 * budget)
+    gov.observe()
+    clock[0] += 3600
+    readings.append(0)
+    assert gov.observe() == int(FLOOR * budget) + int(GROWTH * budget)
+    assert gov.peak == 2 * budget and gov.last_high == 0  # the highest reading, and the last
 
 
 def test_the_store_steers_its_hot_tier_with_each_upkeep_pass(tmp_path):
