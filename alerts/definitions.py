@@ -401,4 +401,18 @@ ALERTS: list[Alert] = [
           "`curl -s <collector>/metrics | grep metrics_omitted`; the console and `/v1/jobs` list every job.",
           "Raise the bound (`--metrics-max-jobs` and friends) if the cluster really runs that many, and check the ingest "
           "tokens if it does not."),
+    Alert("FleetscopeCollectorMemoryShort", "fleetscope-collector",
+          "fleetscope_collector_hot_budget_bytes < fleetscope_collector_memory_budget_bytes / 6", "30m", "ticket",
+          "the collector {{ $labels.instance }} runs short of memory: its hot tier is cut to {{ $value | humanize1024 }}B",
+          "The collector {{ $labels.instance }} has kept its hot tier under half its share of the memory budget for 30m "
+          "(now {{ $value | humanize1024 }}B): its resident memory keeps reaching 80% of the budget.",
+          "The hot tier gives back memory whenever the process nears its budget (collector/memory.py). Cut this far for "
+          "this long, the fleet needs more than the budget: fewer raw steps a rank and minutes of rollups stay in memory, "
+          "so reads of the last hours go to disk (slower), and what the process allocates beyond the hot tier may still "
+          "reach the budget, and a unit's MemoryMax or a pod's limit.",
+          "`fleetscope_collector_resident_memory_high_bytes` against `fleetscope_collector_memory_budget_bytes`, "
+          "`fleetscope_collector_memory_bytes` by table and `fleetscope_collector_hot_held_seconds` on the collector's "
+          "/metrics; its log says each time the hot tier's budget is cut.",
+          "Raise `memory_budget` (and the unit's MemoryMax or the pod's memory limit: the budget defaults to half of it), "
+          "or split the fleet between collectors (one a cluster)."),
 ]
