@@ -13,7 +13,10 @@ Before the collector starts, 30 days of hourly rollups for the whole fleet are w
 data folder in the collector's own format (kind=gpus_1h, hosts_1h): that is the "30 days of
 partitions" a month-long history query reads. They are generated, not ingested.
 
-Reported: the collector's RSS (current and peak) against its budget; ingest acknowledgement
+Reported: the collector's RSS (current and peak) against its budget, with its workers' (the peak is the highest
+of: the collector's own reading at each upkeep pass, the kernel's peak since its last reset (the collector resets it
+at each reading: collector.memory), and this bench's samples every 0.2 s); what each hot table holds and the hot
+tier's budget at the steady state; ingest acknowledgement
 p50/p99 of the real-rate phase; the latency of every read endpoint and of every console page
 (Streamlit AppTest against the live collector, script time); a 30-day history query for one GPU;
 and the time from start to /healthz ready after a SIGKILL. Goals (issue 10): RSS within the budget,
