@@ -509,7 +509,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-floor", action="store_true", help="measure the collector only (comparing its settings; "
                    "the ratios and the goal need the floor)")
     p.add_argument("--gil", action="store_true", help="--profile samples only the thread holding the GIL (py-spy --gil)")
-    p.add_argument("--profile", type=Path, help="py-spy the collector through the saturation window: raw stacks here, top frames printed")
+    p.add_argument("--profile", type=Path, help="py-spy the collector through the saturation window (the paced one with "
+                   "--mode paced): raw stacks here, top frames printed")
     p.add_argument("--collector-tree", type=Path, default=REPO,
                    help="run the collector from this source tree (e.g. `git archive <commit>` unpacked): before/after a change")
     p.add_argument("--breakdown", action="store_true", help="time each stage of the ingest path in this process instead")
@@ -539,12 +540,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\n{mode}" + (f": {args.rate:,.0f} events/s offered, latency from each batch's scheduled send time" if mode == "paced"
                               else ": each sender posts again as soon as it is acknowledged"))
         print(f"  {'':9} {'events/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'server CPU':>10} {'sender ms/batch':>13}")
-        spy_out = args.profile if mode == "saturation" else None
+        spy_out = args.profile if mode == "saturation" or args.mode == "paced" else None  # --mode paced: the paced window
         rows = {t: measure(t, plan_args, args.senders, spy_out if t == "collector" else None, args.collector_tree,
                             args.gil)
                 for t in ("collector", "floor") if t == "collector" or not args.no_floor}
         if args.no_floor:
             report("collector", rows["collector"])
+            print_profile(spy_out, mode)
             continue
         for target, r in rows.items():
             report(target, r)
@@ -556,9 +558,13 @@ def main(argv: list[str] | None = None) -> None:
         else:
             met = c["p99"] < 0.050 and c["rate"] >= 0.98 * args.rate
             print(f"  goal: p99 < 50 ms at {args.rate:,.0f} events/s offered: {'met' if met else 'not met'}")
-        if spy_out and spy_out.exists():
-            print(f"  where the collector spent the saturation window (py-spy, {spy_out}):")
-            print("\n".join(top_frames(spy_out)))
+        print_profile(spy_out, mode)
+
+
+def print_profile(spy_out: Path | None, mode: str) -> None:
+    if spy_out and spy_out.exists():
+        print(f"  where the collector spent the {mode} window (py-spy, {spy_out}):")
+        print("\n".join(top_frames(spy_out)))
 
 
 if __name__ == "__main__":
