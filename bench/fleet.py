@@ -191,6 +191,11 @@ class Peak(threading.Thread):
             self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), rss)
 
 
+def gauge(lines: list[str], name: str, default=float("nan")) -> float:
+    """The value of an unlabelled gauge in /metrics' lines, or `default` if it is not there."""
+    return next((float(line.split()[-1]) for line in lines if line.startswith(name + " ")), default)
+
+
 def tree_memory(pid: int) -> tuple[int, int]:
     """(VmRSS, VmHWM) of the collector and its ingest workers (collector.decoders), each summed: the summed peaks
     bound the peak of the sum from above."""
@@ -385,19 +390,16 @@ def main(argv: list[str] | None = None) -> None:
         budget = float(next(line.split()[-1] for line in metrics.splitlines()
                             if line.startswith("fleetscope_collector_memory_budget_bytes")))
         lines = c.client.get("/metrics").text.splitlines()
-        governed = next((float(line.split()[-1]) for line in lines
-                         if line.startswith("fleetscope_collector_resident_memory_peak_bytes ")), 0.0)
-        peak = max(peak, governed, *watch.peaks.values())
+        peak = max(peak, gauge(lines, "fleetscope_collector_resident_memory_peak_bytes", 0.0), *watch.peaks.values())
         held = {line.split('"')[1]: float(line.split()[-1]) for line in lines
                 if line.startswith("fleetscope_collector_hot_held_seconds{")}
         tables = {line.split('"')[1]: float(line.split()[-1]) for line in lines
                   if line.startswith("fleetscope_collector_memory_bytes{")}
-        per_rank = next((line.split()[-1] for line in lines if line.startswith("fleetscope_collector_hot_steps_per_rank ")), "?")
-        hot_budget = next((float(line.split()[-1]) for line in lines
-                           if line.startswith("fleetscope_collector_hot_budget_bytes ")), float("nan"))
+        per_rank = gauge(lines, "fleetscope_collector_hot_steps_per_rank")
+        hot_budget = gauge(lines, "fleetscope_collector_hot_budget_bytes")
         print(f"memory: RSS {rss / 2**20:,.0f} MiB now, {peak / 2**20:,.0f} MiB peak; budget {budget / 2**20:,.0f} MiB "
               f"(RSS/budget {rss / budget:.2f}, peak/budget {peak / budget:.2f}); hot tier holds GPU rollups for "
-              f"{held.get('gpus_1m', 0) / 3600:.1f} h, raw frames {held.get('gpus', 0):.0f} s, {per_rank} steps a rank")
+              f"{held.get('gpus_1m', 0) / 3600:.1f} h, raw frames {held.get('gpus', 0):.0f} s, {per_rank:.0f} steps a rank")
         print("tables held, MiB: " + ", ".join(f"{table} {size / 2**20:,.0f}" for table, size in
                                                 sorted(tables.items(), key=lambda kv: -kv[1]) if size >= 2**20)
               + f"; the hot tier's budget now {hot_budget / 2**20:,.0f} MiB (a third of the budget: {budget / 3 / 2**20:,.0f})")
@@ -439,8 +441,7 @@ def main(argv: list[str] | None = None) -> None:
         watch.stop.set()
         print("peak RSS by phase: " + "; ".join(f"{phase} {rss / 2**20:,.0f} MiB ({rss / budget:.2f} of the budget)"
                                                 for phase, rss in watch.peaks.items()))
-        governed = next((float(line.split()[-1]) for line in c.client.get("/metrics").text.splitlines()
-                         if line.startswith("fleetscope_collector_resident_memory_peak_bytes ")), 0.0)
+        governed = gauge(c.client.get("/metrics").text.splitlines(), "fleetscope_collector_resident_memory_peak_bytes", 0.0)
         whole = max(governed, c.memory()[1], *watch.peaks.values())
         print(f"peak RSS over the whole run: {whole / 2**20:,.0f} MiB ({whole / budget:.2f} of the budget; the collector's "
               f"own reading at its upkeep passes {governed / 2**20:,.0f} MiB, the 0.2 s samples "

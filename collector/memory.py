@@ -36,6 +36,15 @@ LOW = 0.70  # of the budget: under this, the hot tier's budget grows back
 GROWTH = 1 / 64  # of the budget a minute under LOW (at 2 GiB, 32 MiB: 13 minutes from the floor to the full share)
 FLOOR = 1 / 8  # of the budget, the least the hot tier gets (each rank's MIN_STEPS steps and the latest frames fit)
 NOMINAL = 1 / 3  # of the budget, the hot tier's share when the process has room
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss(pid: int | str = "self", proc: Path = Path("/proc")) -> int:
+    """A process's resident memory in bytes (0 if it is gone)."""
+    try:
+        return int((proc / str(pid) / "statm").read_text().split()[1]) * PAGE
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _kib(text: str, field: str) -> int | None:
@@ -50,7 +59,6 @@ class ProcessMemory:
 
     def __init__(self, proc: Path = Path("/proc")) -> None:
         self.proc = proc
-        self.page = os.sysconf("SC_PAGE_SIZE")
         self.resets = True  # whether VmHWM can be reset here (not in every sandbox): else the current RSS is read
 
     def high(self) -> int:
@@ -59,16 +67,16 @@ class ProcessMemory:
             status = (own / "status").read_text()
         except OSError:
             return 0
-        hwm, rss = _kib(status, "VmHWM:"), _kib(status, "VmRSS:") or 0
-        value = rss
+        hwm, now = _kib(status, "VmHWM:"), _kib(status, "VmRSS:") or 0
+        value = now
         if self.resets and hwm is not None:
             try:
                 (own / "clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux 4.0 on)
-                value = max(hwm, rss)
+                value = max(hwm, now)
             except OSError as exc:
                 self.resets = False
                 log.debug("cannot reset the peak resident memory (%s); reading the current one each pass", exc)
-        return value + sum(self._rss(pid) for pid in self.children())
+        return value + sum(rss(pid, self.proc) for pid in self.children())
 
     def children(self) -> list[int]:
         pids: list[int] = []
@@ -81,12 +89,6 @@ class ProcessMemory:
         except OSError:
             pass
         return pids
-
-    def _rss(self, pid: int) -> int:
-        try:
-            return int((self.proc / str(pid) / "statm").read_text().split()[1]) * self.page
-        except (OSError, ValueError, IndexError):
-            return 0
 
 
 class Governor:

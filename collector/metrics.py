@@ -8,7 +8,6 @@ fleetscope_collector_metrics_omitted{kind} and stays readable through the query 
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections import Counter
@@ -23,17 +22,10 @@ from collector.decoders import Prepared
 from collector.goodput import BADPUT
 from collector.inference_series import recent_inference
 from collector.findings import FindingsTracker
+from collector.memory import rss
 from collector.store import Store
 from collector.views import jobs_now
 from fleetscope.schema import Batch
-
-def _rss(pid: int | str = "self") -> float:
-    try:
-        with open(f"/proc/{pid}/statm") as fh:
-            return float(int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
-    except (OSError, ValueError, IndexError):
-        return 0.0
-
 
 # Latency quantiles on /metrics cover this recent window, so they move when the service does.
 RECENT_S = 300.0
@@ -217,7 +209,7 @@ class CollectorMetrics:
         if store.governor is not None:
             yield GaugeMetricFamily("fleetscope_collector_hot_budget_bytes",
                                     "The hot tier's share of the memory budget now: a third, less while the process's "
-                                    "resident memory runs near the budget.", value=store.governor.tier.budget_bytes)
+                                    "resident memory runs near the budget.", value=store.hot.budget_bytes)
             yield GaugeMetricFamily("fleetscope_collector_resident_memory_high_bytes",
                                     "The highest resident memory of the collector and its ingest workers over the last "
                                     "upkeep pass, which sets the hot tier's budget.", value=store.governor.last_high)
@@ -226,7 +218,7 @@ class CollectorMetrics:
                                     "pass since it started (the kernel's peak is reset at each pass).", value=store.governor.peak)
         workers = self.decoders.pids() if self.decoders is not None else ()
         yield GaugeMetricFamily("fleetscope_collector_resident_memory_bytes", "Resident memory of the collector process "
-                                "and its ingest worker processes.", value=_rss() + sum(_rss(pid) for pid in workers))
+                                "and its ingest worker processes.", value=rss() + sum(rss(pid) for pid in workers))
         yield GaugeMetricFamily("fleetscope_collector_ready", "1 once the store has replayed its log and serves.",
                                 value=1 if store.ready else 0)
         yield GaugeMetricFamily("fleetscope_collector_storage_writable",

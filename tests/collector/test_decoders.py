@@ -270,7 +270,7 @@ def test_a_record_for_another_node_is_refused_as_without_a_worker(apps):
 
 
 def test_the_collectors_resident_memory_counts_its_workers(apps):
-    from collector.metrics import _rss
+    from collector.memory import rss as _rss
 
     pids = apps[1].app.state.decoders.pids()
     assert len(pids) == 1
