@@ -259,10 +259,30 @@ def _dashboard(args: argparse.Namespace) -> int:
         "--server.port", str(args.port), "--server.address", args.address,
         "--server.headless", "true", "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal",
     ]
-    if secrets_file is not None:  # st.login's [auth] settings, in a file only this user can read
-        argv += ["--secrets.files", str(secrets_file)]
-    os.execve(sys.executable, argv, env)
-    return 0  # not reached
+    if secrets_file is None:
+        os.execve(sys.executable, argv, env)
+        return 0  # not reached
+    argv += ["--secrets.files", str(secrets_file)]  # st.login's [auth] settings, in a file only this user can read
+    return _run_then_remove(argv, env, secrets_file.parent)
+
+
+def _run_then_remove(argv: list[str], env: dict[str, str], folder: Path) -> int:
+    """Run the console as a child and remove `folder` (its [auth] secrets: the OIDC client secret) once it has stopped,
+    however it stops: an exec would leave the file behind at every start. SIGTERM, SIGINT and SIGHUP are passed on to
+    it (systemd, Ctrl-C, a closed terminal); its exit status is this process's. Only SIGKILL of this process leaves the
+    folder (0700, the file 0600), and `PrivateTmp=` takes it with the service."""
+    import shutil
+    import signal
+    import subprocess
+
+    try:
+        child = subprocess.Popen(argv, env=env)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, lambda received, _frame: child.send_signal(received))
+        code = child.wait()
+        return 128 - code if code < 0 else code  # killed by a signal: as a shell reports it
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _dashboards_push(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -94,21 +95,52 @@ def test_the_console_gets_its_read_token_from_a_file_in_its_environment(tmp_path
     assert not any("r-token" in arg for arg in argv)
 
 
-def test_oidc_sign_in_may_listen_anywhere_and_its_secret_is_neither_in_argv_nor_env(tmp_path, monkeypatch, exec_calls):
+def test_oidc_sign_in_may_listen_anywhere_and_its_secret_is_neither_in_argv_nor_env(tmp_path, monkeypatch):
     import tomllib
+
+    import fleetscope.cli
 
     secret = tmp_path / "client-secret"
     secret.write_text("oidc-s3cret\n")
     monkeypatch.setenv("FLEETSCOPE_OIDC_CLIENT_SECRET_FILE", str(secret))
+    runs = []  # what it would run as its child (see the test below for the real one)
+    monkeypatch.setattr(fleetscope.cli, "_run_then_remove", lambda argv, env, folder: runs.append((argv, env, folder)) or 0)
     assert cli(["dashboard", "--address", "0.0.0.0", "--auth", "oidc", "--oidc-issuer", "https://idp.example",
                 "--oidc-client-id", "console", "--public-url", "https://console.example"]) == 0
-    argv, env = exec_calls[0]
+    argv, env, folder = runs[0]
     assert env["FLEETSCOPE_CONSOLE_AUTH"] == "oidc"
     assert not any("oidc-s3cret" in a for a in argv) and not any("oidc-s3cret" in v for v in env.values())
     settings = Path(argv[argv.index("--secrets.files") + 1])
+    assert settings.parent == folder
     try:
         assert tomllib.loads(settings.read_text())["auth"]["client_secret"] == "oidc-s3cret"
         assert settings.stat().st_mode & 0o077 == 0
     finally:
         settings.unlink()
         settings.parent.rmdir()
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT"])
+def test_the_oidc_client_secret_leaves_no_file_behind_when_the_console_stops(tmp_path, stop):
+    # The real command and a real Streamlit: its [auth] settings (the client secret) are in a file while it runs,
+    # and gone once it stops, by systemd's SIGTERM or a Ctrl-C.
+    port = free_port()
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    log = tmp_path / "console.log"
+    proc = subprocess.Popen([sys.executable, "-m", "fleetscope", "dashboard", "--port", str(port), "--collector-url",
+                             "http://127.0.0.1:9", "--auth", "oidc", "--oidc-issuer", "https://idp.example",
+                             "--oidc-client-id", "console", "--public-url", f"http://127.0.0.1:{port}"], cwd=ROOT,
+                            env=dict(os.environ, TMPDIR=str(scratch), FLEETSCOPE_OIDC_CLIENT_SECRET="oidc-s3cret"),
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: listening(port) or proc.poll() is not None, timeout=60, what="the console to listen")
+        assert proc.poll() is None, log.read_text(errors="replace")
+        (held,) = scratch.glob("fleetscope-console-*/secrets.toml")
+        assert "oidc-s3cret" in held.read_text()
+        proc.send_signal(getattr(signal, stop))
+        proc.wait(timeout=30)
+        assert not listening(port)  # the console itself stopped, not only the command that started it
+        assert list(scratch.iterdir()) == [], list(scratch.rglob("*"))
+    finally:
+        stop_process(proc)
