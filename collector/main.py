@@ -23,10 +23,7 @@ import logging
 import os
 import resource
 import ssl
-import tempfile
-import threading
 import time
-from pathlib import Path
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -179,69 +176,37 @@ def raise_open_files_limit(wanted: int) -> int:
 
 
 POLARS_NICE = 10  # polars' worker threads, against 0 for the threads that take ingest
-# polars' threads by name: its compute pool (polars-0, polars-1, ...), and the streaming engine's executor and I/O
-# runtime (async-executor-*, tokio-rt-worker), which a lazy query's sink (the checkpoint's Parquet files) runs on.
-_POLARS_THREADS = ("polars-", "async-executor", "tokio-rt-worker")
 
 
 def lower_polars_priority(nice: int = POLARS_NICE) -> int:
-    """Run polars' threads at a lower CPU priority (Linux: a thread's own nice value); how many were set.
+    """Run polars' pool threads at a lower CPU priority (Linux: a thread's own nice value); how many were set.
 
     The bulk work runs there: a checkpoint's Parquet encoding (hundreds of ms on every core at 100,000 events/s),
     the hot tier's upkeep, the analysis pass, large reads. At equal priority it took the cores from the event loop
     and the ingest thread, and acknowledgements waited; at nice 10 it uses what ingest leaves (alternated paced
-    runs of bench.ingest, five pairs: p99 -20 to -50%). With idle cores it runs as fast as before.
-
-    The streaming engine's threads (which encode a sink_parquet's row groups) start on its first use and take the
-    nice value of the thread that starts them: the checkpoint's, at 0. So they are started here, by a thread at
-    `nice`, with a sink of one row; a CPU-starved machine (1.3 cores for the bench's collector and senders) stalled
-    ingest for 0.2-1.4 s at each checkpoint while they ran at 0."""
+    runs of bench.ingest, five pairs: p99 -20 to -50%). With idle cores it runs as fast as before."""
     import polars as pl
 
-    try:
-        os.listdir("/proc/self/task")
-    except OSError:  # not Linux
-        return 0
     wanted = pl.thread_pool_size()  # the pool is started on first use: this starts it
-    started = threading.Thread(target=_start_streaming_engine, args=(nice,), name="polars-nice", daemon=True)
-    started.start()
-    started.join(10.0)
     deadline = time.monotonic() + 2.0
-    while True:  # the pool's threads name themselves once running: wait for all of them (a few ms)
-        tids = polars_threads()
-        workers = sum(name.removeprefix("polars-").isdigit() for name in tids.values())  # polars-0, polars-1, ...
+    while True:  # its threads name themselves once running: wait for all of them (a few ms)
+        try:
+            names = {tid: _comm(tid).strip() for tid in os.listdir("/proc/self/task")}
+        except OSError:  # not Linux
+            return 0
+        tids = [tid for tid, name in names.items() if name.startswith("polars-")]
+        workers = sum(names[tid].removeprefix("polars-").isdigit() for tid in tids)  # polars-0, polars-1, ...
         if workers >= wanted or time.monotonic() > deadline:
             break
         time.sleep(0.01)
     done = 0
     for tid in tids:
         try:
-            os.setpriority(os.PRIO_PROCESS, tid, nice)
+            os.setpriority(os.PRIO_PROCESS, int(tid), nice)
             done += 1
         except OSError:  # the thread ended, or the system refuses
             continue
     return done
-
-
-def polars_threads() -> dict[int, str]:
-    """This process's polars threads (Linux), by thread id: their names."""
-    try:
-        tids = os.listdir("/proc/self/task")
-    except OSError:
-        return {}
-    names = {int(tid): _comm(tid).strip() for tid in tids}
-    return {tid: name for tid, name in names.items() if name.startswith(_POLARS_THREADS)}
-
-
-def _start_streaming_engine(nice: int) -> None:
-    import polars as pl
-
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-        with tempfile.TemporaryDirectory(prefix="fleetscope-") as folder:
-            pl.LazyFrame({"x": [0]}).sink_parquet(Path(folder) / "start.parquet")
-    except Exception as exc:  # its threads then start later, at the priority of the thread that needs them
-        log.debug("could not start polars' streaming engine at nice %d: %s", nice, exc)
 
 
 def _comm(tid: str) -> str:

@@ -221,7 +221,7 @@ def test_the_real_collector_process_closes_a_slowloris_connection(tmp_path):
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="thread nice values are Linux's")
-def test_polars_pool_threads_run_at_a_lower_priority_than_the_threads_that_take_ingest(tmp_path):
+def test_polars_pool_threads_run_at_a_lower_priority_than_the_threads_that_take_ingest():
     # In a fresh interpreter: the test process's own polars threads keep their priority.
     probe = """
 import os, threading
@@ -234,19 +234,9 @@ for tid in os.listdir("/proc/self/task"):
 import polars as pl
 workers = [v for k, v in nice.items() if k.removeprefix("polars-").isdigit()]
 assert len(workers) == pl.thread_pool_size(), nice
-# The streaming engine's threads (a checkpoint's sink_parquet encodes on them), started from a thread at nice 0 later
-# (the checkpoint's), are already running, at the lower priority.
-pl.LazyFrame({"x": list(range(1000))}).sink_parquet(os.path.join(os.environ["OUT"], "x.parquet"))
-streaming = {}
-for tid in os.listdir("/proc/self/task"):
-    comm = open(f"/proc/self/task/{tid}/comm").read().strip()
-    if comm.startswith(("async-executor", "tokio-rt-worker")):
-        streaming[tid] = int(open(f"/proc/self/task/{tid}/stat").read().rsplit(")", 1)[1].split()[16])
-assert streaming and set(streaming.values()) == {POLARS_NICE}, streaming
 print(len(workers), POLARS_NICE, sorted(workers), nice[open("/proc/self/comm").read().strip()])
 """
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True,
-                         env=dict(os.environ, OUT=str(tmp_path))).stdout.split(maxsplit=2)
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True).stdout.split(maxsplit=2)
     done, wanted = int(out[0]), int(out[1])
     polars_nices, main_nice = out[2].rsplit(" ", 1)
     assert done >= 1 and polars_nices == str([wanted] * done)  # every worker of the pool
