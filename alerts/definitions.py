@@ -379,6 +379,44 @@ ALERTS: list[Alert] = [
           "Add replicas or move traffic; lower max_num_seqs / the batch size, shorten max_model_len, or give the server "
           "more GPU memory (gpu_memory_utilization, tensor parallelism)."),
     # --- collector -----------------------------------------------------------------------------
+    Alert("FleetscopeCollectorDown", "fleetscope-collector", 'up{{job=~"fleetscope-collector.*"}} == 0',
+          "{collector.down_for}", "page",
+          "the fleetscope collector {{ $labels.instance }} is down",
+          "Prometheus has not scraped the fleetscope collector at {{ $labels.instance }}: no training, inference or "
+          "SLO finding can fire, and the agents keep their batches in their spools.",
+          "Every alert built on the collector's findings (stragglers, hangs, regressions, SLO burn) is blind while it is "
+          "down. Nothing is lost yet: each agent keeps what it could not ship on disk, up to its spool's bound, and "
+          "sends it when the collector is back; their FleetscopeAgentShipperBacklog tickets follow.",
+          "`curl -s http://<collector>:9837/healthz`; on its host `systemctl status fleetscope-collector` and "
+          "`journalctl -u fleetscope-collector --since -15min` (a start that fails names the bad setting or file).",
+          "Restart it. It replays its write-ahead log before it serves (/healthz says `starting` meanwhile; restart "
+          "takes seconds even at 4,096 nodes); if it exits at start, its last log line says why."),
+    Alert("FleetscopeCollectorStorageFailing", "fleetscope-collector", "fleetscope_collector_storage_writable == 0",
+          "{collector.storage_failing_for}", "page",
+          "the collector {{ $labels.instance }} cannot write its data: ingest is refused",
+          "The collector {{ $labels.instance }} cannot write its write-ahead log or its checkpoints: it answers every "
+          "ingest with 503 and the agents keep their batches in their spools.",
+          "Disk full, read-only or failing under the collector's data directory. Reads keep working from what it holds; "
+          "new workload events and frames wait on the nodes, up to each spool's bound, and are lost past it.",
+          "`curl -s http://<collector>:9837/healthz` says why (`cannot_write` and the error); `df -h` and `dmesg` on the "
+          "data directory's filesystem; `fleetscope_collector_ingest_rejected_total{reason=\"storage\"}` rising.",
+          "Free space (or lower `retention_bytes` so retention frees it, or remount read-write): the collector retries "
+          "by itself and takes ingest again once space returns; it needs no restart."),
+    Alert("FleetscopeCollectorCheckpointStale", "fleetscope-collector",
+          "time() - fleetscope_collector_last_checkpoint_timestamp_seconds > {collector.checkpoint_stale_seconds}", "5m",
+          "page",
+          "the collector {{ $labels.instance }} has made no checkpoint for {{ $value | humanizeDuration }}",
+          "The collector {{ $labels.instance }} last committed a checkpoint {{ $value | humanizeDuration }} ago: "
+          "its write-ahead log and the rows waiting in memory keep growing.",
+          "Checkpoints move what the write-ahead log holds into the Parquet history every 30 s by default. None for "
+          "this long: they fail (disk, permissions) or one hangs (a stuck fsync on network storage, a wedged thread). "
+          "Acknowledged data is safe in the log, but a restart has to replay all of it, and once the rows waiting "
+          "fill their share of the memory budget the collector refuses ingest (503) until a checkpoint succeeds.",
+          "`fleetscope_collector_wal_bytes` and `fleetscope_collector_memory_bytes{table=\"unwritten\"}` growing; "
+          "`journalctl -u fleetscope-collector | grep -i checkpoint` (each failure is logged with its error); "
+          "`py-spy dump --pid <collector pid>` shows a hung one.",
+          "Fix what the log names (space, permissions, the storage behind the data directory). A hung checkpoint: "
+          "restart the collector: it replays the log, loses nothing acknowledged, and checkpoints again."),
     Alert("FleetscopeCollectorRefusedIdentity", "fleetscope-collector",
           'increase(fleetscope_collector_ingest_rejected_total{{reason=~"identity|seq_jump"}}[15m]) > 0', "0m", "ticket",
           "the collector {{ $labels.instance }} refused batches that claim another identity ({{ $labels.reason }})",

@@ -224,6 +224,9 @@ class CollectorMetrics:
         yield GaugeMetricFamily("fleetscope_collector_storage_writable",
                                 "0 while the store cannot write (disk full, failing checkpoints): ingest answers 503.",
                                 value=0 if store.problem else 1)
+        yield GaugeMetricFamily("fleetscope_collector_last_checkpoint_timestamp_seconds",
+                                "Unix time of the last checkpoint committed (rows moved from the write-ahead log to "
+                                "Parquet); the store's start while it has made none.", value=store.last_checkpoint_ts)
         yield GaugeMetricFamily("fleetscope_collector_wal_bytes", "Bytes in the write-ahead log not yet checkpointed.",
                                 value=store.wal.size_bytes() if store.ready else 0)
         yield GaugeMetricFamily("fleetscope_collector_hot_maintenance_seconds", "Duration of the last hot-tier upkeep pass.",

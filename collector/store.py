@@ -161,6 +161,9 @@ class Store:
         self.committed = 0
         self.ready = False
         self.problem: str | None = None  # why the store cannot write now, for /healthz
+        # When the last checkpoint was committed (Unix time): the one found at start, or the start itself where
+        # there is none, so that a collector that never manages one is seen too (FleetscopeCollectorCheckpointStale).
+        self.last_checkpoint_ts = time.time()
         self.checkpoint_due = threading.Event()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.wal = Wal(self.data_dir / "wal", fsync=fsync)
@@ -174,6 +177,9 @@ class Store:
         started = time.monotonic()
         self.startup = {"phase": "reading the last checkpoint"}
         state = self._read_checkpoint()
+        found = self.data_dir / "checkpoint.json"
+        if found.exists():
+            self.last_checkpoint_ts = found.stat().st_mtime
         for kind in ALL_KINDS:
             partitions.clean(self.data_dir, kind, self.committed)
         hot_state = state.get("hot") or {}
@@ -454,6 +460,7 @@ class Store:
                 self.committed = segment
                 self._checkpointing = {}
             self.problem = None
+            self.last_checkpoint_ts = time.time()
             try:
                 faults.point("checkpoint.committed")
                 self.wal.drop_through(segment)

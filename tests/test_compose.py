@@ -314,11 +314,15 @@ def test_prometheus_finds_the_agents_by_file_under_the_job_name_the_agent_alerts
     config = yaml.safe_load(prom.path(prom.flag("--config.file")).read_text())
     jobs = {j["job_name"]: j for j in config["scrape_configs"]}
     rules = [r for p in assets.rule_files() for g in yaml.safe_load(p.read_text())["groups"] for r in g["rules"]]
-    selectors = {m.group(1) for r in rules for m in re.finditer(r'\bup\{[^}]*job=~?"([^"]+)"', r["expr"])}
+    watched = {m.group(1) for r in rules for m in re.finditer(r'\bup\{[^}]*job=~?"([^"]+)"', r["expr"])}
+    selectors = {s for s in watched if "agent" in s}
     assert selectors, "no alert watches the agents' up series any more: this test must learn the new selector"
     for selector in selectors:
         matching = [name for name in jobs if re.fullmatch(selector, name)]
         assert matching and all("file_sd_configs" in jobs[name] for name in matching), (selector, list(jobs))
+    # FleetscopeCollectorDown's selector finds the collector's job, and only it
+    (collector_selector,) = watched - selectors
+    assert [name for name in jobs if re.fullmatch(collector_selector, name)] == ["fleetscope-collector"], list(jobs)
     # the example targets file holds this stack's own agent, at the port its service listens on
     services = compose()["services"]
     agent_jobs = [j for name, j in jobs.items() if any(re.fullmatch(s, name) for s in selectors)]
