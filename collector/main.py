@@ -181,10 +181,13 @@ POLARS_NICE = 10  # polars' worker threads, against 0 for the threads that take 
 def lower_polars_priority(nice: int = POLARS_NICE) -> int:
     """Run polars' pool threads at a lower CPU priority (Linux: a thread's own nice value); how many were set.
 
-    The bulk work runs there: a checkpoint's Parquet encoding (hundreds of ms on every core at 100,000 events/s),
-    the hot tier's upkeep, the analysis pass, large reads. At equal priority it took the cores from the event loop
-    and the ingest thread, and acknowledgements waited; at nice 10 it uses what ingest leaves (alternated paced
-    runs of bench.ingest, five pairs: p99 -20 to -50%). With idle cores it runs as fast as before."""
+    The bulk work runs there: the hot tier's upkeep, the analysis pass, large reads. At equal priority it took the
+    cores from the event loop and the ingest thread, and acknowledgements waited; at nice 10 it uses what ingest
+    leaves (alternated paced runs of bench.ingest, five pairs: p99 -20 to -50%). With idle cores it runs as fast as
+    before. A checkpoint's Parquet encoding is not here: polars' streaming engine runs a sink on threads of its own
+    (async-executor), started by the checkpoint's thread and at its priority, 0. Starting them at nice 10 too
+    lowered the paced p99 on a fast hour, but the fleet bench's peak RSS was 2,284 MiB in its one run against
+    1,930 without (a starved checkpoint lags, so its rows wait in memory longer): not done (README, ingest)."""
     import polars as pl
 
     wanted = pl.thread_pool_size()  # the pool is started on first use: this starts it
