@@ -148,31 +148,3 @@ def test_the_analysis_pass_runs_under_the_upkeep_lock(tmp_path, monkeypatch):
         wait_until(lambda: len(seen) >= 2, timeout=10, interval=0.02, what="two analysis passes")
         store = client.app.state.store
         assert all(seen) and isinstance(store.upkeep, type(threading.Lock()))
-
-
-def test_files_with_names_as_strings_and_as_categoricals_read_and_merge_alike(tmp_path):
-    """Collectors before 2 December wrote names (node, uuid, ...) as strings; since, a checkpoint writes them as the
-    categoricals they are in memory (no cast: a third less CPU for those columns). polars reads the latter back as
-    categoricals and refuses to mix the two in one scan unless told: scans read every file's names as strings,
-    whichever file comes first, and compaction merges both."""
-    hour_ts = 1_700_002_800.0
-    folder = tmp_path / f"kind={KIND}" / partitions.hour_of(hour_ts)
-    folder.mkdir(parents=True)
-    before = rollup_rows([hour_ts + 60 * m for m in range(0, 10)], 0)
-    since = rollup_rows([hour_ts + 60 * m for m in range(10, 20)], 1)
-    old_for_disk = before.with_columns(pl.col(pl.Categorical).cast(pl.String), pl.col(pl.List(pl.Categorical)).cast(pl.List(pl.String)))
-    old_for_disk.write_parquet(folder / f"part-{1:020d}-{1:020d}.parquet")  # as partitions.for_disk wrote it before
-    (written,) = partitions.write_checkpoint_parts(tmp_path, KIND, since, 2, 2)
-    assert pl.read_parquet_schema(written)["node"] == pl.Categorical  # as it is in memory: not cast
-    assert pl.read_parquet_schema(folder / f"part-{1:020d}-{1:020d}.parquet")["node"] == pl.String
-    parts = partitions.live_parts(tmp_path, KIND, 2)
-    for order in (parts, parts[::-1]):  # either kind of file first
-        rows = partitions.scan(tmp_path, KIND, committed=2, files=order).collect()
-        assert rows.height == 20 and rows.schema["node"] == pl.String and rows.schema["uuid"] == pl.String
-        assert set(rows["node"].to_list()) == {"n0"}
-        assert rows.filter(pl.col("uuid") == "GPU-a").height == 20  # a filter on a name reads both files
-    assert partitions.compact(tmp_path, KIND, committed=2, before_hour=partitions.hour_of(hour_ts + 7200)) == 2
-    partitions.clean(tmp_path, KIND, committed=2)
-    (merged,) = partitions.live_parts(tmp_path, KIND, 2)
-    merged_rows = partitions.scan(tmp_path, KIND, committed=2).collect().sort("ts")
-    assert merged_rows.height == 20 and merged_rows["xid_total_within"].to_list() == [0] * 10 + [1] * 10
