@@ -177,9 +177,6 @@ class Store:
         started = time.monotonic()
         self.startup = {"phase": "reading the last checkpoint"}
         state = self._read_checkpoint()
-        found = self.data_dir / "checkpoint.json"
-        if found.exists():
-            self.last_checkpoint_ts = found.stat().st_mtime
         for kind in ALL_KINDS:
             partitions.clean(self.data_dir, kind, self.committed)
         hot_state = state.get("hot") or {}
@@ -221,6 +218,7 @@ class Store:
         if not path.exists():
             return {}
         state = json.loads(path.read_text())
+        self.last_checkpoint_ts = path.stat().st_mtime
         self.watermarks = {(node, agent, epoch): (int(seq), float(ts)) for node, agent, epoch, seq, ts in state.get("marks", [])}
         self.legacy_watermarks = {agent: (int(seq), float(ts)) for agent, (seq, ts) in state.get("watermarks", {}).items()}
         self.committed = int(state["segment"])

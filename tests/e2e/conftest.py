@@ -70,9 +70,10 @@ def api(collector, path: str) -> dict:
     return json.loads(body)
 
 
-def agent_gauge(metrics_url: str, name: str) -> float | None:
-    """The value of an agent's unlabelled series `name` on its /metrics (None when absent or not answering)."""
-    status, body = http_get(metrics_url)
+def gauge(metrics_url: str, name: str, token: str | None = None) -> float | None:
+    """The value of the unlabelled series `name` on an agent's or collector's /metrics (None when absent or not
+    answering); `token`: the collector's read token."""
+    status, body = http_get(metrics_url, token)
     values = [float(line.rsplit(" ", 1)[1]) for line in body.decode().splitlines() if line.startswith(name + " ")]
     return values[0] if status == 200 and values else None
 
@@ -81,6 +82,6 @@ def wait_until_agent_holds_nothing(metrics_url: str, timeout: float = 60.0) -> N
     """Until the agent holds no event it has not had acknowledged, in memory or in its spool (an in-flight batch
     stays held until acknowledged). A duplicate can only come from a batch held and sent again: once none is
     held, every send has been answered, and none comes later (as long as nothing new is sent to the agent)."""
-    wait_until(lambda: agent_gauge(metrics_url, "fleetscope_agent_shipper_queue_events") == 0
-               and agent_gauge(metrics_url, "fleetscope_agent_shipper_spool_events") == 0,
+    wait_until(lambda: gauge(metrics_url, "fleetscope_agent_shipper_queue_events") == 0
+               and gauge(metrics_url, "fleetscope_agent_shipper_spool_events") == 0,
                timeout=timeout, what="the agent to hold no unacknowledged event")

@@ -14,7 +14,7 @@ import httpx
 import fleetscope
 from fleetscope.client import Emitter
 from tests.conftest import free_port, http_get, wait_until
-from tests.e2e.conftest import INGEST, READ, agent_gauge, api, wait_until_agent_holds_nothing
+from tests.e2e.conftest import INGEST, READ, gauge, api, wait_until_agent_holds_nothing
 
 EVENTS_PER_BATCH = 10
 
@@ -112,8 +112,8 @@ def test_events_produced_while_the_collector_is_down_arrive_exactly_once(procs, 
     produce(3)
     collector.stop(signal.SIGTERM)
     produce(8)  # the collector is down; the workload carries on, the agent spools and backs off
-    assert (agent_gauge(agent, "fleetscope_agent_shipper_spool_events") or 0) > 0, "events should wait in the agent's spool"
-    assert (agent_gauge(agent, "fleetscope_agent_shipper_send_failures_total") or 0) >= 3, "sends should have failed and been retried"
+    assert (gauge(agent, "fleetscope_agent_shipper_spool_events") or 0) > 0, "events should wait in the agent's spool"
+    assert (gauge(agent, "fleetscope_agent_shipper_send_failures_total") or 0) >= 3, "sends should have failed and been retried"
     restarted = start_collector(procs, port, tmp_path / "data", "restarted")
     produce(3)
 

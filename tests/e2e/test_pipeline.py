@@ -11,7 +11,7 @@ import urllib.parse
 import fleetscope
 from fleetscope.client import Emitter
 from tests.conftest import free_port, http_get, require_binary, wait_until
-from tests.e2e.conftest import INGEST, agent_gauge, api, wait_until_agent_holds_nothing
+from tests.e2e.conftest import INGEST, gauge, api, wait_until_agent_holds_nothing
 
 
 def start_agent(procs, collector_url: str | None, spool_dir, node: str = "e2e-node", gpus: int = 4):
@@ -107,7 +107,7 @@ def test_events_sent_while_the_collector_is_down_arrive_once_it_is_up(procs, tmp
     agent = start_agent(procs, url, tmp_path / "spool", node="patient")
     send_workload(agent.events, steps=10, ranks=2, requests=0)
     # the agent tries and fails to ship meanwhile
-    wait_until(lambda: agent_gauge(agent.metrics_url, "fleetscope_agent_shipper_send_failures_total"), timeout=30,
+    wait_until(lambda: gauge(agent.metrics_url, "fleetscope_agent_shipper_send_failures_total"), timeout=30,
                what="the agent to fail to ship")
     assert agent.proc.poll() is None, "the agent must keep running without its collector"
 

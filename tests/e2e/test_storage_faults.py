@@ -18,7 +18,7 @@ import pytest
 
 from collector.store import Store
 from tests.conftest import free_port, wait_until
-from tests.e2e.conftest import INGEST, READ
+from tests.e2e.conftest import INGEST, READ, gauge
 
 ENV = {"FLEETSCOPE_INGEST_TOKEN": INGEST, "FLEETSCOPE_READ_TOKEN": READ}
 W = {"Authorization": f"Bearer {INGEST}"}
@@ -166,10 +166,10 @@ def test_a_full_file_system_is_survived_and_the_collector_recovers_by_itself(col
             wait_until(lambda: c.healthz()[0] == 503, timeout=30, what="/healthz to say the store cannot write")
             assert c.healthz()[1]["status"] == "cannot_write"
             # What FleetscopeCollectorStorageFailing and FleetscopeCollectorCheckpointStale read: no checkpoint commits.
-            assert gauge(c, "fleetscope_collector_storage_writable") == 0
-            stuck = gauge(c, "fleetscope_collector_last_checkpoint_timestamp_seconds")
+            assert gauge(c.url + "/metrics", "fleetscope_collector_storage_writable", READ) == 0
+            stuck = gauge(c.url + "/metrics", "fleetscope_collector_last_checkpoint_timestamp_seconds", READ)
             time.sleep(2.5)  # two checkpoint intervals, each failing
-            assert gauge(c, "fleetscope_collector_last_checkpoint_timestamp_seconds") == stuck
+            assert gauge(c.url + "/metrics", "fleetscope_collector_last_checkpoint_timestamp_seconds", READ) == stuck
             assert c.client.get("/v1/jobs", headers=R).status_code == 200  # reads keep working
             # The probes Kubernetes uses: still ready to serve reads, and alive (no restart, which frees no disk).
             assert c.client.get("/readyz").status_code == 200 and c.client.get("/readyz").json()["ingest"] == "cannot_write"
@@ -179,23 +179,14 @@ def test_a_full_file_system_is_survived_and_the_collector_recovers_by_itself(col
             for more in range(acknowledged, acknowledged + 10):
                 send_until_acknowledged(c, more, refusals)
             wait_until(lambda: c.healthz()[0] == 200, timeout=30, what="the collector to recover by itself")
-            assert gauge(c, "fleetscope_collector_storage_writable") == 1
-            wait_until(lambda: gauge(c, "fleetscope_collector_last_checkpoint_timestamp_seconds") > stuck, timeout=30,
+            assert gauge(c.url + "/metrics", "fleetscope_collector_storage_writable", READ) == 1
+            wait_until(lambda: gauge(c.url + "/metrics", "fleetscope_collector_last_checkpoint_timestamp_seconds", READ) > stuck, timeout=30,
                        what="a checkpoint to commit after space returned")
         finally:
             c.kill()
         assert stored_steps(small / "data") == EXPECTED(acknowledged + 10)
     finally:
         subprocess.run(["umount", "-l", str(small)], capture_output=True)
-
-
-def gauge(c: Collector, name: str) -> float:
-    """One unlabelled series of the collector's real /metrics."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = c.client.get("/metrics", headers=R).text
-    (value,) = [s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name]
-    return value
 
 
 # A checkpoint every half second: each test below waits for the faulty one (the second) and for two more after it.
