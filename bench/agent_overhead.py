@@ -291,10 +291,12 @@ def run_once(agent: Target, exporter: Target, gpus: int, cadence: float, duratio
 def nvml_cost(gpus: int, samples: int, warmup: int, gpm: bool) -> dict:
     """NVML calls per GPU per sample and seconds per sample of the real gateway on the fake."""
     from agent.gpu.nvml import Nvml
+    from bench.gpu_check_nvml import SampleClock
     from tests.agent.fake_pynvml import FakeNvml, NotSupported, device
 
     fake = FakeNvml([device(i, **({} if gpm else {"gpm": NotSupported})) for i in range(gpus)])
-    nvml = Nvml(fake)
+    clock = SampleClock(AGENT_INTERVAL_S)  # the reads' schedule (limits, health counters) as at the agent's interval
+    nvml = Nvml(fake, clock=clock)
     inside = [0.0]  # seconds spent inside the fake's functions (its Python, which a real driver does not run)
 
     def timed(function):
@@ -308,10 +310,12 @@ def nvml_cost(gpus: int, samples: int, warmup: int, gpm: bool) -> dict:
 
     try:
         for _ in range(warmup):  # the first read initialises; GPM needs two samples before it reads metrics
+            clock.tick()
             nvml.read()
         fake.counts.clear()
         times = []
         for _ in range(samples):
+            clock.tick()
             t = time.perf_counter()
             nvml.read()
             times.append(time.perf_counter() - t)
@@ -323,6 +327,7 @@ def nvml_cost(gpus: int, samples: int, warmup: int, gpm: bool) -> dict:
         fake._nvmlGetFunctionPointer = lambda name: timed(pointer(name))
         t = time.perf_counter()
         for _ in range(samples):
+            clock.tick()
             nvml.read()
         timed_total = time.perf_counter() - t
     except Exception as exc:  # noqa: BLE001 - the gateway and the fake disagree: say how, measure nothing
@@ -330,6 +335,7 @@ def nvml_cost(gpus: int, samples: int, warmup: int, gpm: bool) -> dict:
     finally:
         nvml.shutdown()
     return {"calls_per_gpu": sum(calls.values()) / (samples * gpus), "median_ms": statistics.median(times) * 1000,
+            "mean_ms": statistics.fmean(times) * 1000,
             "max_ms": max(times) * 1000, "top": sorted(calls.items(), key=lambda kv: -kv[1])[:6], "samples": samples,
             "fake_ms": inside[0] / samples * 1000, "fake_share": inside[0] / timed_total if timed_total else 0.0}
 
@@ -366,7 +372,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--duration", type=float, help="seconds of each measured window (default 60; --quick: 30)")
     p.add_argument("--repeats", type=int, help="runs of each configuration and cadence (default 3; --quick: 1)")
     p.add_argument("--warmup", type=float, help="seconds after start-up before the window opens (default 10; --quick: 3)")
-    p.add_argument("--samples", type=int, help="in-process NVML reads timed (default 200; --quick: 20)")
+    p.add_argument("--samples", type=int, help="in-process NVML reads timed (default 240; --quick: 24; samples as the agent's, 5 s apart on the reader's clock)")
     p.add_argument("--quick", action="store_true", help="a smoke run: short windows, one run each")
     p.add_argument("--no-gpm", action="store_true",
                    help="fake GPUs without GPU performance monitoring (as pre-Hopper GPUs answer)")
@@ -384,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
     duration = args.duration or (30.0 if args.quick else 60.0)
     repeats = args.repeats or (1 if args.quick else 3)
     warmup = args.warmup if args.warmup is not None else (3.0 if args.quick else 10.0)
-    samples = args.samples or (20 if args.quick else 200)
+    samples = args.samples or (24 if args.quick else 240)
     gpm = not args.no_gpm
 
     binary = shutil.which("prometheus-node-exporter") or shutil.which("node_exporter")
@@ -404,7 +410,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         print(f"NVML in-process ({GPUS} fake GPUs{'' if gpm else ', no GPM'}, {cost['samples']} samples): "
               f"{cost['calls_per_gpu']:.1f} calls per GPU per sample; {cost['median_ms']:.2f} ms per sample median, "
-              f"{cost['max_ms']:.2f} max (the fake's Python, not a driver's ioctls)")
+              f"{cost['mean_ms']:.2f} mean, {cost['max_ms']:.2f} max (the fake's Python, not a driver's ioctls)")
         print("  most called: " + ", ".join(f"{name} {n / (cost['samples'] * GPUS):g}" for name, n in cost["top"]))
         print(f"  of which inside the fake's own functions: {cost['fake_ms']:.2f} ms per sample ({cost['fake_share']:.0%} of a "
               f"read), about {cost['fake_ms'] * 60 / AGENT_INTERVAL_S:.0f} ms/min at the default interval on a warm CPU; it is "

@@ -9,6 +9,10 @@ a C function (a binding that answers from Python, as the tests' fake does) count
 two levels never count the same call twice. Only the calls made by the thread that reads count per sample;
 another thread's (the PCIe reader's) are shown apart. The counts are taken before Nvml.shutdown(), whose
 frees are shown apart too. Exit status 1 when no GPU was read.
+
+The reads follow one another at once, but the gateway's own clock (what it schedules by: power limits once a
+minute, the health counters every 30 s, MIG re-listing) moves on by the agent's default interval at each read,
+so the counts are those of a running agent's samples, the slower reads included in their share.
 """
 
 from __future__ import annotations
@@ -20,6 +24,10 @@ import time
 import types
 from collections import Counter
 from typing import Any
+
+from agent.config import AgentConfig
+
+SAMPLE_INTERVAL_S = AgentConfig.interval_s  # the agent's default: the gateway's clock moves this much per read
 
 # pynvml's helpers that make no NVML call of their own
 HELPERS = frozenset({"nvmlStructToFriendlyObject", "nvmlFriendlyObjectToStruct", "nvmlExceptionClass"})
@@ -124,26 +132,44 @@ class CallCounter:
         return get_function_pointer
 
 
-def measure(lib: Any, *, samples: int = 20, warmup: int = 3, nvml_factory: Any = None) -> dict[str, Any]:
-    """Reads the GPUs `warmup` times, then `samples` times counted and timed; the counts are taken before
-    shutdown. `lib` must be the module the reader uses (pynvml)."""
+class SampleClock:
+    """A monotonic clock for the gateway that moves on by `interval_s` at each tick(): back-to-back reads scheduled
+    as the agent's samples are."""
+
+    def __init__(self, interval_s: float = SAMPLE_INTERVAL_S) -> None:
+        self.interval_s, self.now = interval_s, time.monotonic()
+
+    def tick(self) -> None:
+        self.now += self.interval_s
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def measure(lib: Any, *, samples: int = 24, warmup: int = 3, nvml_factory: Any = None) -> dict[str, Any]:
+    """Reads the GPUs `warmup` times, then `samples` times counted and timed, on a SampleClock (24 samples: four
+    reads of the health counters, one in six); the counts are taken before shutdown. `lib` must be the module the
+    reader uses (pynvml); `nvml_factory(lib, clock)` builds the reader (default: Nvml)."""
     counter = CallCounter(lib)
     counter.install()
+    clock = SampleClock()
     try:
         if nvml_factory is None:
             from agent.gpu.nvml import Nvml
 
-            nvml = Nvml(lib)
+            nvml = Nvml(lib, clock=clock)
         else:
-            nvml = nvml_factory(lib)
+            nvml = nvml_factory(lib, clock)
         t = time.perf_counter()
         states = nvml.read()
         first_ms = (time.perf_counter() - t) * 1000
         for _ in range(max(warmup - 1, 0)):
+            clock.tick()
             nvml.read()
         counter.clear()
         times = []
         for _ in range(samples):
+            clock.tick()
             t = time.perf_counter()
             nvml.read()
             times.append(time.perf_counter() - t)
@@ -181,7 +207,7 @@ def report(result: dict[str, Any]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=20)
+    parser.add_argument("--samples", type=int, default=24)
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args(argv)
     import pynvml

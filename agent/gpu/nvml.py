@@ -19,7 +19,11 @@ Every call goes through `_Gpu.call`, which sorts NVML's errors into what they me
 
 Cost: values that cannot change while a handle lives (name, serial, VBIOS, PCI address,
 thresholds, maximum clocks and link widths, which NVLinks exist) are read once per handle, power
-limits once a minute; counters come in batched field-value calls, each request array built once per
+limits once a minute, and the health counters and states that move only when something breaks (ECC,
+retired pages, remapped rows, PCIe replays, each NVLink's state and error counters, the fabric state)
+every COUNTERS_REFRESH_S (30 s, dcgm-exporter's default collection interval), at once after a handle is
+acquired, and again at the next sample when that read failed; XIDs, which announce those breakages, are
+drained at every sample. Counters come in batched field-value calls, each request array built once per
 handle and filled in place by NVML's C function (pynvml's wrapper rebuilds it in Python at every
 call); only NVLinks that exist are asked about (on drivers whose batch lacks the link-state field, half of
 the links' states per sample through nvmlDeviceGetNvLinkState; a missing state is unknown, never down); GPM samples are two
@@ -94,6 +98,10 @@ _FIELD_TAIL = struct.Struct("=24xiiQ")
 assert _FIELD_TAIL.size == _FIELD_VALUE.size
 _DOUBLE, _U64 = struct.Struct("=d"), struct.Struct("=Q")
 LIMITS_REFRESH_S = 60.0  # power limits change when someone sets them: read this often, not at every sample
+# ECC, retired pages, remapped rows, PCIe replays, NVLink states and error counters, fabric state: read this often.
+# They are 78 of an 18-link GPU's 123 field values; the alerts on them look over 5-10 minutes, and the XIDs that
+# announce the same faults (48, 63, 64, 74, 94, 95) are drained at every sample.
+COUNTERS_REFRESH_S = 30.0
 MIG_RELIST_S = 60.0  # MIG instances are listed again this often (and at once when one of their calls fails)
 INIT_BACKOFF_S = (1.0, 300.0)  # first retry after 1 s, doubling up to 5 min
 
@@ -163,8 +171,13 @@ class _Gpu:
         self.errors: Counter[str] = Counter()  # this sample's errors by reason
         self.static: dict[str, Any] = {}
         self.links: tuple[int, ...] = ()
-        self.field_ids: list = []
-        self.field_arrays: list[Any] = []  # the sample's field-value requests, built once per handle (Nvml._field_arrays)
+        # The field values read at every sample, and the health counters read every COUNTERS_REFRESH_S (Nvml._field_ids)
+        self.field_ids: tuple[list, list] = ([], [])
+        # the same as field-value requests, built once per handle (Nvml._field_arrays); empty: pynvml's wrapper is used
+        self.field_arrays: tuple[list[Any], list[Any]] = ([], [])
+        self.counters: list[float | None] = []  # the health counters' values as last read
+        self.fabric: FabricState | None = None  # the fabric state as last read
+        self.counters_due = float("-inf")  # when the health counters and the fabric state are read again
         self.event_set: Any = None
         self.gpm: list[Any] = []  # two sample buffers, used in turn
         self.gpm_have_previous = False
@@ -574,25 +587,30 @@ class Nvml:
         else:  # drivers without the link-count field: probe the link states once
             gpu.links = tuple(link for link in range(lib.NVML_NVLINK_MAX_LINKS)
                               if c("nvmlDeviceGetNvLinkState", h, link) is not None)
-        gpu.field_ids = self._sample_fields(gpu)
-        gpu.field_arrays = self._field_arrays(gpu.field_ids) if self._raw_fields else []
+        gpu.field_ids = self._field_ids(gpu)
+        gpu.field_arrays = ((self._field_arrays(gpu.field_ids[0]), self._field_arrays(gpu.field_ids[1]))
+                            if self._raw_fields else ([], []))
 
-    def _sample_fields(self, gpu: _Gpu) -> list:
+    def _field_ids(self, gpu: _Gpu) -> tuple[list, list]:
+        """The field values of every sample (memory temperature, energy, each link's throughput), and the health
+        counters read every COUNTERS_REFRESH_S (ECC, retired pages, remapped rows, PCIe replays, the NVLink ECC total
+        and each link's state and error counters); per-link ids are (field id, link) pairs."""
         lib = self.lib
-        ids: list = [lib.NVML_FI_DEV_MEMORY_TEMP, lib.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION,
-                     lib.NVML_FI_DEV_ECC_SBE_VOL_TOTAL, lib.NVML_FI_DEV_ECC_DBE_VOL_TOTAL,
-                     lib.NVML_FI_DEV_ECC_SBE_AGG_TOTAL, lib.NVML_FI_DEV_ECC_DBE_AGG_TOTAL,
-                     lib.NVML_FI_DEV_RETIRED_SBE, lib.NVML_FI_DEV_RETIRED_DBE, lib.NVML_FI_DEV_RETIRED_PENDING,
-                     lib.NVML_FI_DEV_REMAPPED_COR, lib.NVML_FI_DEV_REMAPPED_UNC, lib.NVML_FI_DEV_REMAPPED_PENDING,
-                     lib.NVML_FI_DEV_REMAPPED_FAILURE, lib.NVML_FI_DEV_PCIE_REPLAY_COUNTER]
+        every: list = [lib.NVML_FI_DEV_MEMORY_TEMP, lib.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION]
+        counters: list = [lib.NVML_FI_DEV_ECC_SBE_VOL_TOTAL, lib.NVML_FI_DEV_ECC_DBE_VOL_TOTAL,
+                          lib.NVML_FI_DEV_ECC_SBE_AGG_TOTAL, lib.NVML_FI_DEV_ECC_DBE_AGG_TOTAL,
+                          lib.NVML_FI_DEV_RETIRED_SBE, lib.NVML_FI_DEV_RETIRED_DBE, lib.NVML_FI_DEV_RETIRED_PENDING,
+                          lib.NVML_FI_DEV_REMAPPED_COR, lib.NVML_FI_DEV_REMAPPED_UNC, lib.NVML_FI_DEV_REMAPPED_PENDING,
+                          lib.NVML_FI_DEV_REMAPPED_FAILURE, lib.NVML_FI_DEV_PCIE_REPLAY_COUNTER]
         if gpu.links:
-            ids.append(lib.NVML_FI_DEV_NVLINK_ECC_DATA_ERROR_COUNT_TOTAL)
+            counters.append(lib.NVML_FI_DEV_NVLINK_ECC_DATA_ERROR_COUNT_TOTAL)
             for link in gpu.links:
-                ids.extend((fid, link) for fid in (
-                    lib.NVML_FI_DEV_NVLINK_GET_STATE, lib.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX,
-                    lib.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX, lib.NVML_FI_DEV_NVLINK_ERROR_DL_CRC,
+                every.extend(((lib.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX, link),
+                              (lib.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX, link)))
+                counters.extend((fid, link) for fid in (
+                    lib.NVML_FI_DEV_NVLINK_GET_STATE, lib.NVML_FI_DEV_NVLINK_ERROR_DL_CRC,
                     lib.NVML_FI_DEV_NVLINK_ERROR_DL_REPLAY, lib.NVML_FI_DEV_NVLINK_ERROR_DL_RECOVERY))
-        return ids
+        return every, counters
 
     def _gpm_buffers(self, gpu: _Gpu) -> list[Any]:
         """Two GPM sample buffers, or none (then nothing is held)."""
@@ -748,8 +766,14 @@ class Nvml:
         f["encoder_utilization_ratio"] = enc[0] / 100.0 if enc is not None else None
         f["decoder_utilization_ratio"] = dec[0] / 100.0 if dec is not None else None
 
-        values = self._sample_values(gpu) if gpu.field_arrays else self._fields(gpu, gpu.field_ids)
-        f.update(self._counters(gpu, values))
+        values = self._values(gpu, 0)
+        if now >= gpu.counters_due:  # the health counters and the fabric state: every COUNTERS_REFRESH_S
+            errors = gpu.errors.total()
+            gpu.counters = self._values(gpu, 1)
+            gpu.fabric = self._fabric(gpu)
+            if gpu.errors.total() == errors:  # a read that failed (not one refused) is tried again at the next sample
+                gpu.counters_due = now + COUNTERS_REFRESH_S
+        f.update(self._counters(gpu, values, gpu.counters))
         gpm = self._gpm(gpu)
         pcie_tx, pcie_rx = gpm.pop("pcie_tx", None), gpm.pop("pcie_rx", None)
         f.update(gpm)
@@ -759,7 +783,7 @@ class Nvml:
                          generation=c("nvmlDeviceGetCurrPcieLinkGeneration", h), generation_max=s["pcie_generation_max"],
                          width=c("nvmlDeviceGetCurrPcieLinkWidth", h), width_max=s["pcie_width_max"])
         f["pcie"] = None if pcie == PcieState() else pcie
-        f["fabric"] = self._fabric(gpu)
+        f["fabric"] = gpu.fabric
         f["processes"] = self._processes(gpu)
         f["mig_enabled"], f["mig_instances"] = self._mig(gpu)
 
@@ -832,13 +856,18 @@ class Nvml:
             raise lib.NVMLError(ret)
         return array
 
-    def _sample_values(self, gpu: _Gpu) -> list[float | None]:
-        """The values of gpu.field_ids, in order; None where NVML has none (that field only) or the call failed.
-        A 64-bit unsigned value answered with success (nearly all of them) is read in the comprehension itself;
-        any other goes through _decode."""
+    def _values(self, gpu: _Gpu, which: int) -> list[float | None]:
+        """The values of gpu.field_ids[which] (0: every sample's, 1: the health counters), in order."""
+        arrays = gpu.field_arrays[which]
+        return self._sample_values(gpu, arrays) if arrays else self._fields(gpu, gpu.field_ids[which])
+
+    def _sample_values(self, gpu: _Gpu, arrays: list[Any]) -> list[float | None]:
+        """The values of prepared field-value arrays, in order; None where NVML has none (that field only) or the
+        call failed. A 64-bit unsigned value answered with success (nearly all of them) is read in the comprehension
+        itself; any other goes through _decode."""
         masks, fill, wide = self._value_mask, self._fill_fields, self._wide_kinds
         out: list[float | None] = []
-        for array in gpu.field_arrays:
+        for array in arrays:
             if gpu.call("nvmlDeviceGetFieldValues", gpu.handle, array, func=fill) is None:
                 out += [None] * len(array)
                 continue
@@ -846,9 +875,12 @@ class Nvml:
                     for kind, ret, raw in _FIELD_TAIL.iter_unpack(array)]
         return out
 
-    def _counters(self, gpu: _Gpu, v: list[float | None]) -> dict[str, Any]:
-        (mem_temp, energy_mj, sbe_vol, dbe_vol, sbe_agg, dbe_agg, retired_sbe, retired_dbe, retired_pending,
-         remap_cor, remap_unc, remap_pending, remap_failure, replays) = v[:14]
+    def _counters(self, gpu: _Gpu, v: list[float | None], c: list[float | None]) -> dict[str, Any]:
+        """GpuState's fields from this sample's field values `v` and the health counters `c` as last read (both in
+        the order of _field_ids)."""
+        mem_temp, energy_mj = v[:2]
+        (sbe_vol, dbe_vol, sbe_agg, dbe_agg, retired_sbe, retired_dbe, retired_pending,
+         remap_cor, remap_unc, remap_pending, remap_failure, replays) = c[:12]
         ecc = {}
         for (kind, counter), value in ((("corrected", "volatile"), sbe_vol), (("uncorrected", "volatile"), dbe_vol),
                                        (("corrected", "aggregate"), sbe_agg), (("uncorrected", "aggregate"), dbe_agg)):
@@ -870,11 +902,12 @@ class Nvml:
             "nvlinks": (), "nvlink_ecc_data_errors": None,
         }
         if gpu.links:
-            ecc_total = v[14]
+            ecc_total = c[12]
             out["nvlink_ecc_data_errors"] = int(ecc_total) if ecc_total is not None else None
             links = []
             for n, link in enumerate(gpu.links):
-                state, tx, rx, crc, replay, recovery = v[15 + 6 * n:21 + 6 * n]
+                tx, rx = v[2 + 2 * n:4 + 2 * n]
+                state, crc, replay, recovery = c[13 + 4 * n:17 + 4 * n]
                 if state is None:
                     if tx is None:
                         continue  # a link slot this GPU does not have after all

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from agent.gpu.nvml import Nvml
-from bench.gpu_check_nvml import CallCounter, measure, report
+from bench.gpu_check_nvml import CallCounter, SampleClock, measure, report
 from tests.agent import fake_pynvml
 from tests.agent.fake_pynvml import FakeNvml, device
 
@@ -36,24 +36,28 @@ SCRIPT = ROOT / "bench" / "gpu_check.sh"
 # -- the call counter ---------------------------------------------------------------------------------
 def test_counter_counts_every_call_the_fake_answers_field_value_batches_included():
     """The fake counts each call it answers, the C field-value function the gateway calls directly too: the
-    counter agrees call for call (counting pynvml's nvml* functions alone missed the 2 batches per GPU)."""
+    counter agrees call for call (counting pynvml's nvml* functions alone missed the field-value batches)."""
     fake = FakeNvml([device(0), device(1)])
     counter = CallCounter(fake)
     counter.install()
-    nvml = Nvml(fake)
+    clock = SampleClock()
+    nvml = Nvml(fake, clock=clock)
     try:
         for _ in range(3):
+            clock.tick()
             nvml.read()
         counter.clear()
         before = fake.counts.copy()
-        for _ in range(5):
+        for _ in range(6):  # 30 s of samples
+            clock.tick()
             nvml.read()
         truth = fake.counts - before
         counts, _, c_level = counter.snapshot()
     finally:
         nvml.shutdown()
         counter.uninstall()
-    assert counts["nvmlDeviceGetFieldValues"] == 2 * 2 * 5  # 2 batches per GPU per sample
+    # per GPU: one batch a sample, and the health counters' two batches once in those 30 s
+    assert counts["nvmlDeviceGetFieldValues"] == 2 * (6 + 2)
     assert counts == truth
     assert c_level == truth["nvmlDeviceGetFieldValues"]  # the only calls that reached a C function
 
@@ -61,11 +65,12 @@ def test_counter_counts_every_call_the_fake_answers_field_value_batches_included
 def test_measure_leaves_the_frees_at_shutdown_out_of_the_per_sample_counts():
     fake = FakeNvml([device(0), device(1)])
     own = fake.nvmlDeviceGetCount, fake._nvmlGetFunctionPointer
-    result = measure(fake, samples=4)
+    result = measure(fake, samples=24)
     assert result["gpus"] == 2
     assert "nvmlShutdown" not in result["counts"] and "nvmlGpmSampleFree" not in result["counts"]
     assert result["shutdown"]["nvmlShutdown"] == 1 and result["shutdown"]["nvmlGpmSampleFree"] > 0
-    assert any("nvmlDeviceGetFieldValues 2" in line for line in report(result))
+    # per GPU, 24 samples 5 s apart: one batch a sample, and the health counters' two at 4 of them (every 30 s)
+    assert any("nvmlDeviceGetFieldValues 1.33333" in line for line in report(result))
     assert (fake.nvmlDeviceGetCount, fake._nvmlGetFunctionPointer) == own  # the fake's own functions again
 
 
@@ -253,7 +258,9 @@ def test_dry_run_passes_with_the_carried_wheels_and_promtool_and_returns_two_fil
     assert "/bin/promtool (" in text  # the carried promtool.xz, decompressed
     assert "PASS  promtool check metrics metrics.prom" in text
     assert "PASS  values against nvidia-smi" in text
-    assert "nvmlDeviceGetFieldValues 2" in text  # the gateway's field-value batches are counted
+    # the gateway's field-value batches are counted: one a sample, and at one of the 5 samples (5 s apart on the
+    # reader's clock, after 3 warm-up reads) the health counters' two
+    assert "nvmlDeviceGetFieldValues 1.4" in text
     assert "at shutdown (not per sample): " in text
     assert "-- the end of agent.log" in text and "-- the end of agent-dcgm.log" in text
     assert "RESULT: every check passed" in text.splitlines()[-1]

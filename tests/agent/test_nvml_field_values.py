@@ -19,14 +19,16 @@ def test_the_sample_fills_arrays_built_once_per_handle_through_the_c_function():
     nvml = Nvml(fake)
     nvml.read()
     arrays = nvml._gpus[0].field_arrays
-    assert arrays and all(isinstance(a, ctypes.Array) for a in arrays)
+    every, counters = arrays
+    assert every and counters and all(isinstance(a, ctypes.Array) for a in every + counters)
     fake.devices[0]["energy_mj"] = 200_000_000
     fake.devices[0]["nvlink_tx_kib"][17] = 5
     (gpu,) = nvml.read()
     assert nvml._gpus[0].field_arrays is arrays  # not rebuilt
     assert gpu.energy_joules == pytest.approx(200_000.0)
     assert gpu.nvlinks[17].tx_bytes == 5 * 1024
-    assert fake.counts["nvmlDeviceGetFieldValues"] == 1 + 2 * 2  # the link count once, then two arrays a sample
+    # the link count once; the first sample's array and the health counters' two; the second sample's array only
+    assert fake.counts["nvmlDeviceGetFieldValues"] == 1 + (1 + 2) + 1
 
 
 def test_one_field_without_a_value_leaves_out_that_field_only():
@@ -86,18 +88,23 @@ def test_a_binding_without_the_c_function_handle_reads_through_pynvmls_wrapper()
     old, new = Nvml(OldBinding([device(0)])), Nvml(FakeNvml([device(0)]))
     assert not old._raw_fields and new._raw_fields
     assert old.read() == new.read()
-    assert not old._gpus[0].field_arrays
+    assert old._gpus[0].field_arrays == ([], [])
 
 
 def test_a_driver_without_the_function_is_a_mismatch_and_the_other_fields_stay():
+    t = [0.0]
     fake = FakeNvml([device(0)])
-    nvml = Nvml(fake)
+    nvml = Nvml(fake, clock=lambda: t[0])
     nvml.read()
     fake.fail("nvmlDeviceGetFieldValues", pynvml.NVMLError_FunctionNotFound)
+    t[0] = 5.0
     (gpu,) = nvml.read()
-    assert gpu.up and gpu.energy_joules is None and gpu.nvlinks == ()
+    assert gpu.up and gpu.energy_joules is None and all(link.tx_bytes is None for link in gpu.nvlinks)
     assert gpu.power_watts == 652.5 and gpu.temperature_celsius == 71.0
     assert "function_not_found" in nvml.problems
+    t[0] = 30.0  # the health counters' next read finds nothing either: no link state, no link
+    (gpu,) = nvml.read()
+    assert gpu.up and gpu.nvlinks == () and gpu.ecc_errors == {} and gpu.power_watts == 652.5
 
 
 def test_the_layout_the_decoder_reads_is_the_bindings():
@@ -125,3 +132,52 @@ def test_power_limits_are_read_once_a_minute_and_again_after_a_failed_read():
     assert gpu.power_limit_watts == 500.0 and gpu.power_management_limit_watts is None
     t[0] = 125.0  # not a minute later: the failed read is tried again at once
     assert nvml.read()[0].power_management_limit_watts == 700.0
+
+
+# -- what is read at every sample, and what every COUNTERS_REFRESH_S ------------------------------------------------
+def test_health_counters_and_fabric_are_read_every_30_s_and_the_rest_at_every_sample():
+    t = [0.0]
+    fake = FakeNvml([device(0)])
+    nvml = Nvml(fake, clock=lambda: t[0])
+    (gpu,) = nvml.read()
+    assert gpu.ecc_errors[("uncorrected", "volatile")] == 0 and gpu.nvlinks[5].up and gpu.fabric.state == "completed"
+    d = fake.devices[0]
+    d["ecc"] = {**d["ecc"], (pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, pynvml.NVML_VOLATILE_ECC): 3}
+    d["nvlink_errors"] = {(2, pynvml.NVML_NVLINK_ERROR_DL_CRC_FLIT): 9}
+    d["nvlinks"] = [link != 5 for link in range(18)]
+    d["fabric"] = (pynvml.NVML_GPU_FABRIC_STATE_IN_PROGRESS, 0, 0, 0, 0)
+    d["energy_mj"] = 300_000_000
+    d["nvlink_tx_kib"][3] = 11
+    calls = fake.counts["nvmlDeviceGetFieldValues"]
+    for now in (5.0, 29.9):
+        t[0] = now
+        (gpu,) = nvml.read()
+        assert gpu.energy_joules == pytest.approx(300_000.0) and gpu.nvlinks[3].tx_bytes == 11 * 1024  # at once
+        assert gpu.ecc_errors[("uncorrected", "volatile")] == 0 and gpu.nvlinks[2].crc_flit_errors == 0  # not yet
+        assert gpu.nvlinks[5].up and gpu.fabric.state == "completed"
+    assert fake.counts["nvmlDeviceGetFieldValues"] - calls == 2  # one array a sample: the counters' two not asked
+    t[0] = 30.0
+    (gpu,) = nvml.read()
+    assert gpu.ecc_errors[("uncorrected", "volatile")] == 3 and gpu.nvlinks[2].crc_flit_errors == 9
+    assert not gpu.nvlinks[5].up and gpu.nvlinks[4].up and gpu.fabric.state == "in_progress"
+    assert gpu.energy_joules == pytest.approx(300_000.0) and gpu.nvlinks[5].tx_bytes > 0  # a down link still counts
+    assert fake.counts["nvmlDeviceGetFieldValues"] - calls == 2 + 3
+
+
+def test_a_failed_read_of_the_health_counters_is_tried_again_at_the_next_sample():
+    t = [0.0]
+    fake = FakeNvml([device(0)])
+    nvml = Nvml(fake, clock=lambda: t[0])
+    nvml.read()
+    fake.fail("nvmlDeviceGetGpuFabricInfoV", pynvml.NVMLError_Unknown, times=1)
+    fake.devices[0]["pcie_replay"] = 40
+    t[0] = 30.0
+    (gpu,) = nvml.read()
+    assert gpu.up and gpu.fabric is None and gpu.pcie.replays == 40
+    t[0] = 35.0  # not 30 s later: at once
+    (gpu,) = nvml.read()
+    assert gpu.fabric.state == "completed"
+    assert fake.counts["nvmlDeviceGetGpuFabricInfoV"] == 3
+    t[0] = 40.0  # read, so due again 30 s after 35
+    nvml.read()
+    assert fake.counts["nvmlDeviceGetGpuFabricInfoV"] == 3

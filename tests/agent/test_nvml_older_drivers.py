@@ -13,6 +13,7 @@ import logging
 import pynvml
 import pytest
 
+from agent.gpu.nvml import COUNTERS_REFRESH_S
 from tests.agent.fake_pynvml import NotSupported
 from tests.agent.test_nvml_faults import Node
 
@@ -27,6 +28,12 @@ def health(n: Node, gpu: int) -> str:
 
 def fabric(n: Node, gpu: int, health: str = "") -> float | None:
     return n.v("fleetscope_gpu_fabric_info", gpu, state="completed", status="success", clique_id="7", health=health)
+
+
+def counters_read(n: Node) -> None:
+    """A sample after the health counters (and the fabric state, read with them) are due again."""
+    n.t[0] += COUNTERS_REFRESH_S
+    n.sample()
 
 
 @pytest.fixture
@@ -107,14 +114,14 @@ def test_fabric_info_on_driver_535_comes_from_the_older_call_without_a_source_er
     n = nodes(2, lacks=frozenset({FABRIC_V}))  # R535: FabricInfoV arrived with 550
     with caplog.at_level(logging.INFO, logger="fleetscope.agent.nvml"):
         for _ in range(3):
-            n.sample()
+            counters_read(n)
     assert n.v("fleetscope_agent_source_error", source="gpu") == 0
     assert n.v("fleetscope_agent_source_problem", source="gpu", problem="function_not_found") is None
     assert n.sampler.latest.status["gpu"].problems == ()
     assert fabric(n, 0) == 1 and fabric(n, 1) == 1  # the older struct has no health summary
     assert health(n, 0) == "healthy"
     assert n.fake.counts[FABRIC_V] == 2  # once per handle
-    assert n.fake.counts[FABRIC_OLD] == 6  # once per GPU per sample
+    assert n.fake.counts[FABRIC_OLD] == 6  # once per GPU at each of the three reads
     said = [r for r in caplog.records if FABRIC_V in r.getMessage()]
     assert len(said) == 1 and said[0].levelno == logging.INFO
 
@@ -128,17 +135,17 @@ def test_a_fabric_not_ready_is_still_seen_through_the_older_call(nodes):
 def test_a_fabric_struct_the_driver_refuses_steps_down_once_per_handle(nodes):
     n = nodes(2, fabric_versions=(pynvml.nvmlGpuFabricInfo_v2,))  # R550: no v3 struct (health summary) yet
     for _ in range(3):
-        n.sample()
+        counters_read(n)
     assert fabric(n, 0) == 1  # v2 has the health mask, not the summary
     assert n.v("fleetscope_agent_source_error", source="gpu") == 0
-    assert n.fake.counts[FABRIC_V] == 2 * (2 + 1 + 1)  # v3 refused once, then v2 at every sample
+    assert n.fake.counts[FABRIC_V] == 2 * (2 + 1 + 1)  # v3 refused once, then v2 at every read
     assert n.fake.counts[FABRIC_OLD] == 0
 
 
 def test_a_driver_that_refuses_every_fabric_struct_falls_back_to_the_older_call(nodes):
     n = nodes(1, fabric_versions=())
     for _ in range(3):
-        n.sample()
+        counters_read(n)
     assert fabric(n, 0) == 1
     assert n.fake.counts[FABRIC_V] == 2 and n.fake.counts[FABRIC_OLD] == 3
 
@@ -190,7 +197,7 @@ def test_a_current_driver_pays_nothing_for_the_fallbacks(nodes):
     n.sample()
     before = n.fake.counts.copy()
     for _ in range(3):
-        n.sample()
+        counters_read(n)
     calls = n.fake.counts - before
     assert calls[FABRIC_V] == 24 and calls[EVENTS] == 24
     assert calls[FABRIC_OLD] == calls[THROTTLE] == calls["nvmlDeviceGetNvLinkState"] == 0
