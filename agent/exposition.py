@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 from prometheus_client.utils import floatToGoString
 
 from agent.sources.base import Family, Reading, by_family
+from agent.threads import Thread
 
 if TYPE_CHECKING:
     from fleetscope.webconfig import BasicAuth
@@ -200,7 +201,7 @@ class MetricsServer:
         self._handlers: list[threading.Thread] = []
         self._idle_handlers = 0
         self._handlers_lock = threading.Lock()
-        self._reader = threading.Thread(target=self._read_requests, name="metrics-requests", daemon=True)
+        self._reader = Thread(target=self._read_requests, name="metrics-requests", daemon=True)
 
     def answer(self, head: bytes) -> bytes:
         """The whole response (status line, headers, body) to a request head; the connection is closed after it."""
@@ -361,7 +362,7 @@ class MetricsServer:
         self._ready.put((sock, client_address, head))
         with self._handlers_lock:
             if self._ready.qsize() > self._idle_handlers and len(self._handlers) < self.max_handlers:
-                thread = threading.Thread(target=self._answer_requests, name=f"metrics-handler-{len(self._handlers)}",
+                thread = Thread(target=self._answer_requests, name=f"metrics-handler-{len(self._handlers)}",
                                           daemon=True)
                 self._handlers.append(thread)
                 thread.start()

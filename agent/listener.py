@@ -30,6 +30,7 @@ import msgspec
 
 from agent.sources.base import Family, Reading
 from agent.config import split_address
+from agent.threads import Thread
 from fleetscope.schema import Event, PodIds, SchemaError, SlurmIds, TooDeep, UnsupportedVersion, decode_client_event
 from fleetscope.vocabulary import MAX_DATAGRAM_BYTES, UDP_MAX_BYTES
 
@@ -400,7 +401,7 @@ class Listener:
                     time.sleep(0.5)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="listener", daemon=True)
+        self._thread = Thread(target=self._run, name="listener", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:

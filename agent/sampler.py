@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 from agent.gpu.health import Verdict
 from agent.gpu.state import GpuState
 from agent.sources.base import Collected, Deferred, NoData, Reading, Source
+from agent.threads import Thread
 
 log = logging.getLogger("fleetscope.agent.sampler")
 # After a stuck source has spent a sample's deadline, each further group of sources gets this share of a deadline.
@@ -137,7 +138,7 @@ class _Worker:
         self.lock = threading.Lock()
         self.abandoned = False
         self.current: _Slot | None = None  # the slot whose source it is collecting
-        self.thread = threading.Thread(target=self._run, name=f"sources-{n}", daemon=True)
+        self.thread = Thread(target=self._run, name=f"sources-{n}", daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
@@ -538,7 +539,7 @@ class Sampler:
 
     def start(self) -> None:
         self._alarm = _Alarm.make()
-        self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
+        self._thread = Thread(target=self._run, name="sampler", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:

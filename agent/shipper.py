@@ -40,6 +40,7 @@ from agent.frames import ServerFrames, host_frame
 from agent.sampler import Snapshot
 from agent.sources.base import Family, Reading
 from agent.spool import Spool, Spooled
+from agent.threads import Thread
 from fleetscope.schema import Batch, Event, ServerFrame, encode
 
 log = logging.getLogger("fleetscope.agent.shipper")
@@ -516,8 +517,8 @@ class Shipper:
                 self._unexpected()
 
     def start(self) -> None:
-        self._threads = [threading.Thread(target=self._send_loop, name="shipper", daemon=True),
-                         threading.Thread(target=self._keep_loop, name="shipper-spool", daemon=True)]
+        self._threads = [Thread(target=self._send_loop, name="shipper", daemon=True),
+                         Thread(target=self._keep_loop, name="shipper-spool", daemon=True)]
         for thread in self._threads:
             thread.start()
 

@@ -47,6 +47,10 @@ What a sceptic should ask:
   sample is built. The agent here ships nowhere (no collector URL, as before): the shipper, when
   there is one, reads the snapshot's typed fields and builds no series, but its own work is not
   in these figures.
+- Each run also splits the agent's schedstat time by thread, by the names the agent gives its threads in the
+  kernel (agent/threads.py): the sampler's lanes (sources-N; the GPU source runs in a lane of its own), the
+  /metrics handlers (metrics-handler, the series built and rendered there), the request reader, the listener.
+  A thread that ended inside the window is missing from it, as from the total.
 - RSS is read once, at the end; the fake NVML module and its imports add to the 8-GPU agent's.
 
 - `--against DIR` runs each row also with the agent from another source tree (e.g. `git archive` of the commit
@@ -140,6 +144,36 @@ def tree_runtime_ns(ps: psutil.Process) -> dict[int, int] | None:
                 if not os.path.exists("/proc/self/schedstat"):
                     return None
     return out
+
+
+def thread_names(ps: psutil.Process) -> dict[int, str]:
+    """Each thread's name as the kernel knows it (/proc/<pid>/task/<tid>/comm), by thread id. The agent names its
+    threads there (agent/threads.py: sources-1, metrics-handler, ...); an agent from before that shows "python"."""
+    out: dict[int, str] = {}
+    for p in tree(ps):
+        try:
+            tids = os.listdir(f"/proc/{p.pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{p.pid}/task/{tid}/comm") as fh:
+                    out[int(tid)] = fh.read().strip()
+            except (OSError, ValueError):
+                pass
+    return out
+
+
+def by_thread_ms_min(before: dict[int, int] | None, after: dict[int, int] | None, names: dict[int, str],
+                     window: float) -> dict[str, float]:
+    """CPU ms/min over the window by thread name (threads of one name summed: the /metrics handlers), largest first."""
+    if before is None or after is None:
+        return {}
+    out: dict[str, float] = {}
+    for tid, t in after.items():
+        name = names.get(tid, "?")
+        out[name] = out.get(name, 0.0) + (t - before.get(tid, 0)) / 1e6 / window * 60
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 def runtime_ms_min(before: dict[int, int] | None, after: dict[int, int] | None, window: float) -> tuple[float | None, int]:
@@ -274,10 +308,12 @@ def run_once(agent: Target, exporter: Target, gpus: int, cadence: float, duratio
         window = time.monotonic() - t0
         out = {"window_s": window, "scrapes": scrapes, "failed": failed, "probe_ms": probe_ms()}
         for t in both:  # after the window: not counted
+            names = thread_names(t.ps)
             text = scrape(t.url, like_prometheus=False)[0]
             ns_ms_min, ended = runtime_ms_min(ns0[t.name], ns1[t.name], window)
             out[t.name] = {"cpu_ms_min": (cpu1[t.name] - cpu0[t.name]) / window * 60_000, "rss_mib": tree_rss(t.ps) / 2**20,
                            "ns_ms_min": ns_ms_min, "threads_ended": ended,
+                           "threads": by_thread_ms_min(ns0[t.name], ns1[t.name], names, window),
                            "kib": len(text) / 1024, "wire_kib": wire[t.name] / 1024, "series": series(text)}
         problem = gpu_source_problem(scrape(agent.url, like_prometheus=False)[0], gpus)
         if problem:
@@ -445,6 +481,9 @@ def main(argv: list[str] | None = None) -> None:
                         ended = a["threads_ended"] + n["threads_ended"]
                         print(f"  {'threads on CPU, ns (schedstat)':54} {a['ns_ms_min']:12.1f} {n['ns_ms_min']:15.1f} "
                               f"{a['ns_ms_min'] / n['ns_ms_min']:6.2f}" + (f"  ({ended} threads ended: low)" if ended else ""))
+                    if a["threads"]:
+                        print("  the agent's threads, ms/min (schedstat): "
+                              + ", ".join(f"{name} {ms:.1f}" for name, ms in a["threads"].items() if ms >= 0.05))
                     if "invalid" in res:
                         print(f"  not counted: {res['invalid']}")
                     else:
@@ -470,6 +509,12 @@ def main(argv: list[str] | None = None) -> None:
                 n_ns = statistics.median(r["exporter"]["ns_ms_min"] for r in precise)
                 ratio_ns = statistics.median(r["agent"]["ns_ms_min"] / r["exporter"]["ns_ms_min"] for r in precise)
                 print(f"  {'threads on CPU, ns (schedstat)':54} {a_ns:12.1f} {n_ns:15.1f} {ratio_ns:6.2f}")
+                names = sorted({name for r in precise for name in r["agent"]["threads"]},
+                               key=lambda name: -statistics.median(r["agent"]["threads"].get(name, 0.0) for r in precise))
+                medians = {name: statistics.median(r["agent"]["threads"].get(name, 0.0) for r in precise) for name in names}
+                if medians:
+                    print("  the agent's threads, ms/min (median of runs): "
+                          + ", ".join(f"{name} {ms:.1f}" for name, ms in medians.items() if ms >= 0.05))
     print(f"\nload average now {' '.join(f'{x:.2f}' for x in os.getloadavg())}; ratio = agent / node_exporter, "
           "median of the runs' ratios; CPU is user+system of each process tree over the same window; probe: CPU ms "
           f"of a fixed loop after each window (machine speed; {probe_ms():.0f} now)")

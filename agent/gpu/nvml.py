@@ -70,6 +70,7 @@ from agent.gpu.state import (
     PcieState,
     RemappedRows,
 )
+from agent.threads import Thread
 
 log = logging.getLogger("fleetscope.agent.nvml")
 
@@ -500,7 +501,7 @@ class Nvml:
                 self._gpus.pop(index).free()
             self._problems = {k: v for k, v in self._problems.items() if k in ("library_mismatch", "function_not_found")}
         if self._pcie_thread is None and any(g.static.get("pcie_from_thread") for g in self._gpus.values()):
-            self._pcie_thread = threading.Thread(target=self._pcie_loop, name="nvml-pcie", daemon=True)
+            self._pcie_thread = Thread(target=self._pcie_loop, name="nvml-pcie", daemon=True)
             self._pcie_thread.start()
         return states
 
