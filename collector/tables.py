@@ -48,10 +48,12 @@ SCHEMAS: dict[str, dict[str, pl.DataType]] = {
         "queue_s": F64, "ttft_s": F64, "tpot_s": F64, "input_tokens": I64, "output_tokens": I64,
         "node": CAT, "gpu_uuid": CAT, "pid": I32, "agent_id": CAT,
         "pod": CAT,  # as in steps
+        "slurm": CAT,  # as in steps (added later: null in older files)
     },
     "pauses": {
         "ts": F64, "job": CAT, "rank": I32, "reason": CAT, "phase": pl.Enum(["begin", "end"]),
         "duration_s": F32, "node": CAT, "agent_id": CAT,
+        "slurm": CAT, "pod": CAT,  # as in steps (added later: null in older files)
     },
     "server_stats": {
         "ts": F64, "service": CAT, "model": CAT, "server": CAT, "kind": CAT, "node": CAT, "interval_s": F32,
@@ -179,6 +181,7 @@ def _requests(events: list[RequestEvent], batch: Batch) -> pl.DataFrame:
     columns["node"] = [e.node or node for e in events]
     columns["agent_id"] = [batch.agent_id] * len(events)
     columns["pod"] = _texts([e.pod for e in events])
+    columns["slurm"] = _texts([e.slurm for e in events])
     return _frame("requests", columns, len(events))
 
 
@@ -187,6 +190,8 @@ def _pauses(events: list[PauseEvent], batch: Batch) -> pl.DataFrame:
     columns = {name: [getattr(e, name) for e in events] for name in ("ts", "job", "rank", "reason", "phase", "duration_s")}
     columns["node"] = [e.node or node for e in events]
     columns["agent_id"] = [batch.agent_id] * len(events)
+    columns["slurm"] = _texts([e.slurm for e in events])
+    columns["pod"] = _texts([e.pod for e in events])
     return _frame("pauses", columns, len(events))
 
 

@@ -6,6 +6,7 @@ import json
 import statistics
 import time
 
+import polars as pl
 import pytest
 from fastapi.testclient import TestClient
 
@@ -14,6 +15,7 @@ from tests.conftest import wait_ready
 from collector.api import create_app
 from collector.settings import Settings
 from collector.store import Store
+from collector.tables import conform
 
 INGEST, READ = "ingest-secret", "read-secret"
 # Events are dated ten minutes ago: the collector refuses records dated ahead of its clock (collector.bounds).
@@ -365,3 +367,28 @@ def test_a_matrix_whose_steps_median_is_zero_answers_null_cells_not_500(client):
     assert got.status_code == 200, got.text
     cells = got.json()["cells"]
     assert len(cells) == 20 and all(c["relative"] is None and c["compute_s"] == 0.0 for c in cells)
+
+
+def test_requests_and_pauses_keep_their_slurm_and_pod_ids_across_a_restart(tmp_path):
+    # The wire carries them on every kind of event (fleetscope.schema); the tables once dropped them for these two.
+    slurm = {"job": "4242", "step": "0", "user": "ana", "partition": "gpu"}
+    pod = {"namespace": "serving", "pod": "vllm-0", "container": "vllm"}
+    pause = {"v": 1, "kind": "pause", "job": "llm", "rank": 0, "world_size": 2, "reason": "checkpoint",
+             "phase": "begin", "ts": T0 + 10, "slurm": slurm, "pod": pod}
+    events = [step("llm", 0, 0, 1.0), {**request("chat", "m", 0.2, 0.1), "slurm": slurm, "pod": pod}, pause,
+              request("chat", "m", 0.3, 0.1)]
+    s = settings(tmp_path)
+    with TestClient(create_app(s)) as c:
+        wait_ready(c)
+        assert post(c, batch(0, events)).status_code == 200
+    store = Store(s.data_dir, window_s=10 * 365 * 86400)  # from the Parquet the shutdown wrote
+    requests = store.frame("requests").sort("e2e_s")
+    assert [None if t is None else json.loads(t) for t in requests["slurm"].cast(pl.String).to_list()] == [slurm, None]
+    assert [None if t is None else json.loads(t) for t in requests["pod"].cast(pl.String).to_list()] == [pod, None]
+    pauses = store.frame("pauses")
+    assert json.loads(pauses["slurm"].cast(pl.String).item()) == slurm
+    assert json.loads(pauses["pod"].cast(pl.String).item()) == pod
+    # A file written before these columns existed reads back with them null.
+    old = pl.DataFrame({"ts": [T0], "job": ["llm"], "rank": [0], "reason": ["checkpoint"], "phase": ["end"],
+                        "duration_s": [1.0], "node": ["n"], "agent_id": ["a"]})
+    assert conform(old, "pauses").select("slurm", "pod").row(0) == (None, None)
