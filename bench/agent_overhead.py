@@ -51,6 +51,9 @@ What a sceptic should ask:
   kernel (agent/threads.py): the sampler's lanes (sources-N; the GPU source runs in a lane of its own), the
   /metrics handlers (metrics-handler, the series built and rendered there), the request reader, the listener.
   A thread that ended inside the window is missing from it, as from the total.
+- `--cold N` (8 by default) times, in the bench's own process, the host sources' lane and the GPU source on a warm
+  CPU and after each of N sleeps of the agent's interval: on a VM most of what a sample costs the agent is the
+  first touch, after 5 s of sleep, of the code and data it runs on, not the work itself.
 - RSS is read once, at the end; the fake NVML module and its imports add to the 8-GPU agent's.
 
 - `--against DIR` runs each row also with the agent from another source tree (e.g. `git archive` of the commit
@@ -376,6 +379,68 @@ def nvml_cost(gpus: int, samples: int, warmup: int, gpm: bool) -> dict:
             "fake_ms": inside[0] / samples * 1000, "fake_share": inside[0] / timed_total if timed_total else 0.0}
 
 
+def cold_cost(gpus: int, samples: int, gpm: bool, pause_s: float = AGENT_INTERVAL_S) -> dict:
+    """CPU per sample of the same work on a warm CPU and after `pause_s` of sleep, in this process: the host sources'
+    lane (a Sampler of the agent's host sources, built as the agent builds them, whose lane thread's schedstat is
+    read) and the GPU source on the fake NVML (thread CPU around each collect()). Warm: the lane at a 10 ms
+    interval, the GPU source back to back. This process runs with pymalloc on small pages, unlike the agent
+    (agent/hugepages.py): the figures show the shape, the agent's own are the runs'."""
+    import threading
+
+    from agent.config import AgentConfig
+    from agent.gpu.nvml import Nvml
+    from agent.sampler import Sampler
+    from agent.sources import build_sources
+    from agent.sources.gpu import GpuSource
+    from bench.gpu_check_nvml import SampleClock
+    from tests.agent.fake_pynvml import FakeNvml, NotSupported, device
+
+    def lane_ns() -> int:
+        for t in threading.enumerate():
+            if t.name == "sources-1" and t.native_id is not None:
+                with open(f"/proc/self/task/{t.native_id}/schedstat") as fh:
+                    return int(fh.read().split()[0])
+        raise RuntimeError("no sources-1 thread")
+
+    def host_lane(interval: float, n: int) -> float:
+        sources = [src for src in build_sources(AgentConfig(gpu_backend="none", collector_url="")) if src.name != "gpu"]
+        sampler = Sampler(sources, interval_s=interval)
+        sampler.start()
+        try:
+            time.sleep(interval * 2 + 0.2)  # past the first samples (start-up)
+            a = lane_ns()
+            time.sleep(interval * n)
+            return (lane_ns() - a) / 1e6 / n
+        finally:
+            sampler.stop()
+
+    out: dict = {"pause_s": pause_s, "samples": samples}
+    try:
+        out["host_warm_ms"], out["host_cold_ms"] = host_lane(0.01, 300), host_lane(pause_s, samples)
+        fake = FakeNvml([device(i, **({} if gpm else {"gpm": NotSupported})) for i in range(gpus)])
+        clock = SampleClock(AGENT_INTERVAL_S)
+        source = GpuSource(backend=Nvml(fake, clock=clock), clock=clock)
+
+        def collect() -> float:
+            clock.tick()
+            t = time.thread_time_ns()
+            source.collect()
+            return (time.thread_time_ns() - t) / 1e6
+
+        for _ in range(5):
+            collect()
+        out["gpu_warm_ms"] = statistics.median(collect() for _ in range(120))
+        cold = []
+        for _ in range(samples):
+            time.sleep(pause_s)
+            cold.append(collect())
+        out["gpu_cold_ms"] = statistics.median(cold)
+        source.backend.shutdown()
+    except Exception as exc:  # noqa: BLE001 - measure nothing rather than something else
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    return out
+
+
 def median_of(runs: list[dict], side: str) -> dict[str, float]:
     return {key: statistics.median(r[side][key] for r in runs) for key in ("cpu_ms_min", "rss_mib")}
 
@@ -409,6 +474,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, help="runs of each configuration and cadence (default 3; --quick: 1)")
     p.add_argument("--warmup", type=float, help="seconds after start-up before the window opens (default 10; --quick: 3)")
     p.add_argument("--samples", type=int, help="in-process NVML reads timed (default 240; --quick: 24; samples as the agent's, 5 s apart on the reader's clock)")
+    p.add_argument("--cold", type=int, metavar="N",
+                   help="also time, in this process, the host sources' lane and the GPU source warm and after each of N "
+                        "sleeps of the agent's interval (about 2N x 5 s); 0: not (default 8; --quick: 0)")
     p.add_argument("--quick", action="store_true", help="a smoke run: short windows, one run each")
     p.add_argument("--no-gpm", action="store_true",
                    help="fake GPUs without GPU performance monitoring (as pre-Hopper GPUs answer)")
@@ -427,6 +495,7 @@ def main(argv: list[str] | None = None) -> None:
     repeats = args.repeats or (1 if args.quick else 3)
     warmup = args.warmup if args.warmup is not None else (3.0 if args.quick else 10.0)
     samples = args.samples or (24 if args.quick else 240)
+    args.cold = args.cold if args.cold is not None else (0 if args.quick else 8)
     gpm = not args.no_gpm
 
     binary = shutil.which("prometheus-node-exporter") or shutil.which("node_exporter")
@@ -451,6 +520,16 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  of which inside the fake's own functions: {cost['fake_ms']:.2f} ms per sample ({cost['fake_share']:.0%} of a "
               f"read), about {cost['fake_ms'] * 60 / AGENT_INTERVAL_S:.0f} ms/min at the default interval on a warm CPU; it is "
               "counted in the 8-GPU agent's figures below (a real driver's calls cost their own time instead)")
+
+    if args.cold:
+        cold = cold_cost(GPUS, args.cold, gpm)
+        if "error" in cold:
+            print(f"warm against cold, in-process: FAILED: {cold['error']}")
+        else:
+            print(f"warm against cold, in-process (CPU per sample; cold: after {cold['pause_s']:g} s of sleep, median of "
+                  f"{cold['samples']}): the host sources' lane {cold['host_warm_ms']:.2f} ms warm, {cold['host_cold_ms']:.2f} "
+                  f"cold (x{cold['host_cold_ms'] / cold['host_warm_ms']:.1f}); the GPU source's collect() on {GPUS} fake GPUs "
+                  f"{cold['gpu_warm_ms']:.2f} ms warm, {cold['gpu_cold_ms']:.2f} cold (x{cold['gpu_cold_ms'] / cold['gpu_warm_ms']:.1f})")
 
     rows = [(gpus, cadence) for gpus in (0, GPUS) if not args.gpus or gpus in args.gpus
             for cadence in CADENCES_S if not args.cadence or cadence in args.cadence]
