@@ -129,29 +129,9 @@ def tree_rss(ps: psutil.Process) -> int:
     return total
 
 
-def tree_runtime_ns(ps: psutil.Process) -> dict[int, int] | None:
-    """Each thread's time on a CPU in nanoseconds (/proc/<pid>/task/<tid>/schedstat), by thread id, for the process
-    tree; None where the kernel does not give it. /proc/<pid>/stat's user+system comes in 10 ms ticks: at 15 s
-    scrapes both processes use a few tens of ms a minute, so the ticks alone leave their ratio ±50% uncertain."""
-    out: dict[int, int] = {}
-    for p in tree(ps):
-        try:
-            tids = os.listdir(f"/proc/{p.pid}/task")
-        except OSError:
-            continue
-        for tid in tids:
-            try:
-                with open(f"/proc/{p.pid}/task/{tid}/schedstat") as fh:
-                    out[int(tid)] = int(fh.read().split()[0])
-            except (OSError, ValueError, IndexError):
-                if not os.path.exists("/proc/self/schedstat"):
-                    return None
-    return out
-
-
-def thread_names(ps: psutil.Process) -> dict[int, str]:
-    """Each thread's name as the kernel knows it (/proc/<pid>/task/<tid>/comm), by thread id. The agent names its
-    threads there (agent/threads.py: sources-1, metrics-handler, ...); an agent from before that shows "python"."""
+def tree_threads(ps: psutil.Process, name: str) -> dict[int, str]:
+    """The text of /proc/<pid>/task/<tid>/`name` for each thread of the process tree, by thread id (a thread that
+    ends while it is read is left out)."""
     out: dict[int, str] = {}
     for p in tree(ps):
         try:
@@ -160,11 +140,32 @@ def thread_names(ps: psutil.Process) -> dict[int, str]:
             continue
         for tid in tids:
             try:
-                with open(f"/proc/{p.pid}/task/{tid}/comm") as fh:
-                    out[int(tid)] = fh.read().strip()
+                with open(f"/proc/{p.pid}/task/{tid}/{name}") as fh:
+                    out[int(tid)] = fh.read()
             except (OSError, ValueError):
                 pass
     return out
+
+
+def tree_runtime_ns(ps: psutil.Process) -> dict[int, int] | None:
+    """Each thread's time on a CPU in nanoseconds (/proc/<pid>/task/<tid>/schedstat), by thread id, for the process
+    tree; None where the kernel does not give it. /proc/<pid>/stat's user+system comes in 10 ms ticks: at 15 s
+    scrapes both processes use a few tens of ms a minute, so the ticks alone leave their ratio ±50% uncertain."""
+    if not os.path.exists("/proc/self/schedstat"):
+        return None
+    out: dict[int, int] = {}
+    for tid, text in tree_threads(ps, "schedstat").items():
+        try:
+            out[tid] = int(text.split()[0])
+        except (ValueError, IndexError):
+            pass
+    return out
+
+
+def thread_names(ps: psutil.Process) -> dict[int, str]:
+    """Each thread's name as the kernel knows it (comm), by thread id. The agent names its threads there
+    (agent/threads.py: sources-1, metrics-handler, ...); an agent from before that shows "python"."""
+    return {tid: text.strip() for tid, text in tree_threads(ps, "comm").items()}
 
 
 def by_thread_ms_min(before: dict[int, int] | None, after: dict[int, int] | None, names: dict[int, str],
