@@ -1,10 +1,11 @@
 """Which Slurm jobs ran each training job: one per incarnation (a new sbatch of the same job name is a new
-Slurm job id; a requeue keeps the id and counts SLURM_RESTART_COUNT up; each srun is a new step).
+Slurm job id; a requeue keeps the id and counts SLURM_RESTART_COUNT up; each srun is a new step). And which
+Slurm jobs served each inference service (a vLLM server started by sbatch), from its request rows.
 
-A store observer of step rows (their `slurm` column: the Slurm ids the client or the agent put on the event,
-fleetscope.schema.SlurmIds, as JSON) and a `Persisted` (snapshotted with each checkpoint), like the goodput
-ledger, so the links cover a job's whole life and survive a collector restart. The goodput API pairs them with
-its incarnations by time (`incarnations_of`).
+A store observer of step and request rows (their `slurm` column: the Slurm ids the client or the agent put on
+the event, fleetscope.schema.SlurmIds, as JSON) and a `Persisted` (snapshotted with each checkpoint), like the
+goodput ledger, so the links cover a job's whole life and survive a collector restart. The goodput API pairs
+them with its incarnations by time (`incarnations_of`).
 """
 
 from __future__ import annotations
@@ -37,45 +38,55 @@ class _Link:
     ranks: set = field(default_factory=set)
 
 
+# The rows each kind of table links: (the name they are linked to, its rank column or None, the seconds a row lasts)
+_KINDS = {"steps": ("job", "rank", "duration_s"), "requests": ("service", None, "e2e_s")}
+
+
 class SlurmLinks:
-    """Per training job, the Slurm jobs whose processes reported its steps (see the module docstring)."""
+    """Per training job, the Slurm jobs whose processes reported its steps, and per inference service, those whose
+    processes reported its requests (see the module docstring)."""
 
     def __init__(self, retention_s: float | None = None) -> None:
         self.retention_s = retention_s
         self._lock = threading.Lock()
         self._jobs: dict[str, dict[tuple[str, int], _Link]] = {}
+        self._services: dict[str, dict[tuple[str, int], _Link]] = {}
         self._ids = JsonCells("job")  # the column's JSON text -> its ids (a few per job)
 
     def observe(self, kind: str, frame: pl.DataFrame) -> None:
-        """A store observer: see each new step row once (ingest and WAL replay)."""
-        if kind != "steps" or "slurm" not in frame.columns or frame.height == 0:
+        """A store observer: see each new step and request row once (ingest and WAL replay)."""
+        if kind not in _KINDS or "slurm" not in frame.columns or frame.height == 0:
             return
         slurm = frame.get_column("slurm")
         if slurm.null_count() == frame.height:  # not a Slurm job: the usual case costs this much
             return
-        columns = [frame.get_column(c).to_list() for c in ("job", "slurm", "node", "rank", "ts", "duration_s")]
-        # Plain lists (a batch holds a few rows; expressions cost more there), folded per (job, ids) first.
+        name_column, rank_column, seconds_column = _KINDS[kind]
+        n = frame.height
+        columns = [frame.get_column(c).to_list() if c is not None else [None] * n
+                   for c in (name_column, "slurm", "node", rank_column, "ts", seconds_column)]
+        # Plain lists (a batch holds a few rows; expressions cost more there), folded per (name, ids) first.
         folded: dict[tuple[str, str], list] = {}
-        for job, text, node, rank, ts, duration in zip(*columns):
+        for name, text, node, rank, ts, duration in zip(*columns):
             if text is None:
                 continue
-            acc = folded.get((job, text))
+            acc = folded.get((name, text))
             end = ts + (duration or 0.0)
             if acc is None:
-                folded[(job, text)] = [ts, end, {node}, {rank}]
+                folded[(name, text)] = [ts, end, {node}, {rank} if rank is not None else set()]
                 continue
             acc[0], acc[1] = min(acc[0], ts), max(acc[1], end)
             acc[2].add(node)
-            acc[3].add(rank)
+            if rank is not None:
+                acc[3].add(rank)
+        table = self._jobs if kind == "steps" else self._services
         with self._lock:
-            for (job, text), (ts, end, nodes, ranks) in folded.items():
+            for (name, text), (ts, end, nodes, ranks) in folded.items():
                 ids = self._ids(text)
                 if ids is None:
                     continue
-                self._add(job, ids, ts, end, nodes, ranks)
+                self._add(table.setdefault(name, {}), ids, ts, end, nodes, ranks)
 
-    def _add(self, job: str, ids: dict, ts: float, end: float, nodes: set, ranks: set) -> None:
-        links = self._jobs.setdefault(job, {})
+    def _add(self, links: dict[tuple[str, int], _Link], ids: dict, ts: float, end: float, nodes: set, ranks: set) -> None:
         key = (ids["job"], int(ids.get("restart_count") or 0))
         link = links.get(key)
         if link is None:
@@ -100,6 +111,12 @@ class SlurmLinks:
             links = sorted(self._jobs.get(job, {}).values(), key=lambda link: (link.first_ts, link.slurm_job))
             return [_row(link) for link in links]
 
+    def service_links(self, service: str) -> list[dict]:
+        """The Slurm jobs whose processes served the inference service's requests, oldest first."""
+        with self._lock:
+            links = sorted(self._services.get(service, {}).values(), key=lambda link: (link.first_ts, link.slurm_job))
+            return [_row(link, "request") for link in links]
+
     def summary(self, job: str) -> dict:
         """What a list of jobs shows: every Slurm job id (oldest first), and the newest one's user and partition."""
         links = self.links(job)
@@ -122,25 +139,34 @@ class SlurmLinks:
         now = time.time()
         with self._lock:
             if self.retention_s is not None:
-                for job in [j for j, links in self._jobs.items()
-                            if max(link.last_ts for link in links.values()) < now - self.retention_s]:
-                    del self._jobs[job]
-            doc = {job: [_dump(link) for link in links.values()] for job, links in self._jobs.items()}
+                for table in (self._jobs, self._services):
+                    for name in [n for n, links in table.items()
+                                 if max(link.last_ts for link in links.values()) < now - self.retention_s]:
+                        del table[name]
+            doc = {"v": 2, **{key: {name: [_dump(link) for link in links.values()] for name, links in table.items()}
+                              for key, table in (("jobs", self._jobs), ("services", self._services))}}
         return JsonSnapshot(lambda: doc)
 
     def restore(self, data: bytes | JsonSnapshot) -> None:
         saved = json.loads(bytes(data))
+        # Before services were linked, the snapshot was the jobs' map itself (a job's value is a list, never 2).
+        jobs, services = (saved["jobs"], saved["services"]) if saved.get("v") == 2 else (saved, {})
         with self._lock:
-            self._jobs = {job: {(d["slurm_job"], d["restart_count"]): _load(d) for d in links}
-                          for job, links in saved.items()}
+            self._jobs, self._services = (
+                {name: {(d["slurm_job"], d["restart_count"]): _load(d) for d in links} for name, links in table.items()}
+                for table in (jobs, services))
 
 
-def _row(link: _Link) -> dict:
-    return {"slurm_job": link.slurm_job, "restart_count": link.restart_count,
-            **{name: link.ids.get(name) for name in _IDS},
-            "steps": sorted(link.steps, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s)),
-            "first_step_ts": link.first_ts, "last_step_end_ts": link.last_ts, "nodes": sorted(link.nodes),
-            "ranks": len(link.ranks)}
+def _row(link: _Link, rows: str = "step") -> dict:
+    """A link as the API shows it: a training job's (rows "step": its steps' times and ranks) or a service's
+    (rows "request": its requests' times)."""
+    out = {"slurm_job": link.slurm_job, "restart_count": link.restart_count,
+           **{name: link.ids.get(name) for name in _IDS},
+           "steps": sorted(link.steps, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s)),
+           f"first_{rows}_ts": link.first_ts, f"last_{rows}_end_ts": link.last_ts, "nodes": sorted(link.nodes)}
+    if rows == "step":
+        out["ranks"] = len(link.ranks)
+    return out
 
 
 def _dump(link: _Link) -> dict:

@@ -73,6 +73,14 @@ if replicas.height:  # on Kubernetes: the pod of each replica, as its request ev
     st.caption("verified: the agent read the pod from the sending process (its Unix socket names the sender); "
                "otherwise the client named its own pod (POD_NAME, POD_NAMESPACE or its hostname).")
 
+slurm_jobs = pl.DataFrame(detail.get("slurm") or [], infer_schema_length=None)
+if slurm_jobs.height:  # under Slurm: the Slurm jobs whose processes served the requests (collector/slurm.py)
+    st.subheader("Slurm")
+    st.dataframe(as_times(slurm_jobs.with_columns(pl.col("steps", "nodes").cast(pl.List(pl.String)).list.join(", ")),
+                          "first_request_ts", "last_request_end_ts"), hide_index=True, width="stretch")
+    st.caption("The Slurm jobs whose processes sent this service's request events, oldest first: a new sbatch is a "
+               "new job id, a requeue keeps the id and counts restarts.")
+
 st.header("Over time")
 by = st.radio("Per", ["model", "node"], horizontal=True, key="by",
               format_func=lambda b: {"model": "model", "node": "replica (node)"}[b])

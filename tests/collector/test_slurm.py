@@ -3,6 +3,8 @@ the job, its goodput incarnations, and the same after a collector restart (check
 
 from __future__ import annotations
 
+import json
+
 import polars as pl
 import pytest
 from fastapi.testclient import TestClient
@@ -125,3 +127,40 @@ def test_a_column_value_that_is_not_slurm_ids_is_skipped(text):
     links = SlurmLinks()
     links.observe("steps", frame([{"job": "a", "rank": 0, "step": 1, "ts": 1.0, "duration_s": 1.0, "slurm": text}]))
     assert links.links("a") == []
+
+
+def test_a_service_lists_the_slurm_jobs_that_served_it_and_keeps_them_across_a_restart(tmp_path):
+    served = {"job": "300", "step": "0", "user": "bob", "partition": "serve", "name": "vllm"}
+    requeued = {**served, "restart_count": 1}
+
+    def requests(t: float, slurm: dict | None, node: str) -> list[dict]:
+        event = {"v": 1, "kind": "request", "service": "chat", "model": "llama", "e2e_s": 0.5, "node": node}
+        return [{**event, "ts": t + i, **({"slurm": slurm} if slurm else {})} for i in range(5)]
+
+    events = requests(T0, served, "gpu-1") + requests(T0 + 100, requeued, "gpu-2") + requests(T0 + 200, None, "gpu-3")
+    with TestClient(create_app(settings(tmp_path))) as client:
+        wait_ready(client)
+        assert post(client, batch(0, events)).status_code == 200
+        links = client.get("/v1/services/chat", headers=R).json()["slurm"]
+    assert links == [
+        {"slurm_job": "300", "restart_count": 0, "user": "bob", "partition": "serve", "array_job": None,
+         "array_task": None, "name": "vllm", "steps": ["0"], "first_request_ts": T0, "last_request_end_ts": T0 + 4.5,
+         "nodes": ["gpu-1"]},
+        {"slurm_job": "300", "restart_count": 1, "user": "bob", "partition": "serve", "array_job": None,
+         "array_task": None, "name": "vllm", "steps": ["0"], "first_request_ts": T0 + 100,
+         "last_request_end_ts": T0 + 104.5, "nodes": ["gpu-2"]}]
+    with TestClient(create_app(settings(tmp_path))) as client:  # from the checkpoint
+        wait_ready(client)
+        assert client.get("/v1/services/chat", headers=R).json()["slurm"] == links
+
+
+def test_a_snapshot_from_before_services_were_linked_still_restores_the_jobs():
+    links = SlurmLinks()
+    rows = [{"job": "a", "rank": 0, "step": 1, "ts": 1000.0, "duration_s": 2.0, "node": "n0",
+             "slurm": '{"job":"7","step":"0","user":"u","partition":"p"}'}]
+    links.observe("steps", frame(rows))
+    saved = json.loads(bytes(links.snapshot()))
+    assert saved["v"] == 2 and set(saved["services"]) == set()
+    restored = SlurmLinks()
+    restored.restore(json.dumps(saved["jobs"]).encode())  # the old form: the jobs' map alone
+    assert restored.links("a") == links.links("a") and restored.service_links("a") == []

@@ -102,6 +102,8 @@ def get_service(service: str, request: Request, store: StoreDep, r: RangeDep) ->
         "scraped_latency": server_latency_quantiles(histograms, service),
         # on Kubernetes, each replica's pod as its request events named it: collector/pods.py
         "replicas": request.app.state.pods.replicas(service),
+        # under Slurm, the Slurm jobs whose processes served its requests, oldest first: collector/slurm.py
+        "slurm": request.app.state.slurm.service_links(service),
     })
 
 
