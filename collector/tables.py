@@ -54,6 +54,7 @@ SCHEMAS: dict[str, dict[str, pl.DataType]] = {
         "ts": F64, "job": CAT, "rank": I32, "reason": CAT, "phase": pl.Enum(["begin", "end"]),
         "duration_s": F32, "node": CAT, "agent_id": CAT,
         "slurm": CAT, "pod": CAT,  # as in steps (added later: null in older files)
+        "world_size": I32, "local_rank": I32, "pid": I32, "gpu_uuid": CAT,  # as sent (added later, as above)
     },
     "server_stats": {
         "ts": F64, "service": CAT, "model": CAT, "server": CAT, "kind": CAT, "node": CAT, "interval_s": F32,
@@ -187,7 +188,8 @@ def _requests(events: list[RequestEvent], batch: Batch) -> pl.DataFrame:
 
 def _pauses(events: list[PauseEvent], batch: Batch) -> pl.DataFrame:
     node = batch.node
-    columns = {name: [getattr(e, name) for e in events] for name in ("ts", "job", "rank", "reason", "phase", "duration_s")}
+    columns = {name: [getattr(e, name) for e in events]
+               for name in ("ts", "job", "rank", "reason", "phase", "duration_s", "world_size", "local_rank", "pid", "gpu_uuid")}
     columns["node"] = [e.node or node for e in events]
     columns["agent_id"] = [batch.agent_id] * len(events)
     columns["slurm"] = _texts([e.slurm for e in events])

@@ -370,11 +370,13 @@ def test_a_matrix_whose_steps_median_is_zero_answers_null_cells_not_500(client):
 
 
 def test_requests_and_pauses_keep_their_slurm_and_pod_ids_across_a_restart(tmp_path):
-    # The wire carries them on every kind of event (fleetscope.schema); the tables once dropped them for these two.
+    # The wire carries them on every kind of event (fleetscope.schema); the tables once dropped them for these two,
+    # and a pause's world size, local rank, pid and GPU.
     slurm = {"job": "4242", "step": "0", "user": "ana", "partition": "gpu"}
     pod = {"namespace": "serving", "pod": "vllm-0", "container": "vllm"}
-    pause = {"v": 1, "kind": "pause", "job": "llm", "rank": 0, "world_size": 2, "reason": "checkpoint",
-             "phase": "begin", "ts": T0 + 10, "slurm": slurm, "pod": pod}
+    pause = {"v": 1, "kind": "pause", "job": "llm", "rank": 1, "world_size": 2, "reason": "checkpoint",
+             "phase": "begin", "ts": T0 + 10, "slurm": slurm, "pod": pod, "local_rank": 1, "pid": 4242,
+             "gpu_uuid": "GPU-1"}
     events = [step("llm", 0, 0, 1.0), {**request("chat", "m", 0.2, 0.1), "slurm": slurm, "pod": pod}, pause,
               request("chat", "m", 0.3, 0.1)]
     s = settings(tmp_path)
@@ -388,7 +390,8 @@ def test_requests_and_pauses_keep_their_slurm_and_pod_ids_across_a_restart(tmp_p
     pauses = store.frame("pauses")
     assert json.loads(pauses["slurm"].cast(pl.String).item()) == slurm
     assert json.loads(pauses["pod"].cast(pl.String).item()) == pod
+    assert pauses.select("world_size", "local_rank", "pid", pl.col("gpu_uuid").cast(pl.String)).row(0) == (2, 1, 4242, "GPU-1")
     # A file written before these columns existed reads back with them null.
     old = pl.DataFrame({"ts": [T0], "job": ["llm"], "rank": [0], "reason": ["checkpoint"], "phase": ["end"],
                         "duration_s": [1.0], "node": ["n"], "agent_id": ["a"]})
-    assert conform(old, "pauses").select("slurm", "pod").row(0) == (None, None)
+    assert conform(old, "pauses").select("slurm", "pod", "pid", "gpu_uuid").row(0) == (None, None, None, None)
