@@ -386,8 +386,6 @@ def cold_cost(gpus: int, samples: int, gpm: bool, pause_s: float = AGENT_INTERVA
     read) and the GPU source on the fake NVML (thread CPU around each collect()). Warm: the lane at a 10 ms
     interval, the GPU source back to back. This process runs with pymalloc on small pages, unlike the agent
     (agent/hugepages.py): the figures show the shape, the agent's own are the runs'."""
-    import threading
-
     from agent.config import AgentConfig
     from agent.gpu.nvml import Nvml
     from agent.sampler import Sampler
@@ -396,12 +394,14 @@ def cold_cost(gpus: int, samples: int, gpm: bool, pause_s: float = AGENT_INTERVA
     from bench.gpu_check_nvml import SampleClock
     from tests.agent.fake_pynvml import FakeNvml, NotSupported, device
 
-    def lane_ns() -> int:
-        for t in threading.enumerate():
-            if t.name == "sources-1" and t.native_id is not None:
-                with open(f"/proc/self/task/{t.native_id}/schedstat") as fh:
-                    return int(fh.read().split()[0])
-        raise RuntimeError("no sources-1 thread")
+    me = psutil.Process()
+
+    def lane_ns() -> int:  # the lane's thread, by the name the agent gives it in the kernel
+        ns = tree_runtime_ns(me) or {}
+        lanes = [ns[tid] for tid, name in thread_names(me).items() if name == "sources-1" and tid in ns]
+        if not lanes:
+            raise RuntimeError("no sources-1 thread with a schedstat")
+        return lanes[0]
 
     def host_lane(interval: float, n: int) -> float:
         sources = [src for src in build_sources(AgentConfig(gpu_backend="none", collector_url="")) if src.name != "gpu"]
@@ -420,7 +420,8 @@ def cold_cost(gpus: int, samples: int, gpm: bool, pause_s: float = AGENT_INTERVA
         out["host_warm_ms"], out["host_cold_ms"] = host_lane(0.01, 300), host_lane(pause_s, samples)
         fake = FakeNvml([device(i, **({} if gpm else {"gpm": NotSupported})) for i in range(gpus)])
         clock = SampleClock(AGENT_INTERVAL_S)
-        source = GpuSource(backend=Nvml(fake, clock=clock), clock=clock)
+        nvml = Nvml(fake, clock=clock)
+        source = GpuSource(backend=nvml, clock=clock)
 
         def collect() -> float:
             clock.tick()
@@ -428,15 +429,17 @@ def cold_cost(gpus: int, samples: int, gpm: bool, pause_s: float = AGENT_INTERVA
             source.collect()
             return (time.thread_time_ns() - t) / 1e6
 
-        for _ in range(5):
-            collect()
-        out["gpu_warm_ms"] = statistics.median(collect() for _ in range(120))
-        cold = []
-        for _ in range(samples):
-            time.sleep(pause_s)
-            cold.append(collect())
-        out["gpu_cold_ms"] = statistics.median(cold)
-        source.backend.shutdown()
+        try:
+            for _ in range(5):
+                collect()
+            out["gpu_warm_ms"] = statistics.median(collect() for _ in range(120))
+            cold = []
+            for _ in range(samples):
+                time.sleep(pause_s)
+                cold.append(collect())
+            out["gpu_cold_ms"] = statistics.median(cold)
+        finally:
+            nvml.shutdown()
     except Exception as exc:  # noqa: BLE001 - measure nothing rather than something else
         return {"error": f"{type(exc).__name__}: {exc}"}
     return out
@@ -589,9 +592,9 @@ def main(argv: list[str] | None = None) -> None:
                 n_ns = statistics.median(r["exporter"]["ns_ms_min"] for r in precise)
                 ratio_ns = statistics.median(r["agent"]["ns_ms_min"] / r["exporter"]["ns_ms_min"] for r in precise)
                 print(f"  {'threads on CPU, ns (schedstat)':54} {a_ns:12.1f} {n_ns:15.1f} {ratio_ns:6.2f}")
-                names = sorted({name for r in precise for name in r["agent"]["threads"]},
-                               key=lambda name: -statistics.median(r["agent"]["threads"].get(name, 0.0) for r in precise))
-                medians = {name: statistics.median(r["agent"]["threads"].get(name, 0.0) for r in precise) for name in names}
+                medians = {name: statistics.median(r["agent"]["threads"].get(name, 0.0) for r in precise)
+                           for name in {name for r in precise for name in r["agent"]["threads"]}}
+                medians = dict(sorted(medians.items(), key=lambda kv: -kv[1]))
                 if medians:
                     print("  the agent's threads, ms/min (median of runs): "
                           + ", ".join(f"{name} {ms:.1f}" for name, ms in medians.items() if ms >= 0.05))
