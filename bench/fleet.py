@@ -126,23 +126,27 @@ def _step(rank: int, world: int, step: int, ts: float, node: int) -> str:
             f'"optimizer":0.04}},"metrics":{{"sync_arrival_s":{compute:.4f}}}}}')
 
 
-def sender(args: tuple) -> tuple[list[float], dict[int, int]]:
+def sender(args: tuple) -> tuple[list[float], dict[int, int], dict[str, int]]:
     """Send the batches of the nodes `mine` for each (from, to, mode) segment; returns the acknowledgement
-    latencies of the real-rate segments and each node's next sequence number."""
+    latencies of the real-rate segments, each node's next sequence number, and how many answers were 503 (the batch
+    sent again a second later) in each mode."""
     url, mine, gpus, ranks_per_node, world, t0, segments, seqs = args
     latencies: list[float] = []
+    refused = {"compressed": 0, "real": 0}
     client = httpx.Client(base_url=url, timeout=120, headers=W)
 
     def post(node: int, frames: list[str], steps: list[str], measure: bool) -> None:
+        # The latency is from the first attempt to the acknowledgement: a batch that waited through 503s counts its wait.
         body = (f'{{"v":1,"agent_id":"agent-{node:05d}","seq":{seqs[node]},"node":"node-{node:05d}",'
                 f'"sent_ts":{time.time()},"events":[{",".join(steps)}],"frames":[{",".join(frames)}]}}').encode()
+        started = time.perf_counter()
         while True:
-            started = time.perf_counter()
             r = client.post("/v1/ingest", content=body)
             if r.status_code == 200:
                 break
             if r.status_code != 503:
                 raise RuntimeError(f"ingest answered {r.status_code}: {r.text[:300]}")
+            refused["real" if measure else "compressed"] += 1
             time.sleep(1)  # as the agent does: keep the batch, try again
         if measure:
             latencies.append(time.perf_counter() - started)
@@ -171,7 +175,7 @@ def sender(args: tuple) -> tuple[list[float], dict[int, int]]:
                           for ts in (t + s for s in range(60)) if step_from <= ts < hi for r in ranks(node)], True)
                 t += 60
     client.close()
-    return latencies, seqs
+    return latencies, seqs, refused
 
 
 # --- the collector --------------------------------------------------------------------------------
@@ -347,15 +351,18 @@ def main(argv: list[str] | None = None) -> None:
         nodes = list(range(args.nodes))
         shares = [nodes[i::args.senders] for i in range(args.senders)]
         seqs: dict[int, int] = {n: 0 for n in nodes}
+        refused = {"compressed": 0, "real": 0}  # 503 answers (a flood held back while the upkeep catches up)
 
         def feed(segments: list[tuple]) -> list[float]:
             jobs = [(c.url, mine, args.gpus, ranks_per_node, args.ranks, start, segments, {n: seqs[n] for n in mine})
                     for mine in shares]
             with mp.get_context("spawn").Pool(args.senders) as pool:
                 results = pool.map(sender, jobs)
-            for _, next_seqs in results:
+            for _, next_seqs, counts in results:
                 seqs.update(next_seqs)
-            return sorted(x for part, _ in results for x in part)
+                for mode, n in counts.items():
+                    refused[mode] += n
+            return sorted(x for part, _, _ in results for x in part)
 
         t0 = time.perf_counter()
         compressed_until = end - 600
@@ -381,7 +388,8 @@ def main(argv: list[str] | None = None) -> None:
                      if line.startswith("fleetscope_collector_events_ingested_total{"))
         print(f"ingest: {events:,.0f} events and frames in {feed_s:.0f} s; real-rate phase: ack p50 "
               f"{statistics.median(latencies) * 1000:.0f} ms, p99 {latencies[int(len(latencies) * 0.99)] * 1000:.0f} ms "
-              f"({len(latencies):,} batches)")
+              f"({len(latencies):,} batches); answered 503 and sent again a second later: {refused['compressed']:,} "
+              f"compressed-hour batches, {refused['real']:,} real-rate batches")
         watch.phase = "steady, no ingest"
         time.sleep(35)  # a checkpoint and several analysis passes at the steady state
         rss, peak = c.memory()

@@ -163,6 +163,12 @@ class HotTier:
         self._maintain_lock = threading.Lock()
         self._tables: dict[str, list[pl.DataFrame]] = {k: [] for k in (*KINDS, "gpus_1m", "hosts_1m")}
         self._fresh: dict[str, list[pl.DataFrame]] = {"steps": [], "gpus": [], "hosts": []}
+        # The bytes of each fresh chunk, and their sum: the backlog the next maintenance pass works through. A pass
+        # allocates about four times its backlog for a moment (rollups, the steps' aggregates: 680 MiB over 176 MiB of
+        # GPU, host and step rows), so the collector keeps the backlog bounded (collector.api: ingest answers 503
+        # past it while a pass catches up).
+        self._fresh_sizes: dict[str, list[int]] = {k: [] for k in self._fresh}
+        self.fresh_bytes = 0
         # GPU and host rows not rolled up yet: new ones, and those of minutes still open.
         self._to_roll: dict[str, list[pl.DataFrame]] = {"gpus": [], "hosts": []}
         self._aggs = pl.DataFrame(schema={**STEP_AGGS, "final": pl.Boolean})
@@ -184,9 +190,16 @@ class HotTier:
             for kind, frame in frames.items():
                 self._tables[kind].append(frame)
                 if kind in self._fresh:
-                    self._fresh[kind].append(frame)
+                    self._add_fresh(kind, frame)
                 if kind in self._to_roll:
                     self._to_roll[kind].append(frame)
+
+    def _add_fresh(self, kind: str, frame: pl.DataFrame) -> None:
+        """Under the lock."""
+        size = frame.estimated_size()
+        self._fresh[kind].append(frame)
+        self._fresh_sizes[kind].append(size)
+        self.fresh_bytes += size
 
     def load(self, kind: str, frame: pl.DataFrame) -> None:
         """Rows read back from the warm tier at start-up (raw tables and rollups alike)."""
@@ -206,7 +219,7 @@ class HotTier:
         with self._lock:
             self._tables[kind].append(frame)
             if kind in self._fresh:
-                self._fresh[kind].append(frame)
+                self._add_fresh(kind, frame)
             if kind in self._to_roll:  # rows of minutes the last checkpoint had rolled up already are not again
                 rest = frame.filter(pl.col("ts") >= self.rolled_upto[f"{kind}_1m"])
                 if rest.height:
@@ -350,6 +363,8 @@ class HotTier:
                     self._tables[kind][:len(snap[kind])] = chunks
                 for kind, chunks in fresh.items():  # seen by the aggregates and latest views now
                     del self._fresh[kind][:len(chunks)]
+                    self.fresh_bytes -= sum(self._fresh_sizes[kind][:len(chunks)])
+                    del self._fresh_sizes[kind][:len(chunks)]
             self.maintenance_s = time.perf_counter() - started
 
     def _maintain_steps(self, chunks: list[pl.DataFrame], fresh: list[pl.DataFrame], now: float,

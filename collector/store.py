@@ -56,6 +56,10 @@ class StoreUnavailable(Exception):
     """The store cannot take a batch now (starting, or out of disk or memory); the message says why."""
 
 
+class Backlogged(StoreUnavailable):
+    """The hot tier's backlog is past its limit: a maintenance pass is catching up (try again in a second)."""
+
+
 class SequenceJump(ValueError):
     """A batch numbered too far above its watermark; the message says by how much and what is allowed."""
 
@@ -143,6 +147,14 @@ class Store:
         # and upkeep allocate for a moment.
         self.hot = HotTier(window_s=window_s, raw_s=raw_s, raw_steps=raw_steps)
         self.governor = Governor(memory_budget, self.hot) if memory_budget else None
+        # The hot tier's backlog (rows not yet through a maintenance pass: HotTier.fresh_bytes) that ingest lets in. A
+        # pass allocates about four times its backlog for a moment; a flood (agents sending their spools after an
+        # outage, the fleet bench's compressed hours) had passes of 180-220 MiB of rows and the process 0.2-0.4 GiB
+        # past a 2 GiB budget. At a 32nd of the budget a pass's copies stay within about an eighth of it. Past half
+        # the limit a pass is due at once (admit() calls wake_upkeep, which the app's upkeep loop sets); past all of
+        # it ingest answers 503 until a pass has caught up, and the agents keep their batches meanwhile.
+        self.backlog_limit = max(memory_budget // 32, 16 * 2**20) if memory_budget else None
+        self.wake_upkeep: Callable[[], object] = lambda: None
         self._gate = threading.Condition()  # guards everything below; held across I/O only to rotate the WAL
         self._checkpoint_lock = threading.Lock()
         # Held by the upkeep that copies whole tables in memory for a moment: the hot tier's maintenance, the
@@ -351,6 +363,19 @@ class Store:
         return IngestResult(False, *_records(batch),
                             {_KIND_OF[k]: f.height for k, f in frames.items() if k in _KIND_OF},
                             screened.refused, dict(screened.counts), tuple(screened.listed), isinstance(batch, Prepared))
+
+    def admit(self) -> None:
+        """Raises Backlogged while the hot tier's backlog is past its limit (see __init__); past half of it, asks for
+        a maintenance pass at once. The app calls it before it reads a batch's body."""
+        limit = self.backlog_limit
+        if limit is None:
+            return
+        backlog = self.hot.fresh_bytes
+        if backlog > limit // 2:
+            self.wake_upkeep()
+            if backlog > limit:
+                raise Backlogged(f"the collector is catching up: {backlog / 2**20:.0f} MiB of new rows wait for the "
+                                 f"hot tier's upkeep (the limit is {limit / 2**20:.0f} MiB)")
 
     # --- reads --------------------------------------------------------------------------------
     def frame(self, kind: str) -> pl.DataFrame:

@@ -95,16 +95,30 @@ def create_app(settings: Settings, store: Store | None = None) -> FastAPI:
             app.state.views.refresh()  # the big views someone is reading, as of this pass (collector.views)
 
     async def analyse_forever() -> None:
+        analysed = float("-inf")
+        due, loop = asyncio.Event(), asyncio.get_running_loop()
+        store.wake_upkeep = lambda: loop.call_soon_threadsafe(due.set)
         while True:
+            # The analysis (with the hot tier's upkeep) an interval after the last one ended; the upkeep alone when its
+            # backlog asks for a pass sooner (Store.admit: a flood).
+            full = time.monotonic() - analysed >= settings.analysis_interval_s
             try:
-                await asyncio.to_thread(analyse_now)
+                if full:
+                    await asyncio.to_thread(analyse_now)
+                else:
+                    await asyncio.to_thread(store.maintain_hot)
             except RuntimeError as exc:
                 if "shutdown" in str(exc):  # the interpreter is exiting under us
                     return
                 log.exception("analysis failed; findings keep their last state")
             except Exception:
                 log.exception("analysis failed; findings keep their last state")
-            await asyncio.sleep(settings.analysis_interval_s)
+            if full:  # the interval is counted from the end of a pass, as a sleep after each was
+                analysed = time.monotonic()
+            wait = max(0.0, analysed + settings.analysis_interval_s - time.monotonic())
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(due.wait(), wait)
+            due.clear()
 
     async def checkpoint_forever() -> None:
         last_maintenance = time.monotonic()

@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.conftest import wait_ready
+from tests.conftest import wait_ready, wait_until
 
 from collector.api import create_app
 from collector.settings import Settings
@@ -395,3 +395,26 @@ def test_requests_and_pauses_keep_their_slurm_and_pod_ids_across_a_restart(tmp_p
     old = pl.DataFrame({"ts": [T0], "job": ["llm"], "rank": [0], "reason": ["checkpoint"], "phase": ["end"],
                         "duration_s": [1.0], "node": ["n"], "agent_id": ["a"]})
     assert conform(old, "pauses").select("slurm", "pod", "pid", "gpu_uuid").row(0) == (None, None, None, None)
+
+
+def test_a_flood_past_the_hot_tiers_backlog_is_answered_503_until_the_upkeep_it_wakes_catches_up(tmp_path):
+    # No analysis pass for an hour after the first: only the backlog can bring the next one.
+    with TestClient(create_app(settings(tmp_path, analysis_interval_s=3600.0))) as c:
+        wait_ready(c)
+        store = c.app.state.store
+        wait_until(lambda: store.hot.maintenance_s > 0, what="the first upkeep pass")
+        store.backlog_limit = 1  # any backlog is past it
+        first = [step("flood", r, 0, 1.0) for r in range(2)]
+        second = [step("flood", r, 1, 1.0) for r in range(2)]
+        assert post(c, batch(0, first)).status_code == 200  # the backlog was empty
+        refused = post(c, batch(1, second))
+        assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+        assert "catching up" in refused.json()["detail"] and "keeps the batch" in refused.json()["detail"]
+        # The refusal woke the upkeep: the batch sent again goes in, and both are there once.
+        wait_until(lambda: post(c, batch(1, second)).status_code == 200, what="the batch sent again to go in")
+        ranks = c.get("/v1/jobs/flood", headers=R).json()["ranks"]
+        assert sorted((r["rank"], r["steps"]) for r in ranks) == [(0, 2), (1, 2)]
+        metrics = c.get("/metrics", headers=R).text
+        count = next(float(line.split()[-1]) for line in metrics.splitlines()
+                     if line.startswith('fleetscope_collector_ingest_rejected_total{reason="backlog"}'))
+        assert count >= 1

@@ -10,7 +10,7 @@ import pytest
 
 from collector.hot import HotTier
 from collector.memory import FLOOR, GROWTH, HIGH, LOW, NOMINAL, Governor, ProcessMemory
-from collector.store import Store
+from collector.store import Backlogged, Store
 from collector.tables import batch_frames
 from tests.collector.test_hot import frames_batch
 
@@ -139,4 +139,43 @@ def test_the_hot_tiers_budget_and_the_high_are_exported(tmp_path):
     families = {m.name: m for m in CollectorMetrics(store, FindingsTracker(), memory_budget=256 * MiB).collect()}
     assert families["fleetscope_collector_hot_budget_bytes"].samples[0].value == store.hot.budget_bytes
     assert families["fleetscope_collector_resident_memory_high_bytes"].samples[0].value == store.governor.last_high > 0
+    store.wal.close()
+
+
+def test_the_hot_tiers_backlog_counts_the_rows_no_pass_has_seen_yet(tmp_path):
+    now = time.time()
+    hot = HotTier(window_s=6 * 3600, raw_s=300)
+    first, _ = frames_batch(0, now - 600, 300, nodes=4, gpus=8, every=10)
+    second, _ = frames_batch(1, now - 300, 300, nodes=4, gpus=8, every=10)
+    frames = batch_frames(first)
+    hot.append(frames)
+    assert hot.fresh_bytes == frames["gpus"].estimated_size() + frames["hosts"].estimated_size() > 0
+    hot.maintain(now)
+    assert hot.fresh_bytes == 0
+    more = batch_frames(second)
+    hot.append(more)
+    assert hot.fresh_bytes == more["gpus"].estimated_size() + more["hosts"].estimated_size()
+
+
+def test_past_its_backlog_limit_the_store_refuses_ingest_until_a_pass_and_asks_for_one_at_half(tmp_path):
+    now = time.time()
+    store = Store(tmp_path, window_s=6 * 3600, raw_s=300, memory_budget=2048 * MiB)
+    assert store.backlog_limit == 64 * MiB  # a 32nd of the budget
+    assert Store(tmp_path / "small", memory_budget=128 * MiB).backlog_limit == 16 * MiB  # never under 16 MiB
+    woken = []
+    store.wake_upkeep = lambda: woken.append(True)
+    b, body = frames_batch(0, now - 600, 300, nodes=4, gpus=8, every=10)
+    store.ingest(b, body)
+    backlog = store.hot.fresh_bytes
+    store.backlog_limit = 2 * backlog + 2  # half of it is just over the backlog
+    store.admit()
+    assert woken == []
+    store.backlog_limit = 2 * backlog - 2  # past half: a pass is asked for, the batch still comes in
+    store.admit()
+    assert woken == [True]
+    store.backlog_limit = backlog - 1
+    with pytest.raises(Backlogged, match="catching up"):
+        store.admit()
+    store.maintain_hot(now)
+    store.admit()  # the pass has seen the rows: in again
     store.wal.close()

@@ -112,6 +112,11 @@ async def serve(scope: Scope, receive: Receive) -> bytes:
     if not store.ready:
         raise HTTPException(503, f"the collector is starting ({store.startup['phase']}); try again shortly",
                             headers={"Retry-After": "2"})
+    try:
+        store.admit()  # before the body is read: a flood is refused for the cost of its head
+    except StoreUnavailable as exc:
+        metrics.rejected("backlog")
+        raise HTTPException(503, f"{exc}; the agent keeps the batch and retries", headers={"Retry-After": "1"}) from None
     limit = settings.max_body_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
