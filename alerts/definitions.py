@@ -439,6 +439,19 @@ ALERTS: list[Alert] = [
           "`curl -s <collector>/metrics | grep metrics_omitted`; the console and `/v1/jobs` list every job.",
           "Raise the bound (`--metrics-max-jobs` and friends) if the cluster really runs that many, and check the ingest "
           "tokens if it does not."),
+    Alert("FleetscopeCollectorBehind", "fleetscope-collector",
+          'rate(fleetscope_collector_ingest_rejected_total{{reason="backlog"}}[5m]) > 0', "15m", "ticket",
+          "the collector {{ $labels.instance }} has refused ingest for 15m to catch up with its backlog",
+          "For 15 minutes the collector {{ $labels.instance }} has kept answering batches 503 ({{ $value | humanize }} a "
+          "second now) because the rows it has not worked through yet are past their share of the memory budget.",
+          "The hot tier's upkeep works through what arrived since its last pass; a pass takes about four times those "
+          "rows for a moment, so past a 32nd of the budget ingest waits for it (collector/store.py, Store.admit). A flood "
+          "after an outage catches up in minutes. This long, the fleet sends faster than this collector digests: the "
+          "agents' spools grow, and past their bound they drop their oldest batches (FleetscopeAgentShipperBacklog).",
+          "`fleetscope_collector_ingest_rejected_total{reason=\"backlog\"}` and `fleetscope_collector_events_ingested_total` "
+          "rates on the collector's /metrics; `top -H -p <collector pid>` (CPU-bound upkeep on too few cores?); its log.",
+          "Give the collector more cores or memory (`memory_budget` sizes the backlog), or split the fleet between "
+          "collectors (one a cluster, README \"Run it on a cluster\")."),
     Alert("FleetscopeCollectorMemoryShort", "fleetscope-collector",
           "fleetscope_collector_hot_budget_bytes < fleetscope_collector_memory_budget_bytes / 6", "30m", "ticket",
           "the collector {{ $labels.instance }} runs short of memory: its hot tier is cut to {{ $value | humanize1024 }}B",
