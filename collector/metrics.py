@@ -104,8 +104,8 @@ class CollectorMetrics:
         yield m
         m = CounterMetricFamily("fleetscope_collector_ingest_rejected", "Ingest requests refused, by reason (identity: a "
                                 "batch for another node than the one that authenticated; seq_jump: a sequence number far "
-                                "above the agent's own; backlog: a flood while the hot tier's upkeep catches up, the batch to be sent again).",
-                                labels=["reason"])
+                                "above the agent's own; backlog: a flood while the hot tier's upkeep catches up, the "
+                                "batch to be sent again).", labels=["reason"])
         for reason in ("malformed", "too_deep", "schema", "too_large", "storage", "unavailable", "backlog", "identity",
                        "seq_jump"):
             m.add_metric([reason], rejections.get(reason, 0))
