@@ -56,6 +56,10 @@ class InferenceServersSource(Source):
             if not cfg.get("url") or not cfg.get("service"):
                 raise ValueError(f"inference_servers[{i}]: needs `url` and `service`")
             self.servers.append({"url": cfg["url"], "kind": kind, "service": cfg["service"], "model": cfg.get("model", cfg["service"])})
+        # With no server to read it cannot block: then it is not one of the sources the sampler gives a lane of their
+        # own or runs last, and the GPU source, the last one that may block, runs in the sampler's own lane (one
+        # thread woken a sample, not two, on a node that serves no model).
+        self.may_block = bool(self.servers)
         self.node = node
         self.client = httpx.Client(timeout=timeout_s)
 

@@ -59,3 +59,33 @@ def test_the_samplers_threads_are_named_in_the_kernel() -> None:
         assert {"sampler", "sources-1"} <= names
     finally:
         sampler.stop()
+
+
+def _lane_threads(sources) -> set[str]:
+    """The kernel names of the sampler's lane threads after a few samples of `sources`."""
+    sampler = Sampler(sources, interval_s=0.05)
+    sampler.start()
+    try:
+        deadline, names = time.monotonic() + 3, set()
+        while time.monotonic() < deadline:
+            names |= {comm(t) for t in threading.enumerate() if t.native_id is not None and t.is_alive()}
+            time.sleep(0.02)
+        return {n for n in names if n.startswith("sources-")}
+    finally:
+        sampler.stop()
+        for source in sources:
+            source.close()
+
+
+def test_on_a_node_serving_no_model_the_gpu_source_runs_in_the_samplers_own_lane() -> None:
+    # The inference source has nothing to read, so it cannot block: the GPU source is the last that may, and runs
+    # last in the sampler's own lane. One thread wakes a sample, not two.
+    from agent.config import AgentConfig
+    from agent.sources import build_sources
+
+    config = AgentConfig(gpu_backend="simulated", gpus=2, disable_sources=["storage", "network"])
+    assert _lane_threads(build_sources(config)) == {"sources-1"}
+    # A server to read may hang on HTTP: then the GPU source gets a lane of its own again.
+    served = AgentConfig(gpu_backend="simulated", gpus=2, disable_sources=["storage", "network"],
+                         inference_servers=[{"url": "http://127.0.0.1:9/metrics", "kind": "vllm", "service": "chat"}])
+    assert len(_lane_threads(build_sources(served))) == 2
