@@ -40,6 +40,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -126,13 +127,13 @@ def _step(rank: int, world: int, step: int, ts: float, node: int) -> str:
             f'"optimizer":0.04}},"metrics":{{"sync_arrival_s":{compute:.4f}}}}}')
 
 
-def sender(args: tuple) -> tuple[list[float], dict[int, int], dict[str, int]]:
+def sender(args: tuple) -> tuple[list[float], dict[int, int], Counter[str]]:
     """Send the batches of the nodes `mine` for each (from, to, mode) segment; returns the acknowledgement
     latencies of the real-rate segments, each node's next sequence number, and how many answers were 503 (the batch
     sent again a second later) in each mode."""
     url, mine, gpus, ranks_per_node, world, t0, segments, seqs = args
     latencies: list[float] = []
-    refused = {"compressed": 0, "real": 0}
+    refused: Counter[str] = Counter()
     client = httpx.Client(base_url=url, timeout=120, headers=W)
 
     def post(node: int, frames: list[str], steps: list[str], measure: bool) -> None:
@@ -351,7 +352,7 @@ def main(argv: list[str] | None = None) -> None:
         nodes = list(range(args.nodes))
         shares = [nodes[i::args.senders] for i in range(args.senders)]
         seqs: dict[int, int] = {n: 0 for n in nodes}
-        refused = {"compressed": 0, "real": 0}  # 503 answers (a flood held back while the upkeep catches up)
+        refused: Counter[str] = Counter()  # 503 answers by mode (a flood held back while the upkeep catches up)
 
         def feed(segments: list[tuple]) -> list[float]:
             jobs = [(c.url, mine, args.gpus, ranks_per_node, args.ranks, start, segments, {n: seqs[n] for n in mine})
@@ -360,8 +361,7 @@ def main(argv: list[str] | None = None) -> None:
                 results = pool.map(sender, jobs)
             for _, next_seqs, counts in results:
                 seqs.update(next_seqs)
-                for mode, n in counts.items():
-                    refused[mode] += n
+                refused.update(counts)
             return sorted(x for part, _, _ in results for x in part)
 
         t0 = time.perf_counter()

@@ -26,7 +26,7 @@ from collector.api.deps import check_identity, require_ingest
 from collector.decoders import Prepared
 from collector.metrics import CollectorMetrics
 from collector.settings import Settings
-from collector.store import SequenceJump, Store, StoreUnavailable
+from collector.store import Backlogged, SequenceJump, Store, StoreUnavailable
 from fleetscope.schema import Batch, MalformedError, SchemaError, TooDeep, decode_batch
 
 router = APIRouter(tags=["ingest"])
@@ -114,7 +114,7 @@ async def serve(scope: Scope, receive: Receive) -> bytes:
                             headers={"Retry-After": "2"})
     try:
         store.admit()  # before the body is read: a flood is refused for the cost of its head
-    except StoreUnavailable as exc:
+    except Backlogged as exc:
         metrics.rejected("backlog")
         raise HTTPException(503, f"{exc}; the agent keeps the batch and retries", headers={"Retry-After": "1"}) from None
     limit = settings.max_body_bytes
