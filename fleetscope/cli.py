@@ -104,6 +104,9 @@ def _agent(args: argparse.Namespace) -> int:
 
 
 def _collector(args: argparse.Namespace) -> int:
+    from collector.settings import size_polars_pool
+
+    size_polars_pool()  # before collector.main imports polars
     from collector.main import MAX_CONNECTIONS, run
 
     try:

@@ -83,6 +83,8 @@ ENVIRONMENT = {
     "SLURM_RESTART_COUNT": "Slurm: how many times the job was requeued and restarted.",
     "SLURM_JOB_RESTART_COUNT": "Slurm: the restart count under the name the prolog sees.",
     "SLURM_JOB_SLUID": "Slurm: the job's cluster-unique id (Slurm 25.05 and later).",
+    "POLARS_MAX_THREADS": "`fleetscope collector`: the size of polars' thread pool; unset, the collector sets it to one "
+                          "fewer than its CPUs (at least 1), leaving a core to the event loop and ingest.",
     "POD_NAME": "Kubernetes: the pod's name, set from the downward API (metadata.name); the client names its pod "
                 "with it on every event.",
     "POD_NAMESPACE": "Kubernetes: the pod's namespace, set from the downward API (metadata.namespace); else the "

@@ -220,6 +220,40 @@ def test_the_real_collector_process_closes_a_slowloris_connection(tmp_path):
         proc.wait(timeout=30)
 
 
+def polars_workers(pid: int) -> int:
+    """How many threads of polars' pool the process runs (they name themselves polars-0, polars-1, ...)."""
+    names = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            names.append(open(f"/proc/{pid}/task/{tid}/comm").read().strip())
+    return sum(name.removeprefix("polars-").isdigit() for name in names)
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="thread names are Linux's")
+def test_the_collector_process_leaves_a_core_to_ingest_unless_the_operator_sized_polars_pool(tmp_path):
+    (tmp_path / "ingest").write_text("i")
+    (tmp_path / "read").write_text("r")
+    for name in ("ingest", "read"):
+        (tmp_path / name).chmod(0o600)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLEETSCOPE_", "POLARS_"))}
+    env |= {"FLEETSCOPE_INGEST_TOKEN_FILE": str(tmp_path / "ingest"), "FLEETSCOPE_READ_TOKEN_FILE": str(tmp_path / "read")}
+    cpus = len(os.sched_getaffinity(0))
+    for extra, wanted in (({}, max(1, cpus - 1)), ({"POLARS_MAX_THREADS": "3"}, 3)):
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "fleetscope", "collector", "--listen", f"127.0.0.1:{port}",
+                                 "--data-dir", str(tmp_path / "data")], env=env | extra,
+                                stdout=(tmp_path / "collector.log").open("ab"), stderr=subprocess.STDOUT)
+        try:
+            wait_until(lambda: http_get(f"http://127.0.0.1:{port}/healthz")[0] == 200, timeout=30, what="the collector")
+            # the pool starts with the first polars work (the app's start-up does some); its threads name themselves
+            assert wait_until(lambda: polars_workers(proc.pid) == wanted or None, timeout=10,
+                              what=f"{wanted} polars workers, not {polars_workers(proc.pid)}")
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="thread nice values are Linux's")
 def test_polars_pool_threads_run_at_a_lower_priority_than_the_threads_that_take_ingest():
     # In a fresh interpreter: the test process's own polars threads keep their priority.

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from collector.settings import (GiB, Settings, cgroup_memory_limit, default_memory_budget, load_config,
-                                parse_duration, parse_size)
+                                parse_duration, parse_size, size_polars_pool)
 
 TOKENS = {"ingest_tokens": frozenset({"i"}), "read_tokens": frozenset({"r"})}
 
@@ -130,6 +130,14 @@ def _cgroup_tree(root, files: dict[str, str]):
     for rel, text in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text(text)
+
+
+def test_polars_gets_one_thread_fewer_than_the_cpus_unless_the_operator_chose():
+    for cpus, threads in ((1, 1), (2, 1), (4, 3), (64, 63)):
+        environ: dict[str, str] = {}
+        assert size_polars_pool(environ, cpus) == threads and environ == {"POLARS_MAX_THREADS": str(threads)}
+    environ = {"POLARS_MAX_THREADS": "8"}
+    assert size_polars_pool(environ, 2) is None and environ == {"POLARS_MAX_THREADS": "8"}
 
 
 def test_the_memory_budget_defaults_within_the_cgroups_limit(tmp_path):
